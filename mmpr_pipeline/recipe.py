@@ -1,0 +1,249 @@
+"""Recipes: what to build, from which sources, with which model. YAML in, validated dataclasses out.
+
+Every validation error names the file, the key (dotted path) and the reason, so a user fixing a
+recipe never has to guess which of forty lines is wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmpr_pipeline.records import PIPELINES, stable_hash
+
+ANSWER_TYPES = ("multiple_choice", "number", "yes_no", "text", "math", "vqa", "chart", "document")
+LOADERS = ("generated", "parquet", "jsonl", "hf_disk", "hf_hub")
+DEMO_MODEL = "demo"  # the bundled tiny Qwen2-VL model, built (and trained) locally
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names file, key and reason."""
+
+    def __init__(self, file: str | Path, key: str, reason: str):
+        self.file, self.key, self.reason = str(file), key, reason
+        super().__init__(f"{file}: {key}: {reason}")
+
+
+@dataclass
+class Sampling:
+    n: int = 8
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    max_tokens: int = 256
+
+
+@dataclass
+class Pairing:
+    max_pairs_per_question: int = 15
+    format_pairs: bool = True
+
+
+@dataclass
+class Dropout:
+    ratio: float = 0.5      # keep the first int(N * ratio) words of the chosen response
+    min_words: int = 8      # responses shorter than this are not cut (skipped, counted)
+    n: int = 1              # chosen responses sampled per question
+
+
+@dataclass
+class Fields:
+    """Column names in the source for each thing the pipeline needs."""
+    image: str = "image"
+    question: str = "question"
+    answer: str = "answer"
+    options: str | None = None
+    response: str | None = None      # dropout_ntp: an existing response to use as chosen
+    task: str | None = None
+    answer_type: str | None = None   # per-row answer type, when the source mixes them
+
+
+@dataclass
+class Source:
+    name: str
+    loader: str
+    path: str | None = None           # parquet / jsonl / hf_disk: a file, folder or glob
+    dataset: str | None = None        # hf_hub: a dataset name for `datasets.load_dataset`
+    config: str | None = None
+    split: str = "train"
+    generator: dict[str, Any] = field(default_factory=dict)
+    fields: Fields = field(default_factory=Fields)
+    answer_type: str | None = None    # fixed type; else `fields.answer_type` names a column
+    limit: int | None = None
+    pipeline: str = "correctness"
+    pairing: Pairing = field(default_factory=Pairing)
+    dropout: Dropout = field(default_factory=Dropout)
+
+
+@dataclass
+class Card:
+    pretty_name: str | None = None
+    license: str = "cc-by-4.0"
+    extra: str = ""
+
+
+@dataclass
+class Recipe:
+    name: str
+    sources: list[Source]
+    model: str = DEMO_MODEL
+    seed: int = 0
+    prompt_template: str = "cot_final_answer"
+    engine: dict[str, Any] = field(default_factory=dict)   # passed through to `vllm.LLM`
+    sampling: Sampling = field(default_factory=Sampling)
+    batch_size: int = 16       # questions per engine call
+    unit_size: int = 64        # questions per resumable work unit
+    shard_rows: int = 5000     # pairs per output shard
+    card: Card = field(default_factory=Card)
+    file: str = ""             # where it was loaded from (not part of the fingerprint)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("file")
+        return d
+
+    def fingerprint(self) -> str:
+        """What decides the output; a run folder refuses a recipe with another fingerprint."""
+        return stable_hash(self.to_dict())
+
+
+_NESTED = {Sampling: "sampling", Pairing: "pairing", Dropout: "dropout", Fields: "fields", Card: "card"}
+
+
+def _build(cls, data: Any, file: str, key: str):
+    """Instantiate dataclass `cls` from a mapping, checking unknown keys and basic types."""
+    if not isinstance(data, dict):
+        raise RecipeError(file, key, f"expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "file"}
+    kwargs = {}
+    for k, v in data.items():
+        sub = f"{key}.{k}" if key else k
+        if k not in known:
+            raise RecipeError(file, sub, f"unknown key (expected one of: {', '.join(sorted(known))})")
+        ftype = known[k].type
+        nested = next((c for c in _NESTED if c.__name__ == ftype), None)
+        if nested is not None:
+            v = _build(nested, v, file, sub)
+        elif ftype in ("int", "int | None") and v is not None:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise RecipeError(file, sub, f"expected an integer, got {v!r}")
+        elif ftype == "float" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise RecipeError(file, sub, f"expected a number, got {v!r}")
+        elif ftype == "bool" and not isinstance(v, bool):
+            raise RecipeError(file, sub, f"expected true or false, got {v!r}")
+        elif ftype in ("str", "str | None") and v is not None and not isinstance(v, str):
+            raise RecipeError(file, sub, f"expected a string, got {v!r}")
+        elif ftype.startswith("dict") and not isinstance(v, dict):
+            raise RecipeError(file, sub, f"expected a mapping, got {v!r}")
+        kwargs[k] = v
+    missing = [n for n, f in known.items()
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               and n not in kwargs]
+    if missing:
+        raise RecipeError(file, f"{key}.{missing[0]}" if key else missing[0], "required key is missing")
+    return cls(**kwargs)
+
+
+def _check(cond: bool, file: str, key: str, reason: str) -> None:
+    if not cond:
+        raise RecipeError(file, key, reason)
+
+
+def validate(recipe: Recipe) -> Recipe:
+    f = recipe.file
+    s = recipe.sampling
+    _check(s.n >= 1, f, "sampling.n", f"must be >= 1, got {s.n}")
+    _check(s.temperature >= 0, f, "sampling.temperature", f"must be >= 0, got {s.temperature}")
+    _check(0 < s.top_p <= 1, f, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    _check(s.top_k == -1 or s.top_k >= 1, f, "sampling.top_k", f"must be -1 (off) or >= 1, got {s.top_k}")
+    _check(s.max_tokens >= 1, f, "sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
+    for k in ("batch_size", "unit_size", "shard_rows"):
+        _check(getattr(recipe, k) >= 1, f, k, f"must be >= 1, got {getattr(recipe, k)}")
+    from mmpr_pipeline import prompts
+    _check(recipe.prompt_template in prompts.available(), f, "prompt_template",
+           f"unknown template {recipe.prompt_template!r} (available: {', '.join(prompts.available())})")
+    _check(len(recipe.sources) > 0, f, "sources", "at least one source is needed")
+    seen = set()
+    for i, src in enumerate(recipe.sources):
+        key = f"sources[{i}]"
+        _check(src.name not in seen, f, f"{key}.name", f"duplicate source name {src.name!r}")
+        seen.add(src.name)
+        _check(src.name.replace("_", "").replace("-", "").isalnum(), f, f"{key}.name",
+               f"use letters, digits, '-' and '_' only, got {src.name!r}")
+        _check(src.loader in LOADERS, f, f"{key}.loader",
+               f"unknown loader {src.loader!r} (expected one of: {', '.join(LOADERS)})")
+        if src.loader in ("parquet", "jsonl", "hf_disk"):
+            _check(bool(src.path), f, f"{key}.path", f"loader {src.loader!r} needs a path")
+        if src.loader == "hf_hub":
+            _check(bool(src.dataset), f, f"{key}.dataset", "loader 'hf_hub' needs a dataset name")
+        _check(src.pipeline in PIPELINES, f, f"{key}.pipeline",
+               f"unknown pipeline {src.pipeline!r} (expected one of: {', '.join(PIPELINES)})")
+        if src.answer_type is not None:
+            _check(src.answer_type in ANSWER_TYPES, f, f"{key}.answer_type",
+                   f"unknown answer_type {src.answer_type!r} (expected one of: {', '.join(ANSWER_TYPES)})")
+        elif src.pipeline == "correctness" and src.loader != "generated":
+            _check(src.fields.answer_type is not None, f, f"{key}.answer_type",
+                   "set answer_type, or fields.answer_type to read it per row")
+        _check(src.limit is None or src.limit >= 1, f, f"{key}.limit", f"must be >= 1, got {src.limit}")
+        _check(src.pairing.max_pairs_per_question >= 1, f, f"{key}.pairing.max_pairs_per_question",
+               f"must be >= 1, got {src.pairing.max_pairs_per_question}")
+        _check(0 < src.dropout.ratio < 1, f, f"{key}.dropout.ratio",
+               f"must be strictly between 0 and 1, got {src.dropout.ratio}")
+        _check(src.dropout.min_words >= 2, f, f"{key}.dropout.min_words",
+               f"must be >= 2, got {src.dropout.min_words}")
+        _check(src.dropout.n >= 1, f, f"{key}.dropout.n", f"must be >= 1, got {src.dropout.n}")
+    return recipe
+
+
+def from_dict(data: Any, file: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(file, "(top level)", "a recipe is a YAML mapping")
+    data = dict(data)
+    sources = data.pop("sources", None)
+    if sources is None:
+        raise RecipeError(file, "sources", "required key is missing")
+    if not isinstance(sources, list):
+        raise RecipeError(file, "sources", "expected a list of sources")
+    built = [_build(Source, s, file, f"sources[{i}]") for i, s in enumerate(sources)]
+    recipe = _build(Recipe, {**data, "sources": []}, file, "")
+    recipe.sources, recipe.file = built, str(file)
+    return validate(recipe)
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load and validate a recipe file; `overrides` are dotted keys, e.g. {"sampling.n": 4}."""
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(path, "(file)", "no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "(file)"
+        raise RecipeError(path, where, f"not valid YAML: {getattr(e, 'problem', e)}") from None
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return from_dict(data, str(path))
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        if p.startswith("sources[") and p.endswith("]"):
+            node = node["sources"][int(p[8:-1])]
+        else:
+            node = node.setdefault(p, {})
+    if parts[-1] == "limit" and len(parts) == 1:  # `limit` alone applies to every source
+        for s in data.get("sources", []):
+            s["limit"] = value
+        return
+    node[parts[-1]] = value
+
+
+def to_json(recipe: Recipe) -> str:
+    return json.dumps(recipe.to_dict(), indent=2, sort_keys=True)

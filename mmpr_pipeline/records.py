@@ -1,0 +1,134 @@
+"""Arrow schemas of the rows that flow through the pipeline, their ids, and image encoding.
+
+A question's journey (see README): Question -> Sample row (the question plus list columns of its
+`n` responses and verdicts) -> Pair rows. One type per column, always: Ray Data merges blocks
+by schema, and a column that is a string in one block and a list in another fails to merge.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pyarrow as pa
+
+PIPELINES = ("correctness", "dropout_ntp")
+PAIR_TYPES = ("correctness", "format", "dropout_ntp")
+
+# The way `datasets` stores its `Image` feature: a struct of encoded bytes and an optional path.
+# A list of these is `Sequence(Image())` / `List(Image())`, which `load_dataset` decodes to PIL.
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+QUESTION_FIELDS = [
+    ("qid", pa.string()),             # stable: hash of source + row content
+    ("source", pa.string()),
+    ("row_index", pa.int64()),        # position in the source, for audit and rejects
+    ("unit", pa.int64()),             # work-unit index within the source (resume granularity)
+    ("pipeline", pa.string()),        # correctness | dropout_ntp
+    ("task", pa.string()),            # task family when the source has one, else ""
+    ("image", pa.binary()),           # encoded image bytes, never re-encoded
+    ("question", pa.string()),
+    ("answer", pa.string()),          # "" when the source has none (dropout_ntp)
+    ("answer_type", pa.string()),
+    ("options", pa.list_(pa.string())),
+    ("given_response", pa.string()),  # dropout_ntp: a response the source already has, else ""
+]
+QUESTION_SCHEMA = pa.schema(QUESTION_FIELDS)
+
+# After sampling (and, for dropout_ntp, cutting and continuing) and scoring: one row per question.
+SAMPLE_FIELDS = QUESTION_FIELDS + [
+    ("prompt_template", pa.string()),
+    ("responses", pa.list_(pa.string())),
+    ("n_tokens", pa.list_(pa.int64())),
+    ("finish_reasons", pa.list_(pa.string())),
+    ("error", pa.string()),           # engine error for this question, "" when none
+    # correctness verdicts, one per response (empty lists for dropout_ntp)
+    ("extracted", pa.list_(pa.string())),   # null where nothing parsable was found
+    ("correct", pa.list_(pa.bool_())),
+    ("score", pa.list_(pa.float64())),
+    ("reason", pa.list_(pa.string())),
+    # dropout_ntp, one per response (empty lists for correctness)
+    ("prefix_words", pa.list_(pa.int64())),   # -1 where the response was too short to cut
+    ("continuations", pa.list_(pa.string())),
+    ("continuation_tokens", pa.list_(pa.int64())),
+    ("sample_seconds", pa.float64()),  # this question's share of its batch's engine time
+    ("continue_seconds", pa.float64()),
+    ("score_seconds", pa.float64()),
+]
+SAMPLE_SCHEMA = pa.schema(SAMPLE_FIELDS)
+
+PAIR_SCHEMA = pa.schema([
+    ("id", pa.string()),              # hash of qid + pair_type + chosen + rejected
+    ("qid", pa.string()),
+    ("source", pa.string()),
+    ("task", pa.string()),
+    ("images", pa.list_(IMAGE_STRUCT)),
+    ("question", pa.string()),
+    ("answer", pa.string()),
+    ("chosen", pa.string()),
+    ("rejected", pa.string()),
+    ("pair_type", pa.string()),       # correctness | format | dropout_ntp
+    ("model", pa.string()),
+    ("prompt_template", pa.string()),
+    ("sampling", pa.string()),        # JSON of the sampling parameters used
+    ("chosen_index", pa.int64()),     # sample index within the question's responses
+    ("rejected_index", pa.int64()),
+    ("cut_ratio", pa.float64()),      # dropout_ntp only, else null
+    ("prefix_words", pa.int64()),     # dropout_ntp only, else null
+])
+
+REJECT_SCHEMA = pa.schema([
+    ("source", pa.string()),
+    ("row_index", pa.int64()),
+    ("reason", pa.string()),
+    ("row", pa.string()),             # a short, printable excerpt of the row for audit
+])
+
+
+def stable_hash(*parts: object, length: int = 16) -> str:
+    """Hex digest of the parts; stable across processes and machines (unlike `hash`)."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode()
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()[:length]
+
+
+def question_id(source: str, image: bytes, question: str, answer: str) -> str:
+    return stable_hash("q", source, image, question, answer)
+
+
+def pair_id(qid: str, pair_type: str, chosen: str, rejected: str) -> str:
+    return stable_hash("p", qid, pair_type, chosen, rejected)
+
+
+def encode_image(image, fmt: str = "PNG") -> bytes:
+    """Bytes of an image given as bytes, a path, a PIL image or a `datasets` {'bytes','path'} dict."""
+    if image is None:
+        raise ValueError("no image")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, dict):
+        if image.get("bytes"):
+            return bytes(image["bytes"])
+        if image.get("path"):
+            return encode_image(image["path"], fmt)
+        raise ValueError("image dict has neither bytes nor path")
+    if isinstance(image, str):
+        with open(image, "rb") as f:
+            return f.read()
+    if hasattr(image, "save"):  # PIL.Image.Image
+        buf = io.BytesIO()
+        image.save(buf, format=image.format or fmt)
+        return buf.getvalue()
+    raise ValueError(f"unsupported image value of type {type(image).__name__}")
+
+
+def decode_image(data: bytes):
+    """PIL image (RGB) from encoded bytes; decoding happens only where the engine needs pixels."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
