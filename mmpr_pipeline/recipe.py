@@ -75,6 +75,7 @@ class Source:
     answer_type: str | None = None    # fixed type; else `fields.answer_type` names a column
     limit: int | None = None
     pipeline: str = "correctness"
+    prompt_template: str | None = None  # default: the recipe's for correctness, `raw` for dropout_ntp
     pairing: Pairing = field(default_factory=Pairing)
     dropout: Dropout = field(default_factory=Dropout)
 
@@ -100,6 +101,11 @@ class Recipe:
     shard_rows: int = 5000     # pairs per output shard
     card: Card = field(default_factory=Card)
     file: str = ""             # where it was loaded from (not part of the fingerprint)
+
+    def template_for(self, source: Source) -> str:
+        if source.prompt_template:
+            return source.prompt_template
+        return self.prompt_template if source.pipeline == "correctness" else "raw"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -180,6 +186,9 @@ def validate(recipe: Recipe) -> Recipe:
             _check(bool(src.path), f, f"{key}.path", f"loader {src.loader!r} needs a path")
         if src.loader == "hf_hub":
             _check(bool(src.dataset), f, f"{key}.dataset", "loader 'hf_hub' needs a dataset name")
+        if src.prompt_template is not None:
+            _check(src.prompt_template in prompts.available(), f, f"{key}.prompt_template",
+                   f"unknown template {src.prompt_template!r} (available: {', '.join(prompts.available())})")
         _check(src.pipeline in PIPELINES, f, f"{key}.pipeline",
                f"unknown pipeline {src.pipeline!r} (expected one of: {', '.join(PIPELINES)})")
         if src.answer_type is not None:

@@ -29,6 +29,7 @@ QUESTION_FIELDS = [
     ("image", pa.binary()),           # encoded image bytes, never re-encoded
     ("question", pa.string()),
     ("answer", pa.string()),          # "" when the source has none (dropout_ntp)
+    ("answers", pa.list_(pa.string())),  # every acceptable answer (VQA has several); [answer] usually
     ("answer_type", pa.string()),
     ("options", pa.list_(pa.string())),
     ("given_response", pa.string()),  # dropout_ntp: a response the source already has, else ""
@@ -51,6 +52,7 @@ SAMPLE_FIELDS = QUESTION_FIELDS + [
     ("prefix_words", pa.list_(pa.int64())),   # -1 where the response was too short to cut
     ("continuations", pa.list_(pa.string())),
     ("continuation_tokens", pa.list_(pa.int64())),
+    ("continuation_image_tokens", pa.list_(pa.int64())),  # image tokens in the prompt actually sent: 0
     ("sample_seconds", pa.float64()),  # this question's share of its batch's engine time
     ("continue_seconds", pa.float64()),
     ("score_seconds", pa.float64()),

@@ -1,0 +1,93 @@
+"""DropoutNTP (paper, Sec. 3.2): pairs for questions without a checkable answer.
+
+Keep the first half of a response written while seeing the image, let the same model continue it
+*without* the image; the original is chosen, the image-free continuation rejected. The continuation
+is the assistant's own unfinished turn (`continue_final_message`), not a new turn.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+_WORD = re.compile(r"\S+")
+
+
+def prefix_of(text: str, words: int) -> str:
+    """The text up to the end of its `words`-th whitespace-separated word, exactly as written."""
+    for k, match in enumerate(_WORD.finditer(text), 1):
+        if k == words:
+            return text[: match.end()]
+    return text
+
+
+def truncate(text: str, ratio: float, min_words: int) -> tuple[str, int] | None:
+    """(prefix, words kept): the text up to the end of its first int(N * ratio) whitespace-separated
+    words, exactly as written (so prefix is a true prefix of text). None when text has fewer than
+    `min_words` words, or the cut would keep nothing or everything."""
+    words = list(_WORD.finditer(text))
+    keep = int(len(words) * ratio)
+    if len(words) < min_words or keep < 1 or keep >= len(words):
+        return None
+    return prefix_of(text, keep), keep
+
+
+def continue_without_image(rows: list[dict[str, Any]], engine, sampling, dropout_by_source: dict) -> None:
+    """For each dropout_ntp row: cut every response and continue it text-only. Fills
+    prefix_words (-1: too short), continuations, continuation_tokens, continuation_image_tokens."""
+    from mmpr_pipeline.engine import user_message
+    from mmpr_pipeline.prompts import render
+
+    jobs = []  # (row, response index, prefix, conversation)
+    for row in rows:
+        cfg = dropout_by_source[row["source"]]
+        n = len(row["responses"])
+        row.update(prefix_words=[-1] * n, continuations=[""] * n, continuation_tokens=[0] * n,
+                   continuation_image_tokens=[0] * n)
+        for i, text in enumerate(row["responses"]):
+            cut = truncate(text, cfg.ratio, cfg.min_words)
+            if cut is None:
+                continue
+            prefix, kept = cut
+            row["prefix_words"][i] = kept
+            conversation = [user_message(render(row["prompt_template"], row["question"])),  # no image
+                            {"role": "assistant", "content": prefix}]
+            jobs.append((row, i, conversation))
+    if not jobs:
+        return
+    t0 = time.perf_counter()
+    params = engine.params(n=1, temperature=sampling.temperature, top_k=sampling.top_k,
+                           top_p=sampling.top_p, max_tokens=sampling.max_tokens)
+    completions = engine.chat([conv for _, _, conv in jobs], params, continue_final=True)
+    per_job = (time.perf_counter() - t0) / len(jobs)
+    for (row, i, _), comp in zip(jobs, completions):
+        row["continue_seconds"] += per_job
+        if comp.error:
+            row["error"] = row["error"] or f"continuation: {comp.error}"
+            continue
+        row["continuations"][i] = comp.texts[0]
+        row["continuation_tokens"][i] = comp.n_tokens[0]
+        row["continuation_image_tokens"][i] = engine.image_tokens(comp)
+
+
+def pair_question(row: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Pairs (chosen = original, rejected = prefix + continuation) and counts of what was dropped."""
+    counts = dict(too_short=0, continued=0, empty_continuation=0, identical=0)
+    pairs = []
+    for i, text in enumerate(row["responses"]):
+        kept = row["prefix_words"][i]
+        if kept < 0:
+            counts["too_short"] += 1
+            continue
+        prefix = prefix_of(text, kept)
+        continuation = row["continuations"][i]
+        if not continuation.strip():
+            counts["empty_continuation"] += 1
+            continue
+        counts["continued"] += 1
+        if continuation.strip() == text[len(prefix):].strip():
+            counts["identical"] += 1
+            continue
+        pairs.append(dict(chosen=text, rejected=prefix + continuation, chosen_index=i, rejected_index=i,
+                          prefix_words=kept))
+    return pairs, counts

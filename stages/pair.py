@@ -1,0 +1,47 @@
+"""Pair: one scored question (a Sample row) -> its Pair rows and the counts that go to stats.json.
+
+Pairs are always derived from the kept samples, never stored separately: a resumed run re-pairs
+every unit's samples, so its output is exactly what the rules give on the full set of samples.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mmpr_pipeline.pairing import pair_correctness
+from mmpr_pipeline.prompts import render
+from mmpr_pipeline.records import pair_id
+from stages.dropout_ntp import pair_question as pair_dropout
+
+
+def pair_rows(row: dict[str, Any], source_cfg, *, seed: int, model: str, sampling: dict) -> tuple[list[dict], dict]:
+    """(pair rows in records.PAIR_SCHEMA, counts) for one Sample row."""
+    counts: dict[str, Any] = dict(correctness=0, format=0, dropout_ntp=0, all_right=0, all_wrong=0)
+    if row["error"]:
+        return [], counts
+    images = [{"bytes": row["image"], "path": None}]
+    common = dict(qid=row["qid"], source=row["source"], task=row["task"], images=images,
+                  question=render(row["prompt_template"], row["question"]), answer=row["answer"],
+                  model=model, prompt_template=row["prompt_template"],
+                  sampling=json.dumps(sampling, sort_keys=True), cut_ratio=None, prefix_words=None)
+    found: list[tuple[str, dict]] = []
+    if row["pipeline"] == "correctness":
+        qp = pair_correctness(row["responses"], row["correct"], row["extracted"], qid=row["qid"], seed=seed,
+                              max_pairs_per_question=source_cfg.pairing.max_pairs_per_question,
+                              format_pairs=source_cfg.pairing.format_pairs)
+        counts.update(all_right=int(qp.all_right), all_wrong=int(qp.all_wrong))
+        for kind, idx_pairs in (("correctness", qp.correctness), ("format", qp.format)):
+            for c, r in idx_pairs:
+                found.append((kind, dict(chosen=row["responses"][c], rejected=row["responses"][r],
+                                         chosen_index=c, rejected_index=r)))
+    else:
+        dropout_pairs, dropout_counts = pair_dropout(row)
+        counts["dropout"] = dropout_counts
+        for p in dropout_pairs:
+            found.append(("dropout_ntp", dict(p, cut_ratio=source_cfg.dropout.ratio)))
+    out = []
+    for kind, p in found:
+        counts[kind] += 1
+        out.append({**common, **p, "pair_type": kind,
+                    "id": pair_id(row["qid"], kind, p["chosen"], p["rejected"])})
+    return out, counts

@@ -1,0 +1,53 @@
+"""The paper's pairing rules, fed hand-written responses."""
+from mmpr_pipeline.pairing import pair_correctness
+
+
+def _pairs(responses, correct, extracted, **kw):
+    return pair_correctness(responses, correct, extracted, qid="q1", **kw)
+
+
+def test_every_correct_wrong_combination():
+    r = ["a\nFinal answer: 1", "b\nFinal answer: 1", "c\nFinal answer: 2", "d\nFinal answer: 3"]
+    qp = _pairs(r, [True, True, False, False], ["1", "1", "2", "3"])
+    assert sorted(qp.correctness) == [(0, 2), (0, 3), (1, 2), (1, 3)]
+    assert qp.format == [] and not qp.all_right and not qp.all_wrong
+
+
+def test_chosen_contained_in_rejected_is_dropped():
+    r = ["Final answer: 1", "Final answer: 1 or maybe Final answer: 2"]
+    qp = _pairs(r, [True, False], ["1", "2"])
+    assert qp.correctness == []
+
+
+def test_duplicates_are_removed_by_text():
+    r = ["x\nFinal answer: 1", "x\nFinal answer: 1", "y\nFinal answer: 2", "y\nFinal answer: 2"]
+    qp = _pairs(r, [True, True, False, False], ["1", "1", "2", "2"])
+    assert len(qp.correctness) == 1
+
+
+def test_unparsable_give_format_pairs_only_against_correct():
+    r = ["good\nFinal answer: 1", "rambling", "bad\nFinal answer: 4"]
+    qp = _pairs(r, [True, False, False], ["1", None, "4"])
+    assert qp.correctness == [(0, 2)]
+    assert qp.format == [(0, 1)]
+    assert _pairs(r, [True, False, False], ["1", None, "4"], format_pairs=False).format == []
+
+
+def test_all_right_and_all_wrong_give_no_pairs():
+    qp = _pairs(["a", "b"], [True, True], ["1", "1"])
+    assert qp.all_right and not qp.correctness and not qp.format
+    qp = _pairs(["a", "b", "c"], [False, False, False], ["2", None, "3"])
+    assert qp.all_wrong and not qp.correctness and not qp.format
+    assert _pairs([], [], []).correctness == []
+
+
+def test_cap_is_a_seeded_sample_independent_of_call_order():
+    r = [f"right {i}\nFinal answer: 1" for i in range(6)] + [f"wrong {i}\nFinal answer: 2" for i in range(6)]
+    correct = [True] * 6 + [False] * 6
+    ext = ["1"] * 6 + ["2"] * 6
+    a = _pairs(r, correct, ext, max_pairs_per_question=15, seed=3)
+    b = _pairs(r, correct, ext, max_pairs_per_question=15, seed=3)
+    c = _pairs(r, correct, ext, max_pairs_per_question=15, seed=4)
+    assert len(a.correctness) == 15 and a.correctness == b.correctness
+    assert a.correctness != c.correctness
+    assert len(set(a.correctness)) == 15
