@@ -31,8 +31,18 @@ build-mmpr: setup  ## build MMPR pairs with RECIPE into RUN_DIR (MODEL= override
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory demo-model; fi
 	$(PY) -m mmpr_pipeline.cli build $(RECIPE) --out $(RUN_DIR) $(if $(MODEL),--model $(MODEL))
 
-test: setup  ## run the test suite (real vLLM, real Ray, on CPU)
+test: setup demo-model  ## run the test suite (real vLLM, real Ray, on CPU)
 	$(PY) -m pytest -q tests
+
+train: setup  ## train the default model with MPO on RUN_DIR's pairs (config: TRAIN_CFG)
+	$(PY) -m mmpr_pipeline.cli train $(TRAIN_CFG)
+
+publish: setup  ## upload RUN_DIR to the Hub: make publish REPO_ID=user/name [ARGS=--dry-run]
+	@test -n "$(REPO_ID)" || { echo "set REPO_ID=user/name"; exit 2; }
+	HF_HUB_OFFLINE=0 $(PY) -m mmpr_pipeline.cli publish $(RUN_DIR) --repo-id $(REPO_ID) $(ARGS)
+
+bench: setup  ## run the benchmarks (sampling, judge, train)
+	$(PY) benchmarks/bench_sampling.py
 
 clean:  ## remove runs and build outputs (keeps .venv)
 	rm -rf runs build .cache

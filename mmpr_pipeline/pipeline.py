@@ -54,6 +54,8 @@ def prepare_run_dir(run: Path, recipe: Recipe, overwrite: bool) -> None:
                 for f in sorted((run / sub).rglob("*"), reverse=True) if (run / sub).exists() else []:
                     f.unlink() if f.is_file() else f.rmdir()
     run.mkdir(parents=True, exist_ok=True)
+    for tmp in run.rglob(".*.tmp"):  # temporary files of a run that was killed mid-write
+        tmp.unlink()
     shards.write_text(recipe_file, to_json(recipe))
 
 
@@ -98,7 +100,8 @@ def generate(recipe: Recipe, model: str, questions: list[dict], collector, ray_a
         replicas, resources = 1, dict(num_cpus=1)
     sources = {s.name: s for s in recipe.sources}
     ds = ds.map_batches(
-        SampleStage, batch_size=recipe.batch_size, batch_format="pyarrow", concurrency=replicas,
+        SampleStage, batch_size=recipe.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=replicas),
         fn_constructor_kwargs=dict(model=model, engine_options=recipe.engine, seed=recipe.seed,
                                    sampling=recipe.sampling,
                                    templates={n: recipe.template_for(s) for n, s in sources.items()},
@@ -231,7 +234,9 @@ def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_addre
     for p in stale:  # units of rows that a smaller `limit` no longer includes
         p.unlink()
 
+    stats["resume"] = dict(units=len(expected), units_done_before=len(done), questions_sampled=len(pending))
     # pair + write
+    shards.kill_point("before_pair")
     stats["shards"] = [str(p.relative_to(run)) for p in pair_and_write(run, recipe, model, stats)]
     for st in stats["sources"].values():
         if st["pipeline"] == "correctness" and st["samples"]:
@@ -247,6 +252,7 @@ def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_addre
         stats["stage_seconds"][k] = round(stats["stage_seconds"][k], 3)
     stats["stage_seconds"]["total"] = round(time.perf_counter() - t_start, 3)
     stats["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    shards.kill_point("before_stats")
     shards.write_json(run / "stats.json", stats)
     if write_card:
         try:
@@ -264,8 +270,8 @@ def print_summary(run: Path, stats: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"MMPR build: {stats['recipe']} -> {run}", title_justify="left")
-    for col in ("source", "pipeline", "rows", "rejects", "questions", "samples", "correct rate",
-                "all right", "all wrong", "pairs (corr/fmt/dntp)"):
+    for col in ("source", "pipeline", "rows", "rejects", "questions", "samples", "correct",
+                "all right", "all wrong", "pairs corr/fmt/dntp"):
         table.add_column(col, justify="left" if col in ("source", "pipeline") else "right")
     for name, s in stats["sources"].items():
         rate = f"{s['correct_rate']:.1%}" if s["correct_rate"] is not None else "-"
@@ -273,7 +279,7 @@ def print_summary(run: Path, stats: dict[str, Any]) -> None:
         table.add_row(name, s["pipeline"], str(s["rows"]), str(s["rejects"]), str(s["questions"]),
                       str(s["samples"]), rate, str(s["all_right"]), str(s["all_wrong"]),
                       f"{p['correctness']}/{p['format']}/{p['dropout_ntp']}")
-    console = Console(stderr=False)
+    console = Console(width=None if Console().is_terminal else 140)
     console.print(table)
     t = stats["stage_seconds"]
     console.print(f"pairs: {sum(stats['totals']['pairs'].values())} in {len(stats['shards'])} shard(s) under "

@@ -16,6 +16,21 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+KILL_ENV = "MMPR_KILL_AT"
+
+
+def kill_point(name: str, count: int | None = None) -> None:
+    """Test seam for the kill-and-resume tests: with MMPR_KILL_AT=name (or name:count) set, this
+    process SIGKILLs itself here, as a crash or an OOM kill would, with no chance to clean up."""
+    want = os.environ.get(KILL_ENV)
+    if not want:
+        return
+    wname, _, wcount = want.partition(":")
+    if wname == name and (not wcount or count == int(wcount)):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.parquet$")
 
 
@@ -94,7 +109,8 @@ class ShardWriter:
             pq.write_table(self.schema.empty_table(), part, compression="zstd")
             self.parts.append(part)
         final = [self.dir / shard_name(i, len(self.parts), self.split) for i in range(len(self.parts))]
-        for part, dest in zip(self.parts, final):
+        for i, (part, dest) in enumerate(zip(self.parts, final)):
+            kill_point("mid_write", i)
             os.replace(part, dest)
         for old in self.dir.glob(f"{self.split}-*-of-*.parquet"):
             if old not in final:

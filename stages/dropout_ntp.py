@@ -32,7 +32,8 @@ def truncate(text: str, ratio: float, min_words: int) -> tuple[str, int] | None:
     return prefix_of(text, keep), keep
 
 
-def continue_without_image(rows: list[dict[str, Any]], engine, sampling, dropout_by_source: dict) -> None:
+def continue_without_image(rows: list[dict[str, Any]], engine, sampling, dropout_by_source: dict,
+                           sampling_extra: dict | None = None) -> None:
     """For each dropout_ntp row: cut every response and continue it text-only. Fills
     prefix_words (-1: too short), continuations, continuation_tokens, continuation_image_tokens."""
     from mmpr_pipeline.engine import user_message
@@ -57,7 +58,7 @@ def continue_without_image(rows: list[dict[str, Any]], engine, sampling, dropout
         return
     t0 = time.perf_counter()
     params = engine.params(n=1, temperature=sampling.temperature, top_k=sampling.top_k,
-                           top_p=sampling.top_p, max_tokens=sampling.max_tokens)
+                           top_p=sampling.top_p, max_tokens=sampling.max_tokens, **(sampling_extra or {}))
     completions = engine.chat([conv for _, _, conv in jobs], params, continue_final=True)
     per_job = (time.perf_counter() - t0) / len(jobs)
     for (row, i, _), comp in zip(jobs, completions):

@@ -29,13 +29,14 @@ def empty_sample_columns(row: dict[str, Any], template: str) -> dict[str, Any]:
 
 class SampleStage:
     def __init__(self, model: str, engine_options: dict, seed: int, sampling, templates: dict[str, str],
-                 dropout: dict):
+                 dropout: dict, sampling_extra: dict | None = None):
         from mmpr_pipeline.engine import Engine
 
         self.engine = Engine(model, engine_options, seed)
         self.sampling = sampling
         self.templates = templates      # source -> prompt template id
         self.dropout = dropout          # source -> Dropout settings (dropout_ntp sources only)
+        self.sampling_extra = sampling_extra or {}  # more SamplingParams (benchmarks: ignore_eos)
 
     def _conversation(self, row: dict[str, Any]) -> list[dict]:
         from mmpr_pipeline.engine import user_message
@@ -59,7 +60,7 @@ class SampleStage:
         for n, group in by_n.items():
             t0 = time.perf_counter()
             params = self.engine.params(n=n, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                        max_tokens=s.max_tokens)
+                                        max_tokens=s.max_tokens, **self.sampling_extra)
             completions = self.engine.chat([self._conversation(r) for r in group], params)
             per_row = (time.perf_counter() - t0) / len(group)
             for row, comp in zip(group, completions):
@@ -69,5 +70,5 @@ class SampleStage:
         if dropout_rows:
             from stages.dropout_ntp import continue_without_image
 
-            continue_without_image(dropout_rows, self.engine, s, self.dropout)
+            continue_without_image(dropout_rows, self.engine, s, self.dropout, self.sampling_extra)
         return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)

@@ -34,6 +34,7 @@ class UnitCollector:
                 path = shards.unit_path(self.run_dir, *key)
                 shards.write_table(pa.Table.from_pylist(unit_rows, schema=SAMPLE_SCHEMA), path)
                 self.written.append(path)
+                shards.kill_point("after_unit", len(self.written))
         return len(rows)
 
     def incomplete(self) -> list[tuple[str, int]]:

@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny model built once per session, and the environment the CLI sets."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A random-weight tiny Qwen2-VL model folder (builds in a few seconds)."""
+    from mmpr_pipeline import demo_model
+
+    return str(demo_model.build(tmp_path_factory.mktemp("models") / "tiny", "tiny"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session (starting Ray costs seconds); the pipeline reuses it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
