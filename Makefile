@@ -37,9 +37,9 @@ test: setup demo-model  ## run the test suite (real vLLM, real Ray, on CPU)
 train: setup  ## train the default model with MPO on RUN_DIR's pairs (config: TRAIN_CFG)
 	$(PY) -m mmpr_pipeline.cli train $(TRAIN_CFG)
 
-publish: setup  ## upload RUN_DIR to the Hub: make publish REPO_ID=user/name [ARGS=--dry-run]
-	@test -n "$(REPO_ID)" || { echo "set REPO_ID=user/name"; exit 2; }
-	HF_HUB_OFFLINE=0 $(PY) -m mmpr_pipeline.cli publish $(RUN_DIR) --repo-id $(REPO_ID) $(ARGS)
+publish: setup  ## upload RUN_DIR to the Hub as REPO_ID=user/name (PRIVATE=1, REVISION=branch, DRY_RUN=1 lists only)
+	@test -n "$(REPO_ID)" || { echo "set REPO_ID=user/name" >&2; exit 2; }
+	$(PY) -m mmpr_pipeline.cli publish $(RUN_DIR) --repo-id $(REPO_ID) $(if $(PRIVATE),--private) $(if $(REVISION),--revision $(REVISION)) $(if $(DRY_RUN),--dry-run)
 
 bench: setup  ## run the benchmarks (sampling, judge, train)
 	$(PY) benchmarks/bench_sampling.py

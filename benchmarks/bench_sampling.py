@@ -35,7 +35,7 @@ def main() -> None:
     import pyarrow as pa
 
     from mmpr_pipeline import demo_model, recipe as recipe_mod, tasks
-    from mmpr_pipeline.engine import user_message
+    from mmpr_pipeline.engine import request_seed
     from mmpr_pipeline.prompts import render
     from mmpr_pipeline.records import QUESTION_SCHEMA, decode_image
     from stages.load import load_source
@@ -51,15 +51,17 @@ def main() -> None:
                         {s.name: rec.template_for(s) for s in rec.sources},
                         {s.name: s.dropout for s in rec.sources}, sampling_extra=extra)
     llm, s = stage.engine.llm, rec.sampling
-    params = stage.engine.params(n=s.n, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                 max_tokens=s.max_tokens, **extra)
+    # the same per-question seeds the stage uses (recipe default `sampling.reproducible`)
+    params = [stage.engine.params(n=s.n, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                  max_tokens=s.max_tokens, seed=request_seed(rec.seed, q["qid"]), **extra)
+              for q in shapes]
     tokenizer = llm.get_tokenizer()
     prompts = [{"prompt": tokenizer.apply_chat_template(
                     [{"role": "user", "content": [{"type": "image"}, {"type": "text",
                       "text": render("cot_final_answer", q["question"])}]}],
                     tokenize=False, add_generation_prompt=True),
                 "multi_modal_data": {"image": decode_image(q["image"])}} for q in shapes]
-    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up, both paths share it
+    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up, both paths share it
 
     def timed(fn):
         t0 = time.perf_counter()
@@ -70,7 +72,7 @@ def main() -> None:
     def bare():
         total = 0
         for i in range(0, len(prompts), args.batch_size):
-            outs = llm.generate(prompts[i:i + args.batch_size], params, use_tqdm=False)
+            outs = llm.generate(prompts[i:i + args.batch_size], params[i:i + args.batch_size], use_tqdm=False)
             total += sum(len(o.token_ids) for out in outs for o in out.outputs)
         return total
 

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 # Settings that work on a CPU (see README, "vLLM on CPU"); a GPU uses vLLM's own defaults
 # unless the recipe's `engine:` says otherwise.
-CPU_DEFAULTS = dict(enforce_eager=True, dtype="bfloat16", max_model_len=2048)
+# Chunked prefill is off on CPU because per-request seeds crash with it there.
+CPU_DEFAULTS = dict(enforce_eager=True, dtype="bfloat16", max_model_len=2048, enable_chunked_prefill=False)
 COMMON_DEFAULTS = dict(limit_mm_per_prompt={"image": 1})
 
 
@@ -44,7 +45,6 @@ def engine_kwargs(model: str, options: dict[str, Any], seed: int) -> dict[str, A
         kwargs.update(CPU_DEFAULTS)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     kwargs.update(options)
-    # Engine-level seed: per-request seeds crash vLLM's CPU backend with chunked prefill.
     kwargs.update(model=model, seed=seed)
     return kwargs
 
@@ -78,12 +78,14 @@ class Engine:
         self.image_token_ids = {tid for tok, tid in tokenizer.get_vocab().items()
                                 if tok in ("<|image_pad|>", "<image>", "<IMG_CONTEXT>")}
 
-    def params(self, n: int, temperature: float, top_k: int, top_p: float, max_tokens: int, **extra):
+    def params(self, n: int, temperature: float, top_k: int, top_p: float, max_tokens: int,
+               seed: int | None = None, **extra):
         from vllm import SamplingParams
         return SamplingParams(n=n, temperature=temperature, top_k=top_k, top_p=top_p,
-                              max_tokens=max_tokens, **extra)
+                              max_tokens=max_tokens, seed=seed, **extra)
 
     def chat(self, conversations: list[list[dict]], params, *, continue_final: bool = False) -> list[Completion]:
+        """`params`: one SamplingParams for all, or a list with one per conversation."""
         """One Completion per conversation. A request the engine refuses (say, a prompt longer than
         the context) fails alone: the batch is retried one request at a time, and the refused
         request's error is recorded instead of its samples."""
@@ -96,7 +98,9 @@ class Engine:
                 return [Completion(error=f"{type(batch_error).__name__}: {batch_error}"[:500])]
             log.warning("engine refused a batch (%s); retrying its %d requests one by one",
                         type(batch_error).__name__, len(conversations))
-            return [c for conv in conversations for c in self.chat([conv], params, continue_final=continue_final)]
+            per_conv = params if isinstance(params, list) else [params] * len(conversations)
+            return [c for conv, p in zip(conversations, per_conv)
+                    for c in self.chat([conv], [p], continue_final=continue_final)]
         return [Completion(texts=[o.text for o in out.outputs],
                            n_tokens=[len(o.token_ids) for o in out.outputs],
                            finish_reasons=[str(o.finish_reason) for o in out.outputs],
@@ -106,3 +110,9 @@ class Engine:
     def image_tokens(self, completion: Completion) -> int:
         """How many image placeholder tokens the prompt that was actually sent carried."""
         return sum(1 for t in completion.prompt_token_ids if t in self.image_token_ids)
+
+
+def request_seed(seed: int, *parts: object) -> int:
+    """A request's own seed, from the recipe seed and what identifies the request."""
+    from mmpr_pipeline.records import stable_hash
+    return int(stable_hash(seed, *parts), 16) % (2**31)

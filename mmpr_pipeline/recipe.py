@@ -35,6 +35,9 @@ class Sampling:
     top_k: int = -1
     top_p: float = 1.0
     max_tokens: int = 256
+    # Seed each question's request from (recipe seed, qid): the same recipe then gives the same
+    # samples however questions are batched, spread over replicas, or resumed.
+    reproducible: bool = True
 
 
 @dataclass

@@ -33,10 +33,10 @@ def truncate(text: str, ratio: float, min_words: int) -> tuple[str, int] | None:
 
 
 def continue_without_image(rows: list[dict[str, Any]], engine, sampling, dropout_by_source: dict,
-                           sampling_extra: dict | None = None) -> None:
+                           sampling_extra: dict | None = None, seed: int = 0) -> None:
     """For each dropout_ntp row: cut every response and continue it text-only. Fills
     prefix_words (-1: too short), continuations, continuation_tokens, continuation_image_tokens."""
-    from mmpr_pipeline.engine import user_message
+    from mmpr_pipeline.engine import request_seed, user_message
     from mmpr_pipeline.prompts import render
 
     jobs = []  # (row, response index, prefix, conversation)
@@ -57,8 +57,10 @@ def continue_without_image(rows: list[dict[str, Any]], engine, sampling, dropout
     if not jobs:
         return
     t0 = time.perf_counter()
-    params = engine.params(n=1, temperature=sampling.temperature, top_k=sampling.top_k,
-                           top_p=sampling.top_p, max_tokens=sampling.max_tokens, **(sampling_extra or {}))
+    params = [engine.params(n=1, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                            max_tokens=sampling.max_tokens, **(sampling_extra or {}),
+                            seed=request_seed(seed, row["qid"], "continue", i) if sampling.reproducible else None)
+              for row, i, _ in jobs]
     completions = engine.chat([conv for _, _, conv in jobs], params, continue_final=True)
     per_job = (time.perf_counter() - t0) / len(jobs)
     for (row, i, _), comp in zip(jobs, completions):

@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from mmpr_pipeline.engine import request_seed
 from mmpr_pipeline.records import SAMPLE_SCHEMA, decode_image
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class SampleStage:
         from mmpr_pipeline.engine import Engine
 
         self.engine = Engine(model, engine_options, seed)
+        self.seed = seed
         self.sampling = sampling
         self.templates = templates      # source -> prompt template id
         self.dropout = dropout          # source -> Dropout settings (dropout_ntp sources only)
@@ -59,8 +61,10 @@ class SampleStage:
                 by_n.setdefault(s.n, []).append(row)
         for n, group in by_n.items():
             t0 = time.perf_counter()
-            params = self.engine.params(n=n, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                        max_tokens=s.max_tokens, **self.sampling_extra)
+            params = [self.engine.params(n=n, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                         max_tokens=s.max_tokens, **self.sampling_extra,
+                                         seed=request_seed(self.seed, r["qid"]) if s.reproducible else None)
+                      for r in group]
             completions = self.engine.chat([self._conversation(r) for r in group], params)
             per_row = (time.perf_counter() - t0) / len(group)
             for row, comp in zip(group, completions):
@@ -70,5 +74,5 @@ class SampleStage:
         if dropout_rows:
             from stages.dropout_ntp import continue_without_image
 
-            continue_without_image(dropout_rows, self.engine, s, self.dropout, self.sampling_extra)
+            continue_without_image(dropout_rows, self.engine, s, self.dropout, self.sampling_extra, self.seed)
         return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)

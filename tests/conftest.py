@@ -28,3 +28,13 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_model() -> str:
+    """The bundled demo model, trained to answer the generated tasks a little (so the correctness
+    pipeline finds both right and wrong answers). `make test` builds it first; it is cached in
+    build/models/demo."""
+    from mmpr_pipeline import demo_model
+
+    return str(demo_model.ensure_trained())

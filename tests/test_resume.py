@@ -1,0 +1,135 @@
+"""Long runs survive: SIGKILL at several points, resume, and compare pair by pair.
+
+Each run is a real `mmpr build` process (local Ray + vLLM on CPU). The kill comes from inside the
+process at a named point (MMPR_KILL_AT, see shards.kill_point): the same effect as an OOM kill, but
+at a known moment. Per-question seeds (`sampling.reproducible`) make sampling independent of
+batching, so the resumed run must match an uninterrupted one exactly.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from mmpr_pipeline import shards
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+# (kill point, what the folder must show after the kill)
+KILL_POINTS = ["after_unit:2", "after_unit:1", "before_pair", "mid_write:1", "before_stats"]
+
+
+def _build(run: Path, model: str, sources_file: Path, kill_at: str | None = None, extra=()) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("MMPR_KILL_AT", None)
+    if kill_at:
+        env["MMPR_KILL_AT"] = kill_at
+    cmd = [sys.executable, "-m", "mmpr_pipeline.cli", "build", str(sources_file), "--out", str(run),
+           "--model", model, *extra]
+    # A new session, so leftovers of a killed run (Ray's helper processes) can be reaped as a group.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    out, _ = proc.communicate(timeout=600)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def _pairs(run: Path) -> dict[str, dict]:
+    rows = [r for p in sorted((run / "data").glob("train-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    return {r["id"]: r for r in rows}
+
+
+def _samples(run: Path) -> dict[str, list[str]]:
+    return {r["qid"]: r["responses"] for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory, trained_model):
+    """The demo recipe at small scale, plus a source with a prompt longer than the context."""
+    import yaml
+
+    d = tmp_path_factory.mktemp("recipe")
+    long_rows = [dict(image="img.png", question="How many shapes? " * 3, answer="3"),
+                 dict(image="img.png", question="word " * 1500 + "How many?", answer="3")]
+    from mmpr_pipeline import tasks
+    (d / "img.png").write_bytes(next(tasks.generate(1))["image"])
+    (d / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in long_rows))
+    data = yaml.safe_load((REPO / "data_cards" / "demo.yaml").read_text())
+    data.update(unit_size=3, batch_size=6, shard_rows=10)
+    data["sampling"].update(n=4, max_tokens=48)
+    data["engine"] = {"max_model_len": 1024}
+    data["sources"][0]["limit"] = 9
+    data["sources"][1]["limit"] = 3
+    data["sources"].append(dict(name="long", loader="jsonl", path=str(d / "long.jsonl"), answer_type="number"))
+    path = d / "small.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, recipe_file, trained_model):
+    run = tmp_path_factory.mktemp("a") / "run"
+    res = _build(run, trained_model, recipe_file)
+    assert res.returncode == 0, res.stdout[-3000:]
+    return run
+
+
+def test_engine_error_fails_only_that_request(uninterrupted):
+    stats = json.loads((uninterrupted / "stats.json").read_text())
+    long = stats["sources"]["long"]
+    assert long["questions"] == 2 and long["engine_errors"] == 1
+    rows = [r for p in shards.unit_files(uninterrupted) for r in pq.read_table(p).to_pylist()
+            if r["source"] == "long"]
+    failed = [r for r in rows if r["error"]]
+    assert len(failed) == 1 and "context length" in failed[0]["error"] and failed[0]["responses"] == []
+    ok = [r for r in rows if not r["error"]]
+    assert len(ok[0]["responses"]) == 4
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path, recipe_file, trained_model, uninterrupted):
+    run = tmp_path / "run"
+    total_units = None
+    for point in KILL_POINTS:
+        res = _build(run, trained_model, recipe_file, kill_at=point)
+        assert res.returncode == -signal.SIGKILL, (point, res.stdout[-3000:])
+        # whatever is visible is whole: every non-temporary file reads
+        for f in run.rglob("*.parquet"):
+            if not f.name.startswith("."):
+                pq.read_table(f)
+        if (run / "stats.json").exists():
+            json.loads((run / "stats.json").read_text())
+        done = len(shards.unit_files(run))
+        if point == "after_unit:2" and total_units is None:
+            assert done == 2
+        total_units = done
+    res = _build(run, trained_model, recipe_file)
+    assert res.returncode == 0, res.stdout[-3000:]
+    stats = json.loads((run / "stats.json").read_text())
+    assert stats["resume"]["units_done_before"] == stats["resume"]["units"]  # nothing re-sampled at the end
+    assert not list(run.rglob(".*.tmp"))
+    # the same samples as the uninterrupted run, question by question
+    assert _samples(run) == _samples(uninterrupted)
+    # and the same pairs, once each
+    a, b = _pairs(uninterrupted), _pairs(run)
+    assert sorted(a) == sorted(b) and len(a) == sum(stats["totals"]["pairs"].values())
+    for pid in a:
+        assert {k: v for k, v in a[pid].items()} == {k: v for k, v in b[pid].items()}
+    assert json.loads((uninterrupted / "stats.json").read_text())["totals"] == stats["totals"]
+
+
+def test_changed_recipe_is_refused_unless_overwrite(tmp_path, recipe_file, trained_model, uninterrupted):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run)
+    res = _build(run, trained_model, recipe_file, extra=["--set", "sampling.n=2"])
+    assert res.returncode != 0 and "different recipe" in res.stdout and "sampling" in res.stdout
+    assert len(shards.unit_files(run)) == len(shards.unit_files(uninterrupted))  # nothing touched
