@@ -173,20 +173,18 @@ def _pair_schema() -> pa.Schema:
     return PAIR_SCHEMA.with_metadata(schema_metadata())
 
 
-def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_address: str | None = None,
-          write_card: bool = True) -> dict[str, Any]:
-    """Build (or resume) a run folder for `recipe`; returns the stats also written to stats.json."""
-    from mmpr_pipeline.engine import resolve_model
+def new_stats(recipe: Recipe) -> dict[str, Any]:
+    return dict(recipe=recipe.name, model=recipe.model, fingerprint=recipe.fingerprint(), created=None,
+                sources={s.name: _source_stats(s) for s in recipe.sources}, totals={}, all_wrong_qids={},
+                stage_seconds={k: 0.0 for k in ("load", "sample", "continue", "score", "pair", "write",
+                                                "generate_wall", "total")},
+                shards=[])
 
-    t_start = time.perf_counter()
-    run = Path(out)
-    prepare_run_dir(run, recipe, overwrite)
-    stats: dict[str, Any] = dict(recipe=recipe.name, model=recipe.model, fingerprint=recipe.fingerprint(),
-                                 created=None, sources={s.name: _source_stats(s) for s in recipe.sources},
-                                 totals={}, all_wrong_qids={},
-                                 stage_seconds={k: 0.0 for k in ("load", "sample", "continue", "score", "pair",
-                                                                 "write", "generate_wall", "total")},
-                                 shards=[])
+
+def collect_samples(recipe: Recipe, run: Path, stats: dict[str, Any], ray_address: str | None = None) -> None:
+    """load -> sample -> score into `run`'s work units, skipping units already there."""
+    from mmpr_pipeline.engine import resolve_model
+    from stages.write import UnitCollector
 
     # load: every source is opened before any engine starts, so a broken one fails fast
     t0 = time.perf_counter()
@@ -210,34 +208,39 @@ def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_addre
         expected.update((q["source"], q["unit"]) for q in qs)
     stats["stage_seconds"]["load"] = round(time.perf_counter() - t0, 3)
 
-    # sample + score, skipping finished units
-    from stages.write import UnitCollector
-
     done = {k for k in expected if shards.unit_path(run, *k).exists()}
     pending = [q for q in questions if (q["source"], q["unit"]) not in done]
-    model = recipe.model
     if pending:
         log.info("%d questions in %d units to sample (%d units already done)", len(pending),
                  len(expected) - len(done), len(done))
-        model = resolve_model(recipe.model)
         collector = UnitCollector(run, {k: v for k, v in expected.items() if k not in done})
         t0 = time.perf_counter()
-        generate(recipe, model, pending, collector, ray_address)
+        generate(recipe, resolve_model(recipe.model), pending, collector, ray_address)
         stats["stage_seconds"]["generate_wall"] = round(time.perf_counter() - t0, 3)
         missing = collector.incomplete()
         if missing:
             raise RuntimeError(f"{len(missing)} work units did not complete (first: {missing[0]}); "
                                f"re-run the same command to resume")
     else:
-        log.info("all %d units already sampled; re-pairing", len(expected))
-    stale = [p for p in shards.unit_files(run) if (p.parent.name, int(p.stem.split("-")[1])) not in expected]
-    for p in stale:  # units of rows that a smaller `limit` no longer includes
-        p.unlink()
-
+        log.info("all %d units already sampled", len(expected))
+    for p in shards.unit_files(run):  # units of rows that a smaller `limit` no longer includes
+        if (p.parent.name, int(p.stem.split("-")[1])) not in expected:
+            p.unlink()
     stats["resume"] = dict(units=len(expected), units_done_before=len(done), questions_sampled=len(pending))
-    # pair + write
+
+
+def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_address: str | None = None,
+          write_card: bool = True) -> dict[str, Any]:
+    """Build (or resume) a run folder for `recipe`; returns the stats also written to stats.json."""
+    t_start = time.perf_counter()
+    run = Path(out)
+    prepare_run_dir(run, recipe, overwrite)
+    stats = new_stats(recipe)
+    collect_samples(recipe, run, stats, ray_address)
+
+    # pair + write (provenance names the model as the recipe does, not a resolved local path)
     shards.kill_point("before_pair")
-    stats["shards"] = [str(p.relative_to(run)) for p in pair_and_write(run, recipe, model, stats)]
+    stats["shards"] = [str(p.relative_to(run)) for p in pair_and_write(run, recipe, recipe.model, stats)]
     for st in stats["sources"].values():
         if st["pipeline"] == "correctness" and st["samples"]:
             st["correct_rate"] = round(st["correct"] / st["samples"], 4)
