@@ -1,0 +1,47 @@
+"""The answer judge: `judge(response, answer, answer_type, options=None) -> Verdict`.
+
+In the correctness pipeline the verdict *is* the label: a correct response becomes a chosen one,
+a wrong one a rejected one, and a response without a final answer a "format" pair.
+
+Answer types (mmpr_pipeline.recipe.ANSWER_TYPES) and how each is scored:
+- `multiple_choice`: the option letter, in any dress (B, (B), B., B) text, **B**, option B) or
+  the option's text; reference: the letter. Two letters (a hedge) are wrong.
+- `number`: numeric equality; 1/2 = 0.5 = \\frac{1}{2} = 50% (when the reference is a fraction of
+  one); thousands separators, signs, units, degrees, scientific notation; a decimal with two or
+  more places may be the reference rounded to those places (0.33 for 1/3), nothing looser.
+- `yes_no`: yes / no, any case and punctuation.
+- `text`: exact match after normalisation (case, punctuation, articles, white space).
+- `math`: symbolic equivalence with math-verify (github.com/huggingface/Math-Verify, on sympy):
+  expressions, intervals, sets, `x = 3` against `3`; bounded and isolated (safe_math.py).
+- `vqa`: VQA accuracy, min(1, #annotators agreeing / 3) averaged leave-one-out, with the
+  official answer normalisation (Antol et al. 2015, "VQA: Visual Question Answering";
+  github.com/GT-Vision-Lab/VQA). Correct when >= 3 annotators agree (score >= 0.9 of 10).
+- `chart`: ChartQA relaxed accuracy, numbers within 5% of the reference, other answers exact
+  (Masry et al. 2022, "ChartQA"; as in pix2struct's `relaxed_correctness`). Whole years must
+  be exact.
+- `document`: ANLS, 1 - normalised Levenshtein distance, 0 below the 0.5 threshold (Biten et al.
+  2019, "Scene Text Visual Question Answering"; DocVQA, Mathew et al. 2021).
+`correct` is `score > 0.9` except for `vqa` (as stated above).
+
+Verdict.reason is one of these stable strings (REASONS):
+- "correct", "wrong answer", "partial match" (graded modes: 0 < score, not correct);
+- "no final answer", "answer too long": nothing usable was found, `extracted` is None; the
+  pipeline makes these "format" pairs;
+- "ambiguous answer": the response names two different final answers (a hedge between options
+  or values, or a box that disagrees with the Final answer line);
+- "unparsable answer": an answer was found but is not one of the type (no letter, no number);
+- "unsafe math rejected", "math check timed out", "math check failed": the symbolic check
+  refused the text, ran past its bound, or failed; all count as wrong.
+Verdict.format_ok reports the paper's format (rationale, then one final-answer line) separately.
+"""
+from mmpr_pipeline.scoring.extract import NO_ANSWER, TOO_LONG, Extraction, extract
+from mmpr_pipeline.scoring.judge import DEFAULT_TIMEOUT, Verdict, judge
+from mmpr_pipeline.scoring.modes import (AMBIGUOUS, CORRECT, MATH_ERROR, PARTIAL, TIMEOUT, UNPARSABLE,
+                                         UNSAFE, WRONG)
+from mmpr_pipeline.scoring.safe_math import screen, symbolic_check, warm_up
+
+REASONS = (CORRECT, WRONG, PARTIAL, NO_ANSWER, TOO_LONG, AMBIGUOUS, UNPARSABLE, UNSAFE, TIMEOUT, MATH_ERROR)
+FORMAT_REASONS = (NO_ANSWER, TOO_LONG)   # extracted is None
+
+__all__ = ["judge", "Verdict", "extract", "Extraction", "warm_up", "screen", "symbolic_check",
+           "REASONS", "FORMAT_REASONS", "DEFAULT_TIMEOUT"]

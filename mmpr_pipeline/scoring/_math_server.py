@@ -1,0 +1,145 @@
+"""The symbolic check's server process: `python _math_server.py` (stdlib + math-verify only).
+
+Why a process: math-verify's own timeouts use `signal.alarm`, which only works in a main thread,
+and a pure C computation (a huge integer power) cannot be interrupted at all. So every check runs
+in a child forked from this server and is killed with SIGKILL when its budget runs out. The
+server itself only reads, forks and waits, so no input can stall it; it imports sympy once, and
+forking keeps that import warm for every check.
+
+Protocol, one JSON object per line:
+    stdin : {"id": int, "pred": str, "gold": [str, ...], "budget": seconds}
+    stdout: {"ready": true}                       once, after start-up
+            {"id": int, "status": "equal" | "different" | "unparsable" | "timeout" | "error",
+             "detail": str}
+The server exits when stdin closes (its parent died or closed it), killing running children.
+"""
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import time
+
+MAX_CHILDREN = 8           # concurrent checks; more requests wait (their budget keeps running)
+CHILD_MEMORY = 2 << 30     # address space a check may add on top of the server's, bytes
+
+
+def check(pred: str, golds: list[str]) -> str:
+    """math-verify on LaTeX only: latex2sympy parses with a grammar; no eval or parse_expr."""
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    config = [LatexExtractionConfig()]
+
+    def parsed(s: str):
+        return parse(f"${s}$", extraction_config=config, fallback_mode="no_fallback",
+                     parsing_timeout=None)
+
+    pred_parsed = parsed(pred)
+    if not pred_parsed:
+        return "unparsable"
+    for gold in golds:
+        gold_parsed = parsed(gold)
+        if gold_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None):
+            return "equal"
+    return "different"
+
+
+def _child(request: dict, write_fd: int) -> None:
+    """Runs in the forked child: bounded by an itimer (default action kills) and an address limit."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)      # kills even inside a C computation
+    signal.setitimer(signal.ITIMER_REAL, float(request["budget"]) + 0.5)
+    try:
+        import resource
+        pages = int(open("/proc/self/statm").read().split()[0])
+        limit = pages * os.sysconf("SC_PAGE_SIZE") + CHILD_MEMORY
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (OSError, ValueError, ImportError):
+        pass
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)                                 # nothing may write into the reply channel
+    try:
+        status, detail = check(request["pred"], request["gold"]), ""
+    except MemoryError:
+        status, detail = "error", "memory limit"
+    except RecursionError:
+        status, detail = "error", "too deeply nested"
+    except Exception as e:  # noqa: BLE001 - any failure of a check is a verdict, not a crash
+        status, detail = "error", f"{type(e).__name__}: {e}"[:200]
+    os.write(write_fd, json.dumps({"status": status, "detail": detail}).encode())
+    os._exit(0)
+
+
+def _reply(message: dict) -> None:
+    try:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+    except OSError:         # the parent is gone; running children end by their own timers
+        os._exit(0)
+
+
+def main() -> None:
+    logging.getLogger("math_verify").setLevel(logging.ERROR)   # "timeout is disabled" warnings
+    check("\\frac{1}{2}", ["0.5"])                             # warm sympy caches before forking
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _reply({"ready": True})
+
+    stdin_fd = sys.stdin.fileno()
+    inbox, queue = b"", []
+    running = {}        # read fd -> [pid, id, deadline, received bytes]
+    stdin_open = True
+    while stdin_open or running:
+        now = time.monotonic()
+        while queue and len(running) < MAX_CHILDREN:
+            request, deadline = queue.pop(0)
+            if deadline <= now:
+                _reply({"id": request["id"], "status": "timeout", "detail": "waited too long"})
+                continue
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(read_fd)
+                _child({**request, "budget": deadline - now}, write_fd)
+            os.close(write_fd)
+            running[read_fd] = [pid, request["id"], deadline, b""]
+        wait = min([job[2] for job in running.values()] + [now + 60.0]) - now
+        fds = ([stdin_fd] if stdin_open else []) + list(running)
+        readable, _, _ = select.select(fds, [], [], max(wait, 0.0))
+        for fd in readable:
+            if fd == stdin_fd:
+                chunk = os.read(stdin_fd, 65536)
+                if not chunk:
+                    stdin_open = False
+                    for job in running.values():
+                        os.kill(job[0], signal.SIGKILL)
+                    continue
+                inbox += chunk
+                while b"\n" in inbox:
+                    line, inbox = inbox.split(b"\n", 1)
+                    request = json.loads(line)
+                    queue.append((request, time.monotonic() + float(request["budget"])))
+            else:
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    running[fd][3] += chunk
+                    continue
+                pid, request_id, _, received = running.pop(fd)
+                os.close(fd)
+                os.waitpid(pid, 0)
+                try:
+                    result = json.loads(received)
+                except ValueError:
+                    result = {"status": "error", "detail": "check process died"}
+                _reply({"id": request_id, **result})
+        now = time.monotonic()
+        for fd in [fd for fd, job in running.items() if job[2] <= now]:
+            pid, request_id, _, _ = running.pop(fd)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(fd)
+            _reply({"id": request_id, "status": "timeout", "detail": ""})
+
+
+if __name__ == "__main__":
+    main()

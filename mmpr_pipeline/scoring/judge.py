@@ -1,0 +1,70 @@
+"""`judge(response, answer, answer_type, options=None)`: one verdict per sampled response."""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import asdict, dataclass
+
+from mmpr_pipeline.recipe import ANSWER_TYPES
+from mmpr_pipeline.scoring.extract import clean, extract
+from mmpr_pipeline.scoring.modes import AMBIGUOUS, SCORERS
+
+DEFAULT_TIMEOUT = 2.0   # seconds; bounds the symbolic check, the only step that can take long
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    extracted: str | None   # the final answer found (an option letter, "Yes"/"No", else the text); None: none
+    correct: bool           # False whenever extracted is None
+    score: float            # in [0, 1]; graded for vqa / chart / document, else 0 or 1
+    reason: str             # one of mmpr_pipeline.scoring.REASONS
+    format_ok: bool         # rationale, then a single final-answer line (the paper's format)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=8192)
+def _clean_reference(answer: str) -> str:
+    """References get the same undressing as responses ("$\\frac{1}{2}$", "Inc.", "**B**")."""
+    return clean(answer) or answer.strip()
+
+
+def _as_list(answer) -> list[str]:
+    if answer is None:
+        answers = []
+    elif isinstance(answer, (str, int, float)):
+        answers = [str(answer)]
+    else:
+        answers = [str(a) for a in answer if a is not None]    # list, tuple, numpy array
+    answers = [_clean_reference(a) for a in answers if a.strip()]
+    if not answers:
+        raise ValueError(f"judge: the reference answer is empty ({answer!r})")
+    return answers
+
+
+def judge(response: str, answer, answer_type: str, options=None, *,
+          timeout: float = DEFAULT_TIMEOUT) -> Verdict:
+    """Judge one model `response` against the reference `answer` (a string or a list of
+    acceptable answers; VQA's list of annotator answers) for `answer_type` (see
+    mmpr_pipeline.recipe.ANSWER_TYPES). `options` are the multiple-choice option texts in letter
+    order (A, B, ...). Returns within `timeout` seconds (plus microseconds) in any thread, once
+    the math server is up (see safe_math.warm_up).
+    """
+    if answer_type not in SCORERS:
+        raise ValueError(f"judge: unknown answer_type {answer_type!r} (expected one of: {', '.join(ANSWER_TYPES)})")
+    if not isinstance(response, str):
+        raise TypeError(f"judge: response must be a string, got {type(response).__name__}")
+    golds = _as_list(answer)
+    options = [str(o) for o in options] if options is not None else []
+    deadline = time.monotonic() + timeout
+
+    found = extract(response)
+    if found.answer is None:
+        return Verdict(None, False, 0.0, found.reason, False)
+    scorer = SCORERS[answer_type]
+    outcome = scorer(found.answer, golds, options, deadline)
+    for other in found.others:              # a box that disagrees with the "Final answer:" line
+        if scorer(other, golds, options, deadline).correct != outcome.correct:
+            return Verdict(found.answer, False, 0.0, AMBIGUOUS, found.format_ok)
+    return Verdict(outcome.extracted, outcome.correct, outcome.score, outcome.reason, found.format_ok)

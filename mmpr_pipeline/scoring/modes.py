@@ -1,0 +1,481 @@
+"""How an extracted answer is compared with the reference, per answer type.
+
+Each `score_<type>(pred, golds, options, deadline)` takes the cleaned final answer, the list of
+acceptable reference answers and the option texts, and returns an `Outcome`. All of it is pure
+Python on short strings (answers are capped at 1000 characters), with regexes that cannot
+backtrack catastrophically; only `math`, and `number` answers that need symbolic work, reach
+`safe_math.symbolic_check`.
+"""
+from __future__ import annotations
+
+import re
+import string
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+
+from mmpr_pipeline.scoring import safe_math
+
+LETTERS = string.ascii_uppercase
+NUMBER_SCAN_CHARS = 300      # numbers are looked for in an answer's first 300 characters
+ANLS_MAX_CHARS = 300         # Levenshtein is quadratic: compare at most this much
+MAX_EXPONENT = 400           # 1e400 is a number; 1e99999 is an attack
+
+# Stable reason strings (documented in mmpr_pipeline/scoring/__init__.py).
+CORRECT = "correct"
+WRONG = "wrong answer"
+PARTIAL = "partial match"
+AMBIGUOUS = "ambiguous answer"
+UNPARSABLE = "unparsable answer"
+UNSAFE = "unsafe math rejected"
+TIMEOUT = "math check timed out"
+MATH_ERROR = "math check failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    extracted: str
+    score: float
+    correct: bool
+    reason: str
+
+
+def _result(extracted: str, score: float, correct: bool | None = None, reason: str | None = None) -> Outcome:
+    correct = score > 0.9 if correct is None else correct
+    return Outcome(extracted, float(score), correct, reason or (CORRECT if correct else WRONG))
+
+
+# ---------------------------------------------------------------- numbers
+
+@dataclass(frozen=True, slots=True)
+class Number:
+    value: Fraction
+    percent: bool = False
+    decimals: int | None = None    # digits after the point as written ("0.50" -> 2); None: exact form
+
+
+_NUMBER = re.compile(r"""
+    (?:(?<![\w)\]}])(?P<sign>[-+]))?
+    (?<![\w.^_/])                                       # not inside a word, decimal, power or date
+    (?P<mant>[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?|\.[0-9]+)
+    (?:
+        [eE](?P<exp>[-+]?[0-9]{1,4})(?![0-9])
+      | [ \t]*(?:\\times|\\cdot|×|\*|·|x)[ \t]*10[ \t]*(?:\^|\*\*)[ \t]*\{?[ \t]*(?P<exp10>[-+]?[0-9]{1,4})[ \t]*\}?
+      | [ \t]*(?:\^|\*\*)[ \t]*\{?[ \t]*(?P<pow>[-+]?[0-9]{1,3})[ \t]*\}?(?![0-9.])
+      | [ \t]*/[ \t]*(?P<den>[0-9]+(?:\.[0-9]+)?)(?![0-9.,/])
+    )?
+    (?P<pct>[ \t]*(?:\\?%|percent\b|per[ \t]?cent\b))?
+    """, re.VERBOSE | re.IGNORECASE)
+_LATEX_FRAC = re.compile(r"\\[dt]?frac[ \t]*\{[ \t]*([-+]?[0-9.,]+)[ \t]*\}[ \t]*\{[ \t]*([-+]?[0-9.,]+)[ \t]*\}")
+_MIXED = re.compile(r"(?<![0-9.])([0-9]{1,9})[ \t]*\\[dt]?frac[ \t]*\{[ \t]*([0-9]{1,9})[ \t]*\}[ \t]*\{[ \t]*([0-9]{1,9})[ \t]*\}")
+_LATEX_FRAC_SHORT = re.compile(r"\\[dt]?frac[ \t]*([0-9])[ \t]*([0-9])")
+_DEGREES = re.compile(r"\^?[ \t]*\{?[ \t]*\\circ[ \t]*\}?|°|\\degree")
+_WORD_UNITS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
+                                           "thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split())}
+_WORD_TENS = {w: 10 * (i + 2) for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())}
+_WORD_NUMBER = re.compile(r"(?i)\b(?:(%s)(?:[- ](%s))?|(%s))\b" % (
+    "|".join(_WORD_TENS), "|".join(list(_WORD_UNITS)[1:10]), "|".join(_WORD_UNITS)))
+_HEDGE = re.compile(r"(?i)\bor\b|\beither\b|\bbetween\b|\bto\b|~|–|—|±|\\pm|[0-9][ \t]*-[ \t]*[0-9]")
+_SYMBOLIC = re.compile(r"\\(?:sqrt|pi|frac|dfrac|tfrac|log|ln|sin|cos|tan|infty|e\b)|√|π|\bsqrt\b|\bpi\b")
+
+
+def _needs_symbolic(text: str) -> bool:
+    """Does the answer hold math that plain number parsing cannot read (\\sqrt{2}, \\frac{\\pi}{2})?"""
+    return bool(_SYMBOLIC.search(_prepare_numbers(text)))
+
+
+def _prepare_numbers(text: str) -> str:
+    text = text[:NUMBER_SCAN_CHARS].replace("−", "-").replace("{,}", ",").replace("\\%", "%")
+    text = _MIXED.sub(lambda m: f"{int(m[1]) * int(m[3]) + int(m[2])}/{m[3]}", text)   # 2\frac{1}{2}
+    text = _LATEX_FRAC.sub(r"\1/\2", text)
+    text = _LATEX_FRAC_SHORT.sub(r"\1/\2", text)
+    return _DEGREES.sub(" ", text).replace("\\!", "").replace("\\,", "")
+
+
+def _number(m: re.Match) -> Number | None:
+    mant = m.group("mant").replace(",", "")
+    value = Fraction(mant)
+    decimals = len(mant.split(".")[1]) if "." in mant else 0
+    exp = m.group("exp") or m.group("exp10")
+    if exp is not None:
+        if abs(int(exp)) > MAX_EXPONENT:
+            return None
+        value *= Fraction(10) ** int(exp)
+        decimals = None
+    elif m.group("pow") is not None:
+        if abs(int(m.group("pow"))) > MAX_EXPONENT or value == 0 and int(m.group("pow")) < 0:
+            return None
+        value **= int(m.group("pow"))
+        decimals = None
+    elif m.group("den") is not None:
+        den = Fraction(m.group("den"))
+        if den == 0:
+            return None
+        value /= den
+        decimals = None
+    if m.group("sign") == "-":
+        value = -value
+    return Number(value, bool(m.group("pct")), decimals)
+
+
+def find_numbers(text: str) -> list[Number]:
+    """Every number in `text`: signs, thousands separators, decimals, %, 1e5, 3 x 10^5, 1/2,
+    \\frac{1}{2}, degrees; number words ("three") when there are no digits."""
+    text = _prepare_numbers(text)
+    numbers = [n for n in (_number(m) for m in _NUMBER.finditer(text)) if n is not None]
+    if not numbers and not re.search(r"[0-9]", text):
+        for m in _WORD_NUMBER.finditer(text):
+            if m.group(3):
+                numbers.append(Number(Fraction(_WORD_UNITS[m.group(3).lower()]), False, 0))
+            else:
+                unit = _WORD_UNITS[m.group(2).lower()] if m.group(2) else 0
+                numbers.append(Number(Fraction(_WORD_TENS[m.group(1).lower()] + unit), False, 0))
+    return numbers
+
+
+def strict_number(text: str) -> Number | None:
+    """`text` as one number and nothing else (besides %, degrees, $), else None."""
+    prepared = _prepare_numbers(text).strip().lstrip("$").strip()
+    m = _NUMBER.fullmatch(prepared)
+    return _number(m) if m else None
+
+
+def pick_number(text: str) -> tuple[Number | None, str]:
+    """The one number an answer states: ("ok" | "none" | "ambiguous").
+
+    After an "=", the numbers after the last "=" count ("2 + 3 = 5"). Two different values joined
+    by a hedge ("3 or 4", "between 3 and 4", "3-4") are ambiguous; otherwise the first one counts
+    ("2 (two red circles)")."""
+    numbers = find_numbers(text)
+    if "=" in text:
+        numbers = find_numbers(text[text.rfind("=") + 1:]) or numbers
+    if not numbers:
+        return None, "none"
+    if len({n.value for n in numbers}) > 1 and _HEDGE.search(_prepare_numbers(text)):
+        return None, "ambiguous"
+    return numbers[0], "ok"
+
+
+def _alternatives(n: Number) -> list[tuple[Fraction, int | None]]:
+    """A number and, for a percentage, its fraction of one (50% is 50 and 0.5)."""
+    out = [(n.value, n.decimals)]
+    if n.percent:
+        out.append((n.value / 100, None if n.decimals is None else n.decimals + 2))
+    return out
+
+
+def numbers_equal(pred: Number, gold: Number, rounding: bool = True) -> bool:
+    """Exactly equal, or (with `rounding`) `pred` is `gold` rounded to the 2+ decimals `pred`
+    shows (0.33 for 1/3; not 0.3, not 0.34)."""
+    for p, decimals in _alternatives(pred):
+        for g, _ in _alternatives(gold):
+            if p == g:
+                return True
+            if (rounding and decimals is not None and decimals >= 2
+                    and abs(p - g) <= Fraction(1, 2 * 10 ** decimals)):
+                return True
+    return False
+
+
+def relaxed_equal(pred: Number, gold: Number, tolerance: float = 0.05) -> bool:
+    """ChartQA relaxed accuracy: within 5% of the reference. Years (whole 1900-2100) must be exact:
+    a 5% band would accept 1920 for 2019 (a deliberate deviation from the original metric)."""
+    if gold.decimals == 0 and not gold.percent and 1900 <= gold.value <= 2100:
+        return pred.value == gold.value and not pred.percent
+    for p, _ in _alternatives(pred):
+        for g, _ in _alternatives(gold):
+            if p == g or (g != 0 and abs(p - g) <= abs(g) * Fraction(tolerance)):
+                return True
+    return False
+
+
+# ---------------------------------------------------------------- text normalisation
+
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_PUNCT = re.compile(r"[!\"#$&'()*+,/:;<=>?@\[\\\]^_`{|}~]")
+_STRAY_PERIOD = re.compile(r"(?<![0-9])\.|\.(?![0-9])")
+
+
+def normalize_text(s: str) -> str:
+    """Lower case, no punctuation (decimal points kept), no articles, number words up to
+    nineteen as digits, single spaces."""
+    s = _PUNCT.sub(" ", s.lower())
+    s = _STRAY_PERIOD.sub(" ", s)
+    return " ".join(str(_WORD_UNITS.get(w, w)) for w in _ARTICLES.sub(" ", s).split())
+
+
+def score_text(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
+    p = normalize_text(pred)
+    if any(p == normalize_text(g) for g in golds):
+        return _result(pred, 1.0)
+    pn = strict_number(pred)
+    if pn is not None and any((gn := strict_number(g)) is not None and numbers_equal(pn, gn) for g in golds):
+        return _result(pred, 1.0)
+    return _result(pred, 0.0)
+
+
+# ---------------------------------------------------------------- yes / no
+
+_YES_NO = re.compile(r"(?i)\b(yes|no)\b")
+_YES_NO_HEDGE = re.compile(r"(?i)\b(?:yes|no)\b[ \t]*(?:/|\bor\b|\band\b)[ \t]*\b(?:yes|no)\b")
+
+
+def score_yes_no(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
+    words = [w.lower() for w in _YES_NO.findall(pred)]
+    if not words:
+        return _result(pred, 0.0, reason=UNPARSABLE)
+    if _YES_NO_HEDGE.search(pred):
+        return _result(pred, 0.0, reason=AMBIGUOUS)
+    first = words[0]
+    if not re.match(r"(?i)^\W*(?:yes|no)\b", pred) and len(set(words)) > 1:
+        return _result(pred, 0.0, reason=AMBIGUOUS)   # "it could be yes, but no" without a lead
+    said = first.capitalize()
+    ok = any(normalize_text(g) in (first, "y" if first == "yes" else "n") for g in golds)
+    return _result(said, 1.0 if ok else 0.0)
+
+
+# ---------------------------------------------------------------- multiple choice
+
+_ALONE = re.compile(r"^[(\[]?([A-Za-z])[)\]]?[.:]?$")
+_LEAD_KEYWORD = re.compile(r"(?i)^(?:option|choice)[ \t]*[(\[]?([a-z])(?![\w'’])[)\]]?[ \t.:)\-]*(.*)$")
+_LEAD_BRACKET = re.compile(r"^[(\[]([A-Za-z])[)\]][ \t.:\-]*(.*)$")
+_LEAD_DELIMITED = re.compile(r"^([A-Z])(?:[.:)]|[ \t]*[-–—])(?![0-9])[ \t]*(.*)$")
+_LEAD_SPACED = re.compile(r"^([A-Z])[ \t]+(.+)$")
+_LEAD_REASON = re.compile(r"^([A-Z])[ \t]+((?:because|since|as|given)\b.*)$")    # "B because ..."
+_DRESSED = re.compile(r"[(\[]([A-Z])[)\]]"                                  # (B) [B]
+                      r"|(?i:\b(?:option|choice)[ \t]*[(\[]?)([A-Za-z])(?![\w'’])"  # option B
+                      r"|(?<![\w'’])([A-Z])(?=[.)]?[ \t]*(?:$|[,;/]|\bor\b|\band\b))"  # "A or", "B."
+                      r"|(?:\bor\b|\band\b|[,;/])[ \t]*([A-Z])(?![\w'’])")          # ", B" "or B"
+
+
+_OR_LETTER = re.compile(r"(?i:\bor\b|/)[ \t]*(?i:maybe|possibly|perhaps|option)?[ \t]*[(\[]?([A-Z])(?![\w'’])")
+
+
+def _plain(s: str) -> str:
+    return " ".join(s.lower().split()).strip(" .,;:!?\"'")
+
+
+def option_letter(text: str, options: list[str], n_letters: int) -> tuple[str | None, str]:
+    """The option a free-text answer picks: (letter, "ok") or (None, "none" | "ambiguous").
+
+    Letters in their usual dresses (B, (B), B., B) text, **B**, option B), else the option's text.
+    Two different letters, or a letter whose attached text is another option's, is ambiguous."""
+    valid = LETTERS[:n_letters]
+    norm = normalize_text(text)
+    normalized_options = [normalize_text(o) for o in options]
+    plain = _plain(text)                   # keeps articles: "A. yield" is not the option "yield"
+    exact = [valid[i] for i, o in enumerate(options[:n_letters]) if plain and _plain(o) == plain]
+    if len(exact) == 1:
+        return exact[0], "ok"
+
+    lead, rest = None, ""
+    m = _ALONE.match(text)
+    if m:
+        lead = m.group(1).upper()
+    else:
+        for pattern in (_LEAD_KEYWORD, _LEAD_BRACKET, _LEAD_DELIMITED, _LEAD_REASON):
+            m = pattern.match(text)
+            if m:
+                lead, rest = m.group(1).upper(), m.group(2)
+                break
+        else:
+            m = _LEAD_SPACED.match(text)
+            if m and normalize_text(m.group(2)) in normalized_options:
+                lead, rest = m.group(1), m.group(2)
+    if lead:        # "C. A and B are wrong" explains; only "or <letter>" after a lead is a hedge
+        found = [lead] + [m.group(1).upper() for m in _OR_LETTER.finditer(rest)]
+    else:
+        found = [next(g for g in m.groups() if g).upper() for m in _DRESSED.finditer(text)]
+    letters = {x for x in found if x in valid}
+    if len(letters) > 1:
+        return None, "ambiguous"
+    if letters:
+        letter = letters.pop()
+        named = [valid[i] for i, o in enumerate(normalized_options[:n_letters]) if o and o == normalize_text(rest)]
+        if rest and named and letter not in named:
+            return None, "ambiguous"                   # "C. 4" when 4 is option B's text
+        return letter, "ok"
+
+    contained = [i for i, o in enumerate(normalized_options[:n_letters])
+                 if o and re.search(rf"(?<![\w]){re.escape(o)}(?![\w])", norm)]
+    # "dark red" also contains "red": keep only options not inside another matched option
+    contained = [i for i in contained if not any(j != i and normalized_options[i] in normalized_options[j]
+                                                 for j in contained)]
+    if len(contained) == 1:
+        return valid[contained[0]], "ok"
+    return None, "ambiguous" if contained else "none"
+
+
+def score_multiple_choice(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
+    gold_letters = set()
+    for g in golds:
+        m = _ALONE.match(g.strip())
+        if m:
+            gold_letters.add(m.group(1).upper())
+        elif options:
+            gold_letters.update(LETTERS[i] for i, o in enumerate(options) if normalize_text(o) == normalize_text(g))
+    n_letters = len(options) if options else max(4, *(LETTERS.index(x) + 1 for x in gold_letters or {"A"}))
+    letter, status = option_letter(pred, options, min(n_letters, 26))
+    if status == "ambiguous":
+        return _result(pred, 0.0, reason=AMBIGUOUS)
+    if letter is None:
+        if not gold_letters:                           # a reference given as text, no options
+            return score_text(pred, golds, options, deadline)
+        return _result(pred, 0.0, reason=UNPARSABLE)
+    return _result(letter, 1.0 if letter in gold_letters else 0.0)
+
+
+# ---------------------------------------------------------------- number and math
+
+def _symbolic(pred: str, golds: list[str], deadline: float) -> Outcome:
+    status, detail = safe_math.symbolic_check(pred, golds, timeout=max(deadline - time.monotonic(), 0.05))
+    if status == "equal":
+        return _result(pred, 1.0)
+    reason = {"different": WRONG, "unparsable": UNPARSABLE, "unsafe": UNSAFE, "timeout": TIMEOUT}.get(status, MATH_ERROR)
+    return _result(pred, 0.0, reason=reason)
+
+
+def score_number(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
+    number, status = pick_number(pred)
+    if status == "ambiguous":
+        return _result(pred, 0.0, reason=AMBIGUOUS)
+    gold_numbers = [strict_number(g) or pick_number(g)[0] for g in golds]
+    symbolic = _needs_symbolic(pred)
+    if number is not None and not symbolic:
+        if any(g is not None and numbers_equal(number, g) for g in gold_numbers):
+            return _result(pred, 1.0)
+        if all(g is not None for g in gold_numbers):
+            return _result(pred, 0.0)
+    if number is None and not symbolic:
+        return _result(pred, 0.0, reason=UNPARSABLE)
+    return _symbolic(pred, golds, deadline)            # \sqrt{2}, \frac{\pi}{2}, 2^{10}, ...
+
+
+_MATH_NOISE = re.compile(r"\\left|\\right|\\[!,;: ]|\s+|\\displaystyle")
+
+
+def _math_key(s: str) -> str:
+    s = _MATH_NOISE.sub("", s).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    return _DEGREES.sub("", s).rstrip(".")
+
+
+def score_math(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
+    """Cheap checks first (same text, same plain number: exact, no rounding); then math-verify."""
+    key = _math_key(pred)
+    if any(key == _math_key(g) for g in golds):
+        return _result(pred, 1.0)
+    pn = strict_number(pred)
+    gold_numbers = [strict_number(g) for g in golds]
+    if pn is not None and all(g is not None for g in gold_numbers):
+        return _result(pred, 1.0 if any(numbers_equal(pn, g, rounding=False) for g in gold_numbers) else 0.0)
+    return _symbolic(pred, golds, deadline)
+
+
+# ---------------------------------------------------------------- VQA, ChartQA, ANLS
+
+_VQA_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
+    "Im": "I'm", "im": "i'm", "ive": "i've", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "let's": "let's",
+    "mightnt": "mightn't", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "shant": "shan't", "shed": "she'd", "shes": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "somebodys": "somebody's", "someones": "someone's", "thats": "that's",
+    "thered": "there'd", "theres": "there's", "theyd": "they'd", "theyll": "they'll", "theyre": "they're",
+    "theyve": "they've", "wasnt": "wasn't", "wed": "we'd", "weve": "we've", "werent": "weren't",
+    "whats": "what's", "whered": "where'd", "wheres": "where's", "whos": "who's", "whove": "who've",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "yall": "y'all", "youd": "you'd",
+    "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+_VQA_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_VQA_NUMBERS["none"] = "0"
+_VQA_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_VQA_PERIOD = re.compile(r"(?<!\d)(\.)(?!\d)")
+_VQA_COMMA = re.compile(r"(\d)(,)(\d)")
+
+
+def normalize_vqa(s: str) -> str:
+    """The official VQA evaluation's answer normalisation (punctuation, number words, articles,
+    contractions), from github.com/GT-Vision-Lab/VQA (vqaEval.py)."""
+    s = s.replace("\n", " ").replace("\t", " ").strip()
+    out = s
+    for p in _VQA_PUNCT:
+        if (p + " " in s or " " + p in s) or _VQA_COMMA.search(s):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _VQA_PERIOD.sub("", out)
+    words = [_VQA_NUMBERS.get(w, w) for w in out.lower().split()]
+    words = [_VQA_CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the")]
+    return " ".join(words)
+
+
+def score_vqa(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
+    """VQA accuracy: min(1, #annotators who gave the answer / 3), averaged over the leave-one-out
+    subsets when there are 4+ references (10 in VQAv2). Correct when at least three references
+    (all of them, if fewer than three) give the answer; with 10 references that is score >= 0.9."""
+    p = normalize_vqa(pred)
+    refs = [normalize_vqa(g) for g in golds]
+    matches = sum(r == p for r in refs)
+    if len(refs) >= 4:
+        score = sum(min(1.0, (matches - (r == p)) / 3) for r in refs) / len(refs)
+    else:
+        score = matches / len(refs)
+    correct = matches >= min(3, len(refs))
+    return _result(pred, score, correct, CORRECT if correct else PARTIAL if score > 0 else WRONG)
+
+
+def score_chart(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
+    """ChartQA relaxed accuracy (Masry et al. 2022): numbers within 5% of the reference, other
+    answers by exact (normalised) match; best over the references."""
+    number, status = pick_number(pred)
+    for g in golds:
+        gold_number = strict_number(g)
+        if gold_number is not None:
+            if status == "ambiguous":
+                return _result(pred, 0.0, reason=AMBIGUOUS)
+            if number is not None and relaxed_equal(number, gold_number):
+                return _result(pred, 1.0)
+        elif normalize_text(pred) == normalize_text(g):
+            return _result(pred, 1.0)
+    return _result(pred, 0.0)
+
+
+def levenshtein(a: str, b: str) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def anls(pred: str, gold: str, threshold: float = 0.5) -> float:
+    """Average Normalized Levenshtein Similarity for one pair (Biten et al. 2019): 1 - NL, or 0
+    when NL >= threshold; lower-cased, whitespace collapsed, both capped at 300 characters."""
+    p = " ".join(pred.lower().split())[:ANLS_MAX_CHARS]
+    g = " ".join(gold.lower().split())[:ANLS_MAX_CHARS]
+    if not p and not g:
+        return 1.0
+    nl = levenshtein(p, g) / max(len(p), len(g))
+    return 1.0 - nl if nl < threshold else 0.0
+
+
+def score_document(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
+    score = max(anls(pred, g) for g in golds)
+    return _result(pred, score, reason=None if score > 0.9 or score == 0 else PARTIAL)
+
+
+SCORERS = {
+    "multiple_choice": score_multiple_choice,
+    "number": score_number,
+    "yes_no": score_yes_no,
+    "text": score_text,
+    "math": score_math,
+    "vqa": score_vqa,
+    "chart": score_chart,
+    "document": score_document,
+}
