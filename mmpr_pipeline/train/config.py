@@ -1,0 +1,202 @@
+"""`MPOConfig`: every knob of the trainer, with the paper's values as defaults, loadable from YAML.
+
+A config is a flat mapping, like TRL's `DPOConfig`: `mmpr train data_cards/train_mpo.yaml
+--set learning_rate=1e-5` overrides one key. Unknown keys and bad values are refused with a message
+that names the file, the key and the reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmpr_pipeline.train.loss import PREFERENCE_LOSSES
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be used; the message names file, key and reason."""
+
+    def __init__(self, file: str | Path, key: str, reason: str):
+        self.file, self.key, self.reason = str(file), key, reason
+        super().__init__(f"{file}: {key}: {reason}")
+
+
+@dataclass
+class MPOConfig:
+    # What to train, on what, and where to write it.
+    model: str = "build/models/demo"            # Hub id or local folder (AutoModelForImageTextToText)
+    data: str = "runs/demo/data"                # a run folder, its data/ folder, Parquet files (glob), or a Hub dataset id
+    eval_data: str | None = None                # held-out pairs; None: hold out `eval_fraction` of `data`, by question
+    output_dir: str = "runs/demo/mpo"
+    pair_types: list[str] | None = None         # keep only these pair types (None: all)
+    limit: int | None = None                    # use the first N training pairs (quick runs)
+
+    # The loss (MPO paper, Sec. 4.1): w_p * preference + w_q * BCO + w_g * SFT.
+    beta: float = 0.1
+    weights: list[float] = field(default_factory=lambda: [0.8, 0.2, 1.0])
+    preference_loss: str = "sigmoid"            # sigmoid (DPO) | ipo | hinge
+    bco_shift: str = "running_mean"             # running_mean (the paper's delta) | none (delta = 0)
+
+    # The model and its reference.
+    dtype: str = "float32"                      # weights: float32 (with bf16 autocast) | bfloat16 | float16
+    bf16: str | bool = "auto"                   # autocast to bf16: auto (on a GPU that supports it) | true | false
+    attn_implementation: str | None = "sdpa"
+    reference: str = "live"                     # live: frozen copy (or adapters off under LoRA) | precomputed
+    freeze_vision: bool = True                  # train the language model (and projector), not the vision encoder
+    gradient_checkpointing: bool = False
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | str = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    max_pixels: int | None = None               # cap the processor's image size (None: the processor's own)
+
+    # Data.
+    max_length: int = 4096                      # prompt + response tokens; longer pairs are dropped, never cut
+    batch_size: int = 4                         # pairs per device per micro-batch
+    eval_batch_size: int = 8
+    eval_fraction: float = 0.02
+    num_workers: int = 0
+
+    # Optimisation.
+    learning_rate: float = 5e-6
+    weight_decay: float = 0.05
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.0                   # the cosine decays to learning_rate * min_lr_ratio
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    max_steps: int = -1                         # > 0 overrides epochs
+    seed: int = 42
+
+    # Logging, evaluation, checkpoints.
+    log_every: int = 1
+    eval_every: int = 0                         # steps; 0: only at the end
+    save_every: int = 0                         # steps; 0: only at the end
+    save_total_limit: int = 2
+    resume: bool = True                         # continue from the latest checkpoint in output_dir
+    save_model: bool = True                     # write the trained model (merged under LoRA) to output_dir/final
+    progress_bar: bool = True
+
+    file: str = field(default="<config>", repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("file")
+        return d
+
+    @property
+    def needs_reference(self) -> bool:
+        """False for SFT only (w_p = w_q = 0): then neither the reference nor the rejected responses are needed."""
+        return bool(self.weights[0] or self.weights[1])
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(MPOConfig) if f.name != "file"}
+
+
+def _check_type(name: str, value: Any, file: str) -> Any:
+    ftype = _fields()[name].type
+    if value is None:
+        if "None" not in ftype:
+            raise ConfigError(file, name, "must be set (got null)")
+        return value
+    if ftype.startswith("int") and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(file, name, f"expected an integer, got {value!r}")
+    if ftype.startswith("float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(file, name, f"expected a number, got {value!r}")
+    if ftype == "bool" and not isinstance(value, bool):
+        raise ConfigError(file, name, f"expected true or false, got {value!r}")
+    if ftype.startswith("str") and "list" not in ftype and "bool" not in ftype and not isinstance(value, str):
+        raise ConfigError(file, name, f"expected a string, got {value!r}")
+    if ftype.startswith("list[float]"):
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+            raise ConfigError(file, name, f"expected a list of numbers, got {value!r}")
+        value = [float(v) for v in value]
+    if ftype.startswith("list[str]") and "| str" not in ftype:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(file, name, f"expected a list of strings, got {value!r}")
+    if ftype.startswith("float") and isinstance(value, int):
+        value = float(value)
+    return value
+
+
+def validate(cfg: MPOConfig) -> MPOConfig:
+    f = cfg.file
+
+    def check(cond: bool, key: str, reason: str) -> None:
+        if not cond:
+            raise ConfigError(f, key, reason)
+
+    check(len(cfg.weights) == 3 and all(w >= 0 for w in cfg.weights), "weights",
+          f"expected three non-negative numbers (w_p, w_q, w_g), got {cfg.weights}")
+    check(any(cfg.weights), "weights", "at least one weight must be positive")
+    check(cfg.beta > 0, "beta", f"must be > 0, got {cfg.beta}")
+    check(cfg.preference_loss in PREFERENCE_LOSSES, "preference_loss",
+          f"unknown {cfg.preference_loss!r} (expected one of: {', '.join(PREFERENCE_LOSSES)})")
+    check(cfg.bco_shift in ("running_mean", "none"), "bco_shift",
+          f"expected running_mean or none, got {cfg.bco_shift!r}")
+    check(cfg.reference in ("live", "precomputed"), "reference",
+          f"expected live or precomputed, got {cfg.reference!r}")
+    check(cfg.dtype in ("float32", "bfloat16", "float16"), "dtype",
+          f"expected float32, bfloat16 or float16, got {cfg.dtype!r}")
+    check(cfg.bf16 in ("auto", True, False), "bf16", f"expected auto, true or false, got {cfg.bf16!r}")
+    for k in ("max_length", "batch_size", "eval_batch_size", "grad_accum_steps", "log_every", "lora_r",
+              "save_total_limit"):
+        check(getattr(cfg, k) >= 1, k, f"must be >= 1, got {getattr(cfg, k)}")
+    for k in ("eval_every", "save_every", "num_workers"):
+        check(getattr(cfg, k) >= 0, k, f"must be >= 0, got {getattr(cfg, k)}")
+    check(cfg.learning_rate > 0, "learning_rate", f"must be > 0, got {cfg.learning_rate}")
+    check(0 <= cfg.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {cfg.warmup_ratio}")
+    check(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
+    check(0 <= cfg.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {cfg.eval_fraction}")
+    check(cfg.epochs > 0 or cfg.max_steps > 0, "epochs", "set epochs > 0 or max_steps > 0")
+    check(len(cfg.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.adam_betas), "adam_betas",
+          f"expected two numbers in [0, 1), got {cfg.adam_betas}")
+    check(cfg.limit is None or cfg.limit >= 1, "limit", f"must be >= 1, got {cfg.limit}")
+    check(isinstance(cfg.lora_target_modules, (str, list)), "lora_target_modules",
+          "expected a list of module names or a string (e.g. all-linear)")
+    if cfg.pair_types is not None:
+        from mmpr_pipeline.records import PAIR_TYPES
+        bad = [t for t in cfg.pair_types if t not in PAIR_TYPES]
+        check(not bad, "pair_types", f"unknown pair types {bad} (expected some of: {', '.join(PAIR_TYPES)})")
+    return cfg
+
+
+def from_dict(data: Any, file: str = "<config>") -> MPOConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(file, "(top level)", "a training config is a YAML mapping")
+    known = _fields()
+    kwargs = {}
+    for k, v in data.items():
+        if k not in known:
+            raise ConfigError(file, k, f"unknown key (expected one of: {', '.join(sorted(known))})")
+        kwargs[k] = _check_type(k, v, file)
+    return validate(MPOConfig(**kwargs, file=str(file)))
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> MPOConfig:
+    """Load and validate a YAML config; `overrides` replace keys (e.g. from `--set key=value`)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(path, "(file)", "no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(path, f"line {mark.line + 1}" if mark else "(file)",
+                          f"not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, "(top level)", "a training config is a YAML mapping")
+    data.update(overrides or {})
+    return from_dict(data, str(path))
+
+
+def to_json(cfg: MPOConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,502 @@
+"""The MPO training loop: one function, `train(config)`, to read top to bottom.
+
+    policy log-probs of chosen and rejected responses (one forward over both)
+    reference log-probs (a frozen copy, the policy with its LoRA adapters off, or a precomputed table)
+    -> mpo_loss -> backward (x grad_accum_steps) -> all-reduce grads -> clip -> AdamW -> cosine lr
+
+Runs on one device as it is, and data-parallel under `torchrun --nproc_per_node N -m
+mmpr_pipeline.cli train CONFIG` or `accelerate launch -m mmpr_pipeline.cli train CONFIG`: each
+process reads its own slice of every epoch's permutation. Gradients are averaged with one
+all-reduce per optimizer step rather than by a DistributedDataParallel wrapper, because a process's
+micro-batch can be empty (all its pairs too long), and DDP would wait forever for it.
+
+Writes to `output_dir`: `metrics.jsonl` (one row per step and per evaluation), `checkpoint-NNNNNN/`
+(trainable weights, optimizer, BCO shift, RNG: a resumed run ends where an uninterrupted one
+does), `reference_logps.pt` (with `reference: precomputed`), `final/` (the trained model, LoRA
+merged, loadable by transformers and vLLM) and `summary.json`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from mmpr_pipeline.records import stable_hash
+from mmpr_pipeline.train import config as config_mod
+from mmpr_pipeline.train.config import MPOConfig
+from mmpr_pipeline.train.data import PairDataset, PairEncoder, collate, load_pairs, select, split_pairs
+from mmpr_pipeline.train.loss import RunningMean, mpo_loss
+from mmpr_pipeline.train.model import (add_lora, freeze_vision, load_model, load_processor, response_logps,
+                                       unwrap)
+
+log = logging.getLogger("mmpr.train")
+
+PREF_KEYS = ("loss", "preference", "bco", "sft", "chosen_reward", "rejected_reward", "reward_margin",
+             "reward_accuracy", "delta")
+SFT_KEYS = ("loss", "sft")
+# Keys that may change between an interrupted run and its resumption without changing the result.
+RESUMABLE_KEYS = {"resume", "progress_bar", "log_every", "eval_every", "save_every", "save_total_limit",
+                  "num_workers", "eval_batch_size", "save_model", "output_dir"}
+
+
+# --- processes and devices -------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """One process per device; `torchrun` and `accelerate launch` set WORLD_SIZE, RANK, LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=dist.get_rank() if world > 1 else 0, world=world, device=device)
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def loader(dataset: PairDataset, batches: list[list[int]], pad_id: int, num_workers: int, seed: int = 0):
+    """Batches of `dataset` in the given order. The loader gets its own generator: one that drew
+    from the global RNG would shift LoRA dropout and initialisation whenever a loader is created
+    (an evaluation, a precompute pass, a resumption), and a resumed run would drift."""
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=partial(collate, pad_token_id=pad_id),
+                      num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# --- schedule --------------------------------------------------------------------------------------
+
+def learning_rate(step: int, total: int, cfg: MPOConfig) -> float:
+    """Linear warm-up to the peak, then a cosine down to `min_lr_ratio` of it."""
+    warmup = int(cfg.warmup_ratio * total)
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.learning_rate * ratio
+
+
+# --- the reference ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def precompute_reference(model, dataset: PairDataset, cfg: MPOConfig, d: Dist, autocast, pad_id: int,
+                         cache: Path) -> torch.Tensor:
+    """log pi_ref of every pair's chosen and rejected response, shape [pairs, 2] (NaN for dropped
+    pairs), computed once before training so that training holds a single model. Cached in
+    `cache`, keyed by model, data and encoding settings."""
+    key = stable_hash("reference", cfg.model, cfg.dtype, cfg.bf16, cfg.max_length, cfg.max_pixels, dataset.ids())
+    if cache.exists():
+        saved = torch.load(cache, map_location="cpu")
+        if saved.get("key") == key:
+            return saved["logps"]
+    was_training = model.training
+    model.eval()
+    logps = torch.zeros(len(dataset), 2)
+    filled = torch.zeros(len(dataset))
+    mine = list(range(d.rank, len(dataset), d.world))
+    batches = [mine[i:i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(loader(dataset, batches, pad_id, cfg.num_workers), desc="reference log-probs", disable=not (d.main and cfg.progress_bar)):
+        if not batch["n_pairs"]:
+            continue
+        n, index = batch["n_pairs"], batch["index"]
+        with autocast():
+            seq, _ = response_logps(model, to_device(batch, d.device))
+        logps[index, 0], logps[index, 1] = seq[:n].float().cpu(), seq[n:].float().cpu()
+        filled[index] = 1
+    sums = all_reduce_sum(torch.cat([logps.flatten(), filled]).to(d.device), d).cpu()
+    logps, filled = sums[:-len(dataset)].view(-1, 2), sums[-len(dataset):]
+    logps[filled == 0] = float("nan")
+    if d.main:
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"key": key, "logps": logps}, tmp)
+        tmp.replace(cache)
+    model.train(was_training)
+    return logps
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    done = sorted(p for p in output_dir.glob("checkpoint-*") if (p / "state.pt").exists())
+    return done[-1] if done else None
+
+
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, running: RunningMean, cfg: MPOConfig,
+                    d: Dist, extra: dict) -> None:
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}
+    rngs = [None] * d.world
+    if d.world > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if d.main:
+        state = {
+            "step": step,
+            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(),
+            "running": running.state_dict(),
+            "rng": rngs,
+            "config": cfg.to_dict(),
+            **extra,
+        }
+        final = output_dir / f"checkpoint-{step:06d}"
+        tmp = output_dir / f".tmp-checkpoint-{step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # a checkpoint exists whole or not at all
+        for old in sorted(output_dir.glob("checkpoint-*"))[:-cfg.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    if d.world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(path: Path, model, optimizer, running: RunningMean, cfg: MPOConfig, d: Dist) -> dict:
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    changed = {k: (v, cfg.to_dict().get(k)) for k, v in state["config"].items()
+               if k not in RESUMABLE_KEYS and cfg.to_dict().get(k) != v}
+    if changed:
+        log.warning("resuming %s with a config that differs from the one it was saved with: %s",
+                    path, ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    running.load_state_dict(state["running"])
+    rng = state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and d.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> dict:
+    """Train with MPO as `config` says; returns the run's summary (also written to summary.json).
+
+    `model`, `processor` and `ref_model` may be given as objects (e.g. a model built from a config
+    in a benchmark); by default they are loaded from `config.model`. SFT on chosen responses only
+    is `weights: [0, 0, 1]`: then no reference and no rejected responses are computed at all.
+    """
+    cfg = config
+    d = setup_distributed()
+    out = Path(cfg.output_dir)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(config_mod.to_json(cfg))
+    torch.manual_seed(cfg.seed + d.rank)
+
+    # Data: pairs, the held-out split, and the encoder that renders them with the model's template.
+    pairs = select(load_pairs(cfg.data), cfg.pair_types)
+    if cfg.eval_data:
+        train_table, eval_table = pairs, select(load_pairs(cfg.eval_data), cfg.pair_types)
+    else:
+        train_table, eval_table = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
+    train_table = select(train_table, limit=cfg.limit)
+    processor = processor or load_processor(cfg.model, cfg.max_pixels)
+    pad_id = getattr(processor, "tokenizer", processor).pad_token_id
+    if train_table.num_rows < d.world:
+        raise ValueError(f"{cfg.data}: {train_table.num_rows} training pairs for {d.world} process(es)")
+    encoder = PairEncoder(processor, cfg.max_length, with_rejected=cfg.needs_reference)
+    train_set, eval_set = PairDataset(train_table, encoder), PairDataset(eval_table, encoder)
+
+    # The policy, in float32 with bf16 autocast (or in the dtype asked for).
+    model = model if model is not None else load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+    model.to(d.device)
+    if cfg.freeze_vision:
+        freeze_vision(model)
+    use_bf16 = (d.device.type == "cuda" and torch.cuda.is_bf16_supported()) if cfg.bf16 == "auto" else cfg.bf16
+    autocast = partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=bool(use_bf16))
+
+    # The reference: precomputed (one model in memory), a frozen copy, or the policy without adapters.
+    ref_tables: dict[str, torch.Tensor] = {}
+    if cfg.needs_reference:
+        if ref_model is not None:
+            ref_model.to(d.device).eval().requires_grad_(False)
+        if cfg.reference == "precomputed":
+            scorer = ref_model if ref_model is not None else model
+            ref_tables["train"] = precompute_reference(scorer, train_set, cfg, d, autocast, pad_id,
+                                                       out / "reference_logps.pt")
+            if len(eval_set):
+                ref_tables["eval"] = precompute_reference(scorer, eval_set, cfg, d, autocast, pad_id,
+                                                          out / "reference_logps_eval.pt")
+            ref_model = None
+        elif ref_model is None and not cfg.lora:
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    else:
+        ref_model = None
+    if cfg.lora:
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    if cfg.gradient_checkpointing:
+        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # biases, norms
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
+                                  fused=d.device.type == "cuda")
+    running = RunningMean()
+
+    def reference_logps(batch: dict, split: str) -> torch.Tensor:
+        if ref_tables:
+            t = ref_tables[split][batch["index"].cpu()]
+            return torch.cat([t[:, 0], t[:, 1]]).to(d.device)
+        with torch.no_grad():
+            if ref_model is not None:
+                return response_logps(ref_model, batch)[0]
+            with model.disable_adapter():  # LoRA: the base model is the reference
+                return response_logps(model, batch)[0]
+
+    def update_shift(mean_reward: torch.Tensor | None) -> torch.Tensor:
+        """Feed this micro-batch's mean reward (one per process) into the running mean delta."""
+        if d.world == 1:
+            return running.update(mean_reward)
+        mine = torch.stack([mean_reward if mean_reward is not None else torch.zeros((), device=d.device),
+                            torch.tensor(float(mean_reward is not None), device=d.device)])
+        everyone = [torch.empty_like(mine) for _ in range(d.world)]
+        dist.all_gather(everyone, mine)
+        return running.update(*[m for m, present in everyone if present])
+
+    def batch_loss(batch: dict, split: str) -> tuple[torch.Tensor, dict]:
+        n = batch["n_pairs"]
+        logps, n_tokens = response_logps(model, batch)  # [chosen..., rejected...]
+        chosen_nll = -logps[:n].sum() / n_tokens[:n].sum().clamp(min=1)
+        if not cfg.needs_reference:  # SFT only
+            loss = cfg.weights[2] * chosen_nll
+            return loss, {"loss": loss.detach(), "sft": chosen_nll.detach()}
+        ref = reference_logps(batch, split)
+        delta = torch.zeros((), device=d.device)
+        if cfg.bco_shift == "running_mean":
+            # Updated with this batch before it is used, as in the paper's reference code; held-out
+            # evaluation reads it without moving it.
+            mean_reward = cfg.beta * (logps.detach() - ref).mean()
+            delta = update_shift(mean_reward) if split == "train" else torch.as_tensor(running.mean, device=d.device)
+        loss, parts = mpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], chosen_nll, beta=cfg.beta,
+                               weights=tuple(cfg.weights), delta=delta, preference=cfg.preference_loss)
+        return loss, {"loss": loss.detach(), **parts, "delta": torch.as_tensor(delta, device=d.device).float()}
+
+    keys = PREF_KEYS if cfg.needs_reference else SFT_KEYS
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        mine = list(range(d.rank, len(eval_set), d.world))
+        batches = [mine[i:i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
+        sums = torch.zeros(len(keys) + 1, device=d.device)
+        for batch in loader(eval_set, batches, pad_id, cfg.num_workers):
+            if not batch["n_pairs"]:
+                continue
+            batch = to_device(batch, d.device)
+            with autocast():
+                _, parts = batch_loss(batch, "eval")
+            sums += torch.stack([parts[k].float() for k in keys] + [torch.ones((), device=d.device)]) * batch["n_pairs"]
+        sums = all_reduce_sum(sums, d).tolist()
+        model.train()
+        n = sums[-1]
+        return {"eval_pairs": int(n), **{f"eval_{k}": (s / n if n else float("nan")) for k, s in zip(keys, sums)}}
+
+    # How long: micro-batches per epoch of this process's slice, optimizer steps in the run.
+    per_rank = len(train_set) // d.world
+    per_epoch = math.ceil(per_rank / cfg.batch_size)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum_steps))
+
+    def micro_batches(start: int):
+        """The run's micro-batches from number `start` on: epoch e is a permutation seeded by seed + e,
+        so a resumed run sees exactly the batches the uninterrupted one would have."""
+        m = start
+        while True:
+            epoch, pos = divmod(m, per_epoch)
+            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            mine = order[:per_rank * d.world].tolist()[d.rank::d.world]
+            batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+            for batch in loader(train_set, batches[pos:], pad_id, cfg.num_workers, cfg.seed + epoch):
+                yield batch
+                m += 1
+
+    # Resume.
+    start_step, dropped_total = 0, 0
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, running, cfg, d)
+        start_step, dropped_total = state["step"], state.get("dropped", 0)
+        log.info("resumed from %s at step %d", ckpt, start_step)
+    metrics_path = out / "metrics.jsonl"
+    if d.main:  # rows written after the checkpoint belong to the abandoned continuation
+        old = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        kept = [r for r in old if r.strip() and json.loads(r)["step"] <= start_step]
+        metrics_path.write_text("".join(r + "\n" for r in kept))
+
+    def write(row: dict) -> None:
+        if d.main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, desc="mpo", dynamic_ncols=True,
+               disable=not (d.main and cfg.progress_bar), file=sys.stderr)
+    n_params = sum(p.numel() for p in params)
+    if d.main:
+        log.info("training %s (%.2fM trainable parameters) on %d pairs (%d held out), %d steps, %s%s",
+                 cfg.model, n_params / 1e6, len(train_set), len(eval_set), total_steps, d.device,
+                 ", bf16 autocast" if use_bf16 else "")
+    stream = micro_batches(start_step * cfg.grad_accum_steps)
+    warned = 0
+    last_train, last_eval = {}, {}
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        lr = learning_rate(step, total_steps, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        sums = torch.zeros(len(keys) + 3, device=d.device)  # keys..., pairs, tokens, dropped
+        for _ in range(cfg.grad_accum_steps):
+            batch = next(stream)
+            for x in batch["dropped"]:
+                if warned < 3:
+                    log.warning("pair %s is %d tokens long, over max_length=%d: dropped, not cut (counted as "
+                                "`dropped` in metrics.jsonl)", x.pair_id, x.length, cfg.max_length)
+                warned += 1
+            sums[-1] += len(batch["dropped"])
+            if not batch["n_pairs"]:
+                if d.world > 1 and cfg.needs_reference and cfg.bco_shift == "running_mean":
+                    update_shift(None)  # the other processes wait for this one's (absent) reward
+                continue
+            batch = to_device(batch, d.device)
+            with autocast():
+                loss, parts = batch_loss(batch, "train")
+            (loss / cfg.grad_accum_steps).backward()
+            n = batch["n_pairs"]
+            sums[:len(keys)] += torch.stack([parts[k].float() for k in keys]) * n
+            sums[len(keys)] += n
+            sums[len(keys) + 1] += batch["attention_mask"].sum()
+        if d.world > 1:  # average gradients over processes: one all-reduce per step
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            handles = [dist.all_reduce(p.grad, async_op=True) for p in params]
+            for h in handles:
+                h.wait()
+            for p in params:
+                p.grad /= d.world
+        sums = all_reduce_sum(sums, d)
+        n_pairs = sums[len(keys)].item()
+        if n_pairs == 0:
+            optimizer.zero_grad(set_to_none=True)
+            log.warning("step %d: every pair of the step was dropped; no update", step + 1)
+            grad_norm = torch.zeros(())
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if d.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        dropped_total += int(sums[-1].item())
+        values = sums.tolist()
+        row = {"split": "train", "step": step + 1,
+               "epoch": round((step + 1) * cfg.grad_accum_steps / per_epoch, 4), "lr": lr,
+               **{k: (v / n_pairs if n_pairs else float("nan")) for k, v in zip(keys, values)},
+               "grad_norm": float(grad_norm), "pairs": int(n_pairs), "tokens": int(values[len(keys) + 1]),
+               "tokens_per_s": values[len(keys) + 1] / dt, "step_s": dt, "dropped": dropped_total}
+        last_train = row
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+            write(row)
+            postfix = {"loss": f"{row['loss']:.4f}"}
+            if cfg.needs_reference:
+                postfix.update(margin=f"{row['reward_margin']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
+                               delta=f"{row['delta']:.4f}")
+            bar.set_postfix(postfix, refresh=False)
+            if not cfg.progress_bar and d.main:
+                log.info("step %d/%d %s", step + 1, total_steps, " ".join(f"{k}={v}" for k, v in postfix.items()))
+        bar.update(1)
+        done = step + 1 == total_steps
+        if len(eval_set) and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            last_eval = {"split": "eval", "step": step + 1, **evaluate()}
+            write(last_eval)
+            if d.main:
+                line = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in last_eval.items() if k != "split")
+                bar.write(line, file=sys.stderr) if cfg.progress_bar else log.info(line)
+        if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            save_checkpoint(out, step + 1, model, optimizer, running, cfg, d, {"dropped": dropped_total})
+    bar.close()
+
+    if dropped_total and d.main:
+        log.warning("%d pair(s) longer than max_length=%d were dropped over the run (not cut)",
+                    dropped_total, cfg.max_length)
+    model_dir = None
+    if cfg.save_model and d.main:
+        model_dir = out / "final"
+        final = model.merge_and_unload() if cfg.lora else model
+        final.save_pretrained(model_dir)
+        processor.save_pretrained(model_dir)
+    summary = {"output_dir": str(out), "model_dir": str(model_dir) if model_dir else None, "steps": total_steps,
+               "train_pairs": len(train_set), "eval_pairs": len(eval_set), "dropped": dropped_total,
+               "trainable_parameters": n_params, "last_train": last_train, "last_eval": last_eval,
+               "delta": float(running.mean)}
+    if d.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if d.world > 1:
+        dist.barrier()
+    return summary
+
+
+def cli_train(args) -> int:
+    """`mmpr train CONFIG [--set KEY=VALUE ...]`."""
+    import yaml
+
+    overrides = {}
+    for item in args.set or []:
+        if "=" not in item:
+            print(f"error: --set expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        key, value = item.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    try:
+        cfg = config_mod.load(args.config, overrides)
+        summary = train(cfg)
+    except (config_mod.ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("output_dir", "model_dir", "steps", "dropped")}
+                     | {"last_eval": summary["last_eval"]}, indent=2))
+    return 0

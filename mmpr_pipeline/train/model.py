@@ -1,0 +1,122 @@
+"""Loading a vision-language model for training, and the log-probabilities of its responses.
+
+Any model that `AutoModelForImageTextToText` and `AutoProcessor` load works: the backbone (vision
+encoder + language model) gives hidden states, and only the response positions go through the LM
+head, in chunks that are recomputed in the backward pass. The (tokens x vocabulary) logits of the
+whole batch are never held in memory, which is most of a VLM's activation memory at 150k-token
+vocabularies.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Parameter names of vision encoders in transformers' VLMs; their projectors (Qwen's `merger`,
+# LLaVA's `multi_modal_projector`) stay trainable, as in the paper's reference code.
+VISION_PREFIXES = ("visual.", "vision_tower.", "vision_model.", "vision_encoder.", "image_encoder.")
+PROJECTOR_NAMES = ("merger", "projector")
+LOGITS_PER_CHUNK = 2 ** 26  # ~64M logits (256 MB in float32) at a time in the LM head
+
+
+def check_model_name(name: str) -> None:
+    """A local folder that is missing gets a clear error instead of a Hub lookup of its path."""
+    from pathlib import Path
+
+    if Path(name).exists():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        hint = " (build it with `make demo-model`)" if "models/demo" in name else ""
+        raise FileNotFoundError(f"no model folder {name}{hint}; give a local folder or a Hub id like org/name")
+
+
+def load_processor(name: str, max_pixels: int | None = None):
+    from transformers import AutoProcessor
+
+    check_model_name(name)
+    processor = AutoProcessor.from_pretrained(name)
+    if max_pixels is not None:
+        ip = processor.image_processor
+        ip.max_pixels = max_pixels
+        if isinstance(getattr(ip, "size", None), dict) and "longest_edge" in ip.size:
+            ip.size["longest_edge"] = max_pixels
+    tok = getattr(processor, "tokenizer", processor)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return processor
+
+
+def load_model(name: str, dtype: str = "float32", attn_implementation: str | None = "sdpa"):
+    from transformers import AutoModelForImageTextToText
+
+    check_model_name(name)
+    kwargs = {"dtype": DTYPES[dtype]}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def freeze_vision(model) -> int:
+    """Freeze the vision encoder (not its projector); returns the number of frozen parameters."""
+    n = 0
+    for name, p in model.named_parameters():
+        if any(f".{v}" in f".{name}" for v in VISION_PREFIXES) and not any(x in name for x in PROJECTOR_NAMES):
+            p.requires_grad_(False)
+            n += p.numel()
+    return n
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+    return get_peft_model(model, config)
+
+
+def unwrap(model):
+    """The transformers model inside a peft wrapper (LoRA layers stay injected in its modules)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 labels: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap:  # Gemma-style final logit soft-capping
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def response_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of the log-probabilities of the response tokens, and their counts.
+
+    `batch` comes from `data.collate`; returns float32 tensors of shape [sequences].
+    """
+    from mmpr_pipeline.train.data import model_inputs
+
+    inner = unwrap(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    hidden = backbone(**model_inputs(batch), use_cache=False).last_hidden_state
+    lm_head = inner.get_output_embeddings()
+    # Token t is predicted from the hidden state at t - 1.
+    mask = batch["response_mask"][:, 1:]
+    h = hidden[:, :-1][mask]
+    labels = batch["input_ids"][:, 1:][mask]
+    softcap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
+    chunk = max(16, LOGITS_PER_CHUNK // lm_head.weight.shape[0])
+    pieces = []
+    for s in range(0, h.shape[0], chunk):
+        args = (h[s:s + chunk], lm_head.weight, lm_head.bias, labels[s:s + chunk], softcap)
+        # Recompute each chunk's logits in backward instead of keeping them.
+        pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+                      else _token_logps(*args))
+    token_logps = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+    rows = mask.nonzero()[:, 0]  # boolean indexing is row-major, so this is each token's sequence
+    seq_logps = torch.zeros(mask.shape[0], dtype=torch.float32, device=h.device).index_add(0, rows, token_logps)
+    return seq_logps, mask.sum(1)

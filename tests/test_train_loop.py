@@ -1,0 +1,303 @@
+"""The MPO trainer end to end on CPU: a tiny Qwen2-VL model, pairs written as the pipeline writes them."""
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmpr_pipeline import demo_model, prompts, records, tasks
+from mmpr_pipeline.train import ConfigError, MPOConfig, load_config, train
+from mmpr_pipeline.train.data import PairDataset, PairEncoder, collate, load_pairs, model_inputs, split_pairs
+from mmpr_pipeline.train.model import load_model, load_processor, response_logps
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+WRONG = {"A": "B", "B": "C", "C": "D", "D": "A", "Yes": "No", "No": "Yes"}
+
+
+def write_pairs(run_dir: Path, n: int, seed: int = 0, text_only_every: int = 4) -> Path:
+    """A run folder with one shard of `n` pairs (PAIR_SCHEMA); every `text_only_every`-th pair has no
+    image. Chosen is the reference chain of thought; rejected is the same with a wrong final answer
+    (correctness pairs) or without the final-answer line (format pairs), alternately."""
+    rows = []
+    for i, q in enumerate(tasks.generate(n, seed=seed)):
+        wrong = WRONG.get(q["answer"]) or str(int(q["answer"]) + 1)
+        chosen = q["response"]
+        pair_type = "correctness" if i % 2 else "format"
+        rejected = (f"{q['rationale']}\nFinal answer: {wrong}" if pair_type == "correctness"
+                    else f"{q['rationale']} I cannot say more.")
+        images = [] if i % text_only_every == 0 else [{"bytes": q["image"], "path": None}]
+        question = prompts.render("cot_final_answer", q["question"])
+        qid = records.question_id("generated", q["image"], question, q["answer"])
+        rows.append(dict(id=records.pair_id(qid, pair_type, chosen, rejected), qid=qid, source="generated",
+                         task=q["task"], images=images, question=question, answer=q["answer"], chosen=chosen,
+                         rejected=rejected, pair_type=pair_type, model="tiny", prompt_template="cot_final_answer",
+                         sampling="{}", chosen_index=0, rejected_index=1, cut_ratio=None, prefix_words=None))
+    (run_dir / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=records.PAIR_SCHEMA),
+                   run_dir / "data" / "train-00000-of-00001.parquet")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return demo_model.build(tmp_path_factory.mktemp("model") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("run"), 24)
+
+
+def config(tiny, run_dir, out, **kw) -> MPOConfig:
+    base = dict(model=str(tiny), data=str(run_dir), output_dir=str(out), batch_size=4, max_steps=4,
+                learning_rate=1e-3, warmup_ratio=0.0, eval_fraction=0.2, max_length=512, progress_bar=False,
+                save_model=False)
+    return MPOConfig(**{**base, **kw})
+
+
+def metrics(out: Path, split: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def test_prompt_uses_the_chat_template_and_only_responses_are_scored(tiny, run_dir):
+    processor = load_processor(str(tiny))
+    tok = processor.tokenizer
+    table = load_pairs(run_dir)
+    ds = PairDataset(table, PairEncoder(processor, 512))
+    with_image, without = ds[1], ds[0]
+    row = ds.row(1)
+    prompt = tok.decode(with_image.prompt["input_ids"][0])
+    assert prompt.startswith("<|im_start|>user\n<|vision_start|><|image_pad|>")
+    assert prompt.endswith(row["question"] + "<|im_end|>\n<|im_start|>assistant\n")
+    # the image is expanded into its tokens, never cut
+    n_image_tokens = int((with_image.prompt["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum())
+    assert n_image_tokens == int(with_image.prompt["image_grid_thw"].prod()) // 4  # 2x2 merge
+    # responses end with the template's end-of-turn token, without the newline after it
+    assert tok.decode(with_image.chosen_ids) == row["chosen"] + "<|im_end|>"
+    assert tok.decode(with_image.rejected_ids) == row["rejected"] + "<|im_end|>"
+    # a row without an image has no image tokens and no pixels
+    assert "<|image_pad|>" not in tok.decode(without.prompt["input_ids"][0])
+    assert "pixel_values" not in without.prompt
+
+    batch = collate([without, with_image], tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 4  # chosen, chosen, rejected, rejected
+    for i, (item, ids) in enumerate([(without, without.chosen_ids), (with_image, with_image.chosen_ids),
+                                     (without, without.rejected_ids), (with_image, with_image.rejected_ids)]):
+        assert batch["input_ids"][i][batch["response_mask"][i]].tolist() == ids
+        assert batch["response_mask"][i, :item.prompt_len].sum() == 0
+        assert batch["attention_mask"][i].sum() == item.prompt_len + len(ids)
+    # the image appears once for the chosen and once for the rejected sequence
+    assert batch["image_grid_thw"].shape[0] == 2
+    assert batch["pixel_values"].shape[0] == 2 * with_image.prompt["pixel_values"].shape[0]
+
+
+def test_split_holds_out_whole_questions(run_dir):
+    table = load_pairs(run_dir)
+    doubled = pa.concat_tables([table, table])  # two pairs per question
+    train_t, eval_t = split_pairs(doubled, 0.25, seed=0)
+    assert train_t.num_rows + eval_t.num_rows == doubled.num_rows and eval_t.num_rows > 0
+    assert not set(train_t["qid"].to_pylist()) & set(eval_t["qid"].to_pylist())
+
+
+def test_bad_data_is_refused_with_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no .parquet files"):
+        load_pairs(tmp_path)
+    pq.write_table(pa.table({"question": ["q"], "chosen": ["a"]}), tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['rejected'\]"):
+        load_pairs(tmp_path / "x.parquet")
+    pq.write_table(pa.table({"question": ["q"], "chosen": ["a"], "rejected": pa.array([None], pa.string())}),
+                   tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match="'rejected' has 1 null"):
+        load_pairs(tmp_path / "x.parquet")
+
+
+def test_response_logps_match_a_full_forward_values_and_gradients(tiny, run_dir):
+    processor = load_processor(str(tiny))
+    model = load_model(str(tiny))
+    ds = PairDataset(load_pairs(run_dir), PairEncoder(processor, 512))
+    batch = collate([ds[i] for i in range(3)], processor.tokenizer.pad_token_id)
+    ours, n_tokens = response_logps(model, batch)
+    ours.sum().backward()
+    grad_ours = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1].float()
+    token = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    full = (token * batch["response_mask"][:, 1:]).sum(1)
+    full.sum().backward()
+    assert torch.allclose(ours, full, atol=1e-3)
+    assert torch.allclose(grad_ours, model.lm_head.weight.grad, atol=1e-4)
+    assert n_tokens.tolist() == batch["response_mask"].sum(1).tolist()
+    # a pair scored alone gets the same log-probs as inside the padded batch
+    alone, _ = response_logps(model, collate([ds[1]], processor.tokenizer.pad_token_id))
+    assert torch.allclose(alone, torch.stack([ours[1], ours[4]]).detach(), atol=1e-3)
+
+
+# --- training --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_run(tiny, run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("short")
+    summary = train(config(tiny, run_dir, out, max_steps=12, save_model=True, eval_every=6))
+    return out, summary
+
+
+def test_short_run_loss_falls_and_reward_margin_grows(short_run):
+    out, summary = short_run
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    first, last = rows[:3], rows[-3:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    assert mean(last, "loss") < mean(first, "loss") - 0.3
+    assert mean(last, "reward_margin") > mean(first, "reward_margin") + 0.05
+    for key in ("preference", "bco", "sft", "reward_accuracy", "delta", "tokens_per_s", "lr", "grad_norm"):
+        assert all(key in r for r in rows)
+    evals = metrics(out, "eval")
+    assert [r["step"] for r in evals] == [6, 12] and evals[0]["eval_pairs"] == summary["eval_pairs"] > 0
+    assert 0 <= evals[-1]["eval_reward_accuracy"] <= 1
+    # the trained model is a model transformers loads
+    final = load_model(summary["model_dir"])
+    assert final.config.model_type == "qwen2_vl"
+    assert (Path(summary["model_dir"]) / "tokenizer.json").exists()
+
+
+def test_delta_is_the_running_mean_of_step_rewards(short_run):
+    rows = metrics(short_run[0])
+    step_means = [(r["chosen_reward"] + r["rejected_reward"]) / 2 for r in rows]
+    for t, r in enumerate(rows, start=1):
+        assert r["delta"] == pytest.approx(sum(step_means[:t]) / t, abs=1e-5)
+    assert rows[0]["delta"] == pytest.approx(step_means[0], abs=1e-6)  # updated before it is used
+
+
+def test_bco_shift_none_keeps_delta_at_zero(tiny, run_dir, tmp_path):
+    train(config(tiny, run_dir, tmp_path, max_steps=2, bco_shift="none"))
+    assert all(r["delta"] == 0.0 for r in metrics(tmp_path))
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tiny, run_dir, tmp_path):
+    kw = dict(max_steps=6, save_every=3, grad_accum_steps=2, warmup_ratio=0.3, save_model=True)
+    whole = train(config(tiny, run_dir, tmp_path / "whole", **kw))
+    # "interrupted" after step 3: a fresh folder holding only that checkpoint
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-000003", tmp_path / "resumed" / "checkpoint-000003")
+    resumed = train(config(tiny, run_dir, tmp_path / "resumed", **kw))
+    a = load_file(Path(whole["model_dir"]) / "model.safetensors")
+    b = load_file(Path(resumed["model_dir"]) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["delta"] == whole["delta"]
+    assert [r["step"] for r in metrics(tmp_path / "resumed")] == [4, 5, 6]
+    assert [r["loss"] for r in metrics(tmp_path / "resumed")] == [r["loss"] for r in metrics(tmp_path / "whole")][3:]
+
+
+def test_lora_trains_adapters_against_the_base_model(tiny, run_dir, tmp_path):
+    summary = train(config(tiny, run_dir, tmp_path, lora=True, lora_r=4, max_steps=4, save_model=True))
+    rows = metrics(tmp_path)
+    # adapters start at zero: the policy is the reference, every reward is exactly 0 at step 1
+    assert rows[0]["chosen_reward"] == 0.0 and rows[0]["rejected_reward"] == 0.0
+    assert rows[-1]["reward_margin"] != 0.0
+    trainable = torch.load(tmp_path / "checkpoint-000004" / "state.pt", weights_only=False)["trainable"]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert summary["trainable_parameters"] < 0.2 * sum(p.numel() for p in load_model(str(tiny)).parameters())
+    # the saved model has the adapters merged: a plain transformers model, changed from the base
+    base, merged = load_file(Path(tiny) / "model.safetensors"), load_file(Path(summary["model_dir"]) / "model.safetensors")
+    assert set(base) == set(merged)
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all("proj" in k for k in changed)
+
+
+def test_precomputed_reference_gives_the_live_reference_loss(tiny, run_dir, tmp_path):
+    live = train(config(tiny, run_dir, tmp_path / "live", max_steps=3))
+    pre = train(config(tiny, run_dir, tmp_path / "pre", max_steps=3, reference="precomputed"))
+    assert (tmp_path / "pre" / "reference_logps.pt").exists()
+    for a, b in zip(metrics(tmp_path / "live"), metrics(tmp_path / "pre")):
+        for key in ("loss", "preference", "bco", "reward_margin", "delta"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    assert live["last_eval"]["eval_reward_margin"] == pytest.approx(pre["last_eval"]["eval_reward_margin"], abs=1e-4)
+
+
+def test_too_long_pairs_are_dropped_counted_and_reported(tiny, run_dir, tmp_path, caplog):
+    lengths = []
+    processor = load_processor(str(tiny))
+    ds = PairDataset(load_pairs(run_dir), PairEncoder(processor, 10_000))
+    for i in range(len(ds)):
+        e = ds[i]
+        lengths.append(e.prompt_len + max(len(e.chosen_ids), len(e.rejected_ids)))
+    limit = sorted(lengths)[len(lengths) // 2]
+    with caplog.at_level(logging.WARNING, logger="mmpr.train"):
+        summary = train(config(tiny, run_dir, tmp_path, max_length=limit, max_steps=3, eval_fraction=0.0))
+    assert summary["dropped"] > 0
+    assert "over max_length" in caplog.text and "dropped" in caplog.text
+    rows = metrics(tmp_path)
+    assert rows[-1]["dropped"] == summary["dropped"]
+    assert sum(r["pairs"] for r in rows) + summary["dropped"] == 3 * 4  # every pair is trained on or counted
+
+
+def test_sft_only_needs_neither_reference_nor_rejected(tiny, run_dir, tmp_path):
+    processor = load_processor(str(tiny))
+    ds = PairDataset(load_pairs(run_dir), PairEncoder(processor, 512, with_rejected=False))
+    assert collate([ds[0], ds[1]], processor.tokenizer.pad_token_id)["input_ids"].shape[0] == 2
+    summary = train(config(tiny, run_dir, tmp_path, weights=[0.0, 0.0, 1.0], max_steps=6))
+    rows = metrics(tmp_path)
+    assert set(rows[0]) >= {"loss", "sft"} and "reward_margin" not in rows[0]
+    assert rows[-1]["sft"] < rows[0]["sft"]
+    assert summary["last_eval"]["eval_sft"] > 0
+
+
+# --- config and CLI ----------------------------------------------------------------------------------
+
+def test_default_config_and_overrides():
+    cfg = load_config(ROOT / "data_cards" / "train_mpo.yaml", {"learning_rate": 1e-4, "lora": True})
+    assert cfg.model == "build/models/demo" and cfg.data == "runs/demo"
+    assert cfg.weights == [0.8, 0.2, 1.0] and cfg.beta == 0.1 and cfg.learning_rate == 1e-4 and cfg.lora
+    with pytest.raises(ConfigError, match="learning_rat: unknown key"):
+        load_config(ROOT / "data_cards" / "train_mpo.yaml", {"learning_rat": 1.0})
+    with pytest.raises(ConfigError, match="weights: expected three non-negative"):
+        load_config(ROOT / "data_cards" / "train_mpo.yaml", {"weights": [1, 2]})
+    with pytest.raises(ConfigError, match="reference: expected live or precomputed"):
+        load_config(ROOT / "data_cards" / "train_mpo.yaml", {"reference": "copy"})
+
+
+def test_cli_train(tiny, run_dir, tmp_path, capsys):
+    from mmpr_pipeline import cli
+
+    out = tmp_path / "out"
+    args = ["train", str(ROOT / "data_cards" / "train_mpo.yaml"), "--set", f"model={tiny}", "--set", f"data={run_dir}",
+            "--set", f"output_dir={out}", "--set", "max_steps=2", "--set", "batch_size=2", "--set", "grad_accum_steps=1",
+            "--set", "progress_bar=false"]
+    assert cli.main(args) == 0
+    assert json.loads(capsys.readouterr().out)["model_dir"] == str(out / "final")
+    assert (out / "final" / "model.safetensors").exists() and len(metrics(out)) == 2
+    assert cli.main(["train", str(ROOT / "data_cards" / "train_mpo.yaml"), "--set", f"data={tmp_path}/none"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_data_parallel_with_torchrun_matches_one_process(tiny, run_dir, tmp_path):
+    """Two processes with 2 pairs each take the same steps as one process with 4 pairs (DPO term
+    only: its batch mean is exactly the mean of the two halves' means)."""
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import sys\nfrom mmpr_pipeline.train import MPOConfig, train\n"
+        f"train(MPOConfig(model={str(tiny)!r}, data={str(run_dir)!r}, output_dir=sys.argv[1], batch_size=int(sys.argv[2]),"
+        " max_steps=3, learning_rate=1e-3, warmup_ratio=0.0, eval_fraction=0.2, max_length=512, progress_bar=False,"
+        " weights=[1.0, 0.0, 0.0]))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4"], check=True, env=env, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                    str(tmp_path / "two"), "2"], check=True, env=env, cwd=ROOT, timeout=300)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["pairs"] for r in two] == [4, 4, 4]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-4)
+    a, b = load_file(tmp_path / "one" / "final" / "model.safetensors"), load_file(tmp_path / "two" / "final" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
