@@ -37,6 +37,12 @@ test: setup demo-model  ## run the test suite (real vLLM, real Ray, on CPU)
 train: setup  ## train the default model with MPO on RUN_DIR's pairs (config: TRAIN_CFG)
 	$(PY) -m mmpr_pipeline.cli train $(TRAIN_CFG)
 
+eval: setup demo-model  ## accuracy of MODEL (default: the demo model) on held-out questions, greedy and sampled
+	$(PY) -m mmpr_pipeline.cli eval data_cards/eval_heldout.yaml --out runs/eval $(if $(MODEL),--model $(MODEL))
+
+demo-loop: setup demo-model  ## build pairs, train MPO and SFT-on-chosen, evaluate base/SFT/MPO, write a report
+	$(PY) -m mmpr_pipeline.demo_loop --out runs/demo-loop
+
 publish: setup  ## upload RUN_DIR to the Hub as REPO_ID=user/name (PRIVATE=1, REVISION=branch, DRY_RUN=1 lists only)
 	@test -n "$(REPO_ID)" || { echo "set REPO_ID=user/name" >&2; exit 2; }
 	$(PY) -m mmpr_pipeline.cli publish $(RUN_DIR) --repo-id $(REPO_ID) $(if $(PRIVATE),--private) $(if $(REVISION),--revision $(REVISION)) $(if $(DRY_RUN),--dry-run)
