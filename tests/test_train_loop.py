@@ -66,6 +66,10 @@ def config(tiny, run_dir, out, **kw) -> MPOConfig:
     return MPOConfig(**{**base, **kw})
 
 
+def tiny_dir(summary: dict) -> str:
+    return json.loads((Path(summary["output_dir"]) / "config.json").read_text())["model"]
+
+
 def metrics(out: Path, split: str = "train") -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
@@ -167,9 +171,14 @@ def test_short_run_loss_falls_and_reward_margin_grows(short_run):
     evals = metrics(out, "eval")
     assert [r["step"] for r in evals] == [6, 12] and evals[0]["eval_pairs"] == summary["eval_pairs"] > 0
     assert 0 <= evals[-1]["eval_reward_accuracy"] <= 1
-    # the trained model is a model transformers loads
+    # the trained model is a model transformers loads; the vision encoder was frozen, its projector not
     final = load_model(summary["model_dir"])
     assert final.config.model_type == "qwen2_vl"
+    before, after = load_file(Path(tiny_dir(summary)) / "model.safetensors"), load_file(Path(summary["model_dir"]) / "model.safetensors")
+    vision = [k for k in before if ".visual." in f".{k}" and "merger" not in k]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "merger" in k)
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".layers." in k and "visual" not in k)
     assert (Path(summary["model_dir"]) / "tokenizer.json").exists()
 
 
@@ -187,18 +196,18 @@ def test_bco_shift_none_keeps_delta_at_zero(tiny, run_dir, tmp_path):
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(tiny, run_dir, tmp_path):
-    kw = dict(max_steps=6, save_every=3, grad_accum_steps=2, warmup_ratio=0.3, save_model=True)
+    kw = dict(max_steps=4, save_every=2, batch_size=2, grad_accum_steps=2, warmup_ratio=0.3, save_model=True)
     whole = train(config(tiny, run_dir, tmp_path / "whole", **kw))
-    # "interrupted" after step 3: a fresh folder holding only that checkpoint
+    # "interrupted" after step 2: a fresh folder holding only that checkpoint
     (tmp_path / "resumed").mkdir()
-    shutil.copytree(tmp_path / "whole" / "checkpoint-000003", tmp_path / "resumed" / "checkpoint-000003")
+    shutil.copytree(tmp_path / "whole" / "checkpoint-000002", tmp_path / "resumed" / "checkpoint-000002")
     resumed = train(config(tiny, run_dir, tmp_path / "resumed", **kw))
     a = load_file(Path(whole["model_dir"]) / "model.safetensors")
     b = load_file(Path(resumed["model_dir"]) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["delta"] == whole["delta"]
-    assert [r["step"] for r in metrics(tmp_path / "resumed")] == [4, 5, 6]
-    assert [r["loss"] for r in metrics(tmp_path / "resumed")] == [r["loss"] for r in metrics(tmp_path / "whole")][3:]
+    assert [r["step"] for r in metrics(tmp_path / "resumed")] == [3, 4]
+    assert [r["loss"] for r in metrics(tmp_path / "resumed")] == [r["loss"] for r in metrics(tmp_path / "whole")][2:]
 
 
 def test_lora_trains_adapters_against_the_base_model(tiny, run_dir, tmp_path):

@@ -78,7 +78,7 @@ class MPOConfig:
     # Logging, evaluation, checkpoints.
     log_every: int = 1
     eval_every: int = 0                         # steps; 0: only at the end
-    save_every: int = 0                         # steps; 0: only at the end
+    save_every: int = 0                         # steps; 0: only at the end; -1: never (benchmarks)
     save_total_limit: int = 2
     resume: bool = True                         # continue from the latest checkpoint in output_dir
     save_model: bool = True                     # write the trained model (merged under LoRA) to output_dir/final
@@ -150,8 +150,9 @@ def validate(cfg: MPOConfig) -> MPOConfig:
     for k in ("max_length", "batch_size", "eval_batch_size", "grad_accum_steps", "log_every", "lora_r",
               "save_total_limit"):
         check(getattr(cfg, k) >= 1, k, f"must be >= 1, got {getattr(cfg, k)}")
-    for k in ("eval_every", "save_every", "num_workers"):
+    for k in ("eval_every", "num_workers"):
         check(getattr(cfg, k) >= 0, k, f"must be >= 0, got {getattr(cfg, k)}")
+    check(cfg.save_every >= -1, "save_every", f"must be >= -1, got {cfg.save_every}")
     check(cfg.learning_rate > 0, "learning_rate", f"must be > 0, got {cfg.learning_rate}")
     check(0 <= cfg.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {cfg.warmup_ratio}")
     check(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")

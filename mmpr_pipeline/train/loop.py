@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from mmpr_pipeline.records import stable_hash
 from mmpr_pipeline.train import config as config_mod
@@ -128,8 +129,6 @@ def precompute_reference(model, dataset: PairDataset, cfg: MPOConfig, d: Dist, a
     filled = torch.zeros(len(dataset))
     mine = list(range(d.rank, len(dataset), d.world))
     batches = [mine[i:i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
-    from tqdm.auto import tqdm
-
     for batch in tqdm(loader(dataset, batches, pad_id, cfg.num_workers), desc="reference log-probs", disable=not (d.main and cfg.progress_bar)):
         if not batch["n_pairs"]:
             continue
@@ -222,7 +221,7 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(config_mod.to_json(cfg))
-    torch.manual_seed(cfg.seed + d.rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights (e.g. LoRA's) in every process
 
     # Data: pairs, the held-out split, and the encoder that renders them with the model's template.
     pairs = select(load_pairs(cfg.data), cfg.pair_types)
@@ -270,6 +269,10 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     model.train()
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if d.world > 1:  # start every process from rank 0's weights, as DistributedDataParallel does
+        for p in params:
+            dist.broadcast(p.data, 0)
+    torch.manual_seed(cfg.seed + d.rank)  # but different dropout in each
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # biases, norms
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
@@ -370,8 +373,6 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=total_steps, initial=start_step, desc="mpo", dynamic_ncols=True,
                disable=not (d.main and cfg.progress_bar), file=sys.stderr)
     n_params = sum(p.numel() for p in params)
@@ -380,6 +381,7 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
                  cfg.model, n_params / 1e6, len(train_set), len(eval_set), total_steps, d.device,
                  ", bf16 autocast" if use_bf16 else "")
     stream = micro_batches(start_step * cfg.grad_accum_steps)
+    started = time.perf_counter()
     warned = 0
     last_train, last_eval = {}, {}
     for step in range(start_step, total_steps):
@@ -403,7 +405,7 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
             batch = to_device(batch, d.device)
             with autocast():
                 loss, parts = batch_loss(batch, "train")
-            (loss / cfg.grad_accum_steps).backward()
+            (loss / cfg.grad_accum_steps).backward()  # a micro-batch counts 1/grad_accum_steps, however full
             n = batch["n_pairs"]
             sums[:len(keys)] += torch.stack([parts[k].float() for k in keys]) * n
             sums[len(keys)] += n
@@ -436,7 +438,8 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
                "epoch": round((step + 1) * cfg.grad_accum_steps / per_epoch, 4), "lr": lr,
                **{k: (v / n_pairs if n_pairs else float("nan")) for k, v in zip(keys, values)},
                "grad_norm": float(grad_norm), "pairs": int(n_pairs), "tokens": int(values[len(keys) + 1]),
-               "tokens_per_s": values[len(keys) + 1] / dt, "step_s": dt, "dropped": dropped_total}
+               "tokens_per_s": values[len(keys) + 1] / dt, "step_s": dt,
+               "elapsed_s": time.perf_counter() - started, "dropped": dropped_total}
         last_train = row
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
             write(row)
@@ -456,7 +459,7 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
                 line = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in last_eval.items() if k != "split")
                 bar.write(line, file=sys.stderr) if cfg.progress_bar else log.info(line)
-        if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+        if cfg.save_every >= 0 and (done or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
             save_checkpoint(out, step + 1, model, optimizer, running, cfg, d, {"dropped": dropped_total})
     bar.close()
 
