@@ -63,9 +63,10 @@ def build_model(size: str, dtype, device, tokenizer, seed: int = 0):
     config = Qwen2VLConfig(
         text_config=dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
                          num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
-                         max_position_embeddings=32768, tie_word_embeddings=s["tie"],
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
+                         max_position_embeddings=32768, tie_word_embeddings=s["tie"], rope_theta=1e6,
+                         # the legacy spelling, which transformers 4.x and 5.x both read
+                         rope_scaling={"type": "mrope",
+                                       "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
                          bos_token_id=0, eos_token_id=2, pad_token_id=0),
         vision_config=dict(depth=s["vision_depth"], embed_dim=s["vision_embed"], hidden_size=s["hidden"],
                            num_heads=s["vision_heads"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
@@ -143,7 +144,7 @@ class PeakMemory:
         import torch
 
         self.cuda = device == "cuda"
-        self.peak_rss = 0
+        self.peak_rss = self.baseline = 0
         self._stop = threading.Event()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -151,6 +152,7 @@ class PeakMemory:
             import psutil
 
             self._proc = psutil.Process()
+            self.baseline = self._proc.memory_info().rss / 2 ** 30  # libraries imported, nothing built yet
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
 
@@ -176,6 +178,8 @@ def run_contender(name: str, args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     work = Path(args.workdir)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if name != "trl":
         import mmpr_pipeline.train  # noqa: F401  (import before measuring, like trl below)
     else:
@@ -213,7 +217,8 @@ def run_contender(name: str, args) -> dict:
             "parameters": n_params, "dtype": str(dtype).replace("torch.", ""), "batch_size": args.batch_size,
             "steps_measured": len(steps), "step_s": step_s, "step_s_mean": sum(steps) / len(steps),
             "step_s_all": steps, "tokens_per_s": tokens / sum(steps) if tokens else None,
-            "peak_memory_gib": memory.gib(), "final_loss": final_loss, "wall_s": wall}
+            "peak_memory_gib": memory.gib(), "baseline_memory_gib": memory.baseline, "final_loss": final_loss,
+            "wall_s": wall}
 
 
 def run_trl(model, processor, args, total: int, lr: float, device: str):
@@ -269,7 +274,8 @@ def run_trl(model, processor, args, total: int, lr: float, device: str):
 def report(results: list[dict]) -> str:
     by = {r["contender"]: r for r in results if "step_s" in r}
     base = by.get("trl")
-    lines = [f"{'contender':32} {'s/step':>8} {'tokens/s':>9} {'peak GiB':>9} {'time vs TRL':>12} {'memory vs TRL':>14}"]
+    lines = [f"{'contender':32} {'s/step':>8} {'tokens/s':>9} {'peak GiB':>9} {'(libs)':>7} {'time vs TRL':>12} "
+             f"{'memory vs TRL':>14}"]
     for r in results:
         if "error" in r:
             lines.append(f"{LABELS[r['contender']]:32} failed: {r['error'][-300:]}")
@@ -277,7 +283,10 @@ def report(results: list[dict]) -> str:
         vs_t = f"{r['step_s'] / base['step_s']:.2f}x" if base else "-"
         vs_m = f"{r['peak_memory_gib'] / base['peak_memory_gib']:.2f}x" if base else "-"
         tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
-        lines.append(f"{r['label']:32} {r['step_s']:8.3f} {tps:>9} {r['peak_memory_gib']:9.2f} {vs_t:>12} {vs_m:>14}")
+        lines.append(f"{r['label']:32} {r['step_s']:8.3f} {tps:>9} {r['peak_memory_gib']:9.2f} "
+                     f"{r['baseline_memory_gib']:7.2f} {vs_t:>12} {vs_m:>14}")
+    lines.append("s/step: median over the measured steps; peak GiB: GPU memory allocated, or the process's resident "
+                 "set on a CPU, of which (libs) was resident before the model was built")
     return "\n".join(lines)
 
 
@@ -296,6 +305,7 @@ def parse_args(argv=None):
     ap.add_argument("--workdir", default=str(ROOT / "build" / "bench" / "train"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per contender")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     ap.add_argument("--contender", help=argparse.SUPPRESS)  # internal: run one contender in this process
     return ap.parse_args(argv)
 
@@ -315,7 +325,8 @@ def main(argv=None) -> list[dict]:
         cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--contender", name]
         print(f"[bench] {LABELS[name]} ...", flush=True)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+            env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT, env=env)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             results.append(json.loads(line[7:]) if line else {"contender": name, "error": (proc.stderr or proc.stdout)[-2000:]})
         except subprocess.TimeoutExpired:

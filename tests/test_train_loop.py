@@ -49,6 +49,16 @@ def write_pairs(run_dir: Path, n: int, seed: int = 0, text_only_every: int = 4) 
     return run_dir
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy shared machine two OpenMP
+    threads wait on each other (10-30x slower here); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return demo_model.build(tmp_path_factory.mktemp("model") / "tiny", "tiny")
@@ -59,8 +69,8 @@ def run_dir(tmp_path_factory):
     return write_pairs(tmp_path_factory.mktemp("run"), 24)
 
 
-def config(tiny, run_dir, out, **kw) -> MPOConfig:
-    base = dict(model=str(tiny), data=str(run_dir), output_dir=str(out), batch_size=4, max_steps=4,
+def config(model, run_dir, out, **kw) -> MPOConfig:
+    base = dict(model=str(model), data=str(run_dir), output_dir=str(out), batch_size=4, max_steps=4,
                 learning_rate=1e-3, warmup_ratio=0.0, eval_fraction=0.2, max_length=512, progress_bar=False,
                 save_model=False)
     return MPOConfig(**{**base, **kw})
@@ -262,6 +272,41 @@ def test_sft_only_needs_neither_reference_nor_rejected(tiny, run_dir, tmp_path):
     assert set(rows[0]) >= {"loss", "sft"} and "reward_margin" not in rows[0]
     assert rows[-1]["sft"] < rows[0]["sft"]
     assert summary["last_eval"]["eval_sft"] > 0
+
+
+def test_qwen2_5_vl_trains_through_the_auto_classes(run_dir, tmp_path):
+    """Another family: a tiny random Qwen2.5-VL (window attention in its vision encoder), saved and
+    loaded through AutoModelForImageTextToText / AutoProcessor like any Hub checkpoint."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tok = demo_model.build_tokenizer(512)
+    ids = {t: tok.convert_tokens_to_ids(f"<|{t}|>") for t in ("image_pad", "video_pad", "vision_start", "vision_end")}
+    q25_config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=576, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, rope_theta=1e4, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64,
+                           window_size=56, fullatt_block_indexes=[1]),
+        image_token_id=ids["image_pad"], video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"], tie_word_embeddings=False)
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(q25_config).save_pretrained(tmp_path / "q25")
+    Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112), tokenizer=tok,
+                        video_processor=Qwen2VLVideoProcessor(), chat_template=demo_model.CHAT_TEMPLATE).save_pretrained(tmp_path / "q25")
+
+    processor, model = load_processor(str(tmp_path / "q25")), load_model(str(tmp_path / "q25"))
+    assert model.config.model_type == "qwen2_5_vl"
+    ds = PairDataset(load_pairs(run_dir), PairEncoder(processor, 512))
+    batch = collate([ds[i] for i in range(3)], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours, _ = response_logps(model, batch)
+        logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1].float()
+    token = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    assert torch.allclose(ours, (token * batch["response_mask"][:, 1:]).sum(1), atol=1e-3)
+    summary = train(config(tmp_path / "q25", run_dir, tmp_path / "out", max_steps=3))
+    assert summary["last_train"]["loss"] == summary["last_train"]["loss"] and summary["last_eval"]["eval_pairs"] > 0
 
 
 # --- config and CLI ----------------------------------------------------------------------------------

@@ -4,9 +4,10 @@
     reference log-probs (a frozen copy, the policy with its LoRA adapters off, or a precomputed table)
     -> mpo_loss -> backward (x grad_accum_steps) -> all-reduce grads -> clip -> AdamW -> cosine lr
 
-Runs on one device as it is, and data-parallel under `torchrun --nproc_per_node N -m
-mmpr_pipeline.cli train CONFIG` or `accelerate launch -m mmpr_pipeline.cli train CONFIG`: each
-process reads its own slice of every epoch's permutation. Gradients are averaged with one
+Runs on one device as it is, and data-parallel with the same command under a launcher:
+`torchrun --nproc_per_node N -m mmpr_pipeline.cli train CONFIG` or `accelerate launch --multi_gpu
+--num_processes N -m mmpr_pipeline.cli train CONFIG`. Each process reads its own slice of every
+epoch's permutation (a batch is `batch_size` pairs per process). Gradients are averaged with one
 all-reduce per optimizer step rather than by a DistributedDataParallel wrapper, because a process's
 micro-batch can be empty (all its pairs too long), and DDP would wait forever for it.
 
@@ -500,6 +501,7 @@ def cli_train(args) -> int:
     except (config_mod.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("output_dir", "model_dir", "steps", "dropped")}
-                     | {"last_eval": summary["last_eval"]}, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: summary[k] for k in ("output_dir", "model_dir", "steps", "dropped")}
+                         | {"last_eval": summary["last_eval"]}, indent=2))
     return 0

@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # LLaVA's `multi_modal_projector`) stay trainable, as in the paper's reference code.
 VISION_PREFIXES = ("visual.", "vision_tower.", "vision_model.", "vision_encoder.", "image_encoder.")
 PROJECTOR_NAMES = ("merger", "projector")
-LOGITS_PER_CHUNK = 2 ** 26  # ~64M logits (256 MB in float32) at a time in the LM head
+LOGITS_PER_CHUNK = 2 ** 25  # ~32M logits (128 MB in float32) at a time in the LM head
 
 
 def check_model_name(name: str) -> None:
