@@ -126,6 +126,23 @@ def test_split_holds_out_whole_questions(run_dir):
     assert not set(train_t["qid"].to_pylist()) & set(eval_t["qid"].to_pylist())
 
 
+def test_hub_dataset_with_the_same_columns(tiny, run_dir, monkeypatch):
+    """A Hub id goes through `datasets.load_dataset` (stubbed here: no network), whose Image
+    feature gives the same {bytes, path} structs as our shards."""
+    import datasets
+
+    shard = str(run_dir / "data" / "train-00000-of-00001.parquet")
+    hub = datasets.Dataset.from_parquet(shard).cast_column("images", datasets.List(datasets.Image()))
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, split: asked.append((repo, split)) or hub)
+    table = load_pairs("someone/mmpr-pairs:validation")
+    assert asked == [("someone/mmpr-pairs", "validation")]
+    assert table.num_rows == 24 and table["question"].to_pylist() == pq.read_table(shard)["question"].to_pylist()
+    processor = load_processor(str(tiny))
+    encoded = PairDataset(table, PairEncoder(processor, 512))[1]
+    assert encoded.prompt["pixel_values"].shape[0] > 0
+
+
 def test_bad_data_is_refused_with_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no .parquet files"):
         load_pairs(tmp_path)
@@ -238,7 +255,9 @@ def test_lora_trains_adapters_against_the_base_model(tiny, run_dir, tmp_path):
 
 def test_precomputed_reference_gives_the_live_reference_loss(tiny, run_dir, tmp_path):
     live = train(config(tiny, run_dir, tmp_path / "live", max_steps=3))
-    pre = train(config(tiny, run_dir, tmp_path / "pre", max_steps=3, reference="precomputed"))
+    # (with gradient checkpointing, which must not change a number either)
+    pre = train(config(tiny, run_dir, tmp_path / "pre", max_steps=3, reference="precomputed",
+                       gradient_checkpointing=True))
     assert (tmp_path / "pre" / "reference_logps.pt").exists()
     for a, b in zip(metrics(tmp_path / "live"), metrics(tmp_path / "pre")):
         for key in ("loss", "preference", "bco", "reward_margin", "delta"):

@@ -101,30 +101,30 @@ def _fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(MPOConfig) if f.name != "file"}
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_KINDS = {  # a declared field type -> (accepts the value?, conversion)
+    "None": (lambda v: v is None, None),
+    "bool": (lambda v: isinstance(v, bool), None),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), None),
+    "float": (_is_number, float),
+    "str": (lambda v: isinstance(v, str), None),
+    "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), None),
+    "list[float]": (lambda v: isinstance(v, list) and all(map(_is_number, v)), lambda v: [float(x) for x in v]),
+}
+
+
 def _check_type(name: str, value: Any, file: str) -> Any:
-    ftype = _fields()[name].type
-    if value is None:
-        if "None" not in ftype:
-            raise ConfigError(file, name, "must be set (got null)")
-        return value
-    if ftype.startswith("int") and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(file, name, f"expected an integer, got {value!r}")
-    if ftype.startswith("float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ConfigError(file, name, f"expected a number, got {value!r}")
-    if ftype == "bool" and not isinstance(value, bool):
-        raise ConfigError(file, name, f"expected true or false, got {value!r}")
-    if ftype.startswith("str") and "list" not in ftype and "bool" not in ftype and not isinstance(value, str):
-        raise ConfigError(file, name, f"expected a string, got {value!r}")
-    if ftype.startswith("list[float]"):
-        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
-            raise ConfigError(file, name, f"expected a list of numbers, got {value!r}")
-        value = [float(v) for v in value]
-    if ftype.startswith("list[str]") and "| str" not in ftype:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(file, name, f"expected a list of strings, got {value!r}")
-    if ftype.startswith("float") and isinstance(value, int):
-        value = float(value)
-    return value
+    """`value` if it has one of the field's declared types (e.g. "float", "list[str] | None"; an
+    integer is a fine float), else a ConfigError."""
+    declared = _fields()[name].type
+    for kind in declared.split(" | "):
+        accepts, convert = _KINDS[kind]
+        if accepts(value):
+            return convert(value) if convert else value
+    raise ConfigError(file, name, f"expected {declared.replace('None', 'null')}, got {value!r}")
 
 
 def validate(cfg: MPOConfig) -> MPOConfig:

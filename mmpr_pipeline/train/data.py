@@ -58,10 +58,12 @@ def parquet_files(source: str | Path) -> list[Path] | None:
 
 
 def load_pairs(source: str | Path) -> pa.Table:
-    """All pairs of `source` as one Arrow table (memory-mapped for local Parquet).
+    """All pairs of `source` as one Arrow table, with only the columns training reads.
 
     `source` is a run folder, its `data/` folder, a Parquet file or glob, or a Hub dataset id
-    (`user/name`, optionally `user/name:split`; default split `train`).
+    (`user/name`, optionally `user/name:split`; default split `train`). Local Parquet is read into
+    memory, image bytes included (images are decoded only per batch); a Hub dataset stays in
+    `datasets`' memory-mapped cache, the way to train on more pairs than fit in memory.
     """
     files = parquet_files(source)
     if files is not None:
@@ -69,7 +71,7 @@ def load_pairs(source: str | Path) -> pa.Table:
         for f in files:
             schema = pq.read_schema(f)
             cols = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in schema.names]
-            tables.append(pq.read_table(f, columns=cols, memory_map=True))
+            tables.append(pq.read_table(f, columns=cols))
         names = set(tables[0].column_names)
         for f, t in zip(files, tables):
             if set(t.column_names) != names:

@@ -18,7 +18,6 @@ merged, loadable by transformers and vLLM) and `summary.json`.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -27,7 +26,6 @@ import os
 import shutil
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -459,7 +457,10 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
             if d.main:
                 line = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in last_eval.items() if k != "split")
-                bar.write(line, file=sys.stderr) if cfg.progress_bar else log.info(line)
+                if cfg.progress_bar:
+                    bar.write(line, file=sys.stderr)
+                else:
+                    log.info(line)
         if cfg.save_every >= 0 and (done or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
             save_checkpoint(out, step + 1, model, optimizer, running, cfg, d, {"dropped": dropped_total})
     bar.close()
