@@ -367,7 +367,7 @@ def test_data_parallel_with_torchrun_matches_one_process(tiny, run_dir, tmp_path
         " weights=[1.0, 0.0, 0.0]))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4"], check=True, env=env, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                     str(tmp_path / "two"), "2"], check=True, env=env, cwd=ROOT, timeout=300)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["pairs"] for r in two] == [4, 4, 4]

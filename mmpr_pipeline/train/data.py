@@ -105,8 +105,8 @@ def split_pairs(table: pa.Table, eval_fraction: float, seed: int = 0) -> tuple[p
     so the held-out reward accuracy is measured on questions never trained on)."""
     if eval_fraction <= 0 or table.num_rows == 0:
         return table, table.slice(0, 0)
-    keys = table["qid"].to_pylist() if "qid" in table.column_names else (
-        table["question"].to_pylist())
+    # Without a qid column (a foreign dataset), pairs with the same question text go together.
+    keys = table["qid" if "qid" in table.column_names else "question"].to_pylist()
     bucket = [int(stable_hash("split", seed, k, length=8), 16) / 16 ** 8 < eval_fraction for k in keys]
     mask = pa.array(bucket)
     held_out = table.filter(mask)
