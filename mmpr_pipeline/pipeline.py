@@ -106,7 +106,7 @@ def generate(recipe: Recipe, model: str, questions: list[dict], collector, ray_a
                                    sampling=recipe.sampling,
                                    templates={n: recipe.template_for(s) for n, s in sources.items()},
                                    dropout={n: s.dropout for n, s in sources.items()}),
-        max_restarts=3, max_task_retries=3,  # a crashed replica is restarted and its batch retried
+        # Ray Data restarts a crashed replica and retries its batch by default (max_restarts=-1).
         **resources)
     ds = ds.map_batches(score_batch, batch_size=recipe.batch_size, batch_format="pyarrow", num_cpus=0.25)
     with tqdm(total=len(questions), desc="sample+score", unit="q", dynamic_ncols=True) as bar:
