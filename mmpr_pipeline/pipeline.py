@@ -71,6 +71,7 @@ def _init_ray(address: str | None) -> None:
                  configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours (per question) is the one users read
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines break the bar
 
 
 def _gpus_per_replica(recipe: Recipe) -> int:
