@@ -1,0 +1,63 @@
+"""The cost of resuming: a build killed part-way and resumed, against the same build uninterrupted.
+
+    python benchmarks/bench_resume.py [--model PATH] [--kill-at after_unit:2]
+
+Runs `mmpr build` three times on the demo recipe (each a real process: local Ray + vLLM):
+  full     uninterrupted
+  killed   SIGKILLed at a kill point (MMPR_KILL_AT, see mmpr_pipeline/shards.kill_point)
+  resumed  the same command again on the killed run's folder
+and prints the time the resumed run took against a full run, and the overhead of the kill:
+(killed + resumed - full), i.e. the work lost plus the second start-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build(out: Path, model: str, kill_at: str | None, limit: int) -> tuple[float, int]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("MMPR_KILL_AT", None)
+    if kill_at:
+        env["MMPR_KILL_AT"] = kill_at
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "mmpr_pipeline.cli", "build", "data_cards/demo.yaml", "--out",
+                           str(out), "--model", model, "--limit", str(limit), "--set", "unit_size=16"],
+                          cwd=REPO, env=env, capture_output=True, text=True, start_new_session=True)
+    return time.perf_counter() - t0, proc.returncode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="default: the trained demo model")
+    ap.add_argument("--kill-at", default="after_unit:4")
+    ap.add_argument("--limit", type=int, default=96, help="questions per source")
+    args = ap.parse_args()
+    from mmpr_pipeline import demo_model
+
+    model = args.model or str(demo_model.ensure_trained())
+    work = Path(tempfile.mkdtemp(prefix="bench-resume-"))
+    full_s, rc = build(work / "full", model, None, args.limit)
+    assert rc == 0, "the uninterrupted build failed"
+    killed_s, rc = build(work / "run", model, args.kill_at, args.limit)
+    assert rc == -9, f"expected a SIGKILL at {args.kill_at}, got exit code {rc}"
+    resumed_s, rc = build(work / "run", model, None, args.limit)
+    assert rc == 0, "the resumed build failed"
+    stats = json.loads((work / "run" / "stats.json").read_text())["resume"]
+    print(f"demo recipe, {args.limit} questions per source, {stats['units']} units, killed at {args.kill_at}")
+    print(f"full run           {full_s:6.1f}s")
+    print(f"killed run         {killed_s:6.1f}s  ({stats['units_done_before']} of {stats['units']} units kept)")
+    print(f"resumed run        {resumed_s:6.1f}s  ratio resumed/full: {resumed_s / full_s:.2f}")
+    print(f"cost of the kill   {killed_s + resumed_s - full_s:6.1f}s  (lost work + one more start-up)")
+
+
+if __name__ == "__main__":
+    main()
