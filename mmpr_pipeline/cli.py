@@ -30,16 +30,22 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def cmd_build(args) -> int:
-    from mmpr_pipeline import pipeline, recipe as recipe_mod
+def _recipe(args):
+    """The recipe named on the command line, with --model, --limit and --set applied."""
+    from mmpr_pipeline import recipe as recipe_mod
 
     overrides = _overrides(args.set)
     if args.model:
         overrides["model"] = args.model
     if args.limit:
         overrides["limit"] = args.limit
-    recipe = recipe_mod.load(args.recipe, overrides)
-    pipeline.build(recipe, args.out, overwrite=args.overwrite, ray_address=args.ray_address)
+    return recipe_mod.load(args.recipe, overrides)
+
+
+def cmd_build(args) -> int:
+    from mmpr_pipeline import pipeline
+
+    pipeline.build(_recipe(args), args.out, overwrite=args.overwrite, ray_address=args.ray_address)
     return 0
 
 
@@ -54,7 +60,8 @@ def cmd_demo_model(args) -> int:
 def cmd_eval(args) -> int:
     from mmpr_pipeline import evaluate
 
-    return evaluate.cli_eval(args)
+    evaluate.evaluate(_recipe(args), args.out, ray_address=os.environ.get("RAY_ADDRESS"))
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -132,11 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from mmpr_pipeline.pipeline import RunFolderError
     from mmpr_pipeline.recipe import RecipeError
+    from stages.load import SourceError
 
     try:
         return args.func(args) or 0
-    except RecipeError as e:
+    except (RecipeError, SourceError, RunFolderError) as e:  # bad input: a clear message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -95,18 +95,6 @@ def print_table(results: dict[str, Any]) -> None:
     Console(width=None if Console().is_terminal else 140).print(table)
 
 
-def cli_eval(args) -> int:
-    from mmpr_pipeline.cli import _overrides
-
-    overrides = _overrides(args.set)
-    if args.model:
-        overrides["model"] = args.model
-    if args.limit:
-        overrides["limit"] = args.limit
-    evaluate(recipe_mod.load(args.recipe, overrides), args.out)
-    return 0
-
-
 if __name__ == "__main__":  # python -m mmpr_pipeline.evaluate RUN_DIR: print a finished eval again
     import sys
 

@@ -14,15 +14,12 @@ from typing import Any
 
 import yaml
 
+from mmpr_pipeline.recipe import RecipeError
 from mmpr_pipeline.train.loss import PREFERENCE_LOSSES
 
 
-class ConfigError(ValueError):
+class ConfigError(RecipeError):
     """A training config that cannot be used; the message names file, key and reason."""
-
-    def __init__(self, file: str | Path, key: str, reason: str):
-        self.file, self.key, self.reason = str(file), key, reason
-        super().__init__(f"{file}: {key}: {reason}")
 
 
 @dataclass
