@@ -354,11 +354,19 @@ def heldout_accuracy_vllm(model_dir: str | Path, n: int = 200, samples: int = 4,
         {"type": "text", "text": prompts.render("cot_final_answer", r["question"])}]}] for r in rows]
     greedy = llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     sampled = llm.chat(conversations, SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens))
+    try:  # the project's judge when it is there; the plain last-line comparison otherwise
+        from mmpr_pipeline.scoring.judge import judge
+
+        def correct(text, r):
+            return judge(text, r["answer"], r["answer_type"], r["options"]).correct
+    except ImportError:
+        def correct(text, r):
+            return final_answer(text) == r["answer"]
     per: dict[str, dict[str, list]] = {}
     for r, g, s in zip(rows, greedy, sampled):
         d = per.setdefault(r["task"], {"greedy": [], "sampled": [], "mixed": []})
-        d["greedy"].append(final_answer(g.outputs[0].text) == r["answer"])
-        right = [final_answer(o.text) == r["answer"] for o in s.outputs]
+        d["greedy"].append(correct(g.outputs[0].text, r))
+        right = [correct(o.text, r) for o in s.outputs]
         d["sampled"].extend(right)
         d["mixed"].append(any(right) and not all(right))
     result = {}
