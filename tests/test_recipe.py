@@ -74,3 +74,11 @@ def test_overrides_and_fingerprint():
     assert b.sampling.n == 4 and all(s.limit == 5 for s in b.sources)
     assert a.fingerprint() != b.fingerprint()
     assert a.fingerprint() == recipe_mod.load(DEMO).fingerprint()
+
+
+def test_cli_overrides_read_scientific_notation():
+    from mmpr_pipeline.cli import _overrides
+
+    # YAML 1.1 reads `1e-3` as a string; a user typing --set learning_rate=1e-3 means a number
+    assert _overrides(["learning_rate=1e-3", "n=4", "name=abc", "p=2.5E+2"]) == {
+        "learning_rate": 1e-3, "n": 4, "name": "abc", "p": 250.0}
