@@ -47,8 +47,11 @@ publish: setup  ## upload RUN_DIR to the Hub as REPO_ID=user/name (PRIVATE=1, RE
 	@test -n "$(REPO_ID)" || { echo "set REPO_ID=user/name" >&2; exit 2; }
 	$(PY) -m mmpr_pipeline.cli publish $(RUN_DIR) --repo-id $(REPO_ID) $(if $(PRIVATE),--private) $(if $(REVISION),--revision $(REVISION)) $(if $(DRY_RUN),--dry-run)
 
-bench: setup  ## run the benchmarks (sampling, judge, train)
+bench: setup demo-model  ## run the benchmarks (each prints ratios against its own baseline)
 	$(PY) benchmarks/bench_sampling.py
+	$(PY) benchmarks/bench_judge.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_resume.py
 
 clean:  ## remove runs and build outputs (keeps .venv)
 	rm -rf runs build .cache

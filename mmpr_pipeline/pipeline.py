@@ -167,10 +167,8 @@ def pair_and_write(run: Path, recipe: Recipe, model: str, stats: dict[str, Any])
 
 def _pair_schema() -> pa.Schema:
     """PAIR_SCHEMA with the `datasets` features in its metadata, so `load_dataset` decodes images."""
-    try:
-        from mmpr_pipeline.card import schema_metadata
-    except ImportError:
-        return PAIR_SCHEMA
+    from mmpr_pipeline.card import schema_metadata
+
     return PAIR_SCHEMA.with_metadata(schema_metadata())
 
 
@@ -259,12 +257,9 @@ def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_addre
     shards.kill_point("before_stats")
     shards.write_json(run / "stats.json", stats)
     if write_card:
-        try:
-            from mmpr_pipeline.card import write_card as _write_card
-        except ImportError:
-            _write_card = None
-        if _write_card:
-            _write_card(run)
+        from mmpr_pipeline.card import write_card as _write_card
+
+        _write_card(run)
     print_summary(run, stats)
     return stats
 
