@@ -63,7 +63,7 @@ def recipe_file(tmp_path_factory, trained_model):
     (d / "img.png").write_bytes(next(tasks.generate(1))["image"])
     (d / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in long_rows))
     data = yaml.safe_load((REPO / "data_cards" / "demo.yaml").read_text())
-    data.update(unit_size=3, batch_size=6, shard_rows=10)
+    data.update(unit_size=3, batch_size=6, shard_rows=1)  # one pair per shard: mid_write:1 always has a second shard
     data["sampling"].update(n=4, max_tokens=48)
     data["engine"] = {"max_model_len": 1024}
     data["sources"][0]["limit"] = 9
