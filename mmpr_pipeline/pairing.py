@@ -44,13 +44,15 @@ def _sample(pairs: list[tuple[int, int]], k: int, seed: int, qid: str, kind: str
 
 def pair_correctness(responses: list[str], correct: list[bool], extracted: list[str | None], *,
                      qid: str, seed: int = 0, max_pairs_per_question: int = 15,
-                     format_pairs: bool = True) -> QuestionPairs:
-    if not responses:
+                     format_pairs: bool = True, unjudged: frozenset[int] = frozenset()) -> QuestionPairs:
+    """`unjudged`: responses the judge could not rate; they are neither chosen nor rejected."""
+    judged = [i for i in range(len(responses)) if i not in unjudged]
+    if not judged:
         return QuestionPairs()
-    right = [i for i, ok in enumerate(correct) if ok]
-    wrong = [i for i, ok in enumerate(correct) if not ok and extracted[i] is not None]
-    unparsable = [i for i, ok in enumerate(correct) if not ok and extracted[i] is None]
-    out = QuestionPairs(all_right=len(right) == len(responses), all_wrong=not right)
+    right = [i for i in judged if correct[i]]
+    wrong = [i for i in judged if not correct[i] and extracted[i] is not None]
+    unparsable = [i for i in judged if not correct[i] and extracted[i] is None]
+    out = QuestionPairs(all_right=len(right) == len(judged), all_wrong=not right)
     if out.all_right or out.all_wrong:
         return out
     out.correctness = _sample(_candidates(responses, right, wrong), max_pairs_per_question, seed, qid, "correctness")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from mmpr_pipeline import tasks
-from mmpr_pipeline.recipe import Source
+from mmpr_pipeline.recipe import ANSWER_TYPES, Source
 from mmpr_pipeline.records import encode_image, question_id
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,8 @@ def to_question(raw: dict[str, Any], source: Source, row_index: int) -> dict[str
             raise BadRow(f"missing answer (field {f.answer!r})")
         answers = _answers(raw[f.answer])
     answer_type = source.answer_type or (raw.get(f.answer_type) if f.answer_type else raw.get("answer_type")) or "text"
+    if source.pipeline == "correctness" and answer_type not in ANSWER_TYPES:
+        raise BadRow(f"unknown answer_type {answer_type!r}")
     options = raw.get(f.options) if f.options else raw.get("options")
     options = [str(o) for o in options] if isinstance(options, (list, tuple)) else []
     given = raw.get(f.response) if f.response else None

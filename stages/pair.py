@@ -12,6 +12,7 @@ from mmpr_pipeline.pairing import pair_correctness
 from mmpr_pipeline.prompts import render
 from mmpr_pipeline.records import pair_id
 from stages.dropout_ntp import pair_question as pair_dropout
+from stages.score import JUDGE_ERROR
 
 
 def pair_rows(row: dict[str, Any], source_cfg, *, seed: int, model: str, sampling: dict) -> tuple[list[dict], dict]:
@@ -28,7 +29,8 @@ def pair_rows(row: dict[str, Any], source_cfg, *, seed: int, model: str, samplin
     if row["pipeline"] == "correctness":
         qp = pair_correctness(row["responses"], row["correct"], row["extracted"], qid=row["qid"], seed=seed,
                               max_pairs_per_question=source_cfg.pairing.max_pairs_per_question,
-                              format_pairs=source_cfg.pairing.format_pairs)
+                              format_pairs=source_cfg.pairing.format_pairs,
+                              unjudged=frozenset(i for i, r in enumerate(row["reason"]) if r.startswith(JUDGE_ERROR)))
         counts.update(all_right=int(qp.all_right), all_wrong=int(qp.all_wrong))
         for kind, idx_pairs in (("correctness", qp.correctness), ("format", qp.format)):
             for c, r in idx_pairs:

@@ -11,6 +11,8 @@ import pyarrow as pa
 
 from mmpr_pipeline.records import SAMPLE_SCHEMA
 
+JUDGE_ERROR = "judge error"  # reason prefix of a response the judge failed on (never paired)
+
 
 def score_row(row: dict) -> dict:
     from mmpr_pipeline.scoring import judge
@@ -19,12 +21,21 @@ def score_row(row: dict) -> dict:
         return row
     t0 = time.perf_counter()
     answer = row["answers"] if len(row["answers"]) > 1 else row["answer"]
-    verdicts = [judge(text, answer, row["answer_type"], options=row["options"] or None)
-                for text in row["responses"]]
-    row.update(extracted=[v.extracted for v in verdicts], correct=[bool(v.correct) for v in verdicts],
-               score=[float(v.score) for v in verdicts], reason=[v.reason for v in verdicts],
+    verdicts = [_judge_one(judge, text, answer, row) for text in row["responses"]]
+    row.update(extracted=[v[0] for v in verdicts], correct=[v[1] for v in verdicts],
+               score=[v[2] for v in verdicts], reason=[v[3] for v in verdicts],
                score_seconds=time.perf_counter() - t0)
     return row
+
+
+def _judge_one(judge, text: str, answer, row: dict) -> tuple[str | None, bool, float, str]:
+    """One verdict; a judge that fails on one response marks it wrong with the reason, and the
+    batch (and the run) goes on."""
+    try:
+        v = judge(text, answer, row["answer_type"], options=row["options"] or None)
+    except Exception as e:  # noqa: BLE001 - untrusted text must never stop the run
+        return "", False, 0.0, f"{JUDGE_ERROR}: {type(e).__name__}: {e}"[:200]
+    return v.extracted, bool(v.correct), float(v.score), v.reason
 
 
 def score_batch(batch: pa.Table) -> pa.Table:

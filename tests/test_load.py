@@ -35,6 +35,7 @@ BROKEN_CASES = [
     (dict(image=GOOD, question="q", answer=True), "answer is not text"),
     (dict(image=GOOD, question="bad \ufffd text", answer="1"), "broken text encoding"),
     (dict(image=GOOD, question="How many?", answer="3"), "duplicate"),
+    (dict(image=GOOD, question="Kind?", answer="3", kind="essay"), "unknown answer_type 'essay'"),
 ]
 
 
@@ -57,7 +58,8 @@ def test_broken_rows_are_set_aside_with_reasons(tmp_path):
                 out["image"] = f"img/{i}.png"
             f.write(json.dumps(out) + "\n")
         f.write("{not json\n")
-    questions, rejects, n_rows = load_source(_source(loader="jsonl", path=str(jsonl)), unit_size=4)
+    src = _source(loader="jsonl", path=str(jsonl), answer_type=None, fields=Fields(answer_type="kind"))
+    questions, rejects, n_rows = load_source(src, unit_size=4)
     expected_bad = [(i, reason) for i, (_, reason) in enumerate(BROKEN_CASES) if reason]
     assert n_rows == len(BROKEN_CASES) + 1
     assert len(questions) + len(rejects) == n_rows  # nothing dropped silently

@@ -51,3 +51,23 @@ def test_cap_is_a_seeded_sample_independent_of_call_order():
     assert len(a.correctness) == 15 and a.correctness == b.correctness
     assert a.correctness != c.correctness
     assert len(set(a.correctness)) == 15
+
+
+def test_responses_the_judge_failed_on_are_never_paired():
+    r = ["good\nFinal answer: 1", "odd", "bad\nFinal answer: 4"]
+    qp = _pairs(r, [True, False, False], ["1", "", "4"], unjudged=frozenset({1}))
+    assert qp.correctness == [(0, 2)] and qp.format == []
+    qp = _pairs(r[:2], [True, False], ["1", ""], unjudged=frozenset({1}))
+    assert qp.all_right and not qp.correctness  # the only other response was not judged
+
+
+def test_score_stage_contains_a_failing_judge():
+    from stages.score import JUDGE_ERROR, score_row
+
+    row = dict(pipeline="correctness", answers=["3"], answer="3", answer_type="number", options=[],
+               responses=["x\nFinal answer: 3", "y\nFinal answer: 5"])
+    out = score_row(dict(row))
+    assert out["correct"] == [True, False]
+    broken = score_row(dict(row, answer_type="not-a-type"))  # the judge raises ValueError
+    assert broken["correct"] == [False, False]
+    assert all(r.startswith(JUDGE_ERROR) for r in broken["reason"])
