@@ -35,7 +35,7 @@ def main() -> None:
 
     import pyarrow as pa
 
-    from mmpr_pipeline import demo_model, recipe as recipe_mod, tasks
+    from mmpr_pipeline import demo_model, recipe as recipe_mod
     from mmpr_pipeline.engine import request_seed
     from mmpr_pipeline.prompts import render
     from mmpr_pipeline.records import QUESTION_SCHEMA, decode_image

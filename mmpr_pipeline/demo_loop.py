@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -43,15 +44,12 @@ def run_loop(out: str | Path, settings: LoopSettings = LoopSettings()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def step(name):
-        class _Timer:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-                log.info("demo-loop: %s", name)
-
-            def __exit__(self, *exc):
-                timings[name] = round(time.perf_counter() - self.t0, 1)
-        return _Timer()
+        log.info("demo-loop: %s", name)
+        t0 = time.perf_counter()
+        yield
+        timings[name] = round(time.perf_counter() - t0, 1)
 
     with step("demo model"):
         base = str(demo_model.ensure_trained())
@@ -137,7 +135,7 @@ def main() -> int:
                         datefmt="%H:%M:%S")
     from mmpr_pipeline.cli import _overrides
 
-    report = run_loop(args.out, LoopSettings(build_limit=args.build_limit, eval_limit=args.eval_limit,
+    run_loop(args.out, LoopSettings(build_limit=args.build_limit, eval_limit=args.eval_limit,
                                              train_overrides=_overrides(args.set)))
     print((Path(args.out) / "report.md").read_text())
     return 0

@@ -84,7 +84,6 @@ class ShardWriter:
         self.schema, self.rows_per_shard, self.split = schema, rows_per_shard, split
         self.parts: list[Path] = []
         self.buffer: list[dict] = []
-        self.rows = 0
 
     def write(self, rows: Iterable[dict]) -> None:
         for row in rows:
@@ -97,14 +96,12 @@ class ShardWriter:
             return
         part = self.dir / f".part-{len(self.parts):05d}.{uuid.uuid4().hex[:8]}.tmp"
         pq.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema), part, compression="zstd")
-        self.rows += len(self.buffer)
         self.parts.append(part)
         self.buffer = []
 
     def close(self) -> list[Path]:
         self._flush()
-        if not self.parts:  # an empty dataset still gets one (empty) shard, so it loads
-            self.buffer = []
+        if not self.parts:  # an empty dataset still gets one (empty) shard with the schema
             part = self.dir / f".part-00000.{uuid.uuid4().hex[:8]}.tmp"
             pq.write_table(self.schema.empty_table(), part, compression="zstd")
             self.parts.append(part)

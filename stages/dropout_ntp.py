@@ -39,7 +39,7 @@ def continue_without_image(rows: list[dict[str, Any]], engine, sampling, dropout
     from mmpr_pipeline.engine import request_seed, user_message
     from mmpr_pipeline.prompts import render
 
-    jobs = []  # (row, response index, prefix, conversation)
+    jobs = []  # (row, response index, text-only conversation ending in the prefix)
     for row in rows:
         cfg = dropout_by_source[row["source"]]
         n = len(row["responses"])
