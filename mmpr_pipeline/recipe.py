@@ -28,6 +28,83 @@ class RecipeError(ValueError):
         super().__init__(f"{file}: {key}: {reason}")
 
 
+# Bounds for reading YAML (recipes, training configs): both are a few KB. Aliases are bounded by the
+# number of values they expand to, so a 1 KB "billion laughs" document fails at once instead of
+# growing without end in whatever walks it next.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+
+
+class _YAMLTooBig(ValueError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing a document whose aliases expand to over MAX_YAML_VALUES values."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _expanded_size(node, {}, set())
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values `node` stands for once every alias is copied out (memoised per shared node)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise _YAMLTooBig("an alias refers to a value that contains it (a recursive alias)")
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    size = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(id(node))
+    if size > MAX_YAML_VALUES:
+        raise _YAMLTooBig(f"its aliases expand to over {MAX_YAML_VALUES:,} values (a YAML alias bomb?)")
+    sizes[id(node)] = size
+    return size
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in `path` (None if empty), read within MAX_YAML_BYTES and MAX_YAML_VALUES.
+
+    Every problem is a RecipeError naming the file: missing, a folder or other non-file, too big,
+    not UTF-8, not YAML (with the line), nested too deeply, or an alias bomb.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(path, "(file)", "no such file")
+    if path.is_dir():
+        raise RecipeError(path, "(file)", "is a folder; give the YAML file in it")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise RecipeError(path, "(file)", "is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except OSError as e:
+        raise RecipeError(path, "(file)", f"cannot be read: {e.strerror}") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise RecipeError(path, "(file)", f"is larger than {MAX_YAML_BYTES >> 20} MiB; a YAML config is a few KB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(path, "(file)", f"is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "(file)"
+        raise RecipeError(path, where, f"not valid YAML: {getattr(e, 'problem', e)}") from None
+    except _YAMLTooBig as e:
+        raise RecipeError(path, "(file)", f"refused: {e}") from None
+    except RecursionError:
+        raise RecipeError(path, "(file)", "refused: values are nested too deeply") from None
+
+
 @dataclass
 class Sampling:
     n: int = 8
@@ -229,14 +306,9 @@ def from_dict(data: Any, file: str = "<recipe>") -> Recipe:
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
     """Load and validate a recipe file; `overrides` are dotted keys, e.g. {"sampling.n": 4}."""
     path = Path(path)
-    if not path.exists():
-        raise RecipeError(path, "(file)", "no such file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "(file)"
-        raise RecipeError(path, where, f"not valid YAML: {getattr(e, 'problem', e)}") from None
+    data = read_yaml(path)
+    if data is None:
+        raise RecipeError(path, "(file)", "the file is empty (a recipe needs at least name and sources)")
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
     return from_dict(data, str(path))
