@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 
 # Offline by default: the Hub is reached only by commands that say so (publish), or when the
@@ -19,22 +18,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # our progress bar and summary are the log
 
 
-_SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
-
-
 def _overrides(pairs: list[str]) -> dict:
-    import yaml
+    """`--set KEY=VALUE` arguments as a dict: one parser for build, eval, train and the demo loop."""
+    from mmpr_pipeline.recipe import parse_overrides
 
-    out = {}
-    for item in pairs or []:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str) and _SCIENTIFIC.fullmatch(parsed):
-            parsed = float(parsed)  # YAML 1.1 reads 1e-3 (no dot) as a string
-        out[key] = parsed
-    return out
+    return parse_overrides(pairs)
 
 
 def _recipe(args):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,23 +311,90 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
     if data is None:
         raise RecipeError(path, "(file)", "the file is empty (a recipe needs at least name and sources)")
     for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, value)
+        _set_dotted(data, dotted, value, str(path))
     return from_dict(data, str(path))
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+_PART = re.compile(r"(?P<name>[A-Za-z_][\w-]*)(?:\[(?P<index>[^\]]*)\])?")
+
+
+def _set_dotted(data: Any, dotted: str, value: Any, file: str = "<recipe>") -> None:
+    """Set `dotted` (e.g. "sampling.n", "sources[0].limit") in the raw recipe mapping; a path that
+    does not fit the recipe is a RecipeError naming the key, never a KeyError or IndexError."""
+    if not isinstance(data, dict):
+        raise RecipeError(file, dotted, f"--set needs a recipe that is a YAML mapping, not a {type(data).__name__}")
     parts = dotted.split(".")
-    node = data
-    for p in parts[:-1]:
-        if p.startswith("sources[") and p.endswith("]"):
-            node = node["sources"][int(p[8:-1])]
-        else:
-            node = node.setdefault(p, {})
-    if parts[-1] == "limit" and len(parts) == 1:  # `limit` alone applies to every source
-        for s in data.get("sources", []):
-            s["limit"] = value
+    if parts == ["limit"]:  # `limit` alone applies to every source
+        for s in data.get("sources") or []:
+            if isinstance(s, dict):
+                s["limit"] = value
         return
-    node[parts[-1]] = value
+    node, where = data, ""
+    for i, part in enumerate(parts):
+        m = _PART.fullmatch(part)
+        if m is None:
+            raise RecipeError(file, dotted, f"cannot read {part!r} as a key (use KEY, KEY.SUB or KEY[N].SUB)")
+        name, index = m["name"], m["index"]
+        where = f"{where}.{name}" if where else name
+        last = i == len(parts) - 1 and index is None
+        if last:
+            node[name] = value
+            return
+        child = node.get(name)
+        if index is None:
+            if child is None:
+                child = node[name] = {}
+            elif not isinstance(child, dict):
+                raise RecipeError(file, dotted, f"{where} is {child!r}, not a mapping with keys")
+        else:
+            if not isinstance(child, list):
+                raise RecipeError(file, dotted, f"{where} is not a list, so [{index}] does not apply")
+            if not index.isdigit():
+                raise RecipeError(file, dotted, f"expected {where}[N] with a number N, got [{index}]")
+            if int(index) >= len(child):
+                raise RecipeError(file, dotted, f"{where}[{index}] does not exist ({where} has {len(child)} "
+                                                f"entr{'y' if len(child) == 1 else 'ies'})")
+            where = f"{where}[{index}]"
+            child = child[int(index)]
+            if i == len(parts) - 1:
+                raise RecipeError(file, dotted, f"set a key of {where} (e.g. {where}.limit), not the whole entry")
+            if not isinstance(child, dict):
+                raise RecipeError(file, dotted, f"{where} is {child!r}, not a mapping with keys")
+        node = child
+
+
+# YAML 1.1, which PyYAML follows, reads `1e-5` (no dot) as a string; on a command line it is a number.
+_SCIENTIFIC = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
+
+
+def _numbers(value: Any) -> Any:
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`--set KEY=VALUE` arguments (of `mmpr build`, `eval` and `train`) as {KEY: value}.
+
+    Each VALUE is read as YAML (`4`, `0.5`, `true`, `[0.8, 0.2, 1.0]`, `{n: 4}`, `null`, `text`),
+    with `1e-5`-style numbers read as numbers, also inside lists and mappings.
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RecipeError("--set", item, "expected KEY=VALUE, e.g. --set sampling.n=4")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise RecipeError("--set", key, f"cannot read {text!r} as a value: {getattr(e, 'problem', e)}") from None
+        out[key] = _numbers(value)
+    return out
 
 
 def to_json(recipe: Recipe) -> str:

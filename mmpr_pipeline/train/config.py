@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mmpr_pipeline.recipe import RecipeError
+from mmpr_pipeline.recipe import RecipeError, read_yaml  # read_yaml: bounded size and alias expansion
 from mmpr_pipeline.train.loss import PREFERENCE_LOSSES
 
 
@@ -78,6 +77,7 @@ class MPOConfig:
     save_every: int = 0                         # steps; 0: only at the end; -1: never (benchmarks)
     save_total_limit: int = 2
     resume: bool = True                         # continue from the latest checkpoint in output_dir
+    resume_with_changes: bool = False           # resume even if that checkpoint was saved with another config
     save_model: bool = True                     # write the trained model (merged under LoRA) to output_dir/final
     progress_bar: bool = True
 
@@ -131,6 +131,11 @@ def validate(cfg: MPOConfig) -> MPOConfig:
         if not cond:
             raise ConfigError(f, key, reason)
 
+    # inf and nan pass most range checks below (inf > 0), and train a model of NaNs: refuse them first.
+    for name, value in cfg.to_dict().items():
+        numbers = value if isinstance(value, list) else [value]
+        bad = [x for x in numbers if isinstance(x, float) and not math.isfinite(x)]
+        check(not bad, name, f"must be a finite number, got {value}")
     check(len(cfg.weights) == 3 and all(w >= 0 for w in cfg.weights), "weights",
           f"expected three non-negative numbers (w_p, w_q, w_g), got {cfg.weights}")
     check(any(cfg.weights), "weights", "at least one weight must be positive")
@@ -182,14 +187,7 @@ def from_dict(data: Any, file: str = "<config>") -> MPOConfig:
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> MPOConfig:
     """Load and validate a YAML config; `overrides` replace keys (e.g. from `--set key=value`)."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(path, "(file)", "no such file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(path, f"line {mark.line + 1}" if mark else "(file)",
-                          f"not valid YAML: {getattr(e, 'problem', e)}") from None
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(path, "(top level)", "a training config is a YAML mapping")
     data.update(overrides or {})

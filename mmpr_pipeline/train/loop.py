@@ -49,8 +49,13 @@ PREF_KEYS = ("loss", "preference", "bco", "sft", "chosen_reward", "rejected_rewa
              "reward_accuracy", "delta")
 SFT_KEYS = ("loss", "sft")
 # Keys that may change between an interrupted run and its resumption without changing the result.
-RESUMABLE_KEYS = {"resume", "progress_bar", "log_every", "eval_every", "save_every", "save_total_limit",
-                  "num_workers", "eval_batch_size", "save_model", "output_dir"}
+RESUMABLE_KEYS = {"resume", "resume_with_changes", "progress_bar", "log_every", "eval_every", "save_every",
+                  "save_total_limit", "num_workers", "eval_batch_size", "save_model", "output_dir"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight: it stops before saving anything from
+    that step (a model of NaNs must never look like a finished run)."""
 
 
 # --- processes and devices -------------------------------------------------------------------------
@@ -177,6 +182,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, running: Runn
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         torch.save(state, tmp / "state.pt")
+        (tmp / "config.json").write_text(config_mod.to_json(cfg))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # a checkpoint exists whole or not at all
         for old in sorted(output_dir.glob("checkpoint-*"))[:-cfg.save_total_limit]:
@@ -185,13 +191,31 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, running: Runn
         dist.barrier()
 
 
+def config_changes(path: Path, cfg: MPOConfig) -> dict:
+    """{key: (saved, now)} for the keys that change the result, between checkpoint `path`'s config and `cfg`."""
+    saved_file = path / "config.json"
+    saved = (json.loads(saved_file.read_text()) if saved_file.exists()
+             else torch.load(path / "state.pt", map_location="cpu", weights_only=False)["config"])
+    now = cfg.to_dict()
+    return {k: (v, now.get(k)) for k, v in saved.items() if k not in RESUMABLE_KEYS and now.get(k) != v}
+
+
+def check_resumable(path: Path, cfg: MPOConfig) -> None:
+    """Refuse to continue checkpoint `path` under a config that changes the result (as `mmpr build`
+    refuses a run folder built from another recipe), unless `resume_with_changes` says so."""
+    changed = config_changes(path, cfg)
+    if not changed:
+        return
+    diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    if not cfg.resume_with_changes:
+        raise config_mod.ConfigError(
+            cfg.file, "output_dir", f"{path} was saved with another config ({diff}); use a new output_dir, "
+            "--set resume=false to start over in it, or --set resume_with_changes=true to continue it anyway")
+    log.warning("resuming %s with a config that differs from the one it was saved with: %s", path, diff)
+
+
 def load_checkpoint(path: Path, model, optimizer, running: RunningMean, cfg: MPOConfig, d: Dist) -> dict:
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    changed = {k: (v, cfg.to_dict().get(k)) for k, v in state["config"].items()
-               if k not in RESUMABLE_KEYS and cfg.to_dict().get(k) != v}
-    if changed:
-        log.warning("resuming %s with a config that differs from the one it was saved with: %s",
-                    path, ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():
@@ -217,8 +241,16 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     cfg = config
     d = setup_distributed()
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise config_mod.ConfigError(cfg.file, "output_dir", f"{out} is a file, not a folder")
+    ckpt = latest_checkpoint(out) if cfg.resume and out.is_dir() else None
+    if ckpt is not None:  # before anything is written: a refused resume leaves the folder as it was
+        check_resumable(ckpt, cfg)
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise config_mod.ConfigError(cfg.file, "output_dir", f"cannot create {out}: {e.strerror}") from None
         (out / "config.json").write_text(config_mod.to_json(cfg))
     torch.manual_seed(cfg.seed)  # the same initial weights (e.g. LoRA's) in every process
 
@@ -356,7 +388,6 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
 
     # Resume.
     start_step, dropped_total = 0, 0
-    ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, running, cfg, d)
         start_step, dropped_total = state["step"], state.get("dropped", 0)
@@ -425,9 +456,20 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
             log.warning("step %d: every pair of the step was dropped; no update", step + 1)
             grad_norm = torch.zeros(())
         else:
+            # Summed over processes, so every process sees a non-finite value and stops together.
+            if not torch.isfinite(sums[:len(keys)]).all():
+                terms = ", ".join(f"{k} {v / n_pairs:.4g}" for k, v in zip(keys, sums.tolist()))
+                raise NonFiniteLossError(f"step {step + 1}: non-finite loss ({terms}); stopped without saving "
+                                         f"this step; lower learning_rate ({cfg.learning_rate}) or check the data")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteLossError(f"step {step + 1}: non-finite gradient norm ({float(grad_norm)}); stopped "
+                                         "without saving this step; lower learning_rate or check the data")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if not torch.stack([torch.isfinite(p).all() for p in params]).all():  # one device sync
+                raise NonFiniteLossError(f"step {step + 1}: the update made weights non-finite; stopped without "
+                                         f"saving this step; lower learning_rate ({cfg.learning_rate})")
         if d.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -486,20 +528,17 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
 
 
 def cli_train(args) -> int:
-    """`mmpr train CONFIG [--set KEY=VALUE ...]`."""
-    import yaml
+    """`mmpr train CONFIG [--set KEY=VALUE ...]`: rc 0 on success, 2 for a bad config or data, 1 when
+    training stops on a non-finite loss (nothing non-finite is saved)."""
+    from mmpr_pipeline.recipe import parse_overrides
 
-    overrides = {}
-    for item in args.set or []:
-        if "=" not in item:
-            print(f"error: --set expects KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        key, value = item.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
     try:
-        cfg = config_mod.load(args.config, overrides)
+        cfg = config_mod.load(args.config, parse_overrides(args.set))
         summary = train(cfg)
-    except (config_mod.ConfigError, FileNotFoundError, ValueError) as e:
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (config_mod.ConfigError, FileNotFoundError, NotADirectoryError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
