@@ -181,6 +181,7 @@ class Recipe:
     unit_size: int = 64        # questions per resumable work unit
     shard_rows: int = 5000     # pairs per output shard
     card: Card = field(default_factory=Card)
+    preview: bool = True       # write RUN_DIR/preview.html after a build (not part of the fingerprint)
     file: str = ""             # where it was loaded from (not part of the fingerprint)
 
     def template_for(self, source: Source) -> str:
@@ -191,6 +192,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("file")
+        d.pop("preview")  # changes no data: switching it must not stop a resume
         return d
 
     def fingerprint(self) -> str:
