@@ -256,6 +256,9 @@ def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_addre
     stats["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     shards.kill_point("before_stats")
     shards.write_json(run / "stats.json", stats)
+    if recipe.preview:  # before the card, which links to it
+        from mmpr_pipeline.preview import write_preview
+        write_preview(run)
     if write_card:
         from mmpr_pipeline.card import write_card as _write_card
 

@@ -1,0 +1,467 @@
+"""RUN_DIR/preview.html: a page to look at a run's pairs and samples before training on them.
+
+One self-contained file (images as small embedded thumbnails, inline CSS, no script: its
+Content-Security-Policy forbids scripts and any network load). Per source it shows:
+
+- `per_source` pairs sampled uniformly (reservoir sampling, seeded) from `data/`: the image, the
+  question and reference answer, chosen and rejected side by side with the first point where they
+  differ marked (for DropoutNTP: the cut point and the continuation written without the image),
+  and, from `samples/`, what the judge extracted from each and why it ruled as it did;
+- a few questions whose samples were all right, and all wrong, with every sample and its verdict
+  (a judge that is too lenient or too strict shows up here);
+- every reject reason of `rejects/` with its count and an example row.
+
+Only what is shown is read: the shards are scanned once for their `source` column, then only the
+chosen rows are taken, batch by batch; `samples/` units are scanned for a few small columns, then
+only the units holding a shown question are read, without their images unless shown. The file is
+at most `max_mb` (default MAX_MB) whatever the size of the run: each text is clipped around the
+point that matters, and each source gets an equal share of the budget (cards that do not fit are
+counted, not shown). Every text from the run is HTML-escaped: model output is untrusted.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import random
+import re
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow.parquet as pq
+
+from mmpr_pipeline.shards import SHARD_RE
+
+PREVIEW_FILE = "preview.html"
+MAX_MB = 8.0            # the file never exceeds this, whatever the run size
+THUMB_PX = 192          # longest side of an embedded thumbnail
+TEXT_CHARS = 2500       # characters of a response shown in a pair card (clipped around the difference)
+SAMPLE_TEXT_CHARS = 1200  # characters of each sample shown for all-right / all-wrong questions
+EXTREMES = 3            # all-right and all-wrong questions shown per source
+BATCH_ROWS = 256        # rows per Parquet batch when reading shards
+JUDGE_ERROR = "judge error"  # reason prefix of a response the judge failed on (stages/score.py)
+SAMPLE_COLUMNS = ["qid", "task", "question", "answer", "answers", "answer_type", "options", "error",
+                  "prompt_template", "responses", "finish_reasons", "extracted", "correct", "reason",
+                  "prefix_words", "continuations"]
+
+
+class PreviewError(ValueError):
+    """A run folder the preview cannot be written for; the message names the file and the problem."""
+
+
+def esc(value: Any) -> str:
+    """HTML text of an untrusted value: `<`, `>`, `&` and quotes escaped (safe in text and attributes)."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+# --- reading the run folder --------------------------------------------------------------------
+
+def pair_shards(run_dir: Path) -> list[Path]:
+    return sorted(p for p in (run_dir / "data").glob("*.parquet") if SHARD_RE.match(p.name))
+
+
+def _batches(path: Path, columns: list[str] | None = None, batch_size: int = BATCH_ROWS) -> Iterator:
+    try:
+        f = pq.ParquetFile(path)
+        if columns is not None:
+            columns = [c for c in columns if c in f.schema_arrow.names]
+        yield from f.iter_batches(batch_size=batch_size, columns=columns)
+    except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) on a broken file
+        raise PreviewError(f"{path}: cannot be read as Parquet: {e}") from None
+
+
+def sample_pair_positions(shards: list[Path], per_source: int, seed: int) -> tuple[dict[str, list], Counter]:
+    """Per source, up to `per_source` (shard index, row index) picked uniformly at random from all of
+    its pairs (reservoir sampling: one pass over the `source` column, memory O(per_source))."""
+    rng = random.Random(seed)
+    picked: dict[str, list[tuple[int, int]]] = {}
+    seen: Counter = Counter()
+    for si, path in enumerate(shards):
+        row = 0
+        for batch in _batches(path, ["source"], batch_size=65536):
+            for src in batch.column(0).to_pylist():
+                k = seen[src]
+                seen[src] += 1
+                chosen = picked.setdefault(src, [])
+                if k < per_source:
+                    chosen.append((si, row))
+                else:
+                    j = rng.randrange(k + 1)
+                    if j < per_source:
+                        chosen[j] = (si, row)
+                row += 1
+    return {s: sorted(p) for s, p in picked.items()}, seen
+
+
+def read_rows_at(shards: list[Path], positions: list[tuple[int, int]]) -> dict[tuple[int, int], dict]:
+    """The pair rows at `positions`, read batch by batch (only shards that hold one are opened)."""
+    wanted: dict[int, set[int]] = {}
+    for si, row in positions:
+        wanted.setdefault(si, set()).add(row)
+    out = {}
+    for si, rows in sorted(wanted.items()):
+        start = 0
+        for batch in _batches(shards[si]):
+            hits = [r - start for r in sorted(rows) if start <= r < start + batch.num_rows]
+            if hits:
+                for r, rec in zip(hits, batch.take(hits).to_pylist()):
+                    out[(si, start + r)] = rec
+            start += batch.num_rows
+            if start > max(rows):
+                break
+    return out
+
+
+def _judged(reasons: list[str]) -> list[int]:
+    return [i for i, r in enumerate(reasons) if not (r or "").startswith(JUDGE_ERROR)]
+
+
+def scan_samples(run_dir: Path, source: str, want_qids: set[str], extremes: int, seed: int) -> tuple[dict, dict]:
+    """(sample rows of `want_qids` by qid, {"all right": rows, "all wrong": rows}): one pass over small
+    columns to find the units and to pick `extremes` all-right and all-wrong questions at random,
+    then only those units are read."""
+    rng = random.Random(f"{seed}:{source}")
+    units = sorted((run_dir / "samples" / source).glob("unit-*.parquet"))
+    picked: dict[str, list[tuple[int, str]]] = {"all right": [], "all wrong": []}
+    seen: Counter = Counter()
+    need: dict[int, set[str]] = {}
+    for ui, path in enumerate(units):
+        for batch in _batches(path, ["qid", "pipeline", "error", "correct", "reason"], batch_size=4096):
+            d = batch.to_pydict()
+            for qid, pipeline, error, correct, reason in zip(d["qid"], d["pipeline"], d["error"],
+                                                             d["correct"], d["reason"]):
+                if qid in want_qids:
+                    need.setdefault(ui, set()).add(qid)
+                judged = _judged(reason or [])
+                if pipeline != "correctness" or error or not judged:
+                    continue
+                kind = ("all right" if all(correct[i] for i in judged)
+                        else "all wrong" if not any(correct[i] for i in judged) else None)
+                if kind is None:
+                    continue
+                k = seen[kind]
+                seen[kind] += 1
+                if k < extremes:
+                    picked[kind].append((ui, qid))
+                elif (j := rng.randrange(k + 1)) < extremes:
+                    picked[kind][j] = (ui, qid)
+    extreme_qids = {q for rows in picked.values() for _, q in rows}
+    for rows in picked.values():
+        for ui, qid in rows:
+            need.setdefault(ui, set()).add(qid)
+    by_qid: dict[str, dict] = {}
+    for ui, qids in sorted(need.items()):
+        columns = SAMPLE_COLUMNS + (["image"] if qids & extreme_qids else [])
+        for batch in _batches(units[ui], columns):
+            for rec in batch.to_pylist():
+                if rec["qid"] in qids:
+                    by_qid[rec["qid"]] = rec
+    extremes_rows = {kind: [by_qid[q] for _, q in sorted(rows, key=lambda x: x[1]) if q in by_qid]
+                     for kind, rows in picked.items()}
+    extremes_rows["counts"] = dict(seen)
+    return by_qid, extremes_rows
+
+
+def read_rejects(run_dir: Path, source: str, example_chars: int = 400) -> list[dict]:
+    """[{reason, count, row_index, row}] for rejects/<source>.parquet, one example row per reason."""
+    path = run_dir / "rejects" / f"{source}.parquet"
+    if not path.exists():
+        return []
+    counts: Counter = Counter()
+    examples: dict[str, dict] = {}
+    for batch in _batches(path, ["reason", "row_index", "row"], batch_size=4096):
+        for rec in batch.to_pylist():
+            counts[rec["reason"]] += 1
+            if rec["reason"] not in examples:
+                examples[rec["reason"]] = dict(row_index=rec["row_index"], row=(rec["row"] or "")[:example_chars])
+    return [dict(reason=r, count=c, **examples[r]) for r, c in counts.most_common()]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PreviewError(f"{path}: not valid JSON: {e}") from None
+
+
+# --- pieces of the page ------------------------------------------------------------------------
+
+def thumbnail(data: bytes | None) -> str:
+    """An <img> with the image as a small data: URI, or a note when the bytes are not an image."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data or b""))
+        img.load()
+        fmt = (img.format or "").upper()
+        if fmt in ("PNG", "JPEG", "GIF", "WEBP") and max(img.size) <= THUMB_PX and len(data) <= 48_000:
+            mime, payload = f"image/{fmt.lower()}", data
+        else:
+            img = img.convert("RGB")
+            img.thumbnail((THUMB_PX, THUMB_PX))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=80)
+            mime, payload = "image/jpeg", buf.getvalue()
+        w, h = img.size
+    except Exception as e:  # noqa: BLE001 - any undecodable image becomes a note, not a broken page
+        return f'<div class="noimg">image not shown: {esc(type(e).__name__)}</div>'
+    return (f'<img class="thumb" alt="question image" width="{w}" height="{h}" '
+            f'src="data:{mime};base64,{base64.b64encode(payload).decode()}">')
+
+
+def first_difference(a: str, b: str) -> int:
+    """Index where `a` and `b` first differ, moved back to the start of that word."""
+    n = 0
+    limit = min(len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    while n > 0 and not a[n - 1].isspace():
+        n -= 1
+    return n
+
+
+def clip(text: str, at: int, width: int) -> tuple[str, str, str, str]:
+    """(note before, text before `at`, text from `at`, note after), at most `width` characters of
+    text, kept around `at` so the marked point is always shown."""
+    start = 0 if at <= width // 2 or len(text) <= width else min(at - width // 3, len(text) - width)
+    end = min(len(text), start + width)
+    before = f"[… {start:,} characters …] " if start else ""
+    after = f" [… {len(text) - end:,} more characters]" if end < len(text) else ""
+    at = min(max(at, start), end)
+    return before, text[start:at], text[at:end], after
+
+
+def marked_text(text: str, at: int, label: str, css: str, width: int = TEXT_CHARS) -> str:
+    """The response with a marker at `at` and the rest highlighted."""
+    before, head, tail, after = clip(text or "", at, width)
+    parts = [f'<span class="clip">{esc(before)}</span>' if before else "", esc(head),
+             f'<span class="mark" title="{esc(label)}" data-label="{esc(label)}"></span>',
+             f'<span class="{css}">{esc(tail)}</span>', f'<span class="clip">{esc(after)}</span>' if after else ""]
+    return f'<div class="text">{"".join(parts)}</div>'
+
+
+def verdict_line(sample: dict | None, index: int | None) -> str:
+    if sample is None or index is None or index >= len(sample.get("responses") or []):
+        return '<div class="verdict muted">no sample row found for this response</div>'
+    extracted = (sample.get("extracted") or [None] * (index + 1))
+    correct = sample.get("correct") or []
+    reason = sample.get("reason") or []
+    if not correct:  # dropout_ntp: no verdicts
+        return f'<div class="verdict muted">sample #{index} (no answer to judge)</div>'
+    got = extracted[index] if index < len(extracted) else None
+    ok = correct[index] if index < len(correct) else None
+    badge = '<span class="ok">right</span>' if ok else '<span class="bad">wrong</span>'
+    return (f'<div class="verdict">sample #{index} · {badge} · extracted: '
+            f'<code>{esc(got) if got is not None else "<i>nothing parsable</i>"}</code> · '
+            f'judge: {esc(reason[index] if index < len(reason) else "")}</div>')
+
+
+def _question_block(pair: dict, sample: dict | None) -> str:
+    shown_question = (sample or {}).get("question") or pair.get("question") or ""
+    answers = [a for a in (sample or {}).get("answers") or [] if a != pair.get("answer")]
+    options = (sample or {}).get("options") or []
+    rows = [f'<div class="q">{esc(shown_question)}</div>']
+    if pair.get("answer"):
+        rows.append(f'<div class="ref">reference answer: <b>{esc(pair["answer"])}</b>'
+                    + (f' (also accepted: {esc(", ".join(answers))})' if answers else "") + "</div>")
+    if options:
+        rows.append(f'<div class="muted">options: {esc(" | ".join(options))}</div>')
+    if pair.get("question") and pair.get("question") != shown_question:
+        rows.append(f'<details><summary>prompt sent to the model ({esc(pair.get("prompt_template"))})</summary>'
+                    f'<div class="text">{esc(pair["question"][:TEXT_CHARS])}</div></details>')
+    return "".join(rows)
+
+
+def pair_card(pair: dict, sample: dict | None) -> str:
+    from stages.dropout_ntp import prefix_of
+
+    chosen, rejected = pair.get("chosen") or "", pair.get("rejected") or ""
+    kind = pair.get("pair_type") or ""
+    if kind == "dropout_ntp" and pair.get("prefix_words") is not None:
+        at = len(prefix_of(chosen, int(pair["prefix_words"])))
+        label_c = f"✂ cut after {pair['prefix_words']} words; the original goes on (with the image)"
+        label_r = "✂ continued here without the image"
+        css_c, css_r = "kept", "continued"
+        title_c, title_r = "chosen: original response", "rejected: prefix + image-free continuation"
+    else:
+        at = first_difference(chosen, rejected)
+        label_c = label_r = "▸ first difference"
+        css_c, css_r = "diff-chosen", "diff-rejected"
+        title_c, title_r = "chosen", "rejected" + (" (no parsable final answer)" if kind == "format" else "")
+    images = "".join(thumbnail(im.get("bytes") if isinstance(im, dict) else im) for im in pair.get("images") or [])
+    meta = " · ".join(esc(x) for x in (pair.get("task"), f"qid {pair.get('qid')}", f"pair {pair.get('id')}") if x)
+    return f"""<article class="pair-card" data-pair-type="{esc(kind)}">
+<div class="card-head"><span class="badge {esc(kind)}">{esc(kind)}</span> <span class="muted">{meta}</span></div>
+<div class="pair-grid">
+<div class="side-q">{images or '<div class="noimg">no image</div>'}{_question_block(pair, sample)}</div>
+<div class="side chosen"><h4>{esc(title_c)}</h4>{verdict_line(sample, pair.get("chosen_index"))}{marked_text(chosen, at, label_c, css_c)}</div>
+<div class="side rejected"><h4>{esc(title_r)}</h4>{verdict_line(sample, pair.get("rejected_index"))}{marked_text(rejected, at, label_r, css_r)}</div>
+</div></article>"""
+
+
+def question_card(sample: dict, kind: str) -> str:
+    """A question whose samples were all right (or all wrong), with every sample and its verdict."""
+    rows = []
+    for i, text in enumerate(sample.get("responses") or []):
+        got = (sample.get("extracted") or [None] * (i + 1))[i]
+        ok = (sample.get("correct") or [False] * (i + 1))[i]
+        reason = (sample.get("reason") or [""] * (i + 1))[i]
+        before, head, tail, after = clip(text or "", 0, SAMPLE_TEXT_CHARS)
+        rows.append(f'<tr><td>#{i}</td><td>{"<span class=ok>right</span>" if ok else "<span class=bad>wrong</span>"}'
+                    f'</td><td><code>{esc(got) if got is not None else "<i>nothing</i>"}</code></td>'
+                    f'<td>{esc(reason)}</td><td><div class="text small">{esc(head + tail)}'
+                    f'<span class="clip">{esc(after)}</span></div></td></tr>')
+    pair = dict(answer=sample.get("answer"), question="", prompt_template=sample.get("prompt_template"))
+    return f"""<article class="question-card" data-kind="{esc(kind)}">
+<div class="card-head"><span class="badge {'ok' if kind == 'all right' else 'bad'}">{esc(kind)}</span>
+<span class="muted">{esc(sample.get("task"))} · qid {esc(sample.get("qid"))}</span></div>
+<div class="qgrid"><div class="side-q">{thumbnail(sample.get("image"))}{_question_block(pair, sample)}</div>
+<table class="samples"><tr><th></th><th>verdict</th><th>extracted</th><th>judge</th><th>response</th></tr>
+{"".join(rows)}</table></div></article>"""
+
+
+def rejects_table(rejects: list[dict]) -> str:
+    rows = "".join(f'<tr><td>{esc(r["reason"])}</td><td class="num">{r["count"]:,}</td>'
+                   f'<td class="num">{esc(r["row_index"])}</td><td><div class="text small">{esc(r["row"])}</div></td></tr>'
+                   for r in rejects)
+    return ('<table class="rejects"><tr><th>reason</th><th>rows</th><th>example row index</th>'
+            f'<th>example row</th></tr>{rows}</table>')
+
+
+CSS = """
+*{box-sizing:border-box}
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#1d1d1f;
+ background:#f5f5f7;margin:0;padding:16px 24px}
+main{max-width:1500px;margin:0 auto}
+h1{font-size:24px;margin:4px 0 8px} h2{font-size:20px;margin:28px 0 8px;border-bottom:2px solid #ccc}
+h3{font-size:16px;margin:18px 0 6px} h4{margin:0 0 4px;font-size:14px}
+.muted{color:#666;font-size:13px} code{background:#eee;padding:0 3px;border-radius:3px}
+.summary,.samples,.rejects{border-collapse:collapse;background:#fff;font-size:13px}
+.summary td,.summary th,.samples td,.samples th,.rejects td,.rejects th{border:1px solid #ddd;padding:3px 6px;
+ vertical-align:top;text-align:left}
+.num{text-align:right}
+article{background:#fff;border:1px solid #d7d7db;border-radius:8px;padding:10px 12px;margin:10px 0}
+.card-head{margin-bottom:6px}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff;background:#777}
+.badge.correctness{background:#4C72B0}.badge.format{background:#DD8452}.badge.dropout_ntp{background:#55A868}
+.badge.ok{background:#2e7d32}.badge.bad{background:#c62828}
+.pair-grid{display:grid;grid-template-columns:minmax(180px,230px) minmax(0,1fr) minmax(0,1fr);gap:12px}
+.qgrid{display:grid;grid-template-columns:minmax(180px,230px) minmax(0,1fr);gap:12px}
+.side{min-width:0}
+.chosen h4{color:#2e7d32}.rejected h4{color:#c62828}
+.thumb{display:block;max-width:100%;height:auto;border:1px solid #ccc;margin-bottom:6px;image-rendering:auto}
+.noimg{padding:8px;border:1px dashed #aaa;color:#666;font-size:13px;margin-bottom:6px}
+.q{white-space:pre-wrap;overflow-wrap:anywhere;font-weight:500;margin-bottom:4px}
+.ref{font-size:14px;margin-bottom:4px;overflow-wrap:anywhere}
+.verdict{font-size:13px;margin-bottom:4px;overflow-wrap:anywhere}
+.ok{color:#2e7d32;font-weight:600}.bad{color:#c62828;font-weight:600}
+.text{white-space:pre-wrap;overflow-wrap:anywhere;font:13.5px/1.45 ui-monospace,"DejaVu Sans Mono",monospace;
+ background:#fafafa;border:1px solid #eee;padding:6px;border-radius:4px}
+.text.small{font-size:12.5px;background:none;border:none;padding:0}
+.mark::before{content:attr(data-label);font:600 11px system-ui,sans-serif;color:#fff;background:#8e24aa;
+ border-radius:3px;padding:0 4px;margin:0 2px}
+.diff-chosen,.kept{background:#e8f5e9}.diff-rejected,.continued{background:#ffebee}
+.clip{color:#888;font-style:italic}
+.samples{width:100%} .samples td:last-child{width:55%}
+details summary{cursor:pointer;color:#555;font-size:13px}
+nav a{margin-right:12px}
+@media (max-width:900px){.pair-grid,.qgrid{grid-template-columns:minmax(0,1fr)}}
+"""
+
+
+def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = MAX_MB) -> str:
+    """The preview page of a run folder, as text (see the module docstring)."""
+    stats = _read_json(run_dir / "stats.json")
+    shards = pair_shards(run_dir)
+    positions, pair_counts = sample_pair_positions(shards, per_source, seed)
+    names = list((stats.get("sources") or {}).keys())
+    found = set(pair_counts) | {p.name for p in (run_dir / "samples").glob("*") if p.is_dir()} \
+        | {p.stem for p in (run_dir / "rejects").glob("*.parquet")}
+    names += sorted(found - set(names))
+    # An equal share per source, after the page's frame and each source's heading and summary row.
+    budget = int((max_mb * 2**20 - 16_384) / max(1, len(names))) - 2_048
+    shown_total, sections, nav, summary = 0, [], [], []
+    for name in names:
+        section, used = [], 0
+        rows_at = read_rows_at(shards, positions.get(name, []))
+        pairs = [rows_at[p] for p in positions.get(name, []) if p in rows_at]
+        samples, extremes = scan_samples(run_dir, name, {p["qid"] for p in pairs}, EXTREMES, seed)
+        rejects = read_rejects(run_dir, name)
+        anchor = "src-" + re.sub(r"[^A-Za-z0-9_-]", "_", name)
+        total = pair_counts.get(name, 0)
+        cards = []
+        for pair in pairs:
+            card = pair_card(pair, samples.get(pair["qid"]))
+            if used + len(card.encode()) > budget * 0.8:  # keep a fifth for questions and rejects
+                break
+            cards.append(card)
+            used += len(card.encode())
+        shown_total += len(cards)
+        note = (f"{len(cards)} of {total:,} pairs, picked uniformly at random (seed {seed})"
+                + (f"; {len(pairs) - len(cards)} more picked but not shown, to keep this file under "
+                   f"{max_mb:g} MB" if len(cards) < len(pairs) else ""))
+        section.append(f'<section class="source" id="{anchor}"><h2>{esc(name)}</h2>')
+        section.append(f'<h3>Pairs</h3><p class="muted">{esc(note)}</p>{"".join(cards)}')
+        counts = extremes.pop("counts")
+        extra = []
+        for kind in ("all right", "all wrong"):
+            rows = extremes.get(kind) or []
+            if not rows:
+                continue
+            extra.append(f'<h3>Questions answered {esc(kind)} ({counts.get(kind, 0):,} in all; no pairs)</h3>')
+            for row in rows:
+                card = question_card(row, kind)
+                if used + len(card.encode()) > budget:
+                    extra.append('<p class="muted">more not shown, to keep this file small</p>')
+                    break
+                extra.append(card)
+                used += len(card.encode())
+        if rejects:
+            table = rejects_table(rejects)
+            if used + len(table.encode()) <= budget:
+                extra.append(f'<h3>Rejected source rows ({sum(r["count"] for r in rejects):,})</h3>{table}')
+        section += extra + ["</section>"]
+        sections.append("".join(section))
+        nav.append(f'<a href="#{anchor}">{esc(name)}</a>')
+        st = (stats.get("sources") or {}).get(name, {})
+        summary.append(f'<tr><td><a href="#{anchor}">{esc(name)}</a></td><td>{esc(st.get("pipeline", ""))}</td>'
+                       f'<td class="num">{esc(st.get("questions", ""))}</td><td class="num">{total:,}</td>'
+                       f'<td class="num">{len(cards)}</td><td class="num">{counts.get("all right", 0):,}</td>'
+                       f'<td class="num">{counts.get("all wrong", 0):,}</td>'
+                       f'<td class="num">{sum(r["count"] for r in rejects):,}</td></tr>')
+    title = f"MMPR preview: {stats.get('recipe') or run_dir.name}"
+    head = (f'<h1>{esc(title)}</h1><p class="muted">model <code>{esc(stats.get("model", "?"))}</code> · '
+            f'built {esc(stats.get("created", "?"))} · {shown_total} pairs shown · at most {per_source} per '
+            f'source, seed {seed} · this file is capped at {max_mb:g} MB</p><nav>{"".join(nav)}</nav>'
+            '<table class="summary"><tr><th>source</th><th>pipeline</th><th>questions</th><th>pairs</th>'
+            '<th>shown</th><th>all right</th><th>all wrong</th><th>rejected rows</th></tr>'
+            f'{"".join(summary)}</table>')
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title><style>{CSS}</style></head>
+<body><main>{head}{"".join(sections)}</main></body></html>
+"""
+
+
+def write_preview(run_dir: str | Path, per_source: int = 20, seed: int = 0, max_mb: float = MAX_MB) -> Path:
+    """Write RUN_DIR/preview.html (atomically) and return its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PreviewError(f"{run_dir}: no such run folder")
+    if per_source < 0:
+        raise PreviewError(f"--per-source must be >= 0, got {per_source}")
+    if not pair_shards(run_dir) and not (run_dir / "samples").is_dir():
+        raise PreviewError(f"{run_dir}: neither data/ shards nor samples/ found (is this a run folder?)")
+    path = run_dir / PREVIEW_FILE
+    tmp = path.with_name(f".{PREVIEW_FILE}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(render(run_dir, per_source, seed, max_mb).encode("utf-8"))
+    os.replace(tmp, path)  # a reader never sees half a page
+    return path
