@@ -6,9 +6,11 @@ Each subcommand's handler imports its module lazily, so `mmpr --help` is instant
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
+import traceback
 
 # Offline by default: the Hub is reached only by commands that say so (publish), or when the
 # user unsets it.
@@ -32,15 +34,24 @@ def _recipe(args):
     overrides = _overrides(args.set)
     if args.model:
         overrides["model"] = args.model
-    if args.limit:
+    if args.limit is not None:
         overrides["limit"] = args.limit
     return recipe_mod.load(args.recipe, overrides)
+
+
+def _preflight(args, recipe) -> None:
+    """Check the model, engine options, --out and sources before Ray and vLLM start."""
+    from mmpr_pipeline import preflight
+
+    preflight.check_build(recipe, args.out, model_from_cli=bool(args.model))
 
 
 def cmd_build(args) -> int:
     from mmpr_pipeline import pipeline
 
-    pipeline.build(_recipe(args), args.out, overwrite=args.overwrite, ray_address=args.ray_address)
+    recipe = _recipe(args)
+    _preflight(args, recipe)
+    pipeline.build(recipe, args.out, overwrite=args.overwrite, ray_address=args.ray_address)
     return 0
 
 
@@ -55,7 +66,9 @@ def cmd_demo_model(args) -> int:
 def cmd_eval(args) -> int:
     from mmpr_pipeline import evaluate
 
-    evaluate.evaluate(_recipe(args), args.out, ray_address=os.environ.get("RAY_ADDRESS"))
+    recipe = _recipe(args)
+    _preflight(args, recipe)
+    evaluate.evaluate(recipe, args.out, ray_address=os.environ.get("RAY_ADDRESS"))
     return 0
 
 
@@ -71,23 +84,46 @@ def cmd_publish(args) -> int:
     return hub.cli_publish(args)
 
 
+def cmd_preview(args) -> int:
+    from mmpr_pipeline.preview import PreviewError, write_preview
+
+    try:
+        print(write_preview(args.run_dir, per_source=args.per_source, seed=args.seed))
+    except PreviewError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_export(args) -> int:
     from mmpr_pipeline import export
 
     return export.cli_export(args)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value} (leave it out for no limit)")
+    return value
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmpr", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", default=os.environ.get("MMPR_DEBUG", "") not in ("", "0"),
+                   help="show the traceback of an error (also MMPR_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     b = sub.add_parser("build", help="build preference pairs from a recipe (resumes an interrupted run)")
     b.add_argument("recipe", help="recipe YAML, e.g. data_cards/demo.yaml")
     b.add_argument("--out", required=True, help="run folder (created; an existing one is resumed)")
     b.add_argument("--model", help="Hub id or local path; overrides the recipe's model")
-    b.add_argument("--limit", type=int, help="questions per source (overrides every source's limit)")
+    b.add_argument("--limit", type=_positive_int, help="questions per source (overrides every source's limit)")
     b.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set sampling.n=4 (repeatable)")
     b.add_argument("--overwrite", action="store_true",
@@ -105,7 +141,7 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("recipe", help="recipe YAML whose sources to evaluate on")
     e.add_argument("--model", help="Hub id or local path; overrides the recipe's model")
     e.add_argument("--out", required=True, help="folder for eval results")
-    e.add_argument("--limit", type=int, help="questions per source")
+    e.add_argument("--limit", type=_positive_int, help="questions per source")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
     e.set_defaults(func=cmd_eval)
 
@@ -127,22 +163,72 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=["trl", "internvl"])
     x.add_argument("--out", required=True, help="output folder")
     x.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("preview", help="write RUN_DIR/preview.html: sampled pairs, verdicts, rejects (one file)")
+    v.add_argument("run_dir")
+    v.add_argument("--per-source", type=int, default=20, help="pairs shown per source (default 20)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the pair sample (default 0)")
+    v.set_defaults(func=cmd_preview)
     return p
+
+
+# Exit codes: a user error (bad input, named in the message), a failure of the environment (disk,
+# memory, network, a crashed engine), Ctrl-C.
+USER_ERROR, ENVIRONMENT_ERROR, INTERRUPTED = 2, 1, 130
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from mmpr_pipeline.export import ExportError
+    from mmpr_pipeline.pipeline import RunFolderError
+    from mmpr_pipeline.preflight import PreflightError
+    from mmpr_pipeline.recipe import RecipeError
+    from stages.load import SourceError
+
+    return RecipeError, SourceError, RunFolderError, PreflightError, ExportError
+
+
+def error_message(e: Exception) -> tuple[int, str]:
+    """(exit code, message) for an exception that reached the top: never a traceback."""
+    if isinstance(e, _user_errors()):
+        return USER_ERROR, str(e)
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        reason = e.strerror or str(e) or type(e).__name__
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            reason += " (the disk is full or a file size limit was hit: free space, then run the same command again)"
+        return ENVIRONMENT_ERROR, where + reason
+    if isinstance(e, MemoryError):
+        return ENVIRONMENT_ERROR, "out of memory"
+    lines = str(e).strip().splitlines()  # a Ray task error carries the remote traceback below its first line
+    first = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return ENVIRONMENT_ERROR, f"{first} (run `mmpr --debug ...` to see the traceback)"
+
+
+def _resume_hint(args) -> str:
+    if args.command == "build":
+        return f"finished work units are kept in {args.out}: run the same command again to resume"
+    if args.command == "eval":
+        return f"finished work units are kept under {args.out}: run the same command again to resume"
+    return "nothing was finished"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from mmpr_pipeline.pipeline import RunFolderError
-    from mmpr_pipeline.recipe import RecipeError
-    from stages.load import SourceError
-
     try:
         return args.func(args) or 0
-    except (RecipeError, SourceError, RunFolderError) as e:  # bad input: a clear message, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"\ninterrupted: {_resume_hint(args)}", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the one place every error becomes a message
+        if args.debug:
+            traceback.print_exc()
+        code, message = error_message(e)
+        print(f"error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
