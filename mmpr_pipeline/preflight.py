@@ -1,0 +1,158 @@
+"""Checks that run before any engine starts, so a mistake costs a second and one line, not a 20 s
+vLLM start-up and 150 lines of someone else's traceback.
+
+- the model: `demo`, a local model folder (with config.json), a .gguf file, or a Hub id (which,
+  offline, must already be in the Hugging Face cache);
+- the recipe's `engine:` keys: options `vllm.EngineArgs` has, read from vLLM's source (importing
+  vLLM takes 10-20 s);
+- `--out`: a folder that can be created and written, whose recipe.json, if any, can be read;
+- every source gives at least one question (reading stops at the first usable row).
+
+Each failure is a PreflightError naming the file, key or path and the reason.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+
+from mmpr_pipeline.recipe import DEMO_MODEL, Recipe
+
+# A Hub repo id: "name" or "owner/name"; anything else that is not on disk is a missing path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+
+
+class PreflightError(ValueError):
+    """A setting that would fail once the engine starts; the message names where it came from."""
+
+
+def check_model(model: str, where: str) -> None:
+    """`model` names something an engine can load; `where` says where it was set (for the message)."""
+    if model == DEMO_MODEL:
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PreflightError(f"{where}: {model} is a folder without config.json, not a model folder")
+        return
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise PreflightError(f"{where}: {model} is a file; give a model folder (with config.json), "
+                                 "a .gguf file or a Hub id")
+        return
+    if not HUB_ID.match(model):
+        raise PreflightError(f"{where}: {model}: no such folder")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline and not isinstance(try_to_load_from_cache(model, "config.json"), str):
+        raise PreflightError(
+            f"{where}: {model} is not a local folder, and not in the Hugging Face cache while offline mode is "
+            "on (HF_HUB_OFFLINE=1): give a local model folder, or set HF_HUB_OFFLINE=0 to download it")
+
+
+@lru_cache(maxsize=1)
+def engine_options() -> frozenset[str] | None:
+    """The keyword options `vllm.LLM` passes to `vllm.EngineArgs`: its dataclass fields, read from the
+    installed vLLM's source without importing it. None when that source cannot be read (no check)."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(spec.submodule_search_locations[0]) / "engine" / "arg_utils.py"
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "EngineArgs":
+            names = {n.target.id for n in node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+            return frozenset(names) or None
+    return None
+
+
+def check_engine_options(options: dict, file: str) -> None:
+    """Every key of the recipe's `engine:` is an option of `vllm.EngineArgs`."""
+    known = engine_options()
+    if known is None:
+        return
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PreflightError(f"{file}: engine.{key}: not an option of vllm.EngineArgs{hint}")
+
+
+def _first_file_above(path: Path) -> Path | None:
+    for parent in path.parents:
+        if parent.exists():
+            return parent if not parent.is_dir() else None
+    return None
+
+
+def check_out_dir(out: str | Path, flag: str = "--out") -> None:
+    """`out` is (or can be made as) a folder this process can write, and its recipe.json is readable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PreflightError(f"{flag} {out}: is a file, not a folder")
+    blocker = _first_file_above(out)
+    if blocker is not None:
+        raise PreflightError(f"{flag} {out}: {blocker} is a file, so no folder can be made under it")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    try:  # os.access says yes to root on a read-only mount: ask the file system itself
+        with tempfile.TemporaryFile(dir=existing, prefix=".mmpr-write-check."):
+            pass
+    except OSError as e:
+        raise PreflightError(f"{flag} {out}: cannot write in {existing} ({e.strerror})") from None
+    recipe_file = out / "recipe.json"
+    if recipe_file.exists():
+        try:
+            json.loads(recipe_file.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise PreflightError(f"{recipe_file}: cannot be read ({e}); this run folder cannot be resumed: "
+                                 f"use another {flag}") from None
+
+
+def check_sources_give_questions(recipe: Recipe) -> None:
+    """Each source gives at least one usable question; reading stops at the first one. A source whose
+    every row is set aside (wrong `fields:`?) would otherwise end in an empty build with rc 0."""
+    from stages.load import BadRow, SourceError, read_rows, to_question
+
+    for i, source in enumerate(recipe.sources):
+        reasons, n_rows = Counter(), 0
+        try:
+            for row_index, raw in enumerate(read_rows(source)):
+                if source.limit is not None and row_index >= source.limit:
+                    break
+                n_rows += 1
+                try:
+                    to_question(raw, source, row_index)
+                    break
+                except BadRow as e:
+                    reasons[str(e)] += 1
+        except SourceError as e:
+            raise SourceError(f"{recipe.file}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - as stages.load does: name the source, not the library
+            raise SourceError(f"{recipe.file}: source {source.name!r} ({source.loader}: "
+                              f"{source.path or source.dataset}) cannot be read: {type(e).__name__}: {e}") from None
+        if n_rows == 0:
+            raise PreflightError(f"{recipe.file}: sources[{i}] ({source.name}): gives no rows "
+                                 f"({source.loader}: {source.path or source.dataset or source.generator})")
+        if n_rows == sum(reasons.values()):
+            top = ", ".join(f"{r} ({n})" for r, n in reasons.most_common(3))
+            raise PreflightError(f"{recipe.file}: sources[{i}] ({source.name}): none of its {n_rows} rows is "
+                                 f"usable ({top}); check its fields:")
+
+
+def check_build(recipe: Recipe, out: str | Path, model_from_cli: bool) -> None:
+    """Everything `mmpr build` / `mmpr eval` can check before starting Ray and vLLM."""
+    check_out_dir(out)
+    check_model(recipe.model, "--model" if model_from_cli else f"{recipe.file}: model")
+    check_engine_options(recipe.engine, recipe.file)
+    check_sources_give_questions(recipe)
