@@ -243,7 +243,7 @@ def _context(run: dict, metadata: dict, lengths_note: str) -> dict:
         reject_reasons=reject_reasons, prompt_template=prompt_id, templates=templates,
         sampling_text=", ".join(f"{k} = {v}" for k, v in sampling.items()), seed=recipe.get("seed", 0),
         stage_seconds={k: f"{float(v):.1f}" for k, v in (stats.get("stage_seconds") or {}).items()},
-        figures=FIGURES, lengths_note=lengths_note,
+        figures=FIGURES, lengths_note=lengths_note, preview=(run["run_dir"] / "preview.html").is_file(),
         columns=[dict(name=f.name, type=_arrow_type_text(f.type), doc=COLUMN_DOCS.get(f.name, ""))
                  for f in run["schema"]],
     )
