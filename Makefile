@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup build-mmpr test train eval demo-model demo-loop publish bench clean help
+.PHONY: setup browser build-mmpr test train eval demo-model demo-loop publish bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -31,7 +31,10 @@ build-mmpr: setup  ## build MMPR pairs with RECIPE into RUN_DIR (MODEL= override
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory demo-model; fi
 	$(PY) -m mmpr_pipeline.cli build $(RECIPE) --out $(RUN_DIR) $(if $(MODEL),--model $(MODEL))
 
-test: setup demo-model  ## run the test suite (real vLLM, real Ray, on CPU)
+browser:  ## install Chromium (Debian package) for the preview's browser test (skipped when installed)
+	@bash scripts/install_chromium.sh
+
+test: setup demo-model browser  ## run the test suite (real vLLM, real Ray, on CPU)
 	$(PY) -m pytest -q tests
 
 train: setup  ## train the default model with MPO on RUN_DIR's pairs (config: TRAIN_CFG)
