@@ -15,16 +15,22 @@
 The prompt a trainer sees is the one the responses were sampled with: a pair's `question` is already
 the user turn (its source question inside its prompt template, see stages/pair.py), used as is.
 
-An export is written to a temporary folder next to DIR and renamed into place when complete; an
-existing DIR is replaced only if an earlier export wrote it (it holds `mmpr_export.json`).
+An export is written to a temporary folder next to DIR and renamed into place when complete. DIR
+must be missing, empty, or an earlier export: it holds `mmpr_export.json`, which lists every file
+the export wrote. Only those files are ever removed; if DIR holds anything else (notes, a
+checkpoint), the export refuses and names it. One export at a time may write DIR (a lock beside it).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import json
+import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -146,6 +152,88 @@ def _write_internvl(run: dict, out: Path, final: Path) -> dict:
 FORMATS = {"trl", "internvl"}
 
 
+def _files_under(folder: Path) -> set[str]:
+    """Relative paths of everything under `folder` that is not a directory (symlinks are not followed)."""
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        rel_root = Path(root).relative_to(folder)
+        found.update((rel_root / name).as_posix() for name in files)
+        found.update((rel_root / name).as_posix() for name in dirs if (Path(root) / name).is_symlink())
+    return found
+
+
+def _check_out(out: Path) -> None:
+    """`out` can take an export: missing, empty, or an earlier export holding only files it wrote."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ExportError(f"--out {out}: is a file, not a folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"--out {out}: {parent} is a file, so no folder can be made under it")
+            break
+    if not out.exists() or not any(out.iterdir()):
+        return
+    marker = out / MARKER
+    if not marker.is_file():
+        raise ExportError(f"--out {out}: exists and holds files this tool did not write: choose an empty or new folder")
+    try:
+        written = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError, OSError):
+        raise ExportError(f"{marker}: does not list the files of the earlier export (an older version, or "
+                          f"edited); move {out} away or choose another --out") from None
+    foreign = sorted(_files_under(out) - set(written) - {MARKER})
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ExportError(f"--out {out}: holds files the earlier export did not write ({shown}); "
+                          "move them out or choose another --out")
+
+
+@contextmanager
+def _lock(out: Path):
+    """Hold an exclusive lock on `out` (a file beside it) while exporting; refuse if another process has it."""
+    lock_path = out.with_name(f".{out.name}.mmpr-export.lock")
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ExportError(f"--out {out}: another mmpr export (pid {holder}) is writing it; "
+                              "wait for it to finish") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the one in place
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.unlink(lock_path)
+        os.close(fd)
+
+
+def _remove_export(folder: Path, written: list[str]) -> list[str]:
+    """Remove the files an export wrote, then its empty folders; return what was left (nothing, unless
+    someone added files meanwhile: those stay)."""
+    for rel in [*written, MARKER]:
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            continue  # a marker edited to point outside the folder: never follow it
+        path = folder / rel
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    for root, _dirs, _files in sorted(os.walk(folder), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(root)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    return sorted(_files_under(folder)) if folder.exists() else []
+
+
 def export(run_dir: str | Path, fmt: str, out: str | Path) -> dict:
     """Export a run's pairs to `out` in format `fmt`; return a summary ({'rows': ..., ...})."""
     if fmt not in FORMATS:
@@ -154,24 +242,40 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> dict:
         run = card_mod.read_run(run_dir)
     except card_mod.CardError as e:
         raise ExportError(str(e)) from None
-    out = Path(out).resolve()
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise ExportError(f"{out} exists and holds files this tool did not write: choose an empty or new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out = Path(out).absolute()
+    _check_out(out)
     try:
-        summary = _write_trl(run, tmp) if fmt == "trl" else _write_internvl(run, tmp, out)
-        summary = {"format": fmt, "run_dir": str(Path(run_dir).resolve()),
-                   "fingerprint": run["stats"].get("fingerprint"), **summary}
-        (tmp / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
-        if out.exists():  # an earlier export: swap, then drop the old one
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from None
+    try:
+        with _lock(out):
+            _check_out(out)  # again, now that no other export can change it
+            try:
+                summary = _write_trl(run, tmp) if fmt == "trl" else _write_internvl(run, tmp, out)
+            except OSError as e:  # a full disk: name the export, not a temporary file (pyarrow names none)
+                raise OSError(e.errno, e.strerror or str(e), str(out)) from e
+            summary = {"format": fmt, "run_dir": str(Path(run_dir).resolve()),
+                       "fingerprint": run["stats"].get("fingerprint"), **summary,
+                       "files": sorted(_files_under(tmp))}
+            (tmp / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+            if out.exists():  # empty, or an earlier export holding only its own files: swap
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+                old.rmdir()
+                try:
+                    out.rename(old)
+                except OSError as e:
+                    raise ExportError(f"--out {out}: cannot be replaced ({e.strerror}; a mount point, or in use?)"
+                                      ) from None
+                tmp.rename(out)
+                earlier = json.loads((old / MARKER).read_text())["files"] if (old / MARKER).exists() else []
+                left = _remove_export(old, earlier)
+                if left:
+                    print(f"warning: kept {old}: files appeared there during the export ({', '.join(left[:5])})",
+                          file=sys.stderr)
+            else:
+                tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -182,7 +286,7 @@ def cli_export(args) -> int:
     """`mmpr export RUN_DIR --format {trl,internvl} --out DIR`."""
     try:
         summary = export(args.run_dir, args.format, args.out)
-    except ExportError as e:
+    except ExportError as e:  # other OSErrors (a full disk) reach the CLI's wrapper: rc 1
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)

@@ -96,8 +96,8 @@ def _first_file_above(path: Path) -> Path | None:
     return None
 
 
-def check_out_dir(out: str | Path, flag: str = "--out") -> None:
-    """`out` is (or can be made as) a folder this process can write, and its recipe.json is readable."""
+def check_writable_folder(out: str | Path, flag: str = "--out") -> None:
+    """`out` is (or can be made as) a folder this process can write in."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PreflightError(f"{flag} {out}: is a file, not a folder")
@@ -110,6 +110,12 @@ def check_out_dir(out: str | Path, flag: str = "--out") -> None:
             pass
     except OSError as e:
         raise PreflightError(f"{flag} {out}: cannot write in {existing} ({e.strerror})") from None
+
+
+def check_out_dir(out: str | Path, flag: str = "--out") -> None:
+    """`out` is (or can be made as) a folder this process can write, and its recipe.json is readable."""
+    out = Path(out)
+    check_writable_folder(out, flag)
     recipe_file = out / "recipe.json"
     if recipe_file.exists():
         try:

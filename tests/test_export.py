@@ -155,10 +155,16 @@ def test_internvl_row_with_several_images_numbers_them():
 def test_export_replaces_its_own_output_and_refuses_someone_elses(run_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert export.cli_export(_args(run_dir, "internvl", out)) == 0
-    (out / "annotations" / "stale.jsonl").write_text("{}\n")
+    written = json.loads((out / export.MARKER).read_text())["files"]
+    assert "meta.json" in written and len(written) == sum(1 for p in out.rglob("*") if p.is_file()) - 1
     assert export.cli_export(_args(run_dir, "trl", out)) == 0  # an earlier export: replaced whole
     assert sorted(p.name for p in out.iterdir()) == ["data", export.MARKER]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder or lock left behind
+
+    (out / "data" / "stale.parquet").write_text("not written by the export")  # a file the user added
+    assert export.cli_export(_args(run_dir, "trl", out)) == 2
+    assert "holds files the earlier export did not write (data/stale.parquet)" in capsys.readouterr().err
+    assert (out / "data" / "stale.parquet").read_text() == "not written by the export"
 
     foreign = tmp_path / "mine"
     foreign.mkdir()
