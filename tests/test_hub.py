@@ -100,6 +100,9 @@ def hub_env(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Short network bounds, so the failure tests take a second, not minutes.
+    monkeypatch.setenv("MMPR_HUB_TIMEOUT", "1")
+    monkeypatch.setenv("MMPR_HUB_BACKOFF", "0.05")
 
 
 def _args(run_dir, repo_id="me/demo", private=False, revision=None, dry_run=False):
