@@ -69,9 +69,12 @@ def load_pairs(source: str | Path) -> pa.Table:
     if files is not None:
         tables = []
         for f in files:
-            schema = pq.read_schema(f)
-            cols = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in schema.names]
-            tables.append(pq.read_table(f, columns=cols))
+            try:
+                schema = pq.read_schema(f)
+                cols = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in schema.names]
+                tables.append(pq.read_table(f, columns=cols))
+            except (pa.ArrowException, OSError) as e:  # pyarrow's messages do not name the file
+                raise ValueError(f"{f}: not a readable Parquet file ({e})") from None
         names = set(tables[0].column_names)
         for f, t in zip(files, tables):
             if set(t.column_names) != names:
