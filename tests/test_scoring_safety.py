@@ -133,7 +133,7 @@ def test_hostile_outputs_inside_a_ray_actor(tmp_path):
     ray = pytest.importorskip("ray")
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     # this test module is not importable on Ray workers: ship its functions by value
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
