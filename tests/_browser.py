@@ -169,9 +169,10 @@ class Page:
 
 # What the preview tests read off the rendered page (computed by the browser, after layout).
 PREVIEW_FACTS_JS = r"""
-(() => {
+(async () => {
   const cards = [...document.querySelectorAll('article.pair-card')];
   const imgs = [...document.images];
+  const decoded = await Promise.all(imgs.map(i => i.decode().then(() => true, () => false)));
   const sideText = (card, cls) => {
     const box = card.querySelector('.side.' + cls + ' .text'), mark = box.querySelector('.mark');
     const r = document.createRange(); r.setStart(box, 0); r.setEndBefore(mark);
@@ -196,7 +197,7 @@ PREVIEW_FACTS_JS = r"""
              text: q.innerText})),
     rejects: [...document.querySelectorAll('table.rejects tr')].slice(1).map(r => r.innerText),
     images: imgs.length,
-    images_not_loaded: imgs.filter(i => !i.complete || i.naturalWidth === 0).length,
+    images_not_loaded: imgs.filter((i, k) => !i.complete || i.naturalWidth === 0 || !decoded[k]).length,
     thumbnails: document.querySelectorAll('img.thumb').length,
     scripts: document.scripts.length,
     textareas: document.querySelectorAll('textarea').length,

@@ -6,6 +6,10 @@ question. The build itself writing the preview is checked in test_build_e2e.py o
 """
 from __future__ import annotations
 
+import base64
+import io
+import re
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -62,6 +66,14 @@ def test_page_renders_every_pair_card_and_image_without_errors(facts, run_dir):
     assert facts["images"] == facts["thumbnails"] == 24 + 2  # one per pair card and per question card
     assert facts["images_not_loaded"] == 0
     assert facts["scripts"] == 0
+    # and each embedded image is whole (a browser shows a truncated PNG's first rows without an error)
+    embedded = re.findall(r'width="(\d+)" height="(\d+)" src="data:image/\w+;base64,([^"]+)"',
+                          facts["path"].read_text(encoding="utf-8"))
+    assert len(embedded) == facts["images"]
+    for w, h, data in embedded:
+        img = Image.open(io.BytesIO(base64.b64decode(data)))
+        img.load()
+        assert img.size == (int(w), int(h)) and max(img.size) <= preview.THUMB_PX
 
 
 def test_readable_at_1280_px(facts):
@@ -232,3 +244,16 @@ def test_recipe_switch_is_outside_the_fingerprint():
     assert on.fingerprint() == off.fingerprint()  # a finished run resumes with it switched either way
     with pytest.raises(recipe_mod.RecipeError, match="preview"):
         recipe_mod.load(demo, {"preview": "yes"})
+
+
+def test_images_are_embedded_as_small_thumbnails_or_a_note():
+    big = io.BytesIO()
+    Image.new("RGB", (1000, 600), (200, 30, 30)).save(big, format="PNG")
+    tag = preview.thumbnail(big.getvalue())
+    w, h, data = re.fullmatch(r'<img class="thumb" alt="question image" width="(\d+)" height="(\d+)" '
+                              r'src="data:image/jpeg;base64,([^"]+)">', tag).groups()
+    img = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert img.size == (int(w), int(h)) == (preview.THUMB_PX, preview.THUMB_PX * 600 // 1000)
+    assert len(data) < 20_000
+    note = preview.thumbnail(b"\x89PNG\r\n\x1a\n truncated")
+    assert "<img" not in note and "image not shown" in note
