@@ -357,20 +357,28 @@ def test_cli_train(tiny, run_dir, tmp_path, capsys):
 
 
 def test_data_parallel_with_torchrun_matches_one_process(tiny, run_dir, tmp_path):
-    """Two processes with 2 pairs each take the same steps as one process with 4 pairs (DPO term
-    only: its batch mean is exactly the mean of the two halves' means)."""
+    """Two processes with 2 pairs each take the same steps as one process with 4 pairs, with the full
+    MPO mix (0.8/0.2/1.0): the DPO and BCO terms are per-pair means (the mean of the halves' means),
+    the SFT term is per token over the whole micro-batch (its token count is summed over processes),
+    and the BCO shift delta takes one mean reward per process."""
     script = tmp_path / "ddp.py"
     script.write_text(
         "import sys\nfrom mmpr_pipeline.train import MPOConfig, train\n"
         f"train(MPOConfig(model={str(tiny)!r}, data={str(run_dir)!r}, output_dir=sys.argv[1], batch_size=int(sys.argv[2]),"
         " max_steps=3, learning_rate=1e-3, warmup_ratio=0.0, eval_fraction=0.2, max_length=512, progress_bar=False,"
-        " weights=[1.0, 0.0, 0.0]))\n")
+        " weights=[0.8, 0.2, 1.0], bco_shift='running_mean'))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4"], check=True, env=env, cwd=ROOT)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                     str(tmp_path / "two"), "2"], check=True, env=env, cwd=ROOT, timeout=300)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["pairs"] for r in two] == [4, 4, 4]
-    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-4)
+    # the halves differ in length, so a per-process per-token SFT mean would not match
+    assert len({r["tokens"] for r in one}) > 1
+    for key in ("loss", "preference", "bco", "sft", "delta", "reward_margin"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-5), key
+    assert one[-1]["delta"] != 0.0 and one[-1]["sft"] > 0
     a, b = load_file(tmp_path / "one" / "final" / "model.safetensors"), load_file(tmp_path / "two" / "final" / "model.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    e1, e2 = metrics(tmp_path / "one", "eval")[-1], metrics(tmp_path / "two", "eval")[-1]
+    assert e1["eval_pairs"] == e2["eval_pairs"] > 0

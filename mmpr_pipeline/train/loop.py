@@ -239,6 +239,7 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     is `weights: [0, 0, 1]`: then no reference and no rejected responses are computed at all.
     """
     cfg = config
+    run_started = time.perf_counter()
     d = setup_distributed()
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -278,16 +279,19 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
 
     # The reference: precomputed (one model in memory), a frozen copy, or the policy without adapters.
     ref_tables: dict[str, torch.Tensor] = {}
+    reference_s = 0.0  # the precompute pass: part of the run's cost, reported in the summary
     if cfg.needs_reference:
         if ref_model is not None:
             ref_model.to(d.device).eval().requires_grad_(False)
         if cfg.reference == "precomputed":
+            t0 = time.perf_counter()
             scorer = ref_model if ref_model is not None else model
             ref_tables["train"] = precompute_reference(scorer, train_set, cfg, d, autocast, pad_id,
                                                        out / "reference_logps.pt")
             if len(eval_set):
                 ref_tables["eval"] = precompute_reference(scorer, eval_set, cfg, d, autocast, pad_id,
                                                           out / "reference_logps_eval.pt")
+            reference_s = time.perf_counter() - t0
             ref_model = None
         elif ref_model is None and not cfg.lora:
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -330,10 +334,26 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
         dist.all_gather(everyone, mine)
         return running.update(*[m for m, present in everyone if present])
 
-    def batch_loss(batch: dict, split: str) -> tuple[torch.Tensor, dict]:
+    def sft_tokens(batch: dict) -> torch.Tensor | None:
+        """The SFT term's denominator under data parallelism: the micro-batch's chosen-response tokens
+        over all processes, divided by the number of processes. Each process then contributes its own
+        token sum over that, and the averaged gradient is the per-token mean over the whole
+        micro-batch, as one process with all its pairs computes it (a mean of each process's own
+        per-token mean would weight a process's tokens by how few it has). Every process calls it,
+        an empty micro-batch included. None on one process: the local count is the whole count."""
+        if d.world == 1 or not cfg.weights[2]:
+            return None
+        n = batch["n_pairs"]
+        count = batch["response_mask"][:n, 1:].sum().float() if n else torch.zeros(())
+        return all_reduce_sum(count.to(d.device), d) / d.world
+
+    def batch_loss(batch: dict, split: str, sft_denominator: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         n = batch["n_pairs"]
         logps, n_tokens = response_logps(model, batch)  # [chosen..., rejected...]
-        chosen_nll = -logps[:n].sum() / n_tokens[:n].sum().clamp(min=1)
+        # L_g (MPO Eq. 8): the negative log-likelihood per token over the batch's chosen responses, as
+        # TRL's `sft` loss type computes it (pooled over tokens, not averaged per sequence).
+        denominator = sft_denominator if sft_denominator is not None else n_tokens[:n].sum().clamp(min=1)
+        chosen_nll = -logps[:n].sum() / denominator
         if not cfg.needs_reference:  # SFT only
             loss = cfg.weights[2] * chosen_nll
             return loss, {"loss": loss.detach(), "sft": chosen_nll.detach()}
@@ -428,13 +448,14 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
                                 "`dropped` in metrics.jsonl)", x.pair_id, x.length, cfg.max_length)
                 warned += 1
             sums[-1] += len(batch["dropped"])
+            sft_denominator = sft_tokens(batch)
             if not batch["n_pairs"]:
                 if d.world > 1 and cfg.needs_reference and cfg.bco_shift == "running_mean":
                     update_shift(None)  # the other processes wait for this one's (absent) reward
                 continue
             batch = to_device(batch, d.device)
             with autocast():
-                loss, parts = batch_loss(batch, "train")
+                loss, parts = batch_loss(batch, "train", sft_denominator)
             (loss / cfg.grad_accum_steps).backward()  # a micro-batch counts 1/grad_accum_steps, however full
             n = batch["n_pairs"]
             sums[:len(keys)] += torch.stack([parts[k].float() for k in keys]) * n
@@ -506,6 +527,7 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
         if cfg.save_every >= 0 and (done or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
             save_checkpoint(out, step + 1, model, optimizer, running, cfg, d, {"dropped": dropped_total})
     bar.close()
+    steps_s = time.perf_counter() - started  # the steps, with their evaluations and checkpoints
 
     if dropped_total and d.main:
         log.warning("%d pair(s) longer than max_length=%d were dropped over the run (not cut)",
@@ -519,7 +541,9 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     summary = {"output_dir": str(out), "model_dir": str(model_dir) if model_dir else None, "steps": total_steps,
                "train_pairs": len(train_set), "eval_pairs": len(eval_set), "dropped": dropped_total,
                "trainable_parameters": n_params, "last_train": last_train, "last_eval": last_eval,
-               "delta": float(running.mean)}
+               "delta": float(running.mean), "reference_s": reference_s,
+               "setup_s": started - run_started, "steps_s": steps_s,
+               "run_s": time.perf_counter() - run_started}
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if d.world > 1:
