@@ -100,3 +100,25 @@ def test_provenance_and_prompts(built):
     assert "Answer with the option's letter" not in r["question"]
     assert json.loads(r["sampling"])["n"] == 4
     assert r["chosen_index"] != r["rejected_index"]
+
+
+def test_build_writes_a_preview_the_card_links_to_unless_switched_off(built, trained_model, tmp_path):
+    import shutil
+
+    from _browser import preview_facts
+
+    run, stats = built
+    facts = preview_facts(run / "preview.html")
+    expected = {name: min(20, sum(s["pairs"].values())) for name, s in stats["sources"].items()}
+    assert facts["by_source"] == expected and sum(expected.values()) > 0
+    assert facts["images"] > 0 and facts["images_not_loaded"] == 0
+    assert facts["console_errors"] == [] and facts["scroll_width"] <= 1280
+    assert "[preview.html](preview.html)" in (run / "README.md").read_text()
+
+    # switched off: a resumed build of the finished run (nothing left to sample) writes none
+    again = tmp_path / "run"
+    shutil.copytree(run, again)
+    (again / "preview.html").unlink()
+    pipeline.build(demo_recipe(trained_model, preview=False), again)
+    assert not (again / "preview.html").exists()
+    assert "preview.html" not in (again / "README.md").read_text()
