@@ -1,127 +1,136 @@
-"""Generated tokens/s of the pipeline's sample stage against a bare `vllm.LLM.generate` loop.
+"""Does the sample stage keep the engine full? Generated tokens/s on a long-tailed mix of lengths.
 
-Both run in this one process over the same prompts with the same engine settings:
-  baseline  the engine's own `LLM.generate` on pre-rendered prompts and decoded images
-  stage     `stages.sample.SampleStage.__call__` on an Arrow batch of questions (prompt building,
-            image decoding, chat templating, Arrow in/out) on the *same* engine instance
-  dropout   the DropoutNTP continuation pass (text-only, prefixes of the stage's responses)
-With --ray, the stage also runs as the real Ray Data actor stage (its own engine in an actor).
-`ignore_eos` with long `max_tokens` makes generation, not start-up, dominate.
+Chain-of-thought lengths vary by 10-100x. A stage that waits for a whole batch before taking the next
+leaves the engine idle behind each batch's longest response. Each request here gets its own
+`max_tokens`, drawn from a log-normal distribution (median ~42 tokens, a tail of several hundred),
+with `ignore_eos`, on the same image questions, n samples each. Three ways, in this one process:
 
-    python benchmarks/bench_sampling.py [--model PATH] [--questions 64] [--n 8] [--max-tokens 256] [--ray]
+  all-at-once  one `LLM.chat` over every question: the engine sees all requests from the start (the
+               ceiling, and the baseline of the ratios)
+  batch-sync   `LLM.chat` per batch of --batch-size questions, each waited on (the pipeline before
+               the async engine)
+  stage        `stages.sample.SampleStage` on vLLM's async engine, batches of --batch-size with
+               --concurrent batches in flight, as the Ray Data actor runs it
+
+    python benchmarks/bench_sampling.py [--model PATH] [--questions 128] [--n 4] [--batch-size 32]
+
+Prints tokens/s of each and the ratios to all-at-once (target for the stage: >= 0.95); the raw
+figures go to benchmarks/results/bench_sampling.json.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import gc
+import json
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def long_tailed_lengths(count: int, median: int, sigma: float, cap: int, seed: int = 0) -> list[int]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [int(x) for x in np.clip(rng.lognormal(np.log(median), sigma, count), 4, cap)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model path (default: a freshly built tiny model)")
-    ap.add_argument("--questions", type=int, default=64)
-    ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--model", default=None, help="default: the trained demo model")
+    ap.add_argument("--questions", type=int, default=128)
+    ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each; the best is kept")
-    ap.add_argument("--ray", action="store_true", help="also time the Ray Data actor stage")
+    ap.add_argument("--concurrent", type=int, default=4, help="batches in flight in the stage")
+    ap.add_argument("--median", type=int, default=42)
+    ap.add_argument("--sigma", type=float, default=1.0)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_sampling.json")
     args = ap.parse_args()
-
-    import tempfile
 
     import pyarrow as pa
 
     from mmpr_pipeline import demo_model, recipe as recipe_mod
-    from mmpr_pipeline.engine import request_seed
-    from mmpr_pipeline.prompts import render
-    from mmpr_pipeline.records import QUESTION_SCHEMA, decode_image
+    from mmpr_pipeline.engine import Engine, engine_kwargs
+    from mmpr_pipeline.records import QUESTION_SCHEMA
     from stages.load import load_source
-    from stages.sample import SampleStage
+    from stages.sample import SampleStage, conversation, empty_sample_columns
 
-    model = args.model or str(demo_model.build(tempfile.mkdtemp() + "/tiny", "tiny"))
-    rec = recipe_mod.load("data_cards/demo.yaml", {
-        "model": model, "sources[0].limit": args.questions, "sources[1].limit": args.questions // 2,
-        "sampling.n": args.n, "sampling.max_tokens": args.max_tokens, "engine.max_model_len": 1024})
-    shapes, describe = (load_source(s, 10**9)[0] for s in rec.sources)
-    extra = {"ignore_eos": True}
-    stage = SampleStage(model, rec.engine, rec.seed, rec.sampling,
-                        {s.name: rec.template_for(s) for s in rec.sources},
-                        {s.name: s.dropout for s in rec.sources}, sampling_extra=extra)
-    llm, s = stage.engine.llm, rec.sampling
-    # the same per-question seeds the stage uses (recipe default `sampling.reproducible`)
-    params = [stage.engine.params(n=s.n, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                  max_tokens=s.max_tokens, seed=request_seed(rec.seed, q["qid"]), **extra)
-              for q in shapes]
-    tokenizer = llm.get_tokenizer()
-    prompts = [{"prompt": tokenizer.apply_chat_template(
-                    [{"role": "user", "content": [{"type": "image"}, {"type": "text",
-                      "text": render("cot_final_answer", q["question"])}]}],
-                    tokenize=False, add_generation_prompt=True),
-                "multi_modal_data": {"image": decode_image(q["image"])}} for q in shapes]
-    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up, both paths share it
+    model = args.model or str(demo_model.ensure_trained())
+    rec = recipe_mod.load(REPO / "data_cards" / "demo.yaml", {
+        "model": model, "sources[0].limit": args.questions, "sampling.n": args.n, "engine.max_model_len": 1024})
+    source = rec.sources[0]
+    questions = load_source(source, 10**9)[0][: args.questions]
+    lengths = long_tailed_lengths(len(questions), args.median, args.sigma, cap=1024 - 200)
+    max_tokens = {q["qid"]: m for q, m in zip(questions, lengths)}
+    template = rec.template_for(source)
 
-    def timed(fn):
-        t0 = time.perf_counter()
-        tokens = fn()
-        dt = time.perf_counter() - t0
-        return tokens, dt, tokens / dt
+    class MixedLengths(SampleStage):
+        def params_for(self, row, n):
+            p = super().params_for(row, n)
+            p.max_tokens = max_tokens[row["qid"]]
+            return p
 
-    def bare():
-        total = 0
-        for i in range(0, len(prompts), args.batch_size):
-            outs = llm.generate(prompts[i:i + args.batch_size], params[i:i + args.batch_size], use_tqdm=False)
-            total += sum(len(o.token_ids) for out in outs for o in out.outputs)
-        return total
+    stage = MixedLengths(model, rec.engine, rec.seed, rec.sampling, {source.name: template},
+                         {source.name: source.dropout}, sampling_extra={"ignore_eos": True})
+    rows = [empty_sample_columns(dict(q), template) for q in questions]
+    params = [stage.params_for(r, args.n) for r in rows]
+    conversations = [conversation(r) for r in rows]
+    batches = [questions[i:i + args.batch_size] for i in range(0, len(questions), args.batch_size)]
 
-    def staged():
-        total = 0
-        for i in range(0, len(shapes), args.batch_size):
-            table = stage(pa.Table.from_pylist(shapes[i:i + args.batch_size], schema=QUESTION_SCHEMA))
-            total += sum(sum(x) for x in table.column("n_tokens").to_pylist())
-        return total
+    async def run_stage() -> int:
+        gate = asyncio.Semaphore(args.concurrent)
 
-    # Alternate the two and keep each one's best run, so warm-up and a busy neighbour core do not
-    # favour whichever runs second.
-    runs = [(timed(bare), timed(staged)) for _ in range(args.repeat)]
-    base = max((r[0] for r in runs), key=lambda t: t[2])
-    ours = max((r[1] for r in runs), key=lambda t: t[2])
-    drop_rows = stage(pa.Table.from_pylist(describe, schema=QUESTION_SCHEMA)).to_pylist()
-    drop_sample_s = sum(r["sample_seconds"] for r in drop_rows)
-    drop_cont_s = sum(r["continue_seconds"] for r in drop_rows)
-    drop_sample_tok = sum(sum(r["n_tokens"]) for r in drop_rows)
-    drop_cont_tok = sum(sum(r["continuation_tokens"]) for r in drop_rows)
+        async def one(batch) -> int:
+            async with gate:
+                out = [t async for t in stage(pa.Table.from_pylist(batch, schema=QUESTION_SCHEMA))][0]
+                return sum(sum(x) for x in out.column("n_tokens").to_pylist())
 
-    print(f"workload: {len(shapes)} image questions x n={s.n} x max_tokens={s.max_tokens} (ignore_eos), "
-          f"batch {args.batch_size}, model {model}")
-    print(f"best of {args.repeat} alternating runs each")
-    print(f"baseline  bare LLM.generate   {base[0]:>8} tokens in {base[1]:6.2f}s  {base[2]:9.0f} tok/s")
-    print(f"stage     SampleStage         {ours[0]:>8} tokens in {ours[1]:6.2f}s  {ours[2]:9.0f} tok/s")
-    print(f"ratio stage/baseline: {ours[2] / base[2]:.3f}  (target >= 0.9)")
-    print(f"dropout_ntp ({len(drop_rows)} questions): sampling with image {drop_sample_tok} tok in {drop_sample_s:.2f}s "
-          f"({drop_sample_tok / max(drop_sample_s, 1e-9):.0f} tok/s); continuation without image "
-          f"{drop_cont_tok} tok in {drop_cont_s:.2f}s ({drop_cont_tok / max(drop_cont_s, 1e-9):.0f} tok/s)")
-    if args.ray:
-        import ray
+        return sum(await asyncio.gather(*(one(b) for b in batches)))
 
-        del stage, llm
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        ds = ray.data.from_arrow(pa.Table.from_pylist(shapes, schema=QUESTION_SCHEMA)).map_batches(
-            SampleStage, batch_size=args.batch_size, batch_format="pyarrow", concurrency=1, num_cpus=1,
-            fn_constructor_kwargs=dict(model=model, engine_options=rec.engine, seed=rec.seed, sampling=rec.sampling,
-                                       templates={x.name: rec.template_for(x) for x in rec.sources},
-                                       dropout={x.name: x.dropout for x in rec.sources}, sampling_extra=extra))
-        t0 = time.perf_counter()
-        rows = ds.take_all()
-        wall = time.perf_counter() - t0
-        tok = sum(sum(r["n_tokens"]) for r in rows)
-        engine_s = sum(r["sample_seconds"] for r in rows)
-        print(f"ray stage  {tok} tokens: {tok / wall:.0f} tok/s wall incl. actor + engine start-up ({wall:.1f}s), "
-              f"{tok / engine_s:.0f} tok/s inside the actor; ratio (inside) vs baseline: {tok / engine_s / base[2]:.3f}")
+    asyncio.run(run_stage())  # warm-up of the async engine
+    t0 = time.perf_counter()
+    tokens = asyncio.run(run_stage())
+    results = {"stage": dict(tokens=tokens, seconds=time.perf_counter() - t0)}
+    stage.engine.shutdown()
+    del stage
+    gc.collect()
+
+    from vllm import LLM
+
+    llm = LLM(**engine_kwargs(model, rec.engine, rec.seed))
+    sync_params = [Engine.params(n=p.n, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                 max_tokens=p.max_tokens, seed=p.seed, ignore_eos=True) for p in params]
+
+    def chat(convs, ps) -> int:
+        return sum(len(o.token_ids) for out in llm.chat(convs, ps, use_tqdm=False) for o in out.outputs)
+
+    chat(conversations[:2], sync_params[:2])  # warm-up
+    t0 = time.perf_counter()
+    results["all_at_once"] = dict(tokens=chat(conversations, sync_params), seconds=time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    tokens = sum(chat(conversations[i:i + args.batch_size], sync_params[i:i + args.batch_size])
+                 for i in range(0, len(conversations), args.batch_size))
+    results["batch_sync"] = dict(tokens=tokens, seconds=time.perf_counter() - t0)
+
+    base = results["all_at_once"]["tokens"] / results["all_at_once"]["seconds"]
+    print(f"workload: {len(questions)} image questions x n={args.n}, max_tokens log-normal (median "
+          f"{sorted(lengths)[len(lengths) // 2]}, max {max(lengths)}), ignore_eos; batches of {args.batch_size}")
+    for name in ("all_at_once", "batch_sync", "stage"):
+        r = results[name]
+        r["tokens_per_s"] = round(r["tokens"] / r["seconds"], 1)
+        r["ratio_to_all_at_once"] = round(r["tokens_per_s"] / base, 3)
+        print(f"{name:<12} {r['tokens']:>7} tokens in {r['seconds']:6.2f}s  {r['tokens_per_s']:9.0f} tok/s  "
+              f"ratio {r['ratio_to_all_at_once']:.2f}")
+    print(f"stage / all-at-once: {results['stage']['ratio_to_all_at_once']:.2f} (target >= 0.95); "
+          f"batch-sync / all-at-once: {results['batch_sync']['ratio_to_all_at_once']:.2f}")
+    results["workload"] = dict(questions=len(questions), n=args.n, batch_size=args.batch_size,
+                               concurrent=args.concurrent, lengths=lengths, model=model)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

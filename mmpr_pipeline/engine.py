@@ -1,14 +1,18 @@
 """The vLLM engine as the pipeline uses it: settings, chat prompts with images, n samples per prompt.
 
-One `Engine` per Ray actor replica. All of a question's samples come out of one request
-(`SamplingParams(n=...)`), so they stay together. Requests go through `LLM.chat`, so each model's
-own chat template places its image tokens; DropoutNTP's continuation uses the same engine with
-text-only messages and `continue_final_message=True`.
+One `Engine` per Ray actor replica, built on vLLM's async engine (`AsyncLLM`): every question is its
+own request, and requests of several batches are in flight at once, so the engine never drains
+while a batch waits on its longest response. All of a question's samples come out of one request
+(`SamplingParams(n=...)`), so they stay together. Prompts are rendered by vLLM's own chat renderer
+(the one `LLM.chat` uses), so each model's chat template places its image tokens; DropoutNTP's
+continuation uses text-only messages and `continue_final_message=True`.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +25,10 @@ log = logging.getLogger(__name__)
 # Chunked prefill is off on CPU because per-request seeds crash with it there.
 CPU_DEFAULTS = dict(enforce_eager=True, dtype="bfloat16", max_model_len=2048, enable_chunked_prefill=False)
 COMMON_DEFAULTS = dict(limit_mm_per_prompt={"image": 1})
+# Keys of the recipe's `engine:` that are ours, not vLLM's.
+PIPELINE_ENGINE_KEYS = ("stall_timeout_s", "max_concurrent_batches")
+STALL_TIMEOUT_S = 600.0       # a request with no result for this long means the engine is stuck
+MAX_CONCURRENT_BATCHES = 4    # batches in flight per replica: keeps the engine full between batches
 
 
 def has_gpu() -> bool:
@@ -44,9 +52,57 @@ def engine_kwargs(model: str, options: dict[str, Any], seed: int) -> dict[str, A
     if not has_gpu():
         kwargs.update(CPU_DEFAULTS)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    kwargs.update(options)
+    elif gpus_per_replica(options) > 1:
+        # vLLM's workers then live in the actor's placement group (see `replica_plan`).
+        kwargs["distributed_executor_backend"] = "ray"
+    kwargs.update({k: v for k, v in options.items() if k not in PIPELINE_ENGINE_KEYS})
     kwargs.update(model=model, seed=seed)
     return kwargs
+
+
+def gpus_per_replica(options: dict[str, Any]) -> int:
+    return int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
+
+
+@dataclass
+class ReplicaPlan:
+    """How many engine replicas a cluster holds, and what each one reserves."""
+    replicas: int
+    bundles: list[dict[str, float]]   # one placement group per replica, STRICT_PACK (one node)
+    gpus_per_replica: int
+
+
+def replica_plan(node_gpus: list[float], options: dict[str, Any]) -> ReplicaPlan:
+    """One replica per `tensor_parallel_size x pipeline_parallel_size` GPUs *of one node* (vLLM's
+    workers of a replica must share a node), as many as the nodes allow. With no GPU: one CPU replica."""
+    per = gpus_per_replica(options)
+    replicas = sum(int(g) // per for g in node_gpus)
+    if not any(node_gpus):
+        return ReplicaPlan(replicas=1, bundles=[{"CPU": 1}], gpus_per_replica=0)
+    if replicas == 0:
+        raise ValueError(f"no node has the {per} GPUs one engine replica needs "
+                         f"(tensor_parallel_size x pipeline_parallel_size); nodes have {node_gpus}")
+    # As Ray Data LLM does: the actor takes the first bundle; vLLM's other workers the rest.
+    return ReplicaPlan(replicas=replicas, bundles=[{"GPU": 1, "CPU": 1} for _ in range(per)],
+                       gpus_per_replica=per)
+
+
+def actor_options(plan: ReplicaPlan) -> dict[str, Any]:
+    """`map_batches` keyword arguments that place one replica per placement group."""
+    if plan.gpus_per_replica == 0:
+        return dict(num_cpus=1)
+    if plan.gpus_per_replica == 1:
+        return dict(num_gpus=1)
+
+    def per_actor_placement() -> dict[str, Any]:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = placement_group(plan.bundles, strategy="STRICT_PACK")
+        return dict(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_capture_child_tasks=True))
+
+    return dict(num_gpus=0, num_cpus=0, ray_remote_args_fn=per_actor_placement)
 
 
 @dataclass
@@ -68,48 +124,95 @@ def user_message(text: str, image=None) -> dict[str, Any]:
     return {"role": "user", "content": parts}
 
 
+class EngineStalled(RuntimeError):
+    """The engine gave no result within the stall timeout: it is dead or stuck."""
+
+
+def image_token_ids(hf_config, tokenizer) -> set[int]:
+    """The ids of the tokens that stand for image content, as the model itself declares them:
+    its config's `image_token_id` / `image_token_index`, else its processor's image token."""
+    ids = set()
+    for cfg in (hf_config, getattr(hf_config, "text_config", None)):
+        for attr in ("image_token_id", "image_token_index"):
+            value = getattr(cfg, attr, None) if cfg is not None else None
+            if isinstance(value, int) and value >= 0:
+                ids.add(value)
+    if not ids:
+        token = getattr(tokenizer, "image_token", None)
+        if token:
+            ids.add(tokenizer.convert_tokens_to_ids(token))
+    return ids
+
+
 class Engine:
     def __init__(self, model: str, options: dict[str, Any] | None = None, seed: int = 0):
-        from vllm import LLM
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
 
+        options = options or {}
         self.model = model
-        self.llm = LLM(**engine_kwargs(model, options or {}, seed))
-        tokenizer = self.llm.get_tokenizer()
-        self.image_token_ids = {tid for tok, tid in tokenizer.get_vocab().items()
-                                if tok in ("<|image_pad|>", "<image>", "<IMG_CONTEXT>")}
+        self.stall_timeout_s = float(options.get("stall_timeout_s", STALL_TIMEOUT_S))
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, options, seed)))
+        self.image_token_ids = image_token_ids(self.llm.model_config.hf_config, self.llm.get_tokenizer())
 
-    def params(self, n: int, temperature: float, top_k: int, top_p: float, max_tokens: int,
+    @staticmethod
+    def params(n: int, temperature: float, top_k: int, top_p: float, max_tokens: int,
                seed: int | None = None, **extra):
         from vllm import SamplingParams
-        return SamplingParams(n=n, temperature=temperature, top_k=top_k, top_p=top_p,
-                              max_tokens=max_tokens, seed=seed, **extra)
+        from vllm.sampling_params import RequestOutputKind
 
-    def chat(self, conversations: list[list[dict]], params, *, continue_final: bool = False) -> list[Completion]:
-        """`params`: one SamplingParams for all, or a list with one per conversation."""
-        """One Completion per conversation. A request the engine refuses (say, a prompt longer than
-        the context) fails alone: the batch is retried one request at a time, and the refused
-        request's error is recorded instead of its samples."""
-        kwargs = dict(add_generation_prompt=not continue_final, continue_final_message=continue_final,
-                      use_tqdm=False)
+        return SamplingParams(n=n, temperature=temperature, top_k=top_k, top_p=top_p,
+                              max_tokens=max_tokens, seed=seed,
+                              output_kind=RequestOutputKind.FINAL_ONLY, **extra)
+
+    async def _render(self, conversation: list[dict], continue_final: bool):
+        """The engine input for a conversation, exactly as `LLM.chat` renders it (vLLM 0.32)."""
+        from vllm.renderers import ChatParams
+
+        renderer = self.llm.renderer
+        chat_params = ChatParams(chat_template_kwargs=dict(
+            add_generation_prompt=not continue_final, continue_final_message=continue_final,
+            tools=None, tokenize=False))
+        # The chat template writes BOS/EOS itself, as in `LLM.chat`.
+        tok_params = renderer.default_chat_tok_params.with_kwargs(add_special_tokens=False)
+        _, (engine_input,) = await renderer.render_chat_async([conversation], chat_params, tok_params)
+        return engine_input
+
+    async def chat(self, conversation: list[dict], params, *, continue_final: bool = False) -> Completion:
+        """All samples of one conversation. A request the engine refuses (say, a prompt longer than
+        the context) fails alone, with its error recorded; a dead or stuck engine raises
+        `EngineStalled`, so that the replica is restarted and the batch retried."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         try:
-            outputs = self.llm.chat(conversations, params, **kwargs)
-        except Exception as batch_error:  # noqa: BLE001 - vLLM raises several types for bad requests
-            if len(conversations) == 1:
-                return [Completion(error=f"{type(batch_error).__name__}: {batch_error}"[:500])]
-            log.warning("engine refused a batch (%s); retrying its %d requests one by one",
-                        type(batch_error).__name__, len(conversations))
-            per_conv = params if isinstance(params, list) else [params] * len(conversations)
-            return [c for conv, p in zip(conversations, per_conv)
-                    for c in self.chat([conv], [p], continue_final=continue_final)]
-        return [Completion(texts=[o.text for o in out.outputs],
-                           n_tokens=[len(o.token_ids) for o in out.outputs],
-                           finish_reasons=[str(o.finish_reason) for o in out.outputs],
-                           prompt_token_ids=list(out.prompt_token_ids or []))
-                for out in outputs]
+            return await asyncio.wait_for(self._generate(conversation, params, continue_final),
+                                          timeout=self.stall_timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineStalled(f"no result from the engine in {self.stall_timeout_s:.0f} s "
+                                f"(engine.stall_timeout_s)") from None
+        except EngineDeadError as e:
+            raise EngineStalled(f"the engine process died: {e}") from None
+        except Exception as e:  # noqa: BLE001 - vLLM raises several types for bad requests
+            if self.llm.errored:
+                raise EngineStalled(f"the engine process died: {type(e).__name__}: {e}") from None
+            return Completion(error=f"{type(e).__name__}: {e}"[:500])
+
+    async def _generate(self, conversation: list[dict], params, continue_final: bool) -> Completion:
+        engine_input = await self._render(conversation, continue_final)
+        final = None
+        async for out in self.llm.generate(engine_input, params, request_id=uuid.uuid4().hex):
+            final = out
+        return Completion(texts=[o.text for o in final.outputs],
+                          n_tokens=[len(o.token_ids) for o in final.outputs],
+                          finish_reasons=[str(o.finish_reason) for o in final.outputs],
+                          prompt_token_ids=list(final.prompt_token_ids or []))
 
     def image_tokens(self, completion: Completion) -> int:
         """How many image placeholder tokens the prompt that was actually sent carried."""
         return sum(1 for t in completion.prompt_token_ids if t in self.image_token_ids)
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
 
 
 def request_seed(seed: int, *parts: object) -> int:

@@ -1,248 +1,352 @@
-"""Wire the stages for a recipe on Ray Data: load -> sample -> score -> (units) -> pair -> write.
+"""Wire the stages for a recipe on Ray Data. The driver plans, tracks progress and commits; every
+per-row step runs on Ray workers:
 
-    load    driver: sources -> Question rows; bad rows -> rejects/ (stages/load.py)
-    sample  Ray actor stage, one vLLM engine per replica; DropoutNTP cut + continue (stages/sample.py)
-    score   Ray task stage: judge every response (stages/score.py)
-    units   driver: each finished work unit -> samples/<source>/unit-XXXXX.parquet (stages/write.py)
-    pair    every unit's samples -> pairs (stages/pair.py, mmpr_pipeline/pairing.py)
-    write   pairs -> data/train-XXXXX-of-YYYYY.parquet, stats.json, README.md
+    plan    driver + Ray tasks: scan each input (row count, each row's qid) -> work units (units.py)
+    load    Ray task per unit: read + check its rows; bad rows -> rejects/ (stages/load.py)
+    sample  Ray actor, one vLLM engine per replica, several batches in flight (stages/sample.py);
+            DropoutNTP cut + continue without the image (stages/dropout_ntp.py)
+    score   \\
+    pair     > Ray task per unit: judge, pair, write the unit's files (stages/score.py, pair.py, write.py)
+    write   /
+    shards  Ray task per shard: the units' pairs -> data/train-XXXXX-of-YYYYY.parquet; the driver
+            renames them, sums the units' counts into stats.json and writes the card
 
-Resume falls out of the units: a restart loads the same questions, skips units whose file exists,
-samples the rest, then re-pairs everything. Pairs are never stored apart from their samples, so
-the output is always exactly what the pairing rules give on the kept samples.
+A question's samples stay together in one row from sampling to pairing, and a unit stays one Ray
+Data block from load to write, so no group-by or shuffle is needed. Resume falls out of the units:
+a restart plans the same units and skips those whose counts file names the same plan.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
+import shutil
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mmpr_pipeline import shards
 from mmpr_pipeline.recipe import Recipe, to_json
 from mmpr_pipeline.records import PAIR_SCHEMA, QUESTION_SCHEMA, REJECT_SCHEMA
-from stages.load import SourceError, load_source
+from mmpr_pipeline.units import SourceStats, WorkUnit, is_done, plan_source, unit_file
+from stages.load import SourceError
 
 log = logging.getLogger(__name__)
+
+RUN_MARKER = ".mmpr-run"          # marks a folder as a run folder made by this tool
+LOCK_FILE = ".mmpr-lock"
+TOOL_DIRS = ("samples", "pairs", "rejects", "data", "figures")  # what a run folder holds of ours
 
 
 class RunFolderError(RuntimeError):
     pass
 
 
+class BuildFailed(RuntimeError):
+    """The run stopped part-way (a dead engine, a failing stage); finished units are kept."""
+
+
+def _cause(e: BaseException) -> str:
+    """The root cause of an error raised through Ray (which wraps it with the remote traceback)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "EngineStalled" in ln or ln.split(":")[0].endswith(("Error", "Exception"))]
+    return (named or lines or [type(e).__name__])[-1][:400]
+
+
+# -- the run folder -----------------------------------------------------------------------------
+
+def check_run_dir(run: Path) -> None:
+    """--out is missing, empty, or a run folder this tool made (marked by RUN_MARKER)."""
+    run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise RunFolderError(f"--out {run} is a file, not a folder")
+    if run.is_dir() and any(p.name != LOCK_FILE for p in run.iterdir()) and not (run / RUN_MARKER).exists():
+        raise RunFolderError(f"--out {run} is not empty and is not a run folder of mmpr; "
+                             f"give a new or empty folder (nothing in {run} was changed)")
+
+
 def prepare_run_dir(run: Path, recipe: Recipe, overwrite: bool) -> None:
-    """A run folder belongs to one recipe: resuming with a changed recipe would mix outputs."""
+    """A run folder is missing, empty or made by this tool, and belongs to one recipe: resuming with a
+    changed recipe would mix outputs. Only files the tool made are ever removed."""
+    run = Path(run)
+    check_run_dir(run)
     recipe_file = run / "recipe.json"
     if recipe_file.exists():
-        old = json.loads(recipe_file.read_text())
+        try:
+            old = json.loads(recipe_file.read_text())
+        except ValueError:
+            old = None
         if old != json.loads(to_json(recipe)):
             if not overwrite:
-                changed = sorted(k for k in set(old) | set(recipe.to_dict()) if old.get(k) != recipe.to_dict().get(k))
+                changed = (sorted(k for k in set(old) | set(recipe.to_dict()) if old.get(k) != recipe.to_dict().get(k))
+                           if isinstance(old, dict) else ["recipe.json is unreadable"])
                 raise RunFolderError(
                     f"{run} was built with a different recipe (changed: {', '.join(changed)}). "
                     f"Use another --out, or --overwrite to discard its samples and start over.")
             log.warning("--overwrite: discarding the samples in %s", run)
-            for sub in ("samples", "rejects", "data"):
-                for f in sorted((run / sub).rglob("*"), reverse=True) if (run / sub).exists() else []:
-                    f.unlink() if f.is_file() else f.rmdir()
+            for sub in TOOL_DIRS:
+                shutil.rmtree(run / sub, ignore_errors=True)
     run.mkdir(parents=True, exist_ok=True)
-    for tmp in run.rglob(".*.tmp"):  # temporary files of a run that was killed mid-write
-        tmp.unlink()
+    (run / RUN_MARKER).write_text("made by mmpr-pipeline; its samples/, pairs/, rejects/, data/ are rebuilt by it\n")
+    for sub in TOOL_DIRS:  # temporary files of a run that was killed mid-write (ours only)
+        for tmp in (run / sub).rglob(".*.tmp") if (run / sub).is_dir() else []:
+            tmp.unlink()
     shards.write_text(recipe_file, to_json(recipe))
 
 
-def _init_ray(address: str | None) -> None:
+class RunLock:
+    """One process per run folder: a second `mmpr build` on the same --out is refused, naming the
+    process that holds it. The lock is an flock, so it goes away with its process, even on kill -9."""
+
+    def __init__(self, run: Path):
+        self.path = Path(run) / LOCK_FILE
+        self.fh = None
+
+    def __enter__(self) -> "RunLock":
+        check_run_dir(self.path.parent)  # never create a lock in a folder that is not ours
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise RunFolderError(f"{self.path.parent} is in use by {holder}; wait for it, or use another --out") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"mmpr build (pid {os.getpid()})")
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
+# -- Ray ----------------------------------------------------------------------------------------
+
+def init_ray(address: str | None) -> None:
+    """A private local Ray by default, even when another cluster runs on this machine; a cluster
+    only when `--ray-address` or RAY_ADDRESS names one."""
     import ray
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours (per question) is the one users read
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours (per row) is the one users read
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines break the bar
 
 
-def _gpus_per_replica(recipe: Recipe) -> int:
-    return int(recipe.engine.get("tensor_parallel_size", 1)) * int(recipe.engine.get("pipeline_parallel_size", 1))
-
-
-def generate(recipe: Recipe, model: str, questions: list[dict], collector, ray_address: str | None) -> None:
-    """Sample and score `questions` on Ray Data; finished units go to `collector` as they complete."""
+def cluster_gpus() -> list[float]:
+    """GPUs of each alive node of the Ray cluster."""
     import ray
-    from tqdm import tqdm
 
-    from mmpr_pipeline.engine import has_gpu
-    from stages.sample import SampleStage
-    from stages.score import score_batch
-
-    _init_ray(ray_address)
-    by_unit: dict[tuple[str, int], list[dict]] = {}
-    for q in questions:
-        by_unit.setdefault((q["source"], q["unit"]), []).append(q)
-    # One block per unit, so work streams unit by unit.
-    ds = ray.data.from_arrow([pa.Table.from_pylist(rows, schema=QUESTION_SCHEMA) for rows in by_unit.values()])
-    gpu = has_gpu() if not ray_address else bool(ray.cluster_resources().get("GPU"))
-    if gpu:
-        replicas = max(1, int(ray.cluster_resources().get("GPU", 1)) // _gpus_per_replica(recipe))
-        resources = dict(num_gpus=_gpus_per_replica(recipe))
-    else:
-        replicas, resources = 1, dict(num_cpus=1)
-    sources = {s.name: s for s in recipe.sources}
-    ds = ds.map_batches(
-        SampleStage, batch_size=recipe.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=replicas),
-        fn_constructor_kwargs=dict(model=model, engine_options=recipe.engine, seed=recipe.seed,
-                                   sampling=recipe.sampling,
-                                   templates={n: recipe.template_for(s) for n, s in sources.items()},
-                                   dropout={n: s.dropout for n, s in sources.items()}),
-        # Ray Data restarts a crashed replica and retries its batch by default (max_restarts=-1).
-        **resources)
-    ds = ds.map_batches(score_batch, batch_size=recipe.batch_size, batch_format="pyarrow", num_cpus=0.25)
-    with tqdm(total=len(questions), desc="sample+score", unit="q", dynamic_ncols=True) as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            bar.update(collector.add(batch.to_pylist()))
+    return [n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n["Alive"]]
 
 
-def _source_stats(source) -> dict[str, Any]:
-    return dict(pipeline=source.pipeline, rows=0, rejects=0, reject_reasons={}, questions=0, samples=0,
-                engine_errors=0, correct=0, correct_rate=None, unparsable=0, all_right=0, all_wrong=0,
-                questions_with_pairs=0, pairs=dict(correctness=0, format=0, dropout_ntp=0),
-                dropout=dict(sampled=0, cut=0, too_short=0, continued=0, empty_continuation=0, identical=0))
+# -- plan ---------------------------------------------------------------------------------------
+
+def plan_units(recipe: Recipe) -> dict[str, list[WorkUnit]]:
+    """Every source's work units, from a scan of each input on a Ray worker (the driver receives
+    only qids)."""
+    import ray
+
+    from stages.load import scan_input, source_inputs
+
+    scan = ray.remote(num_cpus=0.25, max_retries=2)(scan_input)
+    pending = {}
+    for source in recipe.sources:
+        try:
+            inputs = source_inputs(source)
+        except SourceError as e:
+            raise SourceError(f"{recipe.file}: {e}") from None
+        pending[source.name] = [scan.remote(source, path, source.limit, recipe.unit_size) for path in inputs]
+    units = {}
+    for source in recipe.sources:
+        try:
+            scans = ray.get(pending[source.name])
+        except ray.exceptions.RayTaskError as e:
+            cause = e.as_instanceof_cause()
+            if isinstance(cause, SourceError):
+                raise SourceError(f"{recipe.file}: {cause}") from None
+            raise
+        units[source.name] = plan_source(source, scans, recipe.unit_size)
+    return units
 
 
-def pair_and_write(run: Path, recipe: Recipe, model: str, stats: dict[str, Any]) -> list[Path]:
-    """Re-pair every unit's samples (in source, unit order) and write the shards; fills `stats`."""
-    from stages.pair import pair_rows
+# -- the Ray Data stages --------------------------------------------------------------------------
 
-    sources = {s.name: s for s in recipe.sources}
-    sampling = dataclasses.asdict(recipe.sampling)
-    writer = shards.ShardWriter(run / "data", _pair_schema(), recipe.shard_rows)
-    t_pair = 0.0
-    for path in shards.unit_files(run):
-        rows = pq.read_table(path).to_pylist()
-        t0 = time.perf_counter()
-        for row in rows:
-            src, st = sources[row["source"]], stats["sources"][row["source"]]
-            pairs, counts = pair_rows(row, src, seed=recipe.seed, model=model, sampling=sampling)
-            n = len(row["responses"])
-            st["samples"] += n
-            st["engine_errors"] += bool(row["error"])
-            st["correct"] += sum(row["correct"])
-            st["unparsable"] += sum(1 for e in row["extracted"] if e is None)
-            st["all_right"] += counts["all_right"]
-            st["all_wrong"] += counts["all_wrong"]
-            if counts["all_wrong"] and not row["error"]:
-                stats["all_wrong_qids"].setdefault(row["source"], []).append(row["qid"])
-            st["questions_with_pairs"] += bool(pairs)
-            for kind in ("correctness", "format", "dropout_ntp"):
-                st["pairs"][kind] += counts[kind]
-            if "dropout" in counts:
-                d = st["dropout"]
-                d["sampled"] += n
-                d["cut"] += sum(1 for k in row["prefix_words"] if k >= 0)
-                for k, v in counts["dropout"].items():
-                    d[k] += v
-            for key in ("sample_seconds", "continue_seconds", "score_seconds"):
-                stats["stage_seconds"][key.split("_")[0]] += row[key]
-            writer.write(pairs)
-        t_pair += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    paths = writer.close()
-    stats["stage_seconds"]["pair"] = round(t_pair, 3)
-    stats["stage_seconds"]["write"] = round(time.perf_counter() - t0, 3)
-    return paths
+def _unit_options(recipe: Recipe, run: Path, model: str) -> dict[str, Any]:
+    return dict(run=str(run), sources={s.name: s for s in recipe.sources}, seed=recipe.seed, model=model,
+                sampling=dataclasses.asdict(recipe.sampling))
 
 
-def _pair_schema() -> pa.Schema:
+def load_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str, sampling: dict) -> pa.Table:
+    """load: work-unit plans -> their questions; rejects are written here. A unit with no question
+    left is finished here too (nothing to sample)."""
+    from stages.load import read_unit
+    from stages.write import write_rejects, write_unit
+
+    out = []
+    for item in batch.to_pylist():
+        unit = WorkUnit.from_item(item)
+        questions, rejects = read_unit(sources[unit.source], unit)
+        write_rejects(Path(run), unit, rejects)
+        if not questions:
+            write_unit(Path(run), unit, [], rejects, sources[unit.source], seed=seed, model=model,
+                       sampling=sampling, pair_schema=pair_schema())
+        out += questions
+    return pa.Table.from_pylist(out, schema=QUESTION_SCHEMA)
+
+
+def finish_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str, sampling: dict) -> pa.Table:
+    """score + pair + write: sampled questions of whole units -> the units' files; returns one small
+    summary row per unit (the only thing the driver sees)."""
+    import pyarrow.parquet as pq
+
+    from stages.score import score_row
+    from stages.write import summary_row, write_unit
+
+    by_unit: dict[str, list[dict]] = {}
+    for row in batch.to_pylist():
+        by_unit.setdefault(row["unit_plan"], []).append(row)
+    summaries = []
+    for plan, rows in by_unit.items():
+        unit = WorkUnit.from_item({"unit_plan": plan})
+        reject_path = unit_file(run, "rejects", unit.source, unit.unit)
+        rejects = pq.read_table(reject_path).to_pylist() if reject_path.exists() else []
+        if len(rows) + len(rejects) != unit.stop - unit.start:  # a unit must arrive whole
+            raise RuntimeError(f"unit {unit.source}/{unit.unit} arrived split ({len(rows)} of "
+                               f"{unit.stop - unit.start - len(rejects)} questions); lower unit_size")
+        rows = [score_row(r) for r in rows]
+        summaries.append(summary_row(write_unit(Path(run), unit, rows, rejects, sources[unit.source],
+                                                seed=seed, model=model, sampling=sampling,
+                                                pair_schema=pair_schema())))
+    return pa.Table.from_pylist(summaries)
+
+
+def pair_schema() -> pa.Schema:
     """PAIR_SCHEMA with the `datasets` features in its metadata, so `load_dataset` decodes images."""
     from mmpr_pipeline.card import schema_metadata
 
     return PAIR_SCHEMA.with_metadata(schema_metadata())
 
 
+def run_units(recipe: Recipe, run: Path, model: str, units: list[WorkUnit], ray_address: str | None) -> None:
+    """load -> sample -> score/pair/write for `units`, streaming on Ray Data."""
+    import ray
+    from tqdm import tqdm
+
+    from mmpr_pipeline.engine import MAX_CONCURRENT_BATCHES, actor_options, replica_plan
+    from stages.sample import SampleStage
+
+    plan = replica_plan(cluster_gpus(), recipe.engine)
+    concurrent = int(recipe.engine.get("max_concurrent_batches", MAX_CONCURRENT_BATCHES))
+    options = _unit_options(recipe, run, recipe.model)
+    sources = options["sources"]
+    ds = ray.data.from_items([u.to_item() for u in units], override_num_blocks=len(units))
+    ds = ds.map_batches(load_units, fn_kwargs=options, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    # One unit = one block = one batch, from load to write (batch_size=None): no regrouping needed.
+    ds = ds.map_batches(
+        SampleStage, batch_size=None, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.replicas, max_tasks_in_flight_per_actor=concurrent),
+        max_concurrency=concurrent,
+        fn_constructor_kwargs=dict(model=model, engine_options=recipe.engine, seed=recipe.seed,
+                                   sampling=recipe.sampling,
+                                   templates={n: recipe.template_for(s) for n, s in sources.items()},
+                                   dropout={n: s.dropout for n, s in sources.items()}),
+        # Ray Data restarts a replica whose process died and retries its batches.
+        **actor_options(plan))
+    ds = ds.map_batches(finish_units, fn_kwargs=options, batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+    total = sum(u.stop - u.start for u in units)
+    done = 0
+    with tqdm(total=total, desc="load+sample+score+pair", unit="row", dynamic_ncols=True) as bar:
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for summary in batch.to_pylist():
+                    done += 1
+                    bar.update(summary["rows"])
+                    shards.kill_point("after_unit", done)
+        except Exception as e:  # noqa: BLE001 - whatever stopped the stream, say it and how to go on
+            raise BuildFailed(f"the build stopped: {_cause(e)}. {done} of {len(units)} work units finished in "
+                              f"this run and are kept in {run}: run the same command again to resume") from e
+        bar.update(total - bar.n)  # units with no question finish in the load stage
+
+
+# -- commit ---------------------------------------------------------------------------------------
+
+def write_shards(run: Path, recipe: Recipe, units: list[WorkUnit]) -> list[Path]:
+    """The units' pairs, in (source, unit) order, cut into Hub-named shards by Ray tasks; the
+    driver renames them."""
+    import ray
+
+    from stages.write import read_counts
+
+    counts = [read_counts(run, u) for u in units]
+    slices = [(str(unit_file(run, "pairs", u.source, u.unit)), c["pair_rows"], c["pair_bytes"])
+              for u, c in zip(units, counts)]
+    plan = shards.plan_shards(slices, recipe.shard_rows)
+    data = run / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    write = ray.remote(num_cpus=0.25)(shards.write_shard)
+    schema = pair_schema()
+    written = ray.get([write.remote(p, data / shards.shard_name(i, len(plan)), schema) for i, p in enumerate(plan)])
+    return shards.commit_shards(data, written)
+
+
+def write_rejects_file(run: Path, source: str) -> None:
+    """rejects/<source>.parquet: the units' rejects of a source in one file, for people to read."""
+    import pyarrow.parquet as pq
+
+    files = sorted((run / "rejects" / source).glob("unit-*.parquet"))
+    target = run / "rejects" / f"{source}.parquet"
+    if not files:
+        target.unlink(missing_ok=True)
+        return
+    shards.write_table(pa.concat_tables([pq.read_table(f) for f in files]).cast(REJECT_SCHEMA), target)
+
+
 def new_stats(recipe: Recipe) -> dict[str, Any]:
     return dict(recipe=recipe.name, model=recipe.model, fingerprint=recipe.fingerprint(), created=None,
-                sources={s.name: _source_stats(s) for s in recipe.sources}, totals={}, all_wrong_qids={},
+                sources={s.name: dict(pipeline=s.pipeline, correct_rate=None, **SourceStats().to_dict())
+                         for s in recipe.sources},
+                totals={}, all_wrong_qids={},
                 stage_seconds={k: 0.0 for k in ("load", "sample", "continue", "score", "pair", "write",
                                                 "generate_wall", "total")},
                 shards=[])
 
 
-def collect_samples(recipe: Recipe, run: Path, stats: dict[str, Any], ray_address: str | None = None) -> None:
-    """load -> sample -> score into `run`'s work units, skipping units already there."""
-    from mmpr_pipeline.engine import resolve_model
-    from stages.write import UnitCollector
+def sum_counts(run: Path, units: dict[str, list[WorkUnit]], stats: dict[str, Any]) -> None:
+    """stats.json's per-source numbers: the sum of the units' counts files."""
+    from stages.write import read_counts
 
-    # load: every source is opened before any engine starts, so a broken one fails fast
-    t0 = time.perf_counter()
-    questions, expected = [], Counter()
-    for source in recipe.sources:
-        try:
-            qs, rejects, n_rows = load_source(source, recipe.unit_size)
-        except SourceError as e:
-            raise SourceError(f"{recipe.file}: {e}") from None
-        st = stats["sources"][source.name]
-        st.update(rows=n_rows, rejects=len(rejects), questions=len(qs),
-                  reject_reasons=dict(Counter(r["reason"] for r in rejects)))
-        reject_file = run / "rejects" / f"{source.name}.parquet"
-        if rejects:
-            shards.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), reject_file)
-            log.warning("%s: %d of %d rows set aside (see %s): %s", source.name, len(rejects), n_rows,
-                        reject_file, dict(Counter(r["reason"] for r in rejects)))
-        elif reject_file.exists():
-            reject_file.unlink()
-        questions += qs
-        expected.update((q["source"], q["unit"]) for q in qs)
-    stats["stage_seconds"]["load"] = round(time.perf_counter() - t0, 3)
-
-    done = {k for k in expected if shards.unit_path(run, *k).exists()}
-    pending = [q for q in questions if (q["source"], q["unit"]) not in done]
-    if pending:
-        log.info("%d questions in %d units to sample (%d units already done)", len(pending),
-                 len(expected) - len(done), len(done))
-        collector = UnitCollector(run, {k: v for k, v in expected.items() if k not in done})
-        t0 = time.perf_counter()
-        generate(recipe, resolve_model(recipe.model), pending, collector, ray_address)
-        stats["stage_seconds"]["generate_wall"] = round(time.perf_counter() - t0, 3)
-        missing = collector.incomplete()
-        if missing:
-            raise RuntimeError(f"{len(missing)} work units did not complete (first: {missing[0]}); "
-                               f"re-run the same command to resume")
-    else:
-        log.info("all %d units already sampled", len(expected))
-    for p in shards.unit_files(run):  # units of rows that a smaller `limit` no longer includes
-        if (p.parent.name, int(p.stem.split("-")[1])) not in expected:
-            p.unlink()
-    stats["resume"] = dict(units=len(expected), units_done_before=len(done), questions_sampled=len(pending))
-
-
-def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_address: str | None = None,
-          write_card: bool = True) -> dict[str, Any]:
-    """Build (or resume) a run folder for `recipe`; returns the stats also written to stats.json."""
-    t_start = time.perf_counter()
-    run = Path(out)
-    prepare_run_dir(run, recipe, overwrite)
-    stats = new_stats(recipe)
-    collect_samples(recipe, run, stats, ray_address)
-
-    # pair + write (provenance names the model as the recipe does, not a resolved local path)
-    shards.kill_point("before_pair")
-    stats["shards"] = [str(p.relative_to(run)) for p in pair_and_write(run, recipe, recipe.model, stats)]
-    for st in stats["sources"].values():
+    seconds = stats["stage_seconds"]
+    for source, source_units in units.items():
+        total = SourceStats()
+        for unit in source_units:
+            c = read_counts(run, unit)
+            total.add(SourceStats.from_dict(c["stats"]))
+            if c["all_wrong_qids"]:
+                stats["all_wrong_qids"].setdefault(source, []).extend(c["all_wrong_qids"])
+            seconds["pair"] += c["pair_seconds"]
+            seconds["write"] += c["write_seconds"]
+        st = stats["sources"][source]
+        st.update(total.to_dict())
         if st["pipeline"] == "correctness" and st["samples"]:
             st["correct_rate"] = round(st["correct"] / st["samples"], 4)
+        for k in ("sample", "continue", "score"):
+            seconds[k] += total.seconds[k]
     stats["totals"] = dict(
         rows=sum(s["rows"] for s in stats["sources"].values()),
         rejects=sum(s["rejects"] for s in stats["sources"].values()),
@@ -250,19 +354,75 @@ def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_addre
         samples=sum(s["samples"] for s in stats["sources"].values()),
         pairs={k: sum(s["pairs"][k] for s in stats["sources"].values())
                for k in ("correctness", "format", "dropout_ntp")})
-    for k in ("sample", "continue", "score"):
-        stats["stage_seconds"][k] = round(stats["stage_seconds"][k], 3)
-    stats["stage_seconds"]["total"] = round(time.perf_counter() - t_start, 3)
-    stats["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    shards.kill_point("before_stats")
-    shards.write_json(run / "stats.json", stats)
-    if recipe.preview:  # before the card, which links to it
-        from mmpr_pipeline.preview import write_preview
-        write_preview(run)
-    if write_card:
-        from mmpr_pipeline.card import write_card as _write_card
 
-        _write_card(run)
+
+def remove_stale_units(run: Path, units: dict[str, list[WorkUnit]]) -> None:
+    """Files of units the plan no longer has (a smaller `limit`, a changed source)."""
+    keep = {(u.source, u.unit) for us in units.values() for u in us}
+    for kind in ("samples", "pairs", "rejects"):
+        for p in (run / kind).glob("*/unit-*.*"):
+            if (p.parent.name, int(p.name.split(".")[0].split("-")[1])) not in keep:
+                p.unlink()
+
+
+def collect_samples(recipe: Recipe, run: Path, stats: dict[str, Any], ray_address: str | None = None
+                    ) -> dict[str, list[WorkUnit]]:
+    """plan -> load -> sample -> score -> pair into `run`'s work units, skipping finished ones."""
+    from mmpr_pipeline.engine import resolve_model
+
+    init_ray(ray_address)
+    t0 = time.perf_counter()
+    units = plan_units(recipe)
+    stats["stage_seconds"]["load"] = round(time.perf_counter() - t0, 3)
+    remove_stale_units(run, units)
+    every = [u for us in units.values() for u in us]
+    pending = [u for u in every if not is_done(run, u)]
+    if pending:
+        log.info("%d of %d work units to do (%d already done)", len(pending), len(every), len(every) - len(pending))
+        t0 = time.perf_counter()
+        run_units(recipe, run, resolve_model(recipe.model), pending, ray_address)
+        stats["stage_seconds"]["generate_wall"] = round(time.perf_counter() - t0, 3)
+        missing = [u for u in pending if not is_done(run, u)]
+        if missing:
+            raise RuntimeError(f"{len(missing)} work units did not complete (first: {missing[0].source}/"
+                               f"{missing[0].unit}); re-run the same command to resume")
+    else:
+        log.info("all %d work units already done", len(every))
+    for source in units:
+        write_rejects_file(run, source)
+    stats["resume"] = dict(units=len(every), units_done_before=len(every) - len(pending),
+                           rows_sampled=sum(u.stop - u.start for u in pending))
+    return units
+
+
+def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_address: str | None = None,
+          write_card: bool = True) -> dict[str, Any]:
+    """Build (or resume) a run folder for `recipe`; returns the stats also written to stats.json."""
+    t_start = time.perf_counter()
+    run = Path(out)
+    with RunLock(run):
+        prepare_run_dir(run, recipe, overwrite)
+        stats = new_stats(recipe)
+        units = collect_samples(recipe, run, stats, ray_address)
+        sum_counts(run, units, stats)
+        shards.kill_point("before_pair")
+        t0 = time.perf_counter()
+        paths = write_shards(run, recipe, [u for us in units.values() for u in us])
+        stats["shards"] = [str(p.relative_to(run)) for p in paths]
+        stats["stage_seconds"]["shards"] = round(time.perf_counter() - t0, 3)
+        for k, v in stats["stage_seconds"].items():
+            stats["stage_seconds"][k] = round(v, 3)
+        stats["stage_seconds"]["total"] = round(time.perf_counter() - t_start, 3)
+        stats["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        shards.kill_point("before_stats")
+        shards.write_json(run / "stats.json", stats)
+        if recipe.preview:  # before the card, which links to it
+            from mmpr_pipeline.preview import write_preview
+            write_preview(run)
+        if write_card:
+            from mmpr_pipeline.card import write_card as _write_card
+
+            _write_card(run)
     print_summary(run, stats)
     return stats
 
@@ -285,5 +445,5 @@ def print_summary(run: Path, stats: dict[str, Any]) -> None:
     console.print(table)
     t = stats["stage_seconds"]
     console.print(f"pairs: {sum(stats['totals']['pairs'].values())} in {len(stats['shards'])} shard(s) under "
-                  f"{run / 'data'}; time: total {t['total']:.1f}s (load {t['load']:.1f}s, "
-                  f"generate {t['generate_wall']:.1f}s, pair {t['pair']:.1f}s, write {t['write']:.1f}s)")
+                  f"{run / 'data'}; time: total {t['total']:.1f}s (plan {t['load']:.1f}s, "
+                  f"load+sample+score+pair {t['generate_wall']:.1f}s, shards {t.get('shards', 0):.1f}s)")

@@ -78,12 +78,15 @@ def engine_options() -> frozenset[str] | None:
 
 
 def check_engine_options(options: dict, file: str) -> None:
-    """Every key of the recipe's `engine:` is an option of `vllm.EngineArgs`."""
+    """Every key of the recipe's `engine:` is an option of `vllm.EngineArgs`, or one of the pipeline's
+    own engine settings (engine.PIPELINE_ENGINE_KEYS)."""
+    from mmpr_pipeline.engine import PIPELINE_ENGINE_KEYS
+
     known = engine_options()
     if known is None:
         return
     for key in options:
-        if key not in known:
+        if key not in known and key not in PIPELINE_ENGINE_KEYS:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise PreflightError(f"{file}: engine.{key}: not an option of vllm.EngineArgs{hint}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import stat
 
 import pyarrow as pa
 
@@ -24,6 +26,7 @@ QUESTION_FIELDS = [
     ("source", pa.string()),
     ("row_index", pa.int64()),        # position in the source, for audit and rejects
     ("unit", pa.int64()),             # work-unit index within the source (resume granularity)
+    ("unit_plan", pa.string()),       # the unit's plan (units.WorkUnit as JSON): where its rows come from
     ("pipeline", pa.string()),        # correctness | dropout_ntp
     ("task", pa.string()),            # task family when the source has one, else ""
     ("image", pa.binary()),           # encoded image bytes, never re-encoded
@@ -43,6 +46,7 @@ SAMPLE_FIELDS = QUESTION_FIELDS + [
     ("n_tokens", pa.list_(pa.int64())),
     ("finish_reasons", pa.list_(pa.string())),
     ("error", pa.string()),           # engine error for this question, "" when none
+    ("image_tokens", pa.int64()),     # image tokens in the sampling prompt the engine received
     # correctness verdicts, one per response (empty lists for dropout_ntp)
     ("extracted", pa.list_(pa.string())),   # null where nothing parsable was found
     ("correct", pa.list_(pa.bool_())),
@@ -118,13 +122,30 @@ def encode_image(image, fmt: str = "PNG") -> bytes:
             return encode_image(image["path"], fmt)
         raise ValueError("image dict has neither bytes nor path")
     if isinstance(image, str):
-        with open(image, "rb") as f:
-            return f.read()
+        return read_image_file(image)
     if hasattr(image, "save"):  # PIL.Image.Image
         buf = io.BytesIO()
         image.save(buf, format=image.format or fmt)
         return buf.getvalue()
     raise ValueError(f"unsupported image value of type {type(image).__name__}")
+
+
+MAX_IMAGE_BYTES = 64 * 2**20  # no real image file is larger; a bigger one is a wrong path or a device
+
+
+def read_image_file(path: str) -> bytes:
+    """The bytes of an image file: regular files only (a FIFO or a device such as /dev/zero would
+    hang or never end), at most MAX_IMAGE_BYTES."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    if info.st_size > MAX_IMAGE_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+    with open(path, "rb") as f:
+        data = f.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+    return data
 
 
 def decode_image(data: bytes):

@@ -64,54 +64,66 @@ def unit_path(run_dir: str | Path, source: str, unit: int) -> Path:
     return Path(run_dir) / "samples" / source / f"unit-{unit:05d}.parquet"
 
 
-def unit_files(run_dir: str | Path) -> list[Path]:
-    """Finished units, sorted by source then unit (temporary files excluded)."""
-    return sorted(p for p in (Path(run_dir) / "samples").glob("*/unit-*.parquet"))
+def unit_files(run_dir: str | Path, kind: str = "samples") -> list[Path]:
+    """Finished unit files of `kind` (samples, pairs), sorted by source then unit (no temporary files)."""
+    return sorted(p for p in (Path(run_dir) / kind).glob("*/unit-*.parquet"))
 
 
 def shard_name(index: int, total: int, split: str = "train") -> str:
     return f"{split}-{index:05d}-of-{total:05d}.parquet"
 
 
-class ShardWriter:
-    """Streams rows into shards of at most `rows_per_shard`; names are final only at `close()`,
-    when the shard count is known. Old shards that the new set does not replace are removed
-    last, so a folder always holds one complete set (the old or the new one)."""
+MAX_SHARD_BYTES = 500 * 2**20  # the Hub's advice for Parquet shards
 
-    def __init__(self, data_dir: str | Path, schema: pa.Schema, rows_per_shard: int, split: str = "train"):
-        self.dir = Path(data_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.schema, self.rows_per_shard, self.split = schema, rows_per_shard, split
-        self.parts: list[Path] = []
-        self.buffer: list[dict] = []
 
-    def write(self, rows: Iterable[dict]) -> None:
-        for row in rows:
-            self.buffer.append(row)
-            if len(self.buffer) >= self.rows_per_shard:
-                self._flush()
+def plan_shards(units: list[tuple[str, int, int]], rows_per_shard: int,
+                max_bytes: int = MAX_SHARD_BYTES) -> list[list[tuple[str, int, int]]]:
+    """Cut units' pair files into shards, in order. `units`: (file, rows, bytes) each. A shard is a
+    list of (file, first row, stop row) slices holding at most `rows_per_shard` rows and about
+    `max_bytes` (estimated from each file's mean row size). At least one shard, maybe empty."""
+    plan: list[list[tuple[str, int, int]]] = [[]]
+    rows_in, bytes_in = 0, 0.0
+    for path, rows, size in units:
+        per_row = size / rows if rows else 0.0
+        start = 0
+        while start < rows:
+            if rows_in >= rows_per_shard or (rows_in and bytes_in + per_row > max_bytes):
+                plan.append([])
+                rows_in, bytes_in = 0, 0.0
+            room = rows_per_shard - rows_in
+            if per_row:
+                room = min(room, max(1, int((max_bytes - bytes_in) // per_row)))
+            stop = min(rows, start + room)
+            plan[-1].append((path, start, stop))
+            rows_in += stop - start
+            bytes_in += (stop - start) * per_row
+            start = stop
+    return plan
 
-    def _flush(self) -> None:
-        if not self.buffer:
-            return
-        part = self.dir / f".part-{len(self.parts):05d}.{uuid.uuid4().hex[:8]}.tmp"
-        pq.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema), part, compression="zstd")
-        self.parts.append(part)
-        self.buffer = []
 
-    def close(self) -> list[Path]:
-        self._flush()
-        if not self.parts:  # an empty dataset still gets one (empty) shard with the schema
-            part = self.dir / f".part-00000.{uuid.uuid4().hex[:8]}.tmp"
-            pq.write_table(self.schema.empty_table(), part, compression="zstd")
-            self.parts.append(part)
-        final = [self.dir / shard_name(i, len(self.parts), self.split) for i in range(len(self.parts))]
-        for i, (part, dest) in enumerate(zip(self.parts, final)):
-            kill_point("mid_write", i)
-            os.replace(part, dest)
-        for old in self.dir.glob(f"{self.split}-*-of-*.parquet"):
-            if old not in final:
-                old.unlink()
-        for stale in self.dir.glob(".part-*.tmp"):  # left by an interrupted earlier run
-            stale.unlink()
-        return final
+def write_shard(slices: list[tuple[str, int, int]], dest: str | Path, schema: pa.Schema) -> str:
+    """Concatenate slices of pair files into one Parquet file at a temporary name beside `dest`;
+    one slice in memory at a time. Returns the temporary path (the caller renames it)."""
+    tmp = _tmp(Path(dest))
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for path, start, stop in slices:
+            writer.write_table(pq.read_table(path).slice(start, stop - start).cast(schema))
+        if not slices:
+            writer.write_table(schema.empty_table())
+    return str(tmp)
+
+
+def commit_shards(data_dir: str | Path, written: list[str], split: str = "train") -> list[Path]:
+    """Rename written shards to their Hub names, then remove old shards the new set does not
+    replace: the folder always holds one complete set (the old or the new one)."""
+    data_dir = Path(data_dir)
+    final = [data_dir / shard_name(i, len(written), split) for i in range(len(written))]
+    for i, (tmp, dest) in enumerate(zip(written, final)):
+        kill_point("mid_write", i)
+        os.replace(tmp, dest)
+    for old in data_dir.glob(f"{split}-*-of-*.parquet"):
+        if old not in final:
+            old.unlink()
+    for stale in data_dir.glob(".*.tmp"):  # left by an interrupted earlier run
+        stale.unlink()
+    return final

@@ -10,6 +10,8 @@ import re
 import time
 from typing import Any
 
+from mmpr_pipeline.engine import request_seed
+
 _WORD = re.compile(r"\S+")
 
 
@@ -32,39 +34,36 @@ def truncate(text: str, ratio: float, min_words: int) -> tuple[str, int] | None:
     return prefix_of(text, keep), keep
 
 
-def continue_without_image(rows: list[dict[str, Any]], engine, sampling, dropout_by_source: dict,
-                           sampling_extra: dict | None = None, seed: int = 0) -> None:
-    """For each dropout_ntp row: cut every response and continue it text-only. Fills
-    prefix_words (-1: too short), continuations, continuation_tokens, continuation_image_tokens."""
-    from mmpr_pipeline.engine import request_seed, user_message
-    from mmpr_pipeline.prompts import render
+async def continue_without_image(row: dict[str, Any], engine, sampling, cfg, sampling_extra: dict | None = None,
+                                 seed: int = 0) -> None:
+    """Cut every response of one dropout_ntp row and continue each prefix text-only, all at once.
+    Fills prefix_words (-1: too short), continuations, continuation_tokens, continuation_image_tokens."""
+    import asyncio
 
-    jobs = []  # (row, response index, text-only conversation ending in the prefix)
-    for row in rows:
-        cfg = dropout_by_source[row["source"]]
-        n = len(row["responses"])
-        row.update(prefix_words=[-1] * n, continuations=[""] * n, continuation_tokens=[0] * n,
-                   continuation_image_tokens=[0] * n)
-        for i, text in enumerate(row["responses"]):
-            cut = truncate(text, cfg.ratio, cfg.min_words)
-            if cut is None:
-                continue
-            prefix, kept = cut
-            row["prefix_words"][i] = kept
-            conversation = [user_message(render(row["prompt_template"], row["question"])),  # no image
-                            {"role": "assistant", "content": prefix}]
-            jobs.append((row, i, conversation))
+    from stages.sample import conversation
+
+    n = len(row["responses"])
+    row.update(prefix_words=[-1] * n, continuations=[""] * n, continuation_tokens=[0] * n,
+               continuation_image_tokens=[0] * n)
+    jobs = []  # (response index, text-only conversation ending in the unfinished assistant turn)
+    for i, text in enumerate(row["responses"]):
+        cut = truncate(text, cfg.ratio, cfg.min_words)
+        if cut is None:
+            continue
+        prefix, kept = cut
+        row["prefix_words"][i] = kept
+        jobs.append((i, conversation(row, with_image=False) + [{"role": "assistant", "content": prefix}]))
     if not jobs:
         return
     t0 = time.perf_counter()
     params = [engine.params(n=1, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                             max_tokens=sampling.max_tokens, **(sampling_extra or {}),
                             seed=request_seed(seed, row["qid"], "continue", i) if sampling.reproducible else None)
-              for row, i, _ in jobs]
-    completions = engine.chat([conv for _, _, conv in jobs], params, continue_final=True)
-    per_job = (time.perf_counter() - t0) / len(jobs)
-    for (row, i, _), comp in zip(jobs, completions):
-        row["continue_seconds"] += per_job
+              for i, _ in jobs]
+    completions = await asyncio.gather(*(engine.chat(conv, p, continue_final=True)
+                                         for (_, conv), p in zip(jobs, params)))
+    row["continue_seconds"] = time.perf_counter() - t0
+    for (i, _), comp in zip(jobs, completions):
         if comp.error:
             row["error"] = row["error"] or f"continuation: {comp.error}"
             continue

@@ -1,12 +1,15 @@
 """Load: a recipe source -> Question rows, with bad rows set aside (never dropped silently).
 
-Runs on the driver, before any engine starts, so a source that cannot be opened stops the run at
-once with a message naming it. Each row is checked here (image decodes and has sane dimensions,
-question is non-empty text, answer is text or a number); a bad row becomes a reject with its
-reason and the run goes on.
+Runs on Ray workers, one work unit at a time. The driver only plans (mmpr_pipeline/units.py):
+`scan_input` runs once per input file on a worker and returns each row's `qid` (for
+de-duplication across the whole source) and where each unit starts; `read_unit` then reads one
+unit's rows, checks each one (image decodes and has sane dimensions, question is non-empty text,
+answer is text or a number), and sets a bad row aside with its reason. Image files named by a row
+are read by the worker, from regular files only, up to a size bound.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import json
@@ -41,53 +44,107 @@ def _files(pattern: str) -> list[str]:
     return paths
 
 
-def read_rows(source: Source) -> Iterator[dict[str, Any]]:
-    """Raw rows of a source, in a deterministic order."""
-    if source.loader == "generated":
-        opts = dict(source.generator)
-        n = opts.pop("n", source.limit or 100)
-        yield from tasks.generate(n, **opts)
-        return
+def source_inputs(source: Source) -> list[str]:
+    """The inputs of a source, in order: its files (parquet, jsonl), or one input ("") for a
+    generated source or a `datasets` dataset. Work units never span two inputs."""
     if source.loader == "parquet":
-        import pyarrow.parquet as pq
-
         files = [f for f in _files(source.path) if f.endswith(".parquet")]
         if not files:
             raise SourceError(f"source {source.name!r}: no Parquet files at {source.path!r}")
-        for f in files:
-            yield from _rows_of(pq.ParquetFile(f))
-        return
+        return files
     if source.loader == "jsonl":
         files = [f for f in _files(source.path) if f.endswith((".jsonl", ".json"))]
         if not files:
             raise SourceError(f"source {source.name!r}: no JSON Lines files at {source.path!r}")
-        for f in files:
-            base = Path(f).parent
-            with open(f, "rb") as fh:
-                for line_no, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                        yield {"__bad__": f"unreadable JSON at {Path(f).name}:{line_no} ({e.__class__.__name__})"}
-                        continue
-                    img = row.get(source.fields.image)
-                    if isinstance(img, str) and not Path(img).is_absolute():
-                        row[source.fields.image] = str(base / img)  # image paths are relative to the file
-                    yield row
-        return
+        return files
+    return [""]
+
+
+def input_rows(source: Source, path: str, start: int = 0, byte_offset: int = 0) -> Iterator[dict[str, Any]]:
+    """Raw rows of one input from row `start` on, in a deterministic order. For JSON Lines,
+    `byte_offset` is where row `start` begins (from the scan), so a unit seeks instead of re-reading."""
+    if source.loader == "generated":
+        opts = dict(source.generator)
+        n = opts.pop("n", source.limit or 100)
+        opts["offset"] = opts.get("offset", 0) + start
+        yield from tasks.generate(max(0, n - start), **opts)
+    elif source.loader == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        first = 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if first + n > start:
+                rows = pf.read_row_group(g).to_pylist()
+                yield from rows[max(0, start - first):]
+            first += n
+    elif source.loader == "jsonl":
+        base = Path(path).parent
+        with open(path, "rb") as fh:
+            fh.seek(byte_offset)
+            skip = 0 if byte_offset else start
+            line_no = 0
+            for line in fh:
+                line_no += 1
+                if not line.strip():
+                    continue
+                if skip:
+                    skip -= 1
+                    continue
+                yield _json_row(line, source, base, f"{Path(path).name}:+{line_no}")
+    else:
+        ds = _dataset(source.loader, source.path, source.dataset, source.config, source.split, source.fields.image)
+        yield from ds.select(range(start, len(ds)))
+
+
+def jsonl_offsets(path: str, every: int) -> list[int]:
+    """Byte offset of every `every`-th non-blank line of a JSON Lines file (row 0, every, 2*every...)."""
+    offsets, row, pos = [], 0, 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            if line.strip():
+                if row % every == 0:
+                    offsets.append(pos)
+                row += 1
+            pos += len(line)
+    return offsets
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(loader: str, path: str | None, dataset: str | None, config: str | None, split: str, image: str):
+    """A `datasets` source, memory-mapped; loaded once per worker process."""
     import datasets
 
-    if source.loader == "hf_disk":
-        ds = datasets.load_from_disk(source.path)
+    if loader == "hf_disk":
+        ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
-            ds = ds[source.split]
+            ds = ds[split]
     else:
-        ds = datasets.load_dataset(source.dataset, source.config, split=source.split)
-    if source.fields.image in ds.column_names:
-        ds = ds.cast_column(source.fields.image, datasets.Image(decode=False))  # keep the bytes
-    yield from ds
+        ds = datasets.load_dataset(dataset, config, split=split)
+    if image in ds.column_names:
+        ds = ds.cast_column(image, datasets.Image(decode=False))  # keep the bytes
+    return ds
+
+
+def read_rows(source: Source) -> Iterator[dict[str, Any]]:
+    """All raw rows of a source, in a deterministic order."""
+    for path in source_inputs(source):
+        yield from input_rows(source, path)
+
+
+def _json_row(line: bytes, source: Source, base: Path, where: str) -> dict[str, Any]:
+    """One JSON Lines row; a line that is not a JSON object becomes a `__bad__` row (set aside)."""
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return {"__bad__": f"unreadable JSON at {where} ({e.__class__.__name__})"}
+    if not isinstance(row, dict):
+        return {"__bad__": f"JSON line at {where} is not an object ({type(row).__name__})"}
+    img = row.get(source.fields.image)
+    if isinstance(img, str) and not Path(img).is_absolute():
+        row[source.fields.image] = str(base / img)  # image paths are relative to the file
+    return row
 
 
 def _rows_of(pf) -> Iterator[dict[str, Any]]:
@@ -143,8 +200,11 @@ def _answers(value: Any) -> list[str]:
     return [text]
 
 
-def to_question(raw: dict[str, Any], source: Source, row_index: int) -> dict[str, Any]:
-    """One raw row -> a Question dict (records.QUESTION_SCHEMA, without `unit`). Raises BadRow."""
+def to_question(raw: dict[str, Any], source: Source, row_index: int, check: bool = True) -> dict[str, Any]:
+    """One raw row -> a Question dict (records.QUESTION_SCHEMA, without the unit columns). Raises
+    BadRow. `check=False` skips decoding the image (the scan only needs the qid)."""
+    if not isinstance(raw, dict):
+        raise BadRow(f"row is not a mapping ({type(raw).__name__})")
     if "__bad__" in raw:
         raise BadRow(raw["__bad__"])
     f = source.fields
@@ -161,7 +221,8 @@ def to_question(raw: dict[str, Any], source: Source, row_index: int) -> dict[str
         image = encode_image(raw[f.image])
     except (OSError, ValueError) as e:
         raise BadRow(f"unreadable image ({e})") from None
-    check_image(image)
+    if check:
+        check_image(image)
     answers: list[str] = []
     if source.pipeline == "correctness":
         if raw.get(f.answer) is None:
@@ -192,32 +253,56 @@ def _excerpt(raw: Any) -> str:
         return "<unprintable row>"
 
 
-def load_source(source: Source, unit_size: int) -> tuple[list[dict], list[dict], int]:
-    """(questions with their `unit`, rejects, rows read) for one source, at most `source.limit` rows."""
-    questions, rejects = [], []
-    rows: Iterable[dict] = read_rows(source)
-    n_rows = 0
-    seen_qids: set[str] = set()
+def scan_input(source: Source, path: str, max_rows: int | None, unit_size: int) -> dict[str, Any]:
+    """One pass over an input (on a worker): each row's qid (None for a bad row) for de-duplication,
+    and for JSON Lines the byte offset where every `unit_size`-th row starts. Stops after `max_rows`."""
+    qids: list[str | None] = []
     try:
-        for i, raw in enumerate(rows):
-            if source.limit is not None and i >= source.limit:
+        for i, raw in enumerate(input_rows(source, path)):
+            if max_rows is not None and i >= max_rows:
                 break
-            n_rows += 1
             try:
-                q = to_question(raw, source, i)
-                if q["qid"] in seen_qids:
-                    raise BadRow("duplicate of an earlier row")
-            except BadRow as e:
-                rejects.append(dict(source=source.name, row_index=i, reason=str(e), row=_excerpt(raw)))
-                continue
-            seen_qids.add(q["qid"])
-            q["unit"] = len(questions) // unit_size
-            questions.append(q)
+                qids.append(to_question(raw, source, i, check=False)["qid"])
+            except BadRow:
+                qids.append(None)
     except SourceError:
         raise
     except Exception as e:  # noqa: BLE001 - anything that stops reading a source names the source
-        if n_rows == 0:
-            raise SourceError(f"source {source.name!r} ({source.loader}: {source.path or source.dataset}) "
-                              f"cannot be opened: {type(e).__name__}: {e}") from e
-        raise SourceError(f"source {source.name!r}: reading stopped at row {n_rows}: {e}") from e
-    return questions, rejects, n_rows
+        where = f"{source.loader}: {path or source.path or source.dataset}"
+        if not qids:
+            raise SourceError(f"source {source.name!r} ({where}) cannot be opened: {type(e).__name__}: {e}") from e
+        raise SourceError(f"source {source.name!r} ({where}): reading stopped at row {len(qids)}: {e}") from e
+    offsets = jsonl_offsets(path, unit_size) if source.loader == "jsonl" else []
+    return dict(path=path, qids=qids, offsets=offsets)
+
+
+def read_unit(source: Source, unit) -> tuple[list[dict], list[dict]]:
+    """(questions, rejects) of one work unit (units.WorkUnit), read and checked on a worker."""
+    questions, rejects = [], []
+    rows = input_rows(source, unit.path, unit.start, unit.byte_offset)
+    for local, raw in zip(range(unit.start, unit.stop), rows):
+        i = unit.first_row + (local - unit.start)  # the row's index in the whole source
+        try:
+            if i in unit.duplicates:
+                raise BadRow("duplicate of an earlier row")
+            q = to_question(raw, source, i)
+        except BadRow as e:
+            rejects.append(dict(source=source.name, row_index=i, reason=str(e), row=_excerpt(raw)))
+            continue
+        q.update(unit=unit.unit, unit_plan=unit.to_item()["unit_plan"])
+        questions.append(q)
+    return questions, rejects
+
+
+def load_source(source: Source, unit_size: int) -> tuple[list[dict], list[dict], int]:
+    """(questions, rejects, rows read) of a whole source, in this process: the same scan, plan and
+    unit reads as a build, for tests and benchmarks (a build runs them on Ray workers)."""
+    from mmpr_pipeline.units import plan_source
+
+    scans = [scan_input(source, path, source.limit, unit_size) for path in source_inputs(source)]
+    questions, rejects = [], []
+    for unit in plan_source(source, scans, unit_size):
+        qs, rs = read_unit(source, unit)
+        questions += qs
+        rejects += rs
+    return questions, rejects, len(questions) + len(rejects)

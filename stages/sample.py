@@ -1,15 +1,17 @@
 """Sample: Question rows -> the same rows with their `n` responses (a Ray Data actor stage).
 
-Each replica owns one `vllm.LLM` (built once in `__init__`); `__call__` takes a batch of questions
-and asks for all `n` samples of a question in one request. DropoutNTP rows are then cut and
-continued without the image by the same engine (stages/dropout_ntp.py), so one engine per replica
-serves both pipelines.
+Each replica owns one `Engine` (vLLM's async engine, built once in `__init__`). `__call__` is a
+coroutine: every question of the batch is its own request (all `n` samples of a question in one
+request), and Ray Data runs several batches per replica at once (`max_concurrent_batches`), so new
+requests keep flowing while a batch waits on its longest response. DropoutNTP rows are then cut and
+continued without the image by the same engine (stages/dropout_ntp.py).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pyarrow as pa
 
@@ -23,9 +25,18 @@ def empty_sample_columns(row: dict[str, Any], template: str) -> dict[str, Any]:
     """The sample columns of a row before anything is generated."""
     row.update(prompt_template=template, responses=[], n_tokens=[], finish_reasons=[], error="",
                extracted=[], correct=[], score=[], reason=[], prefix_words=[], continuations=[],
-               continuation_tokens=[], continuation_image_tokens=[],
+               continuation_tokens=[], continuation_image_tokens=[], image_tokens=0,
                sample_seconds=0.0, continue_seconds=0.0, score_seconds=0.0)
     return row
+
+
+def conversation(row: dict[str, Any], with_image: bool = True) -> list[dict]:
+    """The user turn the model sees: the rendered prompt template, with the image unless dropped."""
+    from mmpr_pipeline.engine import user_message
+    from mmpr_pipeline.prompts import render
+
+    image = decode_image(row["image"]) if with_image else None
+    return [user_message(render(row["prompt_template"], row["question"]), image)]
 
 
 class SampleStage:
@@ -40,39 +51,34 @@ class SampleStage:
         self.dropout = dropout          # source -> Dropout settings (dropout_ntp sources only)
         self.sampling_extra = sampling_extra or {}  # more SamplingParams (benchmarks: ignore_eos)
 
-    def _conversation(self, row: dict[str, Any]) -> list[dict]:
-        from mmpr_pipeline.engine import user_message
-        from mmpr_pipeline.prompts import render
-
-        return [user_message(render(row["prompt_template"], row["question"]), decode_image(row["image"]))]
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         rows = [empty_sample_columns(r, self.templates[r["source"]]) for r in batch.to_pylist()]
+        await asyncio.gather(*(self.sample_row(r) for r in rows))
+        yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+
+    def params_for(self, row: dict[str, Any], n: int):
+        """The sampling parameters of one question's request (seeded by its qid: the same samples
+        however questions are batched, spread over replicas, or resumed)."""
         s = self.sampling
-        # Group by the number of samples asked for: correctness sources take `n`, DropoutNTP its own.
-        by_n: dict[int, list[dict]] = {}
-        for row in rows:
-            if row["pipeline"] == "dropout_ntp":
-                if row["given_response"]:
-                    row.update(responses=[row["given_response"]], n_tokens=[0], finish_reasons=["given"])
-                    continue
-                by_n.setdefault(self.dropout[row["source"]].n, []).append(row)
-            else:
-                by_n.setdefault(s.n, []).append(row)
-        for n, group in by_n.items():
+        return self.engine.params(n=n, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                  max_tokens=s.max_tokens, **self.sampling_extra,
+                                  seed=request_seed(self.seed, row["qid"]) if s.reproducible else None)
+
+    async def sample_row(self, row: dict[str, Any]) -> None:
+        """Fill one question's responses (and, for DropoutNTP, its image-free continuations)."""
+        s = self.sampling
+        dropout = row["pipeline"] == "dropout_ntp"
+        if dropout and row["given_response"]:
+            row.update(responses=[row["given_response"]], n_tokens=[0], finish_reasons=["given"])
+        else:
+            n = self.dropout[row["source"]].n if dropout else s.n
             t0 = time.perf_counter()
-            params = [self.engine.params(n=n, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                         max_tokens=s.max_tokens, **self.sampling_extra,
-                                         seed=request_seed(self.seed, r["qid"]) if s.reproducible else None)
-                      for r in group]
-            completions = self.engine.chat([self._conversation(r) for r in group], params)
-            per_row = (time.perf_counter() - t0) / len(group)
-            for row, comp in zip(group, completions):
-                row.update(responses=comp.texts, n_tokens=comp.n_tokens, finish_reasons=comp.finish_reasons,
-                           error=comp.error, sample_seconds=per_row)
-        dropout_rows = [r for r in rows if r["pipeline"] == "dropout_ntp" and not r["error"]]
-        if dropout_rows:
+            comp = await self.engine.chat(conversation(row), self.params_for(row, n))
+            row.update(responses=comp.texts, n_tokens=comp.n_tokens, finish_reasons=comp.finish_reasons,
+                       error=comp.error, image_tokens=self.engine.image_tokens(comp),
+                       sample_seconds=time.perf_counter() - t0)
+        if dropout and not row["error"]:
             from stages.dropout_ntp import continue_without_image
 
-            continue_without_image(dropout_rows, self.engine, s, self.dropout, self.sampling_extra, self.seed)
-        return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+            await continue_without_image(row, self.engine, s, self.dropout[row["source"]],
+                                         self.sampling_extra, self.seed)

@@ -48,3 +48,10 @@ def test_pairs_drop_empty_and_identical_continuations():
     assert [p["rejected"] for p in pairs] == ["one two three four nine ten"]
     assert pairs[0]["chosen"] == original and pairs[0]["prefix_words"] == 4
     assert counts == dict(too_short=1, continued=2, empty_continuation=1, identical=1)
+
+
+def test_min_words_boundary_is_inclusive():
+    """A response of exactly `min_words` words is cut; one word fewer is not."""
+    eight = "one two three four five six seven eight"
+    assert truncate(eight, 0.5, 8) == ("one two three four", 4)
+    assert truncate(eight, 0.5, 9) is None

@@ -71,3 +71,30 @@ def test_score_stage_contains_a_failing_judge():
     broken = score_row(dict(row, answer_type="not-a-type"))  # the judge raises ValueError
     assert broken["correct"] == [False, False]
     assert all(r.startswith(JUDGE_ERROR) for r in broken["reason"])
+
+
+def _scored_row(responses, correct, extracted, pipeline="correctness", reason=None):
+    """A Sample row as the score stage leaves it (records.SAMPLE_SCHEMA), hand-written."""
+    n = len(responses)
+    return dict(qid="q1", source="s", task="t", image=b"png", question="How many?", answer="3",
+                pipeline=pipeline, prompt_template="cot_final_answer", error="", responses=responses,
+                correct=correct, extracted=extracted, reason=reason or ["r"] * n, prefix_words=[],
+                continuations=[])
+
+
+def test_pair_rows_puts_the_correct_response_on_the_chosen_side():
+    from mmpr_pipeline.recipe import Source
+    from stages.pair import pair_rows
+
+    row = _scored_row(["right\nFinal answer: 3", "wrong\nFinal answer: 4", "no answer at all"],
+                      [True, False, False], ["3", "4", None])
+    pairs, counts = pair_rows(row, Source(name="s", loader="generated"), seed=0, model="m", sampling={})
+    by_type = {p["pair_type"]: p for p in pairs}
+    assert counts["correctness"] == 1 and counts["format"] == 1
+    assert by_type["correctness"]["chosen"] == "right\nFinal answer: 3"
+    assert by_type["correctness"]["rejected"] == "wrong\nFinal answer: 4"
+    assert (by_type["correctness"]["chosen_index"], by_type["correctness"]["rejected_index"]) == (0, 1)
+    assert by_type["format"]["chosen"] == "right\nFinal answer: 3"
+    assert by_type["format"]["rejected"] == "no answer at all"
+    assert by_type["correctness"]["images"] == [{"bytes": b"png", "path": None}]
+    assert all("How many?" in p["question"] for p in pairs)

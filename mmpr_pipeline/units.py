@@ -1,0 +1,151 @@
+"""Work units: the resumable pieces a build is cut into, and the counts each one reports.
+
+A unit is a run of consecutive rows of one input (file) of one source. The driver plans units from
+a scan of each input (row count and each row's qid, so duplicates across the whole source are known
+before any unit is read); Ray workers read, sample, score, pair and write each unit on their own.
+A unit is finished when its counts file (`samples/<source>/unit-XXXXX.json`) exists and names the
+same plan (`key`): it is written last, after the unit's samples and pairs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmpr_pipeline.records import stable_hash
+
+PAIR_TYPES = ("correctness", "format", "dropout_ntp")
+DROPOUT_COUNTS = ("sampled", "cut", "too_short", "continued", "empty_continuation", "identical")
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    source: str
+    unit: int                  # index within the source
+    path: str                  # the input file ("" for generated and `datasets` sources)
+    start: int                 # first row within the input
+    stop: int                  # one past the last row within the input
+    first_row: int             # index of row `start` in the whole source (for rejects and audit)
+    byte_offset: int = 0       # JSON Lines: where row `start` begins
+    duplicates: tuple[int, ...] = ()  # source row indices that repeat an earlier row's qid
+
+    @property
+    def key(self) -> str:
+        """Identifies what the unit covers: a resumed run redoes a unit whose plan changed."""
+        return stable_hash("unit", self.source, self.path, self.start, self.stop, self.first_row,
+                           list(self.duplicates))
+
+    def to_item(self) -> dict[str, Any]:
+        return {"unit_plan": json.dumps(dataclasses.asdict(self))}
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any]) -> "WorkUnit":
+        d = json.loads(item["unit_plan"])
+        return cls(**{**d, "duplicates": tuple(d["duplicates"])})
+
+
+def plan_source(source, scans: list[dict[str, Any]], unit_size: int) -> list[WorkUnit]:
+    """Units of `unit_size` rows over a source's scanned inputs, in order, up to `source.limit`
+    rows; a row whose qid appeared earlier in the source is marked a duplicate."""
+    units: list[WorkUnit] = []
+    seen: set[str] = set()
+    first_row, remaining = 0, source.limit
+    for scan in scans:
+        qids = scan["qids"] if remaining is None else scan["qids"][:remaining]
+        for start in range(0, len(qids), unit_size):
+            stop = min(start + unit_size, len(qids))
+            duplicates = []
+            for k in range(start, stop):
+                if qids[k] is None:
+                    continue
+                if qids[k] in seen:
+                    duplicates.append(first_row + k)
+                seen.add(qids[k])
+            offsets = scan.get("offsets") or []
+            units.append(WorkUnit(source.name, len(units), scan["path"], start, stop, first_row + start,
+                                  offsets[start // unit_size] if offsets else 0, tuple(duplicates)))
+        first_row += len(qids)
+        if remaining is not None:
+            remaining -= len(qids)
+            if remaining <= 0:
+                break
+    return units
+
+
+def unit_file(run_dir: str | Path, kind: str, source: str, unit: int, suffix: str = "parquet") -> Path:
+    """samples/, pairs/ or rejects/<source>/unit-XXXXX.<suffix>."""
+    return Path(run_dir) / kind / source / f"unit-{unit:05d}.{suffix}"
+
+
+def counts_file(run_dir: str | Path, unit: WorkUnit) -> Path:
+    return unit_file(run_dir, "samples", unit.source, unit.unit, "json")
+
+
+def is_done(run_dir: str | Path, unit: WorkUnit) -> bool:
+    path = counts_file(run_dir, unit)
+    try:
+        return json.loads(path.read_text()).get("key") == unit.key
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass
+class SourceStats:
+    """What one unit, or a whole source (the sum of its units), produced: the per-source part of
+    stats.json."""
+    rows: int = 0
+    rejects: int = 0
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    questions: int = 0
+    samples: int = 0
+    engine_errors: int = 0
+    correct: int = 0
+    unparsable: int = 0
+    all_right: int = 0
+    all_wrong: int = 0
+    questions_with_pairs: int = 0
+    image_tokens: int = 0      # image tokens in the sampling prompts (> 0: the engine saw the images)
+    pairs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PAIR_TYPES, 0))
+    dropout: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROPOUT_COUNTS, 0))
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("sample", "continue", "score"), 0.0))
+
+    def add(self, other: "SourceStats") -> "SourceStats":
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, dict):
+                for k, v in theirs.items():
+                    mine[k] = mine.get(k, 0) + v
+            else:
+                setattr(self, f.name, mine + theirs)
+        return self
+
+    def add_row(self, row: dict[str, Any], counts: dict[str, Any]) -> None:
+        """Count one scored question and what pairing made of it (stages/pair.py's counts)."""
+        self.questions += 1
+        self.samples += len(row["responses"])
+        self.engine_errors += bool(row["error"])
+        self.correct += sum(row["correct"])
+        self.unparsable += sum(1 for e in row["extracted"] if e is None)
+        self.all_right += counts["all_right"]
+        self.all_wrong += counts["all_wrong"]
+        self.image_tokens += row.get("image_tokens") or 0
+        self.questions_with_pairs += any(counts[k] for k in PAIR_TYPES)
+        for kind in PAIR_TYPES:
+            self.pairs[kind] += counts[kind]
+        if "dropout" in counts:
+            self.dropout["sampled"] += len(row["responses"])
+            self.dropout["cut"] += sum(1 for k in row["prefix_words"] if k >= 0)
+            for k, v in counts["dropout"].items():
+                self.dropout[k] += v
+        for key in self.seconds:
+            self.seconds[key] += row[f"{key}_seconds"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SourceStats":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

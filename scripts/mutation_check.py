@@ -1,0 +1,105 @@
+"""A small mutation check: the bugs that would ruin a dataset or a model must fail the tests.
+
+    python scripts/mutation_check.py [--list] [--only NAME]
+
+Each mutant is one textual change to one file (the original must occur exactly once). For each,
+the tracked files are copied to a scratch folder, the change is applied there, and the tests that
+guard it run against the copy (`python -m pytest` from the copy, so the copy's code is the one
+imported). A mutant is *killed* when those tests fail. Prints each result and the kill rate, and
+exits 1 if any mutant survives, so CI (`make mutation`, run by .ci/run) catches a test that stopped
+guarding its code. The trained demo model is shared with the copy (build/ is linked, not copied).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Mutant:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: list[str]
+
+
+MUTANTS = [
+    Mutant("pair: chosen and rejected swapped", "stages/pair.py",
+           'dict(chosen=row["responses"][c], rejected=row["responses"][r],',
+           'dict(chosen=row["responses"][r], rejected=row["responses"][c],',
+           ["tests/test_pairing.py"]),
+    Mutant("pairing: a wrong response counted as right", "mmpr_pipeline/pairing.py",
+           "right = [i for i in judged if correct[i]]", "right = [i for i in judged if not correct[i]]",
+           ["tests/test_pairing.py"]),
+    Mutant("pairing: unparsable responses as wrong answers", "mmpr_pipeline/pairing.py",
+           "if not correct[i] and extracted[i] is not None]", "if not correct[i] and extracted[i] is None]",
+           ["tests/test_pairing.py"]),
+    Mutant("dropout: min_words boundary < -> <=", "stages/dropout_ntp.py",
+           "if len(words) < min_words or keep < 1", "if len(words) <= min_words or keep < 1",
+           ["tests/test_dropout_truncate.py"]),
+    Mutant("dropout: chosen and rejected swapped", "stages/dropout_ntp.py",
+           "pairs.append(dict(chosen=text, rejected=prefix + continuation,",
+           "pairs.append(dict(chosen=prefix + continuation, rejected=text,",
+           ["tests/test_dropout_truncate.py"]),
+]
+
+
+def copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for f in files:
+        src = REPO / f
+        if src.is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    if (REPO / "build").exists():
+        os.symlink(REPO / "build", dest / "build")
+
+
+def run(mutant: Mutant) -> tuple[bool, float, str]:
+    with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
+        root = Path(tmp)
+        copy_repo(root)
+        path = root / mutant.file
+        text = path.read_text()
+        if text.count(mutant.old) != 1:
+            return False, 0.0, f"the original text occurs {text.count(mutant.old)} times in {mutant.file}: update the mutant"
+        path.write_text(text.replace(mutant.old, mutant.new))
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests],
+                              cwd=root, capture_output=True, text=True)
+        tail = (proc.stdout.strip().splitlines() or [""])[-1]
+        return proc.returncode == 1, time.perf_counter() - t0, tail
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--only", default=None, help="run the mutants whose name contains this")
+    args = ap.parse_args()
+    mutants = [m for m in MUTANTS if not args.only or args.only in m.name]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name}: {m.file} ({' '.join(m.tests)})")
+        return 0
+    killed = 0
+    for m in mutants:
+        dead, seconds, tail = run(m)
+        killed += dead
+        print(f"{'killed  ' if dead else 'SURVIVED'} {m.name} [{seconds:.0f}s] {tail}", flush=True)
+    print(f"mutation check: {killed} of {len(mutants)} mutants killed ({killed / len(mutants):.0%})")
+    return 0 if killed == len(mutants) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The same build on a multi-node Ray cluster, and GPU placement planned before anyone pays for GPUs.
+
+A `ray.cluster_utils.Cluster` on this machine: a head node that takes no work (num_cpus=0) and two
+worker nodes. Every build here is a real `mmpr build` process (vLLM on CPU, the demo model), all
+writing to folders the nodes share (this machine's disk).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+RECIPE_OVERRIDES = ["sources[0].limit=16", "sources[1].limit=8", "sampling.n=4", "sampling.max_tokens=40",
+                    "unit_size=4", "shard_rows=25"]
+
+
+def _env(address: str | None) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("RAY_ADDRESS", None)
+    if address:
+        env["RAY_ADDRESS"] = address
+    return env
+
+
+def _build_cmd(run: Path, model: str) -> list[str]:
+    sets = [a for s in RECIPE_OVERRIDES for a in ("--set", s)]
+    return [sys.executable, "-m", "mmpr_pipeline.cli", "build", "data_cards/demo.yaml", "--out", str(run),
+            "--model", model, *sets]
+
+
+def _build(run: Path, model: str, address: str | None) -> subprocess.CompletedProcess:
+    return subprocess.run(_build_cmd(run, model), cwd=REPO, env=_env(address), capture_output=True, text=True,
+                          timeout=900)
+
+
+def _pairs(run: Path) -> dict[str, tuple[str, str]]:
+    rows = [r for p in sorted((run / "data").glob("train-*.parquet"))
+            for r in pq.read_table(p, columns=["id", "chosen", "rejected"]).to_pylist()]
+    return {r["id"]: (r["chosen"], r["rejected"]) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, include_dashboard=False))
+    workers = [c.add_node(num_cpus=2), c.add_node(num_cpus=2)]
+    c.wait_for_nodes()
+    yield c, workers
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def single_node(tmp_path_factory, trained_model, cluster):
+    """A plain build (no RAY_ADDRESS) while the cluster runs: it must start its own local Ray."""
+    run = tmp_path_factory.mktemp("single") / "run"
+    proc = _build(run, trained_model, None)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return run
+
+
+def test_a_plain_build_starts_its_own_ray_beside_a_running_cluster(single_node):
+    stats = json.loads((single_node / "stats.json").read_text())
+    assert stats["totals"]["questions"] == 23  # 24 rows, one of them a duplicate... see below
+    assert sum(stats["totals"]["pairs"].values()) == len(_pairs(single_node)) > 0
+
+
+def _engine_node(workers) -> object | None:
+    """The worker node whose raylet runs the sampling actor (its process title names the stage)."""
+    for node in workers:
+        raylet = node.all_processes["raylet"][0].process
+        for child in psutil.Process(raylet.pid).children(recursive=True):
+            try:
+                if "SampleStage" in " ".join(child.cmdline()):
+                    return node
+            except psutil.NoSuchProcess:
+                continue
+    return None
+
+
+def test_cluster_build_equals_single_node_even_when_the_engine_node_dies(cluster, single_node, trained_model,
+                                                                         tmp_path):
+    c, workers = cluster
+    expected = _pairs(single_node)
+
+    # 1. the same recipe on the cluster: the same pairs, ids and texts
+    run = tmp_path / "cluster"
+    proc = _build(run, trained_model, c.address)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert _pairs(run) == expected
+
+    # 2. again, removing the node that holds the engine once the first units are done
+    run = tmp_path / "node-lost"
+    p = subprocess.Popen(_build_cmd(run, trained_model), cwd=REPO, env=_env(c.address),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((run / "samples").glob("*/unit-*.json")):
+        assert p.poll() is None, p.stdout.read()[-3000:]
+        time.sleep(0.5)
+    node = _engine_node(workers)
+    assert node is not None, "no node runs the sampling actor"
+    c.remove_node(node)
+    c.add_node(num_cpus=2)  # the cluster stays two workers strong for the next runs
+    out, _ = p.communicate(timeout=900)
+    if p.returncode != 0:  # Ray could not retry: the same command resumes
+        again = _build(run, trained_model, c.address)
+        assert again.returncode == 0, out[-2000:] + again.stdout[-2000:] + again.stderr[-2000:]
+    assert _pairs(run) == expected
+
+
+PLACEMENT_PROBE = """
+import json, ray
+from mmpr_pipeline.pipeline import init_ray, cluster_gpus
+from mmpr_pipeline.engine import replica_plan
+from ray.util.placement_group import placement_group
+init_ray(None)  # joins the cluster named by RAY_ADDRESS
+out = {}
+for tp in (1, 2, 4):
+    plan = replica_plan(cluster_gpus(), {"tensor_parallel_size": tp})
+    groups = [placement_group(plan.bundles, strategy="STRICT_PACK") for _ in range(plan.replicas)]
+    placed = all(g.wait(timeout_seconds=20) for g in groups)
+    extra = placement_group(plan.bundles, strategy="STRICT_PACK")
+    out[tp] = dict(replicas=plan.replicas, bundles=plan.bundles, placed=placed,
+                   one_more_fits=extra.wait(timeout_seconds=2))
+    for g in groups + [extra]:
+        ray.util.remove_placement_group(g)
+print("PLAN" + json.dumps(out))
+"""
+
+
+def test_gpu_replicas_and_bundles_are_planned_per_node():
+    """Two nodes declaring 4 (logical) GPUs each: TP 1, 2, 4 give 8, 4, 2 replicas, each one placement
+    group of TP single-GPU bundles on one node; all of them fit, one more does not."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, num_gpus=0, include_dashboard=False))
+    try:
+        for _ in range(2):
+            c.add_node(num_cpus=8, num_gpus=4)
+        c.wait_for_nodes()
+        proc = subprocess.run([sys.executable, "-c", PLACEMENT_PROBE], cwd=REPO, env=_env(c.address),
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        c.shutdown()
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PLAN")), None)
+    assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
+    plan = {int(k): v for k, v in json.loads(line[4:]).items()}
+    for tp, replicas in ((1, 8), (2, 4), (4, 2)):
+        assert plan[tp]["replicas"] == replicas
+        assert plan[tp]["bundles"] == [{"GPU": 1, "CPU": 1}] * tp
+        assert plan[tp]["placed"] and not plan[tp]["one_more_fits"]
+
+
+def test_replica_plan_rules():
+    from mmpr_pipeline.engine import actor_options, replica_plan
+
+    assert replica_plan([3, 4], {"tensor_parallel_size": 2}).replicas == 1 + 2  # never across nodes
+    assert replica_plan([8], {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}).replicas == 2
+    cpu = replica_plan([0, 0], {})
+    assert (cpu.replicas, cpu.gpus_per_replica) == (1, 0) and actor_options(cpu) == {"num_cpus": 1}
+    assert actor_options(replica_plan([4], {})) == {"num_gpus": 1}
+    tp2 = actor_options(replica_plan([4], {"tensor_parallel_size": 2}))
+    assert tp2["num_gpus"] == 0 and callable(tp2["ray_remote_args_fn"])
+    with pytest.raises(ValueError, match="no node has the 8 GPUs"):
+        replica_plan([4, 4], {"tensor_parallel_size": 8})

@@ -1,0 +1,76 @@
+"""A dead engine never hangs a build (issue 17, case 1): kill -9 of vLLM's engine process mid-run,
+as an out-of-memory kill would. The build stops with a message naming the cause, finished units
+stay, and the same command resumes to exactly the pairs of an uninterrupted run."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+SETS = ["sources[0].limit=16", "sources[1].limit=4", "sampling.n=4", "sampling.max_tokens=48", "unit_size=4"]
+
+
+def _cmd(run: Path, model: str) -> list[str]:
+    return [sys.executable, "-m", "mmpr_pipeline.cli", "build", "data_cards/demo.yaml", "--out", str(run),
+            "--model", model, *[a for s in SETS for a in ("--set", s)]]
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _pairs(run: Path) -> set[str]:
+    return {i for p in (run / "data").glob("train-*.parquet") for i in pq.read_table(p, columns=["id"])["id"].to_pylist()}
+
+
+def _engine_cores(pid: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def test_killed_engine_stops_the_build_with_a_message_and_resume_finishes(tmp_path, trained_model):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(run, trained_model), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not list((run / "samples").glob("*/unit-*.json")):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.3)
+        cores = _engine_cores(proc.pid)
+        assert cores, "no VLLM::EngineCore process under the build"
+        for core in cores:
+            core.kill()
+        out, _ = proc.communicate(timeout=300)  # the point: it ends, it does not hang
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode not in (0, None) or _pairs(run), out[-3000:]
+    if proc.returncode != 0:
+        last = out.strip().splitlines()[-1]
+        assert "engine" in last.lower() and "resume" in last.lower(), out[-3000:]
+        assert "Traceback" not in out
+        done = list((run / "samples").glob("*/unit-*.json"))
+        assert done, "finished units must stay"
+        again = subprocess.run(_cmd(run, trained_model), cwd=REPO, env=_env(), capture_output=True, text=True,
+                               timeout=900)
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    reference = tmp_path / "reference"
+    ref = subprocess.run(_cmd(reference, trained_model), cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=900)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert _pairs(run) == _pairs(reference)
