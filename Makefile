@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser build-mmpr test train eval demo-model demo-loop publish bench clean help
+.PHONY: setup browser build-mmpr test train eval demo-model demo-loop publish bench mutation clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -55,6 +55,10 @@ bench: setup demo-model  ## run the benchmarks (each prints ratios against its o
 	$(PY) benchmarks/bench_judge.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_resume.py
+	$(PY) benchmarks/bench_scale.py
+
+mutation: setup demo-model  ## the swap/sign-flip mutants that would ruin data or a model must fail the tests
+	$(PY) scripts/mutation_check.py
 
 clean:  ## remove runs and build outputs (keeps .venv)
 	rm -rf runs build .cache
