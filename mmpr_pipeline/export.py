@@ -22,6 +22,7 @@ checkpoint), the export refuses and names it. One export at a time may write DIR
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -30,7 +31,6 @@ import os
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -188,7 +188,7 @@ def _check_out(out: Path) -> None:
                           "move them out or choose another --out")
 
 
-@contextmanager
+@contextlib.contextmanager
 def _lock(out: Path):
     """Hold an exclusive lock on `out` (a file beside it) while exporting; refuse if another process has it."""
     lock_path = out.with_name(f".{out.name}.mmpr-export.lock")
@@ -208,8 +208,9 @@ def _lock(out: Path):
             pass
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        with contextlib.suppress(OSError):  # the pid is for the message only; a full disk fails later, named
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.unlink(lock_path)

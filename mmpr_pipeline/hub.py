@@ -291,7 +291,11 @@ def _redacting(token: str | None):
     if not token:
         yield
         return
-    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    # every logger's handlers: huggingface_hub, for one, has its own handler on stderr
+    handlers = list({id(h): h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)
+                     and not isinstance(getattr(type(h), "stream", None), property)}.values())  # a property follows sys.stderr
     saved = sys.stdout, sys.stderr, [h.stream for h in handlers]
     sys.stdout, sys.stderr = _RedactingStream(sys.stdout, token), _RedactingStream(sys.stderr, token)
     for h in handlers:
