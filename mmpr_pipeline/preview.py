@@ -285,8 +285,8 @@ def pair_card(pair: dict, sample: dict | None) -> str:
     kind = pair.get("pair_type") or ""
     if kind == "dropout_ntp" and pair.get("prefix_words") is not None:
         at = len(prefix_of(chosen, int(pair["prefix_words"])))
-        label_c = f"✂ cut after {pair['prefix_words']} words; the original goes on (with the image)"
-        label_r = "✂ continued here without the image"
+        label_c = f"✂ cut after {pair['prefix_words']} words"
+        label_r = "✂ continued without the image"
         css_c, css_r = "kept", "continued"
         title_c, title_r = "chosen: original response", "rejected: prefix + image-free continuation"
     else:
@@ -319,7 +319,7 @@ def question_card(sample: dict, kind: str) -> str:
                     f'<span class="clip">{esc(after)}</span></div></td></tr>')
     pair = dict(answer=sample.get("answer"), question="", prompt_template=sample.get("prompt_template"))
     return f"""<article class="question-card" data-kind="{esc(kind)}">
-<div class="card-head"><span class="badge {'ok' if kind == 'all right' else 'bad'}">{esc(kind)}</span>
+<div class="card-head"><span class="badge {'all-right' if kind == 'all right' else 'all-wrong'}">{esc(kind)}</span>
 <span class="muted">{esc(sample.get("task"))} · qid {esc(sample.get("qid"))}</span></div>
 <div class="qgrid"><div class="side-q">{thumbnail(sample.get("image"))}{_question_block(pair, sample)}</div>
 <table class="samples"><tr><th></th><th>verdict</th><th>extracted</th><th>judge</th><th>response</th></tr>
@@ -350,7 +350,7 @@ article{background:#fff;border:1px solid #d7d7db;border-radius:8px;padding:10px 
 .card-head{margin-bottom:6px}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff;background:#777}
 .badge.correctness{background:#4C72B0}.badge.format{background:#DD8452}.badge.dropout_ntp{background:#55A868}
-.badge.ok{background:#2e7d32}.badge.bad{background:#c62828}
+.badge.all-right{background:#2e7d32}.badge.all-wrong{background:#c62828}
 .pair-grid{display:grid;grid-template-columns:minmax(180px,230px) minmax(0,1fr) minmax(0,1fr);gap:12px}
 .qgrid{display:grid;grid-template-columns:minmax(180px,230px) minmax(0,1fr);gap:12px}
 .side{min-width:0}
