@@ -108,7 +108,8 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, recipe_file, trained_mo
             json.loads((run / "stats.json").read_text())
         done = len(shards.unit_files(run))
         if point == "after_unit:2" and total_units is None:
-            assert done == 2
+            # the driver saw two units finish; workers may have finished one or two more meanwhile
+            assert done >= 2
         total_units = done
     res = _build(run, trained_model, recipe_file)
     assert res.returncode == 0, res.stdout[-3000:]
