@@ -121,12 +121,34 @@ def test_a_dead_server_is_replaced():
 
 
 def test_no_eval_of_model_text_in_the_source():
-    """eval/exec/sympify/parse_expr never appear in the judge's code."""
+    """eval/exec/sympify/parse_expr never appear in the judge's code (docstrings and comments aside)."""
     package = Path(scoring.__file__).parent
+    checked = 0
     for path in package.glob("*.py"):
-        code = re.sub(r'""".*?"""|#.*', "", path.read_text(), flags=re.S)
+        code = re.sub(r'""".*?"""|#[^\n]*', "", path.read_text(), flags=re.S)
+        checked += "def " in code                       # the stripping must leave the code itself
         assert not re.search(r"\b(?:eval|exec|sympify|parse_expr)\s*\(", code), path.name
-        assert "ExprExtractionConfig" not in code, path.name   # math-verify's parse_expr path
+    assert checked == len(list(package.glob("*.py"))) - 1   # all but __init__.py define functions
+
+
+# What math-verify's expression extraction may hand to sympy's parse_expr (which evaluates code):
+# digits, decimal points, white space, arithmetic operators and parentheses; never a name.
+_ARITHMETIC_ONLY = re.compile(r"[\d.\s+\-*/^()×÷]*")
+
+
+def test_only_arithmetic_reaches_parse_expr(monkeypatch):
+    """Maths runs math-verify's ExprExtractionConfig on the final-answer segment (in the bounded
+    worker). Its pattern must admit only arithmetic into parse_expr, whatever the model wrote."""
+    from math_verify import parser
+    seen = []
+    monkeypatch.setattr(parser, "parse_expr_cached", lambda expr: seen.append(expr) or 0)
+    for text in ["Final answer: __import__('os').system('touch x')", "The answer is 2**9**9 or os.system(1)",
+                 "answer: (lambda: 1)() = 3", "1/2 + eval('2')", "Answer: 3*(4+open('f').read())", "x = 12 + y"]:
+        for pattern, _ in parser.lazy_expr_regex(parser.ExprExtractionConfig()):
+            for m in pattern.finditer(text):
+                parser.extract_expr(m)
+    assert seen, "the hostile texts must reach the expression path at all"
+    assert all(_ARITHMETIC_ONLY.fullmatch(e.replace("**", "^")) for e in seen), seen
 
 
 def test_hostile_outputs_inside_a_ray_actor(tmp_path):

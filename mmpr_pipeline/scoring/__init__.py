@@ -12,7 +12,12 @@ Answer types (mmpr_pipeline.recipe.ANSWER_TYPES) and how each is scored:
 - `yes_no`: yes / no, any case and punctuation.
 - `text`: exact match after normalisation (case, punctuation, articles, white space).
 - `math`: symbolic equivalence with math-verify (github.com/huggingface/Math-Verify, on sympy):
-  expressions, intervals, sets, `x = 3` against `3`; bounded and isolated (safe_math.py).
+  expressions, intervals, sets, matrices, `x = 3` against `3`, `x \\geq 5` against `[5, \\infty)`;
+  when the final answer is a sentence ("The largest $n$ is 34.") or holds several boxes,
+  math-verify's own extraction (boxed first, then LaTeX and plain numbers) reads the raw
+  final-answer segment. A decimal equals a value when both agree to 6 decimal places (stated
+  precision, as math-verify's float_rounding=6: 0.0833333333 = 1/12; 0.33 != 1/3); a decimal
+  comma (1000,99) is read as a decimal point. Bounded and isolated (safe_math.py).
 - `vqa`: VQA accuracy, min(1, #annotators agreeing / 3) averaged leave-one-out, with the
   official answer normalisation (Antol et al. 2015, "VQA: Visual Question Answering";
   github.com/GT-Vision-Lab/VQA). Correct when >= 3 annotators agree (score >= 0.9 of 10).
@@ -28,7 +33,8 @@ Verdict.reason is one of these stable strings (REASONS):
 - "no final answer", "answer too long": nothing usable was found, `extracted` is None; the
   pipeline makes these "format" pairs;
 - "ambiguous answer": the response names two different final answers (a hedge between options
-  or values, or a box that disagrees with the Final answer line);
+  or values, two different boxes side by side, or a response's only box disagreeing with its
+  later Final answer line; several earlier boxes are intermediate results and do not count);
 - "unparsable answer": an answer was found but is not one of the type (no letter, no number);
 - "unsafe math rejected", "math check timed out", "math check failed": the symbolic check
   refused the text, ran past its bound, or failed; all count as wrong.

@@ -7,7 +7,7 @@ server itself only reads, forks and waits, so no input can stall it; it imports 
 forking keeps that import warm for every check.
 
 Protocol, one JSON object per line:
-    stdin : {"id": int, "pred": str, "gold": [str, ...], "budget": seconds}
+    stdin : {"id": int, "pred": str, "gold": [str, ...], "mode": "plain" | "text", "budget": seconds}
     stdout: {"ready": true}                       once, after start-up
             {"id": int, "status": "equal" | "different" | "unparsable" | "timeout" | "error",
              "detail": str}
@@ -25,22 +25,52 @@ MAX_CHILDREN = 8           # concurrent checks; more requests wait (their budget
 CHILD_MEMORY = 2 << 30     # address space a check may add on top of the server's, bytes
 
 
-def check(pred: str, golds: list[str]) -> str:
-    """math-verify on LaTeX only: latex2sympy parses with a grammar; no eval or parse_expr."""
-    from math_verify import LatexExtractionConfig, parse, verify
+def _as_sets(exprs: list) -> list:
+    """`x \\geq 5` as the interval it describes, so that it can equal `[5, \\infty)`."""
+    from sympy import Eq
+    from sympy.logic.boolalg import Boolean
 
-    config = [LatexExtractionConfig()]
+    out = []
+    for e in exprs:
+        if isinstance(e, Boolean) and not isinstance(e, Eq) and len(getattr(e, "free_symbols", ())) == 1:
+            try:
+                e = e.as_set()
+            except Exception:  # noqa: BLE001 - not every relation has a set; keep it as it is
+                pass
+        out.append(e)
+    return out
 
-    def parsed(s: str):
-        return parse(f"${s}$", extraction_config=config, fallback_mode="no_fallback",
-                     parsing_timeout=None)
 
-    pred_parsed = parsed(pred)
+def check(pred: str, golds: list[str], mode: str = "plain") -> str:
+    """math-verify (parse + verify) on one answer against the references.
+
+    mode "plain": `pred` is the cleaned answer, read as LaTeX (`$pred$`).
+    mode "text": `pred` is the raw final-answer segment ("The largest $n$ is 34."); math-verify's
+    own extraction finds the answer in it: boxed first, then LaTeX and plain numbers, the last one.
+    What reaches sympy: LaTeX through latex2sympy's grammar, and through `parse_expr` only the
+    text math-verify's expression pattern admits (digits, `.`, spaces, + - * / ^ × ÷ and
+    parentheses), never names. Decimals equal a reference after rounding both to 6 places
+    (verify's float_rounding=6, the stated precision).
+    """
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    latex = [LatexExtractionConfig(boxed_match_priority=0)]
+
+    def parsed(s: str, config) -> list:
+        return parse(s, extraction_config=config, fallback_mode="no_fallback", parsing_timeout=None)
+
+    if mode == "text":
+        pred_parsed = parsed(pred, latex + [ExprExtractionConfig()])
+    else:
+        pred_parsed = parsed(f"${pred}$", latex)
     if not pred_parsed:
         return "unparsable"
     for gold in golds:
-        gold_parsed = parsed(gold)
-        if gold_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None):
+        delimited = any(d in gold for d in ("$", "\\boxed", "\\(", "\\["))
+        gold_parsed = parsed(gold if delimited else f"${gold}$", latex)
+        if gold_parsed and (verify(gold_parsed, pred_parsed, float_rounding=6, timeout_seconds=None)
+                            or verify(_as_sets(gold_parsed), _as_sets(pred_parsed), float_rounding=6,
+                                      timeout_seconds=None)):
             return "equal"
     return "different"
 
@@ -60,7 +90,7 @@ def _child(request: dict, write_fd: int) -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)                                 # nothing may write into the reply channel
     try:
-        status, detail = check(request["pred"], request["gold"]), ""
+        status, detail = check(request["pred"], request["gold"], request.get("mode", "plain")), ""
     except MemoryError:
         status, detail = "error", "memory limit"
     except RecursionError:
@@ -82,6 +112,7 @@ def _reply(message: dict) -> None:
 def main() -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)   # "timeout is disabled" warnings
     check("\\frac{1}{2}", ["0.5"])                             # warm sympy caches before forking
+    check("So $x \\geq 1$ or 1/2.", ["[1, \\infty)"], "text")
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     _reply({"ready": True})
 

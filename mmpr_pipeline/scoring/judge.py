@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import functools
+import re
 import time
 from dataclasses import asdict, dataclass
 
 from mmpr_pipeline.recipe import ANSWER_TYPES
-from mmpr_pipeline.scoring.extract import clean, extract
-from mmpr_pipeline.scoring.modes import AMBIGUOUS, SCORERS
+from mmpr_pipeline.scoring.extract import NO_ANSWER, clean, extract, last_boxed
+from mmpr_pipeline.scoring.modes import AMBIGUOUS, SCORERS, score_math
 
 DEFAULT_TIMEOUT = 2.0   # seconds; bounds the symbolic check, the only step that can take long
 
@@ -24,19 +25,41 @@ class Verdict:
         return asdict(self)
 
 
+_JOINED_BOXES = re.compile(r"\}[ \t]*(?:,|\\text\{[ \t]*(?:and|or)[ \t]*\}|\b(?:and|or)\b|\\quad)*[ \t]*"
+                           r"(?=\\boxed)")
+
+
 @functools.lru_cache(maxsize=8192)
 def _clean_reference(answer: str) -> str:
-    """References get the same undressing as responses ("$\\frac{1}{2}$", "Inc.", "**B**")."""
+    """References get the same undressing as responses ("$\\frac{1}{2}$", "Inc.", "**B**").
+    A reference with several boxes ("\\boxed{(2,2)} \\text{and} \\boxed{(6,2)}") is all of them."""
+    if answer.count("\\boxed") > 1:
+        joined = _JOINED_BOXES.sub("}, ", answer)
+        while (box := last_boxed(joined)) is not None:
+            joined = joined[:box[1]] + box[0] + joined[box[2]:]
+        answer = joined
     return clean(answer) or answer.strip()
 
 
-def _as_list(answer) -> list[str]:
+def _math_reference(answer: str) -> str:
+    """A maths reference given as a worked solution (MATH's `solution`, a Minerva transcript) is
+    its final answer, found as in a response."""
+    if "\n" in answer.strip() or len(answer) > 200:
+        found = extract(answer)
+        if found.answer is not None:
+            return found.answer
+    return answer
+
+
+def _as_list(answer, answer_type: str = "") -> list[str]:
     if answer is None:
         answers = []
     elif isinstance(answer, (str, int, float)):
         answers = [str(answer)]
     else:
         answers = [str(a) for a in answer if a is not None]    # list, tuple, numpy array
+    if answer_type == "math":
+        answers = [_math_reference(a) for a in answers]
     answers = [_clean_reference(a) for a in answers if a.strip()]
     if not answers:
         raise ValueError(f"judge: the reference answer is empty ({answer!r})")
@@ -55,15 +78,24 @@ def judge(response: str, answer, answer_type: str, options=None, *,
         raise ValueError(f"judge: unknown answer_type {answer_type!r} (expected one of: {', '.join(ANSWER_TYPES)})")
     if not isinstance(response, str):
         raise TypeError(f"judge: response must be a string, got {type(response).__name__}")
-    golds = _as_list(answer)
+    golds = _as_list(answer, answer_type)
     options = [str(o) for o in options] if options is not None else []
     deadline = time.monotonic() + timeout
 
     found = extract(response)
     if found.answer is None:
+        if answer_type == "math" and found.reason == NO_ANSWER and found.segment:
+            # no marker, but a last line with maths ("Therefore $x \\geq 5$ is the solution."):
+            # counted only when it is right; otherwise it stays a response without a final answer
+            outcome = score_math(clean(found.segment), golds, options, deadline, segment=found.segment)
+            if outcome.correct:
+                return Verdict(outcome.extracted, True, outcome.score, outcome.reason, False)
         return Verdict(None, False, 0.0, found.reason, False)
     scorer = SCORERS[answer_type]
-    outcome = scorer(found.answer, golds, options, deadline)
+    if answer_type == "math":
+        outcome = score_math(found.answer, golds, options, deadline, segment=found.segment)
+    else:
+        outcome = scorer(found.answer, golds, options, deadline)
     for other in found.others:              # a box that disagrees with the "Final answer:" line
         if scorer(other, golds, options, deadline).correct != outcome.correct:
             return Verdict(found.answer, False, 0.0, AMBIGUOUS, found.format_ok)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from mmpr_pipeline.scoring import safe_math
+from mmpr_pipeline.scoring.extract import has_words
 
 LETTERS = string.ascii_uppercase
 NUMBER_SCAN_CHARS = 300      # numbers are looked for in an answer's first 300 characters
@@ -84,8 +85,15 @@ def _needs_symbolic(text: str) -> bool:
     return bool(_SYMBOLIC.search(_prepare_numbers(text)))
 
 
+# A decimal comma: the whole answer is one number whose comma is followed by 1-2 or 4+ digits
+# ("1000,99", "3,5 cm"), or that starts "0," ("0,111"); "1,234" stays a thousands separator.
+_DECIMAL_COMMA = re.compile(r"^([ \t$]*[-+]?(?:0|[0-9]+(?=,(?:[0-9]{1,2}|[0-9]{4,})(?![0-9])))),([0-9]+)"
+                            r"(?=[ \t]*(?:\\?%|[^\W\d_]|°|\\circ|$))")
+
+
 def _prepare_numbers(text: str) -> str:
     text = text[:NUMBER_SCAN_CHARS].replace("−", "-").replace("{,}", ",").replace("\\%", "%")
+    text = _DECIMAL_COMMA.sub(r"\1.\2", text.strip())
     text = _MIXED.sub(lambda m: f"{int(m[1]) * int(m[3]) + int(m[2])}/{m[3]}", text)   # 2\frac{1}{2}
     text = _LATEX_FRAC.sub(r"\1/\2", text)
     text = _LATEX_FRAC_SHORT.sub(r"\1/\2", text)
@@ -327,12 +335,13 @@ def score_multiple_choice(pred: str, golds: list[str], options: list[str], deadl
 
 # ---------------------------------------------------------------- number and math
 
-def _symbolic(pred: str, golds: list[str], deadline: float) -> Outcome:
-    status, detail = safe_math.symbolic_check(pred, golds, timeout=max(deadline - time.monotonic(), 0.05))
+def _symbolic(pred: str, golds: list[str], deadline: float, mode: str = "plain", shown: str | None = None) -> Outcome:
+    status, detail = safe_math.symbolic_check(pred, golds, timeout=max(deadline - time.monotonic(), 0.05), mode=mode)
+    shown = pred if shown is None else shown
     if status == "equal":
-        return _result(pred, 1.0)
+        return _result(shown, 1.0)
     reason = {"different": WRONG, "unparsable": UNPARSABLE, "unsafe": UNSAFE, "timeout": TIMEOUT}.get(status, MATH_ERROR)
-    return _result(pred, 0.0, reason=reason)
+    return _result(shown, 0.0, reason=reason)
 
 
 def score_number(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
@@ -359,15 +368,33 @@ def _math_key(s: str) -> str:
     return _DEGREES.sub("", s).rstrip(".")
 
 
-def score_math(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
-    """Cheap checks first (same text, same plain number: exact, no rounding); then math-verify."""
+def math_numbers_equal(pred: Number, gold: Number) -> bool:
+    """Exactly equal, or equal after rounding both to 6 decimal places (math-verify's
+    float_rounding=6: 0.0833333333 and 0.083333 for 1/12, not 0.0833 nor 0.33 for 1/3)."""
+    for p, _ in _alternatives(pred):
+        for g, _ in _alternatives(gold):
+            if p == g or round(p, 6) == round(g, 6):
+                return True
+    return False
+
+
+def score_math(pred: str, golds: list[str], options: list[str], deadline: float, segment: str = "") -> Outcome:
+    """Cheap checks first (same text; two plain numbers: exact, or equal to 6 decimals); then
+    math-verify in the bounded worker: on the cleaned answer read as LaTeX, or, when the answer
+    is a sentence, on the raw final-answer `segment` with math-verify's own extraction."""
     key = _math_key(pred)
     if any(key == _math_key(g) for g in golds):
         return _result(pred, 1.0)
     pn = strict_number(pred)
     gold_numbers = [strict_number(g) for g in golds]
     if pn is not None and all(g is not None for g in gold_numbers):
-        return _result(pred, 1.0 if any(numbers_equal(pn, g, rounding=False) for g in gold_numbers) else 0.0)
+        return _result(pred, 1.0 if any(math_numbers_equal(pn, g) for g in gold_numbers) else 0.0)
+    if segment and (has_words(pred) or segment.count("\\boxed") > 1):     # a sentence; several boxes
+        outcome = _symbolic(segment, golds, deadline, mode="text", shown=pred)
+        if outcome.correct or outcome.reason == TIMEOUT:
+            return outcome
+        plain = _symbolic(pred, golds, deadline)    # "12 \\text{ cm}": the whole answer may still be maths
+        return plain if plain.correct or outcome.reason != WRONG else outcome
     return _symbolic(pred, golds, deadline)
 
 

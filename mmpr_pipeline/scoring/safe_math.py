@@ -4,8 +4,11 @@ Model output is untrusted text that would otherwise reach a computer algebra sys
 1. `screen` rejects what no real answer looks like and what would stall sympy before any work is
    done: over-long text, deep nesting, numeric power towers (`9**9**9**9`, `10^{10^{10^{10}}}`),
    huge exponents, factorials and digit runs, and code-like text (`__`, `import`, ...).
-2. Only LaTeX parsing reaches sympy (math-verify's `LatexExtractionConfig`, a grammar-based
-   parser); model text is never given to `eval`, `sympify` or `parse_expr`.
+2. Model text reaches sympy only through math-verify's LaTeX parser (`LatexExtractionConfig`,
+   grammar-based) and, for a final answer written in words, its expression extraction, whose
+   pattern admits only digits, `.`, spaces, arithmetic operators and parentheses into
+   `parse_expr` (tests/test_scoring_safety.py checks this). Our code never calls `eval`,
+   `sympify` or `parse_expr`.
 3. The check runs in `_math_server.py`, a persistent process that forks one child per check and
    kills it when the budget runs out. Waiting on a pipe needs no signals, so the bound holds in
    any thread, in any process, inside Ray actors too.
@@ -37,8 +40,11 @@ GRACE = 0.25            # seconds a server gets past a check's budget before it 
 
 _SERVER_SCRIPT = Path(__file__).with_name("_math_server.py")
 _POWER = re.compile(r"\^|\*\*")
-_CODE_LIKE = re.compile(r"__|\b(?:import|lambda|exec|eval|getattr|setattr|globals|locals|open|"
-                        r"subprocess|system)\b|\bos\.|\bsys\.")
+# Python, not maths: `__`, a call of a dangerous name, `import x`, `lambda x:`, `os.`. (`\\lambda`
+# is LaTeX, and "the open interval" is English.)
+_CODE_LIKE = re.compile(r"__|(?<![\\\w])(?:import|exec|eval|compile|getattr|setattr|globals|locals|open|"
+                        r"subprocess|system|popen)[ \t]*\(|(?<![\\\w])(?:import[ \t]+\w|from[ \t]+\w+[ \t]+import\b|"
+                        r"lambda[ \t]*\w*[ \t]*:)|\bos\.|\bsys\.")
 _DIGIT_RUN = re.compile(rf"\d{{{MAX_DIGITS + 1}}}")
 _FACTORIAL = re.compile(r"(\d+)\s*!")
 _INTEGER = re.compile(r"\d+")
@@ -150,7 +156,7 @@ class _Server:
         for future in waiting.values():
             future.set_result({"status": "error", "detail": "math server exited"})
 
-    def ask(self, pred: str, golds: list[str], budget: float) -> dict:
+    def ask(self, pred: str, golds: list[str], budget: float, mode: str = "plain") -> dict:
         future: Future = Future()
         with self.lock:
             if self.dead:
@@ -159,7 +165,7 @@ class _Server:
             self.pending[request_id] = future
             try:
                 self.proc.stdin.write(json.dumps({"id": request_id, "pred": pred, "gold": golds,
-                                                  "budget": budget}).encode() + b"\n")
+                                                  "mode": mode, "budget": budget}).encode() + b"\n")
                 self.proc.stdin.flush()
             except OSError:
                 self.pending.pop(request_id, None)
@@ -218,8 +224,9 @@ def shutdown() -> None:
         _server = None
 
 
-def symbolic_check(pred: str, golds: list[str], timeout: float = 2.0) -> tuple[str, str]:
+def symbolic_check(pred: str, golds: list[str], timeout: float = 2.0, mode: str = "plain") -> tuple[str, str]:
     """Compare LaTeX/plain math `pred` with each of `golds` symbolically, within `timeout` seconds.
+    mode "text": `pred` is a final-answer segment in words; math-verify extracts the answer from it.
 
     Returns (status, detail); status is one of "equal", "different", "unparsable", "unsafe",
     "timeout", "error". Never evaluates text as code; never takes longer than `timeout` (plus a
@@ -228,13 +235,13 @@ def symbolic_check(pred: str, golds: list[str], timeout: float = 2.0) -> tuple[s
     why = screen(pred)
     if why:
         return "unsafe", why
-    key = (pred, tuple(golds))
+    key = (pred, tuple(golds), mode)
     with _server_lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key], "cached"
     server = _get_server()
-    reply = server.ask(pred, list(golds), max(timeout - GRACE, 0.05))
+    reply = server.ask(pred, list(golds), max(timeout - GRACE, 0.05), mode)
     status, detail = reply["status"], reply.get("detail", "")
     if status in ("equal", "different", "unparsable"):
         with _server_lock:
