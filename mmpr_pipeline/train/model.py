@@ -93,11 +93,9 @@ def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def response_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sums of the log-probabilities of the response tokens, and their counts.
-
-    `batch` comes from `data.collate`; returns float32 tensors of shape [sequences].
-    """
+def response_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probability of every response token, in order (row-major over the batch), and the
+    response mask they belong to (`batch["response_mask"][:, 1:]`, position t predicted from t - 1)."""
     from mmpr_pipeline.train.data import model_inputs
 
     inner = unwrap(model)
@@ -117,6 +115,16 @@ def response_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
                       else _token_logps(*args))
     token_logps = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+    return token_logps, mask
+
+
+def response_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of the log-probabilities of the response tokens, and their counts.
+
+    `batch` comes from `data.collate`; returns float32 tensors of shape [sequences].
+    """
+    token_logps, mask = response_token_logps(model, batch)
     rows = mask.nonzero()[:, 0]  # boolean indexing is row-major, so this is each token's sequence
-    seq_logps = torch.zeros(mask.shape[0], dtype=torch.float32, device=h.device).index_add(0, rows, token_logps)
+    seq_logps = torch.zeros(mask.shape[0], dtype=torch.float32, device=token_logps.device).index_add(
+        0, rows, token_logps)
     return seq_logps, mask.sum(1)
