@@ -55,6 +55,7 @@ bench: setup demo-model  ## run the benchmarks (each prints ratios against its o
 	$(PY) benchmarks/bench_judge.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_resume.py
+	$(PY) benchmarks/bench_preview.py
 	$(PY) benchmarks/bench_scale.py
 
 mutation: setup demo-model  ## the swap/sign-flip mutants that would ruin data or a model must fail the tests
