@@ -257,3 +257,14 @@ def test_images_are_embedded_as_small_thumbnails_or_a_note():
     assert len(data) < 20_000
     note = preview.thumbnail(b"\x89PNG\r\n\x1a\n truncated")
     assert "<img" not in note and "image not shown" in note
+
+
+def test_card_links_to_the_preview_only_when_there_is_one(tmp_path):
+    from mmpr_pipeline import card
+
+    run = make_run(tmp_path / "run", n_shapes=2, n_scenes=1, n_shards=1)
+    assert "preview.html" not in card.write_card(run).read_text()
+    preview.write_preview(run)
+    text = card.write_card(run).read_text()
+    assert "[preview.html](preview.html)" in text
+    assert card.check_card(run) == []
