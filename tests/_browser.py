@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -47,7 +48,7 @@ class Browser:
              "--disable-background-networking", "--disable-dev-shm-usage",
              f"--user-data-dir={self.profile}", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=use_pipes, close_fds=False)
+            preexec_fn=use_pipes, close_fds=False, start_new_session=True)  # its own group: killable whole
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._buffer = b""
@@ -104,7 +105,7 @@ class Browser:
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the browser and its renderer/zygote children
             self.proc.wait()
         for fd in (self._to_browser, self._from_browser):
             try:
