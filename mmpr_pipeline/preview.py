@@ -35,6 +35,8 @@ from typing import Any, Iterator
 import pyarrow.parquet as pq
 
 from mmpr_pipeline.shards import SHARD_RE
+from stages.dropout_ntp import prefix_of
+from stages.score import JUDGE_ERROR  # reason prefix of a response the judge failed on (never paired)
 
 PREVIEW_FILE = "preview.html"
 MAX_MB = 8.0            # the file never exceeds this, whatever the run size
@@ -43,7 +45,6 @@ TEXT_CHARS = 2500       # characters of a response shown in a pair card (clipped
 SAMPLE_TEXT_CHARS = 1200  # characters of each sample shown for all-right / all-wrong questions
 EXTREMES = 3            # all-right and all-wrong questions shown per source
 BATCH_ROWS = 256        # rows per Parquet batch when reading shards
-JUDGE_ERROR = "judge error"  # reason prefix of a response the judge failed on (stages/score.py)
 SAMPLE_COLUMNS = ["qid", "task", "question", "answer", "answers", "answer_type", "options", "error",
                   "prompt_template", "responses", "finish_reasons", "extracted", "correct", "reason",
                   "prefix_words", "continuations"]
@@ -279,8 +280,6 @@ def _question_block(pair: dict, sample: dict | None) -> str:
 
 
 def pair_card(pair: dict, sample: dict | None) -> str:
-    from stages.dropout_ntp import prefix_of
-
     chosen, rejected = pair.get("chosen") or "", pair.get("rejected") or ""
     kind = pair.get("pair_type") or ""
     if kind == "dropout_ntp" and pair.get("prefix_words") is not None:

@@ -31,11 +31,13 @@ def _chromium():
 
 
 def _add_extreme_questions(run):
-    """A second shapes unit: one question answered right 4 times, one answered wrong 4 times."""
+    """A second shapes unit: one question answered right 3 times (the 4th broke the judge: not a
+    verdict, so still all right), one answered wrong 4 times."""
     right, wrong = tasks.generate(2, seed=9)
-    rows = [_sample_row(right, "shapes", "correctness", 1, 100, [right["response"]] * 4, [True] * 4),
+    rows = [_sample_row(right, "shapes", "correctness", 1, 100, [right["response"]] * 4, [True] * 3 + [False]),
             _sample_row(wrong, "shapes", "correctness", 1, 101, [f"{wrong['rationale']}\nFinal answer: Z"] * 4,
                         [False] * 4)]
+    rows[0]["reason"][3] = "judge error: RecursionError: maximum recursion depth exceeded"
     rows[1]["extracted"] = ["Z"] * 4
     pq.write_table(pa.Table.from_pylist(rows, schema=records.SAMPLE_SCHEMA),
                    run / "samples" / "shapes" / "unit-00001.parquet")
