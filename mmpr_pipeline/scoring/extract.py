@@ -60,7 +60,7 @@ _EMPHASIS = re.compile(r"\*\*|__|`+|~~")
 _TRAILING = re.compile(r"(?:[\s.,;:?。，；：]|(?<![0-9})\]])!)+$")   # "5!" keeps its factorial
 _DELIMITER_LINE = re.compile(r"^[\s$\\\[\]()*_#>-]*$")   # "$$", "\[", "**" ...: not an answer
 _BOX_JOIN = re.compile(r"(?:[\s,;$()\[\].]|\\[()\[\]]|\\q?quad\b|\\[,;: ]|\\text[ \t]*\{[ \t]*(?:and|or|,)?[ \t]*\}"
-                       r"|\b(?:and|or)\b)*")
+                       r"|\b(?:and|or)\b|\b[A-Za-z][ \t]*=)*")
 _DISPLAY_OPEN = re.compile(r"\\\[|\$\$")
 _THINK_OPEN = re.compile(r"(?i)<think>")
 _THINK_CLOSE = re.compile(r"(?i)</think>")
@@ -117,20 +117,27 @@ def all_boxed(text: str) -> list[tuple[str, int, int]]:
     return outermost
 
 
-def unbox(text: str) -> str | None:
-    """The content of the box(es) in `text`: one box -> its content; several different boxes
-    ("\\boxed{3} or \\boxed{4}", "\\boxed{(2,2)} and \\boxed{(6,2)}") -> "3 or 4", a hedge for
-    single-answer types (maths reads the raw segment instead); no box -> None."""
+def boxed_group(text: str) -> list[str]:
+    """The contents of the last box in `text` and of the boxes joined to it by "and", "or", "," or
+    `x =` ("\\boxed{(2,2)} \\text{and} \\boxed{(6,2)}", "$x = \\boxed{3}$ or $x = \\boxed{4}$"), each
+    once, in order. A box followed by other words ("\\boxed{5}... wait, \\boxed{6}") is corrected
+    by the last one and left out."""
     boxes = all_boxed(text)
     if not boxes:
-        return None
-    group = [boxes[-1]]                 # the last box and the ones joined to it by "and", ",", "or"
+        return []
+    group = [boxes[-1]]
     for box in reversed(boxes[:-1]):
         if not _BOX_JOIN.fullmatch(text[box[2]:group[0][1]]):
-            break                       # "\\boxed{5}... wait, \\boxed{6}": a correction, the last counts
+            break
         group.insert(0, box)
-    contents = list(dict.fromkeys(box[0].strip() for box in group))
-    return contents[0] if len(contents) == 1 else " or ".join(contents)
+    return list(dict.fromkeys(box[0].strip() for box in group))
+
+
+def unbox(text: str) -> str | None:
+    """The content of the box(es) in `text` (see boxed_group); several different ones are joined
+    as a hedge, "3 or 4", for single-answer types (maths reads them as a set instead); None: no box."""
+    contents = boxed_group(text)
+    return " or ".join(contents) if contents else None
 
 
 def clean(answer: str) -> str:
@@ -272,6 +279,9 @@ def extract(response: str) -> Extraction:
     if not answer:
         return Extraction(None, (), source, False, NO_ANSWER)
     others = [o for o in (clean(x) for x in others if len(x) <= MAX_ANSWER_CHARS) if o and o != answer]
+    group = boxed_group(segment)
+    if len(group) > 1:                  # maths compares several boxes as one set: {(2,2), (6,2)}
+        segment = ", ".join(f"\\boxed{{{c}}}" for c in group)
     return Extraction(answer, tuple(others), source, format_ok, "", segment[:MAX_ANSWER_CHARS])
 
 
