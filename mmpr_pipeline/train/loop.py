@@ -566,6 +566,13 @@ def cli_train(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
+        # what a user should see: whether the loss fell (mean of the first vs the last quarter of the
+        # logged steps) and, in last_eval, the held-out reward accuracy
+        rows = (Path(summary["output_dir"]) / "metrics.jsonl").read_text().splitlines()
+        losses = [r["loss"] for r in map(json.loads, rows) if r["split"] == "train"]
+        q = max(1, len(losses) // 4)
         print(json.dumps({k: summary[k] for k in ("output_dir", "model_dir", "steps", "dropped")}
-                         | {"last_eval": summary["last_eval"]}, indent=2))
+                         | {"train_loss": {"first_quarter": round(sum(losses[:q]) / q, 4),
+                                           "last_quarter": round(sum(losses[-q:]) / q, 4)},
+                            "last_eval": summary["last_eval"]}, indent=2))
     return 0
