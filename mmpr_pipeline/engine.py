@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 # unless the recipe's `engine:` says otherwise.
 # Chunked prefill is off on CPU because per-request seeds crash with it there.
 CPU_DEFAULTS = dict(enforce_eager=True, dtype="bfloat16", max_model_len=2048, enable_chunked_prefill=False)
-COMMON_DEFAULTS = dict(limit_mm_per_prompt={"image": 1})
+# Every question has its own image, used by one request (its n samples share it): vLLM's cache of
+# processed images would only grow (up to 4 GiB per replica by default), never hit.
+COMMON_DEFAULTS = dict(limit_mm_per_prompt={"image": 1}, mm_processor_cache_gb=0)
 # Keys of the recipe's `engine:` that are ours, not vLLM's.
 PIPELINE_ENGINE_KEYS = ("stall_timeout_s", "max_concurrent_batches")
 STALL_TIMEOUT_S = 600.0       # a request with no result for this long means the engine is stuck

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,8 @@ def run_units(recipe: Recipe, run: Path, model: str, units: list[WorkUnit], ray_
     ds = ray.data.from_items([u.to_item() for u in units], override_num_blocks=len(units))
     ds = ds.map_batches(load_units, fn_kwargs=options, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
     # One unit = one block = one batch, from load to write (batch_size=None): no regrouping needed.
+    # Ray 2.60 deprecates passing actor options this way, but still has no other for max_concurrency.
+    warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning)
     ds = ds.map_batches(
         SampleStage, batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.replicas, max_tasks_in_flight_per_actor=concurrent),
