@@ -209,7 +209,11 @@ def _resume_hint(args) -> str:
         return f"finished work units are kept in {args.out}: run the same command again to resume"
     if args.command == "eval":
         return f"finished work units are kept under {args.out}: run the same command again to resume"
-    return "nothing was finished"
+    if args.command == "export":
+        return f"{args.out} was left as it was"
+    if args.command == "publish":
+        return "files already uploaded stay on the Hub: run the same command again to resume"
+    return "stopped"
 
 
 def main(argv: list[str] | None = None) -> int:
