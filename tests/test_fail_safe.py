@@ -369,6 +369,16 @@ def test_an_unknown_engine_option_fails_before_any_engine(tmp_path):
     assert r.stderr.count("\n") == 1
 
 
+def test_engine_options_known_to_vllm_or_the_pipeline_pass():
+    from mmpr_pipeline import engine, preflight
+
+    assert {"max_model_len", "tensor_parallel_size", "gpu_memory_utilization"} <= preflight.engine_options()
+    preflight.check_engine_options({"max_model_len": 512, "enforce_eager": True,
+                                    **{k: 1 for k in engine.PIPELINE_ENGINE_KEYS}}, "r.yaml")
+    with pytest.raises(preflight.PreflightError, match="r.yaml: engine.tensor_parallel: .*'tensor_parallel_size'"):
+        preflight.check_engine_options({"tensor_parallel": 2}, "r.yaml")
+
+
 def test_a_source_that_gives_no_question_is_refused(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))  # no question field
