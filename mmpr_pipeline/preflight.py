@@ -124,8 +124,8 @@ def check_out_dir(out: str | Path, flag: str = "--out") -> None:
         try:
             json.loads(recipe_file.read_text(encoding="utf-8"))
         except (ValueError, OSError) as e:
-            raise PreflightError(f"{recipe_file}: cannot be read ({e}); this run folder cannot be resumed: "
-                                 f"use another {flag}") from None
+            raise PreflightError(f"{recipe_file}: cannot be read ({e}), so {out} cannot be resumed as a run "
+                                 f"folder: use another {flag}") from None
 
 
 def check_sources_give_questions(recipe: Recipe) -> None:
