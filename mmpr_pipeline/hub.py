@@ -162,10 +162,10 @@ class _AnswerClock(threading.local):
     deadline: float | None = None   # when the answer now being read must be complete (this thread)
 
 
-def _bounded_client(timeout: float, event_hooks: dict):
+def _bounded_client(limit: float, event_hooks: dict):
     """An httpx2 client for huggingface_hub whose requests cannot hang: httpx2's own timeouts bound
-    connecting and each read or write; a network stream wrapper bounds a whole answer, so a server
-    that sends one byte a second is cut off too."""
+    connecting and each read or write by `limit` seconds; a network stream wrapper bounds a whole
+    answer by `limit` from its first byte, so a server that sends one byte a second is cut off too."""
     import httpcore2
     import httpx2
 
@@ -222,8 +222,7 @@ def _bounded_client(timeout: float, event_hooks: dict):
             clock.deadline = None  # a new request: its answer has not started
             return super().handle_request(request)
 
-    limit = timeout
-    return httpx2.Client(transport=Transport(), timeout=httpx2.Timeout(timeout), follow_redirects=True,
+    return httpx2.Client(transport=Transport(), timeout=httpx2.Timeout(limit), follow_redirects=True,
                          event_hooks=event_hooks)
 
 
