@@ -187,21 +187,38 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return RecipeError, SourceError, RunFolderError, PreflightError, ExportError
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_FULL_HINT = " (the disk is full or a file size limit was hit: free space, then run the same command again)"
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether `e` or an error behind it is a full disk. Ray re-raises a worker's error wrapped, with
+    the original only in its text, so the text is read too."""
+    for _ in range(20):
+        if e is None:
+            return False
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return True
+        if any(os.strerror(code) in str(e) for code in _DISK_FULL):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def error_message(e: Exception) -> tuple[int, str]:
     """(exit code, message) for an exception that reached the top: never a traceback."""
     if isinstance(e, _user_errors()):
         return USER_ERROR, str(e)
+    hint = _DISK_FULL_HINT if _disk_full(e) else ""
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename else ""
-        reason = e.strerror or str(e) or type(e).__name__
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            reason += " (the disk is full or a file size limit was hit: free space, then run the same command again)"
-        return ENVIRONMENT_ERROR, where + reason
+        reason = e.strerror or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return ENVIRONMENT_ERROR, where + reason + hint
     if isinstance(e, MemoryError):
         return ENVIRONMENT_ERROR, "out of memory"
     lines = str(e).strip().splitlines()  # a Ray task error carries the remote traceback below its first line
     first = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-    return ENVIRONMENT_ERROR, f"{first} (run `mmpr --debug ...` to see the traceback)"
+    return ENVIRONMENT_ERROR, f"{first}{hint} (run `mmpr --debug ...` to see the traceback)"
 
 
 def _resume_hint(args) -> str:
