@@ -450,3 +450,11 @@ def test_error_message_sorts_user_errors_from_environment_failures():
     code, message = cli.error_message(RuntimeError("engine died\n  Traceback (most recent call last):\n  ..."))
     assert code == 1 and "\n" not in message and message.startswith("RuntimeError: engine died")
     assert cli.error_message(MemoryError()) == (1, "out of memory")
+    try:  # a full disk behind a wrapper (Ray's, the build's): still said
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("the build stopped: UDF failed to process a data block") from inner
+    except RuntimeError as outer:
+        code, message = cli.error_message(outer)
+    assert code == 1 and message.startswith("RuntimeError: the build stopped") and "disk is full" in message
