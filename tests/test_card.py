@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -111,11 +110,13 @@ def test_recipe_sets_license_pretty_name_and_extra(tmp_path):
     assert card.check_card(run) == []
 
 
-def test_write_card_is_quick(run_dir):
-    card.write_card(run_dir)  # imports done
-    t0 = time.perf_counter()
+def test_writing_the_card_again_gives_the_same_card(run_dir):
+    """A resumed or re-run build rewrites the card: the text must not drift (no timing assertion:
+    speed is measured in benchmarks, not asserted in tests)."""
     card.write_card(run_dir)
-    assert time.perf_counter() - t0 < 3.0
+    first = (run_dir / "README.md").read_text()
+    card.write_card(run_dir)
+    assert (run_dir / "README.md").read_text() == first
 
 
 def test_a_run_without_pairs_still_gets_a_valid_card(tmp_path):
