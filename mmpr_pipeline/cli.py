@@ -210,6 +210,8 @@ def error_message(e: Exception) -> tuple[int, str]:
     if isinstance(e, _user_errors()):
         return USER_ERROR, str(e)
     hint = _DISK_FULL_HINT if _disk_full(e) else ""
+    if hint and "run the same command again" in str(e):  # the build's own message already says so
+        hint = " (the disk is full or a file size limit was hit: free space first)"
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename else ""
         reason = e.strerror or (str(e).strip().splitlines() or [type(e).__name__])[0]
