@@ -57,6 +57,11 @@ def main() -> None:
     print(f"killed run         {killed_s:6.1f}s  ({stats['units_done_before']} of {stats['units']} units kept)")
     print(f"resumed run        {resumed_s:6.1f}s  ratio resumed/full: {resumed_s / full_s:.2f}")
     print(f"cost of the kill   {killed_s + resumed_s - full_s:6.1f}s  (lost work + one more start-up)")
+    out = REPO / "benchmarks" / "results" / "bench_resume.json"
+    out.write_text(json.dumps(dict(limit=args.limit, kill_at=args.kill_at, units=stats["units"],
+                                   units_kept=stats["units_done_before"], full_s=round(full_s, 1),
+                                   killed_s=round(killed_s, 1), resumed_s=round(resumed_s, 1),
+                                   resumed_over_full=round(resumed_s / full_s, 3)), indent=2) + "\n")
 
 
 if __name__ == "__main__":
