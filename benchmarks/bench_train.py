@@ -11,11 +11,23 @@ The vision encoder is frozen in all (the trainer's default). Time per step is th
 steps after `--warmup`, data loading included; peak memory is `torch.cuda.max_memory_allocated` on
 a GPU and the peak resident set size on a CPU.
 
-    .venv/bin/python benchmarks/bench_train.py                        # CPU, `small` shapes
+The precomputed reference costs a pass over every pair before the first step. By default the run is
+one epoch (`--pairs` = steps x batch size), so that pass scores exactly the pairs trained on, and it
+is reported both per step (`step_s_with_reference`: the median step plus the pass divided by the
+run's steps) and in the whole run (`run_s`: from the trainer's construction, or `train()`'s call,
+to its last step, the reference copy or pass and data preparation included, the same for all three).
+
+Final losses are single-batch values and the contenders draw their batches in different orders
+(TRL's sampler, our seeded permutation), so `final_loss` differs between them even when the losses
+agree: `loss_first_step` is on the same weights but also on different pairs, and `loss_mean` over
+the run is the closer comparison. tests/test_train_trl.py shows the two compute the same loss on the
+same batch (each term to 1e-4), apart from the newline TRL scores after `<|im_end|>`.
+
+    .venv/bin/python benchmarks/bench_train.py --threads 1 --out benchmarks/results/bench_train_cpu.json   # CPU
     python benchmarks/bench_train.py --size 2b --bf16 --image-side 448 --repeat 4   # a GPU
 
 TRL (`trl==1.16.0`) is a benchmark-only dependency. Results are printed and written as JSON to
-`--out` (default: $OUT/bench_train.json if OUT is set, else build/bench/bench_train.json).
+`--out` (default: $OUT/bench_train_{cpu,gpu}.json if OUT is set, else benchmarks/results/).
 """
 from __future__ import annotations
 
@@ -41,6 +53,9 @@ SIZES = {
                  vision_heads=2, vocab=1024, tie=False),
     "small": dict(hidden=256, intermediate=768, layers=4, heads=4, kv=2, vision_depth=2, vision_embed=256,
                   vision_heads=4, vocab=32768, tie=False),
+    # `small` with Qwen2-VL's vocabulary and tied embeddings: the LM head's share of a real model, on a CPU
+    "small-151k": dict(hidden=256, intermediate=768, layers=4, heads=4, kv=2, vision_depth=2, vision_embed=256,
+                       vision_heads=4, vocab=151936, tie=True),
     "2b": dict(hidden=1536, intermediate=8960, layers=28, heads=12, kv=2, vision_depth=32, vision_embed=1280,
                vision_heads=16, vocab=151936, tie=True),
 }
@@ -201,24 +216,30 @@ def run_contender(name: str, args) -> dict:
                         gradient_checkpointing=args.gradient_checkpointing, resume=False, save_every=-1,
                         save_model=False, progress_bar=False, seed=0)
         t0 = time.perf_counter()
-        train(cfg, model=model, processor=processor)
+        summary = train(cfg, model=model, processor=processor)
         wall = time.perf_counter() - t0
         rows = [json.loads(r) for r in (work / f"out-{name}" / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if r["split"] == "train"]
         elapsed = [0.0] + [r["elapsed_s"] for r in rows]
         steps = [b - a for a, b in zip(elapsed, elapsed[1:])][args.warmup:]
         tokens = sum(r["tokens"] for r in rows[args.warmup:])
-        final_loss = rows[-1]["loss"]
+        losses = [r["loss"] for r in rows]
+        trace = {"lr": [r["lr"] for r in rows], "grad_norm": [r["grad_norm"] for r in rows]}
+        reference_s = summary["reference_s"]
     else:
-        steps, tokens, final_loss, wall = run_trl(model, processor, args, total, lr, device)
+        steps, tokens, losses, wall, trace = run_trl(model, processor, args, total, lr, device)
+        reference_s = 0.0
     step_s = statistics.median(steps)  # robust to other work on a shared machine
     return {"contender": name, "label": LABELS[name], "device": device,
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "size": args.size,
             "parameters": n_params, "dtype": str(dtype).replace("torch.", ""), "batch_size": args.batch_size,
             "steps_measured": len(steps), "step_s": step_s, "step_s_mean": sum(steps) / len(steps),
             "step_s_all": steps, "tokens_per_s": tokens / sum(steps) if tokens else None,
-            "peak_memory_gib": memory.gib(), "baseline_memory_gib": memory.baseline, "final_loss": final_loss,
-            "wall_s": wall}
+            "peak_memory_gib": memory.gib(), "baseline_memory_gib": memory.baseline,
+            "final_loss": losses[-1] if losses else None, "loss_first_step": losses[0] if losses else None,
+            "loss_mean": sum(losses) / len(losses) if losses else None, "losses": losses,
+            "reference_s": reference_s, "step_s_with_reference": step_s + reference_s / total,
+            "steps_total": total, "pairs": args.pairs, "run_s": wall, "wall_s": wall, **trace}
 
 
 def run_trl(model, processor, args, total: int, lr: float, device: str):
@@ -229,6 +250,7 @@ def run_trl(model, processor, args, total: int, lr: float, device: str):
 
     from mmpr_pipeline.train.model import freeze_vision
 
+    t_run = time.perf_counter()  # the whole run: data, reference copy, the trainer's set-up and its steps
     ds = datasets.load_dataset("parquet", data_files=str(Path(args.workdir) / "data" / "*.parquet"), split="train")
     ds = ds.cast_column("images", datasets.List(datasets.Image()))
     ds = ds.map(lambda r: {"prompt": [{"role": "user", "content": r["question"]}],
@@ -261,12 +283,13 @@ def run_trl(model, processor, args, total: int, lr: float, device: str):
                          callbacks=[timer])
     t0 = time.perf_counter()
     trainer.train()
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t_run
     ends = [t0] + timer.ends
     tokens = [0] + timer.tokens
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    trace = {"lr": [h.get("learning_rate") for h in logged], "grad_norm": [h.get("grad_norm") for h in logged]}
     return ([b - a for a, b in zip(ends, ends[1:])][args.warmup:], tokens[-1] - tokens[args.warmup],
-            losses[-1] if losses else None, wall)
+            [h["loss"] for h in logged], wall, trace)
 
 
 # --- the command -----------------------------------------------------------------------------------
@@ -274,26 +297,30 @@ def run_trl(model, processor, args, total: int, lr: float, device: str):
 def report(results: list[dict]) -> str:
     by = {r["contender"]: r for r in results if "step_s" in r}
     base = by.get("trl")
-    lines = [f"{'contender':32} {'s/step':>8} {'tokens/s':>9} {'peak GiB':>9} {'(libs)':>7} {'time vs TRL':>12} "
-             f"{'memory vs TRL':>14}"]
+    lines = [f"{'contender':32} {'s/step':>8} {'+ref pass':>9} {'run s':>7} {'tokens/s':>9} {'peak GiB':>9} "
+             f"{'(libs)':>7} {'time vs TRL':>12} {'run vs TRL':>11} {'memory vs TRL':>14} {'mean loss':>10}"]
     for r in results:
         if "error" in r:
             lines.append(f"{LABELS[r['contender']]:32} failed: {r['error'][-300:]}")
             continue
-        vs_t = f"{r['step_s'] / base['step_s']:.2f}x" if base else "-"
+        vs_t = f"{r['step_s_with_reference'] / base['step_s']:.2f}x" if base else "-"
+        vs_r = f"{r['run_s'] / base['run_s']:.2f}x" if base else "-"
         vs_m = f"{r['peak_memory_gib'] / base['peak_memory_gib']:.2f}x" if base else "-"
         tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
-        lines.append(f"{r['label']:32} {r['step_s']:8.3f} {tps:>9} {r['peak_memory_gib']:9.2f} "
-                     f"{r['baseline_memory_gib']:7.2f} {vs_t:>12} {vs_m:>14}")
-    lines.append("s/step: median over the measured steps; peak GiB: GPU memory allocated, or the process's resident "
-                 "set on a CPU, of which (libs) was resident before the model was built")
+        lines.append(f"{r['label']:32} {r['step_s']:8.3f} {r['step_s_with_reference']:9.3f} {r['run_s']:7.1f} "
+                     f"{tps:>9} {r['peak_memory_gib']:9.2f} {r['baseline_memory_gib']:7.2f} {vs_t:>12} {vs_r:>11} "
+                     f"{vs_m:>14} {r['loss_mean']:10.4f}")
+    lines.append("s/step: median over the measured steps; +ref pass: that plus the precomputed reference's pass "
+                 "divided by the run's steps (time vs TRL uses it); run s: the whole run, set-up included; peak "
+                 "GiB: GPU memory allocated, or the process's resident set on a CPU, of which (libs) was resident "
+                 "before the model was built; mean loss: over the run's steps (batches differ between trainers)")
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=list(SIZES), default="small")
-    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--pairs", type=int, default=None, help="default: one epoch, (warmup + steps) x batch size")
     ap.add_argument("--batch-size", type=int, default=4, help="pairs per step")
     ap.add_argument("--steps", type=int, default=6, help="measured steps")
     ap.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
@@ -312,6 +339,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.pairs is None:
+        args.pairs = (args.warmup + args.steps) * args.batch_size
     if args.contender:
         import logging
 
@@ -332,8 +361,11 @@ def main(argv=None) -> list[dict]:
         except subprocess.TimeoutExpired:
             results.append({"contender": name, "error": f"timed out after {args.timeout} s"})
     print(report(results))
-    out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "bench_train.json" if os.environ.get("OUT")
-                                           else work / "bench_train.json")
+    import torch
+
+    default = f"bench_train_{'gpu' if torch.cuda.is_available() else 'cpu'}.json"
+    out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / default if os.environ.get("OUT")
+                                           else ROOT / "benchmarks" / "results" / default)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "contender"}, "results": results},
                               indent=2))
