@@ -164,7 +164,9 @@ def _files_under(folder: Path) -> set[str]:
 
 def _check_out(out: Path) -> None:
     """`out` can take an export: missing, empty, or an earlier export holding only files it wrote."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+    if out.is_symlink():  # replacing it would replace the link, not what it points to
+        raise ExportError(f"--out {out}: is a symbolic link; give the folder it points to")
+    if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: is a file, not a folder")
     for parent in out.parents:
         if parent.exists():

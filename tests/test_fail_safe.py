@@ -132,6 +132,10 @@ def test_export_out_that_is_a_file_or_under_one(run_dir, tmp_path):
     one_line_error(mmpr("export", run_dir, "--format", "trl", "--out", a_file / "sub"), 2,
                    f"{a_file} is a file")
     assert a_file.read_text() == "keep"
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)
+    one_line_error(mmpr("export", run_dir, "--format", "trl", "--out", link), 2, str(link), "symbolic link")
+    assert link.is_symlink()
 
 
 def test_export_out_read_only(run_dir, tmp_path):
@@ -357,6 +361,8 @@ def test_a_model_path_that_does_not_exist_fails_before_any_engine(tmp_path):
     r = mmpr("build", "data_cards/demo.yaml", "--out", tmp_path / "run", "--model", missing, timeout=60)
     one_line_error(r, 2, "--model", str(missing), "no such folder")
     assert r.stderr.count("\n") == 1  # nothing else: no Ray, no vLLM
+    r = mmpr("eval", "data_cards/demo.yaml", "--out", tmp_path / "eval", "--model", missing, timeout=60)
+    one_line_error(r, 2, "--model", str(missing), "no such folder")
     r = mmpr("build", _recipe(tmp_path, model="someone/not-downloaded"), "--out", tmp_path / "run", timeout=60)
     one_line_error(r, 2, "model", "someone/not-downloaded", "HF_HUB_OFFLINE")
 
