@@ -154,6 +154,14 @@ def test_export_out_busy_with_another_export(run_dir, tmp_path):
     assert not out.exists()
 
 
+def test_export_out_that_is_a_mount_point(run_dir, tmp_path):
+    with tmpfs(tmp_path / "mnt", "size=1m") as mount_point:  # busy: it cannot be renamed or replaced
+        one_line_error(mmpr("export", run_dir, "--format", "trl", "--out", mount_point), 2, str(mount_point),
+                       "Device or resource busy")
+        assert list(mount_point.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
+
+
 def test_export_to_a_full_disk(run_dir, tmp_path):
     with full_disk(tmp_path / "disk") as disk:
         one_line_error(mmpr("export", run_dir, "--format", "trl", "--out", disk / "pairs"), 1,
