@@ -34,6 +34,7 @@ class LoopSettings:
     eval_modes: tuple[str, ...] = ("greedy", "sampled")
     train_overrides: dict = dataclasses.field(default_factory=dict)   # MPOConfig keys for both runs
     sampling_n: int | None = None           # build: samples per question (None: the recipe's)
+    model: str | None = None                # base model folder (None: the bundled demo model)
 
 
 def run_loop(out: str | Path, settings: LoopSettings = LoopSettings()) -> dict:
@@ -52,7 +53,7 @@ def run_loop(out: str | Path, settings: LoopSettings = LoopSettings()) -> dict:
         timings[name] = round(time.perf_counter() - t0, 1)
 
     with step("demo model"):
-        base = str(demo_model.ensure_trained())
+        base = settings.model or str(demo_model.ensure_trained())
     build_over = {"model": base}
     if settings.build_limit:
         build_over["limit"] = settings.build_limit
@@ -82,9 +83,21 @@ def run_loop(out: str | Path, settings: LoopSettings = LoopSettings()) -> dict:
                   per_task={name: {m: r["modes"][m]["accuracy"] for m in settings.eval_modes}
                             for name, r in results.items()},
                   settings=dataclasses.asdict(settings))
+    if "sampled" in settings.eval_modes:
+        report["eval_samples"] = results["base"]["modes"]["sampled"]["sampling"]["n"]
+    report["comparisons"] = {f"{a} vs {b}": {m: gain(report["accuracy"][a][m], report["accuracy"][b][m])
+                                             for m in settings.eval_modes}
+                             for a, b in (("mpo", "base"), ("mpo", "sft"), ("sft", "base"))}
     shards.write_json(out / "report.json", report)
     write_report(out, report)
     return report
+
+
+def gain(a: dict, b: dict) -> dict:
+    """Accuracy a minus b in points, and whether their 95% Wilson intervals are disjoint (a clear
+    difference at these question counts) rather than overlapping (within noise)."""
+    return dict(points=round(100 * (a["accuracy"] - b["accuracy"]), 1),
+                intervals_disjoint=a["ci95"][0] > b["ci95"][1] or b["ci95"][0] > a["ci95"][1])
 
 
 def write_report(out: Path, report: dict) -> Path:
@@ -110,15 +123,29 @@ def write_report(out: Path, report: dict) -> Path:
     fig.tight_layout()
     fig.savefig(out / "accuracy.png")
     plt.close(fig)
+    sampled = "sampled" in modes
     lines = ["# Demo loop: MMPR pairs + MPO on the demo model", "",
              f"Pairs built: {report['pairs']} from {report['questions']} questions "
              f"(sampled correct rate {report['correct_rate']:.1%}).", "",
-             "| model | " + " | ".join(f"{m} accuracy (95% CI)" for m in modes) + " | questions |",
-             "| --- | " + " | ".join("---" for _ in modes) + " | --- |"]
+             "| model | " + " | ".join(f"{m} accuracy (95% CI)" for m in modes)
+             + (f" | pass@{report.get('eval_samples', 'n')}" if sampled else "") + " | questions |",
+             "| --- | " + " | ".join("---" for _ in modes) + (" | ---" if sampled else "") + " | --- |"]
     for n in names:
         cells = [f"{report['accuracy'][n][m]['accuracy']:.1%} ({report['accuracy'][n][m]['ci95'][0]:.1%}-"
                  f"{report['accuracy'][n][m]['ci95'][1]:.1%})" for m in modes]
+        if sampled:
+            cells.append(f"{report['accuracy'][n]['sampled']['pass_at_n']:.1%}")
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {report['accuracy'][n][modes[0]]['questions']} |")
+    tasks = [k for k in report.get("per_task", {}).get(names[0], {}).get(modes[0], {}) if not k.endswith("/*")]
+    if tasks:  # per task family: where the gain (or the loss) comes from
+        lines += ["", f"{modes[0]} accuracy per task: " + "; ".join(
+            f"{t.split('/')[-1]} " + ", ".join(f"{n} {report['per_task'][n][modes[0]][t]['accuracy']:.1%}" for n in names)
+            for t in tasks)]
+    lines.append("")
+    for pair, by_mode in report.get("comparisons", {}).items():
+        lines.append(f"- {pair}: " + "; ".join(
+            f"{m} {g['points']:+.1f} points ({'95% intervals disjoint' if g['intervals_disjoint'] else 'intervals overlap'})"
+            for m, g in by_mode.items()))
     lines += ["", "![accuracy](accuracy.png)", "", "Time per step (s): " +
               ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()), ""]
     return shards.write_text(out / "report.md", "\n".join(lines))
@@ -129,14 +156,15 @@ def main() -> int:
     ap.add_argument("--out", default="runs/demo-loop")
     ap.add_argument("--build-limit", type=int, default=None)
     ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--model", default=None, help="base model folder (default: the bundled demo model)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="MPOConfig override for both runs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from mmpr_pipeline.cli import _overrides
 
-    run_loop(args.out, LoopSettings(build_limit=args.build_limit, eval_limit=args.eval_limit,
-                                             train_overrides=_overrides(args.set)))
+    run_loop(args.out, LoopSettings(build_limit=args.build_limit, eval_limit=args.eval_limit, model=args.model,
+                                    train_overrides=_overrides(args.set)))
     print((Path(args.out) / "report.md").read_text())
     return 0
 

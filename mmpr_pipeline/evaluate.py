@@ -34,21 +34,27 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def accuracy_table(run: Path) -> dict[str, dict[str, Any]]:
-    """{"source/task": {questions, accuracy, ci95}} (and "source/*" for the whole source)."""
-    per_group: dict[str, list[float]] = defaultdict(list)
+    """{"source/task": {questions, accuracy, ci95, pass_at_n}} (and "source/*" for the whole source).
+
+    `pass_at_n` is the share of questions with at least one right sample (pass@n, n = samples per
+    question): far above `accuracy` means the model's errors are ones it sometimes avoids.
+    """
+    per_group: dict[str, list[tuple[float, bool]]] = defaultdict(list)
     for path in shards.unit_files(run):
         for row in pq.read_table(path, columns=["source", "task", "pipeline", "correct", "error"]).to_pylist():
             if row["pipeline"] != "correctness":
                 continue
             q_acc = (sum(row["correct"]) / len(row["correct"])) if row["correct"] else 0.0  # errors count wrong
-            per_group[f"{row['source']}/{row['task'] or '-'}"].append(q_acc)
-            per_group[f"{row['source']}/*"].append(q_acc)
+            q = (q_acc, any(row["correct"] or []))
+            per_group[f"{row['source']}/{row['task'] or '-'}"].append(q)
+            per_group[f"{row['source']}/*"].append(q)
     out = {}
     for key in sorted(per_group):
-        accs = per_group[key]
+        accs = [a for a, _ in per_group[key]]
         lo, hi = wilson(sum(accs), len(accs))
         out[key] = dict(questions=len(accs), accuracy=round(sum(accs) / len(accs), 4),
-                        ci95=[round(lo, 4), round(hi, 4)])
+                        ci95=[round(lo, 4), round(hi, 4)],
+                        pass_at_n=round(sum(p for _, p in per_group[key]) / len(accs), 4))
     return out
 
 
