@@ -113,7 +113,10 @@ def _positive_int(text: str) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmpr", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="exit codes: 0 done, 1 environment failure (disk, memory, network, engine), "
+                                       "2 user error (named in the message), 130 interrupted; "
+                                       "`mmpr publish`: 3 token, 4 network")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--debug", action="store_true", default=os.environ.get("MMPR_DEBUG", "") not in ("", "0"),
                    help="show the traceback of an error (also MMPR_DEBUG=1)")
