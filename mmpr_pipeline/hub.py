@@ -18,7 +18,8 @@ whole answer once the first byte arrived (`MMPR_HUB_TIMEOUT`, default 60 s); ide
 am I, card check, repo and branch creation with exist_ok) are retried with exponential backoff
 (`MMPR_HUB_RETRIES` attempts, first wait `MMPR_HUB_BACKOFF` s) on timeouts, network errors, 408,
 429 and 5xx. `upload_folder` is not retried as a whole: re-running the command resumes it.
-Transfers that go through `hf_xet` use that library's own timeouts.
+Transfers that go through `hf_xet` (Rust) use that library's own bounds (HF_XET_CLIENT_CONNECT_TIMEOUT,
+HF_XET_CLIENT_READ_TIMEOUT, HF_XET_CLIENT_RETRY_MAX_DURATION; its shard upload has no read timeout).
 
 `HF_HUB_OFFLINE=1` (the Makefile's and the CLI's default) makes `huggingface_hub` refuse every
 request; it reads the variable once, at import, into `constants.HF_HUB_OFFLINE`. Publishing is the
