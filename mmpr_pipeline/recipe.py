@@ -392,9 +392,11 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key:
             raise RecipeError("--set", item, "expected KEY=VALUE, e.g. --set sampling.n=4")
         try:
-            value = yaml.safe_load(text)
+            value = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - SafeLoader, bounded like a file
         except yaml.YAMLError as e:
             raise RecipeError("--set", key, f"cannot read {text!r} as a value: {getattr(e, 'problem', e)}") from None
+        except (_YAMLTooBig, RecursionError) as e:
+            raise RecipeError("--set", key, f"refused: {e or 'values are nested too deeply'}") from None
         out[key] = _numbers(value)
     return out
 
