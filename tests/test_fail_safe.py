@@ -297,6 +297,10 @@ def test_a_yaml_alias_bomb_fails_fast_naming_the_file(tmp_path):
     for command in (["build", bomb, "--out", tmp_path / "run"], ["train", bomb]):
         r = mmpr(*command, timeout=60, preexec_fn=_memory_cap)
         one_line_error(r, 2, str(bomb), "aliases expand to over 100,000 values")
+    inline = "{" + ALIAS_BOMB.strip().replace("\n", ", ") + "}"  # the same bomb as a --set value
+    r = mmpr("build", "data_cards/demo.yaml", "--out", tmp_path / "run", "--set", f"card.extra={inline}",
+             timeout=60, preexec_fn=_memory_cap)
+    one_line_error(r, 2, "--set", "card.extra", "aliases expand to over 100,000 values")
     assert not (tmp_path / "run").exists()
 
 
