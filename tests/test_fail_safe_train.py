@@ -78,6 +78,16 @@ def test_a_non_finite_loss_stops_training_and_nothing_non_finite_is_saved(tiny_m
     assert [r["step"] for r in rows] == [1] and math.isfinite(rows[0]["loss"])
 
 
+def test_an_update_that_overflows_the_weights_is_never_saved(tiny_model, run_dir, tmp_path, capsys):
+    """float16 weights and a step of 1e5 (over float16's 65504): step 1's loss and gradients are
+    finite, its update is not. Training stops before step 1's checkpoint is written."""
+    out = tmp_path / "out"
+    rc, err = mmpr_train(tiny_model, run_dir, out, "dtype=float16", "learning_rate=1e5", "save_every=1",
+                         capsys=capsys)
+    assert rc == 1 and "step 1: the update made weights non-finite" in one_line_error(err)
+    assert not list(out.glob("checkpoint-*")) and not (out / "final").exists()
+
+
 def test_non_finite_weights_from_the_start_stop_at_step_1(tiny_model, run_dir, tmp_path, capsys):
     """A model folder with a NaN in one weight: the first loss is NaN, nothing is saved."""
     import shutil
