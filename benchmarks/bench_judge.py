@@ -1,95 +1,173 @@
-"""Judge throughput and latency on the labelled corpus, in one process and across Ray workers.
+"""The answer judge on its regression suite, against a plain exact-match baseline run in the same process.
 
-    python benchmarks/bench_judge.py [--seconds 3] [--workers N] [--no-ray]
+    python benchmarks/bench_judge.py [--seconds 3] [--workers N] [--no-ray] [--out PATH]
 
-Prints judgements/s and p50/p99 latency for all answer types, the non-math types (the bar:
->= 2000 judgements/s per core) and math (with the verdict cache cleared on every pass, so each
-math call does its real symbolic check), then the same corpus spread over N Ray actors.
+1. Regression suite (tests/data/judge_corpus.jsonl, the judge's own development set: a regression
+   check, not an accuracy estimate). Two figures, for the judge and for the baseline:
+   - pair safety: cases labelled correct that are judged wrong *with an extracted answer* (each
+     would become a rejected response beside a correct one); must be 0;
+   - false accepts: cases labelled wrong that are judged correct; must be 0;
+   and agreement per answer type.
+2. Speed in one process (one core): judgements/s and p50/p99 latency for the non-math types (the
+   bar: >= 2,000 judgements/s per core) and for maths.
+3. The same corpus over N Ray actors on a private local Ray.
+Nothing is reused between calls: the maths verdict cache and the reference cache are cleared
+before every timed call, in this process and in every actor.
+
+Baseline: `exact_match_judge`, the simplest judge a pipeline could use: the text after the last
+"Final answer:"/"Answer:" marker (else the last \\boxed{}), compared with the reference after
+lower-casing and removing punctuation and spaces. It runs in this process on the same corpus.
+Raw results: benchmarks/results/bench_judge.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
+import re
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from mmpr_pipeline.scoring import judge, safe_math, warm_up
+from mmpr_pipeline.scoring import judge, regression, safe_math, warm_up
+from mmpr_pipeline.scoring.judge import _clean_reference
 
-CORPUS = Path(__file__).resolve().parent.parent / "tests" / "data" / "judge_corpus.jsonl"
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "tests" / "data" / "judge_corpus.jsonl"
+OUT = ROOT / "benchmarks" / "results" / "bench_judge.json"
 
-
-def load() -> list[dict]:
-    return [json.loads(line) for line in CORPUS.read_text().splitlines() if line.strip()]
-
-
-def timed_passes(rows: list[dict], seconds: float) -> list[float]:
-    """Judge `rows` again and again for about `seconds`; the latency of every call."""
-    latencies, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or not latencies:
-        safe_math._cache.clear()
-        for r in rows:
-            start = time.perf_counter()
-            judge(r["response"], r["answer"], r["answer_type"], r["options"])
-            latencies.append(time.perf_counter() - start)
-    return latencies
+_MARKER = re.compile(r"(?i)(?:final answer|answer)\s*[:：]")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_NOT_WORD = re.compile(r"[\W_]+")
 
 
-def report(name: str, latencies: list[float]) -> None:
+@dataclass(frozen=True)
+class BaselineVerdict:
+    extracted: str | None
+    correct: bool
+
+
+def exact_match_judge(response: str, answer, answer_type: str, options=None) -> BaselineVerdict:
+    """The baseline: last marker line (else last box), exact match after normalisation."""
+    markers = list(_MARKER.finditer(response))
+    if markers:
+        said = response[markers[-1].end():].split("\n", 1)[0]
+    else:
+        boxes = _BOXED.findall(response)
+        if not boxes:
+            return BaselineVerdict(None, False)
+        said = boxes[-1]
+    said = _NOT_WORD.sub("", said.lower())
+    golds = [answer] if isinstance(answer, str) else list(answer)
+    return BaselineVerdict(said or None, bool(said) and any(said == _NOT_WORD.sub("", str(g).lower()) for g in golds))
+
+
+def uncached_judge(response, answer, answer_type, options):
+    safe_math._cache.clear()
+    _clean_reference.cache_clear()
+    return judge(response, answer, answer_type, options)
+
+
+def percentiles(latencies: list[float], cpu: list[float] | None = None) -> dict:
+    """Calls, judgements/s over the summed wall latency (and over the summed CPU time of this
+    process, when given: "per core", robust to other processes on a shared machine), p50 and p99."""
     ordered = sorted(latencies)
-    p50 = statistics.median(ordered)
-    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-    print(f"  {name:22} {len(ordered):7d} calls {len(ordered) / sum(ordered):10.0f} judgements/s"
-          f"   p50 {p50 * 1e6:8.1f} us   p99 {p99 * 1e6:9.1f} us")
+    out = {"calls": len(ordered), "per_s": len(ordered) / sum(ordered),
+           "p50_us": statistics.median(ordered) * 1e6,
+           "p99_us": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e6}
+    if cpu is not None:
+        out["per_cpu_s"] = len(cpu) / max(sum(cpu), 1e-9)
+    return out
 
 
-def single_process(rows: list[dict], seconds: float) -> None:
-    warm_up()
-    for r in rows:                                          # warm regex caches and the math server
-        judge(r["response"], r["answer"], r["answer_type"], r["options"])
+def timed_passes(rows: list[dict], seconds: float, fn=judge) -> dict:
+    """Judge `rows` again and again for about `seconds`, caches cleared before every call; the wall
+    latency and this process's CPU time of every call (a maths check's CPU is spent in the bounded
+    worker process, so for maths only the wall latency means anything)."""
+    latencies, cpu, deadline = [], [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or not latencies:
+        for r in rows:
+            safe_math._cache.clear()
+            _clean_reference.cache_clear()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn(r["response"], r["answer"], r["answer_type"], r["options"])
+            cpu.append(time.process_time() - start_cpu)
+            latencies.append(time.perf_counter() - start)
+    return percentiles(latencies, cpu)
+
+
+def show(name: str, stats: dict) -> None:
+    per_cpu = f"   {stats['per_cpu_s']:9.0f} per CPU-second" if "per_cpu_s" in stats else ""
+    print(f"  {name:30} {stats['calls']:7d} calls {stats['per_s']:9.0f} judgements/s{per_cpu}"
+          f"   p50 {stats['p50_us']:9.1f} us   p99 {stats['p99_us']:10.1f} us")
+
+
+def suite(rows: list[dict]) -> dict:
+    out = {}
+    for name, fn in [("judge", uncached_judge), ("baseline_exact_match", exact_match_judge)]:
+        report = regression.run_suite(rows, fn)
+        print(f"{name}:\n{report.figures()}\n{report.table()}")
+        out[name] = report.as_dict()
+    return out
+
+
+def single_process(rows: list[dict], seconds: float) -> dict:
     non_math = [r for r in rows if r["answer_type"] != "math"]
     math = [r for r in rows if r["answer_type"] == "math"]
-    print(f"single process (pid {os.getpid()}), corpus: {len(rows)} cases "
-          f"({len(non_math)} non-math, {len(math)} math)")
-    report("all (math uncached)", timed_passes(rows, seconds))
-    report("non-math types", timed_passes(non_math, seconds))
+    print(f"one process (pid {os.getpid()}): {len(non_math)} non-math and {len(math)} maths cases, caches cleared per call")
+    out = {"non_math": timed_passes(non_math, seconds),
+           "non_math_baseline_exact_match": timed_passes(non_math, seconds, exact_match_judge),
+           "math": timed_passes(math, seconds)}
+    show("non-math types", out["non_math"])
+    show("non-math, exact-match baseline", out["non_math_baseline_exact_match"])
     for answer_type in sorted({r["answer_type"] for r in non_math}):
-        report(f"  {answer_type}", timed_passes([r for r in rows if r["answer_type"] == answer_type], seconds / 4))
-    report("math (uncached)", timed_passes(math, seconds))
+        out[answer_type] = timed_passes([r for r in rows if r["answer_type"] == answer_type], seconds / 4)
+        show(f"  {answer_type}", out[answer_type])
+    show("maths", out["math"])
+    return out
 
 
-def across_ray(rows: list[dict], workers: int, repeats: int) -> None:
+def across_ray(rows: list[dict], workers: int, repeats: int) -> dict:
     import ray
 
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         @ray.remote(num_cpus=1)
         class Judge:
             def __init__(self):
                 warm_up()
 
-            def run(self, batch: list[dict]) -> list[float]:
-                out = []
+            def run(self, batch: list[dict]) -> tuple[list[float], list[float]]:
+                from mmpr_pipeline.scoring import judge, safe_math
+                from mmpr_pipeline.scoring.judge import _clean_reference
+                wall, cpu = [], []
                 for r in batch:
-                    start = time.perf_counter()
+                    safe_math._cache.clear()              # uncached: every maths call does its check
+                    _clean_reference.cache_clear()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     judge(r["response"], r["answer"], r["answer_type"], r["options"])
-                    out.append(time.perf_counter() - start)
-                return out
+                    cpu.append(time.process_time() - start_cpu)
+                    wall.append(time.perf_counter() - start)
+                return wall, cpu
 
         actors = [Judge.remote() for _ in range(workers)]
-        ray.get([a.run.remote(rows[:10]) for a in actors])  # started and warm
-        # each actor keeps its math verdict cache, as a pipeline worker does: repeats hit it
-        for name, subset in [("all (math cached)", rows), ("non-math types", [r for r in rows if r["answer_type"] != "math"])]:
+        ray.get([a.run.remote(rows) for a in actors])     # started, warm, every code path compiled
+        out = {}
+        for name, subset in [("non_math", [r for r in rows if r["answer_type"] != "math"]),
+                             ("math", [r for r in rows if r["answer_type"] == "math"])]:
             work = subset * repeats
             chunks = [work[i::workers] for i in range(workers)]
             start = time.perf_counter()
-            latencies = [x for part in ray.get([a.run.remote(c) for a, c in zip(actors, chunks)]) for x in part]
+            parts = ray.get([a.run.remote(c) for a, c in zip(actors, chunks)])
             wall = time.perf_counter() - start
-            ordered = sorted(latencies)
-            print(f"  {name:22} {len(work):7d} calls over {workers} Ray actors: {len(work) / wall:10.0f} judgements/s "
-                  f"({len(work) / wall / workers:.0f} per worker)   p50 {statistics.median(ordered) * 1e6:8.1f} us"
-                  f"   p99 {ordered[int(0.99 * (len(ordered) - 1))] * 1e6:9.1f} us")
+            stats = percentiles([x for p in parts for x in p[0]], [x for p in parts for x in p[1]])
+            stats.update(workers=workers, wall_per_s=len(work) / wall, wall_per_s_per_worker=len(work) / wall / workers)
+            out[name] = stats
+            print(f"  {name:26} {len(work):7d} calls over {workers} Ray actors: {stats['wall_per_s']:9.0f} judgements/s "
+                  f"({stats['wall_per_s_per_worker']:.0f} per worker)   p50 {stats['p50_us']:9.1f} us   p99 {stats['p99_us']:10.1f} us")
+        return out
     finally:
         ray.shutdown()
 
@@ -98,14 +176,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="time per single-process measurement")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="Ray actors (1 CPU each)")
-    parser.add_argument("--repeats", type=int, default=20, help="corpus passes in the Ray measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="corpus passes in the Ray measurement")
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--out", type=Path, default=OUT, help="raw results (JSON)")
     args = parser.parse_args()
-    rows = load()
-    single_process(rows, args.seconds)
+    rows = regression.load_corpus(CORPUS)
+    warm_up()
+    result = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),
+                          "python": platform.python_version(), "platform": platform.platform()},
+              "corpus": {"path": str(CORPUS.relative_to(ROOT)), "cases": len(rows)},
+              "baseline": "exact_match_judge: last 'Final answer:'/'Answer:' line or last \\boxed{}, "
+                          "normalised exact match; same process, same corpus"}
+    print(f"regression suite: {len(rows)} labelled cases")
+    result["suite"] = suite(rows)
+    result["single_process"] = single_process(rows, args.seconds)
     if not args.no_ray:
-        print(f"Ray, corpus: {len(rows)} cases x {args.repeats}")
-        across_ray(rows, args.workers, args.repeats)
+        print(f"Ray, corpus x {args.repeats}:")
+        result["ray"] = across_ray(rows, args.workers, args.repeats)
+    result["machine"]["load_average_at_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"raw results: {args.out}")
 
 
 if __name__ == "__main__":

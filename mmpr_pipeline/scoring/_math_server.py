@@ -7,7 +7,8 @@ server itself only reads, forks and waits, so no input can stall it; it imports 
 forking keeps that import warm for every check.
 
 Protocol, one JSON object per line:
-    stdin : {"id": int, "pred": str, "gold": [str, ...], "mode": "plain" | "text", "budget": seconds}
+    stdin : {"id": int, "pred": str, "gold": [str, ...], "mode": "plain" | "text", "plain": str | null,
+             "budget": seconds}
     stdout: {"ready": true}                       once, after start-up
             {"id": int, "status": "equal" | "different" | "unparsable" | "timeout" | "error",
              "detail": str}
@@ -25,28 +26,31 @@ MAX_CHILDREN = 8           # concurrent checks; more requests wait (their budget
 CHILD_MEMORY = 2 << 30     # address space a check may add on top of the server's, bytes
 
 
-def _as_sets(exprs: list) -> list:
-    """`x \\geq 5` as the interval it describes, so that it can equal `[5, \\infty)`."""
+def _as_sets(exprs: list) -> list | None:
+    """`x \\geq 5` as the interval it describes, so that it can equal `[5, \\infty)`; None when
+    there is no such relation among `exprs`."""
     from sympy import Eq
     from sympy.logic.boolalg import Boolean
 
-    out = []
+    out, changed = [], False
     for e in exprs:
         if isinstance(e, Boolean) and not isinstance(e, Eq) and len(getattr(e, "free_symbols", ())) == 1:
             try:
-                e = e.as_set()
+                e, changed = e.as_set(), True
             except Exception:  # noqa: BLE001 - not every relation has a set; keep it as it is
                 pass
         out.append(e)
-    return out
+    return out if changed else None
 
 
-def check(pred: str, golds: list[str], mode: str = "plain") -> str:
+def check(pred: str, golds: list[str], mode: str = "plain", plain: str | None = None) -> str:
     """math-verify (parse + verify) on one answer against the references.
 
     mode "plain": `pred` is the cleaned answer, read as LaTeX (`$pred$`).
     mode "text": `pred` is the raw final-answer segment ("The largest $n$ is 34."); math-verify's
     own extraction finds the answer in it: boxed first, then LaTeX and plain numbers, the last one.
+    `plain`, if given, is also read as LaTeX ("12 \\text{ cm}" is maths although it has a word).
+    "equal" when a reading equals a reference; else "different" when one parsed; else "unparsable".
     What reaches sympy: LaTeX through latex2sympy's grammar, and through `parse_expr` only the
     text math-verify's expression pattern admits (digits, `.`, spaces, + - * / ^ × ÷ and
     parentheses), never names. Decimals equal a reference after rounding both to 6 places
@@ -59,18 +63,25 @@ def check(pred: str, golds: list[str], mode: str = "plain") -> str:
     def parsed(s: str, config) -> list:
         return parse(s, extraction_config=config, fallback_mode="no_fallback", parsing_timeout=None)
 
-    if mode == "text":
-        pred_parsed = parsed(pred, latex + [ExprExtractionConfig()])
-    else:
-        pred_parsed = parsed(f"${pred}$", latex)
-    if not pred_parsed:
+    def equal(gold_parsed: list, pred_parsed: list) -> bool:
+        if verify(gold_parsed, pred_parsed, float_rounding=6, timeout_seconds=None):
+            return True
+        gold_sets, pred_sets = _as_sets(gold_parsed), _as_sets(pred_parsed)
+        return (gold_sets is not None or pred_sets is not None) and verify(
+            gold_sets or gold_parsed, pred_sets or pred_parsed, float_rounding=6, timeout_seconds=None)
+
+    readings = [parsed(pred, latex + [ExprExtractionConfig()]) if mode == "text" else parsed(f"${pred}$", latex)]
+    if mode == "text" and plain:
+        readings.append(parsed(f"${plain}$", latex))
+    readings = [r for r in readings if r]
+    if not readings:
         return "unparsable"
+    golds_parsed = []
     for gold in golds:
         delimited = any(d in gold for d in ("$", "\\boxed", "\\(", "\\["))
-        gold_parsed = parsed(gold if delimited else f"${gold}$", latex)
-        if gold_parsed and (verify(gold_parsed, pred_parsed, float_rounding=6, timeout_seconds=None)
-                            or verify(_as_sets(gold_parsed), _as_sets(pred_parsed), float_rounding=6,
-                                      timeout_seconds=None)):
+        golds_parsed.append(parsed(gold if delimited else f"${gold}$", latex))
+    for pred_parsed in readings:
+        if any(g and equal(g, pred_parsed) for g in golds_parsed):
             return "equal"
     return "different"
 
@@ -90,7 +101,7 @@ def _child(request: dict, write_fd: int) -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)                                 # nothing may write into the reply channel
     try:
-        status, detail = check(request["pred"], request["gold"], request.get("mode", "plain")), ""
+        status, detail = check(request["pred"], request["gold"], request.get("mode", "plain"), request.get("plain")), ""
     except MemoryError:
         status, detail = "error", "memory limit"
     except RecursionError:

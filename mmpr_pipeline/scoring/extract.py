@@ -282,7 +282,7 @@ def extract(response: str) -> Extraction:
     group = boxed_group(segment)
     if len(group) > 1:                  # maths compares several boxes as one set: {(2,2), (6,2)}
         segment = ", ".join(f"\\boxed{{{c}}}" for c in group)
-    return Extraction(answer, tuple(others), source, format_ok, "", segment[:MAX_ANSWER_CHARS])
+    return Extraction(answer, tuple(others), source, format_ok, "", segment.strip()[:MAX_ANSWER_CHARS])
 
 
 _LETTER_RUN = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")

@@ -335,8 +335,10 @@ def score_multiple_choice(pred: str, golds: list[str], options: list[str], deadl
 
 # ---------------------------------------------------------------- number and math
 
-def _symbolic(pred: str, golds: list[str], deadline: float, mode: str = "plain", shown: str | None = None) -> Outcome:
-    status, detail = safe_math.symbolic_check(pred, golds, timeout=max(deadline - time.monotonic(), 0.05), mode=mode)
+def _symbolic(pred: str, golds: list[str], deadline: float, mode: str = "plain", shown: str | None = None,
+              plain: str | None = None) -> Outcome:
+    status, detail = safe_math.symbolic_check(pred, golds, timeout=max(deadline - time.monotonic(), 0.05),
+                                              mode=mode, plain=plain)
     shown = pred if shown is None else shown
     if status == "equal":
         return _result(shown, 1.0)
@@ -390,11 +392,8 @@ def score_math(pred: str, golds: list[str], options: list[str], deadline: float,
     if pn is not None and all(g is not None for g in gold_numbers):
         return _result(pred, 1.0 if any(math_numbers_equal(pn, g) for g in gold_numbers) else 0.0)
     if segment and (has_words(pred) or segment.count("\\boxed") > 1):     # a sentence; several boxes
-        outcome = _symbolic(segment, golds, deadline, mode="text", shown=pred)
-        if outcome.correct or outcome.reason == TIMEOUT:
-            return outcome
-        plain = _symbolic(pred, golds, deadline)    # "12 \\text{ cm}": the whole answer may still be maths
-        return plain if plain.correct or outcome.reason != WRONG else outcome
+        # the cleaned answer is read as LaTeX too: "12 \\text{ cm}" is maths although it has a word
+        return _symbolic(segment, golds, deadline, mode="text", shown=pred, plain=pred)
     return _symbolic(pred, golds, deadline)
 
 

@@ -156,7 +156,7 @@ class _Server:
         for future in waiting.values():
             future.set_result({"status": "error", "detail": "math server exited"})
 
-    def ask(self, pred: str, golds: list[str], budget: float, mode: str = "plain") -> dict:
+    def ask(self, pred: str, golds: list[str], budget: float, mode: str = "plain", plain: str | None = None) -> dict:
         future: Future = Future()
         with self.lock:
             if self.dead:
@@ -165,7 +165,7 @@ class _Server:
             self.pending[request_id] = future
             try:
                 self.proc.stdin.write(json.dumps({"id": request_id, "pred": pred, "gold": golds,
-                                                  "mode": mode, "budget": budget}).encode() + b"\n")
+                                                  "mode": mode, "plain": plain, "budget": budget}).encode() + b"\n")
                 self.proc.stdin.flush()
             except OSError:
                 self.pending.pop(request_id, None)
@@ -224,9 +224,11 @@ def shutdown() -> None:
         _server = None
 
 
-def symbolic_check(pred: str, golds: list[str], timeout: float = 2.0, mode: str = "plain") -> tuple[str, str]:
+def symbolic_check(pred: str, golds: list[str], timeout: float = 2.0, mode: str = "plain",
+                   plain: str | None = None) -> tuple[str, str]:
     """Compare LaTeX/plain math `pred` with each of `golds` symbolically, within `timeout` seconds.
-    mode "text": `pred` is a final-answer segment in words; math-verify extracts the answer from it.
+    mode "text": `pred` is a final-answer segment in words; math-verify extracts the answer from it,
+    and `plain` (the cleaned answer) is also read as LaTeX.
 
     Returns (status, detail); status is one of "equal", "different", "unparsable", "unsafe",
     "timeout", "error". Never evaluates text as code; never takes longer than `timeout` (plus a
@@ -235,13 +237,15 @@ def symbolic_check(pred: str, golds: list[str], timeout: float = 2.0, mode: str 
     why = screen(pred)
     if why:
         return "unsafe", why
-    key = (pred, tuple(golds), mode)
+    if plain is not None and screen(plain):
+        plain = None
+    key = (pred, tuple(golds), mode, plain)
     with _server_lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key], "cached"
     server = _get_server()
-    reply = server.ask(pred, list(golds), max(timeout - GRACE, 0.05), mode)
+    reply = server.ask(pred, list(golds), max(timeout - GRACE, 0.05), mode, plain)
     status, detail = reply["status"], reply.get("detail", "")
     if status in ("equal", "different", "unparsable"):
         with _server_lock:
