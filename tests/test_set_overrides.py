@@ -104,7 +104,7 @@ def test_demo_loop_report_has_one_figure_and_one_timing_line(tmp_path):
     from mmpr_pipeline.demo_loop import write_report
 
     def acc(a):
-        return {"accuracy": a, "ci95": [a - 0.05, a + 0.05], "questions": 10}
+        return {"accuracy": a, "ci95": [a - 0.05, a + 0.05], "questions": 10, "pass_at_n": min(1.0, 1.5 * a)}
 
     report = dict(pairs={"correctness": 5}, questions=10, correct_rate=0.5,
                   timings_s={"build pairs": 1.0, "train mpo": 2.0},
