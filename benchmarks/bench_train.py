@@ -281,6 +281,20 @@ def run_trl(model, processor, args, total: int, lr: float, device: str):
                        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch", use_cpu=device == "cpu")
     trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=ds, processing_class=processor,
                          callbacks=[timer])
+    if args.trl_unscored_newline:  # score what ours scores: not the template's "\n" after <|im_end|>
+        collate, tok = trainer.data_collator, processor.tokenizer
+        end, newline = tok.convert_tokens_to_ids("<|im_end|>"), tok("\n", add_special_tokens=False)["input_ids"]
+
+        def without_newline(examples):
+            batch = collate(examples)
+            mask = batch["completion_mask"]
+            for i in range(mask.shape[0]):
+                last = int(mask[i].nonzero().max())
+                if [int(batch["input_ids"][i, last])] == newline and batch["input_ids"][i, last - 1] == end:
+                    mask[i, last] = 0
+            return batch
+
+        trainer.data_collator = without_newline
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t_run
@@ -329,6 +343,8 @@ def parse_args(argv=None):
     ap.add_argument("--bf16", action="store_true", help="bf16 weights and autocast (a GPU)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--contenders", default=",".join(CONTENDERS))
+    ap.add_argument("--trl-unscored-newline", action="store_true",
+                    help="TRL leaves the template's newline after <|im_end|> unscored, as ours does")
     ap.add_argument("--workdir", default=str(ROOT / "build" / "bench" / "train"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per contender")
