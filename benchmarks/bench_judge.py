@@ -18,6 +18,12 @@ Baseline: `exact_match_judge`, the simplest judge a pipeline could use: the text
 "Final answer:"/"Answer:" marker (else the last \\boxed{}), compared with the reference after
 lower-casing and removing punctuation and spaces. It runs in this process on the same corpus.
 Raw results: benchmarks/results/bench_judge.json.
+
+`--math-verify-tests PATH` adds an independent check: the (reference, prediction, equal?) cases of
+math-verify's own test file (tests/test_all.py of its source release, e.g. from
+`pip download math-verify==0.9.0 --no-binary :all: --no-deps`), each judged as written and after a
+"Final answer:" line; cases whose label depends on a non-default math-verify setting are left out.
+The file is read with `ast.literal_eval`, never run.
 """
 from __future__ import annotations
 
@@ -172,6 +178,53 @@ def across_ray(rows: list[dict], workers: int, repeats: int) -> dict:
         ray.shutdown()
 
 
+def math_verify_cases(path: Path) -> list[tuple[str, str, str, bool]]:
+    """(test name, reference, prediction, equal?) from math-verify's parametrized tests, read as data."""
+    import ast
+
+    cases = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        for decorator in node.decorator_list:
+            if not (isinstance(decorator, ast.Call) and getattr(decorator.func, "attr", "") == "parametrize"):
+                continue
+            try:
+                names, values = ast.literal_eval(decorator.args[0]), ast.literal_eval(decorator.args[1])
+            except ValueError:          # values built by code (f-strings): not data, skipped
+                continue
+            names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
+            for value in values:
+                row = dict(zip(names, value))
+                if row.get("precision", 6) != 6 or row.get("allow_set_relation_comp") is False:
+                    continue            # labels that test a non-default setting
+                if {"gold", "pred", "expected"} <= row.keys():
+                    cases.append((node.name, row["gold"], row["pred"], bool(row["expected"])))
+    return cases
+
+
+def math_verify_suite(path: Path) -> dict:
+    cases = math_verify_cases(path)
+    out = {"path": str(path), "cases": len(cases), "calls": 0, "agree": 0, "false_accepts": [],
+           "pair_unsafe": [], "no_answer": 0}
+    for test, gold, pred, expected in cases:
+        for form in (pred, "Let me solve this.\nFinal answer: " + pred):
+            v = uncached_judge(form, gold, "math", None)
+            out["calls"] += 1
+            out["agree"] += v.correct == expected
+            if v.correct and not expected:
+                out["false_accepts"].append([test, gold[:80], form[-120:]])
+            if expected and not v.correct:
+                if v.extracted is None:
+                    out["no_answer"] += 1
+                else:
+                    out["pair_unsafe"].append([test, gold[:80], form[-120:], v.reason])
+    print(f"math-verify's own tests ({len(cases)} cases, {out['calls']} calls): agree {out['agree']} "
+          f"({out['agree'] / max(out['calls'], 1):.1%}), false accepts {len(out['false_accepts'])}, "
+          f"equal judged wrong with an extracted answer {len(out['pair_unsafe'])}, without one {out['no_answer']}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="time per single-process measurement")
@@ -179,6 +232,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="corpus passes in the Ray measurement")
     parser.add_argument("--no-ray", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT, help="raw results (JSON)")
+    parser.add_argument("--math-verify-tests", type=Path, help="math-verify's tests/test_all.py (see above)")
     args = parser.parse_args()
     rows = regression.load_corpus(CORPUS)
     warm_up()
@@ -189,6 +243,8 @@ def main() -> None:
                           "normalised exact match; same process, same corpus"}
     print(f"regression suite: {len(rows)} labelled cases")
     result["suite"] = suite(rows)
+    if args.math_verify_tests:
+        result["math_verify_suite"] = math_verify_suite(args.math_verify_tests)
     result["single_process"] = single_process(rows, args.seconds)
     if not args.no_ray:
         print(f"Ray, corpus x {args.repeats}:")
