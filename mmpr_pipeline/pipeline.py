@@ -55,8 +55,9 @@ class BuildFailed(RuntimeError):
 def _cause(e: BaseException) -> str:
     """The root cause of an error raised through Ray (which wraps it with the remote traceback)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    named = [ln for ln in lines if "EngineStalled" in ln or ln.split(":")[0].endswith(("Error", "Exception"))]
-    return (named or lines or [type(e).__name__])[-1][:400]
+    engine = [ln.split("EngineStalled:", 1)[-1].strip() for ln in lines if "EngineStalled" in ln]
+    named = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception")) and "UDF failed" not in ln]
+    return (engine or named or lines or [type(e).__name__])[-1][:400]
 
 
 # -- the run folder -----------------------------------------------------------------------------
