@@ -2,7 +2,8 @@
 
     python -m mmpr_pipeline.demo_loop --out runs/demo-loop      (make demo-loop)
 
-1. build MMPR pairs with the demo model (data_cards/demo_loop.yaml);
+1. build MMPR pairs with the loop's base policy, the demo model stopped at 120 steps
+   (`demo_model.ensure_loop_base`, build/models/demo-loop-base; data_cards/demo_loop.yaml);
 2. train one copy with MPO (weights 0.8/0.2/1.0) and one with SFT on the chosen responses only
    (weights 0/0/1), same data, steps and seed (data_cards/train_mpo.yaml + overrides);
 3. evaluate base, SFT and MPO on the same held-out questions (data_cards/eval_heldout.yaml),
@@ -27,14 +28,19 @@ REPO = Path(__file__).resolve().parent.parent
 CARDS = REPO / "data_cards"
 
 
+# The loop's training on top of data_cards/train_mpo.yaml, for both runs: one epoch over ~500 pairs
+# at train_mpo.yaml's 2e-5 moves a 1M-parameter model too little to show in its answers.
+LOOP_TRAIN = {"learning_rate": 5e-4, "eval_fraction": 0.1}
+
+
 @dataclasses.dataclass
 class LoopSettings:
     build_limit: int | None = None          # questions to build pairs from (None: the recipe's)
     eval_limit: int | None = None           # held-out questions (None: the recipe's)
     eval_modes: tuple[str, ...] = ("greedy", "sampled")
-    train_overrides: dict = dataclasses.field(default_factory=dict)   # MPOConfig keys for both runs
+    train_overrides: dict = dataclasses.field(default_factory=dict)   # MPOConfig keys for both runs (over LOOP_TRAIN)
     sampling_n: int | None = None           # build: samples per question (None: the recipe's)
-    model: str | None = None                # base model folder (None: the bundled demo model)
+    model: str | None = None                # base model folder (None: the demo model at 120 steps)
 
 
 def run_loop(out: str | Path, settings: LoopSettings = LoopSettings()) -> dict:
@@ -53,7 +59,7 @@ def run_loop(out: str | Path, settings: LoopSettings = LoopSettings()) -> dict:
         timings[name] = round(time.perf_counter() - t0, 1)
 
     with step("demo model"):
-        base = settings.model or str(demo_model.ensure_trained())
+        base = settings.model or str(demo_model.ensure_loop_base())
     build_over = {"model": base}
     if settings.build_limit:
         build_over["limit"] = settings.build_limit
@@ -65,7 +71,7 @@ def run_loop(out: str | Path, settings: LoopSettings = LoopSettings()) -> dict:
     for name, weights in (("mpo", [0.8, 0.2, 1.0]), ("sft", [0.0, 0.0, 1.0])):
         cfg = load_config(CARDS / "train_mpo.yaml", {
             "model": base, "data": str(out / "build"), "output_dir": str(out / name), "weights": weights,
-            **settings.train_overrides})
+            **LOOP_TRAIN, **settings.train_overrides})
         with step(f"train {name}"):
             summary = train(cfg)
         models[name] = str(Path(cfg.output_dir) / "final")
@@ -156,7 +162,8 @@ def main() -> int:
     ap.add_argument("--out", default="runs/demo-loop")
     ap.add_argument("--build-limit", type=int, default=None)
     ap.add_argument("--eval-limit", type=int, default=None)
-    ap.add_argument("--model", default=None, help="base model folder (default: the bundled demo model)")
+    ap.add_argument("--model", default=None, help="base model folder (default: the demo model stopped at 120 "
+                    "steps, build/models/demo-loop-base)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="MPOConfig override for both runs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -122,10 +122,19 @@ def build(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
 # Training the demo model
 # ---------------------------------------------------------------------------------------------
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "build" / "models" / "demo"
+# MMPR_DEMO_MODEL_DIR points the whole pipeline ("model: demo") at another folder, e.g. to try
+# other training settings without touching the cached default.
+DEFAULT_DIR = Path(os.environ.get("MMPR_DEMO_MODEL_DIR")
+                   or Path(__file__).resolve().parent.parent / "build" / "models" / "demo")
 # Bump when the data, the prompt or the loop changes in a way that makes an old model stale.
 TRAIN_VERSION = 1
 TRAIN_DEFAULTS = dict(steps=280, seed=0, batch_size=32, lr=3e-3, warmup=40, weight_decay=0.0)
+# The demo loop's base policy (`make demo-loop`): the same model and data, stopped at 120 steps on
+# purpose. 280 steps solve count and compare outright, which leaves MPO nothing to improve; at 120
+# steps the model counts one kind of shape but still errs when it counts and compares two, errors
+# its own samples often avoid (see the README's "Close the loop").
+LOOP_BASE_DIR = DEFAULT_DIR.parent / "demo-loop-base"
+LOOP_BASE_SETTINGS = dict(steps=120)
 HELDOUT_SEED, HELDOUT_OFFSET = 1, 1_000_000  # tasks.generate rows the training never sees
 
 
@@ -289,6 +298,11 @@ def ensure_trained(out: str | Path | None = None, force: bool = False, eval_n: i
     return out
 
 
+def ensure_loop_base(out: str | Path | None = None) -> Path:
+    """The demo loop's under-trained base model (LOOP_BASE_SETTINGS), trained only when needed."""
+    return ensure_trained(out or LOOP_BASE_DIR, **LOOP_BASE_SETTINGS)
+
+
 def final_answer(text: str) -> str | None:
     """The X of a last line 'Final answer: X' (None when the response does not end that way)."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
@@ -364,14 +378,15 @@ def heldout_accuracy_vllm(model_dir: str | Path, n: int = 200, samples: int = 4,
             return final_answer(text) == r["answer"]
     per: dict[str, dict[str, list]] = {}
     for r, g, s in zip(rows, greedy, sampled):
-        d = per.setdefault(r["task"], {"greedy": [], "sampled": [], "mixed": []})
+        d = per.setdefault(r["task"], {"greedy": [], "sampled": [], "pass_at_n": [], "mixed": []})
         d["greedy"].append(correct(g.outputs[0].text, r))
         right = [correct(o.text, r) for o in s.outputs]
         d["sampled"].extend(right)
+        d["pass_at_n"].append(any(right))
         d["mixed"].append(any(right) and not all(right))
     result = {}
     for fam, d in sorted(per.items()) + [("all", {k: [x for v in per.values() for x in v[k]]
-                                                  for k in ("greedy", "sampled", "mixed")})]:
+                                                  for k in ("greedy", "sampled", "pass_at_n", "mixed")})]:
         result[fam] = {k: round(sum(v) / len(v), 3) for k, v in d.items()} | {"n": len(d["greedy"])}
     # The prompt vLLM rendered must be token for token the one the model was trained on.
     from transformers import AutoProcessor

@@ -23,7 +23,8 @@ def test_ensure_trained_trains_marks_and_caches(tmp_path, monkeypatch):
     marker = json.loads((out / demo_model.MARKER).read_text())
     assert marker["trained"] is True and marker["steps"] == 3
     assert marker["settings"]["batch_size"] == 4
-    assert set(marker["heldout_accuracy"]) >= {"all"} and 0.0 <= marker["heldout_accuracy"]["all"] <= 1.0
+    # 3 steps teach nothing: no held-out row ends in the right "Final answer:" line (one row per family)
+    assert marker["heldout_accuracy"] == {"all": 0.0, "bars": 0.0, "color": 0.0, "compare": 0.0, "count": 0.0}
     model = Qwen2VLForConditionalGeneration.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
     assert model.config.text_config.hidden_size == demo_model.SIZES["demo"]["hidden"]
@@ -106,3 +107,14 @@ def test_final_answer_reads_only_the_last_line():
     assert demo_model.final_answer("Final answer: B.\n") == "B"
     assert demo_model.final_answer("Final answer: 3\nmore text") is None
     assert demo_model.final_answer("") is None
+
+
+def test_the_demo_loop_base_is_partly_right_by_design():
+    """The demo loop needs headroom: its base counts one kind of shape but is still unsure when it
+    compares two counts (an under-trained policy, neither solved like the default demo model nor
+    guessing from scratch)."""
+    marker = json.loads((demo_model.ensure_loop_base() / demo_model.MARKER).read_text())
+    assert marker["settings"] == demo_model._settings(steps=120) and marker["steps"] == 120
+    acc = marker["heldout_accuracy"]  # greedy, 25 held-out rows per family
+    assert acc["count"] >= 0.9
+    assert 0.35 <= acc["compare"] <= 0.8
