@@ -26,6 +26,9 @@ def test_words_on_the_answer_line():
     assert math(f"{WORK}\nFinal Answer: The largest $n$ is 34.", "34").correct
     assert judge(f"{WORK}\nFinal Answer: The largest $n$ is 34.", "34", "number").correct
     assert math(f"{WORK}\nFinal answer: The smallest value of $k$ is $\\frac{{3}}{{2}}$.", "1.5").correct
+    assert math(f"{WORK}\nFinal answer: \\frac{{\\pi}}{{2}} radians", "\\pi/2").correct    # a unit, no delimiters
+    assert not math(f"{WORK}\nFinal answer: \\frac{{\\pi}}{{3}} radians", "\\pi/2").correct
+    assert not math(f"{WORK}\nFinal answer: \\frac{{\\pi}}{{2}} is wrong", "\\pi/2").correct
     wrong = math(f"{WORK}\nFinal Answer: The largest $n$ is 35.", "34")
     assert not wrong.correct and wrong.reason == "wrong answer"
 

@@ -370,6 +370,11 @@ def _math_key(s: str) -> str:
     return _DEGREES.sub("", s).rstrip(".")
 
 
+# One trailing word after an answer with no other words: a unit ("radians", "square units").
+_TRAILING_UNIT = re.compile(r"(?<=[\w})\]])[ \t]+(?!(?:not|no|or|and|wrong|incorrect|false|true)\b)"
+                            r"(?:square[ \t]+|cubic[ \t]+)?[a-z]{2,12}\.?$")
+
+
 def math_numbers_equal(pred: Number, gold: Number) -> bool:
     """Exactly equal, or equal after rounding both to 6 decimal places (math-verify's
     float_rounding=6: 0.0833333333 and 0.083333 for 1/12, not 0.0833 nor 0.33 for 1/3)."""
@@ -392,8 +397,9 @@ def score_math(pred: str, golds: list[str], options: list[str], deadline: float,
     if pn is not None and all(g is not None for g in gold_numbers):
         return _result(pred, 1.0 if any(math_numbers_equal(pn, g) for g in gold_numbers) else 0.0)
     if segment and (has_words(pred) or segment.count("\\boxed") > 1):     # a sentence; several boxes
-        # the cleaned answer is read as LaTeX too: "12 \\text{ cm}" is maths although it has a word
-        return _symbolic(segment, golds, deadline, mode="text", shown=pred, plain=pred)
+        # the answer without a trailing unit is read as LaTeX too: "\\frac{\\pi}{2} radians" has no
+        # delimiters for math-verify's extraction to find, and its plain-number reading is the 2
+        return _symbolic(segment, golds, deadline, mode="text", shown=pred, plain=_TRAILING_UNIT.sub("", pred))
     return _symbolic(pred, golds, deadline)
 
 
