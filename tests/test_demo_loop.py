@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mmpr_pipeline import shards
+from mmpr_pipeline import demo_model, shards
 from mmpr_pipeline.demo_loop import LoopSettings, gain, run_loop
 from mmpr_pipeline.evaluate import wilson
 
 pytestmark = pytest.mark.slow
 
 
-def test_short_loop_produces_every_artefact(tmp_path, ray_local, trained_model):
+def test_short_loop_produces_every_artefact(tmp_path, ray_local):
     settings = LoopSettings(build_limit=16, eval_limit=6, sampling_n=6, eval_modes=("greedy",),
                             train_overrides={"max_steps": 2, "batch_size": 2, "grad_accum_steps": 1,
                                              "eval_every": 0, "save_every": -1, "progress_bar": False})
@@ -36,7 +36,7 @@ def test_short_loop_produces_every_artefact(tmp_path, ray_local, trained_model):
         assert json.loads((tmp_path / "eval" / name / "eval.json").read_text())["modes"]["greedy"]["accuracy"][
             "heldout/*"] == acc
     # both runs trained from the base: their weights moved, and differently (MPO's loss is not SFT's)
-    base = load_file(f"{trained_model}/model.safetensors")
+    base = load_file(str(demo_model.ensure_loop_base() / "model.safetensors"))
     trained = {n: load_file(str(tmp_path / n / "final" / "model.safetensors")) for n in ("mpo", "sft")}
     for n in ("mpo", "sft"):
         assert any(not torch.equal(base[k], trained[n][k]) for k in base), f"{n} did not change the model"

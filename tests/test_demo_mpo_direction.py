@@ -61,6 +61,8 @@ def test_mpo_raises_heldout_chosen_over_rejected(tmp_path, ray_local):
     rec = recipe_mod.load(CARDS / "demo_loop.yaml", {"model": base, "limit": 48})
     pipeline.build(rec, tmp_path / "build")
     rise = heldout_margin_rise(tmp_path / "build", base, tmp_path)
-    # On the demo loop's 294-question build: +0.17 nats on average with this trainer, -0.27 with
-    # chosen and rejected swapped in its mpo_loss call (train/loop.py).
-    assert rise.mean() > 0
+    # Measured on this build (the samples are seeded, so it is the same build each run): the held-out
+    # margin rises by 1.94 nats on average; with chosen and rejected swapped in the trainer's
+    # mpo_loss call (train/loop.py) it rises by only 0.11. (On the loop's 294-question build:
+    # +0.17 against -0.27.)
+    assert rise.mean() > 1.0
