@@ -29,8 +29,10 @@ CARDS = REPO / "data_cards"
 
 
 # The loop's training on top of data_cards/train_mpo.yaml, for both runs: one epoch over ~500 pairs
-# at train_mpo.yaml's 2e-5 moves a 1M-parameter model too little to show in its answers.
-LOOP_TRAIN = {"learning_rate": 5e-4, "eval_fraction": 0.1}
+# at train_mpo.yaml's 2e-5 moves a 1M-parameter model too little to show in its answers; at 5e-4
+# MPO learned to stop counting one shape early (count 96% -> 52% greedy). Measured at 1e-4: held-out
+# reward accuracy 0.77 (62 pairs), against 0.63 at 5e-4.
+LOOP_TRAIN = {"learning_rate": 1e-4, "eval_fraction": 0.1}
 
 
 @dataclasses.dataclass
