@@ -117,13 +117,15 @@ class Completion:
     error: str = ""
 
 
-def user_message(text: str, image=None) -> dict[str, Any]:
-    """A user turn: the image (PIL) first, then the text, as the MMPR prompts place it."""
-    parts: list[dict[str, Any]] = []
-    if image is not None:
-        parts.append({"type": "image_pil", "image_pil": image})
-    parts.append({"type": "text", "text": text})
-    return {"role": "user", "content": parts}
+def user_message(text: str, images=None) -> dict[str, Any]:
+    """A user turn with its images (PIL; one image or a list), placed as prompts.user_content says:
+    at the text's `<image>` placeholders, else first."""
+    from mmpr_pipeline.prompts import user_content
+
+    if images is not None and not isinstance(images, (list, tuple)):
+        images = [images]
+    return {"role": "user", "content": user_content(text, list(images or []),
+                                                    lambda im: {"type": "image_pil", "image_pil": im})}
 
 
 class EngineStalled(RuntimeError):

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmpr_pipeline import card as card_mod
+from mmpr_pipeline.prompts import placeholders, user_content
 
 MARKER = "mmpr_export.json"
 BATCH_ROWS = 256
@@ -62,8 +63,7 @@ def trl_row(pair: dict) -> dict:
     """One pair row (PAIR_SCHEMA, as Python) in TRL's conversational vision format."""
     images = pair["images"] or []
     # `text` is set on every part (None for images) so every part has one Arrow type.
-    user = [{"type": "image", "text": None} for _ in images]
-    user.append({"type": "text", "text": pair["question"]})
+    user = user_content(pair["question"], images, lambda _: {"type": "image", "text": None})
     return {
         "prompt": [{"role": "user", "content": user}],
         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": pair["chosen"]}]}],
@@ -103,7 +103,9 @@ def _image_extension(data: bytes, pair_id: str) -> str:
 
 def internvl_row(pair: dict, image_paths: list[str]) -> dict:
     """One annotation line: a single image is a string, several a list (InternVL's multi-image form)."""
-    if len(image_paths) == 1:
+    if image_paths and placeholders(pair["question"]) == len(image_paths):
+        question = pair["question"]  # the source placed its images: InternVL reads the same `<image>`
+    elif len(image_paths) == 1:
         question = "<image>\n" + pair["question"]
     else:  # InternVL numbers the images of a multi-image question in the text
         question = "".join(f"Image-{i + 1}: <image>\n" for i in range(len(image_paths))) + pair["question"]

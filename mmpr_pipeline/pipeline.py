@@ -159,9 +159,9 @@ def cluster_gpus() -> list[float]:
 
 # -- plan ---------------------------------------------------------------------------------------
 
-def plan_units(recipe: Recipe) -> dict[str, list[WorkUnit]]:
-    """Every source's work units, from a scan of each input on a Ray worker (the driver receives
-    only qids)."""
+def plan_units(recipe: Recipe) -> tuple[dict[str, list[WorkUnit]], int]:
+    """Every source's work units, and the most images one question has, from a scan of each input
+    on a Ray worker (the driver receives only qids)."""
     import ray
 
     from stages.load import scan_input, source_inputs
@@ -174,7 +174,7 @@ def plan_units(recipe: Recipe) -> dict[str, list[WorkUnit]]:
         except SourceError as e:
             raise SourceError(f"{recipe.file}: {e}") from None
         pending[source.name] = [scan.remote(source, path, source.limit, recipe.unit_size) for path in inputs]
-    units = {}
+    units, max_images = {}, 0
     for source in recipe.sources:
         try:
             scans = ray.get(pending[source.name])
@@ -184,7 +184,8 @@ def plan_units(recipe: Recipe) -> dict[str, list[WorkUnit]]:
                 raise SourceError(f"{recipe.file}: {cause}") from None
             raise
         units[source.name] = plan_source(source, scans, recipe.unit_size)
-    return units
+        max_images = max([max_images] + [s["max_images"] for s in scans])
+    return units, max_images
 
 
 # -- the Ray Data stages --------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def pair_schema() -> pa.Schema:
     return PAIR_SCHEMA.with_metadata(schema_metadata())
 
 
-def run_units(recipe: Recipe, run: Path, model: str, units: list[WorkUnit], ray_address: str | None) -> None:
+def run_units(recipe: Recipe, run: Path, model: str, units: list[WorkUnit], max_images: int) -> None:
     """load -> sample -> score/pair/write for `units`, streaming on Ray Data."""
     import ray
     from tqdm import tqdm
@@ -266,7 +267,10 @@ def run_units(recipe: Recipe, run: Path, model: str, units: list[WorkUnit], ray_
         SampleStage, batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.replicas, max_tasks_in_flight_per_actor=concurrent),
         max_concurrency=concurrent,
-        fn_constructor_kwargs=dict(model=model, engine_options=recipe.engine, seed=recipe.seed,
+        fn_constructor_kwargs=dict(model=model, seed=recipe.seed,
+                                   # the per-prompt image limit comes from the data, unless the recipe sets it
+                                   engine_options={"limit_mm_per_prompt": {"image": max(1, max_images)},
+                                                   **recipe.engine},
                                    sampling=recipe.sampling,
                                    templates={n: recipe.template_for(s) for n, s in sources.items()},
                                    dropout={n: s.dropout for n, s in sources.items()}),
@@ -376,7 +380,7 @@ def collect_samples(recipe: Recipe, run: Path, stats: dict[str, Any], ray_addres
 
     init_ray(ray_address)
     t0 = time.perf_counter()
-    units = plan_units(recipe)
+    units, max_images = plan_units(recipe)
     stats["stage_seconds"]["load"] = round(time.perf_counter() - t0, 3)
     remove_stale_units(run, units)
     every = [u for us in units.values() for u in us]
@@ -384,7 +388,7 @@ def collect_samples(recipe: Recipe, run: Path, stats: dict[str, Any], ray_addres
     if pending:
         log.info("%d of %d work units to do (%d already done)", len(pending), len(every), len(every) - len(pending))
         t0 = time.perf_counter()
-        run_units(recipe, run, resolve_model(recipe.model), pending, ray_address)
+        run_units(recipe, run, resolve_model(recipe.model), pending, max_images)
         stats["stage_seconds"]["generate_wall"] = round(time.perf_counter() - t0, 3)
         missing = [u for u in pending if not is_done(run, u)]
         if missing:

@@ -156,7 +156,7 @@ def scan_samples(run_dir: Path, source: str, want_qids: set[str], extremes: int,
             need.setdefault(ui, set()).add(qid)
     by_qid: dict[str, dict] = {}
     for ui, qids in sorted(need.items()):
-        columns = SAMPLE_COLUMNS + (["image"] if qids & extreme_qids else [])
+        columns = SAMPLE_COLUMNS + (["images"] if qids & extreme_qids else [])
         for batch in _batches(units[ui], columns):
             for rec in batch.to_pylist():
                 if rec["qid"] in qids:
@@ -320,7 +320,7 @@ def question_card(sample: dict, kind: str) -> str:
     return f"""<article class="question-card" data-kind="{esc(kind)}">
 <div class="card-head"><span class="badge {'all-right' if kind == 'all right' else 'all-wrong'}">{esc(kind)}</span>
 <span class="muted">{esc(sample.get("task"))} · qid {esc(sample.get("qid"))}</span></div>
-<div class="qgrid"><div class="side-q">{thumbnail(sample.get("image"))}{_question_block(pair, sample)}</div>
+<div class="qgrid"><div class="side-q">{"".join(thumbnail(b) for b in sample.get("images") or [])}{_question_block(pair, sample)}</div>
 <table class="samples"><tr><th></th><th>verdict</th><th>extracted</th><th>judge</th><th>response</th></tr>
 {"".join(rows)}</table></div></article>"""
 

@@ -43,3 +43,30 @@ def render(template_id: str, question: str) -> str:
     judge map an option's text to its letter.
     """
     return _templates()[template_id].replace("{question}", strip_short_answer_suffix(question))
+
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def placeholders(text: str) -> int:
+    return text.count(IMAGE_PLACEHOLDER)
+
+
+def user_content(text: str, images: list, image_part) -> list[dict]:
+    """The user turn's content parts, the same for sampling, training and export: where the text
+    has one `<image>` placeholder per image, each image takes its placeholder's place, in order;
+    without placeholders the images come first (MMPR's layout). With no images, placeholders are
+    dropped (a DropoutNTP continuation sees none of them). `image_part(image)` makes one image's part
+    (a PIL image for vLLM, `{"type": "image"}` for a processor's chat template)."""
+    if not images:
+        return [{"type": "text", "text": re.sub(r"[ \t]*<image>[ \t]*\n?", "", text)}]
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    if len(pieces) - 1 != len(images):
+        return [image_part(im) for im in images] + [{"type": "text", "text": text}]
+    parts: list[dict] = []
+    for i, piece in enumerate(pieces):
+        if piece.strip():
+            parts.append({"type": "text", "text": piece})
+        if i < len(images):
+            parts.append(image_part(images[i]))
+    return parts

@@ -18,6 +18,7 @@ from mmpr_pipeline.records import PIPELINES, stable_hash
 
 ANSWER_TYPES = ("multiple_choice", "number", "yes_no", "text", "math", "vqa", "chart", "document")
 LOADERS = ("generated", "parquet", "jsonl", "hf_disk", "hf_hub")
+IMAGE_POLICIES = ("required", "optional", "none")
 DEMO_MODEL = "demo"  # the bundled tiny Qwen2-VL model, built (and trained) locally
 
 
@@ -156,6 +157,9 @@ class Source:
     answer_type: str | None = None    # fixed type; else `fields.answer_type` names a column
     limit: int | None = None
     pipeline: str = "correctness"
+    # required: every row has one image or a list of them; optional: a row without one is a text-only
+    # question; none: a text-only source (the image field is not read)
+    images: str = "required"
     prompt_template: str | None = None  # default: the recipe's for correctness, `raw` for dropout_ntp
     pairing: Pairing = field(default_factory=Pairing)
     dropout: Dropout = field(default_factory=Dropout)
@@ -274,6 +278,10 @@ def validate(recipe: Recipe) -> Recipe:
                    f"unknown template {src.prompt_template!r} (available: {', '.join(prompts.available())})")
         _check(src.pipeline in PIPELINES, f, f"{key}.pipeline",
                f"unknown pipeline {src.pipeline!r} (expected one of: {', '.join(PIPELINES)})")
+        _check(src.images in IMAGE_POLICIES, f, f"{key}.images",
+               f"unknown value {src.images!r} (expected one of: {', '.join(IMAGE_POLICIES)})")
+        _check(not (src.pipeline == "dropout_ntp" and src.images != "required"), f, f"{key}.images",
+               "DropoutNTP drops the image: its rows need one (images: required)")
         if src.answer_type is not None:
             _check(src.answer_type in ANSWER_TYPES, f, f"{key}.answer_type",
                    f"unknown answer_type {src.answer_type!r} (expected one of: {', '.join(ANSWER_TYPES)})")

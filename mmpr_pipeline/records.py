@@ -29,7 +29,7 @@ QUESTION_FIELDS = [
     ("unit_plan", pa.string()),       # the unit's plan (units.WorkUnit as JSON): where its rows come from
     ("pipeline", pa.string()),        # correctness | dropout_ntp
     ("task", pa.string()),            # task family when the source has one, else ""
-    ("image", pa.binary()),           # encoded image bytes, never re-encoded
+    ("images", pa.list_(pa.binary())),  # encoded image bytes, never re-encoded; [] for a text-only question
     ("question", pa.string()),
     ("answer", pa.string()),          # "" when the source has none (dropout_ntp)
     ("answers", pa.list_(pa.string())),  # every acceptable answer (VQA has several); [answer] usually
@@ -101,8 +101,13 @@ def stable_hash(*parts: object, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
-def question_id(source: str, image: bytes, question: str, answer: str) -> str:
-    return stable_hash("q", source, image, question, answer)
+def question_id(source: str, images: bytes | list[bytes], question: str, answer: str) -> str:
+    """A question's stable id. One image hashes as its bytes (the ids of single-image questions never
+    change); several as the digest of all of them, in order; a text-only question as b""."""
+    if isinstance(images, (list, tuple)):
+        images = images[0] if len(images) == 1 else (
+            stable_hash(*images, length=64).encode() if images else b"")
+    return stable_hash("q", source, images, question, answer)
 
 
 def pair_id(qid: str, pair_type: str, chosen: str, rejected: str) -> str:

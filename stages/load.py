@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from mmpr_pipeline import tasks
+from mmpr_pipeline import prompts, tasks
 from mmpr_pipeline.recipe import ANSWER_TYPES, Source
 from mmpr_pipeline.records import encode_image, question_id
 
@@ -122,8 +122,10 @@ def _dataset(loader: str, path: str | None, dataset: str | None, config: str | N
             ds = ds[split]
     else:
         ds = datasets.load_dataset(dataset, config, split=split)
-    if image in ds.column_names:
-        ds = ds.cast_column(image, datasets.Image(decode=False))  # keep the bytes
+    if image in ds.column_names:  # keep the encoded bytes, for one image or a list of them
+        listed = isinstance(ds.features[image], (list, datasets.Sequence, datasets.List))
+        ds = ds.cast_column(image, datasets.List(datasets.Image(decode=False)) if listed
+                            else datasets.Image(decode=False))
     return ds
 
 
@@ -131,6 +133,10 @@ def read_rows(source: Source) -> Iterator[dict[str, Any]]:
     """All raw rows of a source, in a deterministic order."""
     for path in source_inputs(source):
         yield from input_rows(source, path)
+
+
+def _relative_to(base: Path, value: Any) -> Any:
+    return str(base / value) if isinstance(value, str) and not Path(value).is_absolute() else value
 
 
 def _json_row(line: bytes, source: Source, base: Path, where: str) -> dict[str, Any]:
@@ -142,8 +148,9 @@ def _json_row(line: bytes, source: Source, base: Path, where: str) -> dict[str, 
     if not isinstance(row, dict):
         return {"__bad__": f"JSON line at {where} is not an object ({type(row).__name__})"}
     img = row.get(source.fields.image)
-    if isinstance(img, str) and not Path(img).is_absolute():
-        row[source.fields.image] = str(base / img)  # image paths are relative to the file
+    if isinstance(img, (str, list)):  # image paths are relative to the file
+        row[source.fields.image] = ([_relative_to(base, i) for i in img] if isinstance(img, list)
+                                    else _relative_to(base, img))
     return row
 
 
@@ -200,6 +207,35 @@ def _answers(value: Any) -> list[str]:
     return [text]
 
 
+MAX_IMAGES = 32  # per question: more is a misread field, not a real multi-image question
+
+
+def _images(raw: dict[str, Any], source: Source, question: str, check: bool) -> list[bytes]:
+    """A row's images: one value or a list (paths, bytes, PIL or `datasets` images), in order. With
+    `<image>` placeholders in the question there must be one per image."""
+    value = None if source.images == "none" else raw.get(source.fields.image)
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        if source.images == "required":
+            raise BadRow(f"missing image (field {source.fields.image!r})")
+        values = []
+    else:
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(values) > MAX_IMAGES:
+        raise BadRow(f"{len(values)} images (at most {MAX_IMAGES})")
+    images = []
+    for v in values:
+        try:
+            images.append(encode_image(v))
+        except (OSError, ValueError) as e:
+            raise BadRow(f"unreadable image ({e})") from None
+        if check:
+            check_image(images[-1])
+    n_placeholders = prompts.placeholders(question)
+    if n_placeholders and n_placeholders != len(images):
+        raise BadRow(f"{n_placeholders} <image> placeholders for {len(images)} images")
+    return images
+
+
 def to_question(raw: dict[str, Any], source: Source, row_index: int, check: bool = True) -> dict[str, Any]:
     """One raw row -> a Question dict (records.QUESTION_SCHEMA, without the unit columns). Raises
     BadRow. `check=False` skips decoding the image (the scan only needs the qid)."""
@@ -215,14 +251,7 @@ def to_question(raw: dict[str, Any], source: Source, row_index: int, check: bool
         raise BadRow("empty question")
     if len(question) > MAX_QUESTION_CHARS:
         raise BadRow(f"question longer than {MAX_QUESTION_CHARS} characters")
-    if raw.get(f.image) is None:
-        raise BadRow(f"missing image (field {f.image!r})")
-    try:
-        image = encode_image(raw[f.image])
-    except (OSError, ValueError) as e:
-        raise BadRow(f"unreadable image ({e})") from None
-    if check:
-        check_image(image)
+    images = _images(raw, source, question, check)
     answers: list[str] = []
     if source.pipeline == "correctness":
         if raw.get(f.answer) is None:
@@ -237,8 +266,8 @@ def to_question(raw: dict[str, Any], source: Source, row_index: int, check: bool
     given = _text(given, "response").strip() if given is not None else ""
     task = str(raw.get(f.task) or "") if f.task else str(raw.get("task") or "")
     answer = answers[0] if answers else ""
-    return dict(qid=question_id(source.name, image, question, answer), source=source.name,
-                row_index=row_index, pipeline=source.pipeline, task=task, image=image,
+    return dict(qid=question_id(source.name, images, question, answer), source=source.name,
+                row_index=row_index, pipeline=source.pipeline, task=task, images=images,
                 question=question, answer=answer, answers=answers, answer_type=answer_type,
                 options=options, given_response=given)
 
@@ -255,16 +284,21 @@ def _excerpt(raw: Any) -> str:
 
 def scan_input(source: Source, path: str, max_rows: int | None, unit_size: int) -> dict[str, Any]:
     """One pass over an input (on a worker): each row's qid (None for a bad row) for de-duplication,
-    and for JSON Lines the byte offset where every `unit_size`-th row starts. Stops after `max_rows`."""
+    the most images a row has (the engine's per-prompt limit), and for JSON Lines the byte offset
+    where every `unit_size`-th row starts. Stops after `max_rows`."""
     qids: list[str | None] = []
+    max_images = 0
     try:
         for i, raw in enumerate(input_rows(source, path)):
             if max_rows is not None and i >= max_rows:
                 break
             try:
-                qids.append(to_question(raw, source, i, check=False)["qid"])
+                q = to_question(raw, source, i, check=False)
             except BadRow:
                 qids.append(None)
+                continue
+            qids.append(q["qid"])
+            max_images = max(max_images, len(q["images"]))
     except SourceError:
         raise
     except Exception as e:  # noqa: BLE001 - anything that stops reading a source names the source
@@ -273,7 +307,7 @@ def scan_input(source: Source, path: str, max_rows: int | None, unit_size: int) 
             raise SourceError(f"source {source.name!r} ({where}) cannot be opened: {type(e).__name__}: {e}") from e
         raise SourceError(f"source {source.name!r} ({where}): reading stopped at row {len(qids)}: {e}") from e
     offsets = jsonl_offsets(path, unit_size) if source.loader == "jsonl" else []
-    return dict(path=path, qids=qids, offsets=offsets)
+    return dict(path=path, qids=qids, offsets=offsets, max_images=max_images)
 
 
 def read_unit(source: Source, unit) -> tuple[list[dict], list[dict]]:

@@ -20,7 +20,7 @@ def pair_rows(row: dict[str, Any], source_cfg, *, seed: int, model: str, samplin
     counts: dict[str, Any] = dict(correctness=0, format=0, dropout_ntp=0, all_right=0, all_wrong=0)
     if row["error"]:
         return [], counts
-    images = [{"bytes": row["image"], "path": None}]
+    images = [{"bytes": b, "path": None} for b in row["images"]]
     common = dict(qid=row["qid"], source=row["source"], task=row["task"], images=images,
                   question=render(row["prompt_template"], row["question"]), answer=row["answer"],
                   model=model, prompt_template=row["prompt_template"],

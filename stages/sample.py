@@ -31,12 +31,12 @@ def empty_sample_columns(row: dict[str, Any], template: str) -> dict[str, Any]:
 
 
 def conversation(row: dict[str, Any], with_image: bool = True) -> list[dict]:
-    """The user turn the model sees: the rendered prompt template, with the image unless dropped."""
+    """The user turn the model sees: the rendered prompt template, with the images unless dropped."""
     from mmpr_pipeline.engine import user_message
     from mmpr_pipeline.prompts import render
 
-    image = decode_image(row["image"]) if with_image else None
-    return [user_message(render(row["prompt_template"], row["question"]), image)]
+    images = [decode_image(b) for b in row["images"]] if with_image else []
+    return [user_message(render(row["prompt_template"], row["question"]), images)]
 
 
 class SampleStage:

@@ -43,7 +43,7 @@ def _sample_row(q: dict, source: str, pipeline: str, unit: int, i: int, response
                 correct: list[bool]) -> dict:
     n = len(responses)
     return dict(qid=records.question_id(source, q["image"], q["question"], q["answer"]), source=source,
-                row_index=i, unit=unit, pipeline=pipeline, task=q["task"], image=q["image"],
+                row_index=i, unit=unit, pipeline=pipeline, task=q["task"], images=[q["image"]],
                 question=q["question"], answer=q["answer"], answer_type=q["answer_type"],
                 options=q.get("options") or [], given_response="", prompt_template="cot_final_answer",
                 responses=responses, n_tokens=[len(r.split()) for r in responses], finish_reasons=["stop"] * n,

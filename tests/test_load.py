@@ -80,7 +80,7 @@ def test_parquet_bytes_and_units(tmp_path):
     questions, rejects, n_rows = load_source(src, unit_size=3)
     assert n_rows == 7 and not rejects
     assert [q["unit"] for q in questions] == [0, 0, 0, 1, 1, 1, 2]
-    assert questions[0]["image"] == rows[0]["image"]  # bytes kept as they were
+    assert questions[0]["images"] == [rows[0]["image"]]  # bytes kept as they were
     assert [q["answer_type"] for q in questions] == [r["answer_type"] for r in rows[:7]]
     again, _, _ = load_source(src, unit_size=3)
     assert [q["qid"] for q in again] == [q["qid"] for q in questions]  # stable ids
@@ -99,7 +99,7 @@ def test_datasets_saved_to_disk_with_image_feature(tmp_path):
                   fields=Fields(image="img", question="q", answer="a"))
     questions, rejects, _ = load_source(src, unit_size=8)
     assert len(questions) == 4 and not rejects
-    assert Image.open(io.BytesIO(questions[0]["image"])).size == (112, 112)
+    assert Image.open(io.BytesIO(questions[0]["images"][0])).size == (112, 112)
 
 
 def test_dropout_source_needs_no_answer_and_takes_a_given_response(tmp_path):

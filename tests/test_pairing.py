@@ -76,7 +76,7 @@ def test_score_stage_contains_a_failing_judge():
 def _scored_row(responses, correct, extracted, pipeline="correctness", reason=None):
     """A Sample row as the score stage leaves it (records.SAMPLE_SCHEMA), hand-written."""
     n = len(responses)
-    return dict(qid="q1", source="s", task="t", image=b"png", question="How many?", answer="3",
+    return dict(qid="q1", source="s", task="t", images=[b"png"], question="How many?", answer="3",
                 pipeline=pipeline, prompt_template="cot_final_answer", error="", responses=responses,
                 correct=correct, extracted=extracted, reason=reason or ["r"] * n, prefix_words=[],
                 continuations=[])

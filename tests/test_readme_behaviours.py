@@ -87,7 +87,7 @@ def test_all_n_samples_of_a_question_come_from_one_request():
     rows = []
     for i, q in enumerate(tasks.generate(3)):
         rows.append(dict(qid=f"q{i}", source="s", row_index=i, unit=0, unit_plan="", pipeline="correctness",
-                         task=q["task"], image=q["image"], question=q["question"], answer=q["answer"],
+                         task=q["task"], images=[q["image"]], question=q["question"], answer=q["answer"],
                          answers=[q["answer"]], answer_type=q["answer_type"], options=q["options"],
                          given_response=""))
 

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from mmpr_pipeline.prompts import user_content
 from mmpr_pipeline.records import decode_image, encode_image, stable_hash
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,8 @@ class PairEncoder:
         self.with_rejected = with_rejected
 
     def prompt_messages(self, question: str, n_images: int) -> list[dict]:
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
+        # the same layout as sampling (prompts.user_content): at `<image>` placeholders, else first
+        content = user_content(question, [None] * n_images, lambda _: {"type": "image"})
         return [{"role": "user", "content": content}]
 
     def response_text(self, messages: list[dict], prompt_text: str, response: str) -> str:

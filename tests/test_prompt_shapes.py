@@ -1,0 +1,117 @@
+"""Prompt shapes beyond one image (issue 13): 2- and 3-image questions (with and without `<image>`
+placeholders), text-only questions, and DropoutNTP on a multi-image question, through real vLLM
+(the trained demo model, a Qwen2-VL whose chat template places each image), pairing, the trainer and
+both exports."""
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from mmpr_pipeline import pipeline, recipe as recipe_mod, shards, tasks
+from mmpr_pipeline.prompts import user_content
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_TOKENS = 16  # a 112x112 demo image
+
+
+def test_user_content_places_images_at_their_placeholders_else_first():
+    part = lambda im: {"type": "image", "id": im}  # noqa: E731
+    assert user_content("Compare <image> and <image>.", ["a", "b"], part) == [
+        {"type": "text", "text": "Compare "}, part("a"), {"type": "text", "text": " and "}, part("b"),
+        {"type": "text", "text": "."}]
+    assert user_content("How many?", ["a", "b"], part) == [part("a"), part("b"), {"type": "text", "text": "How many?"}]
+    assert user_content("<image>\nHow many?", [], part) == [{"type": "text", "text": "How many?"}]
+    assert user_content("Just text.", [], part) == [{"type": "text", "text": "Just text."}]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, ray_local, trained_model):
+    d = tmp_path_factory.mktemp("shapes")
+    rows = list(tasks.generate(12, seed=21, families=["color"]))
+    for i, r in enumerate(rows):
+        (d / f"{i}.png").write_bytes(r["image"])
+    # Multiple-choice questions the demo model answers with a letter, right or wrong by turns: pairs
+    # for every shape. 2 images at their placeholders, or 3 images first.
+    multi = []
+    for k in range(6):
+        r = rows[k]
+        names = [f"{k}.png", f"{k + 6}.png"] + ([f"{(k + 3) % 12}.png"] if k % 2 else [])
+        question = r["question"] if k % 2 else "<image>\n<image>\n" + r["question"]  # placeholders
+        multi.append(dict(image=names, question=question, answer=r["answer"], options=r["options"]))
+    text = [dict(question=r["question"], answer=r["answer"], options=r["options"]) for r in rows[6:12]]
+    describe = [dict(image=[f"{i}.png" for i in idx], question="Describe these images.")
+                for idx in ((0, 1), (4, 5, 6), (8, 9, 10), (2, 3, 7))]
+    for name, data in (("multi", multi), ("text", text), ("describe", describe)):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    recipe = dict(name="shapes", model=trained_model, engine={"max_model_len": 1024}, unit_size=4,
+                  sampling=dict(n=6, max_tokens=40),
+                  sources=[dict(name="multi", loader="jsonl", path=str(d / "multi.jsonl"),
+                                answer_type="multiple_choice", fields=dict(options="options")),
+                           dict(name="text", loader="jsonl", path=str(d / "text.jsonl"),
+                                answer_type="multiple_choice", fields=dict(options="options"), images="none"),
+                           dict(name="describe", loader="jsonl", path=str(d / "describe.jsonl"),
+                                pipeline="dropout_ntp", dropout=dict(min_words=4))])
+    (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run = d / "run"
+    stats = pipeline.build(recipe_mod.load(d / "recipe.yaml"), run)
+    samples = {r["qid"]: r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()}
+    pairs = [r for p in sorted((run / "data").glob("train-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    return run, stats, samples, pairs
+
+
+@pytest.mark.slow
+def test_every_image_reaches_the_engine_and_the_pairs(built):
+    _, stats, samples, pairs = built
+    assert stats["totals"]["rejects"] == 0 and stats["totals"]["questions"] == 16
+    for s in samples.values():
+        assert s["error"] == "" and len(s["responses"]) == (6 if s["pipeline"] == "correctness" else 1)
+        assert s["image_tokens"] == IMAGE_TOKENS * len(s["images"])  # 2 or 3 images, or none
+    assert sorted(len(s["images"]) for s in samples.values()) == [0] * 6 + [2] * 4 + [3] * 6
+    for p in pairs:
+        assert [im["bytes"] for im in p["images"]] == samples[p["qid"]]["images"]
+    assert stats["sources"]["describe"]["pairs"]["dropout_ntp"] > 0
+
+
+@pytest.mark.slow
+def test_dropout_continues_without_any_of_the_images(built):
+    _, _, samples, _ = built
+    rows = [s for s in samples.values() if s["source"] == "describe"]
+    continued = [t for r in rows for t, k in zip(r["continuation_image_tokens"], r["prefix_words"]) if k >= 0]
+    assert continued and all(t == 0 for t in continued)
+    assert sorted(r["image_tokens"] for r in rows) == [2 * IMAGE_TOKENS] + [3 * IMAGE_TOKENS] * 3
+
+
+@pytest.mark.slow
+def test_trainer_and_exports_take_multi_image_and_text_only_pairs(built, tmp_path):
+    from mmpr_pipeline import export
+    from mmpr_pipeline.train import MPOConfig, train
+    from mmpr_pipeline.train.data import PairEncoder
+    from mmpr_pipeline.train.model import load_processor
+
+    run, _, _, pairs = built
+    shapes = {len(p["images"]) for p in pairs}
+    assert {0, 2, 3} <= shapes, shapes
+    model = json.loads((run / "recipe.json").read_text())["model"]
+    processor = load_processor(model)
+    encoder = PairEncoder(processor, max_length=1024)
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for i, p in enumerate(pairs):  # the trainer's prompt carries every image, as sampling did
+        ids = encoder.encode(p, i).prompt["input_ids"].flatten().tolist()
+        assert ids.count(pad) == IMAGE_TOKENS * len(p["images"])
+    summary = train(MPOConfig(model=model, data=str(run), output_dir=str(tmp_path / "mpo"), batch_size=4,
+                              max_steps=2, learning_rate=1e-4, warmup_ratio=0.0, eval_fraction=0.0,
+                              max_length=1024, progress_bar=False, save_model=False))
+    assert summary["steps"] == 2
+
+    export.export(run, "trl", tmp_path / "trl")
+    rows = [r for f in sorted((tmp_path / "trl" / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    for r in rows:
+        parts = r["prompt"][0]["content"]
+        assert sum(part["type"] == "image" for part in parts) == len(r["images"])
+    export.export(run, "internvl", tmp_path / "internvl")
+    lines = [json.loads(x) for f in (tmp_path / "internvl" / "annotations").glob("*.jsonl") for x in f.read_text().splitlines()]
+    multi = [x for x in lines if isinstance(x.get("image"), list)]
+    assert multi and all(x["question"].count("<image>") == len(x["image"]) for x in multi)
+    assert any("image" not in x for x in lines)  # text-only rows
