@@ -134,7 +134,7 @@ def _save(model, processor, out: Path, family: str, renames: dict[str, str] | No
         fixed = {}
         for name, w in weights.items():
             for old, new in renames.items():
-                if name.startswith(old):
+                if name.startswith(old) and not name.startswith(new):
                     name = new + name[len(old):]
                     break
             fixed[name] = w.contiguous() if isinstance(w, torch.Tensor) else w
@@ -142,6 +142,12 @@ def _save(model, processor, out: Path, family: str, renames: dict[str, str] | No
     processor.save_pretrained(out)
     (out / MARKER).write_text(json.dumps({"family": family}))
     return out
+
+
+# transformers 5 saves a CLIP or SigLIP tower (LLaVA, Gemma 3) without its `vision_model.` level;
+# vLLM 0.32 refuses that ("no module or parameter named 'vision_tower.embeddings'"), transformers
+# reads both layouts.
+VISION_TOWER_RENAMES = {"vision_tower.": "vision_tower.vision_model."}
 
 
 # --- the families ------------------------------------------------------------------------------------
@@ -196,11 +202,7 @@ def build_llava(out: Path) -> Path:
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=LLAVA_TEMPLATE)
-    return _save(model, processor, out, "llava", renames=LLAVA_RENAMES)
-
-
-# transformers 5 saves LLaVA's CLIP tower without its `vision_model.` level; vLLM 0.32 wants it.
-LLAVA_RENAMES = {"model.vision_tower.": "model.vision_tower.vision_model."}
+    return _save(model, processor, out, "llava", renames=VISION_TOWER_RENAMES)
 
 
 def build_internvl(out: Path) -> Path:
@@ -261,6 +263,7 @@ def build_idefics3(out: Path) -> Path:
 def build_gemma3(out: Path) -> Path:
     """Gemma 3: SigLIP encoder, average-pooled to `mm_tokens_per_image` soft tokens, Gemma 3 text."""
     import torch
+    from tokenizers import AddedToken
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
@@ -270,6 +273,9 @@ def build_gemma3(out: Path) -> Path:
                     chat_template=GEMMA3_TEMPLATE,
                     extra=dict(boi_token="<start_of_image>", eoi_token="<end_of_image>",
                                image_token="<image_soft_token>"))
+    # Gemma's SentencePiece vocabulary has newline runs as single tokens, and vLLM's Gemma 3
+    # processor merges the "\n\n" around each image into them: give ours the same tokens.
+    tok.add_tokens([AddedToken("\n" * k, normalized=False, special=False) for k in (4, 3, 2, 1)])
     ids = _ids(tok, *special)
     config = Gemma3Config(
         text_config=dict(**TEXT, vocab_size=_vocab(tok), query_pre_attn_scalar=HEAD_DIM, sliding_window=64,
@@ -285,7 +291,7 @@ def build_gemma3(out: Path) -> Path:
     image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
     processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=4,
                                 chat_template=GEMMA3_TEMPLATE)
-    return _save(model, processor, out, "gemma3")
+    return _save(model, processor, out, "gemma3", renames=VISION_TOWER_RENAMES)
 
 
 FAMILIES = {
