@@ -133,7 +133,8 @@ def write_report(out: Path, report: dict) -> Path:
     plt.close(fig)
     sampled = "sampled" in modes
     lines = ["# Demo loop: MMPR pairs + MPO on the demo model", "",
-             f"Pairs built: {report['pairs']} from {report['questions']} questions "
+             f"Pairs built: {' + '.join(f'{v:,} {k}' for k, v in report['pairs'].items() if v)} from "
+             f"{report['questions']} questions "
              f"(sampled correct rate {report['correct_rate']:.1%}).", "",
              "| model | " + " | ".join(f"{m} accuracy (95% CI)" for m in modes)
              + (f" | pass@{report.get('eval_samples', 'n')}" if sampled else "") + " | questions |",
