@@ -5,7 +5,8 @@
 Each mutant is one textual change to one file (the original must occur exactly once). For each,
 the tracked files are copied to a scratch folder, the change is applied there, and the tests that
 guard it run against the copy (`python -m pytest` from the copy, so the copy's code is the one
-imported). A mutant is *killed* when those tests fail. Prints each result and the kill rate, and
+imported). The same tests first run once on an unmutated copy and must pass; a mutant is *killed*
+when they then fail. Prints each result and the kill rate, and
 exits 1 if any mutant survives, so CI (`make mutation`, run by .ci/run) catches a test that stopped
 guarding its code. The trained demo model is shared with the copy (build/ is linked, not copied).
 """
@@ -47,6 +48,20 @@ MUTANTS = [
     Mutant("dropout: min_words boundary < -> <=", "stages/dropout_ntp.py",
            "if len(words) < min_words or keep < 1", "if len(words) <= min_words or keep < 1",
            ["tests/test_dropout_truncate.py"]),
+    Mutant("judge: relaxed (chart) tolerance sign flipped", "mmpr_pipeline/scoring/modes.py",
+           "abs(p - g) <= abs(g) * Fraction(tolerance)", "abs(p - g) >= abs(g) * Fraction(tolerance)",
+           ["tests/test_scoring.py"]),
+    Mutant("judge: rounding tolerance sign flipped", "mmpr_pipeline/scoring/modes.py",
+           "abs(p - g) <= Fraction(1, 2 * 10 ** decimals)", "abs(p - g) >= Fraction(1, 2 * 10 ** decimals)",
+           ["tests/test_scoring.py"]),
+    Mutant("trainer: chosen and rejected swapped in the mpo_loss call", "mmpr_pipeline/train/loop.py",
+           "mpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], chosen_nll,",
+           "mpo_loss(logps[n:], logps[:n], ref[n:], ref[:n], chosen_nll,",
+           ["tests/test_train_loop.py", "-k", "raises_held_out"]),
+    Mutant("trainer: SFT averaged per sequence, not per token", "mmpr_pipeline/train/loop.py",
+           "chosen_nll = -logps[:n].sum() / denominator",
+           "chosen_nll = -(logps[:n] / n_tokens[:n].clamp(min=1)).mean()",
+           ["tests/test_train_trl.py", "-k", "each_mpo_term"]),
     Mutant("dropout: chosen and rejected swapped", "stages/dropout_ntp.py",
            "pairs.append(dict(chosen=text, rejected=prefix + continuation,",
            "pairs.append(dict(chosen=prefix + continuation, rejected=text,",
@@ -66,6 +81,13 @@ def copy_repo(dest: Path) -> None:
         os.symlink(REPO / "build", dest / "build")
 
 
+def pytest(root: Path, tests: list[str]) -> tuple[int, float, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                          cwd=root, capture_output=True, text=True)
+    return proc.returncode, time.perf_counter() - t0, (proc.stdout.strip().splitlines() or [""])[-1]
+
+
 def run(mutant: Mutant) -> tuple[bool, float, str]:
     with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
         root = Path(tmp)
@@ -75,11 +97,20 @@ def run(mutant: Mutant) -> tuple[bool, float, str]:
         if text.count(mutant.old) != 1:
             return False, 0.0, f"the original text occurs {text.count(mutant.old)} times in {mutant.file}: update the mutant"
         path.write_text(text.replace(mutant.old, mutant.new))
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests],
-                              cwd=root, capture_output=True, text=True)
-        tail = (proc.stdout.strip().splitlines() or [""])[-1]
-        return proc.returncode == 1, time.perf_counter() - t0, tail
+        rc, seconds, tail = pytest(root, mutant.tests)
+        return rc == 1, seconds, tail  # 1: tests failed (2+ would be an error of the run itself)
+
+
+def baseline(mutants: list[Mutant]) -> list[str]:
+    """Every guarding test set passes on the unmutated copy: a kill then means the mutant failed it."""
+    failing = []
+    with tempfile.TemporaryDirectory(prefix="baseline-") as tmp:
+        copy_repo(Path(tmp))
+        for tests in dict.fromkeys(tuple(m.tests) for m in mutants):
+            rc, _, tail = pytest(Path(tmp), list(tests))
+            if rc != 0:
+                failing.append(f"{' '.join(tests)}: {tail}")
+    return failing
 
 
 def main() -> int:
@@ -92,6 +123,10 @@ def main() -> int:
         for m in mutants:
             print(f"{m.name}: {m.file} ({' '.join(m.tests)})")
         return 0
+    failing = baseline(mutants)
+    if failing:
+        print("the guarding tests fail without any mutant:\n  " + "\n  ".join(failing))
+        return 1
     killed = 0
     for m in mutants:
         dead, seconds, tail = run(m)

@@ -12,7 +12,14 @@ from mmpr_pipeline.pairing import pair_correctness
 from mmpr_pipeline.prompts import render
 from mmpr_pipeline.records import pair_id
 from stages.dropout_ntp import pair_question as pair_dropout
+from mmpr_pipeline.scoring.modes import MATH_ERROR, TIMEOUT as MATH_TIMEOUT
 from stages.score import JUDGE_ERROR
+
+
+def undecided(reason: str) -> bool:
+    """The judge could not rule (it failed, or the bounded math check ran out of time): such a
+    response is neither chosen nor rejected, so a right answer is never taught as wrong."""
+    return reason.startswith(JUDGE_ERROR) or reason in (MATH_TIMEOUT, MATH_ERROR)
 
 
 def pair_rows(row: dict[str, Any], source_cfg, *, seed: int, model: str, sampling: dict) -> tuple[list[dict], dict]:
@@ -30,7 +37,7 @@ def pair_rows(row: dict[str, Any], source_cfg, *, seed: int, model: str, samplin
         qp = pair_correctness(row["responses"], row["correct"], row["extracted"], qid=row["qid"], seed=seed,
                               max_pairs_per_question=source_cfg.pairing.max_pairs_per_question,
                               format_pairs=source_cfg.pairing.format_pairs,
-                              unjudged=frozenset(i for i, r in enumerate(row["reason"]) if r.startswith(JUDGE_ERROR)))
+                              unjudged=frozenset(i for i, r in enumerate(row["reason"]) if undecided(r)))
         counts.update(all_right=int(qp.all_right), all_wrong=int(qp.all_wrong))
         for kind, idx_pairs in (("correctness", qp.correctness), ("format", qp.format)):
             for c, r in idx_pairs:

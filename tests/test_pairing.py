@@ -98,3 +98,15 @@ def test_pair_rows_puts_the_correct_response_on_the_chosen_side():
     assert by_type["format"]["rejected"] == "no answer at all"
     assert by_type["correctness"]["images"] == [{"bytes": b"png", "path": None}]
     assert all("How many?" in p["question"] for p in pairs)
+
+
+def test_a_response_the_math_check_could_not_decide_is_never_rejected():
+    """A check that ran out of its time bound says nothing about the answer (issue 12)."""
+    from mmpr_pipeline.recipe import Source
+    from stages.pair import pair_rows
+
+    row = _scored_row(["a\nFinal answer: (x+1)^2", "b\nFinal answer: x^2+2x+1", "c\nFinal answer: 7"],
+                      [True, False, False], ["(x+1)^2", "x^2+2x+1", "7"],
+                      reason=["match", "math check timed out", "wrong answer"])
+    pairs, _ = pair_rows(row, Source(name="s", loader="generated"), seed=0, model="m", sampling={})
+    assert [(p["chosen_index"], p["rejected_index"]) for p in pairs] == [(0, 2)]
