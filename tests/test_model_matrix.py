@@ -152,3 +152,43 @@ def test_trl_export_passes_one_dpo_step(family, built, tmp_path):
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=processor)
     result = trainer.train()
     assert result.global_step == 1 and math.isfinite(result.training_loss)
+
+
+# --- family-specific defects (issue 14), each on the family that shows it ----------------------------
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return str(model_zoo.build("llava", tmp_path_factory.mktemp("llava-defects") / "model"))
+
+
+@pytest.fixture(scope="module")
+def pairs_run(tmp_path_factory):
+    from test_train_loop import write_pairs
+
+    return write_pairs(tmp_path_factory.mktemp("pairs"), 8, text_only_every=100)
+
+
+def test_lora_under_freeze_vision_puts_no_adapter_in_clip_and_trains_the_projector(llava, pairs_run, tmp_path):
+    """LLaVA's CLIP attention layers are named q_proj/k_proj/v_proj like the language model's: under
+    freeze_vision they get no adapter and keep their weights; the projector is trained (in full)."""
+    from mmpr_pipeline.train.model import _in_vision_encoder, add_lora, freeze_vision, load_model
+
+    model = load_model(llava)
+    assert freeze_vision(model) > 0
+    peft_model = add_lora(model, 4, 8, 0.0, MPOConfig().lora_target_modules)
+    adapters = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+    assert adapters and not [n for n in adapters if _in_vision_encoder(n.replace("base_model.model.", ""))]
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("multi_modal_projector" in n for n in trainable)
+
+    before = {k: v.clone() for k, v in load_model(llava).state_dict().items()}
+    summary = train(MPOConfig(model=llava, data=str(pairs_run), output_dir=str(tmp_path / "out"), batch_size=2,
+                              max_steps=2, learning_rate=1e-2, warmup_ratio=0.0, eval_fraction=0.0, max_length=1024,
+                              progress_bar=False, save_model=True, lora=True, lora_r=4))
+    after = load_model(summary["model_dir"]).state_dict()
+    vision = [k for k in before if _in_vision_encoder(k) and "multi_modal_projector" not in k]
+    projector = [k for k in before if "multi_modal_projector" in k]
+    language = [k for k in before if "q_proj" in k and not _in_vision_encoder(k)]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert projector and any(not torch.equal(before[k], after[k]) for k in projector)
+    assert language and any(not torch.equal(before[k], after[k]) for k in language)

@@ -298,7 +298,8 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     else:
         ref_model = None
     if cfg.lora:
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                         freeze_vision=cfg.freeze_vision)
     if cfg.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

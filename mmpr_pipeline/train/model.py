@@ -20,7 +20,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Parameter names of vision encoders in transformers' VLMs; their projectors (Qwen's `merger`,
 # LLaVA's `multi_modal_projector`) stay trainable, as in the paper's reference code.
 VISION_PREFIXES = ("visual.", "vision_tower.", "vision_model.", "vision_encoder.", "image_encoder.")
-PROJECTOR_NAMES = ("merger", "projector")
+PROJECTOR_NAMES = ("merger", "projector", "connector")  # Qwen, LLaVA/InternVL/Gemma 3, Idefics3
 LOGITS_PER_CHUNK = 2 ** 25  # ~32M logits (128 MB in float32) at a time in the LM head
 
 
@@ -73,10 +73,30 @@ def freeze_vision(model) -> int:
     return n
 
 
-def add_lora(model, r: int, alpha: int, dropout: float, target_modules):
+def _in_vision_encoder(name: str) -> bool:
+    return any(f".{v}" in f".{name}." for v in VISION_PREFIXES)
+
+
+def projector_modules(model) -> list[str]:
+    """Names of the projector modules (the outermost ones) between vision encoder and language model."""
+    names = [n for n, _ in model.named_modules() if any(x in n.rsplit(".", 1)[-1] for x in PROJECTOR_NAMES)]
+    return [n for n in names if not any(n.startswith(f"{m}.") for m in names)]
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules, freeze_vision: bool = True):
+    """LoRA adapters on the language model; the projector is trained in full (`modules_to_save`: under
+    LoRA the reference is the model with adapters off, which then uses the original projector).
+
+    Under `freeze_vision` no adapter goes into the vision encoder: the default targets (q_proj, ...)
+    also name the attention layers of CLIP and SigLIP towers (LLaVA, Gemma 3)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+    projectors = projector_modules(model)
+    exclude = [n for n, _ in model.named_modules()
+               if n and ((freeze_vision and _in_vision_encoder(n)) or any(n == p or n.startswith(f"{p}.")
+                                                                          for p in projectors))]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        exclude_modules=exclude or None, modules_to_save=projectors or None)
     return get_peft_model(model, config)
 
 
