@@ -192,3 +192,33 @@ def test_lora_under_freeze_vision_puts_no_adapter_in_clip_and_trains_the_project
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)
     assert projector and any(not torch.equal(before[k], after[k]) for k in projector)
     assert language and any(not torch.equal(before[k], after[k]) for k in language)
+
+
+# The first prompt token and the last response token each family's own convention asks for: LLaVA-1.5's
+# template writes no BOS (its Llama tokenizer adds <s>) and ends the assistant turn with no end token
+# (the trainer appends EOS); the others write their own BOS or none, and end turns with a special token.
+SEQUENCE_START = {"qwen2_5_vl": "<|im_start|>", "llava": "<s>", "internvl": "<|im_start|>",
+                  "idefics3": "<|im_start|>", "gemma3": "<bos>"}
+TURN_END = {"qwen2_5_vl": "<|im_end|>", "llava": "</s>", "internvl": "<|im_end|>",
+            "idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>"}
+
+
+def test_pairs_start_and_end_as_the_family_does(family, pairs_run):
+    from mmpr_pipeline.train.data import PairDataset, PairEncoder, collate, load_pairs
+    from mmpr_pipeline.train.model import load_processor
+
+    name, model = family
+    processor = load_processor(model)
+    tok = processor.tokenizer
+    dataset = PairDataset(load_pairs(pairs_run), PairEncoder(processor, 2048))
+    item = dataset[1]
+    prompt = tok.convert_ids_to_tokens(item.prompt["input_ids"][0].tolist())
+    assert prompt[0] == SEQUENCE_START[name] and prompt.count(prompt[0]) == (1 if prompt[0] == tok.bos_token else 2)
+    row = dataset.row(1)
+    for ids, text in ((item.chosen_ids, row["chosen"]), (item.rejected_ids, row["rejected"])):
+        end = tok.convert_ids_to_tokens(ids[-2:])
+        assert end[-1] == TURN_END[name] and end[-2] not in TURN_END.values(), end
+        assert text.strip().split()[-1] in tok.decode(ids[:-1])
+    batch = collate([item], tok.pad_token_id)  # the end token is scored (the SFT term learns to stop)
+    last = batch["response_mask"][0].nonzero().max()
+    assert tok.convert_ids_to_tokens(int(batch["input_ids"][0, last])) == TURN_END[name]

@@ -160,14 +160,38 @@ def _image_list(value: Any) -> list:
     return [decode_image(encode_image(img)) for img in value]
 
 
+def tokenizer_bos(tokenizer) -> str:
+    """The BOS token the tokenizer itself writes before a text (Llama's `<s>`, Gemma's `<bos>`), else ""."""
+    if not tokenizer.bos_token:
+        return ""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    added = with_special != tokenizer("a", add_special_tokens=False)["input_ids"]
+    return tokenizer.bos_token if added and with_special[:1] == [tokenizer.bos_token_id] else ""
+
+
+def turn_end_ids(tokenizer) -> set[int]:
+    """Tokens that end an assistant turn: EOS and the special tokens a template ends turns with
+    (`<|im_end|>`, `<end_of_turn>`, `<end_of_utterance>`)."""
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return special | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
 class PairEncoder:
-    """Renders and tokenizes pairs with the model's own chat template and processor."""
+    """Renders and tokenizes pairs with the model's own chat template and processor.
+
+    The sequence starts as the model's own convention has it: the template's BOS if it writes one
+    (Gemma), else the BOS its tokenizer adds (LLaVA-1.5's template writes none; its Llama tokenizer
+    adds `<s>`). A response whose turn the template does not close with an end token (LLaVA-1.5)
+    gets EOS appended, as TRL does for plain text, or the SFT term never teaches the model to stop.
+    """
 
     def __init__(self, processor, max_length: int, with_rejected: bool = True):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
         self.with_rejected = with_rejected
+        self.bos = tokenizer_bos(self.tokenizer)
+        self.turn_end = turn_end_ids(self.tokenizer)
 
     def prompt_messages(self, question: str, n_images: int) -> list[dict]:
         # the same layout as sampling (prompts.user_content): at `<image>` placeholders, else first
@@ -190,13 +214,16 @@ class PairEncoder:
         images = _image_list(row.get("images"))
         messages = self.prompt_messages(row["question"], len(images))
         prompt_text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # add_special_tokens=False: the template already wrote any BOS token.
-        prompt = self.processor(text=[prompt_text], images=images or None, return_tensors="pt",
+        # add_special_tokens=False: BOS is written once, by the template or here.
+        bos = self.bos if self.bos and not prompt_text.startswith(self.bos) else ""
+        prompt = self.processor(text=[bos + prompt_text], images=images or None, return_tensors="pt",
                                 add_special_tokens=False)
         prompt = {k: v for k, v in prompt.items() if isinstance(v, torch.Tensor)}
         responses = [row["chosen"]] + ([row["rejected"]] if self.with_rejected else [])
         ids = [self.tokenizer(self.response_text(messages, prompt_text, r), add_special_tokens=False)["input_ids"]
                for r in responses]
+        eos = self.tokenizer.eos_token_id
+        ids = [i + [eos] if eos is not None and (not i or i[-1] not in self.turn_end) else i for i in ids]
         length = prompt["input_ids"].shape[1] + max(len(i) for i in ids)
         if length > self.max_length:
             return Dropped(index, str(row.get("id") or index), length)
