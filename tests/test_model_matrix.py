@@ -222,3 +222,19 @@ def test_pairs_start_and_end_as_the_family_does(family, pairs_run):
     batch = collate([item], tok.pad_token_id)  # the end token is scored (the SFT term learns to stop)
     last = batch["response_mask"][0].nonzero().max()
     assert tok.convert_ids_to_tokens(int(batch["input_ids"][0, last])) == TURN_END[name]
+
+
+def test_max_pixels_caps_qwen_images_and_is_refused_for_clip_style_processors(llava, pairs_run, tmp_path):
+    """max_pixels is a pixel budget: Qwen's processor takes it (fewer image tokens); LLaVA's CLIP
+    processor (shortest_edge + crop_size, the tower's fixed input) would ignore it, so it is refused."""
+    from mmpr_pipeline.train.data import PairEncoder, load_pairs, PairDataset
+    from mmpr_pipeline.train.model import load_processor
+
+    qwen = str(model_zoo.build("qwen2_5_vl", tmp_path / "qwen"))
+    image_pad = load_processor(qwen).tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    counts = [int((PairDataset(load_pairs(pairs_run), PairEncoder(load_processor(qwen, mp), 2048))[1]
+                   .prompt["input_ids"] == image_pad).sum()) for mp in (None, 28 * 28 * 4)]
+    assert counts == [16, 4]
+    with pytest.raises(ValueError, match=r"max_pixels: CLIPImageProcessor .*shortest_edge.*crop_size.*unset it"):
+        train(MPOConfig(model=llava, data=str(pairs_run), output_dir=str(tmp_path / "out"), max_steps=1,
+                        max_pixels=28 * 28 * 4, progress_bar=False, save_model=False))

@@ -42,6 +42,12 @@ def load_processor(name: str, max_pixels: int | None = None):
     processor = AutoProcessor.from_pretrained(name)
     if max_pixels is not None:
         ip = processor.image_processor
+        if not (hasattr(ip, "merge_size") and hasattr(ip, "temporal_patch_size")):
+            # CLIP/SigLIP-style processors resize to the encoder's fixed input (its position
+            # embeddings have that size); a pixel cap there would be silently ignored.
+            raise ValueError(f"max_pixels: {type(ip).__name__} (the image processor of {name}) sizes images by "
+                             f"its own settings ({_image_size(ip)}), not by a pixel budget; max_pixels only applies to "
+                             "Qwen2-VL-style processors: unset it")
         ip.max_pixels = max_pixels
         if isinstance(getattr(ip, "size", None), dict) and "longest_edge" in ip.size:
             ip.size["longest_edge"] = max_pixels
@@ -49,6 +55,17 @@ def load_processor(name: str, max_pixels: int | None = None):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return processor
+
+
+def _image_size(ip) -> str:
+    """The size settings of an image processor, as `size={...}, crop_size={...}`."""
+    parts = []
+    for attr in ("size", "crop_size", "max_image_size"):
+        value = getattr(ip, attr, None)
+        if value is not None:
+            items = value.items() if isinstance(value, dict) else vars(value).items()
+            parts.append(f"{attr}={ {k: v for k, v in items if v is not None} }")
+    return ", ".join(parts) or "its own size"
 
 
 def load_model(name: str, dtype: str = "float32", attn_implementation: str | None = "sdpa"):
