@@ -44,6 +44,7 @@ from mmpr_pipeline import card as card_mod
 from mmpr_pipeline.records import PAIR_SCHEMA, PAIR_TYPES
 
 UPLOAD_FILES = ("README.md", "stats.json", "recipe.json")
+OPTIONAL_UPLOAD_FILES = ("preview.html",)  # the card links to it when the build wrote one
 # Remote files an earlier, bigger build may have left: removed in the same commit unless re-uploaded,
 # so the card's `data/train-*` never matches a stale shard.
 DELETE_PATTERNS = ["data/*.parquet", "figures/*.png"]
@@ -119,7 +120,8 @@ def upload_plan(run_dir: str | Path) -> list[tuple[str, int]]:
     """(path in repo, bytes) of every file `publish` uploads, in upload order."""
     run_dir = Path(run_dir)
     stats = json.loads((run_dir / "stats.json").read_text())
-    rels = list(UPLOAD_FILES) + sorted(card_mod.FIGURES.values()) + list(stats["shards"])
+    optional = [name for name in OPTIONAL_UPLOAD_FILES if (run_dir / name).is_file()]
+    rels = list(UPLOAD_FILES) + optional + sorted(card_mod.FIGURES.values()) + list(stats["shards"])
     return [(rel, (run_dir / rel).stat().st_size) for rel in rels]
 
 

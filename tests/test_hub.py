@@ -303,3 +303,11 @@ def test_cli_with_a_bad_token_in_a_fresh_process(run, fake_hub, tmp_path):
     assert "rejected the token" in r.stderr
     _assert_no_token(r.stdout, r.stderr)
     assert [q[1] for q in server.hub_requests()] == ["/api/whoami-v2"]
+
+
+def test_the_preview_is_uploaded_when_the_build_wrote_one(run):
+    """The card links to preview.html: publishing must take it along (and not fail without one)."""
+    assert "preview.html" not in [rel for rel, _ in hub.upload_plan(run)]
+    (run / "preview.html").write_text("<!doctype html><title>preview</title>")
+    rels = [rel for rel, _ in hub.upload_plan(run)]
+    assert rels[:4] == ["README.md", "stats.json", "recipe.json", "preview.html"]
