@@ -180,6 +180,17 @@ def test_lora_under_freeze_vision_puts_no_adapter_in_clip_and_trains_the_project
     assert adapters and not [n for n in adapters if _in_vision_encoder(n.replace("base_model.model.", ""))]
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert any("multi_modal_projector" in n for n in trainable)
+    # the reference (adapters off) keeps the original projector while the trained copy moves
+    projector = peft_model.get_base_model().model.multi_modal_projector
+    features = torch.randn(3, 64)
+    with torch.no_grad():
+        original = projector.original_module(features)
+        for p in projector.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+        with peft_model.disable_adapter():
+            assert torch.equal(projector(features), original)
+        assert not torch.allclose(projector(features), original)
 
     before = {k: v.clone() for k, v in load_model(llava).state_dict().items()}
     summary = train(MPOConfig(model=llava, data=str(pairs_run), output_dir=str(tmp_path / "out"), batch_size=2,
