@@ -8,7 +8,7 @@ attention rejects 16), a few image tokens per image, and a byte-level BPE of ~55
 the generator's text (as `demo_model` does). Random weights: the models answer gibberish; they
 exist to prove that build, DropoutNTP, training and export handle each family's format.
 
-    python -m mmpr_pipeline.model_zoo OUT_DIR [family ...]    # build, then check vLLM loads each
+    python -m mmpr_pipeline.model_zoo OUT_DIR [family ...]    # build, then check that vLLM samples each
 
 `FAMILIES` maps a family name to its builder; `build(family, out_dir)` writes a folder that
 `AutoModelForImageTextToText`, `AutoProcessor` and vLLM load like a Hub checkpoint.
@@ -330,14 +330,31 @@ def _vllm_check(path: Path) -> str:
     return out[0].outputs[0].text
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    """Build the families named (default: all) under argv[0] and check that vLLM loads and samples
+    each, every check in its own process (a vLLM engine holds ~3 GB until its process ends)."""
     import os
+    import subprocess
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = Path(sys.argv[1])
-    for fam in sys.argv[2:] or list(FAMILIES):
-        p = build(fam, root / fam)
-        print(fam, "built:", p, flush=True)
-        if os.environ.get("MMPR_ZOO_VLLM", "1") == "1":
-            print(fam, "vLLM:", repr(_vllm_check(p)), flush=True)
+    if argv[:1] == ["--vllm-check"]:
+        print(f"{argv[1]}: vLLM sampled {_vllm_check(Path(argv[1]))!r}", flush=True)
+        return 0
+    if not argv:
+        print("usage: python -m mmpr_pipeline.model_zoo OUT_DIR [family ...]", file=sys.stderr)
+        return 2
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    failed = []
+    for family in argv[1:] or list(FAMILIES):
+        path = build(family, Path(argv[0]) / family)
+        print(f"{family}: built {path}", flush=True)
+        if subprocess.run([sys.executable, "-m", "mmpr_pipeline.model_zoo", "--vllm-check", str(path)],
+                          env=env).returncode:
+            failed.append(family)
+    if failed:
+        print(f"vLLM could not run: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
