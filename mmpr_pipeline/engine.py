@@ -158,6 +158,7 @@ class Engine:
         self.stall_timeout_s = float(options.get("stall_timeout_s", STALL_TIMEOUT_S))
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, options, seed)))
         self.image_token_ids = image_token_ids(self.llm.model_config.hf_config, self.llm.get_tokenizer())
+        self.add_bos: bool | None = None  # decided on the first render (see _render)
 
     @staticmethod
     def params(n: int, temperature: float, top_k: int, top_p: float, max_tokens: int,
@@ -170,15 +171,27 @@ class Engine:
                               output_kind=RequestOutputKind.FINAL_ONLY, **extra)
 
     async def _render(self, conversation: list[dict], continue_final: bool):
-        """The engine input for a conversation, exactly as `LLM.chat` renders it (vLLM 0.32)."""
+        """The engine input for a conversation, as `LLM.chat` renders it (vLLM 0.32), plus the
+        tokenizer's BOS where the chat template writes none (LLaVA-1.5): the sequence start the
+        model was trained with, and the one the trainer uses (train.data.tokenizer_bos)."""
+        if self.add_bos is None:
+            from mmpr_pipeline.train.data import tokenizer_bos
+
+            tokenizer = self.llm.get_tokenizer()
+            probe = await self._render_with([{"role": "user", "content": [{"type": "text", "text": "a"}]}],
+                                            False, add_special_tokens=False)
+            self.add_bos = bool(tokenizer_bos(tokenizer)) and \
+                list(probe["prompt_token_ids"][:1]) != [tokenizer.bos_token_id]
+        return await self._render_with(conversation, continue_final, add_special_tokens=self.add_bos)
+
+    async def _render_with(self, conversation: list[dict], continue_final: bool, add_special_tokens: bool):
         from vllm.renderers import ChatParams
 
         renderer = self.llm.renderer
         chat_params = ChatParams(chat_template_kwargs=dict(
             add_generation_prompt=not continue_final, continue_final_message=continue_final,
             tools=None, tokenize=False))
-        # The chat template writes BOS/EOS itself, as in `LLM.chat`.
-        tok_params = renderer.default_chat_tok_params.with_kwargs(add_special_tokens=False)
+        tok_params = renderer.default_chat_tok_params.with_kwargs(add_special_tokens=add_special_tokens)
         _, (engine_input,) = await renderer.render_chat_async([conversation], chat_params, tok_params)
         return engine_input
 

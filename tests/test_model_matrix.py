@@ -249,3 +249,25 @@ def test_max_pixels_caps_qwen_images_and_is_refused_for_clip_style_processors(ll
     with pytest.raises(ValueError, match=r"max_pixels: CLIPImageProcessor .*shortest_edge.*crop_size.*unset it"):
         train(MPOConfig(model=llava, data=str(pairs_run), output_dir=str(tmp_path / "out"), max_steps=1,
                         max_pixels=28 * 28 * 4, progress_bar=False, save_model=False))
+
+
+def test_sampling_starts_the_sequence_as_training_does_on_llava(llava, pairs_run):
+    """LLaVA-1.5's template writes no BOS: the engine adds the tokenizer's `<s>`, as the trainer does,
+    so the prompt vLLM samples from is token for token the one the trainer scores."""
+    import asyncio
+
+    from mmpr_pipeline.engine import Engine, user_message
+    from mmpr_pipeline.records import decode_image
+    from mmpr_pipeline.train.data import PairDataset, PairEncoder, load_pairs
+    from mmpr_pipeline.train.model import load_processor
+
+    dataset = PairDataset(load_pairs(pairs_run), PairEncoder(load_processor(llava), 2048))
+    row, trained = dataset.row(1), dataset[1].prompt["input_ids"][0].tolist()
+    engine = Engine(llava, {"max_model_len": 2048}, seed=0)
+    try:
+        message = user_message(row["question"], [decode_image(im["bytes"]) for im in row["images"]])
+        sampled = asyncio.run(engine._render([message], continue_final=False))["prompt_token_ids"]
+    finally:
+        engine.shutdown()
+    assert engine.add_bos and engine.llm.get_tokenizer().convert_ids_to_tokens(list(sampled[:1])) == ["<s>"]
+    assert list(sampled) == trained
