@@ -23,7 +23,7 @@ def engine(trained_model):
 
 def _row():
     q = next(tasks.generate(1, seed=3))
-    return dict(q, qid="q", prompt_template="raw")
+    return dict(q, images=[q["image"]], qid="q", prompt_template="raw")
 
 
 def _params(engine, n=1, max_tokens=12):
