@@ -38,3 +38,16 @@ def trained_model() -> str:
     from mmpr_pipeline import demo_model
 
     return str(demo_model.ensure_trained())
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy shared machine two OpenMP threads
+    wait on each other (10-30x slower here); restored afterwards. Modules opt in with
+    `pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

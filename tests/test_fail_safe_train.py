@@ -18,15 +18,7 @@ from mmpr_pipeline import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "data_cards" / "train_mpo.yaml"
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

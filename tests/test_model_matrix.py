@@ -22,22 +22,13 @@ from PIL import Image
 from mmpr_pipeline import engine, export, model_zoo, pipeline, prompts, recipe as recipe_mod, shards, tasks
 from mmpr_pipeline.train import MPOConfig, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 FAMILIES = list(model_zoo.FAMILIES)
 CPU_RED: dict[str, str] = {}  # family -> the error vLLM on CPU raises (none today)
 CAPTIONS = ["A plain picture with a few coloured shapes placed on a light background, nothing else at all.",
             "Several small geometric shapes in different colours are scattered across this simple image.",
             "The picture shows coloured circles and squares of various sizes against a pale backdrop.",
             "Some bars and dots of different colours stand on a white ground in this small drawing here."]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread on a shared 2-core machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

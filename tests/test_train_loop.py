@@ -20,7 +20,7 @@ from mmpr_pipeline.train.data import PairDataset, PairEncoder, collate, load_pai
 from mmpr_pipeline.train.model import load_model, load_processor, response_logps
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 WRONG = {"A": "B", "B": "C", "C": "D", "D": "A", "Yes": "No", "No": "Yes"}
@@ -48,16 +48,6 @@ def write_pairs(run_dir: Path, n: int, seed: int = 0, text_only_every: int = 4) 
     pq.write_table(pa.Table.from_pylist(rows, schema=records.PAIR_SCHEMA),
                    run_dir / "data" / "train-00000-of-00001.parquet")
     return run_dir
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared machine two OpenMP
-    threads wait on each other (10-30x slower here); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

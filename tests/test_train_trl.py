@@ -25,17 +25,9 @@ from _run_fixture import make_run
 from mmpr_pipeline.train import MPOConfig, mpo_loss, train
 from mmpr_pipeline.train.model import load_model, load_processor, response_logps
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 TERMS = {"sigmoid": "preference", "bco_pair": "bco", "sft": "sft"}
 WEIGHTS = {"sigmoid": 0.8, "bco_pair": 0.2, "sft": 1.0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
