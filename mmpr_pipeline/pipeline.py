@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -239,6 +240,7 @@ def finish_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str
     return pa.Table.from_pylist(summaries)
 
 
+@functools.cache
 def pair_schema() -> pa.Schema:
     """PAIR_SCHEMA with the `datasets` features in its metadata, so `load_dataset` decodes images."""
     from mmpr_pipeline.card import schema_metadata
@@ -294,16 +296,13 @@ def run_units(recipe: Recipe, run: Path, model: str, units: list[WorkUnit], max_
 
 # -- commit ---------------------------------------------------------------------------------------
 
-def write_shards(run: Path, recipe: Recipe, units: list[WorkUnit]) -> list[Path]:
+def write_shards(run: Path, recipe: Recipe, counts: dict[str, list[dict]]) -> list[Path]:
     """The units' pairs, in (source, unit) order, cut into Hub-named shards by Ray tasks; the
-    driver renames them."""
+    driver renames them. `counts`: each source's unit counts files, in unit order."""
     import ray
 
-    from stages.write import read_counts
-
-    counts = [read_counts(run, u) for u in units]
-    slices = [(str(unit_file(run, "pairs", u.source, u.unit)), c["pair_rows"], c["pair_bytes"])
-              for u, c in zip(units, counts)]
+    slices = [(str(unit_file(run, "pairs", c["source"], c["unit"])), c["pair_rows"], c["pair_bytes"])
+              for source_counts in counts.values() for c in source_counts]
     plan = shards.plan_shards(slices, recipe.shard_rows)
     data = run / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -335,15 +334,19 @@ def new_stats(recipe: Recipe) -> dict[str, Any]:
                 shards=[])
 
 
-def sum_counts(run: Path, units: dict[str, list[WorkUnit]], stats: dict[str, Any]) -> None:
-    """stats.json's per-source numbers: the sum of the units' counts files."""
+def read_unit_counts(run: Path, units: dict[str, list[WorkUnit]]) -> dict[str, list[dict]]:
+    """Every finished unit's counts file, read once at commit (for stats.json and the shard plan)."""
     from stages.write import read_counts
 
+    return {source: [read_counts(run, u) for u in source_units] for source, source_units in units.items()}
+
+
+def sum_counts(counts: dict[str, list[dict]], stats: dict[str, Any]) -> None:
+    """stats.json's per-source numbers: the sum of the units' counts files."""
     seconds = stats["stage_seconds"]
-    for source, source_units in units.items():
+    for source, source_counts in counts.items():
         total = SourceStats()
-        for unit in source_units:
-            c = read_counts(run, unit)
+        for c in source_counts:
             total.add(SourceStats.from_dict(c["stats"]))
             if c["all_wrong_qids"]:
                 stats["all_wrong_qids"].setdefault(source, []).extend(c["all_wrong_qids"])
@@ -412,10 +415,11 @@ def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_addre
         prepare_run_dir(run, recipe, overwrite)
         stats = new_stats(recipe)
         units = collect_samples(recipe, run, stats, ray_address)
-        sum_counts(run, units, stats)
+        counts = read_unit_counts(run, units)
+        sum_counts(counts, stats)
         shards.kill_point("before_pair")
         t0 = time.perf_counter()
-        paths = write_shards(run, recipe, [u for us in units.values() for u in us])
+        paths = write_shards(run, recipe, counts)
         stats["shards"] = [str(p.relative_to(run)) for p in paths]
         stats["stage_seconds"]["shards"] = round(time.perf_counter() - t0, 3)
         for k, v in stats["stage_seconds"].items():

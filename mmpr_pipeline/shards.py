@@ -60,10 +60,6 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def unit_path(run_dir: str | Path, source: str, unit: int) -> Path:
-    return Path(run_dir) / "samples" / source / f"unit-{unit:05d}.parquet"
-
-
 def unit_files(run_dir: str | Path, kind: str = "samples") -> list[Path]:
     """Finished unit files of `kind` (samples, pairs), sorted by source then unit (no temporary files)."""
     return sorted(p for p in (Path(run_dir) / kind).glob("*/unit-*.parquet"))

@@ -154,11 +154,6 @@ def _json_row(line: bytes, source: Source, base: Path, where: str) -> dict[str, 
     return row
 
 
-def _rows_of(pf) -> Iterator[dict[str, Any]]:
-    for batch in pf.iter_batches(batch_size=256):
-        yield from batch.to_pylist()
-
-
 def _text(value: Any, what: str) -> str:
     if isinstance(value, bytes):
         try:

@@ -3,6 +3,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmpr_pipeline import shards
+from mmpr_pipeline.units import unit_file
 from mmpr_pipeline.records import PAIR_SCHEMA, SAMPLE_SCHEMA, pair_id, question_id
 
 SCHEMA = pa.schema([("id", pa.string()), ("x", pa.int64())])
@@ -66,7 +67,7 @@ def test_empty_output_still_has_one_shard_with_the_schema(tmp_path):
 
 def test_atomic_writes_and_unit_paths(tmp_path):
     table = SAMPLE_SCHEMA.empty_table()
-    path = shards.write_table(table, shards.unit_path(tmp_path, "src", 3))
+    path = shards.write_table(table, unit_file(tmp_path, "samples", "src", 3))
     assert path == tmp_path / "samples" / "src" / "unit-00003.parquet"
     assert shards.unit_files(tmp_path) == [path]
     shards.write_json(tmp_path / "stats.json", {"a": 1})
