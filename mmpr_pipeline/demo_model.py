@@ -58,16 +58,24 @@ def _corpus(n: int = 1200):
     yield "Answer: \\boxed{1} (A) B. **C** option D yes no Yes No 0 1 2 3 4 5 6 7 8 9 10 %"
 
 
-def build_tokenizer(vocab: int):
+def train_bpe(vocab_size: int, special_tokens: list[str]):
+    """A byte-level BPE (`tokenizers.Tokenizer`) trained offline and deterministically on the
+    generator's text, with `special_tokens` first; shared by the demo model and model_zoo."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab - len(SPECIAL_TOKENS), special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+def build_tokenizer(vocab: int):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_bpe(vocab - len(SPECIAL_TOKENS), SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
     fast.chat_template = CHAT_TEMPLATE

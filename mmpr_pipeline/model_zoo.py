@@ -90,17 +90,12 @@ def tokenizer(special: list[str], *, eos: str, pad: str, bos: str | None = None,
     """A byte-level BPE trained on the generator's text (`demo_model`'s corpus) with this family's
     special tokens. `add_bos`: the tokenizer writes BOS itself (Llama-style post-processor), as
     LLaVA's and Gemma's do; `extra`: named special tokens a processor reads (e.g. `boi_token`)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    from mmpr_pipeline.demo_model import _corpus
+    from mmpr_pipeline.demo_model import train_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - len(special), special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok = train_bpe(VOCAB - len(special), special)
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
