@@ -74,7 +74,7 @@ def test_trl_export_trains_with_dpo_trainer(trl_dir, tiny_model, tmp_path):
     """TRL's own collator and DPOTrainer (MPO's loss mix) take the export without any conversion."""
     import torch
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-    from trl import DPOConfig, DPOTrainer
+    from _trl_step import trl_mpo_step
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
     model_dir = tiny_model
@@ -92,11 +92,7 @@ def test_trl_export_trains_with_dpo_trainer(trl_dir, tiny_model, tmp_path):
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
     ref = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
-    args = DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=2, max_steps=1, report_to="none",
-                     loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], use_cpu=True,
-                     gradient_checkpointing=False, save_strategy="no", bf16=False, logging_steps=1)
-    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=processor)
-    result = trainer.train()
+    result = trl_mpo_step(model, ref, ds, processor, tmp_path / "dpo")
     assert result.global_step == 1 and torch.isfinite(torch.tensor(result.training_loss))
 
 

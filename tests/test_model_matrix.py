@@ -127,7 +127,7 @@ def test_trl_export_passes_one_dpo_step(family, built, tmp_path):
     """`mmpr export --format trl` output goes through TRL's collator and one DPOTrainer step (MPO's mix)."""
     from datasets import load_dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from trl import DPOConfig, DPOTrainer
+    from _trl_step import trl_mpo_step
 
     _, model_dir = family
     run, _, _ = built
@@ -137,11 +137,7 @@ def test_trl_export_passes_one_dpo_step(family, built, tmp_path):
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     ref = AutoModelForImageTextToText.from_pretrained(model_dir)
-    args = DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=2, max_steps=1, report_to="none",
-                     loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], use_cpu=True,
-                     gradient_checkpointing=False, save_strategy="no", bf16=False, logging_steps=1)
-    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=processor)
-    result = trainer.train()
+    result = trl_mpo_step(model, ref, ds, processor, tmp_path / "dpo")
     assert result.global_step == 1 and math.isfinite(result.training_loss)
 
 
