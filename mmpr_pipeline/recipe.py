@@ -163,6 +163,12 @@ class Source:
     prompt_template: str | None = None  # default: the recipe's for correctness, `raw` for dropout_ntp
     pairing: Pairing = field(default_factory=Pairing)
     dropout: Dropout = field(default_factory=Dropout)
+    # Per-source overrides (off by default; outside the fingerprint while unset, see Recipe.to_dict):
+    # `sampling` keys replace the recipe's `sampling` for this source (e.g. {n: 4, max_tokens: 512});
+    # `image_max_pixels` downscales (keeping aspect) every image with more pixels before the engine
+    # sees it, and the samples and pairs carry that downscaled image, so training sees what sampling saw.
+    sampling: dict[str, Any] = field(default_factory=dict)
+    image_max_pixels: int | None = None
 
 
 @dataclass
@@ -197,7 +203,15 @@ class Recipe:
         d = dataclasses.asdict(self)
         d.pop("file")
         d.pop("preview")  # changes no data: switching it must not stop a resume
+        for src in d["sources"]:  # unset per-source overrides: recipes from before them keep their fingerprint
+            for key, unset in (("sampling", {}), ("image_max_pixels", None)):
+                if src.get(key) == unset:
+                    src.pop(key)
         return d
+
+    def sampling_for(self, source: Source) -> Sampling:
+        """The sampling settings of `source`: the recipe's, with the source's own `sampling` keys over them."""
+        return dataclasses.replace(self.sampling, **source.sampling)
 
     def fingerprint(self) -> str:
         """What decides the output; a run folder refuses a recipe with another fingerprint."""
@@ -246,14 +260,20 @@ def _check(cond: bool, file: str, key: str, reason: str) -> None:
         raise RecipeError(file, key, reason)
 
 
+MIN_IMAGE_PIXELS = 32 * 32  # a smaller image carries nothing a model can read
+
+
+def _check_sampling(s: Sampling, f: str, key: str) -> None:
+    _check(s.n >= 1, f, f"{key}.n", f"must be >= 1, got {s.n}")
+    _check(s.temperature >= 0, f, f"{key}.temperature", f"must be >= 0, got {s.temperature}")
+    _check(0 < s.top_p <= 1, f, f"{key}.top_p", f"must be in (0, 1], got {s.top_p}")
+    _check(s.top_k == -1 or s.top_k >= 1, f, f"{key}.top_k", f"must be -1 (off) or >= 1, got {s.top_k}")
+    _check(s.max_tokens >= 1, f, f"{key}.max_tokens", f"must be >= 1, got {s.max_tokens}")
+
+
 def validate(recipe: Recipe) -> Recipe:
     f = recipe.file
-    s = recipe.sampling
-    _check(s.n >= 1, f, "sampling.n", f"must be >= 1, got {s.n}")
-    _check(s.temperature >= 0, f, "sampling.temperature", f"must be >= 0, got {s.temperature}")
-    _check(0 < s.top_p <= 1, f, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
-    _check(s.top_k == -1 or s.top_k >= 1, f, "sampling.top_k", f"must be -1 (off) or >= 1, got {s.top_k}")
-    _check(s.max_tokens >= 1, f, "sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
+    _check_sampling(recipe.sampling, f, "sampling")
     for k in ("batch_size", "unit_size", "shard_rows"):
         _check(getattr(recipe, k) >= 1, f, k, f"must be >= 1, got {getattr(recipe, k)}")
     from mmpr_pipeline import prompts
@@ -296,6 +316,10 @@ def validate(recipe: Recipe) -> Recipe:
         _check(src.dropout.min_words >= 2, f, f"{key}.dropout.min_words",
                f"must be >= 2, got {src.dropout.min_words}")
         _check(src.dropout.n >= 1, f, f"{key}.dropout.n", f"must be >= 1, got {src.dropout.n}")
+        _build(Sampling, src.sampling, f, f"{key}.sampling")  # known keys, right types
+        _check_sampling(recipe.sampling_for(src), f, f"{key}.sampling")
+        _check(src.image_max_pixels is None or src.image_max_pixels >= MIN_IMAGE_PIXELS, f,
+               f"{key}.image_max_pixels", f"must be >= {MIN_IMAGE_PIXELS} (32x32), got {src.image_max_pixels}")
     return recipe
 
 
