@@ -123,6 +123,9 @@ class Sampling:
 class Pairing:
     max_pairs_per_question: int = 15
     format_pairs: bool = True
+    # InternVL's --answer-fix: a chosen response's final answer (its "Final answer:" line or last
+    # \boxed{}) is rewritten to the reference answer's own text; the rest stays byte-identical
+    answer_fix: bool = False
 
 
 @dataclass
@@ -142,6 +145,7 @@ class Fields:
     response: str | None = None      # dropout_ntp: an existing response to use as chosen
     task: str | None = None
     answer_type: str | None = None   # per-row answer type, when the source mixes them
+    rationale: str | None = None     # correctness: a ground-truth worked solution, added as a chosen candidate
 
 
 @dataclass
@@ -207,6 +211,9 @@ class Recipe:
             for key, unset in (("sampling", {}), ("image_max_pixels", None)):
                 if src.get(key) == unset:
                     src.pop(key)
+            for group, key, off in OPTIONS_OFF_BY_DEFAULT:  # likewise the pair options while off
+                if src[group].get(key) == off:
+                    src[group].pop(key)
         return d
 
     def sampling_for(self, source: Source) -> Sampling:
@@ -217,6 +224,10 @@ class Recipe:
         """What decides the output; a run folder refuses a recipe with another fingerprint."""
         return stable_hash(self.to_dict())
 
+
+# Options inside a source's groups, left out of to_dict (so out of recipe.json and the fingerprint)
+# while off: runs built before them stay resumable; turning one on changes the fingerprint.
+OPTIONS_OFF_BY_DEFAULT = (("pairing", "answer_fix", False), ("fields", "rationale", None))
 
 _NESTED = {Sampling: "sampling", Pairing: "pairing", Dropout: "dropout", Fields: "fields", Card: "card"}
 
@@ -316,6 +327,11 @@ def validate(recipe: Recipe) -> Recipe:
         _check(src.dropout.min_words >= 2, f, f"{key}.dropout.min_words",
                f"must be >= 2, got {src.dropout.min_words}")
         _check(src.dropout.n >= 1, f, f"{key}.dropout.n", f"must be >= 1, got {src.dropout.n}")
+        _check(src.fields.rationale is None or src.pipeline == "correctness", f, f"{key}.fields.rationale",
+               "a reference rationale is a chosen answer to a question with a ground truth: "
+               "correctness sources only")
+        _check(not src.pairing.answer_fix or src.pipeline == "correctness", f, f"{key}.pairing.answer_fix",
+               "rewrites final answers to the reference answer: correctness sources only")
         _build(Sampling, src.sampling, f, f"{key}.sampling")  # known keys, right types
         _check_sampling(recipe.sampling_for(src), f, f"{key}.sampling")
         _check(src.image_max_pixels is None or src.image_max_pixels >= MIN_IMAGE_PIXELS, f,
