@@ -95,6 +95,12 @@ def cmd_preview(args) -> int:
     return 0
 
 
+def cmd_select(args) -> int:
+    from mmpr_pipeline import select
+
+    return select.cli_select(args)
+
+
 def cmd_export(args) -> int:
     from mmpr_pipeline import export
 
@@ -172,6 +178,21 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("--per-source", type=int, default=20, help="pairs shown per source (default 20)")
     v.add_argument("--seed", type=int, default=0, help="seed of the pair sample (default 0)")
     v.set_defaults(func=cmd_preview)
+
+    s = sub.add_parser("select", help="write a run's prompts by sampled accuracy (pass rate), as a dataset",
+                       description="Write the questions of RUN_DIR whose pass rate (the share of their sampled "
+                                   "responses judged correct, read from samples/) lies in LO:HI, or that were "
+                                   "never answered right (--all-wrong), as Parquet under OUT/data that a recipe "
+                                   "(loader: parquet) or datasets.load_dataset('parquet', ...) loads. "
+                                   "Correctness sources only.",
+                       epilog="e.g. mmpr select runs/demo --pass-rate 0.2:0.8 --out prompts/rl  "
+                              "(MMPR-Tiny's band for online RL); mmpr select runs/demo --all-wrong --out prompts/hard")
+    s.add_argument("run_dir", help="folder of an `mmpr build`")
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--pass-rate", metavar="LO:HI", help="keep questions with LO <= pass rate <= HI (0 to 1)")
+    which.add_argument("--all-wrong", action="store_true", help="keep questions no sample answered right")
+    s.add_argument("--out", required=True, help="new or empty output folder")
+    s.set_defaults(func=cmd_select)
     return p
 
 
