@@ -4,6 +4,14 @@ MMPR (Sec. 3.2): responses whose final answer matches the ground truth are *chos
 wrong answer *rejected*. Responses with no parsable final answer are kept apart as *format* pairs
 (correct vs. unparsable), which teach the model to finish with an answer. A question whose samples
 are all right, or all wrong, gives no pairs (there is nothing to contrast).
+
+Two options of InternVL's MMPR pipeline, both off by default:
+- a reference rationale (a source's ground-truth worked solution, `fields.rationale`) joins the
+  chosen candidates like one more correct sample, so even a question answered all wrong gives
+  pairs; its pairs have chosen index REFERENCE (-1);
+- `answer_fix` (InternVL's `--answer-fix`): a response judged correct carries, on its final-answer
+  line or in its last box, the reference answer's own text ("Final answer: 3.0" -> "Final answer:
+  3"); the rest of it stays byte-identical (fix_answer).
 """
 from __future__ import annotations
 
@@ -11,6 +19,10 @@ import random
 from dataclasses import dataclass, field
 
 from mmpr_pipeline.records import stable_hash
+from mmpr_pipeline.scoring.extract import all_boxed, clean, extract
+
+REFERENCE = -1          # chosen index of a pair whose chosen is the source's reference rationale
+FIX_TRIES = 5           # occurrences of the answer text tried, from the end (see fix_answer)
 
 
 @dataclass
@@ -44,8 +56,11 @@ def _sample(pairs: list[tuple[int, int]], k: int, seed: int, qid: str, kind: str
 
 def pair_correctness(responses: list[str], correct: list[bool], extracted: list[str | None], *,
                      qid: str, seed: int = 0, max_pairs_per_question: int = 15,
-                     format_pairs: bool = True, unjudged: frozenset[int] = frozenset()) -> QuestionPairs:
-    """`unjudged`: responses the judge could not rate; they are neither chosen nor rejected."""
+                     format_pairs: bool = True, unjudged: frozenset[int] = frozenset(),
+                     reference: str = "") -> QuestionPairs:
+    """`unjudged`: responses the judge could not rate; they are neither chosen nor rejected.
+    `reference`: a ground-truth worked solution, a chosen candidate like a correct sample (pairs
+    with chosen index REFERENCE); all_right / all_wrong still describe the samples alone."""
     judged = [i for i in range(len(responses)) if i not in unjudged]
     if not judged:
         return QuestionPairs()
@@ -53,9 +68,50 @@ def pair_correctness(responses: list[str], correct: list[bool], extracted: list[
     wrong = [i for i in judged if not correct[i] and extracted[i] is not None]
     unparsable = [i for i in judged if not correct[i] and extracted[i] is None]
     out = QuestionPairs(all_right=len(right) == len(judged), all_wrong=not right)
-    if out.all_right or out.all_wrong:
+    texts, good = responses, right
+    if reference.strip():               # the reference is one more text, at index len(responses)
+        texts, good = [*responses, reference], [*right, len(responses)]
+    if out.all_right or not good:
         return out
-    out.correctness = _sample(_candidates(responses, right, wrong), max_pairs_per_question, seed, qid, "correctness")
+
+    def pairs(bad: list[int], kind: str) -> list[tuple[int, int]]:
+        found = _sample(_candidates(texts, good, bad), max_pairs_per_question, seed, qid, kind)
+        return [(REFERENCE if c == len(responses) else c, r) for c, r in found]
+
+    out.correctness = pairs(wrong, "correctness")
     if format_pairs:
-        out.format = _sample(_candidates(responses, right, unparsable), max_pairs_per_question, seed, qid, "format")
+        out.format = pairs(unparsable, "format")
     return out
+
+
+def fix_answer(response: str, reference: str) -> str | None:
+    """`response` with its final answer (what the judge read: the "Final answer:" line's answer, or
+    the last `\\boxed{}`'s content) replaced by the reference answer's own text, every other byte
+    as it was; None when there is nothing to change or the answer's place cannot be found exactly.
+
+    The place is found by trying spans (the last box when the answer came from it, else the
+    answer's raw text, last occurrences first) and keeping the first after which the judge's
+    extraction reads exactly the reference: a wrong span is never rewritten."""
+    reference = reference.strip()
+    found = extract(response)
+    if not reference or found.answer is None or found.source not in ("marker", "boxed"):
+        return None
+    spans: list[tuple[int, int]] = []
+    boxes = all_boxed(response)
+    if boxes and (found.source == "boxed" or "\\boxed" in found.segment or "\\fbox" in found.segment):
+        content, _, end = boxes[-1]
+        spans.append((end - 1 - len(content), end - 1))  # inside the braces: the box stays
+    if found.source == "marker" and found.segment:
+        at = len(response)
+        for _ in range(FIX_TRIES):
+            at = response.rfind(found.segment, 0, at)
+            if at < 0:
+                break
+            spans.append((at, at + len(found.segment)))
+    want = clean(reference)
+    for start, end in spans:
+        fixed = response[:start] + reference + response[end:]
+        check = extract(fixed)
+        if check.answer == want and check.source == found.source:
+            return fixed if fixed != response else None
+    return None

@@ -260,11 +260,14 @@ def to_question(raw: dict[str, Any], source: Source, row_index: int, check: bool
     given = raw.get(f.response) if f.response else None
     given = _text(given, "response").strip() if given is not None else ""
     task = str(raw.get(f.task) or "") if f.task else str(raw.get("task") or "")
+    # a reference worked solution (fields.rationale): a chosen candidate; a row without one has none
+    rationale = raw.get(f.rationale) if f.rationale else None
+    rationale = _text(rationale, f"rationale (field {f.rationale!r})").strip() if rationale is not None else ""
     answer = answers[0] if answers else ""
     return dict(qid=question_id(source.name, images, question, answer), source=source.name,
                 row_index=row_index, pipeline=source.pipeline, task=task, images=images,
                 question=question, answer=answer, answers=answers, answer_type=answer_type,
-                options=options, given_response=given)
+                options=options, given_response=given, rationale=rationale)
 
 
 def _excerpt(raw: Any) -> str:

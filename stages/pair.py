@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mmpr_pipeline.pairing import pair_correctness
+from mmpr_pipeline.pairing import REFERENCE, fix_answer, pair_correctness
 from mmpr_pipeline.prompts import render
 from mmpr_pipeline.records import pair_id
 from stages.dropout_ntp import pair_question as pair_dropout
@@ -22,6 +22,18 @@ def undecided(reason: str) -> bool:
     return reason.startswith(JUDGE_ERROR) or reason in (MATH_TIMEOUT, MATH_ERROR)
 
 
+def answer_fixed(row: dict[str, Any], unjudged: frozenset[int]) -> tuple[list[str], set[int]]:
+    """`pairing.answer_fix`: the question's responses with every one judged correct carrying the
+    reference answer's own text as its final answer (pairing.fix_answer), and the indices changed.
+    Wrong and unjudged responses are never touched, so a rejected side stays as sampled."""
+    texts, fixed = list(row["responses"]), set()
+    for i, ok in enumerate(row["correct"]):
+        if ok and i not in unjudged and (new := fix_answer(texts[i], row["answer"])) is not None:
+            texts[i] = new
+            fixed.add(i)
+    return texts, fixed
+
+
 def pair_rows(row: dict[str, Any], source_cfg, *, seed: int, model: str, sampling: dict) -> tuple[list[dict], dict]:
     """(pair rows in records.PAIR_SCHEMA, counts) for one Sample row."""
     counts: dict[str, Any] = dict(correctness=0, format=0, dropout_ntp=0, all_right=0, all_wrong=0)
@@ -31,23 +43,31 @@ def pair_rows(row: dict[str, Any], source_cfg, *, seed: int, model: str, samplin
     common = dict(qid=row["qid"], source=row["source"], task=row["task"], images=images,
                   question=render(row["prompt_template"], row["question"]), answer=row["answer"],
                   model=model, prompt_template=row["prompt_template"],
-                  sampling=json.dumps(sampling, sort_keys=True), cut_ratio=None, prefix_words=None)
+                  sampling=json.dumps(sampling, sort_keys=True), cut_ratio=None, prefix_words=None,
+                  provenance="{}")
     found: list[tuple[str, dict]] = []
     if row["pipeline"] == "correctness":
-        qp = pair_correctness(row["responses"], row["correct"], row["extracted"], qid=row["qid"], seed=seed,
+        unjudged = frozenset(i for i, r in enumerate(row["reason"]) if undecided(r))
+        texts, fixed = answer_fixed(row, unjudged) if source_cfg.pairing.answer_fix else (row["responses"], set())
+        reference = row.get("rationale") or ""   # the source's worked solution (fields.rationale), else ""
+        qp = pair_correctness(texts, row["correct"], row["extracted"], qid=row["qid"], seed=seed,
                               max_pairs_per_question=source_cfg.pairing.max_pairs_per_question,
-                              format_pairs=source_cfg.pairing.format_pairs,
-                              unjudged=frozenset(i for i, r in enumerate(row["reason"]) if undecided(r)))
+                              format_pairs=source_cfg.pairing.format_pairs, unjudged=unjudged,
+                              reference=reference)
         counts.update(all_right=int(qp.all_right), all_wrong=int(qp.all_wrong))
         for kind, idx_pairs in (("correctness", qp.correctness), ("format", qp.format)):
             for c, r in idx_pairs:
-                found.append((kind, dict(chosen=row["responses"][c], rejected=row["responses"][r],
-                                         chosen_index=c, rejected_index=r)))
+                provenance = {"chosen": "reference"} if c == REFERENCE else {"answer_fix": True} if c in fixed else {}
+                found.append((kind, dict(chosen=reference if c == REFERENCE else texts[c], rejected=texts[r],
+                                         chosen_index=c, rejected_index=r,
+                                         provenance=json.dumps(provenance, sort_keys=True))))
     else:
         dropout_pairs, dropout_counts = pair_dropout(row)
         counts["dropout"] = dropout_counts
+        with_image = getattr(source_cfg.dropout, "with_image", False)  # dropout.with_image (issue 13 item 5)
         for p in dropout_pairs:
-            found.append(("dropout_ntp", dict(p, cut_ratio=source_cfg.dropout.ratio)))
+            found.append(("dropout_ntp", dict(p, cut_ratio=source_cfg.dropout.ratio,
+                                              provenance='{"with_image": true}' if with_image else "{}")))
     out = []
     for kind, p in found:
         counts[kind] += 1
