@@ -23,7 +23,8 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "data_cards" / "card_templat
 SHARD_GLOB = "data/train-*"     # what the card's `configs` point at (the Hub's naming of a train split)
 SHARD_NAME = re.compile(r"^data/train-(\d{5})-of-(\d{5})\.parquet$")
 FIGURES = {"pairs": "figures/pairs_per_source.png", "correct_rate": "figures/correct_rate.png",
-           "lengths": "figures/response_lengths.png"}
+           "lengths": "figures/response_lengths.png", "pass_rate": "figures/pass_rate.png"}
+PASS_RATE_BAND = (0.2, 0.8)     # MMPR-Tiny keeps these prompts for online RL (shaded in the pass-rate figure)
 TASK_CATEGORIES = ["image-text-to-text", "visual-question-answering"]
 TAGS = ["mmpr", "mpo", "dpo", "preference", "multimodal", "vision-language", "reasoning",
         "chain-of-thought", "synthetic"]
@@ -48,6 +49,9 @@ COLUMN_DOCS = {
     "rejected_index": "index of the rejected response among the question's samples",
     "cut_ratio": "DropoutNTP: fraction of the chosen response's words kept before the continuation",
     "prefix_words": "DropoutNTP: number of words kept",
+    "provenance": "JSON of the pair options that shaped the pair, {} when none: {\"chosen\": \"reference\"} "
+                  "(the source's reference rationale, chosen_index -1), {\"answer_fix\": true} (the chosen's "
+                  "final answer rewritten to the reference answer's text)",
 }
 
 
@@ -206,7 +210,12 @@ def _source_rules(src: dict) -> str:
                 f"the image; responses under {dropout.get('min_words')} words not cut; "
                 f"{dropout.get('n')} chosen per question")
     rules = f"up to {pairing.get('max_pairs_per_question')} pairs per question"
-    return rules + ("; format pairs on" if pairing.get("format_pairs") else "; format pairs off")
+    rules += "; format pairs on" if pairing.get("format_pairs") else "; format pairs off"
+    if pairing.get("answer_fix"):
+        rules += "; answer fix on (chosen final answers carry the reference answer's text)"
+    if (src.get("fields") or {}).get("rationale"):
+        rules += f"; reference rationale `{src['fields']['rationale']}` as a chosen candidate"
+    return rules
 
 
 def _context(run: dict, metadata: dict, lengths_note: str) -> dict:
@@ -243,7 +252,7 @@ def _context(run: dict, metadata: dict, lengths_note: str) -> dict:
         reject_reasons=reject_reasons, prompt_template=prompt_id, templates=templates,
         sampling_text=", ".join(f"{k} = {v}" for k, v in sampling.items()), seed=recipe.get("seed", 0),
         stage_seconds={k: f"{float(v):.1f}" for k, v in (stats.get("stage_seconds") or {}).items()},
-        figures=FIGURES, lengths_note=lengths_note, preview=(run["run_dir"] / "preview.html").is_file(),
+        figures=FIGURES, lengths_note=lengths_note, pass_rate_note=run.get("pass_rate_note", ""), preview=(run["run_dir"] / "preview.html").is_file(),
         columns=[dict(name=f.name, type=_arrow_type_text(f.type), doc=COLUMN_DOCS.get(f.name, ""))
                  for f in run["schema"]],
     )
@@ -284,8 +293,36 @@ def _word_lengths(shards: list[Path], limit: int = LENGTH_SAMPLE) -> tuple[dict,
     return out, seen
 
 
+def pass_rates(run_dir: Path) -> dict[str, list[float]]:
+    """Per correctness source, the pass rate (sampled accuracy) of each question, from samples/."""
+    from mmpr_pipeline.select import SelectError, rate_units
+
+    rates: dict[str, list[float]] = {}
+    try:
+        for rated in rate_units(run_dir):
+            for _, _, source, n_correct, n_judged in rated.rows:
+                rates.setdefault(source, []).append(n_correct / n_judged)
+    except SelectError as e:
+        raise CardError(str(e)) from None
+    return rates
+
+
+def pass_rate_note(rates: dict[str, list[float]]) -> str:
+    """What the pass-rate figure shows, in numbers."""
+    every = [r for rs in rates.values() for r in rs]
+    if not every:
+        return ""
+    lo, hi = PASS_RATE_BAND
+    band = sum(lo <= r <= hi for r in every)
+    return (f"Pass rate: the share of a question's sampled responses judged correct, over {len(every):,} "
+            f"questions of correctness sources: {sum(r == 0 for r in every):,} all wrong, "
+            f"{sum(r == 1 for r in every):,} all right, {band:,} ({band / len(every):.0%}) in {lo}-{hi}, the band "
+            f"MMPR-Tiny keeps for online RL. `mmpr select RUN_DIR --pass-rate {lo}:{hi} --out DIR` writes those "
+            f"prompts as a dataset (`--all-wrong`: the never-solved ones).")
+
+
 def plot_figures(run: dict) -> str:
-    """Write the three figures under RUN_DIR/figures/; return the note about the length sample."""
+    """Write the figures under RUN_DIR/figures/; return the notes about the length sample and pass rates."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     run_dir, stats = run["run_dir"], run["stats"]
@@ -344,7 +381,25 @@ def plot_figures(run: dict) -> str:
         axes[0].text(0.5, 0.5, "no pairs", ha="center", transform=axes[0].transAxes)
     fig.suptitle("Lengths of chosen and rejected responses")
     fig.savefig(run_dir / FIGURES["lengths"], **save)
+
+    # Pass rate (sampled accuracy) per question, stacked by correctness source.
+    rates = pass_rates(run_dir)
+    fig = Figure(figsize=(6, 3.4), layout="constrained")
+    ax = fig.subplots()
+    edges = [(k - 0.5) / 10 for k in range(12)]          # one bar per tenth, 0 and 1 in bars of their own
+    ax.axvspan(*PASS_RATE_BAND, color="#CCCCCC", alpha=0.4, label="0.2-0.8 (MMPR-Tiny, online RL)")
+    if rates:
+        ax.hist(list(rates.values()), bins=edges, stacked=True, label=list(rates), rwidth=0.85)
+    else:
+        ax.text(0.5, 0.5, "no correctness-scored questions", ha="center", transform=ax.transAxes)
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_xlabel("pass rate (share of a question's samples judged correct)")
+    ax.set_ylabel("questions")
+    ax.set_title("Pass rate per question")
+    ax.legend(frameon=False, fontsize=8)
+    fig.savefig(run_dir / FIGURES["pass_rate"], **save)
     total = run["num_rows"]
+    run["pass_rate_note"] = pass_rate_note(rates)
     return (f"Response lengths are counted in words (whitespace-separated) over "
             f"{'all ' if seen >= total else f'a sample of {seen:,} of the '}{total:,} pairs.")
 

@@ -134,8 +134,8 @@ def test_dry_run_lists_exactly_the_files_and_sends_nothing(run, fake_hub, monkey
     out = capsys.readouterr().out
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("    ")]
     assert listed == ["README.md", "stats.json", "recipe.json", "figures/correct_rate.png",
-                      "figures/pairs_per_source.png", "figures/response_lengths.png",
-                      "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+                      "figures/pairs_per_source.png", "figures/pass_rate.png",
+                      "figures/response_lengths.png", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
     assert [rel for rel, _ in hub.upload_plan(run)] == listed
     assert f"{server.url}/datasets/me/demo" in out
     assert "token: found (HF_TOKEN)" in out and "Nothing was uploaded" in out
