@@ -192,8 +192,9 @@ def plan_units(recipe: Recipe) -> tuple[dict[str, list[WorkUnit]], int]:
 # -- the Ray Data stages --------------------------------------------------------------------------
 
 def _unit_options(recipe: Recipe, run: Path, model: str) -> dict[str, Any]:
+    # each source's own sampling settings (the recipe's, with its overrides): what its pairs record
     return dict(run=str(run), sources={s.name: s for s in recipe.sources}, seed=recipe.seed, model=model,
-                sampling=dataclasses.asdict(recipe.sampling))
+                sampling={s.name: dataclasses.asdict(recipe.sampling_for(s)) for s in recipe.sources})
 
 
 def load_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str, sampling: dict) -> pa.Table:
@@ -209,7 +210,7 @@ def load_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str, 
         write_rejects(Path(run), unit, rejects)
         if not questions:
             write_unit(Path(run), unit, [], rejects, sources[unit.source], seed=seed, model=model,
-                       sampling=sampling, pair_schema=pair_schema())
+                       sampling=sampling[unit.source], pair_schema=pair_schema())
         out += questions
     return pa.Table.from_pylist(out, schema=QUESTION_SCHEMA)
 
@@ -235,7 +236,7 @@ def finish_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str
                                f"{unit.stop - unit.start - len(rejects)} questions); lower unit_size")
         rows = [score_row(r) for r in rows]
         summaries.append(summary_row(write_unit(Path(run), unit, rows, rejects, sources[unit.source],
-                                                seed=seed, model=model, sampling=sampling,
+                                                seed=seed, model=model, sampling=sampling[unit.source],
                                                 pair_schema=pair_schema())))
     return pa.Table.from_pylist(summaries)
 
@@ -274,6 +275,10 @@ def run_units(recipe: Recipe, run: Path, model: str, units: list[WorkUnit], max_
                                    engine_options={"limit_mm_per_prompt": {"image": max(1, max_images)},
                                                    **recipe.engine},
                                    sampling=recipe.sampling,
+                                   source_sampling={n: recipe.sampling_for(s) for n, s in sources.items()
+                                                    if s.sampling},
+                                   image_max_pixels={n: s.image_max_pixels for n, s in sources.items()
+                                                     if s.image_max_pixels},
                                    templates={n: recipe.template_for(s) for n, s in sources.items()},
                                    dropout={n: s.dropout for n, s in sources.items()}),
         # Ray Data restarts a replica whose process died and retries its batches.

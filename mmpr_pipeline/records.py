@@ -30,6 +30,7 @@ QUESTION_FIELDS = [
     ("pipeline", pa.string()),        # correctness | dropout_ntp
     ("task", pa.string()),            # task family when the source has one, else ""
     ("images", pa.list_(pa.binary())),  # encoded image bytes, never re-encoded; [] for a text-only question
+    #                                   (but downscaled to the source's image_max_pixels when set)
     ("question", pa.string()),
     ("answer", pa.string()),          # "" when the source has none (dropout_ntp)
     ("answers", pa.list_(pa.string())),  # every acceptable answer (VQA has several); [answer] usually
@@ -62,6 +63,9 @@ SAMPLE_FIELDS = QUESTION_FIELDS + [
     ("sample_seconds", pa.float64()),  # this question's share of its batch's engine time
     ("continue_seconds", pa.float64()),
     ("score_seconds", pa.float64()),
+    # JSON of the sampling settings this question's source used (the recipe's, with the source's
+    # `sampling` overrides): the same text as its pairs' `sampling`
+    ("sampling", pa.string()),
 ]
 SAMPLE_SCHEMA = pa.schema(SAMPLE_FIELDS)
 
@@ -166,3 +170,20 @@ def decode_image(data: bytes):
     img = Image.open(io.BytesIO(data))
     img.load()
     return img.convert("RGB")
+
+
+def downscale_image(data: bytes, max_pixels: int) -> bytes:
+    """`data` unchanged when the image has at most `max_pixels` pixels, else the image scaled down
+    (same aspect, width x height <= max_pixels) as PNG bytes: lossless, so whoever decodes them
+    (the engine now, the trainer later) gets the same pixels."""
+    from PIL import Image
+
+    w, h = Image.open(io.BytesIO(data)).size  # reads the header only
+    if w * h <= max_pixels:
+        return data
+    img = decode_image(data)
+    scale = (max_pixels / (w * h)) ** 0.5
+    size = (max(1, int(w * scale)), max(1, int(h * scale)))
+    buf = io.BytesIO()
+    img.resize(size, Image.Resampling.BICUBIC).save(buf, format="PNG")
+    return buf.getvalue()

@@ -5,10 +5,17 @@ coroutine: every question of the batch is its own request (all `n` samples of a 
 request), and Ray Data runs several batches per replica at once (`max_concurrent_batches`), so new
 requests keep flowing while a batch waits on its longest response. DropoutNTP rows are then cut and
 continued without the image by the same engine (stages/dropout_ntp.py).
+
+A source may override the sampling settings (`sources[i].sampling`, see `Recipe.sampling_for`) and
+cap its images' size (`sources[i].image_max_pixels`): its images are downscaled here, before the
+engine, and the row keeps the downscaled bytes, so its pairs (and the trainer) carry the image the
+engine saw.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import time
 from typing import Any, AsyncIterator
@@ -16,14 +23,14 @@ from typing import Any, AsyncIterator
 import pyarrow as pa
 
 from mmpr_pipeline.engine import request_seed
-from mmpr_pipeline.records import SAMPLE_SCHEMA, decode_image
+from mmpr_pipeline.records import SAMPLE_SCHEMA, decode_image, downscale_image
 
 log = logging.getLogger(__name__)
 
 
-def empty_sample_columns(row: dict[str, Any], template: str) -> dict[str, Any]:
-    """The sample columns of a row before anything is generated."""
-    row.update(prompt_template=template, responses=[], n_tokens=[], finish_reasons=[], error="",
+def empty_sample_columns(row: dict[str, Any], template: str, sampling: str = "") -> dict[str, Any]:
+    """The sample columns of a row before anything is generated (`sampling`: its settings as JSON)."""
+    row.update(prompt_template=template, sampling=sampling, responses=[], n_tokens=[], finish_reasons=[], error="",
                extracted=[], correct=[], score=[], reason=[], prefix_words=[], continuations=[],
                continuation_tokens=[], continuation_image_tokens=[], image_tokens=0,
                sample_seconds=0.0, continue_seconds=0.0, score_seconds=0.0)
@@ -39,9 +46,19 @@ def conversation(row: dict[str, Any], with_image: bool = True) -> list[dict]:
     return [user_message(render(row["prompt_template"], row["question"]), images)]
 
 
+def sampling_json(sampling) -> str:
+    """Sampling settings as the `sampling` column of sample and pair rows record them."""
+    return json.dumps(dataclasses.asdict(sampling), sort_keys=True)
+
+
 class SampleStage:
+    # No per-source overrides unless given: every source samples with `sampling`, images as they are.
+    source_sampling: dict = {}
+    image_max_pixels: dict = {}
+
     def __init__(self, model: str, engine_options: dict, seed: int, sampling, templates: dict[str, str],
-                 dropout: dict, sampling_extra: dict | None = None):
+                 dropout: dict, sampling_extra: dict | None = None, source_sampling: dict | None = None,
+                 image_max_pixels: dict | None = None):
         from mmpr_pipeline.engine import Engine
 
         self.engine = Engine(model, engine_options, seed)
@@ -50,23 +67,32 @@ class SampleStage:
         self.templates = templates      # source -> prompt template id
         self.dropout = dropout          # source -> Dropout settings (dropout_ntp sources only)
         self.sampling_extra = sampling_extra or {}  # more SamplingParams (benchmarks: ignore_eos)
+        self.source_sampling = source_sampling or {}    # source -> its Sampling, where it overrides the recipe's
+        self.image_max_pixels = image_max_pixels or {}  # source -> pixel cap of its images, where it has one
+
+    def sampling_for(self, source: str):
+        return self.source_sampling.get(source, self.sampling)
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
-        rows = [empty_sample_columns(r, self.templates[r["source"]]) for r in batch.to_pylist()]
+        rows = [empty_sample_columns(r, self.templates[r["source"]], sampling_json(self.sampling_for(r["source"])))
+                for r in batch.to_pylist()]
         await asyncio.gather(*(self.sample_row(r) for r in rows))
         yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
 
     def params_for(self, row: dict[str, Any], n: int):
-        """The sampling parameters of one question's request (seeded by its qid: the same samples
-        however questions are batched, spread over replicas, or resumed)."""
-        s = self.sampling
+        """The sampling parameters of one question's request, with its source's settings (seeded by
+        its qid: the same samples however questions are batched, spread over replicas, or resumed)."""
+        s = self.sampling_for(row["source"])
         return self.engine.params(n=n, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                   max_tokens=s.max_tokens, **self.sampling_extra,
                                   seed=request_seed(self.seed, row["qid"]) if s.reproducible else None)
 
     async def sample_row(self, row: dict[str, Any]) -> None:
         """Fill one question's responses (and, for DropoutNTP, its image-free continuations)."""
-        s = self.sampling
+        s = self.sampling_for(row["source"])
+        max_pixels = self.image_max_pixels.get(row["source"])
+        if max_pixels:  # before the engine: the row (so its pairs) keeps the image the engine sees
+            row["images"] = [downscale_image(b, max_pixels) for b in row["images"]]
         dropout = row["pipeline"] == "dropout_ntp"
         if dropout and row["given_response"]:
             row.update(responses=[row["given_response"]], n_tokens=[0], finish_reasons=["given"])

@@ -1,0 +1,149 @@
+"""Per-source overrides (issue 13, item 7): a source's own sampling settings (`sources[i].sampling`,
+merged over the recipe's) and image size cap (`sources[i].image_max_pixels`), built with real vLLM on
+the demo model (a Qwen2-VL: its image tokens follow the pixel count), paired and trained on.
+"""
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from mmpr_pipeline import pipeline, recipe as recipe_mod, shards
+from mmpr_pipeline.recipe import RecipeError
+from mmpr_pipeline.records import downscale_image
+
+FULL_TOKENS = 16   # a 112x112 generated image on the demo model
+SMALL_TOKENS = 4   # the same image capped at 56x56 pixels
+
+
+def _png(w: int, h: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 60)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).size
+
+
+def test_downscale_keeps_aspect_and_leaves_small_images_untouched():
+    small = _png(40, 30)
+    assert downscale_image(small, 40 * 30) is small  # at the cap: the very same bytes
+    w, h = _size(downscale_image(_png(400, 100), 100 * 25))
+    assert (w, h) == (100, 25)
+    w, h = _size(downscale_image(_png(333, 97), 5000))
+    assert w * h <= 5000 and abs(w / h - 333 / 97) < 0.1
+
+
+def _recipe(**source_keys) -> dict:
+    return dict(name="r", sampling=dict(n=4, max_tokens=40),
+                sources=[dict(name="a", loader="generated", limit=2, **source_keys)])
+
+
+def test_source_sampling_is_merged_over_the_recipe_and_validated():
+    rec = recipe_mod.from_dict(_recipe(sampling=dict(n=2, temperature=0.5)))
+    s = rec.sampling_for(rec.sources[0])
+    assert (s.n, s.temperature, s.max_tokens) == (2, 0.5, 40)  # max_tokens from the recipe
+    for keys, message in [
+        (dict(sampling=dict(n=0)), r"<recipe>: sources\[0\]\.sampling\.n: must be >= 1, got 0"),
+        (dict(sampling=dict(max_tokens="many")), r"sources\[0\]\.sampling\.max_tokens: expected an integer"),
+        (dict(sampling=dict(top_p=2)), r"sources\[0\]\.sampling\.top_p: must be in \(0, 1\]"),
+        (dict(sampling=dict(nn=2)), r"sources\[0\]\.sampling\.nn: unknown key \(expected one of: max_tokens, n"),
+        (dict(sampling=[4]), r"sources\[0\]\.sampling: expected a mapping"),
+        (dict(image_max_pixels=100), r"sources\[0\]\.image_max_pixels: must be >= 1024"),
+        (dict(image_max_pixels="big"), r"sources\[0\]\.image_max_pixels: expected an integer"),
+    ]:
+        with pytest.raises(RecipeError, match=message):
+            recipe_mod.from_dict(_recipe(**keys))
+
+
+def test_unset_overrides_keep_the_fingerprint_and_set_ones_change_it():
+    plain = recipe_mod.from_dict(_recipe())
+    assert not {"sampling", "image_max_pixels"} & set(plain.to_dict()["sources"][0])  # recipes as before
+    assert recipe_mod.from_dict(_recipe(sampling={})).fingerprint() == plain.fingerprint()
+    assert recipe_mod.from_dict(_recipe(sampling=dict(n=2))).fingerprint() != plain.fingerprint()
+    assert recipe_mod.from_dict(_recipe(image_max_pixels=3136)).fingerprint() != plain.fingerprint()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, ray_local, trained_model):
+    d = tmp_path_factory.mktemp("overrides")
+    generator = dict(seed=5, families=["count", "color"])
+    recipe = dict(name="overrides", model=trained_model, engine={"max_model_len": 1024}, unit_size=4,
+                  sampling=dict(n=4, max_tokens=48),
+                  sources=[dict(name="plain", loader="generated", generator=generator, limit=4),
+                           dict(name="capped", loader="generated", generator=generator, limit=4,
+                                sampling=dict(n=2, max_tokens=6)),
+                           dict(name="small", loader="generated", generator=generator, limit=4,
+                                sampling=dict(n=6), image_max_pixels=56 * 56)])
+    (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run = d / "run"
+    stats = pipeline.build(recipe_mod.load(d / "recipe.yaml"), run)
+    samples = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()]
+    pairs = [r for p in sorted((run / "data").glob("train-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    return run, stats, samples, pairs, d / "recipe.yaml"
+
+
+EXPECTED = {"plain": (4, 48), "capped": (2, 6), "small": (6, 48)}  # source: (n, max_tokens)
+
+
+@pytest.mark.slow
+def test_each_source_samples_with_its_own_n_max_tokens_and_image_size(built):
+    _, stats, samples, pairs, _ = built
+    assert stats["totals"]["rejects"] == 0 and sorted(s["source"] for s in samples) == sorted(list(EXPECTED) * 4)
+    for s in samples:
+        n, max_tokens = EXPECTED[s["source"]]
+        assert s["error"] == "" and len(s["responses"]) == n
+        assert max(s["n_tokens"]) <= max_tokens
+        recorded = json.loads(s["sampling"])  # the row records what its source used
+        assert (recorded["n"], recorded["max_tokens"], recorded["temperature"]) == (n, max_tokens, 1.0)
+        # the engine received fewer image tokens where the source caps the pixels
+        assert s["image_tokens"] == (SMALL_TOKENS if s["source"] == "small" else FULL_TOKENS)
+        assert [_size(b) for b in s["images"]] == [(56, 56) if s["source"] == "small" else (112, 112)]
+    capped = [t for s in samples if s["source"] == "capped" for t in s["n_tokens"]]
+    assert 6 in capped  # the cap bites: the demo model's answers run longer than 6 tokens
+    assert max(t for s in samples if s["source"] != "capped" for t in s["n_tokens"]) > 6
+    by_qid = {s["qid"]: s for s in samples}
+    assert {p["source"] for p in pairs} >= {"plain", "small"}
+    for p in pairs:  # pairs record their source's sampling and carry the image the engine saw
+        assert p["sampling"] == by_qid[p["qid"]]["sampling"]
+        assert [im["bytes"] for im in p["images"]] == by_qid[p["qid"]]["images"]
+        n, max_tokens = EXPECTED[p["source"]]
+        assert json.loads(p["sampling"])["n"] == n
+
+
+@pytest.mark.slow
+def test_a_recipe_with_overrides_resumes_its_own_run(built):
+    """recipe.json round-trips the overrides: the same recipe finds its finished run and redoes nothing."""
+    run, _, samples, pairs, recipe_file = built
+    pipeline.build(recipe_mod.load(recipe_file), run)
+    again = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()]
+    assert [r["responses"] for r in again] == [r["responses"] for r in samples]
+    with pytest.raises(pipeline.RunFolderError, match=r"different recipe \(changed: sources\)"):
+        pipeline.build(recipe_mod.load(recipe_file, {"sources[1].sampling.max_tokens": 7}), run)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_trainer_sees_the_downscaled_image_the_sampler_saw(built, tmp_path):
+    from mmpr_pipeline.train import MPOConfig, train
+    from mmpr_pipeline.train.data import PairEncoder
+    from mmpr_pipeline.train.model import load_processor
+
+    run, _, _, pairs, _ = built
+    model = json.loads((run / "recipe.json").read_text())["model"]
+    processor = load_processor(model)
+    encoder = PairEncoder(processor, max_length=1024)
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for i, p in enumerate(pairs):
+        ids = encoder.encode(p, i).prompt["input_ids"].flatten().tolist()
+        assert ids.count(pad) == (SMALL_TOKENS if p["source"] == "small" else FULL_TOKENS)
+    summary = train(MPOConfig(model=model, data=str(run), output_dir=str(tmp_path / "mpo"), batch_size=4,
+                              max_steps=2, learning_rate=1e-4, warmup_ratio=0.0, eval_fraction=0.0,
+                              max_length=1024, progress_bar=False, save_model=False))
+    assert summary["steps"] == 2
