@@ -53,7 +53,8 @@ def _corpus(n: int = 1200):
     for row in tasks.generate(n, seed=12345, families=tasks.FAMILIES):
         yield prompts.render("cot_final_answer", row["question"])
         yield row["response"]
-    for tid in prompts.available():
+    # the templates there were when the demo model was made: a new template must not change its tokenizer
+    for tid in ("cot_boxed", "cot_final_answer", "raw"):
         yield prompts.render(tid, "Question?")
     yield "Answer: \\boxed{1} (A) B. **C** option D yes no Yes No 0 1 2 3 4 5 6 7 8 9 10 %"
 

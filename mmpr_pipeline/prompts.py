@@ -1,8 +1,14 @@
-"""Prompt templates, kept as data in `prompts/*.yaml`; the template id is recorded with every sample."""
+"""Prompt templates, kept as data in `prompts/*.yaml`; the template id is recorded with every sample.
+
+Each template file has `id`, `template` (the user turn, `{question}` where the question goes),
+`language`, `answer` (the answer format it asks for) and `format`: the format rule its responses
+are judged by (mmpr_pipeline.scoring.format_rules).
+"""
 from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -10,14 +16,40 @@ import yaml
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 
 
+@dataclass(frozen=True)
+class Template:
+    id: str
+    text: str
+    format: str      # the format rule (scoring.format_rules.RULES)
+    language: str
+    answer: str      # the answer format the template asks for, for people
+
+
 @functools.cache
-def _templates() -> dict[str, str]:
+def _templates() -> dict[str, Template]:
+    from mmpr_pipeline.scoring.format_rules import RULES
+
     out = {}
     for path in sorted(PROMPTS_DIR.glob("*.yaml")):
         data = yaml.safe_load(path.read_text())
-        if "template" in data:
-            out[data["id"]] = data["template"]
+        if "template" not in data:
+            continue
+        rule = data.get("format")
+        if rule not in RULES:
+            raise ValueError(f"{path}: format: {'missing' if rule is None else f'unknown rule {rule!r}'} "
+                             f"(expected one of: {', '.join(RULES)})")
+        out[data["id"]] = Template(data["id"], data["template"], rule, str(data.get("language", "")),
+                                   str(data.get("answer", "")))
     return out
+
+
+def template(template_id: str) -> Template:
+    return _templates()[template_id]
+
+
+def format_rule(template_id: str) -> str:
+    """The format rule responses to this template are judged by."""
+    return _templates()[template_id].format
 
 
 @functools.cache
@@ -42,7 +74,7 @@ def render(template_id: str, question: str) -> str:
     Options stay as the source wrote them in the question; the `options` column only helps the
     judge map an option's text to its letter.
     """
-    return _templates()[template_id].replace("{question}", strip_short_answer_suffix(question))
+    return _templates()[template_id].text.replace("{question}", strip_short_answer_suffix(question))
 
 
 IMAGE_PLACEHOLDER = "<image>"

@@ -1,7 +1,10 @@
 """Score: judge every response of a correctness question against its ground truth.
 
 A plain function over a batch (a Ray Data task stage): the verdict columns are lists aligned with
-`responses`. The judge itself lives in `mmpr_pipeline.scoring`.
+`responses`. The judge itself lives in `mmpr_pipeline.scoring`; each response is judged by the format
+rule of the prompt template it was asked with (the `format:` key in prompts/*.yaml), so a response
+that breaks it gets no extracted answer (reason "wrong format") and pairing makes it the rejected
+side of a format pair.
 """
 from __future__ import annotations
 
@@ -15,24 +18,26 @@ JUDGE_ERROR = "judge error"  # reason prefix of a response the judge failed on (
 
 
 def score_row(row: dict) -> dict:
+    from mmpr_pipeline.prompts import format_rule
     from mmpr_pipeline.scoring import judge
 
     if row["pipeline"] != "correctness":
         return row
     t0 = time.perf_counter()
     answer = row["answers"] if len(row["answers"]) > 1 else row["answer"]
-    verdicts = [_judge_one(judge, text, answer, row) for text in row["responses"]]
+    rule = format_rule(row["prompt_template"]) if row.get("prompt_template") else None
+    verdicts = [_judge_one(judge, text, answer, row, rule) for text in row["responses"]]
     row.update(extracted=[v[0] for v in verdicts], correct=[v[1] for v in verdicts],
                score=[v[2] for v in verdicts], reason=[v[3] for v in verdicts],
                score_seconds=time.perf_counter() - t0)
     return row
 
 
-def _judge_one(judge, text: str, answer, row: dict) -> tuple[str | None, bool, float, str]:
+def _judge_one(judge, text: str, answer, row: dict, rule: str | None) -> tuple[str | None, bool, float, str]:
     """One verdict; a judge that fails on one response marks it wrong with the reason, and the
     batch (and the run) goes on."""
     try:
-        v = judge(text, answer, row["answer_type"], options=row["options"] or None)
+        v = judge(text, answer, row["answer_type"], options=row["options"] or None, format_rule=rule)
     except Exception as e:  # noqa: BLE001 - untrusted text must never stop the run
         return "", False, 0.0, f"{JUDGE_ERROR}: {type(e).__name__}: {e}"[:200]
     return v.extracted, bool(v.correct), float(v.score), v.reason

@@ -32,6 +32,9 @@ Verdict.reason is one of these stable strings (REASONS):
 - "correct", "wrong answer", "partial match" (graded modes: 0 < score, not correct);
 - "no final answer", "answer too long": nothing usable was found, `extracted` is None; the
   pipeline makes these "format" pairs;
+- "wrong format": the response breaks its prompt template's format rule (`judge(...,
+  format_rule=...)`, see format_rules.py: two think blocks, an answer outside its box ...);
+  `extracted` is None, and the pipeline makes it a "format" pair's rejected side;
 - "ambiguous answer": the response names two different final answers (a hedge between options
   or values, two different boxes side by side, or a response's only box disagreeing with its
   later Final answer line; several earlier boxes are intermediate results and do not count);
@@ -41,13 +44,15 @@ Verdict.reason is one of these stable strings (REASONS):
 Verdict.format_ok reports the paper's format (rationale, then one final-answer line) separately.
 """
 from mmpr_pipeline.scoring.extract import NO_ANSWER, TOO_LONG, Extraction, extract
+from mmpr_pipeline.scoring.format_rules import RULES as FORMAT_RULES, WRONG_FORMAT
 from mmpr_pipeline.scoring.judge import DEFAULT_TIMEOUT, Verdict, judge
 from mmpr_pipeline.scoring.modes import (AMBIGUOUS, CORRECT, MATH_ERROR, PARTIAL, TIMEOUT, UNPARSABLE,
                                          UNSAFE, WRONG)
 from mmpr_pipeline.scoring.safe_math import screen, symbolic_check, warm_up
 
-REASONS = (CORRECT, WRONG, PARTIAL, NO_ANSWER, TOO_LONG, AMBIGUOUS, UNPARSABLE, UNSAFE, TIMEOUT, MATH_ERROR)
-FORMAT_REASONS = (NO_ANSWER, TOO_LONG)   # extracted is None
+REASONS = (CORRECT, WRONG, PARTIAL, NO_ANSWER, TOO_LONG, AMBIGUOUS, UNPARSABLE, UNSAFE, TIMEOUT, MATH_ERROR,
+           WRONG_FORMAT)
+FORMAT_REASONS = (NO_ANSWER, TOO_LONG, WRONG_FORMAT)   # extracted is None
 
 __all__ = ["judge", "Verdict", "extract", "Extraction", "warm_up", "screen", "symbolic_check",
-           "REASONS", "FORMAT_REASONS", "DEFAULT_TIMEOUT"]
+           "REASONS", "FORMAT_REASONS", "FORMAT_RULES", "DEFAULT_TIMEOUT"]

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 
 from mmpr_pipeline.recipe import ANSWER_TYPES
 from mmpr_pipeline.scoring.extract import NO_ANSWER, clean, extract, last_boxed
+from mmpr_pipeline.scoring.format_rules import WRONG_FORMAT, violation
 from mmpr_pipeline.scoring.modes import AMBIGUOUS, SCORERS, score_math
 
 DEFAULT_TIMEOUT = 2.0   # seconds; bounds the symbolic check, the only step that can take long
@@ -67,12 +68,13 @@ def _as_list(answer, answer_type: str = "") -> list[str]:
 
 
 def judge(response: str, answer, answer_type: str, options=None, *,
-          timeout: float = DEFAULT_TIMEOUT) -> Verdict:
+          timeout: float = DEFAULT_TIMEOUT, format_rule: str | None = None) -> Verdict:
     """Judge one model `response` against the reference `answer` (a string or a list of
     acceptable answers; VQA's list of annotator answers) for `answer_type` (see
     mmpr_pipeline.recipe.ANSWER_TYPES). `options` are the multiple-choice option texts in letter
     order (A, B, ...). Returns within `timeout` seconds (plus microseconds) in any thread, once
-    the math server is up (see safe_math.warm_up).
+    the math server is up (see safe_math.warm_up). `format_rule` is the prompt template's format
+    rule (scoring.format_rules); a response that breaks it is judged "wrong format", with no answer.
     """
     if answer_type not in SCORERS:
         raise ValueError(f"judge: unknown answer_type {answer_type!r} (expected one of: {', '.join(ANSWER_TYPES)})")
@@ -82,9 +84,12 @@ def judge(response: str, answer, answer_type: str, options=None, *,
     options = [str(o) for o in options] if options is not None else []
     deadline = time.monotonic() + timeout
 
+    if format_rule is not None and violation(format_rule, response):
+        return Verdict(None, False, 0.0, WRONG_FORMAT, False)
     found = extract(response)
     if found.answer is None:
-        if answer_type == "math" and found.reason == NO_ANSWER and found.segment:
+        if answer_type == "math" and found.reason == NO_ANSWER and found.segment and format_rule in (
+                None, "final_answer_line"):
             # no marker, but a last line with maths ("Therefore $x \\geq 5$ is the solution."):
             # counted only when it is right; otherwise it stays a response without a final answer
             outcome = score_math(clean(found.segment), golds, options, deadline, segment=found.segment)
