@@ -133,6 +133,9 @@ class Dropout:
     ratio: float = 0.5      # keep the first int(N * ratio) words of the chosen response
     min_words: int = 8      # responses shorter than this are not cut (skipped, counted)
     n: int = 1              # chosen responses sampled per question
+    # Continue the prefix WITH the question's images (InternVL's `sr0.5_with_image` release files;
+    # the paper's DropoutNTP, `sr0.5_wo_image`, continues without them). Recorded in pair provenance.
+    with_image: bool = False
 
 
 @dataclass
@@ -227,7 +230,8 @@ class Recipe:
 
 # Options inside a source's groups, left out of to_dict (so out of recipe.json and the fingerprint)
 # while off: runs built before them stay resumable; turning one on changes the fingerprint.
-OPTIONS_OFF_BY_DEFAULT = (("pairing", "answer_fix", False), ("fields", "rationale", None))
+OPTIONS_OFF_BY_DEFAULT = (("pairing", "answer_fix", False), ("fields", "rationale", None),
+                          ("dropout", "with_image", False))
 
 _NESTED = {Sampling: "sampling", Pairing: "pairing", Dropout: "dropout", Fields: "fields", Card: "card"}
 
