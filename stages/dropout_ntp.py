@@ -3,6 +3,11 @@
 Keep the first half of a response written while seeing the image, let the same model continue it
 *without* the image; the original is chosen, the image-free continuation rejected. The continuation
 is the assistant's own unfinished turn (`continue_final_message`), not a new turn.
+
+`dropout.with_image: true` continues the prefix *with* the question's images instead (InternVL's
+`sr0.5_with_image` release files, beside the paper's `sr0.5_wo_image`): the rejected side is then a
+second, independently sampled ending written while seeing the image. The sample row's
+`continuation_image_tokens` records what the engine received; the pair's provenance records the option.
 """
 from __future__ import annotations
 
@@ -34,10 +39,11 @@ def truncate(text: str, ratio: float, min_words: int) -> tuple[str, int] | None:
     return prefix_of(text, keep), keep
 
 
-async def continue_without_image(row: dict[str, Any], engine, sampling, cfg, sampling_extra: dict | None = None,
-                                 seed: int = 0) -> None:
-    """Cut every response of one dropout_ntp row and continue each prefix text-only, all at once.
-    Fills prefix_words (-1: too short), continuations, continuation_tokens, continuation_image_tokens."""
+async def continue_prefixes(row: dict[str, Any], engine, sampling, cfg, sampling_extra: dict | None = None,
+                            seed: int = 0) -> None:
+    """Cut every response of one dropout_ntp row and continue each prefix, all at once: without the
+    question's images, or with them under `cfg.with_image`. Fills prefix_words (-1: too short),
+    continuations, continuation_tokens, continuation_image_tokens."""
     import asyncio
 
     from stages.sample import conversation
@@ -45,14 +51,14 @@ async def continue_without_image(row: dict[str, Any], engine, sampling, cfg, sam
     n = len(row["responses"])
     row.update(prefix_words=[-1] * n, continuations=[""] * n, continuation_tokens=[0] * n,
                continuation_image_tokens=[0] * n)
-    jobs = []  # (response index, text-only conversation ending in the unfinished assistant turn)
+    jobs = []  # (response index, conversation ending in the unfinished assistant turn)
     for i, text in enumerate(row["responses"]):
         cut = truncate(text, cfg.ratio, cfg.min_words)
         if cut is None:
             continue
         prefix, kept = cut
         row["prefix_words"][i] = kept
-        jobs.append((i, conversation(row, with_image=False) + [{"role": "assistant", "content": prefix}]))
+        jobs.append((i, conversation(row, with_image=cfg.with_image) + [{"role": "assistant", "content": prefix}]))
     if not jobs:
         return
     t0 = time.perf_counter()

@@ -4,7 +4,8 @@ Each replica owns one `Engine` (vLLM's async engine, built once in `__init__`). 
 coroutine: every question of the batch is its own request (all `n` samples of a question in one
 request), and Ray Data runs several batches per replica at once (`max_concurrent_batches`), so new
 requests keep flowing while a batch waits on its longest response. DropoutNTP rows are then cut and
-continued without the image by the same engine (stages/dropout_ntp.py).
+continued without the image (or with it, `dropout.with_image`) by the same engine
+(stages/dropout_ntp.py).
 
 A source may override the sampling settings (`sources[i].sampling`, see `Recipe.sampling_for`) and
 cap its images' size (`sources[i].image_max_pixels`): its images are downscaled here, before the
@@ -104,7 +105,7 @@ class SampleStage:
                        error=comp.error, image_tokens=self.engine.image_tokens(comp),
                        sample_seconds=time.perf_counter() - t0)
         if dropout and not row["error"]:
-            from stages.dropout_ntp import continue_without_image
+            from stages.dropout_ntp import continue_prefixes
 
-            await continue_without_image(row, self.engine, s, self.dropout[row["source"]],
-                                         self.sampling_extra, self.seed)
+            await continue_prefixes(row, self.engine, s, self.dropout[row["source"]],
+                                    self.sampling_extra, self.seed)
