@@ -151,12 +151,20 @@ def image_token_ids(hf_config, tokenizer) -> set[int]:
 class Engine:
     def __init__(self, model: str, options: dict[str, Any] | None = None, seed: int = 0):
         from vllm import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         options = options or {}
         self.model = model
         self.stall_timeout_s = float(options.get("stall_timeout_s", STALL_TIMEOUT_S))
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, options, seed)))
+        # Offline batch sizing, as `LLM` gets it: vLLM picks the scheduler's defaults by usage
+        # context, and AsyncLLM's own falls back to 128 sequences / 2,048 tokens per step, where
+        # `LLM` gets 256 / 4,096 on CPU and 1,024 / 16,384 on an H100 (vllm/engine/arg_utils.py).
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, options, seed)),
+                                             usage_context=UsageContext.LLM_CLASS)
+        scheduler = self.llm.vllm_config.scheduler_config
+        log.info("engine: up to %d sequences, %d tokens per step", scheduler.max_num_seqs,
+                 scheduler.max_num_batched_tokens)
         self.image_token_ids = image_token_ids(self.llm.model_config.hf_config, self.llm.get_tokenizer())
         self.add_bos: bool | None = None  # decided on the first render (see _render)
 

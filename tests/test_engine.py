@@ -64,3 +64,20 @@ def test_a_refused_request_fails_alone(engine):
     bad, good = loop.run_until_complete(both())
     assert bad.error and "length" in bad.error and bad.texts == []
     assert not good.error and len(good.texts) == 1
+
+
+def test_engine_is_sized_for_offline_batches_as_llm_is(engine, trained_model):
+    """Regression: AsyncLLM's default usage context sized the scheduler for a server (128 sequences,
+    2,048 tokens per step on CPU), half of what `LLM` gets, so the stage ran the engine half full."""
+    from vllm import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    from mmpr_pipeline.engine import engine_kwargs
+
+    e, _ = engine
+    offline = EngineArgs(**engine_kwargs(trained_model, {"max_model_len": 1024}, 0)).create_engine_config(
+        UsageContext.LLM_CLASS).scheduler_config
+    ours = e.llm.vllm_config.scheduler_config
+    assert (ours.max_num_seqs, ours.max_num_batched_tokens) == (offline.max_num_seqs,
+                                                                offline.max_num_batched_tokens)
+    assert ours.max_num_seqs > 128
