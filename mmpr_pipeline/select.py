@@ -168,11 +168,9 @@ class _Parts:
         self.writer, self.rows, self.bytes = None, 0, 0
 
     def name_like_the_hub(self) -> list[str]:
-        """Rename the parts train-XXXXX-of-YYYYY.parquet (at least one, maybe empty)."""
+        """Rename the parts train-XXXXX-of-YYYYY.parquet; none when nothing was selected (`datasets`
+        cannot load a split without rows, so an empty file would only fail later)."""
         self.close()
-        if not self.paths:
-            self.paths.append(self.folder / "part-00000.parquet")
-            pq.write_table(selection_schema().empty_table(), self.paths[0])
         names = []
         for i, path in enumerate(self.paths):
             names.append(f"data/train-{i:05d}-of-{len(self.paths):05d}.parquet")
@@ -249,14 +247,17 @@ def select(run_dir: str | Path, out: str | Path, *, band: tuple[float, float] | 
 def format_summary(summary: dict, out: Path) -> str:
     """Per source: questions with a pass rate, how many were selected, how many fell below / above."""
     what = "all wrong" if summary["selection"] == "all-wrong" else "pass rate {}-{}".format(*summary["pass_rate"])
+    if not summary["selected"]:
+        lines_end = [f"no question matched ({what}): {out / 'data'} is empty"]
+    else:
+        lines_end = [f"selected {summary['selected']} of {summary['questions']} questions ({what}) into {out}",
+                     f'load with: load_dataset("parquet", data_dir="{out / "data"}", split="train"), or a recipe '
+                     f"source `loader: parquet`, `path: {out / 'data'}`, `fields: {{answer_type: answer_type}}`"]
     lines = [f"{'source':<20} {'questions':>9} {'selected':>8} {'below':>6} {'above':>6} {'no rate':>7}"]
     for name, c in summary["sources"].items():
         lines.append(f"{name:<20} {c['questions']:>9} {c['selected']:>8} {c['below']:>6} {c['above']:>6} "
                      f"{c['unrated']:>7}")
-    lines.append(f"selected {summary['selected']} of {summary['questions']} questions ({what}) into {out}")
-    lines.append(f'load with: load_dataset("parquet", data_dir="{out / "data"}", split="train"), or a recipe '
-                 f"source `loader: parquet`, `path: {out / 'data'}`, `fields: {{answer_type: answer_type}}`")
-    return "\n".join(lines)
+    return "\n".join(lines + lines_end)
 
 
 def cli_select(args) -> int:
