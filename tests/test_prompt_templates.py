@@ -151,35 +151,26 @@ def test_r1_rule_decides_the_pairs_of_a_scored_row():
 def test_build_under_the_r1_template_judges_by_its_rule(tmp_path, ray_local, trained_model):
     """The demo model was trained to write "...\\nFinal answer: X" and writes no think block: under
     r1_think_boxed every response breaks the rule, so samples/ holds "wrong format" verdicts (even
-    where the answer is right) and no response is chosen; under the default template the same kind
-    of responses give correctness pairs."""
+    where the answer is right: the judge without the rule finds right ones) and no response is
+    chosen. (Under the default template the same model gives correctness pairs: test_build_e2e.)"""
+    import yaml
+
     from mmpr_pipeline import pipeline, recipe as recipe_mod, shards
 
-    def build(template: str):
-        recipe = recipe_mod.load(REPO / "data_cards" / "demo.yaml", {
-            "model": trained_model, "prompt_template": template, "sources[0].limit": 6, "sources[1].limit": 1,
-            "sampling.n": 4, "sampling.max_tokens": 48, "unit_size": 8, "batch_size": 8})
-        run = tmp_path / template
-        stats = pipeline.build(recipe, run)
-        samples = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()
-                   if r["pipeline"] == "correctness"]
-        pairs = [r for p in sorted((run / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
-        return stats, samples, pairs
-
-    stats, samples, pairs = build("r1_think_boxed")
-    assert samples and all(r["prompt_template"] == "r1_think_boxed" for r in samples)
+    data = yaml.safe_load((REPO / "data_cards" / "demo.yaml").read_text())
+    data.update(model=trained_model, prompt_template="r1_think_boxed", unit_size=8, batch_size=8,
+                sampling=dict(n=4, temperature=1.0, max_tokens=48), sources=[dict(data["sources"][0], limit=6)])
+    run = tmp_path / "r1"
+    stats = pipeline.build(recipe_mod.from_dict(data, "r1.yaml"), run)
+    samples = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()]
+    assert len(samples) == 6 and all(r["prompt_template"] == "r1_think_boxed" for r in samples)
     responses = [t for r in samples for t in r["responses"]]
-    assert responses and all("<think>" not in t for t in responses)
-    assert all(reason == WRONG_FORMAT for r in samples for reason in r["reason"])
+    assert len(responses) == 24 and not [t for t in responses if "<think>" in t.lower()]
+    assert [reason for r in samples for reason in r["reason"]] == [WRONG_FORMAT] * 24
     assert all(x is None for r in samples for x in r["extracted"])
-    # the rule, not the answer: the judge without it finds right answers among these responses
+    # the rule, not the answer, decided: without it the judge finds right answers among them
     assert any(judge(t, r["answer"], r["answer_type"], options=r["options"] or None).correct
                for r in samples for t in r["responses"])
-    assert not [p for p in pairs if p["pair_type"] in ("correctness", "format")]
-    assert stats["totals"]["pairs"]["correctness"] == stats["totals"]["pairs"]["format"] == 0
-
-    stats, samples, pairs = build("cot_final_answer")
-    assert stats["totals"]["pairs"]["correctness"] > 0
-    assert WRONG_FORMAT not in {reason for r in samples for reason in r["reason"]}
-    recorded = json.loads((tmp_path / "cot_final_answer" / "recipe.json").read_text())
-    assert recorded["prompt_template"] == "cot_final_answer"
+    pairs = [r for p in sorted((run / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert pairs == [] and stats["totals"]["pairs"]["correctness"] == stats["totals"]["pairs"]["format"] == 0
+    assert json.loads((run / "recipe.json").read_text())["prompt_template"] == "r1_think_boxed"

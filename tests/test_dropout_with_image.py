@@ -1,0 +1,74 @@
+"""`dropout.with_image` (issue 13, item 5): DropoutNTP's continuation made WITH the question's images
+(InternVL's `sr0.5_with_image` release files) or without them (the paper's, the default)."""
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from mmpr_pipeline import recipe as recipe_mod
+from mmpr_pipeline.recipe import RecipeError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _demo(**dropout) -> dict:
+    data = yaml.safe_load((REPO / "data_cards" / "demo.yaml").read_text())
+    data["sources"][1]["dropout"].update(dropout)
+    return data
+
+
+def test_off_by_default_and_out_of_the_fingerprint_while_off():
+    default = recipe_mod.from_dict(_demo())
+    assert default.sources[1].dropout.with_image is False
+    assert "with_image" not in default.to_dict()["sources"][1]["dropout"]   # runs built before it resume
+    assert recipe_mod.from_dict(_demo(with_image=False)).fingerprint() == default.fingerprint()
+    on = recipe_mod.from_dict(_demo(with_image=True))
+    assert on.sources[1].dropout.with_image is True and on.fingerprint() != default.fingerprint()
+    assert on.to_dict()["sources"][1]["dropout"]["with_image"] is True
+
+
+def test_a_non_boolean_is_refused_naming_the_key():
+    with pytest.raises(RecipeError, match=r"sources\[1\]\.dropout\.with_image: expected true or false"):
+        recipe_mod.from_dict(_demo(with_image="yes"))
+
+
+@pytest.mark.slow
+def test_continuation_sees_the_images_only_with_the_option(tmp_path, ray_local, trained_model):
+    """One build, two DropoutNTP sources on the same questions, one with `with_image`: the engine
+    really received the images for that one's continuations (as many image tokens as the sampling
+    prompt), none for the other's; each pair's provenance says which."""
+    from mmpr_pipeline import pipeline, shards
+
+    data = _demo()
+    describe = dict(data["sources"][1], limit=3, dropout=dict(ratio=0.5, min_words=8, n=2))
+    data.update(model=trained_model, unit_size=8, batch_size=8, sampling=dict(n=1, temperature=1.0, max_tokens=48),
+                sources=[dict(describe, name="with_image", dropout=dict(describe["dropout"], with_image=True)),
+                         dict(describe, name="without_image")])
+    run = tmp_path / "run"
+    pipeline.build(recipe_mod.from_dict(data, "with_image.yaml"), run)
+
+    samples = {}
+    for path in shards.unit_files(run):
+        for r in pq.read_table(path).to_pylist():
+            samples.setdefault(r["source"], []).append(r)
+    for name, expect_images in (("with_image", True), ("without_image", False)):
+        rows = samples[name]
+        assert len(rows) == 3 and all(r["image_tokens"] > 0 for r in rows)
+        continued = [(t, r["image_tokens"]) for r in rows
+                     for t, k in zip(r["continuation_image_tokens"], r["prefix_words"]) if k >= 0]
+        assert continued, name
+        if expect_images:
+            assert all(t == sampled > 0 for t, sampled in continued)
+        else:
+            assert all(t == 0 for t, _ in continued)
+
+    pairs = [r for p in sorted((run / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    by_source = {name: [json.loads(p["provenance"]) for p in pairs if p["source"] == name]
+                 for name in ("with_image", "without_image")}
+    assert by_source["with_image"] and all(p == {"with_image": True} for p in by_source["with_image"])
+    assert by_source["without_image"] and all(p == {} for p in by_source["without_image"])
+    recorded = json.loads((run / "recipe.json").read_text())
+    assert recorded["sources"][0]["dropout"]["with_image"] is True
+    assert "with_image" not in recorded["sources"][1]["dropout"]
