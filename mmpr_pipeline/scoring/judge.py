@@ -88,8 +88,7 @@ def judge(response: str, answer, answer_type: str, options=None, *,
         return Verdict(None, False, 0.0, WRONG_FORMAT, False)
     found = extract(response)
     if found.answer is None:
-        if answer_type == "math" and found.reason == NO_ANSWER and found.segment and format_rule in (
-                None, "final_answer_line"):
+        if answer_type == "math" and found.reason == NO_ANSWER and found.segment:
             # no marker, but a last line with maths ("Therefore $x \\geq 5$ is the solution."):
             # counted only when it is right; otherwise it stays a response without a final answer
             outcome = score_math(clean(found.segment), golds, options, deadline, segment=found.segment)
