@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
     ("Final answer: 3.0\nNote 3.0 is exact", "3", "Final answer: 3\nNote 3.0 is exact"),
     ("There are 3.0 of them, 3.0 in all.\r\nFinal answer: 3.0\r\n", "3",
      "There are 3.0 of them, 3.0 in all.\r\nFinal answer: 3\r\n"),
+    # the answer is looked for from the end: many earlier mentions do not hide it
+    ("3.0, " * 8 + "so.\nFinal answer: 3.0", "3", "3.0, " * 8 + "so.\nFinal answer: 3"),
 ])
 def test_fix_answer_rewrites_only_the_final_answer(response, reference, fixed):
     assert fix_answer(response, reference) == fixed

@@ -28,7 +28,7 @@ CASES = [
     ([T, T, T, F], None, ""),                       # 0.75
     ([T, T, T, T], None, ""),                       # 1    all right
     ([T, F, F, F, F, F], None, ""),                 # 0.17 below
-    ([], None, "engine died"),                      #      no rate: the engine failed
+    ([T, F], None, "engine died"),                  #      no rate: the engine failed on it
     ([F, F], [UNDECIDED, UNDECIDED], ""),           #      no rate: nothing judged
     ([T, T, F, F], ["r", "r", UNDECIDED, "r"], ""),  # 2/3: the unjudged one counts for neither side
     ([F, F], ["math check timed out", "r"], ""),    # 0/1: all wrong
