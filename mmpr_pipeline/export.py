@@ -4,7 +4,7 @@
   which `DPOTrainer` takes as is (`load_dataset("parquet", data_dir="DIR/data")`):
   `prompt` = [{"role": "user", "content": [{"type": "image"}, ..., {"type": "text", "text": ...}]}],
   `chosen` / `rejected` = [{"role": "assistant", "content": [{"type": "text", "text": ...}]}],
-  `images` = the question's images; plus `id`, `qid`, `source`, `pair_type` to trace rows back.
+  `images` = the question's images; plus `id`, `qid`, `source`, `pair_type`, `provenance` to trace rows back.
 - `internvl`: the layout InternVL's MPO training (`internvl_chat_mpo.py --meta_path`) reads:
   `DIR/images/<source>/<qid>.<ext>` (original bytes, one file per question), one JSON Lines file per
   source `DIR/annotations/<source>.jsonl` with `image`, `question` ("<image>\\n" + prompt),
@@ -56,7 +56,7 @@ def trl_features():
 
     message = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
     return Features({"prompt": message, "chosen": message, "rejected": message, "images": List(Image()),
-                     **{c: Value("string") for c in TRL_COLUMNS}})
+                     **{c: Value("string") for c in TRL_COLUMNS}, "provenance": Value("string")})
 
 
 def trl_row(pair: dict) -> dict:
@@ -70,6 +70,7 @@ def trl_row(pair: dict) -> dict:
         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": pair["rejected"]}]}],
         "images": [{"bytes": im["bytes"], "path": None} for im in images],
         **{c: pair[c] for c in TRL_COLUMNS},
+        "provenance": pair.get("provenance") or "{}",   # what shaped the pair (records.PAIR_SCHEMA)
     }
 
 
@@ -110,7 +111,8 @@ def internvl_row(pair: dict, image_paths: list[str]) -> dict:
     else:  # InternVL numbers the images of a multi-image question in the text
         question = "".join(f"Image-{i + 1}: <image>\n" for i in range(len(image_paths))) + pair["question"]
     row = {"image": image_paths[0] if len(image_paths) == 1 else image_paths, "question": question,
-           "chosen": pair["chosen"], "rejected": pair["rejected"], "id": pair["id"], "pair_type": pair["pair_type"]}
+           "chosen": pair["chosen"], "rejected": pair["rejected"], "id": pair["id"], "pair_type": pair["pair_type"],
+           "provenance": pair.get("provenance") or "{}"}
     if not image_paths:
         del row["image"]  # InternVL treats a row without `image` as text-only
     return row

@@ -248,6 +248,8 @@ def marked_text(text: str, at: int, label: str, css: str, width: int = TEXT_CHAR
 
 
 def verdict_line(sample: dict | None, index: int | None) -> str:
+    if index is not None and index < 0:     # pairing.REFERENCE: the source's reference rationale
+        return '<div class="verdict">the source\'s reference rationale (<code>fields.rationale</code>), not a sample</div>'
     if sample is None or index is None or index >= len(sample.get("responses") or []):
         return '<div class="verdict muted">no sample row found for this response</div>'
     extracted = (sample.get("extracted") or [None] * (index + 1))

@@ -244,3 +244,23 @@ def test_mmpr_select_on_the_real_run_keeps_the_questions_in_the_band(built, tmp_
         assert main(["select", str(run), *args, "--out", str(out)]) == 0
         selected = [q for f in sorted((out / "data").glob("*.parquet")) for q in pq.read_table(f)["qid"].to_pylist()]
         assert sorted(selected) == sorted(q for q, r in rates.items() if keep(r))
+
+
+@pytest.mark.slow
+def test_exports_and_the_preview_carry_the_provenance(built, tmp_path):
+    import argparse
+
+    from datasets import load_dataset
+
+    from mmpr_pipeline import export
+    from mmpr_pipeline.preview import write_preview
+
+    run, _, pairs, _, _ = built
+    for fmt in ("trl", "internvl"):
+        assert export.cli_export(argparse.Namespace(run_dir=str(run), format=fmt, out=str(tmp_path / fmt))) == 0
+    trl = load_dataset("parquet", data_dir=str(tmp_path / "trl" / "data"), split="train")
+    assert trl["provenance"] == [p["provenance"] for p in pairs]
+    lines = [json.loads(x) for x in (tmp_path / "internvl" / "annotations" / "mc.jsonl").read_text().splitlines()]
+    assert [x["provenance"] for x in lines] == [p["provenance"] for p in pairs]
+    page = write_preview(run, per_source=len(pairs)).read_text()
+    assert "reference rationale" in page       # not the verdict of the question's last sample
