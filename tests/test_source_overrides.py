@@ -147,3 +147,43 @@ def test_trainer_sees_the_downscaled_image_the_sampler_saw(built, tmp_path):
                               max_steps=2, learning_rate=1e-4, warmup_ratio=0.0, eval_fraction=0.0,
                               max_length=1024, progress_bar=False, save_model=False))
     assert summary["steps"] == 2
+
+
+# The published image processor settings of each family's checkpoint (README, "Model families"), and
+# how many image tokens its processor's output stands for.
+FAMILY_PROCESSORS = {
+    "qwen2_vl": ("Qwen2VLImageProcessor", dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280),
+                 lambda out: int(out["image_grid_thw"][0].prod()) // 4),       # 2x2 patches merge to one token
+    "internvl": ("GotOcr2ImageProcessor", dict(crop_to_patches=True, min_patches=1, max_patches=12,
+                                               size={"height": 448, "width": 448}),
+                 lambda out: int(out["num_patches"][0]) * 256),                # 256 tokens per 448 px tile
+    "idefics3": ("Idefics3ImageProcessor", dict(do_image_splitting=True, size={"longest_edge": 1536},
+                                                max_image_size={"longest_edge": 384}),
+                 lambda out: out["pixel_values"].shape[1] * 81),               # SmolVLM: 81 tokens per tile
+    "llava": ("CLIPImageProcessor", dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+              lambda out: (out["pixel_values"].shape[-1] // 14) ** 2),        # one 336 px crop, 14 px patches
+    "gemma3": ("Gemma3ImageProcessor", dict(size={"height": 896, "width": 896}),
+               lambda out: out["pixel_values"].shape[0] * 256),              # 256 tokens per 896 px image
+}
+
+
+@pytest.mark.parametrize("family", FAMILY_PROCESSORS)
+def test_which_families_spend_fewer_image_tokens_under_image_max_pixels(family):
+    """What README's "Model families" says of image_max_pixels: only the pixel-budget family (Qwen2-VL,
+    and Qwen2.5-VL, same processor) spends fewer tokens; the others size the image themselves."""
+    import numpy as np
+    import transformers
+    from PIL import Image
+
+    name, settings, tokens = FAMILY_PROCESSORS[family]
+    processor = getattr(transformers, name)(**settings)
+    x, y = np.meshgrid(np.linspace(0, 255, 1344), np.linspace(0, 255, 1008))
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([x, y, x[::-1]], -1).astype(np.uint8)).save(buf, format="PNG")
+    full, capped = buf.getvalue(), downscale_image(buf.getvalue(), 448 * 448)
+    assert _size(capped) == (517, 387)
+    counts = [tokens(processor(images=[Image.open(io.BytesIO(b)).convert("RGB")], return_tensors="np"))
+              for b in (full, capped)]
+    expected = {"qwen2_vl": [1230, 252], "internvl": [13 * 256] * 2, "idefics3": [13 * 81] * 2,
+                "llava": [576, 576], "gemma3": [256, 256]}[family]
+    assert counts == expected
