@@ -12,6 +12,13 @@ exist to prove that build, DropoutNTP, training and export handle each family's 
 
 `FAMILIES` maps a family name to its builder; `build(family, out_dir)` writes a folder that
 `AutoModelForImageTextToText`, `AutoProcessor` and vLLM load like a Hub checkpoint.
+
+Image size per family (a recipe source's `image_max_pixels` downscales the image itself, so every
+family gets, and trains on, the smaller image; README "Model families"): Qwen2-VL/2.5-VL size images
+by a pixel budget, so fewer pixels mean fewer image tokens. LLaVA-1.5 (336 px crop) and Gemma 3
+(896 px) resize to a fixed size, InternVL3 picks its 448 px tile grid by aspect ratio and Idefics3 /
+SmolVLM scales up to `size.longest_edge` before splitting: for these a cap lowers detail, not tokens;
+their tile counts are processor settings (`max_patches`, `do_image_splitting`).
 """
 from __future__ import annotations
 
