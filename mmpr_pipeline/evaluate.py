@@ -72,6 +72,9 @@ def evaluate(recipe: recipe_mod.Recipe, out: str | Path, *, modes=("greedy", "sa
         sampling = (dataclasses.replace(recipe.sampling, n=1, temperature=0.0) if mode == "greedy"
                     else recipe.sampling)
         r = dataclasses.replace(base, sampling=sampling)
+        if mode == "greedy":  # a source's own sampling may set its max_tokens, never greedy's n or temperature
+            r.sources = [dataclasses.replace(s, sampling={**s.sampling, "n": 1, "temperature": 0.0})
+                         if s.sampling else s for s in r.sources]
         run = out / mode
         prepare_run_dir(run, r, overwrite=True)  # same recipe: resumes; another model: starts over
         collect_samples(r, run, new_stats(r), ray_address)

@@ -337,6 +337,8 @@ def validate(recipe: Recipe) -> Recipe:
         _check(not src.pairing.answer_fix or src.pipeline == "correctness", f, f"{key}.pairing.answer_fix",
                "rewrites final answers to the reference answer: correctness sources only")
         _build(Sampling, src.sampling, f, f"{key}.sampling")  # known keys, right types
+        _check(not (src.pipeline == "dropout_ntp" and "n" in src.sampling), f, f"{key}.sampling.n",
+               "a dropout_ntp source samples dropout.n responses per question: set dropout.n instead")
         _check_sampling(recipe.sampling_for(src), f, f"{key}.sampling")
         _check(src.image_max_pixels is None or src.image_max_pixels >= MIN_IMAGE_PIXELS, f,
                f"{key}.image_max_pixels", f"must be >= {MIN_IMAGE_PIXELS} (32x32), got {src.image_max_pixels}")

@@ -57,6 +57,7 @@ def test_source_sampling_is_merged_over_the_recipe_and_validated():
         (dict(sampling=[4]), r"sources\[0\]\.sampling: expected a mapping"),
         (dict(image_max_pixels=100), r"sources\[0\]\.image_max_pixels: must be >= 1024"),
         (dict(image_max_pixels="big"), r"sources\[0\]\.image_max_pixels: expected an integer"),
+        (dict(pipeline="dropout_ntp", sampling=dict(n=2)), r"sources\[0\]\.sampling\.n: .*set dropout\.n instead"),
     ]:
         with pytest.raises(RecipeError, match=message):
             recipe_mod.from_dict(_recipe(**keys))
@@ -68,6 +69,22 @@ def test_unset_overrides_keep_the_fingerprint_and_set_ones_change_it():
     assert recipe_mod.from_dict(_recipe(sampling={})).fingerprint() == plain.fingerprint()
     assert recipe_mod.from_dict(_recipe(sampling=dict(n=2))).fingerprint() != plain.fingerprint()
     assert recipe_mod.from_dict(_recipe(image_max_pixels=3136)).fingerprint() != plain.fingerprint()
+
+
+def test_greedy_eval_keeps_a_sources_max_tokens_but_not_its_n_or_temperature(monkeypatch, tmp_path):
+    """`mmpr eval` greedy mode is n=1 at temperature 0 for every source, overrides or not. (The
+    build is replaced by a recorder: what is checked is which settings each mode hands it.)"""
+    from mmpr_pipeline import evaluate, pipeline as pipeline_mod
+
+    seen = {}
+    monkeypatch.setattr(pipeline_mod, "prepare_run_dir", lambda run, r, overwrite: None)
+    monkeypatch.setattr(pipeline_mod, "collect_samples",
+                        lambda r, run, stats, address: seen.setdefault(run.name, r.sampling_for(r.sources[0])))
+    monkeypatch.setattr(evaluate, "accuracy_table", lambda run: {})
+    rec = recipe_mod.from_dict(_recipe(sampling=dict(n=2, temperature=0.7, max_tokens=12)))
+    evaluate.evaluate(rec, tmp_path)
+    assert (seen["greedy"].n, seen["greedy"].temperature, seen["greedy"].max_tokens) == (1, 0.0, 12)
+    assert (seen["sampled"].n, seen["sampled"].temperature, seen["sampled"].max_tokens) == (2, 0.7, 12)
 
 
 @pytest.fixture(scope="module")
