@@ -97,7 +97,11 @@ def built(tmp_path_factory, ray_local, trained_model):
                            dict(name="capped", loader="generated", generator=generator, limit=4,
                                 sampling=dict(n=2, max_tokens=6)),
                            dict(name="small", loader="generated", generator=generator, limit=4,
-                                sampling=dict(n=6), image_max_pixels=56 * 56)])
+                                sampling=dict(n=6), image_max_pixels=56 * 56),
+                           # DropoutNTP: its first response and its continuations follow the source's cap
+                           dict(name="describe", loader="generated", generator=dict(seed=6, families=["describe"]),
+                                limit=4, pipeline="dropout_ntp", dropout=dict(min_words=4),
+                                sampling=dict(max_tokens=12))])
     (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     run = d / "run"
     stats = pipeline.build(recipe_mod.load(d / "recipe.yaml"), run)
@@ -106,7 +110,8 @@ def built(tmp_path_factory, ray_local, trained_model):
     return run, stats, samples, pairs, d / "recipe.yaml"
 
 
-EXPECTED = {"plain": (4, 48), "capped": (2, 6), "small": (6, 48)}  # source: (n, max_tokens)
+# source: (n, max_tokens); a dropout_ntp source samples dropout.n (1) responses, its pairs record sampling.n
+EXPECTED = {"plain": (4, 48), "capped": (2, 6), "small": (6, 48), "describe": (1, 12)}
 
 
 @pytest.mark.slow
@@ -118,20 +123,23 @@ def test_each_source_samples_with_its_own_n_max_tokens_and_image_size(built):
         assert s["error"] == "" and len(s["responses"]) == n
         assert max(s["n_tokens"]) <= max_tokens
         recorded = json.loads(s["sampling"])  # the row records what its source used
-        assert (recorded["n"], recorded["max_tokens"], recorded["temperature"]) == (n, max_tokens, 1.0)
+        assert (recorded["max_tokens"], recorded["temperature"]) == (max_tokens, 1.0)
+        assert recorded["n"] == (4 if s["pipeline"] == "dropout_ntp" else n)
         # the engine received fewer image tokens where the source caps the pixels
         assert s["image_tokens"] == (SMALL_TOKENS if s["source"] == "small" else FULL_TOKENS)
         assert [_size(b) for b in s["images"]] == [(56, 56) if s["source"] == "small" else (112, 112)]
     capped = [t for s in samples if s["source"] == "capped" for t in s["n_tokens"]]
     assert 6 in capped  # the cap bites: the demo model's answers run longer than 6 tokens
-    assert max(t for s in samples if s["source"] != "capped" for t in s["n_tokens"]) > 6
+    assert max(t for s in samples if s["source"] in ("plain", "small") for t in s["n_tokens"]) > 12
+    continued = [t for s in samples if s["source"] == "describe" for t, k in zip(s["continuation_tokens"],
+                                                                                 s["prefix_words"]) if k >= 0]
+    assert continued and max(continued) == 12  # continuations too: capped at the source's 12 tokens
     by_qid = {s["qid"]: s for s in samples}
     assert {p["source"] for p in pairs} >= {"plain", "small"}
     for p in pairs:  # pairs record their source's sampling and carry the image the engine saw
         assert p["sampling"] == by_qid[p["qid"]]["sampling"]
         assert [im["bytes"] for im in p["images"]] == by_qid[p["qid"]]["images"]
-        n, max_tokens = EXPECTED[p["source"]]
-        assert json.loads(p["sampling"])["n"] == n
+        assert json.loads(p["sampling"])["max_tokens"] == EXPECTED[p["source"]][1]
 
 
 @pytest.mark.slow
