@@ -64,10 +64,10 @@ def pair_rows(row: dict[str, Any], source_cfg, *, seed: int, model: str, samplin
     else:
         dropout_pairs, dropout_counts = pair_dropout(row)
         counts["dropout"] = dropout_counts
-        with_image = getattr(source_cfg.dropout, "with_image", False)  # dropout.with_image (issue 13 item 5)
-        for p in dropout_pairs:
+        for p in dropout_pairs:                 # with_image: continued with the images (issue 13 item 5)
             found.append(("dropout_ntp", dict(p, cut_ratio=source_cfg.dropout.ratio,
-                                              provenance='{"with_image": true}' if with_image else "{}")))
+                                              provenance='{"with_image": true}' if source_cfg.dropout.with_image
+                                              else "{}")))
     out = []
     for kind, p in found:
         counts[kind] += 1
