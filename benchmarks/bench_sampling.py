@@ -9,10 +9,12 @@ with `ignore_eos`, on the same image questions, n samples each. Three ways, in t
                ceiling, and the baseline of the ratios)
   batch-sync   `LLM.chat` per batch of --batch-size questions, each waited on (the pipeline before
                the async engine)
-  stage        `stages.sample.SampleStage` on vLLM's async engine, batches of --batch-size with
-               --concurrent batches in flight, as the Ray Data actor runs it
+  stage@K      `stages.sample.SampleStage` on vLLM's async engine, batches of --batch-size with K
+               batches in flight (each K of --concurrent), as the Ray Data actor runs it. With many
+               more batches than K, a batch holds its slot until its longest response ends, so a
+               small K lets the engine drain behind the batches' tails.
 
-    python benchmarks/bench_sampling.py [--model PATH] [--questions 128] [--n 4] [--batch-size 32]
+    python benchmarks/bench_sampling.py [--model PATH] [--questions 512] [--n 4] [--batch-size 32]
 
 Each way runs --repeat times, alternating, and keeps its best. Prints tokens/s of each and the ratios to all-at-once (target for the stage: >= 0.95); the raw
 figures go to benchmarks/results/bench_sampling.json.
@@ -41,10 +43,11 @@ def long_tailed_lengths(count: int, median: int, sigma: float, cap: int, seed: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: the trained demo model")
-    ap.add_argument("--questions", type=int, default=128)
+    ap.add_argument("--questions", type=int, default=512)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--concurrent", type=int, default=4, help="batches in flight in the stage")
+    ap.add_argument("--concurrent", type=int, nargs="+", default=[4, 16],
+                    help="batches in flight in the stage (one stage run per value)")
     ap.add_argument("--median", type=int, default=42)
     ap.add_argument("--sigma", type=float, default=1.2)
     ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each way; the best is kept")
@@ -81,8 +84,8 @@ def main() -> None:
     conversations = [conversation(r) for r in rows]
     batches = [questions[i:i + args.batch_size] for i in range(0, len(questions), args.batch_size)]
 
-    async def run_stage() -> int:
-        gate = asyncio.Semaphore(args.concurrent)
+    async def run_stage(concurrent: int, batches=batches) -> int:
+        gate = asyncio.Semaphore(concurrent)
 
         async def one(batch) -> int:
             async with gate:
@@ -110,13 +113,15 @@ def main() -> None:
                    for i in range(0, len(conversations), args.batch_size))
 
     async def timed_runs() -> dict:
-        await run_stage()  # warm-up of the async engine (its output handler lives on this loop)
+        await run_stage(2, batches[:2])  # warm-up of the async engine (its output handler lives on this loop)
         chat(conversations[:2], sync_params[:2])
         best: dict[str, dict] = {}
         for _ in range(args.repeat):
-            for name, fn in (("stage", None), ("all_at_once", all_at_once), ("batch_sync", batch_sync)):
+            ways = [(f"stage@{k}", k) for k in args.concurrent] + [("all_at_once", all_at_once),
+                                                                    ("batch_sync", batch_sync)]
+            for name, fn in ways:
                 t0 = time.perf_counter()
-                tokens = await run_stage() if fn is None else fn()
+                tokens = await run_stage(fn) if isinstance(fn, int) else fn()
                 seconds = time.perf_counter() - t0
                 if name not in best or seconds < best[name]["seconds"]:
                     best[name] = dict(tokens=tokens, seconds=seconds)
@@ -126,13 +131,14 @@ def main() -> None:
     base = results["all_at_once"]["tokens"] / results["all_at_once"]["seconds"]
     print(f"workload: {len(questions)} image questions x n={args.n}, max_tokens log-normal (median "
           f"{sorted(lengths)[len(lengths) // 2]}, max {max(lengths)}), ignore_eos; batches of {args.batch_size}")
-    for name in ("all_at_once", "batch_sync", "stage"):
+    for name in ["all_at_once", "batch_sync"] + [f"stage@{k}" for k in args.concurrent]:
         r = results[name]
         r["tokens_per_s"] = round(r["tokens"] / r["seconds"], 1)
         r["ratio_to_all_at_once"] = round(r["tokens_per_s"] / base, 3)
         print(f"{name:<12} {r['tokens']:>7} tokens in {r['seconds']:6.2f}s  {r['tokens_per_s']:9.0f} tok/s  "
               f"ratio {r['ratio_to_all_at_once']:.2f}")
-    print(f"stage / all-at-once: {results['stage']['ratio_to_all_at_once']:.2f} (target >= 0.95); "
+    stages = ", ".join(f"stage@{k} {results[f'stage@{k}']['ratio_to_all_at_once']:.2f}" for k in args.concurrent)
+    print(f"stage / all-at-once: {stages} (target >= 0.95); "
           f"batch-sync / all-at-once: {results['batch_sync']['ratio_to_all_at_once']:.2f}")
     results["workload"] = dict(questions=len(questions), n=args.n, batch_size=args.batch_size,
                                concurrent=args.concurrent, lengths=lengths, model=model)

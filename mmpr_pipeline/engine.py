@@ -10,11 +10,13 @@ continuation uses text-only messages and `continue_final_message=True`.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from mmpr_pipeline.recipe import DEMO_MODEL
 
@@ -28,9 +30,13 @@ CPU_DEFAULTS = dict(enforce_eager=True, dtype="bfloat16", max_model_len=2048, en
 # processed images would only grow (up to 4 GiB per replica by default), never hit.
 COMMON_DEFAULTS = dict(limit_mm_per_prompt={"image": 1}, mm_processor_cache_gb=0)
 # Keys of the recipe's `engine:` that are ours, not vLLM's.
-PIPELINE_ENGINE_KEYS = ("stall_timeout_s", "max_concurrent_batches")
+PIPELINE_ENGINE_KEYS = ("stall_timeout_s", "max_concurrent_batches", "max_sequences_in_flight")
 STALL_TIMEOUT_S = 600.0       # a request with no result for this long means the engine is stuck
-MAX_CONCURRENT_BATCHES = 4    # batches in flight per replica: keeps the engine full between batches
+# Batches (work units) each replica holds at once. A batch keeps its slot until its longest response
+# ends, so with few slots the engine drains behind the batches' tails (benchmarks/bench_sampling.py:
+# 4 slots ran at 0.60 of all-at-once, 16 at 1.02). What the engine is sent is bounded separately,
+# by the sequence window below.
+MAX_CONCURRENT_BATCHES = 16
 
 
 def has_gpu() -> bool:
@@ -128,6 +134,40 @@ def user_message(text: str, images=None) -> dict[str, Any]:
                                                     lambda im: {"type": "image_pil", "image_pil": im})}
 
 
+class SequenceWindow:
+    """At most `limit` sequences admitted to the engine at once; a request of n samples takes n.
+    Requests queue here before their images are decoded and rendered, so a replica holds processed
+    images only for what the engine runs now or next; the rest wait as encoded bytes. Waiters are
+    admitted in arrival order, so earlier batches finish first."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self.used = 0
+        self._free: asyncio.Condition | None = None  # made on first use, in the loop that runs requests
+        self._queue: collections.deque = collections.deque()  # waiting requests, in arrival order
+
+    @contextlib.asynccontextmanager
+    async def take(self, n: int):
+        n = min(max(1, n), self.limit)
+        if self._free is None:
+            self._free = asyncio.Condition()
+        turn = object()
+        async with self._free:
+            self._queue.append(turn)
+            try:  # strictly first come, first served: a wide request is never starved by narrow ones
+                await self._free.wait_for(lambda: self._queue[0] is turn and self.used + n <= self.limit)
+            finally:
+                self._queue.remove(turn)
+                self._free.notify_all()
+            self.used += n
+        try:
+            yield
+        finally:
+            async with self._free:
+                self.used -= n
+                self._free.notify_all()
+
+
 class EngineStalled(RuntimeError):
     """The engine gave no result within the stall timeout: it is dead or stuck."""
 
@@ -163,8 +203,10 @@ class Engine:
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, options, seed)),
                                              usage_context=UsageContext.LLM_CLASS)
         scheduler = self.llm.vllm_config.scheduler_config
-        log.info("engine: up to %d sequences, %d tokens per step", scheduler.max_num_seqs,
-                 scheduler.max_num_batched_tokens)
+        # Twice what one engine step runs: a full step now, and a full queue for the next ones.
+        self.window = SequenceWindow(int(options.get("max_sequences_in_flight", 2 * scheduler.max_num_seqs)))
+        log.info("engine: up to %d sequences, %d tokens per step; %d sequences in flight",
+                 scheduler.max_num_seqs, scheduler.max_num_batched_tokens, self.window.limit)
         self.image_token_ids = image_token_ids(self.llm.model_config.hf_config, self.llm.get_tokenizer())
         self.add_bos: bool | None = None  # decided on the first render (see _render)
 
@@ -203,13 +245,22 @@ class Engine:
         _, (engine_input,) = await renderer.render_chat_async([conversation], chat_params, tok_params)
         return engine_input
 
-    async def chat(self, conversation: list[dict], params, *, continue_final: bool = False) -> Completion:
-        """All samples of one conversation. A request the engine refuses (say, a prompt longer than
-        the context) fails alone, with its error recorded; a dead or stuck engine raises
-        `EngineStalled`, so that the replica is restarted and the batch retried."""
+    async def chat(self, conversation: list[dict] | Callable[[], list[dict]], params, *,
+                   continue_final: bool = False) -> Completion:
+        """All samples of one conversation, once the sequence window admits them. `conversation` may
+        be a function that builds it, called on admission (images are decoded only then). A request
+        the engine refuses (say, a prompt longer than the context) fails alone, with its error
+        recorded; a dead or stuck engine raises `EngineStalled`, so that the replica is restarted
+        and the batch retried. The stall timeout starts on admission: waiting one's turn is not a stall."""
+        async with self.window.take(params.n):
+            return await self._chat(conversation, params, continue_final)
+
+    async def _chat(self, conversation, params, continue_final: bool) -> Completion:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
+            if callable(conversation):
+                conversation = conversation()
             return await asyncio.wait_for(self._generate(conversation, params, continue_final),
                                           timeout=self.stall_timeout_s)
         except asyncio.TimeoutError:

@@ -3,7 +3,8 @@
 Each replica owns one `Engine` (vLLM's async engine, built once in `__init__`). `__call__` is a
 coroutine: every question of the batch is its own request (all `n` samples of a question in one
 request), and Ray Data runs several batches per replica at once (`max_concurrent_batches`), so new
-requests keep flowing while a batch waits on its longest response. DropoutNTP rows are then cut and
+requests keep flowing while a batch waits on its longest response. The engine's sequence window
+admits them in arrival order and decodes a question's images only on admission. DropoutNTP rows are then cut and
 continued without the image (or with it, `dropout.with_image`) by the same engine
 (stages/dropout_ntp.py).
 
@@ -100,7 +101,7 @@ class SampleStage:
         else:
             n = self.dropout[row["source"]].n if dropout else s.n
             t0 = time.perf_counter()
-            comp = await self.engine.chat(conversation(row), self.params_for(row, n))
+            comp = await self.engine.chat(lambda: conversation(row), self.params_for(row, n))
             row.update(responses=comp.texts, n_tokens=comp.n_tokens, finish_reasons=comp.finish_reasons,
                        error=comp.error, image_tokens=self.engine.image_tokens(comp),
                        sample_seconds=time.perf_counter() - t0)

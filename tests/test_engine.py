@@ -81,3 +81,62 @@ def test_engine_is_sized_for_offline_batches_as_llm_is(engine, trained_model):
     assert (ours.max_num_seqs, ours.max_num_batched_tokens) == (offline.max_num_seqs,
                                                                 offline.max_num_batched_tokens)
     assert ours.max_num_seqs > 128
+    assert e.window.limit == 2 * ours.max_num_seqs  # a full step now and a full queue for the next
+
+
+def test_requests_beyond_the_sequence_window_wait_their_turn_and_all_finish(engine):
+    """The window admits at most `limit` sequences (a request of n takes n; one larger than the
+    window takes all of it), builds a request's conversation only on admission, and a conversation
+    that cannot be built fails its request alone."""
+    from mmpr_pipeline.engine import SequenceWindow
+
+    e, loop = engine
+    window, e.window = e.window, SequenceWindow(3)
+    admitted, peak = [], [0]
+
+    def build(i):
+        def conv():
+            admitted.append(i)
+            peak[0] = max(peak[0], e.window.used)
+            return conversation(_row())
+        return conv
+
+    def broken():
+        raise OSError("image file is truncated")
+
+    async def many():
+        return await asyncio.gather(*(e.chat(build(i), _params(e, n=2 if i % 2 else 1)) for i in range(6)),
+                                    e.chat(build(6), _params(e, n=5)), e.chat(broken, _params(e)))
+
+    try:
+        *done, wide, bad = loop.run_until_complete(many())
+    finally:
+        e.window = window
+    assert 1 <= peak[0] <= 3 and e.window.used == 0   # built once admitted (never before), never over 3
+    assert admitted == list(range(7))                 # in arrival order
+    assert [len(c.texts) for c in done] == [1, 2, 1, 2, 1, 2] and not any(c.error for c in done)
+    assert len(wide.texts) == 5                       # wider than the window: admitted alone, not stuck
+    assert bad.error.startswith("OSError") and bad.texts == []
+
+
+def test_sequence_window_counts_samples_and_admits_in_order():
+    """Pure logic: with room for 4 sequences, requests of 3, 2, 1 samples: the 2 waits for the 3,
+    and the 1 queued behind it waits too (first come, first served)."""
+    from mmpr_pipeline.engine import SequenceWindow
+
+    window, order = SequenceWindow(4), []
+
+    async def request(name, n, hold):
+        async with window.take(n):
+            order.append(("in", name, window.used))
+            await asyncio.sleep(hold)
+        order.append(("out", name))
+
+    async def main():
+        first = asyncio.create_task(request("a", 3, 0.05))
+        await asyncio.sleep(0)
+        await asyncio.gather(first, request("b", 2, 0.01), request("c", 1, 0.01))
+
+    asyncio.run(main())
+    assert order[0] == ("in", "a", 3)
+    assert order.index(("out", "a")) < order.index(("in", "b", 2)) < order.index(("in", "c", 3))
