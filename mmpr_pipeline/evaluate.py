@@ -60,7 +60,8 @@ def accuracy_table(run: Path) -> dict[str, dict[str, Any]]:
 
 def evaluate(recipe: recipe_mod.Recipe, out: str | Path, *, modes=("greedy", "sampled"),
              ray_address: str | None = None) -> dict[str, Any]:
-    from mmpr_pipeline.pipeline import collect_samples, new_stats, prepare_run_dir
+    from mmpr_pipeline.pipeline import collect_samples, prepare_run_dir
+    from mmpr_pipeline.units import BuildStats
 
     out = Path(out)
     correctness = [s for s in recipe.sources if s.pipeline == "correctness"]
@@ -77,7 +78,7 @@ def evaluate(recipe: recipe_mod.Recipe, out: str | Path, *, modes=("greedy", "sa
                          if s.sampling else s for s in r.sources]
         run = out / mode
         prepare_run_dir(run, r, overwrite=True)  # same recipe: resumes; another model: starts over
-        collect_samples(r, run, new_stats(r), ray_address)
+        collect_samples(r, run, BuildStats.for_recipe(r), ray_address)
         results["modes"][mode] = dict(sampling=dataclasses.asdict(sampling), accuracy=accuracy_table(run))
     shards.write_json(out / "eval.json", results)
     print_table(results)

@@ -35,7 +35,7 @@ import pyarrow as pa
 from mmpr_pipeline import shards
 from mmpr_pipeline.recipe import Recipe, to_json
 from mmpr_pipeline.records import PAIR_SCHEMA, QUESTION_SCHEMA, REJECT_SCHEMA
-from mmpr_pipeline.units import SourceStats, WorkUnit, is_done, plan_source, unit_file
+from mmpr_pipeline.units import BuildStats, WorkUnit, is_done, plan_source, unit_file
 from stages.load import SourceError
 
 log = logging.getLogger(__name__)
@@ -329,16 +329,6 @@ def write_rejects_file(run: Path, source: str) -> None:
     shards.write_table(pa.concat_tables([pq.read_table(f) for f in files]).cast(REJECT_SCHEMA), target)
 
 
-def new_stats(recipe: Recipe) -> dict[str, Any]:
-    return dict(recipe=recipe.name, model=recipe.model, fingerprint=recipe.fingerprint(), created=None,
-                sources={s.name: dict(pipeline=s.pipeline, correct_rate=None, **SourceStats().to_dict())
-                         for s in recipe.sources},
-                totals={}, all_wrong_qids={},
-                stage_seconds={k: 0.0 for k in ("load", "sample", "continue", "score", "pair", "write",
-                                                "generate_wall", "total")},
-                shards=[])
-
-
 def read_unit_counts(run: Path, units: dict[str, list[WorkUnit]]) -> dict[str, list[dict]]:
     """Every finished unit's counts file, read once at commit (for stats.json and the shard plan)."""
     from stages.write import read_counts
@@ -346,30 +336,11 @@ def read_unit_counts(run: Path, units: dict[str, list[WorkUnit]]) -> dict[str, l
     return {source: [read_counts(run, u) for u in source_units] for source, source_units in units.items()}
 
 
-def sum_counts(counts: dict[str, list[dict]], stats: dict[str, Any]) -> None:
+def sum_counts(counts: dict[str, list[dict]], stats: BuildStats) -> None:
     """stats.json's per-source numbers: the sum of the units' counts files."""
-    seconds = stats["stage_seconds"]
     for source, source_counts in counts.items():
-        total = SourceStats()
         for c in source_counts:
-            total.add(SourceStats.from_dict(c["stats"]))
-            if c["all_wrong_qids"]:
-                stats["all_wrong_qids"].setdefault(source, []).extend(c["all_wrong_qids"])
-            seconds["pair"] += c["pair_seconds"]
-            seconds["write"] += c["write_seconds"]
-        st = stats["sources"][source]
-        st.update(total.to_dict())
-        if st["pipeline"] == "correctness" and st["samples"]:
-            st["correct_rate"] = round(st["correct"] / st["samples"], 4)
-        for k in ("sample", "continue", "score"):
-            seconds[k] += total.seconds[k]
-    stats["totals"] = dict(
-        rows=sum(s["rows"] for s in stats["sources"].values()),
-        rejects=sum(s["rejects"] for s in stats["sources"].values()),
-        questions=sum(s["questions"] for s in stats["sources"].values()),
-        samples=sum(s["samples"] for s in stats["sources"].values()),
-        pairs={k: sum(s["pairs"][k] for s in stats["sources"].values())
-               for k in ("correctness", "format", "dropout_ntp")})
+            stats.add_unit(source, c)
 
 
 def remove_stale_units(run: Path, units: dict[str, list[WorkUnit]]) -> None:
@@ -381,7 +352,7 @@ def remove_stale_units(run: Path, units: dict[str, list[WorkUnit]]) -> None:
                 p.unlink()
 
 
-def collect_samples(recipe: Recipe, run: Path, stats: dict[str, Any], ray_address: str | None = None
+def collect_samples(recipe: Recipe, run: Path, stats: BuildStats, ray_address: str | None = None
                     ) -> dict[str, list[WorkUnit]]:
     """plan -> load -> sample -> score -> pair into `run`'s work units, skipping finished ones."""
     from mmpr_pipeline.engine import resolve_model
@@ -389,7 +360,7 @@ def collect_samples(recipe: Recipe, run: Path, stats: dict[str, Any], ray_addres
     init_ray(ray_address)
     t0 = time.perf_counter()
     units, max_images = plan_units(recipe)
-    stats["stage_seconds"]["load"] = round(time.perf_counter() - t0, 3)
+    stats.seconds["load"] = time.perf_counter() - t0
     remove_stale_units(run, units)
     every = [u for us in units.values() for u in us]
     pending = [u for u in every if not is_done(run, u)]
@@ -397,7 +368,7 @@ def collect_samples(recipe: Recipe, run: Path, stats: dict[str, Any], ray_addres
         log.info("%d of %d work units to do (%d already done)", len(pending), len(every), len(every) - len(pending))
         t0 = time.perf_counter()
         run_units(recipe, run, resolve_model(recipe.model), pending, max_images)
-        stats["stage_seconds"]["generate_wall"] = round(time.perf_counter() - t0, 3)
+        stats.seconds["generate_wall"] = time.perf_counter() - t0
         missing = [u for u in pending if not is_done(run, u)]
         if missing:
             raise RuntimeError(f"{len(missing)} work units did not complete (first: {missing[0].source}/"
@@ -406,7 +377,7 @@ def collect_samples(recipe: Recipe, run: Path, stats: dict[str, Any], ray_addres
         log.info("all %d work units already done", len(every))
     for source in units:
         write_rejects_file(run, source)
-    stats["resume"] = dict(units=len(every), units_done_before=len(every) - len(pending),
+    stats.resume = dict(units=len(every), units_done_before=len(every) - len(pending),
                            rows_sampled=sum(u.stop - u.start for u in pending))
     return units
 
@@ -418,21 +389,20 @@ def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_addre
     run = Path(out)
     with RunLock(run):
         prepare_run_dir(run, recipe, overwrite)
-        stats = new_stats(recipe)
+        stats = BuildStats.for_recipe(recipe)
         units = collect_samples(recipe, run, stats, ray_address)
         counts = read_unit_counts(run, units)
         sum_counts(counts, stats)
         shards.kill_point("before_pair")
         t0 = time.perf_counter()
         paths = write_shards(run, recipe, counts)
-        stats["shards"] = [str(p.relative_to(run)) for p in paths]
-        stats["stage_seconds"]["shards"] = round(time.perf_counter() - t0, 3)
-        for k, v in stats["stage_seconds"].items():
-            stats["stage_seconds"][k] = round(v, 3)
-        stats["stage_seconds"]["total"] = round(time.perf_counter() - t_start, 3)
-        stats["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        stats.shards = [str(p.relative_to(run)) for p in paths]
+        stats.seconds["shards"] = time.perf_counter() - t0
+        stats.seconds["total"] = time.perf_counter() - t_start
+        stats.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         shards.kill_point("before_stats")
-        shards.write_json(run / "stats.json", stats)
+        summary = stats.to_dict()
+        shards.write_json(run / "stats.json", summary)
         if recipe.preview:  # before the card, which links to it
             from mmpr_pipeline.preview import write_preview
             write_preview(run)
@@ -440,8 +410,8 @@ def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_addre
             from mmpr_pipeline.card import write_card as _write_card
 
             _write_card(run)
-    print_summary(run, stats)
-    return stats
+    print_summary(run, summary)
+    return summary
 
 
 def print_summary(run: Path, stats: dict[str, Any]) -> None:

@@ -149,3 +149,55 @@ class SourceStats:
     def from_dict(cls, d: dict[str, Any]) -> "SourceStats":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+STAGE_TIMES = ("load", "sample", "continue", "score", "pair", "write", "generate_wall", "shards", "total")
+
+
+@dataclass
+class BuildStats:
+    """stats.json: what a build produced, per source (the sum of its units' counts files) and in
+    total, and where its time went. The driver fills it from the units' counts files at commit."""
+    recipe: str
+    model: str
+    fingerprint: str
+    pipelines: dict[str, str]                # source -> correctness | dropout_ntp, in recipe order
+    sources: dict[str, SourceStats] = field(default_factory=dict)
+    all_wrong_qids: dict[str, list[str]] = field(default_factory=dict)
+    # Wall seconds of the driver's steps; sample/continue/score are summed over questions instead.
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGE_TIMES, 0.0))
+    shards: list[str] = field(default_factory=list)
+    resume: dict[str, int] = field(default_factory=dict)
+    created: str | None = None
+
+    @classmethod
+    def for_recipe(cls, recipe) -> "BuildStats":
+        return cls(recipe=recipe.name, model=recipe.model, fingerprint=recipe.fingerprint(),
+                   pipelines={s.name: s.pipeline for s in recipe.sources},
+                   sources={s.name: SourceStats() for s in recipe.sources})
+
+    def add_unit(self, source: str, counts: dict[str, Any]) -> None:
+        """One finished unit's counts file (stages/write.py)."""
+        self.sources[source].add(SourceStats.from_dict(counts["stats"]))
+        if counts["all_wrong_qids"]:
+            self.all_wrong_qids.setdefault(source, []).extend(counts["all_wrong_qids"])
+        self.seconds["pair"] += counts["pair_seconds"]
+        self.seconds["write"] += counts["write_seconds"]
+
+    def correct_rate(self, source: str) -> float | None:
+        s = self.sources[source]
+        return round(s.correct / s.samples, 4) if self.pipelines[source] == "correctness" and s.samples else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stats.json layout the card, the preview, `mmpr publish` and users read."""
+        per_source = {name: dict(pipeline=self.pipelines[name], correct_rate=self.correct_rate(name), **s.to_dict())
+                      for name, s in self.sources.items()}
+        seconds = dict(self.seconds)
+        for key in ("sample", "continue", "score"):
+            seconds[key] = sum(s.seconds[key] for s in self.sources.values())
+        totals = {key: sum(s[key] for s in per_source.values()) for key in ("rows", "rejects", "questions", "samples")}
+        totals["pairs"] = {kind: sum(s["pairs"][kind] for s in per_source.values()) for kind in PAIR_TYPES}
+        return dict(recipe=self.recipe, model=self.model, fingerprint=self.fingerprint, created=self.created,
+                    sources=per_source, totals=totals, all_wrong_qids=self.all_wrong_qids,
+                    stage_seconds={k: round(v, 3) for k, v in seconds.items()}, shards=self.shards,
+                    resume=self.resume)
