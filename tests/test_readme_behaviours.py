@@ -99,3 +99,19 @@ def test_all_n_samples_of_a_question_come_from_one_request():
     assert [len(r) for r in out.column("responses").to_pylist()] == [5, 5, 5]
     seeds = [p["seed"] for p in stage.engine.requests]
     assert len(set(seeds)) == 3  # each question its own seed, from its qid
+
+
+def test_readme_pipeline_diagram_names_the_code_that_runs_each_stage():
+    """Each `module.name` in "How it works" is a function or class that exists under that name."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    diagram = readme.split("## How it works", 1)[1].split("```")[1]
+    names = re.findall(r"\b((?:stages/)?[a-z_]+)\.([A-Za-z_]+)\b", diagram)
+    names = [(m, n) for m, n in names if n not in ("parquet", "html", "md", "json")]
+    assert len(names) >= 15
+    for module, name in names:
+        path = module.replace("/", ".") if module.startswith("stages/") else f"mmpr_pipeline.{module}"
+        assert hasattr(importlib.import_module(path), name), f"README names {module}.{name}, which is not there"
