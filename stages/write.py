@@ -6,7 +6,7 @@ For a unit, in this order, each file replaced atomically (shards.write_table):
   pairs/<source>/unit-XXXXX.parquet     the pairs the rules give on those samples (stages/pair.py)
   samples/<source>/unit-XXXXX.json      the unit's counts: written last, it marks the unit done
 A restart skips units whose counts file names the same plan. The pair shards are cut from the
-units' pair files at the end (shards.compact), so nothing a kill interrupts is ever half-visible.
+units' pair files at the end (pipeline.write_shards), so nothing a kill interrupts is ever half-visible.
 """
 from __future__ import annotations
 
