@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser build-mmpr test train eval demo-model demo-loop publish bench mutation clean help
+.PHONY: setup browser build-mmpr test lint train eval demo-model demo-loop publish bench mutation clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -36,6 +36,10 @@ browser:  ## install Chromium (Debian package) for the preview's browser test (s
 
 test: setup demo-model browser  ## run the test suite (real vLLM, real Ray, on CPU)
 	$(PY) -m pytest -q tests
+
+lint: setup  ## ruff: format check and lint (line length 110, import order; config in pyproject.toml)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 train: setup  ## train the default model with MPO on RUN_DIR's pairs (config: TRAIN_CFG)
 	$(PY) -m mmpr_pipeline.cli train $(TRAIN_CFG)
