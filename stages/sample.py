@@ -93,7 +93,8 @@ class SampleStage:
         """Fill one question's responses (and, for DropoutNTP, its image-free continuations)."""
         s = self.sampling_for(row["source"])
         max_pixels = self.image_max_pixels.get(row["source"])
-        if max_pixels:  # before the engine: the row (so its pairs) keeps the image the engine sees
+        if max_pixels:  # before the engine: the row (so its pairs) keeps the image the engine sees;
+            # only bytes are kept, so images are still decoded for the engine on admission alone
             row["images"] = [downscale_image(b, max_pixels) for b in row["images"]]
         dropout = row["pipeline"] == "dropout_ntp"
         if dropout and row["given_response"]:
