@@ -169,6 +169,49 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+_PART = re.compile(r"(?P<name>[A-Za-z_][\w-]*)(?:\[(?P<index>[^\]]*)\])?")
+
+
+def set_dotted(data: Any, dotted: str, value: Any, file: str = "<recipe>") -> None:
+    """Set `dotted` (e.g. "sampling.n", "sources[0].limit") in the raw mapping read from `file`; a
+    path that does not fit it is a ConfigError naming the key, never a KeyError or IndexError."""
+    if not isinstance(data, dict):
+        raise ConfigError(file, dotted, f"--set needs a recipe that is a YAML mapping, not a {type(data).__name__}")
+    parts = dotted.split(".")
+    node, where = data, ""
+    for i, part in enumerate(parts):
+        m = _PART.fullmatch(part)
+        if m is None:
+            raise ConfigError(file, dotted, f"cannot read {part!r} as a key (use KEY, KEY.SUB or KEY[N].SUB)")
+        name, index = m["name"], m["index"]
+        where = f"{where}.{name}" if where else name
+        last = i == len(parts) - 1 and index is None
+        if last:
+            node[name] = value
+            return
+        child = node.get(name)
+        if index is None:
+            if child is None:
+                child = node[name] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(file, dotted, f"{where} is {child!r}, not a mapping with keys")
+        else:
+            if not isinstance(child, list):
+                raise ConfigError(file, dotted, f"{where} is not a list, so [{index}] does not apply")
+            if not index.isdigit():
+                raise ConfigError(file, dotted, f"expected {where}[N] with a number N, got [{index}]")
+            if int(index) >= len(child):
+                raise ConfigError(file, dotted, f"{where}[{index}] does not exist ({where} has {len(child)} "
+                                                f"entr{'y' if len(child) == 1 else 'ies'})")
+            where = f"{where}[{index}]"
+            child = child[int(index)]
+            if i == len(parts) - 1:
+                raise ConfigError(file, dotted, f"set a key of {where} (e.g. {where}.limit), not the whole entry")
+            if not isinstance(child, dict):
+                raise ConfigError(file, dotted, f"{where} is {child!r}, not a mapping with keys")
+        node = child
+
+
 # --- the builder --------------------------------------------------------------------------------------
 
 def _join(prefix: str, key: str) -> str:
