@@ -51,14 +51,17 @@ async def continue_prefixes(row: dict[str, Any], engine, sampling, cfg, sampling
     n = len(row["responses"])
     row.update(prefix_words=[-1] * n, continuations=[""] * n, continuation_tokens=[0] * n,
                continuation_image_tokens=[0] * n)
-    jobs = []  # (response index, conversation ending in the unfinished assistant turn)
+    jobs = []  # (response index, the kept prefix: the unfinished assistant turn)
     for i, text in enumerate(row["responses"]):
         cut = truncate(text, cfg.ratio, cfg.min_words)
         if cut is None:
             continue
         prefix, kept = cut
         row["prefix_words"][i] = kept
-        jobs.append((i, conversation(row, with_image=cfg.with_image) + [{"role": "assistant", "content": prefix}]))
+        jobs.append((i, prefix))
+
+    def continued(prefix: str):   # built on admission (Engine.chat): images are decoded only then
+        return lambda: conversation(row, with_image=cfg.with_image) + [{"role": "assistant", "content": prefix}]
     if not jobs:
         return
     t0 = time.perf_counter()
@@ -66,8 +69,8 @@ async def continue_prefixes(row: dict[str, Any], engine, sampling, cfg, sampling
                             max_tokens=sampling.max_tokens, **(sampling_extra or {}),
                             seed=request_seed(seed, row["qid"], "continue", i) if sampling.reproducible else None)
               for i, _ in jobs]
-    completions = await asyncio.gather(*(engine.chat(conv, p, continue_final=True)
-                                         for (_, conv), p in zip(jobs, params)))
+    completions = await asyncio.gather(*(engine.chat(continued(prefix), p, continue_final=True)
+                                         for (_, prefix), p in zip(jobs, params)))
     row["continue_seconds"] = time.perf_counter() - t0
     for (i, _), comp in zip(jobs, completions):
         if comp.error:
