@@ -117,6 +117,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _ListOptions(argparse.Action):
+    """`--list-options`: print every key of a recipe or training config (type, default, help) and exit."""
+
+    def __init__(self, option_strings, dest, config_class: str, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.config_class = config_class  # "module:Class", imported only when asked
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import importlib
+
+        from mmpr_pipeline.config import options_text
+
+        module, name = self.config_class.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        print(options_text(cls, f"{name} keys (YAML file or --set KEY=VALUE):"), end="")
+        parser.exit()
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmpr", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -135,6 +153,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=_positive_int, help="questions per source (overrides every source's limit)")
     b.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set sampling.n=4 (repeatable)")
+    b.add_argument("--list-options", action=_ListOptions, config_class="mmpr_pipeline.recipe:Recipe",
+                   help="print every recipe key with its type, default and help, and exit")
     b.add_argument("--overwrite", action="store_true",
                    help="start over in a run folder that was built with a different recipe")
     b.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
@@ -157,6 +177,8 @@ def make_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model with MPO on a run's pairs")
     t.add_argument("config", help="training config YAML, e.g. data_cards/train_mpo.yaml")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--list-options", action=_ListOptions, config_class="mmpr_pipeline.train.config:MPOConfig",
+                   help="print every config key with its type, default and help, and exit")
     t.set_defaults(func=cmd_train)
 
     pub = sub.add_parser("publish", help="upload a run's shards and card to the Hugging Face Hub")

@@ -5,12 +5,13 @@ and check their own values in `__post_init__`. They are read the same way:
 
     read_yaml(path)          a bounded YAML loader (size, alias expansion, nesting)
     parse_overrides(items)   the one `--set KEY=VALUE` parser
-    build(cls, data, file)   the one builder: a mapping -> a dataclass, checking unknown keys and declared types
+    build(cls, data, file)   the one builder: a mapping -> a dataclass (unknown keys, declared types)
     options(cls)             every key with its type, default and help (`mmpr build|train --list-options`)
 
 Every problem is a `ConfigError` whose message names the file, the key (a dotted path such as
 `sources[1].sampling.n`) and the reason.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,14 +39,24 @@ def check(cond: bool, key: str, reason: str, file: str = "<config>") -> None:
         raise ConfigError(file, key, reason)
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
-           settable: bool = True, **kwargs) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    default_factory: Any = dataclasses.MISSING,
+    settable: bool = True,
+    **kwargs,
+) -> Any:
     """A dataclass field with its help text in `metadata["help"]` (shown by `--list-options`).
 
     `settable=False` marks a field that is not a key of the YAML file (e.g. `file`, set by the loader).
     """
-    return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"help": help, "settable": settable}, **kwargs)
+    return dataclasses.field(
+        default=default,
+        default_factory=default_factory,
+        metadata={"help": help, "settable": settable},
+        **kwargs,
+    )
 
 
 def settable_fields(cls) -> dict[str, dataclasses.Field]:
@@ -114,11 +125,15 @@ def read_yaml(path: str | Path) -> Any:
     except OSError as e:
         raise ConfigError(path, "(file)", f"cannot be read: {e.strerror}") from None
     if len(raw) > MAX_YAML_BYTES:
-        raise ConfigError(path, "(file)", f"is larger than {MAX_YAML_BYTES >> 20} MiB; a YAML config is a few KB")
+        raise ConfigError(
+            path, "(file)", f"is larger than {MAX_YAML_BYTES >> 20} MiB; a YAML config is a few KB"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(path, "(file)", f"is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+        raise ConfigError(
+            path, "(file)", f"is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})"
+        ) from None
     try:
         return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
@@ -162,7 +177,9 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         try:
             value = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - SafeLoader, bounded like a file
         except yaml.YAMLError as e:
-            raise ConfigError("--set", key, f"cannot read {text!r} as a value: {getattr(e, 'problem', e)}") from None
+            raise ConfigError(
+                "--set", key, f"cannot read {text!r} as a value: {getattr(e, 'problem', e)}"
+            ) from None
         except (_YAMLTooBig, RecursionError) as e:
             raise ConfigError("--set", key, f"refused: {e or 'values are nested too deeply'}") from None
         out[key] = _numbers(value)
@@ -176,7 +193,9 @@ def set_dotted(data: Any, dotted: str, value: Any, file: str = "<recipe>") -> No
     """Set `dotted` (e.g. "sampling.n", "sources[0].limit") in the raw mapping read from `file`; a
     path that does not fit it is a ConfigError naming the key, never a KeyError or IndexError."""
     if not isinstance(data, dict):
-        raise ConfigError(file, dotted, f"--set needs a recipe that is a YAML mapping, not a {type(data).__name__}")
+        raise ConfigError(
+            file, dotted, f"--set needs a recipe that is a YAML mapping, not a {type(data).__name__}"
+        )
     parts = dotted.split(".")
     node, where = data, ""
     for i, part in enumerate(parts):
@@ -201,18 +220,25 @@ def set_dotted(data: Any, dotted: str, value: Any, file: str = "<recipe>") -> No
             if not index.isdigit():
                 raise ConfigError(file, dotted, f"expected {where}[N] with a number N, got [{index}]")
             if int(index) >= len(child):
-                raise ConfigError(file, dotted, f"{where}[{index}] does not exist ({where} has {len(child)} "
-                                                f"entr{'y' if len(child) == 1 else 'ies'})")
+                raise ConfigError(
+                    file,
+                    dotted,
+                    f"{where}[{index}] does not exist ({where} has {len(child)} "
+                    f"entr{'y' if len(child) == 1 else 'ies'})",
+                )
             where = f"{where}[{index}]"
             child = child[int(index)]
             if i == len(parts) - 1:
-                raise ConfigError(file, dotted, f"set a key of {where} (e.g. {where}.limit), not the whole entry")
+                raise ConfigError(
+                    file, dotted, f"set a key of {where} (e.g. {where}.limit), not the whole entry"
+                )
             if not isinstance(child, dict):
                 raise ConfigError(file, dotted, f"{where} is {child!r}, not a mapping with keys")
         node = child
 
 
 # --- the builder --------------------------------------------------------------------------------------
+
 
 def _join(prefix: str, key: str) -> str:
     if not prefix:
@@ -232,11 +258,18 @@ def describe(tp: Any) -> str:
     if origin is list:
         item = describe(args[0]) if args else "value"
         return "a list of " + re.sub(r"^an? ", "", item).replace("number", "numbers").replace(
-            "string", "strings").replace("integer", "integers").replace("mapping", "mappings")
+            "string", "strings"
+        ).replace("integer", "integers").replace("mapping", "mappings")
     if origin is dict or tp is dict or dataclasses.is_dataclass(tp):
         return "a mapping"
-    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number",
-            str: "a string", Any: "any value"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {
+        type(None): "null",
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        Any: "any value",
+    }.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _accepts(tp: Any, value: Any) -> bool:
@@ -265,7 +298,11 @@ def _value(tp: Any, value: Any, file: str, key: str) -> Any:
     """`value` checked against the declared type `tp`; nested dataclasses (and lists of them) are built."""
     if dataclasses.is_dataclass(tp):
         return build(tp, value, file, key)
-    if typing.get_origin(tp) is list and typing.get_args(tp) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+    if (
+        typing.get_origin(tp) is list
+        and typing.get_args(tp)
+        and dataclasses.is_dataclass(typing.get_args(tp)[0])
+    ):
         if not isinstance(value, list):
             raise ConfigError(file, key, f"expected {describe(tp)}, got {value!r}")
         return [build(typing.get_args(tp)[0], v, file, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -294,7 +331,11 @@ def build(cls, data: Any, file: str | Path = "<config>", key: str = "", fixed: d
             raise ConfigError(file, sub, f"unknown key (expected one of: {', '.join(sorted(known))})")
         kwargs[k] = _value(hints[k], v, file, sub)
     for name, f in known.items():
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if (
+            name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
             raise ConfigError(file, _join(key, name), "required key is missing")
     try:
         return cls(**kwargs, **(fixed or {}))
@@ -303,6 +344,7 @@ def build(cls, data: Any, file: str | Path = "<config>", key: str = "", fixed: d
 
 
 # --- --list-options -----------------------------------------------------------------------------------
+
 
 def _default_text(f: dataclasses.Field) -> str:
     if f.default is not dataclasses.MISSING:
@@ -313,7 +355,11 @@ def _default_text(f: dataclasses.Field) -> str:
             return "(see below)"
     else:
         return "(required)"
-    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return (
+        "null"
+        if value is None
+        else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    )
 
 
 def options(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -5,6 +5,7 @@ recipe never has to guess which of forty lines is wrong. The dataclasses are rea
 mechanism (`mmpr_pipeline/config.py`, shared with the training config): each field carries its help
 (`mmpr build --list-options` prints it) and each dataclass checks its own values in `__post_init__`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmpr_pipeline.config import ConfigError, build, check, option, read_yaml, set_dotted
-from mmpr_pipeline.config import parse_overrides  # noqa: F401 - re-exported: callers import it from here
+from mmpr_pipeline.config import (
+    ConfigError,
+    build,
+    check,
+    option,
+    parse_overrides,  # noqa: F401 - re-exported: callers import it from here
+    read_yaml,
+    set_dotted,
+)
 from mmpr_pipeline.records import PIPELINES, stable_hash
 
 ANSWER_TYPES = ("multiple_choice", "number", "yes_no", "text", "math", "vqa", "chart", "document")
@@ -61,14 +69,23 @@ class Sampling:
 @dataclass
 class Pairing:
     max_pairs_per_question: int = option(15, help="most (chosen, rejected) pairs kept per question")
-    format_pairs: bool = option(True, help="also pair a correct response with a wrong-format one")
+    format_pairs: bool = option(
+        True,
+        help="also pair correct responses (chosen) with ones whose final answer cannot be read (rejected)",
+    )
     # InternVL's --answer-fix: the rest of the response stays byte-identical.
-    answer_fix: bool = option(False, help="rewrite a chosen response's final answer (its \"Final answer:\" line "
-                              "or last \\boxed{}) to the reference answer's own text (correctness sources)")
+    answer_fix: bool = option(
+        False,
+        help='rewrite a chosen response\'s final answer (its "Final answer:" line '
+        "or last \\boxed{}) to the reference answer's own text (correctness sources)",
+    )
 
     def __post_init__(self) -> None:
-        check(self.max_pairs_per_question >= 1, "max_pairs_per_question",
-              f"must be >= 1, got {self.max_pairs_per_question}")
+        check(
+            self.max_pairs_per_question >= 1,
+            "max_pairs_per_question",
+            f"must be >= 1, got {self.max_pairs_per_question}",
+        )
 
 
 @dataclass
@@ -89,15 +106,19 @@ class Dropout:
 @dataclass
 class Fields:
     """Column names in the source for each thing the pipeline needs."""
+
     image: str = option("image", help="column with the image (or a list of images)")
     question: str = option("question", help="column with the question")
     answer: str = option("answer", help="column with the reference answer")
     options: str | None = option(None, help="column with multiple-choice options")
     response: str | None = option(None, help="dropout_ntp: column with an existing response to use as chosen")
-    task: str | None = option(None, help="column with a task name, kept in the pairs")
-    answer_type: str | None = option(None, help="column with a per-row answer type, when the source mixes them")
-    rationale: str | None = option(None, help="correctness: column with a ground-truth worked solution, "
-                                   "added as a chosen candidate")
+    task: str | None = option(None, help="column with a task name (default: a `task` column)")
+    answer_type: str | None = option(
+        None, help="column with a per-row answer type, when the source mixes them"
+    )
+    rationale: str | None = option(
+        None, help="correctness: column with a ground-truth worked solution, added as a chosen candidate"
+    )
 
 
 @dataclass
@@ -108,56 +129,100 @@ class Source:
     dataset: str | None = option(None, help="hf_hub: a dataset name for `datasets.load_dataset`")
     config: str | None = option(None, help="hf_hub: the dataset's config name")
     split: str = option("train", help="the dataset split to read")
-    generator: dict[str, Any] = option(default_factory=dict, help="generated: options of the built-in generator")
+    generator: dict[str, Any] = option(
+        default_factory=dict, help="generated: options of the built-in task generator (e.g. n, offset)"
+    )
     fields: Fields = option(default_factory=Fields, help="column names in the source")
-    answer_type: str | None = option(None, help="the answer type of every row "
-                                     f"({' | '.join(ANSWER_TYPES)}); else fields.answer_type names a column")
+    answer_type: str | None = option(
+        None,
+        help="the answer type of every row "
+        f"({' | '.join(ANSWER_TYPES)}); else fields.answer_type names a column",
+    )
     limit: int | None = option(None, help="read the first N rows")
     pipeline: str = option("correctness", help=f"how pairs are made: {' | '.join(PIPELINES)}")
-    images: str = option("required", help="required: every row has one image or a list of them; optional: a row "
-                         "without one is a text-only question; none: a text-only source (the image field is not read)")
-    prompt_template: str | None = option(None, help="default: the recipe's for correctness, `raw` for dropout_ntp")
+    images: str = option(
+        "required",
+        help="required: every row has one image or a list of them; optional: a row "
+        "without one is a text-only question; none: a text-only source (the image field is not read)",
+    )
+    prompt_template: str | None = option(
+        None, help="default: the recipe's for correctness, `raw` for dropout_ntp"
+    )
     pairing: Pairing = option(default_factory=Pairing, help="how pairs are formed")
     dropout: Dropout = option(default_factory=Dropout, help="DropoutNTP settings (dropout_ntp sources)")
     # The per-source overrides are off by default and outside the fingerprint while unset (see
     # Recipe.to_dict), so recipes from before them keep their fingerprint.
-    sampling: dict[str, Any] = option(default_factory=dict, help="keys of `sampling` that replace the recipe's "
-                                      "for this source, e.g. {n: 4, max_tokens: 512}")
-    image_max_pixels: int | None = option(None, help="downscale (keeping aspect) every image with more pixels before "
-                                          "the engine sees it; the pairs carry that image, so training sees what "
-                                          "sampling saw")
+    sampling: dict[str, Any] = option(
+        default_factory=dict,
+        help="keys of `sampling` that replace the recipe's for this source, e.g. {n: 4, max_tokens: 512}",
+    )
+    image_max_pixels: int | None = option(
+        None,
+        help="downscale (keeping aspect) every image with more pixels before "
+        "the engine sees it; the pairs carry that image, so training sees what "
+        "sampling saw",
+    )
 
     def __post_init__(self) -> None:
-        check(self.name.replace("_", "").replace("-", "").isalnum(), "name",
-              f"use letters, digits, '-' and '_' only, got {self.name!r}")
+        check(
+            self.name.replace("_", "").replace("-", "").isalnum(),
+            "name",
+            f"use letters, digits, '-' and '_' only, got {self.name!r}",
+        )
         check(self.loader in LOADERS, "loader", _one_of(self.loader, LOADERS, "loader"))
         if self.loader in ("parquet", "jsonl", "hf_disk"):
             check(bool(self.path), "path", f"loader {self.loader!r} needs a path")
         if self.loader == "hf_hub":
             check(bool(self.dataset), "dataset", "loader 'hf_hub' needs a dataset name")
         if self.prompt_template is not None:
-            check(self.prompt_template in _templates(), "prompt_template",
-                  f"unknown template {self.prompt_template!r} (available: {', '.join(_templates())})")
+            check(
+                self.prompt_template in _templates(),
+                "prompt_template",
+                f"unknown template {self.prompt_template!r} (available: {', '.join(_templates())})",
+            )
         check(self.pipeline in PIPELINES, "pipeline", _one_of(self.pipeline, PIPELINES, "pipeline"))
         check(self.images in IMAGE_POLICIES, "images", _one_of(self.images, IMAGE_POLICIES))
-        check(not (self.pipeline == "dropout_ntp" and self.images != "required"), "images",
-              "DropoutNTP drops the image: its rows need one (images: required)")
+        check(
+            not (self.pipeline == "dropout_ntp" and self.images != "required"),
+            "images",
+            "DropoutNTP drops the image: its rows need one (images: required)",
+        )
         if self.answer_type is not None:
-            check(self.answer_type in ANSWER_TYPES, "answer_type", _one_of(self.answer_type, ANSWER_TYPES, "answer_type"))
+            check(
+                self.answer_type in ANSWER_TYPES,
+                "answer_type",
+                _one_of(self.answer_type, ANSWER_TYPES, "answer_type"),
+            )
         elif self.pipeline == "correctness" and self.loader != "generated":
-            check(self.fields.answer_type is not None, "answer_type",
-                  "set answer_type, or fields.answer_type to read it per row")
+            check(
+                self.fields.answer_type is not None,
+                "answer_type",
+                "set answer_type, or fields.answer_type to read it per row",
+            )
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1, got {self.limit}")
-        check(self.fields.rationale is None or self.pipeline == "correctness", "fields.rationale",
-              "a reference rationale is a chosen answer to a question with a ground truth: correctness sources only")
-        check(not self.pairing.answer_fix or self.pipeline == "correctness", "pairing.answer_fix",
-              "rewrites final answers to the reference answer: correctness sources only")
-        # Known keys, right types, valid values: each key is checked alone, so also over any recipe's sampling.
+        check(
+            self.fields.rationale is None or self.pipeline == "correctness",
+            "fields.rationale",
+            "a reference rationale is a chosen answer to a question with a ground truth: "
+            "correctness sources only",
+        )
+        check(
+            not self.pairing.answer_fix or self.pipeline == "correctness",
+            "pairing.answer_fix",
+            "rewrites final answers to the reference answer: correctness sources only",
+        )
+        # Known keys, right types, valid values: each key alone, so also over any recipe's sampling.
         build(Sampling, self.sampling, key="sampling")
-        check(not (self.pipeline == "dropout_ntp" and "n" in self.sampling), "sampling.n",
-              "a dropout_ntp source samples dropout.n responses per question: set dropout.n instead")
-        check(self.image_max_pixels is None or self.image_max_pixels >= MIN_IMAGE_PIXELS, "image_max_pixels",
-              f"must be >= {MIN_IMAGE_PIXELS} (32x32), got {self.image_max_pixels}")
+        check(
+            not (self.pipeline == "dropout_ntp" and "n" in self.sampling),
+            "sampling.n",
+            "a dropout_ntp source samples dropout.n responses per question: set dropout.n instead",
+        )
+        check(
+            self.image_max_pixels is None or self.image_max_pixels >= MIN_IMAGE_PIXELS,
+            "image_max_pixels",
+            f"must be >= {MIN_IMAGE_PIXELS} (32x32), got {self.image_max_pixels}",
+        )
 
 
 @dataclass
@@ -171,8 +236,11 @@ class Card:
 class Recipe:
     name: str = option(help="the dataset's name")
     sources: list[Source] = option(help="where questions come from, and how each makes pairs")
-    model: str = option(DEMO_MODEL, help="the policy model that samples responses: a Hub id, a local folder, "
-                        f"or {DEMO_MODEL!r} (the bundled tiny model)")
+    model: str = option(
+        DEMO_MODEL,
+        help="the policy model that samples responses: a Hub id, a local folder, "
+        f"or {DEMO_MODEL!r} (the bundled tiny model)",
+    )
     seed: int = option(0, help="the seed of sampling and pairing")
     prompt_template: str = option("cot_final_answer", help="the prompt template of correctness sources")
     engine: dict[str, Any] = option(default_factory=dict, help="passed through to `vllm.LLM`")
@@ -181,15 +249,22 @@ class Recipe:
     unit_size: int = option(64, help="questions per resumable work unit")
     shard_rows: int = option(5000, help="pairs per output shard")
     card: Card = option(default_factory=Card, help="the dataset card")
-    preview: bool = option(True, help="write RUN_DIR/preview.html after a build (not part of the fingerprint)")
-    file: str = option("", help="where the recipe was loaded from (not part of the fingerprint)", settable=False)
+    preview: bool = option(
+        True, help="write RUN_DIR/preview.html after a build (not part of the fingerprint)"
+    )
+    file: str = option(
+        "", help="where the recipe was loaded from (not part of the fingerprint)", settable=False
+    )
 
     def __post_init__(self) -> None:
         """The checks that need the whole recipe; each part checked its own values when it was made."""
         for k in ("batch_size", "unit_size", "shard_rows"):
             check(getattr(self, k) >= 1, k, f"must be >= 1, got {getattr(self, k)}")
-        check(self.prompt_template in _templates(), "prompt_template",
-              f"unknown template {self.prompt_template!r} (available: {', '.join(_templates())})")
+        check(
+            self.prompt_template in _templates(),
+            "prompt_template",
+            f"unknown template {self.prompt_template!r} (available: {', '.join(_templates())})",
+        )
         check(len(self.sources) > 0, "sources", "at least one source is needed")
         seen = set()
         for i, src in enumerate(self.sources):
@@ -205,7 +280,9 @@ class Recipe:
         d = dataclasses.asdict(self)
         d.pop("file")
         d.pop("preview")  # changes no data: switching it must not stop a resume
-        for src in d["sources"]:  # unset per-source overrides: recipes from before them keep their fingerprint
+        for src in d[
+            "sources"
+        ]:  # unset per-source overrides: recipes from before them keep their fingerprint
             for key, unset in (("sampling", {}), ("image_max_pixels", None)):
                 if src.get(key) == unset:
                     src.pop(key)
@@ -215,7 +292,8 @@ class Recipe:
         return d
 
     def sampling_for(self, source: Source) -> Sampling:
-        """The sampling settings of `source`: the recipe's, with the source's own `sampling` keys over them."""
+        """The sampling settings of `source`: the recipe's, with the source's own `sampling` keys
+        over them."""
         return dataclasses.replace(self.sampling, **source.sampling)
 
     def fingerprint(self) -> str:
@@ -225,8 +303,12 @@ class Recipe:
 
 # Options inside a source's groups, left out of to_dict (so out of recipe.json and the fingerprint)
 # while off: runs built before them stay resumable; turning one on changes the fingerprint.
-OPTIONS_OFF_BY_DEFAULT = (("pairing", "answer_fix", False), ("fields", "rationale", None),
-                          ("dropout", "with_image", False))
+OPTIONS_OFF_BY_DEFAULT = (
+    ("pairing", "answer_fix", False),
+    ("fields", "rationale", None),
+    ("dropout", "with_image", False),
+)
+
 
 def from_dict(data: Any, file: str = "<recipe>") -> Recipe:
     if not isinstance(data, dict):
