@@ -136,3 +136,13 @@ def test_output_dir_that_is_a_file(tiny_model, run_dir, tmp_path, capsys):
     assert (tmp_path / "a-file").read_text() == "mine\n"
     rc, err = mmpr_train(tiny_model, run_dir, tmp_path / "a-file" / "out", capsys=capsys)
     assert rc == 2 and f"output_dir: cannot create {tmp_path / 'a-file' / 'out'}" in one_line_error(err)
+
+
+def test_training_without_data_leaves_no_output_folder(tiny_model, tmp_path, capsys):
+    """Regression: `make train` before `make build-mmpr` wrote runs/demo/mpo/config.json before
+    finding no pairs, and that folder then made `make build-mmpr` refuse runs/demo as "not empty and
+    not a run folder". A run that fails on its data now writes nothing."""
+    run = tmp_path / "runs" / "demo"
+    rc, err = mmpr_train(tiny_model, run, run / "mpo", capsys=capsys)
+    assert rc == 2 and "no such file or folder" in one_line_error(err)
+    assert not run.exists()

@@ -152,6 +152,25 @@ def precompute_reference(model, dataset: PairDataset, cfg: MPOConfig, d: Dist, a
     return logps
 
 
+# --- evaluation ------------------------------------------------------------------------------------
+
+def pair_types_of(table) -> list[str]:
+    """The pair types present in `table` (sorted), or [] without a pair_type column (a foreign dataset)."""
+    if "pair_type" not in table.column_names:
+        return []
+    return sorted(t for t in set(table["pair_type"].to_pylist()) if t is not None)
+
+
+def tally_by_type(margins: torch.Tensor, index: torch.Tensor, table, types: list[str]) -> torch.Tensor:
+    """[correct, pairs] per pair type for one batch: a pair is correct when its reward margin is > 0."""
+    counts = torch.zeros(len(types), 2, device=margins.device)
+    kinds = table["pair_type"].take(index.cpu().numpy()).to_pylist()
+    for kind, margin in zip(kinds, (margins > 0).tolist()):
+        if kind in types:
+            counts[types.index(kind)] += torch.tensor([float(margin), 1.0], device=margins.device)
+    return counts
+
+
 # --- checkpoints -----------------------------------------------------------------------------------
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -247,6 +266,17 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     ckpt = latest_checkpoint(out) if cfg.resume and out.is_dir() else None
     if ckpt is not None:  # before anything is written: a refused resume leaves the folder as it was
         check_resumable(ckpt, cfg)
+
+    # Data: pairs and the held-out split, read before output_dir is made: a run without data must
+    # leave no folder behind (runs/demo/mpo would make `make build-mmpr` refuse runs/demo).
+    pairs = select(load_pairs(cfg.data), cfg.pair_types)
+    if cfg.eval_data:
+        train_table, eval_table = pairs, select(load_pairs(cfg.eval_data), cfg.pair_types)
+    else:
+        train_table, eval_table = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
+    train_table = select(train_table, limit=cfg.limit)
+    if train_table.num_rows < d.world:
+        raise ValueError(f"{cfg.data}: {train_table.num_rows} training pairs for {d.world} process(es)")
     if d.main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -255,17 +285,9 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
         (out / "config.json").write_text(config_mod.to_json(cfg))
     torch.manual_seed(cfg.seed)  # the same initial weights (e.g. LoRA's) in every process
 
-    # Data: pairs, the held-out split, and the encoder that renders them with the model's template.
-    pairs = select(load_pairs(cfg.data), cfg.pair_types)
-    if cfg.eval_data:
-        train_table, eval_table = pairs, select(load_pairs(cfg.eval_data), cfg.pair_types)
-    else:
-        train_table, eval_table = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
-    train_table = select(train_table, limit=cfg.limit)
+    # The encoder renders pairs with the model's own template.
     processor = processor or load_processor(cfg.model, cfg.max_pixels)
     pad_id = getattr(processor, "tokenizer", processor).pad_token_id
-    if train_table.num_rows < d.world:
-        raise ValueError(f"{cfg.data}: {train_table.num_rows} training pairs for {d.world} process(es)")
     encoder = PairEncoder(processor, cfg.max_length, with_rejected=cfg.needs_reference)
     train_set, eval_set = PairDataset(train_table, encoder), PairDataset(eval_table, encoder)
 
@@ -371,12 +393,16 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
 
     keys = PREF_KEYS if cfg.needs_reference else SFT_KEYS
 
+    # Held-out reward accuracy per pair type too: a mean over all pairs hides which kind is learnt.
+    eval_types = pair_types_of(eval_set.table) if cfg.needs_reference else []
+
     @torch.no_grad()
     def evaluate() -> dict:
         model.eval()
         mine = list(range(d.rank, len(eval_set), d.world))
         batches = [mine[i:i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
         sums = torch.zeros(len(keys) + 1, device=d.device)
+        by_type = torch.zeros(len(eval_types), 2, device=d.device)  # [correct, pairs] per pair type
         for batch in loader(eval_set, batches, pad_id, cfg.num_workers):
             if not batch["n_pairs"]:
                 continue
@@ -384,10 +410,17 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
             with autocast():
                 _, parts = batch_loss(batch, "eval")
             sums += torch.stack([parts[k].float() for k in keys] + [torch.ones((), device=d.device)]) * batch["n_pairs"]
+            if eval_types:
+                by_type += tally_by_type(parts["margins"], batch["index"], eval_set.table, eval_types)
         sums = all_reduce_sum(sums, d).tolist()
+        by_type = all_reduce_sum(by_type, d).tolist()
         model.train()
         n = sums[-1]
-        return {"eval_pairs": int(n), **{f"eval_{k}": (s / n if n else float("nan")) for k, s in zip(keys, sums)}}
+        row = {"eval_pairs": int(n), **{f"eval_{k}": (s / n if n else float("nan")) for k, s in zip(keys, sums)}}
+        for t, (correct, pairs) in zip(eval_types, by_type):
+            row[f"eval_reward_accuracy_{t}"] = correct / pairs if pairs else float("nan")
+            row[f"eval_pairs_{t}"] = int(pairs)
+        return row
 
     # How long: micro-batches per epoch of this process's slice, optimizer steps in the run.
     per_rank = len(train_set) // d.world
@@ -567,8 +600,6 @@ def cli_train(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        # what a user should see: whether the loss fell (mean of the first vs the last quarter of the
-        # logged steps) and, in last_eval, the held-out reward accuracy
         rows = (Path(summary["output_dir"]) / "metrics.jsonl").read_text().splitlines()
         losses = [r["loss"] for r in map(json.loads, rows) if r["split"] == "train"]
         q = max(1, len(losses) // 4)
@@ -576,4 +607,24 @@ def cli_train(args) -> int:
                          | {"train_loss": {"first_quarter": round(sum(losses[:q]) / q, 4),
                                            "last_quarter": round(sum(losses[-q:]) / q, 4)},
                             "last_eval": summary["last_eval"]}, indent=2))
+        print(learning_report(losses, summary["last_eval"]), file=sys.stderr)  # stdout stays one JSON document
     return 0
+
+
+def learning_report(losses: list[float], last_eval: dict) -> str:
+    """What a user should see at the end of a run: whether the training loss fell (the mean of the
+    first vs the last quarter of the logged steps; single steps are noisy) and the held-out reward
+    accuracy, overall and per pair type (chance is 0.5)."""
+    q = max(1, len(losses) // 4)
+    first, last = sum(losses[:q]) / q, sum(losses[-q:]) / q
+    lines = [f"train loss: {first:.4f} (first quarter of {len(losses)} steps) -> {last:.4f} (last quarter), "
+             + ("falling" if last < first else "NOT falling")]
+    if "eval_reward_accuracy" in last_eval:
+        kinds = sorted(k[len("eval_pairs_"):] for k in last_eval if k.startswith("eval_pairs_"))
+        per_type = ", ".join(f"{t} {last_eval[f'eval_reward_accuracy_{t}']:.3f} ({last_eval[f'eval_pairs_{t}']} pairs)"
+                             for t in kinds)
+        lines.append(f"held-out reward accuracy: {last_eval['eval_reward_accuracy']:.3f} on "
+                     f"{last_eval['eval_pairs']} pairs (chance 0.5)" + (f"; by pair type: {per_type}" if kinds else ""))
+    elif "eval_loss" in last_eval:
+        lines.append(f"held-out loss: {last_eval['eval_loss']:.4f} on {last_eval['eval_pairs']} pairs")
+    return "\n".join(lines)

@@ -56,7 +56,7 @@ def mpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 
     Returns `(loss, parts)`: `parts` holds the unweighted batch means of each term ("preference",
     "bco", "sft") and of the rewards ("chosen_reward", "rejected_reward", "reward_margin",
-    "reward_accuracy"), detached.
+    "reward_accuracy"), detached, and each pair's own reward margin ("margins", shape [batch]).
     """
     w_p, w_q, w_g = weights
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
@@ -72,7 +72,7 @@ def mpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     parts = {
         "preference": pref.detach(), "bco": bco.detach(), "sft": chosen_nll.detach(),
         "chosen_reward": chosen_rewards.detach().mean(), "rejected_reward": rejected_rewards.detach().mean(),
-        "reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean(),
+        "reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean(), "margins": margin,
     }
     return loss, parts
 
