@@ -11,8 +11,16 @@ from mmpr_pipeline import cli, config, recipe
 from mmpr_pipeline.config import ConfigError, build, check, option
 from mmpr_pipeline.train import config as train_config
 
-CONFIG_CLASSES = [recipe.Recipe, recipe.Source, recipe.Sampling, recipe.Pairing, recipe.Dropout, recipe.Fields,
-                  recipe.Card, train_config.MPOConfig]
+CONFIG_CLASSES = [
+    recipe.Recipe,
+    recipe.Source,
+    recipe.Sampling,
+    recipe.Pairing,
+    recipe.Dropout,
+    recipe.Fields,
+    recipe.Card,
+    train_config.MPOConfig,
+]
 
 
 @dataclass
@@ -49,13 +57,21 @@ def test_one_error_type():
 
 
 def test_builder_checks_declared_types_and_names_the_path():
-    made = build(Outer, {"name": "x", "rate": 2, "tags": ["a"], "inner": {"size": 3}, "items": [{}, {"size": 2}]},
-                 "f.yaml", fixed={"file": "f.yaml"})
+    made = build(
+        Outer,
+        {"name": "x", "rate": 2, "tags": ["a"], "inner": {"size": 3}, "items": [{}, {"size": 2}]},
+        "f.yaml",
+        fixed={"file": "f.yaml"},
+    )
     assert made == Outer("x", 2, ["a"], Inner(3), [Inner(1), Inner(2)], "f.yaml")
     assert isinstance(made.rate, int)  # an integer is a fine float, kept as written (recipe fingerprints)
     assert build(Outer, {"name": "x", "tags": None}).tags is None
     for data, key, reason in [
-        ({"name": "x", "colour": 1}, "colour", "unknown key (expected one of: inner, items, name, rate, tags)"),
+        (
+            {"name": "x", "colour": 1},
+            "colour",
+            "unknown key (expected one of: inner, items, name, rate, tags)",
+        ),
         ({"name": "x", "file": "y"}, "file", "unknown key"),  # not a key of the file
         ({}, "name", "required key is missing"),
         ({"name": 3}, "name", "expected a string, got 3"),
