@@ -97,13 +97,22 @@ def plan_shards(units: list[tuple[str, int, int]], rows_per_shard: int,
     return plan
 
 
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` in `schema`: a column the schema gained after the table was written (a unit file of a
+    run resumed across that change, e.g. `provenance`) is added as nulls, so the run still finishes."""
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(len(table), field.type))
+    return table.select(schema.names).cast(schema)
+
+
 def write_shard(slices: list[tuple[str, int, int]], dest: str | Path, schema: pa.Schema) -> str:
     """Concatenate slices of pair files into one Parquet file at a temporary name beside `dest`;
     one slice in memory at a time. Returns the temporary path (the caller renames it)."""
     tmp = _tmp(Path(dest))
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for path, start, stop in slices:
-            writer.write_table(pq.read_table(path).slice(start, stop - start).cast(schema))
+            writer.write_table(conform(pq.read_table(path).slice(start, stop - start), schema))
         if not slices:
             writer.write_table(schema.empty_table())
     return str(tmp)

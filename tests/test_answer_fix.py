@@ -264,3 +264,21 @@ def test_exports_and_the_preview_carry_the_provenance(built, tmp_path):
     assert [x["provenance"] for x in lines] == [p["provenance"] for p in pairs]
     page = write_preview(run, per_source=len(pairs)).read_text()
     assert "reference rationale" in page       # not the verdict of the question's last sample
+
+
+def test_a_run_resumed_across_the_new_column_still_writes_its_shards(tmp_path):
+    """Regression: unit pair files written before `provenance` existed failed the shard cast
+    ("field names are not matching"), so a resumed older run could not finish."""
+    import pyarrow as pa
+
+    from mmpr_pipeline.records import PAIR_SCHEMA
+
+    old_schema = pa.schema([f for f in PAIR_SCHEMA if f.name != "provenance"])
+    row = dict(id="p1", qid="q1", source="s", task="t", images=[], question="Q", answer="3", chosen="c",
+               rejected="r", pair_type="correctness", model="m", prompt_template="raw", sampling="{}",
+               chosen_index=0, rejected_index=1, cut_ratio=None, prefix_words=None)
+    pq.write_table(pa.Table.from_pylist([row], schema=old_schema), tmp_path / "unit-00000.parquet")
+    written = shards.write_shard([(str(tmp_path / "unit-00000.parquet"), 0, 1)], tmp_path / "shard.parquet",
+                                 PAIR_SCHEMA)
+    [back] = pq.read_table(written).to_pylist()
+    assert back == {**row, "provenance": None}
