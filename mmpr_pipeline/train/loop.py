@@ -1,4 +1,6 @@
-"""The MPO training loop: one function, `train(config)`, to read top to bottom.
+"""The MPO training loop: one function, `train(config)`, to read top to bottom (at the end of this
+file), as nanoGPT's train.py reads. The helpers above it take what they need as arguments; `State`
+holds what changes from step to step, `Reference` where log pi_ref comes from.
 
     policy log-probs of chosen and rejected responses (one forward over both)
     reference log-probs (a frozen copy, the policy with its LoRA adapters off, or a precomputed table)
@@ -26,9 +28,10 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -133,7 +136,8 @@ def precompute_reference(model, dataset: PairDataset, cfg: MPOConfig, d: Dist, a
     filled = torch.zeros(len(dataset))
     mine = list(range(d.rank, len(dataset), d.world))
     batches = [mine[i:i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
-    for batch in tqdm(loader(dataset, batches, pad_id, cfg.num_workers), desc="reference log-probs", disable=not (d.main and cfg.progress_bar)):
+    for batch in tqdm(loader(dataset, batches, pad_id, cfg.num_workers), desc="reference log-probs",
+                      disable=not (d.main and cfg.progress_bar)):
         if not batch["n_pairs"]:
             continue
         n, index = batch["n_pairs"], batch["index"]
@@ -248,6 +252,403 @@ def load_checkpoint(path: Path, model, optimizer, running: RunningMean, cfg: MPO
     return state
 
 
+# --- the run's parts -------------------------------------------------------------------------------
+
+@dataclass
+class Reference:
+    """Where log pi_ref comes from: per-split tables computed before training (`reference:
+    precomputed`), a frozen model, or, with neither, the policy with its LoRA adapters off."""
+    tables: dict[str, torch.Tensor] = field(default_factory=dict)
+    model: Any = None
+    precompute_s: float = 0.0  # the precompute pass: part of the run's cost, reported in the summary
+
+
+@dataclass
+class State:
+    """What changes as the run goes: the optimizer steps done, BCO's shift, the pairs dropped as too
+    long (and how many were warned about), and the latest train and eval rows."""
+    step: int = 0
+    running: RunningMean = field(default_factory=RunningMean)
+    dropped: int = 0
+    warned: int = 0
+    last_train: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+
+
+def find_checkpoint(cfg: MPOConfig) -> tuple[Path, Path | None]:
+    """output_dir and the checkpoint to resume from, checked before anything is written: a refused
+    resume leaves the folder as it was."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise config_mod.ConfigError(cfg.file, "output_dir", f"{out} is a file, not a folder")
+    ckpt = latest_checkpoint(out) if cfg.resume and out.is_dir() else None
+    if ckpt is not None:
+        check_resumable(ckpt, cfg)
+    return out, ckpt
+
+
+def load_splits(cfg: MPOConfig, d: Dist):
+    """The training and held-out pairs (held out by question unless `eval_data` names its own)."""
+    pairs = select(load_pairs(cfg.data), cfg.pair_types)
+    if cfg.eval_data:
+        train_table, eval_table = pairs, select(load_pairs(cfg.eval_data), cfg.pair_types)
+    else:
+        train_table, eval_table = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
+    train_table = select(train_table, limit=cfg.limit)
+    if train_table.num_rows < d.world:
+        raise ValueError(f"{cfg.data}: {train_table.num_rows} training pairs for {d.world} process(es)")
+    return train_table, eval_table
+
+
+def make_output_dir(out: Path, cfg: MPOConfig, d: Dist) -> None:
+    if d.main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise config_mod.ConfigError(cfg.file, "output_dir", f"cannot create {out}: {e.strerror}") from None
+        (out / "config.json").write_text(config_mod.to_json(cfg))
+
+
+def load_policy(model, cfg: MPOConfig, d: Dist):
+    """The policy on its device, in float32 (with bf16 autocast) or the dtype asked for, its vision
+    encoder frozen if asked; `model` if one is given, else loaded from `cfg.model`."""
+    model = model if model is not None else load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+    model.to(d.device)
+    if cfg.freeze_vision:
+        freeze_vision(model)
+    return model
+
+
+def uses_bf16(cfg: MPOConfig, d: Dist) -> bool:
+    if cfg.bf16 == "auto":
+        return d.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(cfg.bf16)
+
+
+def make_reference(model, ref_model, cfg: MPOConfig, d: Dist, datasets: dict[str, PairDataset], autocast,
+                   pad_id: int, out: Path) -> Reference:
+    """The reference: precomputed (one model in memory), a frozen copy, or (LoRA) the policy without
+    adapters. Called before LoRA is added, so the copy and the tables are of the base model."""
+    if not cfg.needs_reference:
+        return Reference()
+    if ref_model is not None:
+        ref_model.to(d.device).eval().requires_grad_(False)
+    if cfg.reference == "precomputed":
+        t0 = time.perf_counter()
+        scorer = ref_model if ref_model is not None else model
+        tables = {"train": precompute_reference(scorer, datasets["train"], cfg, d, autocast, pad_id,
+                                                out / "reference_logps.pt")}
+        if len(datasets["eval"]):
+            tables["eval"] = precompute_reference(scorer, datasets["eval"], cfg, d, autocast, pad_id,
+                                                  out / "reference_logps_eval.pt")
+        return Reference(tables=tables, precompute_s=time.perf_counter() - t0)
+    if ref_model is None and not cfg.lora:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    return Reference(model=ref_model)
+
+
+def make_trainable(model, cfg: MPOConfig):
+    """LoRA adapters and gradient checkpointing, if asked; the model in training mode."""
+    if cfg.lora:
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                         freeze_vision=cfg.freeze_vision)
+    if cfg.gradient_checkpointing:
+        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def make_optimizer(model, cfg: MPOConfig, d: Dist) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """The trainable parameters (rank 0's in every process, as DistributedDataParallel starts) and
+    AdamW over them, with no weight decay on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if d.world > 1:
+        for p in params:
+            dist.broadcast(p.data, 0)
+    torch.manual_seed(cfg.seed + d.rank)  # but different dropout in each process
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
+                                  fused=d.device.type == "cuda")
+    return params, optimizer
+
+
+def run_length(n_pairs: int, cfg: MPOConfig, d: Dist) -> tuple[int, int]:
+    """Micro-batches per epoch of one process's slice, and optimizer steps in the run."""
+    per_epoch = math.ceil(n_pairs // d.world / cfg.batch_size)
+    if cfg.max_steps > 0:
+        return per_epoch, cfg.max_steps
+    return per_epoch, max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum_steps))
+
+
+def micro_batches(dataset: PairDataset, start: int, cfg: MPOConfig, d: Dist, pad_id: int):
+    """The run's micro-batches from number `start` on: epoch e is a permutation seeded by seed + e,
+    so a resumed run sees exactly the batches the uninterrupted one would have."""
+    per_rank = len(dataset) // d.world
+    per_epoch = math.ceil(per_rank / cfg.batch_size)
+    m = start
+    while True:
+        epoch, pos = divmod(m, per_epoch)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        mine = order[:per_rank * d.world].tolist()[d.rank::d.world]
+        batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        for batch in loader(dataset, batches[pos:], pad_id, cfg.num_workers, cfg.seed + epoch):
+            yield batch
+            m += 1
+
+
+# --- the loss of a batch ---------------------------------------------------------------------------
+
+def reference_logps(ref: Reference, model, batch: dict, split: str, device: torch.device) -> torch.Tensor:
+    """log pi_ref of the batch's sequences, [chosen..., rejected...]."""
+    if ref.tables:
+        t = ref.tables[split][batch["index"].cpu()]
+        return torch.cat([t[:, 0], t[:, 1]]).to(device)
+    with torch.no_grad():
+        if ref.model is not None:
+            return response_logps(ref.model, batch)[0]
+        with model.disable_adapter():  # LoRA: the base model is the reference
+            return response_logps(model, batch)[0]
+
+
+def update_shift(running: RunningMean, mean_reward: torch.Tensor | None, d: Dist) -> torch.Tensor:
+    """Feed this micro-batch's mean reward (one per process; None for an empty micro-batch) into
+    the running mean delta. Every process calls it, so that all of them gather together."""
+    if d.world == 1:
+        return running.update(mean_reward)
+    mine = torch.stack([mean_reward if mean_reward is not None else torch.zeros((), device=d.device),
+                        torch.tensor(float(mean_reward is not None), device=d.device)])
+    everyone = [torch.empty_like(mine) for _ in range(d.world)]
+    dist.all_gather(everyone, mine)
+    return running.update(*[m for m, present in everyone if present])
+
+
+def sft_tokens(batch: dict, cfg: MPOConfig, d: Dist) -> torch.Tensor | None:
+    """The SFT term's denominator under data parallelism: the micro-batch's chosen-response tokens
+    over all processes, divided by the number of processes. Each process then contributes its own
+    token sum over that, and the averaged gradient is the per-token mean over the whole
+    micro-batch, as one process with all its pairs computes it (a mean of each process's own
+    per-token mean would weight a process's tokens by how few it has). Every process calls it,
+    an empty micro-batch included. None on one process: the local count is the whole count."""
+    if d.world == 1 or not cfg.weights[2]:
+        return None
+    n = batch["n_pairs"]
+    count = batch["response_mask"][:n, 1:].sum().float() if n else torch.zeros(())
+    return all_reduce_sum(count.to(d.device), d) / d.world
+
+
+def batch_loss(model, batch: dict, split: str, ref: Reference, running: RunningMean, cfg: MPOConfig, d: Dist,
+               sft_denominator: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The MPO loss of one micro-batch and its parts (loss.mpo_loss); the SFT term alone when no
+    reference is needed."""
+    n = batch["n_pairs"]
+    logps, n_tokens = response_logps(model, batch)  # [chosen..., rejected...]
+    # L_g (MPO Eq. 8): the negative log-likelihood per token over the batch's chosen responses, as
+    # TRL's `sft` loss type computes it (pooled over tokens, not averaged per sequence).
+    denominator = sft_denominator if sft_denominator is not None else n_tokens[:n].sum().clamp(min=1)
+    chosen_nll = -logps[:n].sum() / denominator
+    if not cfg.needs_reference:  # SFT only
+        loss = cfg.weights[2] * chosen_nll
+        return loss, {"loss": loss.detach(), "sft": chosen_nll.detach()}
+    ref_logps = reference_logps(ref, model, batch, split, d.device)
+    delta = torch.zeros((), device=d.device)
+    if cfg.bco_shift == "running_mean":
+        # Updated with this batch before it is used, as in the paper's reference code; held-out
+        # evaluation reads it without moving it.
+        mean_reward = cfg.beta * (logps.detach() - ref_logps).mean()
+        delta = (update_shift(running, mean_reward, d) if split == "train"
+                 else torch.as_tensor(running.mean, device=d.device))
+    loss, parts = mpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], chosen_nll, beta=cfg.beta,
+                           weights=tuple(cfg.weights), delta=delta, preference=cfg.preference_loss)
+    return loss, {"loss": loss.detach(), **parts, "delta": torch.as_tensor(delta, device=d.device).float()}
+
+
+def loss_keys(cfg: MPOConfig) -> tuple[str, ...]:
+    return PREF_KEYS if cfg.needs_reference else SFT_KEYS
+
+
+@torch.no_grad()
+def evaluate(model, eval_set: PairDataset, ref: Reference, running: RunningMean, cfg: MPOConfig, d: Dist,
+             autocast, pad_id: int) -> dict:
+    """The loss parts over the held-out pairs, and the reward accuracy per pair type too: a mean over
+    all pairs hides which kind is learnt."""
+    keys = loss_keys(cfg)
+    types = pair_types_of(eval_set.table) if cfg.needs_reference else []
+    model.eval()
+    mine = list(range(d.rank, len(eval_set), d.world))
+    batches = [mine[i:i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
+    sums = torch.zeros(len(keys) + 1, device=d.device)
+    by_type = torch.zeros(len(types), 2, device=d.device)  # [correct, pairs] per pair type
+    for batch in loader(eval_set, batches, pad_id, cfg.num_workers):
+        if not batch["n_pairs"]:
+            continue
+        batch = to_device(batch, d.device)
+        with autocast():
+            _, parts = batch_loss(model, batch, "eval", ref, running, cfg, d)
+        sums += torch.stack([parts[k].float() for k in keys] + [torch.ones((), device=d.device)]) * batch["n_pairs"]
+        if types:
+            by_type += tally_by_type(parts["margins"], batch["index"], eval_set.table, types)
+    sums = all_reduce_sum(sums, d).tolist()
+    by_type = all_reduce_sum(by_type, d).tolist()
+    model.train()
+    n = sums[-1]
+    row = {"eval_pairs": int(n), **{f"eval_{k}": (s / n if n else float("nan")) for k, s in zip(keys, sums)}}
+    for t, (correct, pairs) in zip(types, by_type):
+        row[f"eval_reward_accuracy_{t}"] = correct / pairs if pairs else float("nan")
+        row[f"eval_pairs_{t}"] = int(pairs)
+    return row
+
+
+# --- one optimizer step ----------------------------------------------------------------------------
+
+def accumulate_gradients(model, stream, ref: Reference, state: State, cfg: MPOConfig, d: Dist,
+                         autocast) -> torch.Tensor:
+    """Forward and backward over `grad_accum_steps` micro-batches of `stream`; returns this process's
+    sums [loss parts weighted by pairs..., pairs, tokens, dropped]."""
+    keys = loss_keys(cfg)
+    sums = torch.zeros(len(keys) + 3, device=d.device)
+    for _ in range(cfg.grad_accum_steps):
+        batch = next(stream)
+        for x in batch["dropped"]:
+            if state.warned < 3:
+                log.warning("pair %s is %d tokens long, over max_length=%d: dropped, not cut (counted as "
+                            "`dropped` in metrics.jsonl)", x.pair_id, x.length, cfg.max_length)
+            state.warned += 1
+        sums[-1] += len(batch["dropped"])
+        sft_denominator = sft_tokens(batch, cfg, d)
+        if not batch["n_pairs"]:
+            if d.world > 1 and cfg.needs_reference and cfg.bco_shift == "running_mean":
+                update_shift(state.running, None, d)  # the other processes wait for this one's (absent) reward
+            continue
+        batch = to_device(batch, d.device)
+        with autocast():
+            loss, parts = batch_loss(model, batch, "train", ref, state.running, cfg, d, sft_denominator)
+        (loss / cfg.grad_accum_steps).backward()  # a micro-batch counts 1/grad_accum_steps, however full
+        n = batch["n_pairs"]
+        sums[:len(keys)] += torch.stack([parts[k].float() for k in keys]) * n
+        sums[len(keys)] += n
+        sums[len(keys) + 1] += batch["attention_mask"].sum()
+    return sums
+
+
+def average_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:
+    """Average gradients over processes: one all-reduce per step (no DDP wrapper, see the top)."""
+    if d.world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    handles = [dist.all_reduce(p.grad, async_op=True) for p in params]
+    for h in handles:
+        h.wait()
+    for p in params:
+        p.grad /= d.world
+
+
+def apply_update(params, optimizer, sums: torch.Tensor, step: int, cfg: MPOConfig) -> torch.Tensor:
+    """Clip and step, or refuse a non-finite loss, gradient or update (NonFiniteLossError, before
+    anything of this step is saved). `sums` are summed over processes, so every process sees a
+    non-finite value and stops together. Returns the gradient norm."""
+    keys = loss_keys(cfg)
+    n_pairs = sums[len(keys)].item()
+    if n_pairs == 0:
+        optimizer.zero_grad(set_to_none=True)
+        log.warning("step %d: every pair of the step was dropped; no update", step + 1)
+        return torch.zeros(())
+    if not torch.isfinite(sums[:len(keys)]).all():
+        terms = ", ".join(f"{k} {v / n_pairs:.4g}" for k, v in zip(keys, sums.tolist()))
+        raise NonFiniteLossError(f"step {step + 1}: non-finite loss ({terms}); stopped without saving "
+                                 f"this step; lower learning_rate ({cfg.learning_rate}) or check the data")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteLossError(f"step {step + 1}: non-finite gradient norm ({float(grad_norm)}); stopped "
+                                 "without saving this step; lower learning_rate or check the data")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.stack([torch.isfinite(p).all() for p in params]).all():  # one device sync
+        raise NonFiniteLossError(f"step {step + 1}: the update made weights non-finite; stopped without "
+                                 f"saving this step; lower learning_rate ({cfg.learning_rate})")
+    return grad_norm
+
+
+# --- metrics and progress --------------------------------------------------------------------------
+
+def resume(ckpt: Path | None, model, optimizer, cfg: MPOConfig, d: Dist) -> State:
+    """The state to start from: checkpoint `ckpt`'s (weights and optimizer restored too), or a fresh one."""
+    state = State()
+    if ckpt is not None:
+        saved = load_checkpoint(ckpt, model, optimizer, state.running, cfg, d)
+        state.step, state.dropped = saved["step"], saved.get("dropped", 0)
+        log.info("resumed from %s at step %d", ckpt, state.step)
+    return state
+
+
+def announce(cfg: MPOConfig, d: Dist, n_params: int, n_train: int, n_eval: int, total_steps: int,
+             use_bf16: bool) -> None:
+    if d.main:
+        log.info("training %s (%.2fM trainable parameters) on %d pairs (%d held out), %d steps, %s%s",
+                 cfg.model, n_params / 1e6, n_train, n_eval, total_steps, d.device,
+                 ", bf16 autocast" if use_bf16 else "")
+
+
+def train_row(sums: torch.Tensor, grad_norm, lr: float, state: State, cfg: MPOConfig, per_epoch: int,
+              step_s: float, elapsed_s: float) -> dict:
+    """metrics.jsonl's row for the step just taken (`state.step`), from the summed `sums`."""
+    keys, values = loss_keys(cfg), sums.tolist()
+    n_pairs, tokens = values[len(keys)], values[len(keys) + 1]
+    return {"split": "train", "step": state.step,
+            "epoch": round(state.step * cfg.grad_accum_steps / per_epoch, 4), "lr": lr,
+            **{k: (v / n_pairs if n_pairs else float("nan")) for k, v in zip(keys, values)},
+            "grad_norm": float(grad_norm), "pairs": int(n_pairs), "tokens": int(tokens),
+            "tokens_per_s": tokens / step_s, "step_s": step_s, "elapsed_s": elapsed_s, "dropped": state.dropped}
+
+
+def keep_metrics_until(path: Path, step: int, d: Dist) -> None:
+    """Drop metrics rows after `step`: written after the checkpoint, they belong to the abandoned continuation."""
+    if d.main:
+        old = path.read_text().splitlines() if path.exists() else []
+        kept = [r for r in old if r.strip() and json.loads(r)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in kept))
+
+
+def write_row(path: Path, row: dict, d: Dist) -> None:
+    if d.main:
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def show_step(bar, row: dict, total_steps: int, cfg: MPOConfig, d: Dist) -> None:
+    postfix = {"loss": f"{row['loss']:.4f}"}
+    if cfg.needs_reference:
+        postfix.update(margin=f"{row['reward_margin']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
+                       delta=f"{row['delta']:.4f}")
+    bar.set_postfix(postfix, refresh=False)
+    if not cfg.progress_bar and d.main:
+        log.info("step %d/%d %s", row["step"], total_steps, " ".join(f"{k}={v}" for k, v in postfix.items()))
+
+
+def show_eval(bar, row: dict, cfg: MPOConfig, d: Dist) -> None:
+    if not d.main:
+        return
+    line = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "split")
+    if cfg.progress_bar:
+        bar.write(line, file=sys.stderr)
+    else:
+        log.info(line)
+
+
+def save_final(model, processor, out: Path, state: State, cfg: MPOConfig, d: Dist) -> Path | None:
+    """The trained model (LoRA merged), loadable by transformers and vLLM, with its processor."""
+    if state.dropped and d.main:
+        log.warning("%d pair(s) longer than max_length=%d were dropped over the run (not cut)",
+                    state.dropped, cfg.max_length)
+    if not (cfg.save_model and d.main):
+        return None
+    final = model.merge_and_unload() if cfg.lora else model
+    final.save_pretrained(out / "final")
+    processor.save_pretrained(out / "final")
+    return out / "final"
+
+
 # --- the loop --------------------------------------------------------------------------------------
 
 def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> dict:
@@ -257,327 +658,73 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     in a benchmark); by default they are loaded from `config.model`. SFT on chosen responses only
     is `weights: [0, 0, 1]`: then no reference and no rejected responses are computed at all.
     """
-    cfg = config
-    run_started = time.perf_counter()
+    cfg, run_started = config, time.perf_counter()
     d = setup_distributed()
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise config_mod.ConfigError(cfg.file, "output_dir", f"{out} is a file, not a folder")
-    ckpt = latest_checkpoint(out) if cfg.resume and out.is_dir() else None
-    if ckpt is not None:  # before anything is written: a refused resume leaves the folder as it was
-        check_resumable(ckpt, cfg)
-
-    # Data: pairs and the held-out split, read before output_dir is made: a run without data must
-    # leave no folder behind (runs/demo/mpo would make `make build-mmpr` refuse runs/demo).
-    pairs = select(load_pairs(cfg.data), cfg.pair_types)
-    if cfg.eval_data:
-        train_table, eval_table = pairs, select(load_pairs(cfg.eval_data), cfg.pair_types)
-    else:
-        train_table, eval_table = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
-    train_table = select(train_table, limit=cfg.limit)
-    if train_table.num_rows < d.world:
-        raise ValueError(f"{cfg.data}: {train_table.num_rows} training pairs for {d.world} process(es)")
-    if d.main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise config_mod.ConfigError(cfg.file, "output_dir", f"cannot create {out}: {e.strerror}") from None
-        (out / "config.json").write_text(config_mod.to_json(cfg))
+    out, ckpt = find_checkpoint(cfg)
+    # Data before output_dir: a run without data leaves no folder behind (runs/demo/mpo would make
+    # `make build-mmpr` refuse runs/demo).
+    train_table, eval_table = load_splits(cfg, d)
+    make_output_dir(out, cfg, d)
     torch.manual_seed(cfg.seed)  # the same initial weights (e.g. LoRA's) in every process
-
-    # The encoder renders pairs with the model's own template.
     processor = processor or load_processor(cfg.model, cfg.max_pixels)
     pad_id = getattr(processor, "tokenizer", processor).pad_token_id
     encoder = PairEncoder(processor, cfg.max_length, with_rejected=cfg.needs_reference)
     train_set, eval_set = PairDataset(train_table, encoder), PairDataset(eval_table, encoder)
 
-    # The policy, in float32 with bf16 autocast (or in the dtype asked for).
-    model = model if model is not None else load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
-    model.to(d.device)
-    if cfg.freeze_vision:
-        freeze_vision(model)
-    use_bf16 = (d.device.type == "cuda" and torch.cuda.is_bf16_supported()) if cfg.bf16 == "auto" else cfg.bf16
-    autocast = partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=bool(use_bf16))
+    model = load_policy(model, cfg, d)
+    use_bf16 = uses_bf16(cfg, d)
+    autocast = partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    ref = make_reference(model, ref_model, cfg, d, {"train": train_set, "eval": eval_set}, autocast, pad_id, out)
+    model = make_trainable(model, cfg)
+    params, optimizer = make_optimizer(model, cfg, d)
+    per_epoch, total_steps = run_length(len(train_set), cfg, d)
 
-    # The reference: precomputed (one model in memory), a frozen copy, or the policy without adapters.
-    ref_tables: dict[str, torch.Tensor] = {}
-    reference_s = 0.0  # the precompute pass: part of the run's cost, reported in the summary
-    if cfg.needs_reference:
-        if ref_model is not None:
-            ref_model.to(d.device).eval().requires_grad_(False)
-        if cfg.reference == "precomputed":
-            t0 = time.perf_counter()
-            scorer = ref_model if ref_model is not None else model
-            ref_tables["train"] = precompute_reference(scorer, train_set, cfg, d, autocast, pad_id,
-                                                       out / "reference_logps.pt")
-            if len(eval_set):
-                ref_tables["eval"] = precompute_reference(scorer, eval_set, cfg, d, autocast, pad_id,
-                                                          out / "reference_logps_eval.pt")
-            reference_s = time.perf_counter() - t0
-            ref_model = None
-        elif ref_model is None and not cfg.lora:
-            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    else:
-        ref_model = None
-    if cfg.lora:
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
-                         freeze_vision=cfg.freeze_vision)
-    if cfg.gradient_checkpointing:
-        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if d.world > 1:  # start every process from rank 0's weights, as DistributedDataParallel does
-        for p in params:
-            dist.broadcast(p.data, 0)
-    torch.manual_seed(cfg.seed + d.rank)  # but different dropout in each
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # biases, norms
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
-                                  fused=d.device.type == "cuda")
-    running = RunningMean()
-
-    def reference_logps(batch: dict, split: str) -> torch.Tensor:
-        if ref_tables:
-            t = ref_tables[split][batch["index"].cpu()]
-            return torch.cat([t[:, 0], t[:, 1]]).to(d.device)
-        with torch.no_grad():
-            if ref_model is not None:
-                return response_logps(ref_model, batch)[0]
-            with model.disable_adapter():  # LoRA: the base model is the reference
-                return response_logps(model, batch)[0]
-
-    def update_shift(mean_reward: torch.Tensor | None) -> torch.Tensor:
-        """Feed this micro-batch's mean reward (one per process) into the running mean delta."""
-        if d.world == 1:
-            return running.update(mean_reward)
-        mine = torch.stack([mean_reward if mean_reward is not None else torch.zeros((), device=d.device),
-                            torch.tensor(float(mean_reward is not None), device=d.device)])
-        everyone = [torch.empty_like(mine) for _ in range(d.world)]
-        dist.all_gather(everyone, mine)
-        return running.update(*[m for m, present in everyone if present])
-
-    def sft_tokens(batch: dict) -> torch.Tensor | None:
-        """The SFT term's denominator under data parallelism: the micro-batch's chosen-response tokens
-        over all processes, divided by the number of processes. Each process then contributes its own
-        token sum over that, and the averaged gradient is the per-token mean over the whole
-        micro-batch, as one process with all its pairs computes it (a mean of each process's own
-        per-token mean would weight a process's tokens by how few it has). Every process calls it,
-        an empty micro-batch included. None on one process: the local count is the whole count."""
-        if d.world == 1 or not cfg.weights[2]:
-            return None
-        n = batch["n_pairs"]
-        count = batch["response_mask"][:n, 1:].sum().float() if n else torch.zeros(())
-        return all_reduce_sum(count.to(d.device), d) / d.world
-
-    def batch_loss(batch: dict, split: str, sft_denominator: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        n = batch["n_pairs"]
-        logps, n_tokens = response_logps(model, batch)  # [chosen..., rejected...]
-        # L_g (MPO Eq. 8): the negative log-likelihood per token over the batch's chosen responses, as
-        # TRL's `sft` loss type computes it (pooled over tokens, not averaged per sequence).
-        denominator = sft_denominator if sft_denominator is not None else n_tokens[:n].sum().clamp(min=1)
-        chosen_nll = -logps[:n].sum() / denominator
-        if not cfg.needs_reference:  # SFT only
-            loss = cfg.weights[2] * chosen_nll
-            return loss, {"loss": loss.detach(), "sft": chosen_nll.detach()}
-        ref = reference_logps(batch, split)
-        delta = torch.zeros((), device=d.device)
-        if cfg.bco_shift == "running_mean":
-            # Updated with this batch before it is used, as in the paper's reference code; held-out
-            # evaluation reads it without moving it.
-            mean_reward = cfg.beta * (logps.detach() - ref).mean()
-            delta = update_shift(mean_reward) if split == "train" else torch.as_tensor(running.mean, device=d.device)
-        loss, parts = mpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], chosen_nll, beta=cfg.beta,
-                               weights=tuple(cfg.weights), delta=delta, preference=cfg.preference_loss)
-        return loss, {"loss": loss.detach(), **parts, "delta": torch.as_tensor(delta, device=d.device).float()}
-
-    keys = PREF_KEYS if cfg.needs_reference else SFT_KEYS
-
-    # Held-out reward accuracy per pair type too: a mean over all pairs hides which kind is learnt.
-    eval_types = pair_types_of(eval_set.table) if cfg.needs_reference else []
-
-    @torch.no_grad()
-    def evaluate() -> dict:
-        model.eval()
-        mine = list(range(d.rank, len(eval_set), d.world))
-        batches = [mine[i:i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
-        sums = torch.zeros(len(keys) + 1, device=d.device)
-        by_type = torch.zeros(len(eval_types), 2, device=d.device)  # [correct, pairs] per pair type
-        for batch in loader(eval_set, batches, pad_id, cfg.num_workers):
-            if not batch["n_pairs"]:
-                continue
-            batch = to_device(batch, d.device)
-            with autocast():
-                _, parts = batch_loss(batch, "eval")
-            sums += torch.stack([parts[k].float() for k in keys] + [torch.ones((), device=d.device)]) * batch["n_pairs"]
-            if eval_types:
-                by_type += tally_by_type(parts["margins"], batch["index"], eval_set.table, eval_types)
-        sums = all_reduce_sum(sums, d).tolist()
-        by_type = all_reduce_sum(by_type, d).tolist()
-        model.train()
-        n = sums[-1]
-        row = {"eval_pairs": int(n), **{f"eval_{k}": (s / n if n else float("nan")) for k, s in zip(keys, sums)}}
-        for t, (correct, pairs) in zip(eval_types, by_type):
-            row[f"eval_reward_accuracy_{t}"] = correct / pairs if pairs else float("nan")
-            row[f"eval_pairs_{t}"] = int(pairs)
-        return row
-
-    # How long: micro-batches per epoch of this process's slice, optimizer steps in the run.
-    per_rank = len(train_set) // d.world
-    per_epoch = math.ceil(per_rank / cfg.batch_size)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum_steps))
-
-    def micro_batches(start: int):
-        """The run's micro-batches from number `start` on: epoch e is a permutation seeded by seed + e,
-        so a resumed run sees exactly the batches the uninterrupted one would have."""
-        m = start
-        while True:
-            epoch, pos = divmod(m, per_epoch)
-            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            mine = order[:per_rank * d.world].tolist()[d.rank::d.world]
-            batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-            for batch in loader(train_set, batches[pos:], pad_id, cfg.num_workers, cfg.seed + epoch):
-                yield batch
-                m += 1
-
-    # Resume.
-    start_step, dropped_total = 0, 0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, running, cfg, d)
-        start_step, dropped_total = state["step"], state.get("dropped", 0)
-        log.info("resumed from %s at step %d", ckpt, start_step)
-    metrics_path = out / "metrics.jsonl"
-    if d.main:  # rows written after the checkpoint belong to the abandoned continuation
-        old = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        kept = [r for r in old if r.strip() and json.loads(r)["step"] <= start_step]
-        metrics_path.write_text("".join(r + "\n" for r in kept))
-
-    def write(row: dict) -> None:
-        if d.main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    bar = tqdm(total=total_steps, initial=start_step, desc="mpo", dynamic_ncols=True,
-               disable=not (d.main and cfg.progress_bar), file=sys.stderr)
+    state = resume(ckpt, model, optimizer, cfg, d)
+    metrics = out / "metrics.jsonl"
+    keep_metrics_until(metrics, state.step, d)
     n_params = sum(p.numel() for p in params)
-    if d.main:
-        log.info("training %s (%.2fM trainable parameters) on %d pairs (%d held out), %d steps, %s%s",
-                 cfg.model, n_params / 1e6, len(train_set), len(eval_set), total_steps, d.device,
-                 ", bf16 autocast" if use_bf16 else "")
-    stream = micro_batches(start_step * cfg.grad_accum_steps)
+    announce(cfg, d, n_params, len(train_set), len(eval_set), total_steps, use_bf16)
+    bar = tqdm(total=total_steps, initial=state.step, desc="mpo", dynamic_ncols=True,
+               disable=not (d.main and cfg.progress_bar), file=sys.stderr)
+    stream = micro_batches(train_set, state.step * cfg.grad_accum_steps, cfg, d, pad_id)
     started = time.perf_counter()
-    warned = 0
-    last_train, last_eval = {}, {}
-    for step in range(start_step, total_steps):
+    while state.step < total_steps:
         t0 = time.perf_counter()
-        lr = learning_rate(step, total_steps, cfg)
+        lr = learning_rate(state.step, total_steps, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        sums = torch.zeros(len(keys) + 3, device=d.device)  # keys..., pairs, tokens, dropped
-        for _ in range(cfg.grad_accum_steps):
-            batch = next(stream)
-            for x in batch["dropped"]:
-                if warned < 3:
-                    log.warning("pair %s is %d tokens long, over max_length=%d: dropped, not cut (counted as "
-                                "`dropped` in metrics.jsonl)", x.pair_id, x.length, cfg.max_length)
-                warned += 1
-            sums[-1] += len(batch["dropped"])
-            sft_denominator = sft_tokens(batch)
-            if not batch["n_pairs"]:
-                if d.world > 1 and cfg.needs_reference and cfg.bco_shift == "running_mean":
-                    update_shift(None)  # the other processes wait for this one's (absent) reward
-                continue
-            batch = to_device(batch, d.device)
-            with autocast():
-                loss, parts = batch_loss(batch, "train", sft_denominator)
-            (loss / cfg.grad_accum_steps).backward()  # a micro-batch counts 1/grad_accum_steps, however full
-            n = batch["n_pairs"]
-            sums[:len(keys)] += torch.stack([parts[k].float() for k in keys]) * n
-            sums[len(keys)] += n
-            sums[len(keys) + 1] += batch["attention_mask"].sum()
-        if d.world > 1:  # average gradients over processes: one all-reduce per step
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            handles = [dist.all_reduce(p.grad, async_op=True) for p in params]
-            for h in handles:
-                h.wait()
-            for p in params:
-                p.grad /= d.world
+        sums = accumulate_gradients(model, stream, ref, state, cfg, d, autocast)
+        average_gradients(params, d)
         sums = all_reduce_sum(sums, d)
-        n_pairs = sums[len(keys)].item()
-        if n_pairs == 0:
-            optimizer.zero_grad(set_to_none=True)
-            log.warning("step %d: every pair of the step was dropped; no update", step + 1)
-            grad_norm = torch.zeros(())
-        else:
-            # Summed over processes, so every process sees a non-finite value and stops together.
-            if not torch.isfinite(sums[:len(keys)]).all():
-                terms = ", ".join(f"{k} {v / n_pairs:.4g}" for k, v in zip(keys, sums.tolist()))
-                raise NonFiniteLossError(f"step {step + 1}: non-finite loss ({terms}); stopped without saving "
-                                         f"this step; lower learning_rate ({cfg.learning_rate}) or check the data")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise NonFiniteLossError(f"step {step + 1}: non-finite gradient norm ({float(grad_norm)}); stopped "
-                                         "without saving this step; lower learning_rate or check the data")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if not torch.stack([torch.isfinite(p).all() for p in params]).all():  # one device sync
-                raise NonFiniteLossError(f"step {step + 1}: the update made weights non-finite; stopped without "
-                                         f"saving this step; lower learning_rate ({cfg.learning_rate})")
+        grad_norm = apply_update(params, optimizer, sums, state.step, cfg)
         if d.device.type == "cuda":
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        dropped_total += int(sums[-1].item())
-        values = sums.tolist()
-        row = {"split": "train", "step": step + 1,
-               "epoch": round((step + 1) * cfg.grad_accum_steps / per_epoch, 4), "lr": lr,
-               **{k: (v / n_pairs if n_pairs else float("nan")) for k, v in zip(keys, values)},
-               "grad_norm": float(grad_norm), "pairs": int(n_pairs), "tokens": int(values[len(keys) + 1]),
-               "tokens_per_s": values[len(keys) + 1] / dt, "step_s": dt,
-               "elapsed_s": time.perf_counter() - started, "dropped": dropped_total}
-        last_train = row
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
-            write(row)
-            postfix = {"loss": f"{row['loss']:.4f}"}
-            if cfg.needs_reference:
-                postfix.update(margin=f"{row['reward_margin']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
-                               delta=f"{row['delta']:.4f}")
-            bar.set_postfix(postfix, refresh=False)
-            if not cfg.progress_bar and d.main:
-                log.info("step %d/%d %s", step + 1, total_steps, " ".join(f"{k}={v}" for k, v in postfix.items()))
+        step_s = time.perf_counter() - t0
+        state.step += 1
+        state.dropped += int(sums[-1].item())
+        state.last_train = train_row(sums, grad_norm, lr, state, cfg, per_epoch, step_s,
+                                     time.perf_counter() - started)
+        done = state.step == total_steps
+        if state.step % cfg.log_every == 0 or done:
+            write_row(metrics, state.last_train, d)
+            show_step(bar, state.last_train, total_steps, cfg, d)
         bar.update(1)
-        done = step + 1 == total_steps
-        if len(eval_set) and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-            last_eval = {"split": "eval", "step": step + 1, **evaluate()}
-            write(last_eval)
-            if d.main:
-                line = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in last_eval.items() if k != "split")
-                if cfg.progress_bar:
-                    bar.write(line, file=sys.stderr)
-                else:
-                    log.info(line)
-        if cfg.save_every >= 0 and (done or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
-            save_checkpoint(out, step + 1, model, optimizer, running, cfg, d, {"dropped": dropped_total})
+        if len(eval_set) and (done or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+            state.last_eval = {"split": "eval", "step": state.step,
+                               **evaluate(model, eval_set, ref, state.running, cfg, d, autocast, pad_id)}
+            write_row(metrics, state.last_eval, d)
+            show_eval(bar, state.last_eval, cfg, d)
+        if cfg.save_every >= 0 and (done or (cfg.save_every and state.step % cfg.save_every == 0)):
+            save_checkpoint(out, state.step, model, optimizer, state.running, cfg, d, {"dropped": state.dropped})
     bar.close()
     steps_s = time.perf_counter() - started  # the steps, with their evaluations and checkpoints
 
-    if dropped_total and d.main:
-        log.warning("%d pair(s) longer than max_length=%d were dropped over the run (not cut)",
-                    dropped_total, cfg.max_length)
-    model_dir = None
-    if cfg.save_model and d.main:
-        model_dir = out / "final"
-        final = model.merge_and_unload() if cfg.lora else model
-        final.save_pretrained(model_dir)
-        processor.save_pretrained(model_dir)
+    model_dir = save_final(model, processor, out, state, cfg, d)
     summary = {"output_dir": str(out), "model_dir": str(model_dir) if model_dir else None, "steps": total_steps,
-               "train_pairs": len(train_set), "eval_pairs": len(eval_set), "dropped": dropped_total,
-               "trainable_parameters": n_params, "last_train": last_train, "last_eval": last_eval,
-               "delta": float(running.mean), "reference_s": reference_s,
-               "setup_s": started - run_started, "steps_s": steps_s,
-               "run_s": time.perf_counter() - run_started}
+               "train_pairs": len(train_set), "eval_pairs": len(eval_set), "dropped": state.dropped,
+               "trainable_parameters": n_params, "last_train": state.last_train, "last_eval": state.last_eval,
+               "delta": float(state.running.mean), "reference_s": ref.precompute_s,
+               "setup_s": started - run_started, "steps_s": steps_s, "run_s": time.perf_counter() - run_started}
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if d.world > 1:
