@@ -183,3 +183,16 @@ def test_bad_arguments_raise_clear_errors():
 def test_verdict_as_dict():
     d = judge("I count.\nFinal answer: 3", "3", "number").as_dict()
     assert d == {"extracted": "3", "correct": True, "score": 1.0, "reason": "correct", "format_ok": True}
+
+
+@pytest.mark.parametrize("reference,letter", [("B. red", "B"), ("(C) 12", "C"), ("D) bar D", "D"),
+                                              ("[A] yes", "A"), ("B: the bars", "B")])
+def test_a_multiple_choice_reference_that_leads_with_its_letter_names_that_option(reference, letter):
+    """Regression: a reference written as letter plus text ("B. red") named no option, so every
+    response, the right letter included, was judged wrong."""
+    right = judge(f"The red one is second.\nFinal answer: {letter}", reference, "multiple_choice")
+    wrong = judge("The red one is second.\nFinal answer: " + ("A" if letter != "A" else "B"), reference,
+                  "multiple_choice")
+    assert (right.correct, wrong.correct) == (True, False)
+    # a text reference that merely starts with a capital is not a letter
+    assert not judge("It barks.\nFinal answer: A", "A dog", "multiple_choice").correct

@@ -256,6 +256,7 @@ _DRESSED = re.compile(r"[(\[]([A-Z])[)\]]"                                  # (B
                       r"|(?:\bor\b|\band\b|[,;/])[ \t]*([A-Z])(?![\w'’])")          # ", B" "or B"
 
 
+_LEADS_WITH_LETTER = re.compile(r"[(\[]?[A-Z][.):\]]")  # "B.", "(B)", "B)", "B:", "[B]"
 _OR_LETTER = re.compile(r"(?i:\bor\b|/)[ \t]*(?i:maybe|possibly|perhaps|option)?[ \t]*[(\[]?([A-Z])(?![\w'’])")
 
 
@@ -320,8 +321,12 @@ def score_multiple_choice(pred: str, golds: list[str], options: list[str], deadl
         m = _ALONE.match(g.strip())
         if m:
             gold_letters.add(m.group(1).upper())
-        elif options:
+        elif options and any(normalize_text(o) == normalize_text(g) for o in options):
             gold_letters.update(LETTERS[i] for i, o in enumerate(options) if normalize_text(o) == normalize_text(g))
+        else:  # a reference that leads with its letter, as many sources write it: "B. red", "(C) 12"
+            letter, status = option_letter(g, options, len(options) if options else 26)
+            if status == "ok" and _LEADS_WITH_LETTER.match(g.strip()):
+                gold_letters.add(letter)
     n_letters = len(options) if options else max(4, *(LETTERS.index(x) + 1 for x in gold_letters or {"A"}))
     letter, status = option_letter(pred, options, min(n_letters, 26))
     if status == "ambiguous":
