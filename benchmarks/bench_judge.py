@@ -25,6 +25,7 @@ math-verify's own test file (tests/test_all.py of its source release, e.g. from
 "Final answer:" line; cases whose label depends on a non-default math-verify setting are left out.
 The file is read with `ast.literal_eval`, never run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,7 @@ def exact_match_judge(response: str, answer, answer_type: str, options=None) -> 
     """The baseline: last marker line (else last box), exact match after normalisation."""
     markers = list(_MARKER.finditer(response))
     if markers:
-        said = response[markers[-1].end():].split("\n", 1)[0]
+        said = response[markers[-1].end() :].split("\n", 1)[0]
     else:
         boxes = _BOXED.findall(response)
         if not boxes:
@@ -67,7 +68,9 @@ def exact_match_judge(response: str, answer, answer_type: str, options=None) -> 
         said = boxes[-1]
     said = _NOT_WORD.sub("", said.lower())
     golds = [answer] if isinstance(answer, str) else list(answer)
-    return BaselineVerdict(said or None, bool(said) and any(said == _NOT_WORD.sub("", str(g).lower()) for g in golds))
+    return BaselineVerdict(
+        said or None, bool(said) and any(said == _NOT_WORD.sub("", str(g).lower()) for g in golds)
+    )
 
 
 def uncached_judge(response, answer, answer_type, options):
@@ -80,9 +83,12 @@ def percentiles(latencies: list[float], cpu: list[float] | None = None) -> dict:
     """Calls, judgements/s over the summed wall latency (and over the summed CPU time of this
     process, when given: "per core", robust to other processes on a shared machine), p50 and p99."""
     ordered = sorted(latencies)
-    out = {"calls": len(ordered), "per_s": len(ordered) / sum(ordered),
-           "p50_us": statistics.median(ordered) * 1e6,
-           "p99_us": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e6}
+    out = {
+        "calls": len(ordered),
+        "per_s": len(ordered) / sum(ordered),
+        "p50_us": statistics.median(ordered) * 1e6,
+        "p99_us": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e6,
+    }
     if cpu is not None:
         out["per_cpu_s"] = len(cpu) / max(sum(cpu), 1e-9)
     return out
@@ -106,8 +112,10 @@ def timed_passes(rows: list[dict], seconds: float, fn=judge) -> dict:
 
 def show(name: str, stats: dict) -> None:
     per_cpu = f"   {stats['per_cpu_s']:9.0f} per CPU-second" if "per_cpu_s" in stats else ""
-    print(f"  {name:30} {stats['calls']:7d} calls {stats['per_s']:9.0f} judgements/s{per_cpu}"
-          f"   p50 {stats['p50_us']:9.1f} us   p99 {stats['p99_us']:10.1f} us")
+    print(
+        f"  {name:30} {stats['calls']:7d} calls {stats['per_s']:9.0f} judgements/s{per_cpu}"
+        f"   p50 {stats['p50_us']:9.1f} us   p99 {stats['p99_us']:10.1f} us"
+    )
 
 
 def suite(rows: list[dict]) -> dict:
@@ -122,10 +130,14 @@ def suite(rows: list[dict]) -> dict:
 def single_process(rows: list[dict], seconds: float) -> dict:
     non_math = [r for r in rows if r["answer_type"] != "math"]
     math = [r for r in rows if r["answer_type"] == "math"]
-    print(f"one process (pid {os.getpid()}): {len(non_math)} non-math and {len(math)} maths cases, caches cleared per call")
-    out = {"non_math": timed_passes(non_math, seconds),
-           "non_math_baseline_exact_match": timed_passes(non_math, seconds, exact_match_judge),
-           "math": timed_passes(math, seconds)}
+    print(
+        f"one process (pid {os.getpid()}): {len(non_math)} non-math and {len(math)} maths cases, caches cleared per call"
+    )
+    out = {
+        "non_math": timed_passes(non_math, seconds),
+        "non_math_baseline_exact_match": timed_passes(non_math, seconds, exact_match_judge),
+        "math": timed_passes(math, seconds),
+    }
     show("non-math types", out["non_math"])
     show("non-math, exact-match baseline", out["non_math_baseline_exact_match"])
     for answer_type in sorted({r["answer_type"] for r in non_math}):
@@ -138,8 +150,15 @@ def single_process(rows: list[dict], seconds: float) -> dict:
 def across_ray(rows: list[dict], workers: int, repeats: int) -> dict:
     import ray
 
-    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local",
+        num_cpus=workers,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     try:
+
         @ray.remote(num_cpus=1)
         class Judge:
             def __init__(self):
@@ -148,9 +167,10 @@ def across_ray(rows: list[dict], workers: int, repeats: int) -> dict:
             def run(self, batch: list[dict]) -> tuple[list[float], list[float]]:
                 from mmpr_pipeline.scoring import judge, safe_math
                 from mmpr_pipeline.scoring.judge import _clean_reference
+
                 wall, cpu = [], []
                 for r in batch:
-                    safe_math._cache.clear()              # uncached: every maths call does its check
+                    safe_math._cache.clear()  # uncached: every maths call does its check
                     _clean_reference.cache_clear()
                     start, start_cpu = time.perf_counter(), time.process_time()
                     judge(r["response"], r["answer"], r["answer_type"], r["options"])
@@ -159,20 +179,26 @@ def across_ray(rows: list[dict], workers: int, repeats: int) -> dict:
                 return wall, cpu
 
         actors = [Judge.remote() for _ in range(workers)]
-        ray.get([a.run.remote(rows) for a in actors])     # started, warm, every code path compiled
+        ray.get([a.run.remote(rows) for a in actors])  # started, warm, every code path compiled
         out = {}
-        for name, subset in [("non_math", [r for r in rows if r["answer_type"] != "math"]),
-                             ("math", [r for r in rows if r["answer_type"] == "math"])]:
+        for name, subset in [
+            ("non_math", [r for r in rows if r["answer_type"] != "math"]),
+            ("math", [r for r in rows if r["answer_type"] == "math"]),
+        ]:
             work = subset * repeats
             chunks = [work[i::workers] for i in range(workers)]
             start = time.perf_counter()
             parts = ray.get([a.run.remote(c) for a, c in zip(actors, chunks)])
             wall = time.perf_counter() - start
             stats = percentiles([x for p in parts for x in p[0]], [x for p in parts for x in p[1]])
-            stats.update(workers=workers, wall_per_s=len(work) / wall, wall_per_s_per_worker=len(work) / wall / workers)
+            stats.update(
+                workers=workers, wall_per_s=len(work) / wall, wall_per_s_per_worker=len(work) / wall / workers
+            )
             out[name] = stats
-            print(f"  {name:26} {len(work):7d} calls over {workers} Ray actors: {stats['wall_per_s']:9.0f} judgements/s "
-                  f"({stats['wall_per_s_per_worker']:.0f} per worker)   p50 {stats['p50_us']:9.1f} us   p99 {stats['p99_us']:10.1f} us")
+            print(
+                f"  {name:26} {len(work):7d} calls over {workers} Ray actors: {stats['wall_per_s']:9.0f} judgements/s "
+                f"({stats['wall_per_s_per_worker']:.0f} per worker)   p50 {stats['p50_us']:9.1f} us   p99 {stats['p99_us']:10.1f} us"
+            )
         return out
     finally:
         ray.shutdown()
@@ -191,13 +217,13 @@ def math_verify_cases(path: Path) -> list[tuple[str, str, str, bool]]:
                 continue
             try:
                 names, values = ast.literal_eval(decorator.args[0]), ast.literal_eval(decorator.args[1])
-            except ValueError:          # values built by code (f-strings): not data, skipped
+            except ValueError:  # values built by code (f-strings): not data, skipped
                 continue
             names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
             for value in values:
                 row = dict(zip(names, value))
                 if row.get("precision", 6) != 6 or row.get("allow_set_relation_comp") is False:
-                    continue            # labels that test a non-default setting
+                    continue  # labels that test a non-default setting
                 if {"gold", "pred", "expected"} <= row.keys():
                     cases.append((node.name, row["gold"], row["pred"], bool(row["expected"])))
     return cases
@@ -205,8 +231,15 @@ def math_verify_cases(path: Path) -> list[tuple[str, str, str, bool]]:
 
 def math_verify_suite(path: Path) -> dict:
     cases = math_verify_cases(path)
-    out = {"path": str(path), "cases": len(cases), "calls": 0, "agree": 0, "false_accepts": [],
-           "pair_unsafe": [], "no_answer": 0}
+    out = {
+        "path": str(path),
+        "cases": len(cases),
+        "calls": 0,
+        "agree": 0,
+        "false_accepts": [],
+        "pair_unsafe": [],
+        "no_answer": 0,
+    }
     for test, gold, pred, expected in cases:
         for form in (pred, "Let me solve this.\nFinal answer: " + pred):
             v = uncached_judge(form, gold, "math", None)
@@ -219,9 +252,11 @@ def math_verify_suite(path: Path) -> dict:
                     out["no_answer"] += 1
                 else:
                     out["pair_unsafe"].append([test, gold[:80], form[-120:], v.reason])
-    print(f"math-verify's own tests ({len(cases)} cases, {out['calls']} calls): agree {out['agree']} "
-          f"({out['agree'] / max(out['calls'], 1):.1%}), false accepts {len(out['false_accepts'])}, "
-          f"equal judged wrong with an extracted answer {len(out['pair_unsafe'])}, without one {out['no_answer']}")
+    print(
+        f"math-verify's own tests ({len(cases)} cases, {out['calls']} calls): agree {out['agree']} "
+        f"({out['agree'] / max(out['calls'], 1):.1%}), false accepts {len(out['false_accepts'])}, "
+        f"equal judged wrong with an extracted answer {len(out['pair_unsafe'])}, without one {out['no_answer']}"
+    )
     return out
 
 
@@ -236,11 +271,17 @@ def main() -> None:
     args = parser.parse_args()
     rows = regression.load_corpus(CORPUS)
     warm_up()
-    result = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),
-                          "python": platform.python_version(), "platform": platform.platform()},
-              "corpus": {"path": str(CORPUS.relative_to(ROOT)), "cases": len(rows)},
-              "baseline": "exact_match_judge: last 'Final answer:'/'Answer:' line or last \\boxed{}, "
-                          "normalised exact match; same process, same corpus"}
+    result = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_at_start": os.getloadavg(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "corpus": {"path": str(CORPUS.relative_to(ROOT)), "cases": len(rows)},
+        "baseline": "exact_match_judge: last 'Final answer:'/'Answer:' line or last \\boxed{}, "
+        "normalised exact match; same process, same corpus",
+    }
     print(f"regression suite: {len(rows)} labelled cases")
     result["suite"] = suite(rows)
     if args.math_verify_tests:

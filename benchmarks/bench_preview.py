@@ -11,6 +11,7 @@ reads a shard's row group at a time, so its peak follows the largest row group (
 group today), not the run; the baseline's follows the run.
 Raw numbers go to benchmarks/results/bench_preview.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,40 +75,89 @@ def make_run(run: Path, n_pairs: int, shard_rows: int, image_kb: int) -> None:
         source = "charts" if q % 2 == 0 else "scenes"
         qid = f"{q:016x}"
         image = noise_jpeg(rng, side)  # one per question, repeated in its pairs (as a build writes them)
-        responses = [" ".join(rng.choices(words, k=120)) + f"\nFinal answer: {'ABCD'[i % 4]}" for i in range(8)]
+        responses = [
+            " ".join(rng.choices(words, k=120)) + f"\nFinal answer: {'ABCD'[i % 4]}" for i in range(8)
+        ]
         correct = [i % 4 == 0 for i in range(8)]
-        samples.append(dict(qid=qid, source=source, row_index=q, unit=q // 64, pipeline="correctness", task="bars",
-                            image=image, question="Which bar is the tallest?", answer="A", answers=["A"],
-                            answer_type="multiple_choice", options=[], given_response="",
-                            prompt_template="cot_final_answer", responses=responses, n_tokens=[120] * 8,
-                            finish_reasons=["stop"] * 8, error="", extracted=["ABCD"[i % 4] for i in range(8)],
-                            correct=correct, score=[float(c) for c in correct],
-                            reason=["correct" if c else "wrong answer" for c in correct], prefix_words=[],
-                            continuations=[], continuation_tokens=[], continuation_image_tokens=[],
-                            sample_seconds=0.0, continue_seconds=0.0, score_seconds=0.0))
+        samples.append(
+            dict(
+                qid=qid,
+                source=source,
+                row_index=q,
+                unit=q // 64,
+                pipeline="correctness",
+                task="bars",
+                image=image,
+                question="Which bar is the tallest?",
+                answer="A",
+                answers=["A"],
+                answer_type="multiple_choice",
+                options=[],
+                given_response="",
+                prompt_template="cot_final_answer",
+                responses=responses,
+                n_tokens=[120] * 8,
+                finish_reasons=["stop"] * 8,
+                error="",
+                extracted=["ABCD"[i % 4] for i in range(8)],
+                correct=correct,
+                score=[float(c) for c in correct],
+                reason=["correct" if c else "wrong answer" for c in correct],
+                prefix_words=[],
+                continuations=[],
+                continuation_tokens=[],
+                continuation_image_tokens=[],
+                sample_seconds=0.0,
+                continue_seconds=0.0,
+                score_seconds=0.0,
+            )
+        )
         for r in range(1, per_q + 1):
-            pairs.append(dict(id=f"{q:08x}{r:08x}", qid=qid, source=source, task="bars",
-                              images=[{"bytes": image, "path": None}], question="Which bar is the tallest?",
-                              answer="A", chosen=responses[0], rejected=responses[r], pair_type="correctness",
-                              model="demo", prompt_template="cot_final_answer", sampling="{}", chosen_index=0,
-                              rejected_index=r, cut_ratio=None, prefix_words=None))
+            pairs.append(
+                dict(
+                    id=f"{q:08x}{r:08x}",
+                    qid=qid,
+                    source=source,
+                    task="bars",
+                    images=[{"bytes": image, "path": None}],
+                    question="Which bar is the tallest?",
+                    answer="A",
+                    chosen=responses[0],
+                    rejected=responses[r],
+                    pair_type="correctness",
+                    model="demo",
+                    prompt_template="cot_final_answer",
+                    sampling="{}",
+                    chosen_index=0,
+                    rejected_index=r,
+                    cut_ratio=None,
+                    prefix_words=None,
+                )
+            )
     n_shards = -(-len(pairs) // shard_rows)
     (run / "data").mkdir(parents=True)
     for s in range(n_shards):
-        pq.write_table(pa.Table.from_pylist(pairs[s * shard_rows:(s + 1) * shard_rows], schema=records.PAIR_SCHEMA),
-                       run / "data" / f"train-{s:05d}-of-{n_shards:05d}.parquet", compression="zstd")
+        pq.write_table(
+            pa.Table.from_pylist(pairs[s * shard_rows : (s + 1) * shard_rows], schema=records.PAIR_SCHEMA),
+            run / "data" / f"train-{s:05d}-of-{n_shards:05d}.parquet",
+            compression="zstd",
+        )
     for source in ("charts", "scenes"):
         rows = [r for r in samples if r["source"] == source]
         (run / "samples" / source).mkdir(parents=True)
         for u in range(0, len(rows), 64):
-            pq.write_table(pa.Table.from_pylist(rows[u:u + 64], schema=records.SAMPLE_SCHEMA),
-                           run / "samples" / source / f"unit-{u // 64:05d}.parquet", compression="zstd")
+            pq.write_table(
+                pa.Table.from_pylist(rows[u : u + 64], schema=records.SAMPLE_SCHEMA),
+                run / "samples" / source / f"unit-{u // 64:05d}.parquet",
+                compression="zstd",
+            )
     (run / "stats.json").write_text(json.dumps({"recipe": "bench", "model": "demo", "sources": {}}))
 
 
 def measure(run: Path, what: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(run), what], cwd=REPO, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(run), what], cwd=REPO, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -126,13 +176,23 @@ def main() -> None:
             shards_mb = sum(p.stat().st_size for p in (run / "data").glob("*.parquet")) / 2**20
             base, prev = measure(run, "baseline"), measure(run, "preview")
             html_mb = (run / "preview.html").stat().st_size / 2**20
-            results.append(dict(pairs=n, shard_rows=args.shard_rows, shards_mb=round(shards_mb, 1),
-                                baseline=base, preview=prev, preview_html_mb=round(html_mb, 3)))
-            print(f"{n:>7,} pairs, {shards_mb:6.1f} MB of shards (made in {time.perf_counter() - t0:.0f}s): "
-                  f"peak Arrow memory baseline {base['arrow_peak_mb']:7.1f} MB, preview {prev['arrow_peak_mb']:6.1f} MB "
-                  f"(ratio {prev['arrow_peak_mb'] / base['arrow_peak_mb']:.2f}); peak RSS {base['rss_peak_mb']:.0f} / "
-                  f"{prev['rss_peak_mb']:.0f} MB; time {base['seconds']:.2f}s / {prev['seconds']:.2f}s; "
-                  f"preview.html {html_mb:.2f} MB")
+            results.append(
+                dict(
+                    pairs=n,
+                    shard_rows=args.shard_rows,
+                    shards_mb=round(shards_mb, 1),
+                    baseline=base,
+                    preview=prev,
+                    preview_html_mb=round(html_mb, 3),
+                )
+            )
+            print(
+                f"{n:>7,} pairs, {shards_mb:6.1f} MB of shards (made in {time.perf_counter() - t0:.0f}s): "
+                f"peak Arrow memory baseline {base['arrow_peak_mb']:7.1f} MB, preview {prev['arrow_peak_mb']:6.1f} MB "
+                f"(ratio {prev['arrow_peak_mb'] / base['arrow_peak_mb']:.2f}); peak RSS {base['rss_peak_mb']:.0f} / "
+                f"{prev['rss_peak_mb']:.0f} MB; time {base['seconds']:.2f}s / {prev['seconds']:.2f}s; "
+                f"preview.html {html_mb:.2f} MB"
+            )
     out = REPO / "benchmarks" / "results" / "bench_preview.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(dict(image_kb=args.image_kb, results=results), indent=2) + "\n")

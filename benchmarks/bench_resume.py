@@ -9,6 +9,7 @@ Runs `mmpr build` three times on the demo recipe (each a real process: local Ray
 and prints the time the resumed run took against a full run, and the overhead of the kill:
 (killed + resumed - full), i.e. the work lost plus the second start-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,28 @@ def build(out: Path, model: str, kill_at: str | None, limit: int) -> tuple[float
     if kill_at:
         env["MMPR_KILL_AT"] = kill_at
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mmpr_pipeline.cli", "build", "data_cards/demo.yaml", "--out",
-                           str(out), "--model", model, "--limit", str(limit), "--set", "unit_size=16"],
-                          cwd=REPO, env=env, capture_output=True, text=True, start_new_session=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmpr_pipeline.cli",
+            "build",
+            "data_cards/demo.yaml",
+            "--out",
+            str(out),
+            "--model",
+            model,
+            "--limit",
+            str(limit),
+            "--set",
+            "unit_size=16",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        start_new_session=True,
+    )
     return time.perf_counter() - t0, proc.returncode
 
 
@@ -54,14 +74,28 @@ def main() -> None:
     stats = json.loads((work / "run" / "stats.json").read_text())["resume"]
     print(f"demo recipe, {args.limit} questions per source, {stats['units']} units, killed at {args.kill_at}")
     print(f"full run           {full_s:6.1f}s")
-    print(f"killed run         {killed_s:6.1f}s  ({stats['units_done_before']} of {stats['units']} units kept)")
+    print(
+        f"killed run         {killed_s:6.1f}s  ({stats['units_done_before']} of {stats['units']} units kept)"
+    )
     print(f"resumed run        {resumed_s:6.1f}s  ratio resumed/full: {resumed_s / full_s:.2f}")
     print(f"cost of the kill   {killed_s + resumed_s - full_s:6.1f}s  (lost work + one more start-up)")
     out = REPO / "benchmarks" / "results" / "bench_resume.json"
-    out.write_text(json.dumps(dict(limit=args.limit, kill_at=args.kill_at, units=stats["units"],
-                                   units_kept=stats["units_done_before"], full_s=round(full_s, 1),
-                                   killed_s=round(killed_s, 1), resumed_s=round(resumed_s, 1),
-                                   resumed_over_full=round(resumed_s / full_s, 3)), indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            dict(
+                limit=args.limit,
+                kill_at=args.kill_at,
+                units=stats["units"],
+                units_kept=stats["units_done_before"],
+                full_s=round(full_s, 1),
+                killed_s=round(killed_s, 1),
+                resumed_s=round(resumed_s, 1),
+                resumed_over_full=round(resumed_s / full_s, 3),
+            ),
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

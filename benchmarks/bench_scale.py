@@ -10,6 +10,7 @@ workers, the engine) and records each process's peak RSS. Printed: the driver's 
 largest worker's peak at both sizes, and their ratios (10N / N). `--repo` runs another checkout's
 code (e.g. the commit before a change) with this environment, for a before/after in one command.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,13 @@ def write_source(path: Path, n: int) -> float:
         for i in range(start, min(n, start + 200)):
             image = photo_jpeg(i)
             sizes.append(len(image))
-            rows.append(dict(image=image, question=f"Photo {i}: how many colour fields are there?",
-                             answer=str(i % 7 + 1)))
+            rows.append(
+                dict(
+                    image=image,
+                    question=f"Photo {i}: how many colour fields are there?",
+                    answer=str(i % 7 + 1),
+                )
+            )
         table = pa.Table.from_pylist(rows)
         writer = writer or pq.ParquetWriter(path, table.schema)
         writer.write_table(table)
@@ -75,8 +81,9 @@ sources:
 """
 
 
-def peak_rss_of_tree(pid: int, stop: threading.Event, peaks: dict[int, tuple[str, int]],
-                     uss_peaks: dict[int, int]) -> None:
+def peak_rss_of_tree(
+    pid: int, stop: threading.Event, peaks: dict[int, tuple[str, int]], uss_peaks: dict[int, int]
+) -> None:
     """Peak RSS of every process of the build, and peak USS (its private memory: RSS less the pages
     it shares, such as Ray's object store it reads blocks from)."""
     import psutil
@@ -104,9 +111,15 @@ def run_build(repo: Path, recipe: Path, out: Path) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("RAY_ADDRESS", None)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "mmpr_pipeline.cli", "build", str(recipe), "--out", str(out)],
-                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmpr_pipeline.cli", "build", str(recipe), "--out", str(out)],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     peaks: dict[int, tuple[str, int]] = {}
     uss: dict[int, int] = {}
     stop = threading.Event()
@@ -125,9 +138,15 @@ def run_build(repo: Path, recipe: Path, out: Path) -> dict:
     top_pid = max(workers, key=lambda pid: workers[pid][1])
     top_name, top = workers[top_pid]
     stats = json.loads((out / "stats.json").read_text())
-    return dict(wall_s=round(wall, 1), driver_mib=round(driver / 2**20), worker_mib=round(top / 2**20),
-                worker_uss_mib=round(uss.get(top_pid, 0) / 2**20), worker=top_name, pairs=sum(stats["totals"]["pairs"].values()),
-                questions=stats["totals"]["questions"])
+    return dict(
+        wall_s=round(wall, 1),
+        driver_mib=round(driver / 2**20),
+        worker_mib=round(top / 2**20),
+        worker_uss_mib=round(uss.get(top_pid, 0) / 2**20),
+        worker=top_name,
+        pairs=sum(stats["totals"]["pairs"].values()),
+        questions=stats["totals"]["questions"],
+    )
 
 
 def main() -> None:
@@ -135,15 +154,22 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--factor", type=int, default=10)
     ap.add_argument("--model", default=None, help="default: the trained demo model")
-    ap.add_argument("--repo", type=Path, default=REPO, help="the checkout whose code runs (default: this one)")
+    ap.add_argument(
+        "--repo", type=Path, default=REPO, help="the checkout whose code runs (default: this one)"
+    )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_scale.json")
     args = ap.parse_args()
     if args.model is None:
         from mmpr_pipeline import demo_model
+
         args.model = str(demo_model.ensure_trained())
-    results = dict(repo=str(args.repo), commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.repo,
-                                                              capture_output=True, text=True).stdout.strip(),
-                   sizes={})
+    results = dict(
+        repo=str(args.repo),
+        commit=subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=args.repo, capture_output=True, text=True
+        ).stdout.strip(),
+        sizes={},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for n in (args.n, args.n * args.factor):
             src = Path(tmp) / f"photos-{n}.parquet"
@@ -153,15 +179,20 @@ def main() -> None:
             r = run_build(args.repo, recipe, Path(tmp) / f"run-{n}")
             r["image_kb"] = round(kb, 1)
             results["sizes"][n] = r
-            print(f"{n:>6} questions ({kb:.0f} KB images): driver peak {r['driver_mib']} MiB, largest worker "
-                  f"{r['worker_mib']} MiB, its own (USS) {r['worker_uss_mib']} MiB ({r['worker']}), wall {r['wall_s']} s, {r['pairs']} pairs", flush=True)
+            print(
+                f"{n:>6} questions ({kb:.0f} KB images): driver peak {r['driver_mib']} MiB, largest worker "
+                f"{r['worker_mib']} MiB, its own (USS) {r['worker_uss_mib']} MiB ({r['worker']}), wall {r['wall_s']} s, {r['pairs']} pairs",
+                flush=True,
+            )
     small, large = (results["sizes"][k] for k in (args.n, args.n * args.factor))
     results["driver_ratio"] = round(large["driver_mib"] / small["driver_mib"], 3)
     results["worker_ratio"] = round(large["worker_mib"] / small["worker_mib"], 3)
     results["worker_uss_ratio"] = round(large["worker_uss_mib"] / max(1, small["worker_uss_mib"]), 3)
-    print(f"ratio {args.factor}N/N: driver {results['driver_ratio']:.2f}x (target <= 1.2), "
-          f"largest worker {results['worker_ratio']:.2f}x (USS {results['worker_uss_ratio']:.2f}x)  "
-          f"[{results['commit']}]")
+    print(
+        f"ratio {args.factor}N/N: driver {results['driver_ratio']:.2f}x (target <= 1.2), "
+        f"largest worker {results['worker_ratio']:.2f}x (USS {results['worker_uss_ratio']:.2f}x)  "
+        f"[{results['commit']}]"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -11,6 +11,7 @@ and reports each one's peak Arrow memory and peak RSS, and the ratio select / ba
 one unit file at a time (its verdict columns, then the kept rows' images), so its peak follows the
 unit size, not the run. Raw numbers go to benchmarks/results/bench_select.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,22 +58,45 @@ def make_samples(run: Path, n_questions: int, image_kb: int) -> None:
     for u in range(0, n_questions, UNIT):
         rows = []
         for q in range(u, min(u + UNIT, n_questions)):
-            correct = [i < q % 9 for i in range(8)]            # pass rate q % 9 / 8, 0 to 1
-            rows.append(dict(qid=f"{q:016x}", source="charts", row_index=q, unit=q // UNIT, pipeline="correctness",
-                             task="bars", images=[noise_jpeg(rng, side)], question="Which bar is the tallest?",
-                             answer="A", answers=["A"], answer_type="multiple_choice", options=[], given_response="",
-                             rationale="", prompt_template="cot_final_answer",
-                             responses=[" ".join(rng.choices(words, k=120)) + "\nFinal answer: A"] * 8,
-                             n_tokens=[120] * 8, finish_reasons=["stop"] * 8, error="", extracted=["A"] * 8,
-                             correct=correct, score=[float(c) for c in correct],
-                             reason=["correct" if c else "wrong answer" for c in correct]))
-        pq.write_table(pa.Table.from_pylist(rows, schema=records.SAMPLE_SCHEMA),
-                       run / "samples" / "charts" / f"unit-{u // UNIT:05d}.parquet", compression="zstd")
+            correct = [i < q % 9 for i in range(8)]  # pass rate q % 9 / 8, 0 to 1
+            rows.append(
+                dict(
+                    qid=f"{q:016x}",
+                    source="charts",
+                    row_index=q,
+                    unit=q // UNIT,
+                    pipeline="correctness",
+                    task="bars",
+                    images=[noise_jpeg(rng, side)],
+                    question="Which bar is the tallest?",
+                    answer="A",
+                    answers=["A"],
+                    answer_type="multiple_choice",
+                    options=[],
+                    given_response="",
+                    rationale="",
+                    prompt_template="cot_final_answer",
+                    responses=[" ".join(rng.choices(words, k=120)) + "\nFinal answer: A"] * 8,
+                    n_tokens=[120] * 8,
+                    finish_reasons=["stop"] * 8,
+                    error="",
+                    extracted=["A"] * 8,
+                    correct=correct,
+                    score=[float(c) for c in correct],
+                    reason=["correct" if c else "wrong answer" for c in correct],
+                )
+            )
+        pq.write_table(
+            pa.Table.from_pylist(rows, schema=records.SAMPLE_SCHEMA),
+            run / "samples" / "charts" / f"unit-{u // UNIT:05d}.parquet",
+            compression="zstd",
+        )
 
 
 def measure(run: Path, what: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(run), what], cwd=REPO, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(run), what], cwd=REPO, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -90,15 +114,21 @@ def main() -> None:
             samples_mb = sum(p.stat().st_size for p in (run / "samples").rglob("*.parquet")) / 2**20
             base, sel = measure(run, "baseline"), measure(run, "select")
             kept = json.loads((Path(tmp) / f"run-{n}-selected" / "selection.json").read_text())["selected"]
-            results.append(dict(questions=n, selected=kept, samples_mb=round(samples_mb, 1), baseline=base, select=sel))
-            print(f"{n:>6,} questions, {samples_mb:6.1f} MB of samples (made in {time.perf_counter() - t0:.0f}s), "
-                  f"{kept:,} selected: peak Arrow memory baseline {base['arrow_peak_mb']:7.1f} MB, select "
-                  f"{sel['arrow_peak_mb']:6.1f} MB (ratio {sel['arrow_peak_mb'] / base['arrow_peak_mb']:.2f}); "
-                  f"peak RSS {base['rss_peak_mb']:.0f} / {sel['rss_peak_mb']:.0f} MB; "
-                  f"time {base['seconds']:.2f}s / {sel['seconds']:.2f}s")
+            results.append(
+                dict(questions=n, selected=kept, samples_mb=round(samples_mb, 1), baseline=base, select=sel)
+            )
+            print(
+                f"{n:>6,} questions, {samples_mb:6.1f} MB of samples (made in {time.perf_counter() - t0:.0f}s), "
+                f"{kept:,} selected: peak Arrow memory baseline {base['arrow_peak_mb']:7.1f} MB, select "
+                f"{sel['arrow_peak_mb']:6.1f} MB (ratio {sel['arrow_peak_mb'] / base['arrow_peak_mb']:.2f}); "
+                f"peak RSS {base['rss_peak_mb']:.0f} / {sel['rss_peak_mb']:.0f} MB; "
+                f"time {base['seconds']:.2f}s / {sel['seconds']:.2f}s"
+            )
     out = REPO / "benchmarks" / "results" / "bench_select.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(dict(image_kb=args.image_kb, unit_questions=UNIT, results=results), indent=2) + "\n")
+    out.write_text(
+        json.dumps(dict(image_kb=args.image_kb, unit_questions=UNIT, results=results), indent=2) + "\n"
+    )
     print(f"raw results: {out}")
 
 

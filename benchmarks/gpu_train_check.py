@@ -14,6 +14,7 @@ the TRL baseline only) are installed from wheels in `.whl/` when missing (no net
    steps), the whole run, tokens/s, peak GPU memory and every step's loss, each in its own process.
 Every part that fails is recorded with its error; the JSON is written after each part.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -53,7 +54,11 @@ def part(name: str, fn) -> None:
     try:
         RESULT["parts"][name] = {"ok": True, **(fn() or {})}
     except Exception as e:  # record and go on: one failure must not hide the other results
-        RESULT["parts"][name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+        RESULT["parts"][name] = {
+            "ok": False,
+            "error": f"{type(e).__name__}: {e}",
+            "trace": traceback.format_exc()[-3000:],
+        }
     RESULT["parts"][name]["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"[gpu-check] {name}: {json.dumps(RESULT['parts'][name], default=str)[:600]}", flush=True)
     save()
@@ -62,9 +67,12 @@ def part(name: str, fn) -> None:
 def environment() -> dict:
     import torch
 
-    env = {"python": sys.version.split()[0], "torch": torch.__version__,
-           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-           "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
+    env = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+    }
     for mod in ("transformers", "peft", "accelerate", "pyarrow", "trl", "datasets"):
         try:
             env[mod] = importlib.import_module(mod).__version__
@@ -76,8 +84,13 @@ def environment() -> dict:
 def install_wheels() -> dict:
     """TRL and datasets from the carried wheels, without deps (the machine has the rest)."""
     missing = []
-    for mod, wheel in (("dill", "dill"), ("multiprocess", "multiprocess"), ("xxhash", "xxhash"),
-                       ("datasets", "datasets"), ("trl", "trl")):
+    for mod, wheel in (
+        ("dill", "dill"),
+        ("multiprocess", "multiprocess"),
+        ("xxhash", "xxhash"),
+        ("datasets", "datasets"),
+        ("trl", "trl"),
+    ):
         try:
             importlib.import_module(mod)
         except Exception:
@@ -85,18 +98,33 @@ def install_wheels() -> dict:
     if not missing:
         return {"installed": []}
     wheels = ROOT / ".whl"
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--find-links", str(wheels), *missing]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-index",
+        "--find-links",
+        str(wheels),
+        *missing,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     importlib.invalidate_caches()
-    return {"installed": missing, "pip_rc": proc.returncode, "pip_output": (proc.stdout + proc.stderr)[-1500:]}
+    return {
+        "installed": missing,
+        "pip_rc": proc.returncode,
+        "pip_output": (proc.stdout + proc.stderr)[-1500:],
+    }
 
 
 def correctness() -> dict:
     import shutil
 
+    import bench_train
     import torch
 
-    import bench_train
     from mmpr_pipeline.train import MPOConfig, train
 
     work = OUT / "gpu-correctness"
@@ -109,9 +137,23 @@ def correctness() -> dict:
 
     def run(name, **kw):
         model = bench_train.build_model("tiny", torch.float32, device, tok, seed=0)
-        cfg = MPOConfig(model="random-qwen2-vl-tiny", data=str(work), output_dir=str(work / name), batch_size=4,
-                        max_steps=4, learning_rate=1e-3, warmup_ratio=0.0, eval_fraction=0.2, max_length=2048,
-                        bf16=True, progress_bar=False, resume=False, save_every=-1, save_model=False, **kw)
+        cfg = MPOConfig(
+            model="random-qwen2-vl-tiny",
+            data=str(work),
+            output_dir=str(work / name),
+            batch_size=4,
+            max_steps=4,
+            learning_rate=1e-3,
+            warmup_ratio=0.0,
+            eval_fraction=0.2,
+            max_length=2048,
+            bf16=True,
+            progress_bar=False,
+            resume=False,
+            save_every=-1,
+            save_model=False,
+            **kw,
+        )
         summary = train(cfg, model=model, processor=processor)
         rows = [json.loads(r) for r in (work / name / "metrics.jsonl").read_text().splitlines()]
         return summary, [r for r in rows if r["split"] == "train"]
@@ -127,15 +169,23 @@ def correctness() -> dict:
         "loss_falls": live_rows[-1]["loss"] < live_rows[0]["loss"],
         # LoRA's B starts at zero, so the policy equals its adapter-disabled reference at step 1; on a
         # GPU the grad and no-grad forwards may pick different bf16 kernels, hence a tolerance.
-        "lora_step1_rewards_zero": max(abs(lora_rows[0]["chosen_reward"]), abs(lora_rows[0]["rejected_reward"])) < 5e-3,
+        "lora_step1_rewards_zero": max(
+            abs(lora_rows[0]["chosen_reward"]), abs(lora_rows[0]["rejected_reward"])
+        )
+        < 5e-3,
         "lora_rewards_move": lora_rows[-1]["reward_margin"] != 0.0,
         "sft_only_falls": sft_rows[-1]["sft"] < sft_rows[0]["sft"],
         "all_finite": all(math.isfinite(r["loss"]) for r in live_rows + pre_rows + lora_rows + sft_rows),
     }
     checks["passed"] = all(v for k, v in checks.items() if isinstance(v, bool))
-    return {**checks, "live_losses": [r["loss"] for r in live_rows], "precomputed_losses": [r["loss"] for r in pre_rows],
-            "live_eval": live["last_eval"],
-            "lora_step1_rewards": [lora_rows[0]["chosen_reward"], lora_rows[0]["rejected_reward"]], "tokens_per_s_tiny": live_rows[-1]["tokens_per_s"]}
+    return {
+        **checks,
+        "live_losses": [r["loss"] for r in live_rows],
+        "precomputed_losses": [r["loss"] for r in pre_rows],
+        "live_eval": live["last_eval"],
+        "lora_step1_rewards": [lora_rows[0]["chosen_reward"], lora_rows[0]["rejected_reward"]],
+        "tokens_per_s_tiny": live_rows[-1]["tokens_per_s"],
+    }
 
 
 def benchmark() -> dict:
@@ -143,9 +193,27 @@ def benchmark() -> dict:
 
     left = int(DEADLINE_S + 60 - (time.perf_counter() - START))
     # one epoch (32 pairs): the precomputed reference's pass scores exactly the pairs trained on
-    argv = ["--size", SIZE, "--bf16", "--batch-size", "4", "--steps", "6", "--warmup", "2",
-            "--repeat", "4", "--image-side", "448", "--timeout", str(max(60, left // 3)),
-            "--workdir", str(OUT / "gpu-bench"), "--out", str(OUT / "bench_train_gpu.json")]
+    argv = [
+        "--size",
+        SIZE,
+        "--bf16",
+        "--batch-size",
+        "4",
+        "--steps",
+        "6",
+        "--warmup",
+        "2",
+        "--repeat",
+        "4",
+        "--image-side",
+        "448",
+        "--timeout",
+        str(max(60, left // 3)),
+        "--workdir",
+        str(OUT / "gpu-bench"),
+        "--out",
+        str(OUT / "bench_train_gpu.json"),
+    ]
     results = bench_train.main(argv)
     by = {r["contender"]: r for r in results if "step_s" in r}
     summary = {"command": "python benchmarks/bench_train.py " + " ".join(argv[:-4]), "results": results}
@@ -156,7 +224,9 @@ def benchmark() -> dict:
                 summary[f"{name}_run_vs_trl"] = by[name]["run_s"] / by["trl"]["run_s"]
                 summary[f"{name}_memory_vs_trl"] = by[name]["peak_memory_gib"] / by["trl"]["peak_memory_gib"]
                 # same weights at step 1 and the same batch order (both seed 0): where a loss gap starts
-                summary[f"{name}_first_step_loss_minus_trl"] = by[name]["loss_first_step"] - by["trl"]["loss_first_step"]
+                summary[f"{name}_first_step_loss_minus_trl"] = (
+                    by[name]["loss_first_step"] - by["trl"]["loss_first_step"]
+                )
     return summary
 
 

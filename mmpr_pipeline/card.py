@@ -6,6 +6,7 @@ as a list of `Image` so rows come back with PIL images); the body tells people w
 how they were made, with a few plots. Everything is read from the run folder, so the card can be
 rewritten at any time: `python -m mmpr_pipeline.card RUN_DIR`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,17 +21,37 @@ import pyarrow.parquet as pq
 from mmpr_pipeline.records import IMAGE_STRUCT, PAIR_SCHEMA, PAIR_TYPES
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "data_cards" / "card_template.md"
-SHARD_GLOB = "data/train-*"     # what the card's `configs` point at (the Hub's naming of a train split)
+SHARD_GLOB = "data/train-*"  # what the card's `configs` point at (the Hub's naming of a train split)
 SHARD_NAME = re.compile(r"^data/train-(\d{5})-of-(\d{5})\.parquet$")
-FIGURES = {"pairs": "figures/pairs_per_source.png", "correct_rate": "figures/correct_rate.png",
-           "lengths": "figures/response_lengths.png", "pass_rate": "figures/pass_rate.png"}
-PASS_RATE_BAND = (0.2, 0.8)     # MMPR-Tiny keeps these prompts for online RL (shaded in the pass-rate figure)
+FIGURES = {
+    "pairs": "figures/pairs_per_source.png",
+    "correct_rate": "figures/correct_rate.png",
+    "lengths": "figures/response_lengths.png",
+    "pass_rate": "figures/pass_rate.png",
+}
+PASS_RATE_BAND = (0.2, 0.8)  # MMPR-Tiny keeps these prompts for online RL (shaded in the pass-rate figure)
 TASK_CATEGORIES = ["image-text-to-text", "visual-question-answering"]
-TAGS = ["mmpr", "mpo", "dpo", "preference", "multimodal", "vision-language", "reasoning",
-        "chain-of-thought", "synthetic"]
-SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
-                   (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
-LENGTH_SAMPLE = 20_000          # pairs read for the length plot; keeps the card quick on big runs
+TAGS = [
+    "mmpr",
+    "mpo",
+    "dpo",
+    "preference",
+    "multimodal",
+    "vision-language",
+    "reasoning",
+    "chain-of-thought",
+    "synthetic",
+]
+SIZE_CATEGORIES = [
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+    (100_000_000, "10M<n<100M"),
+    (1_000_000_000, "100M<n<1B"),
+]
+LENGTH_SAMPLE = 20_000  # pairs read for the length plot; keeps the card quick on big runs
 COLUMN_DOCS = {
     "id": "pair id: hash of qid, pair type, chosen and rejected",
     "qid": "question id: hash of source and row content (stable across runs)",
@@ -49,9 +70,9 @@ COLUMN_DOCS = {
     "rejected_index": "index of the rejected response among the question's samples",
     "cut_ratio": "DropoutNTP: fraction of the chosen response's words kept before the continuation",
     "prefix_words": "DropoutNTP: number of words kept",
-    "provenance": "JSON of the pair options that shaped the pair, {} when none: {\"chosen\": \"reference\"} "
-                  "(the source's reference rationale, chosen_index -1), {\"answer_fix\": true} (the chosen's "
-                  "final answer rewritten to the reference answer's text)",
+    "provenance": 'JSON of the pair options that shaped the pair, {} when none: {"chosen": "reference"} '
+    "(the source's reference rationale, chosen_index -1), {\"answer_fix\": true} (the chosen's "
+    "final answer rewritten to the reference answer's text)",
 }
 
 
@@ -60,6 +81,7 @@ class CardError(ValueError):
 
 
 # --- features: what `datasets` and the Hub read -------------------------------------------------
+
 
 def hf_features():
     """`datasets.Features` of the pair shards: PAIR_SCHEMA with `images` as `List(Image())`."""
@@ -80,9 +102,16 @@ def schema_metadata() -> dict[bytes, bytes]:
     return {b"huggingface": _features_json()}
 
 
-_YAML_DTYPES = {pa.string(): "string", pa.large_string(): "large_string", pa.binary(): "binary",
-                pa.bool_(): "bool", pa.int32(): "int32", pa.int64(): "int64",
-                pa.float32(): "float32", pa.float64(): "float64"}
+_YAML_DTYPES = {
+    pa.string(): "string",
+    pa.large_string(): "large_string",
+    pa.binary(): "binary",
+    pa.bool_(): "bool",
+    pa.int32(): "int32",
+    pa.int64(): "int64",
+    pa.float32(): "float32",
+    pa.float64(): "float64",
+}
 
 
 def _yaml_feature(t: pa.DataType) -> dict:
@@ -116,6 +145,7 @@ def size_category(n: int) -> str:
 
 # --- reading a run folder ----------------------------------------------------------------------
 
+
 def _read_json(path: Path) -> dict:
     if not path.exists():
         raise CardError(f"{path}: missing (is this a finished run folder?)")
@@ -132,7 +162,9 @@ def shard_paths(run_dir: Path, stats: dict) -> list[Path]:
         raise CardError(f"{run_dir / 'stats.json'}: 'shards' must list the pair shards")
     for rel in shards:
         if not SHARD_NAME.match(rel):
-            raise CardError(f"{run_dir / 'stats.json'}: shard {rel!r} is not named data/train-NNNNN-of-NNNNN.parquet")
+            raise CardError(
+                f"{run_dir / 'stats.json'}: shard {rel!r} is not named data/train-NNNNN-of-NNNNN.parquet"
+            )
         if not (run_dir / rel).is_file():
             raise CardError(f"{run_dir / rel}: shard listed in stats.json is missing")
     return [run_dir / rel for rel in shards]
@@ -152,11 +184,20 @@ def read_run(run_dir: str | Path) -> dict:
         num_rows += meta.num_rows
         num_bytes += sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
         download_size += path.stat().st_size
-    return dict(run_dir=run_dir, recipe=recipe, stats=stats, shards=shards, schema=schema,
-                num_rows=num_rows, num_bytes=num_bytes, download_size=download_size)
+    return dict(
+        run_dir=run_dir,
+        recipe=recipe,
+        stats=stats,
+        shards=shards,
+        schema=schema,
+        num_rows=num_rows,
+        num_bytes=num_bytes,
+        download_size=download_size,
+    )
 
 
 # --- the card ----------------------------------------------------------------------------------
+
 
 def card_metadata(run: dict) -> dict:
     """The card's YAML front matter."""
@@ -199,16 +240,20 @@ def _templates_used(shards: list[Path]) -> list[str]:
     """Prompt template ids the pairs were sampled with (one small column read per shard)."""
     used = set()
     for path in shards:
-        used.update(t for t in pq.read_table(path, columns=["prompt_template"]).column(0).unique().to_pylist() if t)
+        used.update(
+            t for t in pq.read_table(path, columns=["prompt_template"]).column(0).unique().to_pylist() if t
+        )
     return sorted(used)
 
 
 def _source_rules(src: dict) -> str:
     pairing, dropout = src.get("pairing") or {}, src.get("dropout") or {}
     if src.get("pipeline") == "dropout_ntp":
-        return (f"DropoutNTP: keep {dropout.get('ratio')} of the chosen response's words, continue without "
-                f"the image; responses under {dropout.get('min_words')} words not cut; "
-                f"{dropout.get('n')} chosen per question")
+        return (
+            f"DropoutNTP: keep {dropout.get('ratio')} of the chosen response's words, continue without "
+            f"the image; responses under {dropout.get('min_words')} words not cut; "
+            f"{dropout.get('n')} chosen per question"
+        )
     rules = f"up to {pairing.get('max_pairs_per_question')} pairs per question"
     rules += "; format pairs on" if pairing.get("format_pairs") else "; format pairs off"
     if pairing.get("answer_fix"):
@@ -227,11 +272,18 @@ def _context(run: dict, metadata: dict, lengths_note: str) -> dict:
         pairs = {t: (st.get("pairs") or {}).get(t, 0) for t in PAIR_TYPES}
         loader = src.get("loader", "?")
         where = src.get("dataset") or src.get("path") or ""
-        sources.append(dict(
-            st, name=name, pairs=pairs, pipeline=st.get("pipeline", src.get("pipeline", "")),
-            correct_rate=_pct(st.get("correct_rate")) if st.get("pipeline") != "dropout_ntp" else "–",
-            loader_text=f"{loader} `{where}`" if where else loader,
-            limit=src.get("limit") or "all", rules=_source_rules(src)))
+        sources.append(
+            dict(
+                st,
+                name=name,
+                pairs=pairs,
+                pipeline=st.get("pipeline", src.get("pipeline", "")),
+                correct_rate=_pct(st.get("correct_rate")) if st.get("pipeline") != "dropout_ntp" else "–",
+                loader_text=f"{loader} `{where}`" if where else loader,
+                limit=src.get("limit") or "all",
+                rules=_source_rules(src),
+            )
+        )
         if st.get("pipeline") == "dropout_ntp":
             dropout_sources.append(dict(st.get("dropout") or {}, name=name))
         for reason, count in sorted((st.get("reject_reasons") or {}).items()):
@@ -242,19 +294,36 @@ def _context(run: dict, metadata: dict, lengths_note: str) -> dict:
         totals.setdefault(k, 0)
     sampling = recipe.get("sampling") or {}
     prompt_id = recipe.get("prompt_template", "")
-    templates = [dict(id=t, text=_template_text(t), default=t == prompt_id)
-                 for t in (run.get("templates") or [prompt_id])]
+    templates = [
+        dict(id=t, text=_template_text(t), default=t == prompt_id)
+        for t in (run.get("templates") or [prompt_id])
+    ]
     return dict(
-        pretty_name=metadata["pretty_name"], n_pairs=run["num_rows"], model=stats.get("model") or recipe.get("model"),
-        recipe_name=stats.get("recipe") or recipe.get("name"), fingerprint=stats.get("fingerprint", ""),
-        created=stats.get("created", ""), extra=((recipe.get("card") or {}).get("extra") or "").strip(),
-        totals=totals, totals_pairs=totals_pairs, sources=sources, dropout_sources=dropout_sources,
-        reject_reasons=reject_reasons, prompt_template=prompt_id, templates=templates,
-        sampling_text=", ".join(f"{k} = {v}" for k, v in sampling.items()), seed=recipe.get("seed", 0),
+        pretty_name=metadata["pretty_name"],
+        n_pairs=run["num_rows"],
+        model=stats.get("model") or recipe.get("model"),
+        recipe_name=stats.get("recipe") or recipe.get("name"),
+        fingerprint=stats.get("fingerprint", ""),
+        created=stats.get("created", ""),
+        extra=((recipe.get("card") or {}).get("extra") or "").strip(),
+        totals=totals,
+        totals_pairs=totals_pairs,
+        sources=sources,
+        dropout_sources=dropout_sources,
+        reject_reasons=reject_reasons,
+        prompt_template=prompt_id,
+        templates=templates,
+        sampling_text=", ".join(f"{k} = {v}" for k, v in sampling.items()),
+        seed=recipe.get("seed", 0),
         stage_seconds={k: f"{float(v):.1f}" for k, v in (stats.get("stage_seconds") or {}).items()},
-        figures=FIGURES, lengths_note=lengths_note, pass_rate_note=run.get("pass_rate_note", ""), preview=(run["run_dir"] / "preview.html").is_file(),
-        columns=[dict(name=f.name, type=_arrow_type_text(f.type), doc=COLUMN_DOCS.get(f.name, ""))
-                 for f in run["schema"]],
+        figures=FIGURES,
+        lengths_note=lengths_note,
+        pass_rate_note=run.get("pass_rate_note", ""),
+        preview=(run["run_dir"] / "preview.html").is_file(),
+        columns=[
+            dict(name=f.name, type=_arrow_type_text(f.type), doc=COLUMN_DOCS.get(f.name, ""))
+            for f in run["schema"]
+        ],
     )
 
 
@@ -263,13 +332,15 @@ def render_card(run: dict, lengths_note: str = "") -> str:
     from huggingface_hub import DatasetCard, DatasetCardData
 
     metadata = card_metadata(run)
-    card = DatasetCard.from_template(DatasetCardData(**metadata), template_path=str(TEMPLATE),
-                                     **_context(run, metadata, lengths_note))
+    card = DatasetCard.from_template(
+        DatasetCardData(**metadata), template_path=str(TEMPLATE), **_context(run, metadata, lengths_note)
+    )
     # Collapse the blank lines that template blocks leave behind.
     return re.sub(r"\n{3,}", "\n\n", str(card)).rstrip() + "\n"
 
 
 # --- figures -----------------------------------------------------------------------------------
+
 
 def _word_lengths(shards: list[Path], limit: int = LENGTH_SAMPLE) -> tuple[dict, int]:
     """Word counts of chosen and rejected per pair type, over at most `limit` pairs spread over shards."""
@@ -314,11 +385,13 @@ def pass_rate_note(rates: dict[str, list[float]]) -> str:
         return ""
     lo, hi = PASS_RATE_BAND
     band = sum(lo <= r <= hi for r in every)
-    return (f"Pass rate: the share of a question's sampled responses judged correct, over {len(every):,} "
-            f"questions of correctness sources: {sum(r == 0 for r in every):,} all wrong, "
-            f"{sum(r == 1 for r in every):,} all right, {band:,} ({band / len(every):.0%}) in {lo}-{hi}, the band "
-            f"MMPR-Tiny keeps for online RL. `mmpr select RUN_DIR --pass-rate {lo}:{hi} --out DIR` writes those "
-            f"prompts as a dataset (`--all-wrong`: the never-solved ones).")
+    return (
+        f"Pass rate: the share of a question's sampled responses judged correct, over {len(every):,} "
+        f"questions of correctness sources: {sum(r == 0 for r in every):,} all wrong, "
+        f"{sum(r == 1 for r in every):,} all right, {band:,} ({band / len(every):.0%}) in {lo}-{hi}, the band "
+        f"MMPR-Tiny keeps for online RL. `mmpr select RUN_DIR --pass-rate {lo}:{hi} --out DIR` writes those "
+        f"prompts as a dataset (`--all-wrong`: the never-solved ones)."
+    )
 
 
 def plot_figures(run: dict) -> str:
@@ -348,8 +421,11 @@ def plot_figures(run: dict) -> str:
     fig.savefig(run_dir / FIGURES["pairs"], **save)
 
     # Correct rate per correctness source (DropoutNTP sources have no ground truth).
-    scored = [(n, s.get("correct_rate")) for n, s in zip(names, per_source)
-              if s.get("pipeline") != "dropout_ntp" and s.get("correct_rate") is not None]
+    scored = [
+        (n, s.get("correct_rate"))
+        for n, s in zip(names, per_source)
+        if s.get("pipeline") != "dropout_ntp" and s.get("correct_rate") is not None
+    ]
     fig = Figure(figsize=(max(4.5, 1.2 * len(scored) + 2), 3.4), layout="constrained")
     ax = fig.subplots()
     ax.bar([n for n, _ in scored], [100 * r for _, r in scored], color="#4C72B0", width=0.6)
@@ -371,8 +447,16 @@ def plot_figures(run: dict) -> str:
         top = max(lengths[t]["chosen"] + lengths[t]["rejected"]) + 1
         bins = min(40, max(5, top))
         for side, color in (("chosen", "#55A868"), ("rejected", "#C44E52")):
-            ax.hist(lengths[t][side], bins=bins, range=(0, top), alpha=0.45, color=color, label=side,
-                    histtype="stepfilled", edgecolor=color)
+            ax.hist(
+                lengths[t][side],
+                bins=bins,
+                range=(0, top),
+                alpha=0.45,
+                color=color,
+                label=side,
+                histtype="stepfilled",
+                edgecolor=color,
+            )
         ax.set_title(f"{t} ({len(lengths[t]['chosen']):,} pairs)")
         ax.set_xlabel("response length (words)")
         ax.legend(frameon=False)
@@ -386,7 +470,7 @@ def plot_figures(run: dict) -> str:
     rates = pass_rates(run_dir)
     fig = Figure(figsize=(6, 3.4), layout="constrained")
     ax = fig.subplots()
-    edges = [(k - 0.5) / 10 for k in range(12)]          # one bar per tenth, 0 and 1 in bars of their own
+    edges = [(k - 0.5) / 10 for k in range(12)]  # one bar per tenth, 0 and 1 in bars of their own
     ax.axvspan(*PASS_RATE_BAND, color="#CCCCCC", alpha=0.4, label="0.2-0.8 (MMPR-Tiny, online RL)")
     if rates:
         ax.hist(list(rates.values()), bins=edges, stacked=True, label=list(rates), rwidth=0.85)
@@ -400,8 +484,10 @@ def plot_figures(run: dict) -> str:
     fig.savefig(run_dir / FIGURES["pass_rate"], **save)
     total = run["num_rows"]
     run["pass_rate_note"] = pass_rate_note(rates)
-    return (f"Response lengths are counted in words (whitespace-separated) over "
-            f"{'all ' if seen >= total else f'a sample of {seen:,} of the '}{total:,} pairs.")
+    return (
+        f"Response lengths are counted in words (whitespace-separated) over "
+        f"{'all ' if seen >= total else f'a sample of {seen:,} of the '}{total:,} pairs."
+    )
 
 
 def write_card(run_dir: str | Path) -> Path:
@@ -418,6 +504,7 @@ def write_card(run_dir: str | Path) -> Path:
 
 
 # --- checking a card against its run folder ------------------------------------------------------
+
 
 def check_card(run_dir: str | Path) -> list[str]:
     """Problems with RUN_DIR/README.md: unparsable, or metadata that does not describe the shards."""
@@ -442,15 +529,18 @@ def check_card(run_dir: str | Path) -> list[str]:
         if not data.get(key):
             problems.append(f"{path}: metadata has no {key!r}")
     if data.get("license") and not re.fullmatch(r"[a-z0-9][a-z0-9.+\-]*", str(data["license"])):
-        problems.append(f"{path}: license {data['license']!r} is not a Hub license id (e.g. cc-by-4.0, mit, other)")
+        problems.append(
+            f"{path}: license {data['license']!r} is not a Hub license id (e.g. cc-by-4.0, mit, other)"
+        )
     if data.get("configs") != expected["configs"]:
         problems.append(f"{path}: configs {data.get('configs')!r} do not point at the shards ({SHARD_GLOB})")
     info = data.get("dataset_info") or {}
     if info.get("features") != expected["dataset_info"]["features"]:
         problems.append(f"{path}: dataset_info.features do not match the shards' schema")
     if info.get("splits") != expected["dataset_info"]["splits"]:
-        problems.append(f"{path}: dataset_info.splits say {info.get('splits')!r}, the shards hold "
-                        f"{run['num_rows']} rows")
+        problems.append(
+            f"{path}: dataset_info.splits say {info.get('splits')!r}, the shards hold {run['num_rows']} rows"
+        )
     if data.get("size_categories") != expected["size_categories"]:
         problems.append(f"{path}: size_categories should be {expected['size_categories']}")
     for rel in FIGURES.values():

@@ -3,6 +3,7 @@
 Each subcommand's handler imports its module lazily, so `mmpr --help` is instant and
 `mmpr publish` never imports vLLM.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -136,29 +137,52 @@ class _ListOptions(argparse.Action):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmpr", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="exit codes: 0 done, 1 environment failure (disk, memory, network, engine), "
-                                       "2 user error (named in the message), 130 interrupted; "
-                                       "`mmpr publish`: 3 token, 4 network")
+    p = argparse.ArgumentParser(
+        prog="mmpr",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 done, 1 environment failure (disk, memory, network, engine), "
+        "2 user error (named in the message), 130 interrupted; "
+        "`mmpr publish`: 3 token, 4 network",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--debug", action="store_true", default=os.environ.get("MMPR_DEBUG", "") not in ("", "0"),
-                   help="show the traceback of an error (also MMPR_DEBUG=1)")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=os.environ.get("MMPR_DEBUG", "") not in ("", "0"),
+        help="show the traceback of an error (also MMPR_DEBUG=1)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     b = sub.add_parser("build", help="build preference pairs from a recipe (resumes an interrupted run)")
     b.add_argument("recipe", help="recipe YAML, e.g. data_cards/demo.yaml")
     b.add_argument("--out", required=True, help="run folder (created; an existing one is resumed)")
     b.add_argument("--model", help="Hub id or local path; overrides the recipe's model")
-    b.add_argument("--limit", type=_positive_int, help="questions per source (overrides every source's limit)")
-    b.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set sampling.n=4 (repeatable)")
-    b.add_argument("--list-options", action=_ListOptions, config_class="mmpr_pipeline.recipe:Recipe",
-                   help="print every recipe key with its type, default and help, and exit")
-    b.add_argument("--overwrite", action="store_true",
-                   help="start over in a run folder that was built with a different recipe")
-    b.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
-                   help="join a Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    b.add_argument(
+        "--limit", type=_positive_int, help="questions per source (overrides every source's limit)"
+    )
+    b.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set sampling.n=4 (repeatable)",
+    )
+    b.add_argument(
+        "--list-options",
+        action=_ListOptions,
+        config_class="mmpr_pipeline.recipe:Recipe",
+        help="print every recipe key with its type, default and help, and exit",
+    )
+    b.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run folder that was built with a different recipe",
+    )
+    b.add_argument(
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="join a Ray cluster (default: $RAY_ADDRESS, else a local Ray)",
+    )
     b.set_defaults(func=cmd_build)
 
     d = sub.add_parser("demo-model", help="build and train the bundled tiny demo model (cached)")
@@ -177,8 +201,12 @@ def make_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model with MPO on a run's pairs")
     t.add_argument("config", help="training config YAML, e.g. data_cards/train_mpo.yaml")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
-    t.add_argument("--list-options", action=_ListOptions, config_class="mmpr_pipeline.train.config:MPOConfig",
-                   help="print every config key with its type, default and help, and exit")
+    t.add_argument(
+        "--list-options",
+        action=_ListOptions,
+        config_class="mmpr_pipeline.train.config:MPOConfig",
+        help="print every config key with its type, default and help, and exit",
+    )
     t.set_defaults(func=cmd_train)
 
     pub = sub.add_parser("publish", help="upload a run's shards and card to the Hugging Face Hub")
@@ -195,23 +223,30 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output folder")
     x.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("preview", help="write RUN_DIR/preview.html: sampled pairs, verdicts, rejects (one file)")
+    v = sub.add_parser(
+        "preview", help="write RUN_DIR/preview.html: sampled pairs, verdicts, rejects (one file)"
+    )
     v.add_argument("run_dir")
     v.add_argument("--per-source", type=int, default=20, help="pairs shown per source (default 20)")
     v.add_argument("--seed", type=int, default=0, help="seed of the pair sample (default 0)")
     v.set_defaults(func=cmd_preview)
 
-    s = sub.add_parser("select", help="write a run's prompts by sampled accuracy (pass rate), as a dataset",
-                       description="Write the questions of RUN_DIR whose pass rate (the share of their sampled "
-                                   "responses judged correct, read from samples/) lies in LO:HI, or that were "
-                                   "never answered right (--all-wrong), as Parquet under OUT/data that a recipe "
-                                   "(loader: parquet) or datasets.load_dataset('parquet', ...) loads. "
-                                   "Correctness sources only.",
-                       epilog="e.g. mmpr select runs/demo --pass-rate 0.2:0.8 --out prompts/rl  "
-                              "(MMPR-Tiny's band for online RL); mmpr select runs/demo --all-wrong --out prompts/hard")
+    s = sub.add_parser(
+        "select",
+        help="write a run's prompts by sampled accuracy (pass rate), as a dataset",
+        description="Write the questions of RUN_DIR whose pass rate (the share of their sampled "
+        "responses judged correct, read from samples/) lies in LO:HI, or that were "
+        "never answered right (--all-wrong), as Parquet under OUT/data that a recipe "
+        "(loader: parquet) or datasets.load_dataset('parquet', ...) loads. "
+        "Correctness sources only.",
+        epilog="e.g. mmpr select runs/demo --pass-rate 0.2:0.8 --out prompts/rl  "
+        "(MMPR-Tiny's band for online RL); mmpr select runs/demo --all-wrong --out prompts/hard",
+    )
     s.add_argument("run_dir", help="folder of an `mmpr build`")
     which = s.add_mutually_exclusive_group(required=True)
-    which.add_argument("--pass-rate", metavar="LO:HI", help="keep questions with LO <= pass rate <= HI (0 to 1)")
+    which.add_argument(
+        "--pass-rate", metavar="LO:HI", help="keep questions with LO <= pass rate <= HI (0 to 1)"
+    )
     which.add_argument("--all-wrong", action="store_true", help="keep questions no sample answered right")
     s.add_argument("--out", required=True, help="new or empty output folder")
     s.set_defaults(func=cmd_select)
@@ -234,7 +269,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-_DISK_FULL_HINT = " (the disk is full or a file size limit was hit: free space, then run the same command again)"
+_DISK_FULL_HINT = (
+    " (the disk is full or a file size limit was hit: free space, then run the same command again)"
+)
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -283,8 +320,11 @@ def _resume_hint(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@
    greedy and sampled, through `mmpr eval`'s stages;
 4. write report.md (a table and a plot) and report.json, with how long each step took.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,8 @@ import os
 import time
 from pathlib import Path
 
-from mmpr_pipeline import recipe as recipe_mod, shards
+from mmpr_pipeline import recipe as recipe_mod
+from mmpr_pipeline import shards
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
@@ -38,12 +40,14 @@ LOOP_TRAIN = {"learning_rate": 1e-4, "eval_fraction": 0.1, "epochs": 1, "eval_ev
 
 @dataclasses.dataclass
 class LoopSettings:
-    build_limit: int | None = None          # questions to build pairs from (None: the recipe's)
-    eval_limit: int | None = None           # held-out questions (None: the recipe's)
+    build_limit: int | None = None  # questions to build pairs from (None: the recipe's)
+    eval_limit: int | None = None  # held-out questions (None: the recipe's)
     eval_modes: tuple[str, ...] = ("greedy", "sampled")
-    train_overrides: dict = dataclasses.field(default_factory=dict)   # MPOConfig keys for both runs (over LOOP_TRAIN)
-    sampling_n: int | None = None           # build: samples per question (None: the recipe's)
-    model: str | None = None                # base model folder (None: the demo model at 120 steps)
+    train_overrides: dict = dataclasses.field(
+        default_factory=dict
+    )  # MPOConfig keys for both runs (over LOOP_TRAIN)
+    sampling_n: int | None = None  # build: samples per question (None: the recipe's)
+    model: str | None = None  # base model folder (None: the demo model at 120 steps)
 
 
 def run_loop(out: str | Path, settings: LoopSettings = LoopSettings()) -> dict:
@@ -72,9 +76,17 @@ def run_loop(out: str | Path, settings: LoopSettings = LoopSettings()) -> dict:
         stats = pipeline.build(recipe_mod.load(CARDS / "demo_loop.yaml", build_over), out / "build")
     models = {"base": base}
     for name, weights in (("mpo", [0.8, 0.2, 1.0]), ("sft", [0.0, 0.0, 1.0])):
-        cfg = load_config(CARDS / "train_mpo.yaml", {
-            "model": base, "data": str(out / "build"), "output_dir": str(out / name), "weights": weights,
-            **LOOP_TRAIN, **settings.train_overrides})
+        cfg = load_config(
+            CARDS / "train_mpo.yaml",
+            {
+                "model": base,
+                "data": str(out / "build"),
+                "output_dir": str(out / name),
+                "weights": weights,
+                **LOOP_TRAIN,
+                **settings.train_overrides,
+            },
+        )
         with step(f"train {name}"):
             summary = train(cfg)
         models[name] = str(Path(cfg.output_dir) / "final")
@@ -85,18 +97,28 @@ def run_loop(out: str | Path, settings: LoopSettings = LoopSettings()) -> dict:
         with step(f"eval {name}"):
             rec = recipe_mod.load(CARDS / "eval_heldout.yaml", {**eval_over, "model": path})
             results[name] = evaluate.evaluate(rec, out / "eval" / name, modes=settings.eval_modes)
-    report = dict(pairs=stats["totals"]["pairs"], questions=stats["totals"]["questions"],
-                  correct_rate=stats["sources"]["shapes"]["correct_rate"], timings_s=timings,
-                  accuracy={name: {m: r["modes"][m]["accuracy"]["heldout/*"] for m in settings.eval_modes}
-                            for name, r in results.items()},
-                  per_task={name: {m: r["modes"][m]["accuracy"] for m in settings.eval_modes}
-                            for name, r in results.items()},
-                  settings=dataclasses.asdict(settings))
+    report = dict(
+        pairs=stats["totals"]["pairs"],
+        questions=stats["totals"]["questions"],
+        correct_rate=stats["sources"]["shapes"]["correct_rate"],
+        timings_s=timings,
+        accuracy={
+            name: {m: r["modes"][m]["accuracy"]["heldout/*"] for m in settings.eval_modes}
+            for name, r in results.items()
+        },
+        per_task={
+            name: {m: r["modes"][m]["accuracy"] for m in settings.eval_modes} for name, r in results.items()
+        },
+        settings=dataclasses.asdict(settings),
+    )
     if "sampled" in settings.eval_modes:
         report["eval_samples"] = results["base"]["modes"]["sampled"]["sampling"]["n"]
-    report["comparisons"] = {f"{a} vs {b}": {m: gain(report["accuracy"][a][m], report["accuracy"][b][m])
-                                             for m in settings.eval_modes}
-                             for a, b in (("mpo", "base"), ("mpo", "sft"), ("sft", "base"))}
+    report["comparisons"] = {
+        f"{a} vs {b}": {
+            m: gain(report["accuracy"][a][m], report["accuracy"][b][m]) for m in settings.eval_modes
+        }
+        for a, b in (("mpo", "base"), ("mpo", "sft"), ("sft", "base"))
+    }
     shards.write_json(out / "report.json", report)
     write_report(out, report)
     return report
@@ -105,8 +127,10 @@ def run_loop(out: str | Path, settings: LoopSettings = LoopSettings()) -> dict:
 def gain(a: dict, b: dict) -> dict:
     """Accuracy a minus b in points, and whether their 95% Wilson intervals are disjoint (a clear
     difference at these question counts) rather than overlapping (within noise)."""
-    return dict(points=round(100 * (a["accuracy"] - b["accuracy"]), 1),
-                intervals_disjoint=a["ci95"][0] > b["ci95"][1] or b["ci95"][0] > a["ci95"][1])
+    return dict(
+        points=round(100 * (a["accuracy"] - b["accuracy"]), 1),
+        intervals_disjoint=a["ci95"][0] > b["ci95"][1] or b["ci95"][0] > a["ci95"][1],
+    )
 
 
 def write_report(out: Path, report: dict) -> Path:
@@ -121,8 +145,10 @@ def write_report(out: Path, report: dict) -> Path:
     width = 0.8 / len(modes)
     for j, mode in enumerate(modes):
         accs = [report["accuracy"][n][mode]["accuracy"] for n in names]
-        errs = [[a - report["accuracy"][n][mode]["ci95"][0] for a, n in zip(accs, names)],
-                [report["accuracy"][n][mode]["ci95"][1] - a for a, n in zip(accs, names)]]
+        errs = [
+            [a - report["accuracy"][n][mode]["ci95"][0] for a, n in zip(accs, names)],
+            [report["accuracy"][n][mode]["ci95"][1] - a for a, n in zip(accs, names)],
+        ]
         ax.bar([i + j * width for i in range(len(names))], accs, width, yerr=errs, capsize=3, label=mode)
     ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(names))], names)
     ax.set_ylabel("held-out accuracy")
@@ -133,31 +159,57 @@ def write_report(out: Path, report: dict) -> Path:
     fig.savefig(out / "accuracy.png")
     plt.close(fig)
     sampled = "sampled" in modes
-    lines = ["# Demo loop: MMPR pairs + MPO on the demo model", "",
-             f"Pairs built: {' + '.join(f'{v:,} {k}' for k, v in report['pairs'].items() if v)} from "
-             f"{report['questions']} questions "
-             f"(sampled correct rate {report['correct_rate']:.1%}).", "",
-             "| model | " + " | ".join(f"{m} accuracy (95% CI)" for m in modes)
-             + (f" | pass@{report.get('eval_samples', 'n')}" if sampled else "") + " | questions |",
-             "| --- | " + " | ".join("---" for _ in modes) + (" | ---" if sampled else "") + " | --- |"]
+    lines = [
+        "# Demo loop: MMPR pairs + MPO on the demo model",
+        "",
+        f"Pairs built: {' + '.join(f'{v:,} {k}' for k, v in report['pairs'].items() if v)} from "
+        f"{report['questions']} questions "
+        f"(sampled correct rate {report['correct_rate']:.1%}).",
+        "",
+        "| model | "
+        + " | ".join(f"{m} accuracy (95% CI)" for m in modes)
+        + (f" | pass@{report.get('eval_samples', 'n')}" if sampled else "")
+        + " | questions |",
+        "| --- | " + " | ".join("---" for _ in modes) + (" | ---" if sampled else "") + " | --- |",
+    ]
     for n in names:
-        cells = [f"{report['accuracy'][n][m]['accuracy']:.1%} ({report['accuracy'][n][m]['ci95'][0]:.1%}-"
-                 f"{report['accuracy'][n][m]['ci95'][1]:.1%})" for m in modes]
+        cells = [
+            f"{report['accuracy'][n][m]['accuracy']:.1%} ({report['accuracy'][n][m]['ci95'][0]:.1%}-"
+            f"{report['accuracy'][n][m]['ci95'][1]:.1%})"
+            for m in modes
+        ]
         if sampled:
             cells.append(f"{report['accuracy'][n]['sampled']['pass_at_n']:.1%}")
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {report['accuracy'][n][modes[0]]['questions']} |")
-    tasks = [k for k in report.get("per_task", {}).get(names[0], {}).get(modes[0], {}) if not k.endswith("/*")]
+    tasks = [
+        k for k in report.get("per_task", {}).get(names[0], {}).get(modes[0], {}) if not k.endswith("/*")
+    ]
     if tasks:  # per task family: where the gain (or the loss) comes from
-        lines += ["", f"{modes[0]} accuracy per task: " + "; ".join(
-            f"{t.split('/')[-1]} " + ", ".join(f"{n} {report['per_task'][n][modes[0]][t]['accuracy']:.1%}" for n in names)
-            for t in tasks)]
+        lines += [
+            "",
+            f"{modes[0]} accuracy per task: "
+            + "; ".join(
+                f"{t.split('/')[-1]} "
+                + ", ".join(f"{n} {report['per_task'][n][modes[0]][t]['accuracy']:.1%}" for n in names)
+                for t in tasks
+            ),
+        ]
     lines.append("")
     for pair, by_mode in report.get("comparisons", {}).items():
-        lines.append(f"- {pair}: " + "; ".join(
-            f"{m} {g['points']:+.1f} points ({'95% intervals disjoint' if g['intervals_disjoint'] else 'intervals overlap'})"
-            for m, g in by_mode.items()))
-    lines += ["", "![accuracy](accuracy.png)", "", "Time per step (s): " +
-              ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()), ""]
+        lines.append(
+            f"- {pair}: "
+            + "; ".join(
+                f"{m} {g['points']:+.1f} points ({'95% intervals disjoint' if g['intervals_disjoint'] else 'intervals overlap'})"
+                for m, g in by_mode.items()
+            )
+        )
+    lines += [
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+        "Time per step (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()),
+        "",
+    ]
     return shards.write_text(out / "report.md", "\n".join(lines))
 
 
@@ -166,16 +218,27 @@ def main() -> int:
     ap.add_argument("--out", default="runs/demo-loop")
     ap.add_argument("--build-limit", type=int, default=None)
     ap.add_argument("--eval-limit", type=int, default=None)
-    ap.add_argument("--model", default=None, help="base model folder (default: the demo model stopped at 120 "
-                    "steps, build/models/demo-loop-base)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="base model folder (default: the demo model stopped at 120 steps, build/models/demo-loop-base)",
+    )
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="MPOConfig override for both runs")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     from mmpr_pipeline.cli import _overrides
 
-    run_loop(args.out, LoopSettings(build_limit=args.build_limit, eval_limit=args.eval_limit, model=args.model,
-                                    train_overrides=_overrides(args.set)))
+    run_loop(
+        args.out,
+        LoopSettings(
+            build_limit=args.build_limit,
+            eval_limit=args.eval_limit,
+            model=args.model,
+            train_overrides=_overrides(args.set),
+        ),
+    )
     print((Path(args.out) / "report.md").read_text())
     return 0
 

@@ -9,6 +9,7 @@ on the generator's chain-of-thought traces (`train_demo`, ~1.5 min on 2 CPU core
 some questions right and some wrong, which is what the correctness pipeline needs to make pairs.
 `python -m mmpr_pipeline.demo_model` measures its held-out accuracy with vLLM.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,16 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 # Qwen2-VL's template, trimmed: string or list-of-parts content, images as vision_start/pad/end.
 CHAT_TEMPLATE = (
@@ -41,7 +50,9 @@ SIZES = {
     "tiny": dict(hidden=64, intermediate=128, layers=2, heads=2, vision_depth=1, vision_embed=64, vocab=512),
     # the demo model that `mmpr demo-model` trains to solve the generated tasks a little
     # (a one-block vision tower is enough for these flat shapes and keeps a training step ~0.26 s)
-    "demo": dict(hidden=128, intermediate=256, layers=4, heads=4, vision_depth=1, vision_embed=96, vocab=1024),
+    "demo": dict(
+        hidden=128, intermediate=256, layers=4, heads=4, vision_depth=1, vision_embed=96, vocab=1024
+    ),
 }
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 MARKER = "mmpr_demo_model.json"  # {"size", "trained", ...}: what `ensure_trained` trusts
@@ -67,8 +78,12 @@ def train_bpe(vocab_size: int, special_tokens: list[str]):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     return tok
 
@@ -77,8 +92,12 @@ def build_tokenizer(vocab: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = train_bpe(vocab - len(SPECIAL_TOKENS), SPECIAL_TOKENS)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -99,18 +118,36 @@ def build(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     head_dim = 32  # vLLM's CPU attention rejects head_dim 16
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=vocab, hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-            num_hidden_layers=spec["layers"], num_attention_heads=spec["hidden"] // head_dim,
-            num_key_value_heads=1, max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": [4, 6, 6]},  # sums to head_dim / 2
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
+            vocab_size=vocab,
+            hidden_size=spec["hidden"],
+            intermediate_size=spec["intermediate"],
+            num_hidden_layers=spec["layers"],
+            num_attention_heads=spec["hidden"] // head_dim,
+            num_key_value_heads=1,
+            max_position_embeddings=4096,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [4, 6, 6],
+            },  # sums to head_dim / 2
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=False,
         ),
-        vision_config=dict(depth=spec["vision_depth"], embed_dim=spec["vision_embed"], hidden_size=spec["hidden"],
-                           num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        vision_config=dict(
+            depth=spec["vision_depth"],
+            embed_dim=spec["vision_embed"],
+            hidden_size=spec["hidden"],
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
@@ -120,8 +157,12 @@ def build(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     model.save_pretrained(out)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     # The video processor is required by Qwen2VLProcessor (and needs torchvision); never used here.
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=CHAT_TEMPLATE,
+    )
     processor.save_pretrained(out)
     (out / MARKER).write_text(json.dumps({"size": size, "seed": seed, "trained": False}))
     return out
@@ -133,8 +174,10 @@ def build(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
 
 # MMPR_DEMO_MODEL_DIR points the whole pipeline ("model: demo") at another folder, e.g. to try
 # other training settings without touching the cached default.
-DEFAULT_DIR = Path(os.environ.get("MMPR_DEMO_MODEL_DIR")
-                   or Path(__file__).resolve().parent.parent / "build" / "models" / "demo")
+DEFAULT_DIR = Path(
+    os.environ.get("MMPR_DEMO_MODEL_DIR")
+    or Path(__file__).resolve().parent.parent / "build" / "models" / "demo"
+)
 # Bump when the data, the prompt or the loop changes in a way that makes an old model stale.
 TRAIN_VERSION = 1
 TRAIN_DEFAULTS = dict(steps=280, seed=0, batch_size=32, lr=3e-3, warmup=40, weight_decay=0.0)
@@ -151,8 +194,15 @@ def _messages(question: str) -> list[dict]:
     """The single user turn the pipeline sends at sampling time: [image, CoT instruction + question]."""
     from mmpr_pipeline import prompts
 
-    return [{"role": "user", "content": [{"type": "image"},
-                                         {"type": "text", "text": prompts.render("cot_final_answer", question)}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": prompts.render("cot_final_answer", question)},
+            ],
+        }
+    ]
 
 
 def _batch(processor, rows: list[dict]) -> dict:
@@ -164,16 +214,27 @@ def _batch(processor, rows: list[dict]) -> dict:
 
     tok = processor.tokenizer
     images = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows]
-    prompts_ = [tok.apply_chat_template(_messages(r["question"]), tokenize=False, add_generation_prompt=True)
-                for r in rows]
-    full = processor(text=[p + r["response"] + "<|im_end|>" for p, r in zip(prompts_, rows)], images=images,
-                     return_tensors="pt", padding=True, padding_side="right")
-    only_prompt = processor(text=prompts_, images=images, return_tensors="pt", padding=True, padding_side="right")
+    prompts_ = [
+        tok.apply_chat_template(_messages(r["question"]), tokenize=False, add_generation_prompt=True)
+        for r in rows
+    ]
+    full = processor(
+        text=[p + r["response"] + "<|im_end|>" for p, r in zip(prompts_, rows)],
+        images=images,
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
+    )
+    only_prompt = processor(
+        text=prompts_, images=images, return_tensors="pt", padding=True, padding_side="right"
+    )
     labels = full["input_ids"].clone()
     labels[full["attention_mask"] == 0] = -100
     for i, n in enumerate(only_prompt["attention_mask"].sum(1).tolist()):
         # the prompt's tokens must be a prefix of the full sequence's, or the mask would be wrong
-        assert torch.equal(full["input_ids"][i, :n], only_prompt["input_ids"][i, :n]), "prompt is not a prefix"
+        assert torch.equal(full["input_ids"][i, :n], only_prompt["input_ids"][i, :n]), (
+            "prompt is not a prefix"
+        )
         labels[i, :n] = -100
     full["labels"] = labels
     return dict(full)
@@ -189,10 +250,18 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train_demo(out_dir: str | Path, *, steps: int = TRAIN_DEFAULTS["steps"], seed: int = TRAIN_DEFAULTS["seed"],
-               batch_size: int = TRAIN_DEFAULTS["batch_size"], lr: float = TRAIN_DEFAULTS["lr"],
-               warmup: int = TRAIN_DEFAULTS["warmup"], weight_decay: float = TRAIN_DEFAULTS["weight_decay"],
-               eval_n: int = 100, log_every: int = 50) -> Path:
+def train_demo(
+    out_dir: str | Path,
+    *,
+    steps: int = TRAIN_DEFAULTS["steps"],
+    seed: int = TRAIN_DEFAULTS["seed"],
+    batch_size: int = TRAIN_DEFAULTS["batch_size"],
+    lr: float = TRAIN_DEFAULTS["lr"],
+    warmup: int = TRAIN_DEFAULTS["warmup"],
+    weight_decay: float = TRAIN_DEFAULTS["weight_decay"],
+    eval_n: int = 100,
+    log_every: int = 50,
+) -> Path:
     """Build the "demo" model in `out_dir` and train it from scratch on generated CoT traces.
 
     Plain next-token cross-entropy on the response tokens of `tasks.generate` rows (all families,
@@ -212,8 +281,11 @@ def train_demo(out_dir: str | Path, *, steps: int = TRAIN_DEFAULTS["steps"], see
     # fp32: bf16 autocast measured slower on this CPU (0.33 s vs 0.21 s per forward+backward)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch.use_deterministic_algorithms(True)
@@ -223,7 +295,9 @@ def train_demo(out_dir: str | Path, *, steps: int = TRAIN_DEFAULTS["steps"], see
         model.train()
         for step in range(steps):
             # fresh rows every step (offset), so the model never sees a row twice
-            rows = list(tasks.generate(batch_size, seed=seed, families=tasks.FAMILIES, offset=step * batch_size))
+            rows = list(
+                tasks.generate(batch_size, seed=seed, families=tasks.FAMILIES, offset=step * batch_size)
+            )
             batch = _batch(processor, rows)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, steps, lr, warmup)
@@ -233,8 +307,14 @@ def train_demo(out_dir: str | Path, *, steps: int = TRAIN_DEFAULTS["steps"], see
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             if log_every and (step % log_every == 0 or step == steps - 1):
-                log.info("step %d/%d loss %.3f lr %.2e %.0fs", step + 1, steps, loss.item(),
-                         _lr_at(step, steps, lr, warmup), time.time() - start)
+                log.info(
+                    "step %d/%d loss %.3f lr %.2e %.0fs",
+                    step + 1,
+                    steps,
+                    loss.item(),
+                    _lr_at(step, steps, lr, warmup),
+                    time.time() - start,
+                )
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
@@ -242,14 +322,26 @@ def train_demo(out_dir: str | Path, *, steps: int = TRAIN_DEFAULTS["steps"], see
     model.eval()
     model.save_pretrained(out)
     acc = heldout_accuracy_hf(out, n=eval_n) if eval_n else {}
-    heldout = f"greedy, transformers, {eval_n} rows of tasks.generate(seed={HELDOUT_SEED}, offset={HELDOUT_OFFSET})"
-    settings = _settings(steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup=warmup,
-                         weight_decay=weight_decay)
-    (out / MARKER).write_text(json.dumps({"size": "demo", "trained": True, "steps": steps, "settings": settings,
-                                          "train_seconds": round(train_seconds, 1),
-                                          "heldout_accuracy": acc,
-                                          "heldout_eval": heldout},
-                                         indent=1))
+    heldout = (
+        f"greedy, transformers, {eval_n} rows of tasks.generate(seed={HELDOUT_SEED}, offset={HELDOUT_OFFSET})"
+    )
+    settings = _settings(
+        steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay
+    )
+    (out / MARKER).write_text(
+        json.dumps(
+            {
+                "size": "demo",
+                "trained": True,
+                "steps": steps,
+                "settings": settings,
+                "train_seconds": round(train_seconds, 1),
+                "heldout_accuracy": acc,
+                "heldout_eval": heldout,
+            },
+            indent=1,
+        )
+    )
     return out
 
 
@@ -268,7 +360,9 @@ def _read_marker(folder: Path) -> dict | None:
         return None
 
 
-def ensure_trained(out: str | Path | None = None, force: bool = False, eval_n: int = 100, **train_kwargs) -> Path:
+def ensure_trained(
+    out: str | Path | None = None, force: bool = False, eval_n: int = 100, **train_kwargs
+) -> Path:
     """Return a trained demo model folder, training it only when needed.
 
     `out` defaults to build/models/demo in the repository. A folder whose marker says trained
@@ -286,8 +380,10 @@ def ensure_trained(out: str | Path | None = None, force: bool = False, eval_n: i
     if not force and marker and marker.get("trained") and marker.get("settings") == want:
         return out
     if out.exists() and (not out.is_dir() or (marker is None and any(out.iterdir()))):
-        raise FileExistsError(f"{out} exists and is not a demo model folder (no readable {MARKER}); "
-                              "pass another --out or remove it")
+        raise FileExistsError(
+            f"{out} exists and is not a demo model folder (no readable {MARKER}); "
+            "pass another --out or remove it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -320,8 +416,9 @@ def final_answer(text: str) -> str | None:
     return lines[-1].split(":", 1)[1].strip().rstrip(".").strip()
 
 
-def heldout_accuracy_hf(model_dir: str | Path, n: int = 100, max_new_tokens: int = 64,
-                        batch_size: int = 50) -> dict:
+def heldout_accuracy_hf(
+    model_dir: str | Path, n: int = 100, max_new_tokens: int = 64, batch_size: int = 50
+) -> dict:
     """Greedy held-out accuracy per family with transformers: a quick check for the marker.
 
     vLLM (`heldout_accuracy_vllm`) is how the pipeline samples; the two agree within noise.
@@ -341,22 +438,30 @@ def heldout_accuracy_hf(model_dir: str | Path, n: int = 100, max_new_tokens: int
     right: dict[str, list[bool]] = {}
     with torch.no_grad():
         for i in range(0, n, batch_size):
-            chunk = rows[i:i + batch_size]
+            chunk = rows[i : i + batch_size]
             batch = processor(
-                text=[tok.apply_chat_template(_messages(r["question"]), tokenize=False, add_generation_prompt=True)
-                      for r in chunk],
+                text=[
+                    tok.apply_chat_template(
+                        _messages(r["question"]), tokenize=False, add_generation_prompt=True
+                    )
+                    for r in chunk
+                ],
                 images=[Image.open(io.BytesIO(r["image"])).convert("RGB") for r in chunk],
-                return_tensors="pt", padding=True, padding_side="left")
+                return_tensors="pt",
+                padding=True,
+                padding_side="left",
+            )
             generated = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
-            texts = tok.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            texts = tok.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             for r, text in zip(chunk, texts):
                 right.setdefault(r["task"], []).append(final_answer(text) == r["answer"])
     right["all"] = [x for v in right.values() for x in v]
     return {k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())}
 
 
-def heldout_accuracy_vllm(model_dir: str | Path, n: int = 200, samples: int = 4, temperature: float = 1.0,
-                          max_tokens: int = 160) -> dict:
+def heldout_accuracy_vllm(
+    model_dir: str | Path, n: int = 200, samples: int = 4, temperature: float = 1.0, max_tokens: int = 160
+) -> dict:
     """Held-out accuracy per family as the pipeline samples: vLLM chat, [image, CoT prompt] -> responses.
 
     Returns {family: {"greedy": acc, "sampled": acc, "n": questions, "mixed": share of questions whose
@@ -372,19 +477,32 @@ def heldout_accuracy_vllm(model_dir: str | Path, n: int = 200, samples: int = 4,
 
     rows = [r for r in tasks.generate(n, seed=HELDOUT_SEED, offset=HELDOUT_OFFSET)]
     llm = LLM(model=str(model_dir), enforce_eager=True, dtype="bfloat16", max_model_len=1024, seed=0)
-    conversations = [[{"role": "user", "content": [
-        {"type": "image_pil", "image_pil": Image.open(io.BytesIO(r["image"])).convert("RGB")},
-        {"type": "text", "text": prompts.render("cot_final_answer", r["question"])}]}] for r in rows]
+    conversations = [
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_pil", "image_pil": Image.open(io.BytesIO(r["image"])).convert("RGB")},
+                    {"type": "text", "text": prompts.render("cot_final_answer", r["question"])},
+                ],
+            }
+        ]
+        for r in rows
+    ]
     greedy = llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=max_tokens))
-    sampled = llm.chat(conversations, SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens))
+    sampled = llm.chat(
+        conversations, SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens)
+    )
     try:  # the project's judge when it is there; the plain last-line comparison otherwise
         from mmpr_pipeline.scoring.judge import judge
 
         def correct(text, r):
             return judge(text, r["answer"], r["answer_type"], r["options"]).correct
     except ImportError:
+
         def correct(text, r):
             return final_answer(text) == r["answer"]
+
     per: dict[str, dict[str, list]] = {}
     for r, g, s in zip(rows, greedy, sampled):
         d = per.setdefault(r["task"], {"greedy": [], "sampled": [], "pass_at_n": [], "mixed": []})
@@ -394,8 +512,12 @@ def heldout_accuracy_vllm(model_dir: str | Path, n: int = 200, samples: int = 4,
         d["pass_at_n"].append(any(right))
         d["mixed"].append(any(right) and not all(right))
     result = {}
-    for fam, d in sorted(per.items()) + [("all", {k: [x for v in per.values() for x in v[k]]
-                                                  for k in ("greedy", "sampled", "pass_at_n", "mixed")})]:
+    for fam, d in sorted(per.items()) + [
+        (
+            "all",
+            {k: [x for v in per.values() for x in v[k]] for k in ("greedy", "sampled", "pass_at_n", "mixed")},
+        )
+    ]:
         result[fam] = {k: round(sum(v) / len(v), 3) for k, v in d.items()} | {"n": len(d["greedy"])}
     # The prompt vLLM rendered must be token for token the one the model was trained on.
     from transformers import AutoProcessor
@@ -404,8 +526,11 @@ def heldout_accuracy_vllm(model_dir: str | Path, n: int = 200, samples: int = 4,
     n_prompt = int((train_ids["labels"][0] == -100).cumprod(0).sum())
     trained_prompt = train_ids["input_ids"][0, :n_prompt].tolist()
     result["prompt_matches_training"] = list(greedy[0].prompt_token_ids) == trained_prompt
-    result["example"] = {"question": rows[0]["question"], "greedy": greedy[0].outputs[0].text,
-                         "sampled": [o.text for o in sampled[0].outputs]}
+    result["example"] = {
+        "question": rows[0]["question"],
+        "greedy": greedy[0].outputs[0].text,
+        "sampled": [o.text for o in sampled[0].outputs],
+    }
     return result
 
 

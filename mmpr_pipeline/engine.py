@@ -7,6 +7,7 @@ while a batch waits on its longest response. All of a question's samples come ou
 (the one `LLM.chat` uses), so each model's chat template places its image tokens; DropoutNTP's
 continuation uses text-only messages and `continue_final_message=True`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,8 +16,9 @@ import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from mmpr_pipeline.recipe import DEMO_MODEL
 
@@ -31,7 +33,7 @@ CPU_DEFAULTS = dict(enforce_eager=True, dtype="bfloat16", max_model_len=2048, en
 COMMON_DEFAULTS = dict(limit_mm_per_prompt={"image": 1}, mm_processor_cache_gb=0)
 # Keys of the recipe's `engine:` that are ours, not vLLM's.
 PIPELINE_ENGINE_KEYS = ("stall_timeout_s", "max_concurrent_batches", "max_sequences_in_flight")
-STALL_TIMEOUT_S = 600.0       # a request with no result for this long means the engine is stuck
+STALL_TIMEOUT_S = 600.0  # a request with no result for this long means the engine is stuck
 # Batches (work units) each replica holds at once. A batch keeps its slot until its longest response
 # ends, so with few slots the engine drains behind the batches' tails (benchmarks/bench_sampling.py:
 # 4 slots ran at 0.60 of all-at-once, 16 at 1.02). What the engine is sent is bounded separately,
@@ -42,6 +44,7 @@ MAX_CONCURRENT_BATCHES = 16
 def has_gpu() -> bool:
     try:
         import torch
+
         return torch.cuda.is_available()
     except Exception:  # pragma: no cover - torch missing is an install problem reported elsewhere
         return False
@@ -51,6 +54,7 @@ def resolve_model(model: str) -> str:
     """`demo` means the bundled model, built and trained locally on first use."""
     if model == DEMO_MODEL:
         from mmpr_pipeline import demo_model
+
         return str(demo_model.ensure_trained())
     return model
 
@@ -75,8 +79,9 @@ def gpus_per_replica(options: dict[str, Any]) -> int:
 @dataclass
 class ReplicaPlan:
     """How many engine replicas a cluster holds, and what each one reserves."""
+
     replicas: int
-    bundles: list[dict[str, float]]   # one placement group per replica, STRICT_PACK (one node)
+    bundles: list[dict[str, float]]  # one placement group per replica, STRICT_PACK (one node)
     gpus_per_replica: int
 
 
@@ -88,11 +93,14 @@ def replica_plan(node_gpus: list[float], options: dict[str, Any]) -> ReplicaPlan
     if not any(node_gpus):
         return ReplicaPlan(replicas=1, bundles=[{"CPU": 1}], gpus_per_replica=0)
     if replicas == 0:
-        raise ValueError(f"no node has the {per} GPUs one engine replica needs "
-                         f"(tensor_parallel_size x pipeline_parallel_size); nodes have {node_gpus}")
+        raise ValueError(
+            f"no node has the {per} GPUs one engine replica needs "
+            f"(tensor_parallel_size x pipeline_parallel_size); nodes have {node_gpus}"
+        )
     # As Ray Data LLM does: the actor takes the first bundle; vLLM's other workers the rest.
-    return ReplicaPlan(replicas=replicas, bundles=[{"GPU": 1, "CPU": 1} for _ in range(per)],
-                       gpus_per_replica=per)
+    return ReplicaPlan(
+        replicas=replicas, bundles=[{"GPU": 1, "CPU": 1} for _ in range(per)], gpus_per_replica=per
+    )
 
 
 def actor_options(plan: ReplicaPlan) -> dict[str, Any]:
@@ -107,8 +115,9 @@ def actor_options(plan: ReplicaPlan) -> dict[str, Any]:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         pg = placement_group(plan.bundles, strategy="STRICT_PACK")
-        return dict(scheduling_strategy=PlacementGroupSchedulingStrategy(
-            pg, placement_group_capture_child_tasks=True))
+        return dict(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+        )
 
     return dict(num_gpus=0, num_cpus=0, ray_remote_args_fn=per_actor_placement)
 
@@ -116,6 +125,7 @@ def actor_options(plan: ReplicaPlan) -> dict[str, Any]:
 @dataclass
 class Completion:
     """All samples of one request."""
+
     texts: list[str] = field(default_factory=list)
     n_tokens: list[int] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
@@ -130,8 +140,10 @@ def user_message(text: str, images=None) -> dict[str, Any]:
 
     if images is not None and not isinstance(images, (list, tuple)):
         images = [images]
-    return {"role": "user", "content": user_content(text, list(images or []),
-                                                    lambda im: {"type": "image_pil", "image_pil": im})}
+    return {
+        "role": "user",
+        "content": user_content(text, list(images or []), lambda im: {"type": "image_pil", "image_pil": im}),
+    }
 
 
 class SequenceWindow:
@@ -200,25 +212,44 @@ class Engine:
         # Offline batch sizing, as `LLM` gets it: vLLM picks the scheduler's defaults by usage
         # context, and AsyncLLM's own falls back to 128 sequences / 2,048 tokens per step, where
         # `LLM` gets 256 / 4,096 on CPU and 1,024 / 16,384 on an H100 (vllm/engine/arg_utils.py).
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, options, seed)),
-                                             usage_context=UsageContext.LLM_CLASS)
+        self.llm = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**engine_kwargs(model, options, seed)), usage_context=UsageContext.LLM_CLASS
+        )
         scheduler = self.llm.vllm_config.scheduler_config
         # Twice what one engine step runs: a full step now, and a full queue for the next ones.
         self.window = SequenceWindow(int(options.get("max_sequences_in_flight", 2 * scheduler.max_num_seqs)))
-        log.info("engine: up to %d sequences, %d tokens per step; %d sequences in flight",
-                 scheduler.max_num_seqs, scheduler.max_num_batched_tokens, self.window.limit)
+        log.info(
+            "engine: up to %d sequences, %d tokens per step; %d sequences in flight",
+            scheduler.max_num_seqs,
+            scheduler.max_num_batched_tokens,
+            self.window.limit,
+        )
         self.image_token_ids = image_token_ids(self.llm.model_config.hf_config, self.llm.get_tokenizer())
         self.add_bos: bool | None = None  # decided on the first render (see _render)
 
     @staticmethod
-    def params(n: int, temperature: float, top_k: int, top_p: float, max_tokens: int,
-               seed: int | None = None, **extra):
+    def params(
+        n: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        max_tokens: int,
+        seed: int | None = None,
+        **extra,
+    ):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(n=n, temperature=temperature, top_k=top_k, top_p=top_p,
-                              max_tokens=max_tokens, seed=seed,
-                              output_kind=RequestOutputKind.FINAL_ONLY, **extra)
+        return SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            **extra,
+        )
 
     async def _render(self, conversation: list[dict], continue_final: bool):
         """The engine input for a conversation, as `LLM.chat` renders it (vLLM 0.32), plus the
@@ -228,25 +259,35 @@ class Engine:
             from mmpr_pipeline.train.data import tokenizer_bos
 
             tokenizer = self.llm.get_tokenizer()
-            probe = await self._render_with([{"role": "user", "content": [{"type": "text", "text": "a"}]}],
-                                            False, add_special_tokens=False)
-            self.add_bos = bool(tokenizer_bos(tokenizer)) and \
-                list(probe["prompt_token_ids"][:1]) != [tokenizer.bos_token_id]
+            probe = await self._render_with(
+                [{"role": "user", "content": [{"type": "text", "text": "a"}]}],
+                False,
+                add_special_tokens=False,
+            )
+            self.add_bos = bool(tokenizer_bos(tokenizer)) and list(probe["prompt_token_ids"][:1]) != [
+                tokenizer.bos_token_id
+            ]
         return await self._render_with(conversation, continue_final, add_special_tokens=self.add_bos)
 
     async def _render_with(self, conversation: list[dict], continue_final: bool, add_special_tokens: bool):
         from vllm.renderers import ChatParams
 
         renderer = self.llm.renderer
-        chat_params = ChatParams(chat_template_kwargs=dict(
-            add_generation_prompt=not continue_final, continue_final_message=continue_final,
-            tools=None, tokenize=False))
+        chat_params = ChatParams(
+            chat_template_kwargs=dict(
+                add_generation_prompt=not continue_final,
+                continue_final_message=continue_final,
+                tools=None,
+                tokenize=False,
+            )
+        )
         tok_params = renderer.default_chat_tok_params.with_kwargs(add_special_tokens=add_special_tokens)
         _, (engine_input,) = await renderer.render_chat_async([conversation], chat_params, tok_params)
         return engine_input
 
-    async def chat(self, conversation: list[dict] | Callable[[], list[dict]], params, *,
-                   continue_final: bool = False) -> Completion:
+    async def chat(
+        self, conversation: list[dict] | Callable[[], list[dict]], params, *, continue_final: bool = False
+    ) -> Completion:
         """All samples of one conversation, once the sequence window admits them. `conversation` may
         be a function that builds it, called on admission (images are decoded only then). A request
         the engine refuses (say, a prompt longer than the context) fails alone, with its error
@@ -261,11 +302,13 @@ class Engine:
         try:
             if callable(conversation):
                 conversation = conversation()
-            return await asyncio.wait_for(self._generate(conversation, params, continue_final),
-                                          timeout=self.stall_timeout_s)
-        except asyncio.TimeoutError:
-            raise EngineStalled(f"no result from the engine in {self.stall_timeout_s:.0f} s "
-                                f"(engine.stall_timeout_s)") from None
+            return await asyncio.wait_for(
+                self._generate(conversation, params, continue_final), timeout=self.stall_timeout_s
+            )
+        except TimeoutError:
+            raise EngineStalled(
+                f"no result from the engine in {self.stall_timeout_s:.0f} s (engine.stall_timeout_s)"
+            ) from None
         except EngineDeadError as e:
             raise EngineStalled(f"the engine process died: {e}") from None
         except Exception as e:  # noqa: BLE001 - vLLM raises several types for bad requests
@@ -278,10 +321,12 @@ class Engine:
         final = None
         async for out in self.llm.generate(engine_input, params, request_id=uuid.uuid4().hex):
             final = out
-        return Completion(texts=[o.text for o in final.outputs],
-                          n_tokens=[len(o.token_ids) for o in final.outputs],
-                          finish_reasons=[str(o.finish_reason) for o in final.outputs],
-                          prompt_token_ids=list(final.prompt_token_ids or []))
+        return Completion(
+            texts=[o.text for o in final.outputs],
+            n_tokens=[len(o.token_ids) for o in final.outputs],
+            finish_reasons=[str(o.finish_reason) for o in final.outputs],
+            prompt_token_ids=list(final.prompt_token_ids or []),
+        )
 
     def image_tokens(self, completion: Completion) -> int:
         """How many image placeholder tokens the prompt that was actually sent carried."""
@@ -294,4 +339,5 @@ class Engine:
 def request_seed(seed: int, *parts: object) -> int:
     """A request's own seed, from the recipe seed and what identifies the request."""
     from mmpr_pipeline.records import stable_hash
+
     return int(stable_hash(seed, *parts), 16) % (2**31)

@@ -5,6 +5,7 @@ without pairing, twice: greedy (temperature 0, one sample) and sampled (the reci
 Accuracy is reported per source and task family with a 95% Wilson interval over questions
 (sampled accuracy averages each question's samples first, so questions weigh equally).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from mmpr_pipeline import recipe as recipe_mod, shards
+from mmpr_pipeline import recipe as recipe_mod
+from mmpr_pipeline import shards
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,14 @@ def accuracy_table(run: Path) -> dict[str, dict[str, Any]]:
     """
     per_group: dict[str, list[tuple[float, bool]]] = defaultdict(list)
     for path in shards.unit_files(run):
-        for row in pq.read_table(path, columns=["source", "task", "pipeline", "correct", "error"]).to_pylist():
+        for row in pq.read_table(
+            path, columns=["source", "task", "pipeline", "correct", "error"]
+        ).to_pylist():
             if row["pipeline"] != "correctness":
                 continue
-            q_acc = (sum(row["correct"]) / len(row["correct"])) if row["correct"] else 0.0  # errors count wrong
+            q_acc = (
+                (sum(row["correct"]) / len(row["correct"])) if row["correct"] else 0.0
+            )  # errors count wrong
             q = (q_acc, any(row["correct"] or []))
             per_group[f"{row['source']}/{row['task'] or '-'}"].append(q)
             per_group[f"{row['source']}/*"].append(q)
@@ -52,14 +58,18 @@ def accuracy_table(run: Path) -> dict[str, dict[str, Any]]:
     for key in sorted(per_group):
         accs = [a for a, _ in per_group[key]]
         lo, hi = wilson(sum(accs), len(accs))
-        out[key] = dict(questions=len(accs), accuracy=round(sum(accs) / len(accs), 4),
-                        ci95=[round(lo, 4), round(hi, 4)],
-                        pass_at_n=round(sum(p for _, p in per_group[key]) / len(accs), 4))
+        out[key] = dict(
+            questions=len(accs),
+            accuracy=round(sum(accs) / len(accs), 4),
+            ci95=[round(lo, 4), round(hi, 4)],
+            pass_at_n=round(sum(p for _, p in per_group[key]) / len(accs), 4),
+        )
     return out
 
 
-def evaluate(recipe: recipe_mod.Recipe, out: str | Path, *, modes=("greedy", "sampled"),
-             ray_address: str | None = None) -> dict[str, Any]:
+def evaluate(
+    recipe: recipe_mod.Recipe, out: str | Path, *, modes=("greedy", "sampled"), ray_address: str | None = None
+) -> dict[str, Any]:
     from mmpr_pipeline.pipeline import collect_samples, prepare_run_dir
     from mmpr_pipeline.units import BuildStats
 
@@ -70,12 +80,21 @@ def evaluate(recipe: recipe_mod.Recipe, out: str | Path, *, modes=("greedy", "sa
     base = dataclasses.replace(recipe, sources=correctness)
     results: dict[str, Any] = {"model": recipe.model, "recipe": recipe.name, "modes": {}}
     for mode in modes:
-        sampling = (dataclasses.replace(recipe.sampling, n=1, temperature=0.0) if mode == "greedy"
-                    else recipe.sampling)
+        sampling = (
+            dataclasses.replace(recipe.sampling, n=1, temperature=0.0)
+            if mode == "greedy"
+            else recipe.sampling
+        )
         r = dataclasses.replace(base, sampling=sampling)
-        if mode == "greedy":  # a source's own sampling may set its max_tokens, never greedy's n or temperature
-            r.sources = [dataclasses.replace(s, sampling={**s.sampling, "n": 1, "temperature": 0.0})
-                         if s.sampling else s for s in r.sources]
+        if (
+            mode == "greedy"
+        ):  # a source's own sampling may set its max_tokens, never greedy's n or temperature
+            r.sources = [
+                dataclasses.replace(s, sampling={**s.sampling, "n": 1, "temperature": 0.0})
+                if s.sampling
+                else s
+                for s in r.sources
+            ]
         run = out / mode
         prepare_run_dir(run, r, overwrite=True)  # same recipe: resumes; another model: starts over
         collect_samples(r, run, BuildStats.for_recipe(r), ray_address)

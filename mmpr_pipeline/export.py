@@ -20,6 +20,7 @@ must be missing, empty, or an earlier export: it holds `mmpr_export.json`, which
 the export wrote. Only those files are ever removed; if DIR holds anything else (notes, a
 checkpoint), the export refuses and names it. One export at a time may write DIR (a lock beside it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,13 +51,24 @@ class ExportError(ValueError):
 
 # --- TRL ---------------------------------------------------------------------------------------
 
+
 def trl_features():
     """`datasets.Features` of the TRL export (conversational prompt/chosen/rejected, images)."""
     from datasets import Features, Image, List, Value
 
-    message = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
-    return Features({"prompt": message, "chosen": message, "rejected": message, "images": List(Image()),
-                     **{c: Value("string") for c in TRL_COLUMNS}, "provenance": Value("string")})
+    message = List(
+        {"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}
+    )
+    return Features(
+        {
+            "prompt": message,
+            "chosen": message,
+            "rejected": message,
+            "images": List(Image()),
+            **{c: Value("string") for c in TRL_COLUMNS},
+            "provenance": Value("string"),
+        }
+    )
 
 
 def trl_row(pair: dict) -> dict:
@@ -70,7 +82,7 @@ def trl_row(pair: dict) -> dict:
         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": pair["rejected"]}]}],
         "images": [{"bytes": im["bytes"], "path": None} for im in images],
         **{c: pair[c] for c in TRL_COLUMNS},
-        "provenance": pair.get("provenance") or "{}",   # what shaped the pair (records.PAIR_SCHEMA)
+        "provenance": pair.get("provenance") or "{}",  # what shaped the pair (records.PAIR_SCHEMA)
     }
 
 
@@ -110,9 +122,15 @@ def internvl_row(pair: dict, image_paths: list[str]) -> dict:
         question = "<image>\n" + pair["question"]
     else:  # InternVL numbers the images of a multi-image question in the text
         question = "".join(f"Image-{i + 1}: <image>\n" for i in range(len(image_paths))) + pair["question"]
-    row = {"image": image_paths[0] if len(image_paths) == 1 else image_paths, "question": question,
-           "chosen": pair["chosen"], "rejected": pair["rejected"], "id": pair["id"], "pair_type": pair["pair_type"],
-           "provenance": pair.get("provenance") or "{}"}
+    row = {
+        "image": image_paths[0] if len(image_paths) == 1 else image_paths,
+        "question": question,
+        "chosen": pair["chosen"],
+        "rejected": pair["rejected"],
+        "id": pair["id"],
+        "pair_type": pair["pair_type"],
+        "provenance": pair.get("provenance") or "{}",
+    }
     if not image_paths:
         del row["image"]  # InternVL treats a row without `image` as text-only
     return row
@@ -143,10 +161,16 @@ def _write_internvl(run: dict, out: Path, final: Path) -> dict:
     finally:
         for f in files.values():
             f.close()
-    meta = {source: {"root": str(final / "images" / source),
-                     "annotation": str(final / "annotations" / f"{source}.jsonl"),
-                     "data_augment": False, "repeat_time": 1, "length": n}
-            for source, n in lengths.items()}
+    meta = {
+        source: {
+            "root": str(final / "images" / source),
+            "annotation": str(final / "annotations" / f"{source}.jsonl"),
+            "data_augment": False,
+            "repeat_time": 1,
+            "length": n,
+        }
+        for source, n in lengths.items()
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {"rows": sum(lengths.values()), "sources": lengths, "images": len(written)}
 
@@ -181,17 +205,23 @@ def _check_out(out: Path) -> None:
         return
     marker = out / MARKER
     if not marker.is_file():
-        raise ExportError(f"--out {out}: exists and holds files this tool did not write: choose an empty or new folder")
+        raise ExportError(
+            f"--out {out}: exists and holds files this tool did not write: choose an empty or new folder"
+        )
     try:
         written = json.loads(marker.read_text(encoding="utf-8"))["files"]
     except (ValueError, KeyError, TypeError, OSError):
-        raise ExportError(f"{marker}: does not list the files of the earlier export (an older version, or "
-                          f"edited); move {out} away or choose another --out") from None
+        raise ExportError(
+            f"{marker}: does not list the files of the earlier export (an older version, or "
+            f"edited); move {out} away or choose another --out"
+        ) from None
     foreign = sorted(_files_under(out) - set(written) - {MARKER})
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ExportError(f"--out {out}: holds files the earlier export did not write ({shown}); "
-                          "move them out or choose another --out")
+        raise ExportError(
+            f"--out {out}: holds files the earlier export did not write ({shown}); "
+            "move them out or choose another --out"
+        )
 
 
 @contextlib.contextmanager
@@ -205,8 +235,9 @@ def _lock(out: Path):
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise ExportError(f"--out {out}: another mmpr export (pid {holder}) is writing it; "
-                              "wait for it to finish") from None
+            raise ExportError(
+                f"--out {out}: another mmpr export (pid {holder}) is writing it; wait for it to finish"
+            ) from None
         try:  # the holder before us may have removed the file after we opened it: lock the one in place
             if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
                 break
@@ -263,9 +294,13 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> dict:
                 summary = _write_trl(run, tmp) if fmt == "trl" else _write_internvl(run, tmp, out)
             except OSError as e:  # a full disk: name the export, not a temporary file (pyarrow names none)
                 raise OSError(e.errno, e.strerror or str(e), str(out)) from e
-            summary = {"format": fmt, "run_dir": str(Path(run_dir).resolve()),
-                       "fingerprint": run["stats"].get("fingerprint"), **summary,
-                       "files": sorted(_files_under(tmp))}
+            summary = {
+                "format": fmt,
+                "run_dir": str(Path(run_dir).resolve()),
+                "fingerprint": run["stats"].get("fingerprint"),
+                **summary,
+                "files": sorted(_files_under(tmp)),
+            }
             (tmp / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
             if out.exists():  # empty, or an earlier export holding only its own files: swap
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
@@ -273,14 +308,17 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> dict:
                 try:
                     out.rename(old)
                 except OSError as e:
-                    raise ExportError(f"--out {out}: cannot be replaced ({e.strerror}; a mount point, or in use?)"
-                                      ) from None
+                    raise ExportError(
+                        f"--out {out}: cannot be replaced ({e.strerror}; a mount point, or in use?)"
+                    ) from None
                 tmp.rename(out)
                 earlier = json.loads((old / MARKER).read_text())["files"] if (old / MARKER).exists() else []
                 left = _remove_export(old, earlier)
                 if left:
-                    print(f"warning: kept {old}: files appeared there during the export ({', '.join(left[:5])})",
-                          file=sys.stderr)
+                    print(
+                        f"warning: kept {old}: files appeared there during the export ({', '.join(left[:5])})",
+                        file=sys.stderr,
+                    )
             else:
                 tmp.rename(out)
     except BaseException:

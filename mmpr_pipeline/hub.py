@@ -25,6 +25,7 @@ HF_XET_CLIENT_READ_TIMEOUT, HF_XET_CLIENT_RETRY_MAX_DURATION; its shard upload h
 request; it reads the variable once, at import, into `constants.HF_HUB_OFFLINE`. Publishing is the
 one command that must go online, so it lifts offline mode for its own calls only (`_online`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,12 +65,15 @@ class PublishError(Exception):
 
 # --- local checks ------------------------------------------------------------------------------
 
+
 def _schema_problems(rel: str, schema) -> list[str]:
     got = {f.name: f.type for f in schema}
     want = {f.name: f.type for f in PAIR_SCHEMA}
     problems = [f"{rel}: column {n!r} is missing" for n in want if n not in got]
     problems += [f"{rel}: unexpected column {n!r}" for n in got if n not in want]
-    problems += [f"{rel}: column {n!r} is {got[n]}, expected {want[n]}" for n in want if n in got and got[n] != want[n]]
+    problems += [
+        f"{rel}: column {n!r} is {got[n]}, expected {want[n]}" for n in want if n in got and got[n] != want[n]
+    ]
     if not problems and [f.name for f in schema] != [f.name for f in PAIR_SCHEMA]:
         problems.append(f"{rel}: columns are not in the order of the pair schema")
     return problems
@@ -93,7 +97,9 @@ def validate_run(run_dir: str | Path) -> list[str]:
     for i, rel in enumerate(shards):
         m = card_mod.SHARD_NAME.match(rel)
         if (int(m.group(1)), int(m.group(2))) != (i, len(shards)):
-            problems.append(f"{rel}: expected data/train-{i:05d}-of-{len(shards):05d}.parquet at position {i}")
+            problems.append(
+                f"{rel}: expected data/train-{i:05d}-of-{len(shards):05d}.parquet at position {i}"
+            )
         try:
             schema = pq.read_schema(run_dir / rel)
         except Exception as e:
@@ -103,8 +109,10 @@ def validate_run(run_dir: str | Path) -> list[str]:
     for path in sorted((run_dir / "data").glob("*.parquet")):
         rel = path.relative_to(run_dir).as_posix()
         if rel not in shards:
-            problems.append(f"{rel}: not listed in stats.json (left by an interrupted or older build?); "
-                            "remove it or rebuild")
+            problems.append(
+                f"{rel}: not listed in stats.json (left by an interrupted or older build?); "
+                "remove it or rebuild"
+            )
     totals = (run["stats"].get("totals") or {}).get("pairs") or {}
     expected_rows = sum(int(totals.get(t, 0)) for t in PAIR_TYPES)
     if expected_rows != run["num_rows"]:
@@ -135,26 +143,31 @@ def _size(n: float) -> str:
 
 # --- bounded network calls ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class NetSettings:
-    timeout: float = 60.0   # s: connect, each read or write, and a whole answer after its first byte
-    retries: int = 3        # attempts of an idempotent call
-    backoff: float = 2.0    # s before the second attempt; doubles after each
+    timeout: float = 60.0  # s: connect, each read or write, and a whole answer after its first byte
+    retries: int = 3  # attempts of an idempotent call
+    backoff: float = 2.0  # s before the second attempt; doubles after each
 
 
 def net_settings() -> NetSettings:
     """NetSettings from MMPR_HUB_TIMEOUT, MMPR_HUB_RETRIES, MMPR_HUB_BACKOFF (read at each publish)."""
     values = {}
-    for field_name, var, cast, low in (("timeout", "MMPR_HUB_TIMEOUT", float, 0.001),
-                                       ("retries", "MMPR_HUB_RETRIES", int, 1),
-                                       ("backoff", "MMPR_HUB_BACKOFF", float, 0.0)):
+    for field_name, var, cast, low in (
+        ("timeout", "MMPR_HUB_TIMEOUT", float, 0.001),
+        ("retries", "MMPR_HUB_RETRIES", int, 1),
+        ("backoff", "MMPR_HUB_BACKOFF", float, 0.0),
+    ):
         text = os.environ.get(var, "").strip()
         if not text:
             continue
         try:
             value = cast(text)
         except ValueError:
-            raise PublishError(f"{var}={text!r}: expected a {'whole ' if cast is int else ''}number") from None
+            raise PublishError(
+                f"{var}={text!r}: expected a {'whole ' if cast is int else ''}number"
+            ) from None
         if not value >= low or value == float("inf"):
             raise PublishError(f"{var}={text!r}: must be a finite number >= {low:g}")
         values[field_name] = value
@@ -162,7 +175,7 @@ def net_settings() -> NetSettings:
 
 
 class _AnswerClock(threading.local):
-    deadline: float | None = None   # when the answer now being read must be complete (this thread)
+    deadline: float | None = None  # when the answer now being read must be complete (this thread)
 
 
 def _bounded_client(limit: float, event_hooks: dict):
@@ -219,14 +232,17 @@ def _bounded_client(limit: float, event_hooks: dict):
             super().__init__()
             # httpx2 has no option for a network backend; its transport's pool is the public
             # httpcore2.ConnectionPool, built here with ours.
-            self._pool = httpcore2.ConnectionPool(ssl_context=httpx2.create_ssl_context(), network_backend=Backend())
+            self._pool = httpcore2.ConnectionPool(
+                ssl_context=httpx2.create_ssl_context(), network_backend=Backend()
+            )
 
         def handle_request(self, request):
             clock.deadline = None  # a new request: its answer has not started
             return super().handle_request(request)
 
-    return httpx2.Client(transport=Transport(), timeout=httpx2.Timeout(limit), follow_redirects=True,
-                         event_hooks=event_hooks)
+    return httpx2.Client(
+        transport=Transport(), timeout=httpx2.Timeout(limit), follow_redirects=True, event_hooks=event_hooks
+    )
 
 
 @contextlib.contextmanager
@@ -263,12 +279,15 @@ def _with_retries(what: str, call, settings: NetSettings, token: str | None):
                 raise
             wait = settings.backoff * 2 ** (attempt - 1)
             reason = _redact(f"{type(e).__name__}: {e}".splitlines()[0], token)
-            print(f"note: {what} failed ({reason}); attempt {attempt + 1} of {settings.retries} in {wait:g} s",
-                  file=sys.stderr)
+            print(
+                f"note: {what} failed ({reason}); attempt {attempt + 1} of {settings.retries} in {wait:g} s",
+                file=sys.stderr,
+            )
             time.sleep(wait)
 
 
 # --- never print the token ---------------------------------------------------------------------
+
 
 class _RedactingStream:
     """A text stream that writes through to `inner` with the token replaced."""
@@ -293,11 +312,20 @@ def _redacting(token: str | None):
     if not token:
         yield
         return
-    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
-                                      if isinstance(lg, logging.Logger))]
+    loggers = [
+        logging.getLogger(),
+        *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)),
+    ]
     # every logger's handlers: huggingface_hub, for one, has its own handler on stderr
-    handlers = list({id(h): h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)
-                     and not isinstance(getattr(type(h), "stream", None), property)}.values())  # a property follows sys.stderr
+    handlers = list(
+        {
+            id(h): h
+            for lg in loggers
+            for h in lg.handlers
+            if isinstance(h, logging.StreamHandler)
+            and not isinstance(getattr(type(h), "stream", None), property)
+        }.values()
+    )  # a property follows sys.stderr
     saved = sys.stdout, sys.stderr, [h.stream for h in handlers]
     sys.stdout, sys.stderr = _RedactingStream(sys.stdout, token), _RedactingStream(sys.stderr, token)
     for h in handlers:
@@ -311,6 +339,7 @@ def _redacting(token: str | None):
 
 
 # --- talking to the Hub ------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _online():
@@ -355,20 +384,39 @@ def _explain(e: Exception, endpoint: str, repo_id: str, token: str | None) -> Pu
     if isinstance(e, HfHubHTTPError):
         status = e.response.status_code if e.response is not None else None
         if status == 401:
-            return PublishError(f"the Hub at {endpoint} rejected the token (HTTP 401): it is invalid, expired or "
-                                "revoked. Set HF_TOKEN to a valid token or run `hf auth login`.", AUTH)
+            return PublishError(
+                f"the Hub at {endpoint} rejected the token (HTTP 401): it is invalid, expired or "
+                "revoked. Set HF_TOKEN to a valid token or run `hf auth login`.",
+                AUTH,
+            )
         if status == 403:
-            return PublishError(f"the token may not write to dataset {repo_id} (HTTP 403): use a token with "
-                                "write access to that user or organization.", AUTH)
+            return PublishError(
+                f"the token may not write to dataset {repo_id} (HTTP 403): use a token with "
+                "write access to that user or organization.",
+                AUTH,
+            )
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return PublishError(_redact(f"the Hub at {endpoint} answered HTTP {status}: {detail}", token), NETWORK)
+        return PublishError(
+            _redact(f"the Hub at {endpoint} answered HTTP {status}: {detail}", token), NETWORK
+        )
     if isinstance(e, httpx2.TimeoutException):
-        return PublishError(_redact(f"the Hub at {endpoint} did not answer in time ({type(e).__name__}: {e}). "
-                                    "Check the network, or allow more with MMPR_HUB_TIMEOUT (seconds).", token),
-                            NETWORK)
+        return PublishError(
+            _redact(
+                f"the Hub at {endpoint} did not answer in time ({type(e).__name__}: {e}). "
+                "Check the network, or allow more with MMPR_HUB_TIMEOUT (seconds).",
+                token,
+            ),
+            NETWORK,
+        )
     if isinstance(e, (httpx2.TransportError, OSError)):
-        return PublishError(_redact(f"cannot reach the Hub at {endpoint} ({type(e).__name__}: {e}). Check the "
-                                    "network, or HF_ENDPOINT if you use a mirror.", token), NETWORK)
+        return PublishError(
+            _redact(
+                f"cannot reach the Hub at {endpoint} ({type(e).__name__}: {e}). Check the "
+                "network, or HF_ENDPOINT if you use a mirror.",
+                token,
+            ),
+            NETWORK,
+        )
     return PublishError(_redact(f"publishing failed: {type(e).__name__}: {e}", token), NETWORK)
 
 
@@ -376,8 +424,11 @@ def _validate_card_remote(endpoint: str, text: str) -> str | None:
     """The Hub's own check of the card YAML (license ids, task ids...); returns its complaint, if any."""
     from huggingface_hub.utils import get_session, hf_raise_for_status
 
-    r = get_session().post(f"{endpoint}/api/validate-yaml", json={"repoType": "dataset", "content": text},
-                           headers={"Accept": "text/plain"})
+    r = get_session().post(
+        f"{endpoint}/api/validate-yaml",
+        json={"repoType": "dataset", "content": text},
+        headers={"Accept": "text/plain"},
+    )
     if r.status_code == 400:
         return r.text.strip() or "invalid YAML metadata"
     if r.status_code in (404, 405, 501):  # a mirror without the validation endpoint: local checks stand
@@ -389,8 +440,17 @@ def _validate_card_remote(endpoint: str, text: str) -> str | None:
 
 # --- publish -----------------------------------------------------------------------------------
 
-def publish(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-            dry_run: bool = False, token: str | None = None, endpoint: str | None = None) -> str:
+
+def publish(
+    run_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> str:
     """Upload a run folder to the dataset repo `repo_id`; return the repo's URL ('' on a dry run).
 
     Raises PublishError (with the exit code) on refusal, missing or rejected token, or Hub failure.
@@ -401,30 +461,46 @@ def publish(run_dir: str | Path, repo_id: str, *, private: bool = False, revisio
         raise PublishError(f"--repo-id must look like user/name, got {repo_id!r}")
     problems = validate_run(run_dir)
     if problems:
-        raise PublishError("refusing to publish " + str(run_dir) + ":\n  - " + "\n  - ".join(problems)
-                           + "\nNothing was uploaded.")
+        raise PublishError(
+            "refusing to publish "
+            + str(run_dir)
+            + ":\n  - "
+            + "\n  - ".join(problems)
+            + "\nNothing was uploaded."
+        )
     plan = upload_plan(run_dir)
     settings = net_settings()
     url = f"{endpoint}/datasets/{repo_id}" + (f"/tree/{revision}" if revision else "")
     token, source = _token_source(token)
 
     if dry_run:
-        print(f"Would publish {run_dir} to {url} (branch {revision or 'main'}, "
-              f"{'private' if private else 'public unless the repo exists'})")
+        print(
+            f"Would publish {run_dir} to {url} (branch {revision or 'main'}, "
+            f"{'private' if private else 'public unless the repo exists'})"
+        )
         print("  create the dataset repo if missing")
         print(f"  upload {len(plan)} files, {_size(sum(n for _, n in plan))}:")
         width = max(len(rel) for rel, _ in plan)
         for rel, n in plan:
             print(f"    {rel:<{width}}  {_size(n):>9}")
         print(f"  delete remote files matching {', '.join(DELETE_PATTERNS)} that are not in this upload")
-        print("token: " + (f"found ({source})" if token else
-                           "none found: set HF_TOKEN or run `hf auth login` before publishing"))
+        print(
+            "token: "
+            + (
+                f"found ({source})"
+                if token
+                else "none found: set HF_TOKEN or run `hf auth login` before publishing"
+            )
+        )
         print("Nothing was uploaded (--dry-run).")
         return ""
 
     if not token:
-        raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write "
-                           "access). Nothing was uploaded.", AUTH)
+        raise PublishError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write "
+            "access). Nothing was uploaded.",
+            AUTH,
+        )
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token, library_name="mmpr-pipeline")
@@ -438,32 +514,58 @@ def publish(run_dir: str | Path, repo_id: str, *, private: bool = False, revisio
     with _redacting(token), _online(), _bounded_session(settings):
         try:
             user = retried("asking the Hub who the token belongs to", api.whoami)["name"]
-            print(_redact(f"Logged in to {endpoint} as {user} (token from {source}).", token), file=sys.stderr)
+            print(
+                _redact(f"Logged in to {endpoint} as {user} (token from {source}).", token), file=sys.stderr
+            )
         except Exception as e:
             raise _explain(e, endpoint, repo_id, token) from None
         try:
-            complaint = retried("the Hub's check of the card", lambda: _validate_card_remote(endpoint, card_text))
+            complaint = retried(
+                "the Hub's check of the card", lambda: _validate_card_remote(endpoint, card_text)
+            )
         except Exception as e:
             raise _explain(e, endpoint, repo_id, token) from None
         if complaint:
-            raise PublishError(f"the Hub rejected the card {run_dir / 'README.md'}: {_redact(complaint, token)}"
-                               "\nFix the recipe's card settings and rebuild. Nothing was uploaded.")
+            raise PublishError(
+                f"the Hub rejected the card {run_dir / 'README.md'}: {_redact(complaint, token)}"
+                "\nFix the recipe's card settings and rebuild. Nothing was uploaded."
+            )
         try:
-            retried("creating the repo", lambda: api.create_repo(
-                repo_id, repo_type="dataset", private=True if private else None, exist_ok=True))
-            if private and not retried("reading the repo's settings",
-                                       lambda: api.repo_info(repo_id, repo_type="dataset")).private:
-                print(f"warning: {repo_id} already exists and is public; --private does not change an "
-                      "existing repo (change it in the repo's settings).", file=sys.stderr)
+            retried(
+                "creating the repo",
+                lambda: api.create_repo(
+                    repo_id, repo_type="dataset", private=True if private else None, exist_ok=True
+                ),
+            )
+            if (
+                private
+                and not retried(
+                    "reading the repo's settings", lambda: api.repo_info(repo_id, repo_type="dataset")
+                ).private
+            ):
+                print(
+                    f"warning: {repo_id} already exists and is public; --private does not change an "
+                    "existing repo (change it in the repo's settings).",
+                    file=sys.stderr,
+                )
             if revision:
-                retried("creating the branch",
-                        lambda: api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True))
-            print(f"Uploading {len(plan)} files ({_size(sum(n for _, n in plan))}) to {url} ...", file=sys.stderr)
+                retried(
+                    "creating the branch",
+                    lambda: api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True),
+                )
+            print(
+                f"Uploading {len(plan)} files ({_size(sum(n for _, n in plan))}) to {url} ...",
+                file=sys.stderr,
+            )
             api.upload_folder(
-                repo_id=repo_id, repo_type="dataset", folder_path=run_dir, revision=revision,
-                allow_patterns=[rel for rel, _ in plan], delete_patterns=DELETE_PATTERNS,
+                repo_id=repo_id,
+                repo_type="dataset",
+                folder_path=run_dir,
+                revision=revision,
+                allow_patterns=[rel for rel, _ in plan],
+                delete_patterns=DELETE_PATTERNS,
                 commit_message=f"Upload {n_pairs} MMPR pairs (recipe {stats.get('recipe')}, "
-                               f"fingerprint {stats.get('fingerprint')})",
+                f"fingerprint {stats.get('fingerprint')})",
             )
         except Exception as e:
             err = _explain(e, endpoint, repo_id, token)
@@ -478,7 +580,9 @@ def cli_publish(args) -> int:
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # one INFO line per HTTP request otherwise
         logging.getLogger("httpx2").setLevel(logging.WARNING)
     try:
-        publish(args.run_dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
+        publish(
+            args.run_dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run
+        )
     except PublishError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code

@@ -20,16 +20,24 @@ by a pixel budget, so fewer pixels mean fewer image tokens. LLaVA-1.5 (336 px cr
 SmolVLM scales up to `size.longest_edge` before splitting: for these a cap lowers detail, not tokens;
 their tile counts are processor settings (`max_patches`, `do_image_splitting`).
 """
+
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-VOCAB = 512          # BPE merges + special tokens; the embedding is padded to a multiple of 64
-HEAD_DIM = 32        # vLLM's CPU attention rejects head_dim 16
-TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=HEAD_DIM, max_position_embeddings=4096)
+VOCAB = 512  # BPE merges + special tokens; the embedding is padded to a multiple of 64
+HEAD_DIM = 32  # vLLM's CPU attention rejects head_dim 16
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=HEAD_DIM,
+    max_position_embeddings=4096,
+)
 MARKER = "mmpr_model_zoo.json"  # {"family": ...}
 
 # --- chat templates: the published form of each family, trimmed to what the pipeline sends -------
@@ -92,8 +100,18 @@ GEMMA3_TEMPLATE = (
 
 # --- shared pieces ---------------------------------------------------------------------------------
 
-def tokenizer(special: list[str], *, eos: str, pad: str, bos: str | None = None, unk: str | None = None,
-              add_bos: bool = False, extra: dict[str, str] | None = None, chat_template: str | None = None):
+
+def tokenizer(
+    special: list[str],
+    *,
+    eos: str,
+    pad: str,
+    bos: str | None = None,
+    unk: str | None = None,
+    add_bos: bool = False,
+    extra: dict[str, str] | None = None,
+    chat_template: str | None = None,
+):
     """A byte-level BPE trained on the generator's text (`demo_model`'s corpus) with this family's
     special tokens. `add_bos`: the tokenizer writes BOS itself (Llama-style post-processor), as
     LLaVA's and Gemma's do; `extra`: named special tokens a processor reads (e.g. `boi_token`)."""
@@ -105,10 +123,15 @@ def tokenizer(special: list[str], *, eos: str, pad: str, bos: str | None = None,
     tok = train_bpe(VOCAB - len(special), special)
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     named = {k: v for k, v in dict(eos_token=eos, pad_token=pad, bos_token=bos, unk_token=unk).items() if v}
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **named, extra_special_tokens=extra or {},
-                                   additional_special_tokens=[t for t in special if t not in named.values()])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        **named,
+        extra_special_tokens=extra or {},
+        additional_special_tokens=[t for t in special if t not in named.values()],
+    )
     fast.chat_template = chat_template
     return fast
 
@@ -137,7 +160,7 @@ def _save(model, processor, out: Path, family: str, renames: dict[str, str] | No
         for name, w in weights.items():
             for old, new in renames.items():
                 if name.startswith(old) and not name.startswith(new):
-                    name = new + name[len(old):]
+                    name = new + name[len(old) :]
                     break
             fixed[name] = w.contiguous() if isinstance(w, torch.Tensor) else w
         save_file(fixed, path, metadata={"format": "pt"})
@@ -154,6 +177,7 @@ VISION_TOWER_RENAMES = {"vision_tower.": "vision_tower.vision_model."}
 
 # --- the families ------------------------------------------------------------------------------------
 
+
 def build_qwen2_5_vl(out: Path) -> Path:
     """Qwen2.5-VL: window attention in the vision encoder, Qwen2VL image processor (dynamic resolution)."""
     import torch
@@ -166,20 +190,40 @@ def build_qwen2_5_vl(out: Path) -> Path:
     tok = demo_model.build_tokenizer(VOCAB)
     ids = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
     config = Qwen2_5_VLConfig(
-        text_config=dict(**TEXT, vocab_size=_vocab(tok),
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]},
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id,
-                         tie_word_embeddings=False),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64,
-                           window_size=56, fullatt_block_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
+        text_config=dict(
+            **TEXT,
+            vocab_size=_vocab(tok),
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]},
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=64,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config)
     processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil(min_pixels=demo_model.MIN_PIXELS, max_pixels=demo_model.MAX_PIXELS),
-        tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=demo_model.CHAT_TEMPLATE)
+        image_processor=Qwen2VLImageProcessorPil(
+            min_pixels=demo_model.MIN_PIXELS, max_pixels=demo_model.MAX_PIXELS
+        ),
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=demo_model.CHAT_TEMPLATE,
+    )
     return _save(model, processor, out, "qwen2_5_vl")
 
 
@@ -188,22 +232,53 @@ def build_llava(out: Path) -> Path:
     import torch
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    tok = tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], eos="</s>", pad="<pad>", bos="<s>", unk="<unk>",
-                    add_bos=True, chat_template=LLAVA_TEMPLATE)
+    tok = tokenizer(
+        ["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        eos="</s>",
+        pad="<pad>",
+        bos="<s>",
+        unk="<unk>",
+        add_bos=True,
+        chat_template=LLAVA_TEMPLATE,
+    )
     ids = _ids(tok, "<s>", "</s>", "<pad>", "<image>")
     config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=64),
-        text_config=dict(model_type="llama", **TEXT, vocab_size=_vocab(tok), bos_token_id=ids["<s>"],
-                         eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"], tie_word_embeddings=False),
-        image_token_index=ids["<image>"], image_seq_length=4, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", tie_word_embeddings=False)
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            projection_dim=64,
+        ),
+        text_config=dict(
+            model_type="llama",
+            **TEXT,
+            vocab_size=_vocab(tok),
+            bos_token_id=ids["<s>"],
+            eos_token_id=ids["</s>"],
+            pad_token_id=ids["<pad>"],
+            tie_word_embeddings=False,
+        ),
+        image_token_index=ids["<image>"],
+        image_seq_length=4,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=LLAVA_TEMPLATE)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
     return _save(model, processor, out, "llava", renames=VISION_TOWER_RENAMES)
 
 
@@ -215,23 +290,54 @@ def build_internvl(out: Path) -> Path:
     from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
-    tok = tokenizer(special, eos="<|im_end|>", pad="<|endoftext|>", chat_template=INTERNVL_TEMPLATE,
-                    extra=dict(start_image_token="<img>", end_image_token="</img>",
-                               context_image_token="<IMG_CONTEXT>", video_token="<video>"))
+    tok = tokenizer(
+        special,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        chat_template=INTERNVL_TEMPLATE,
+        extra=dict(
+            start_image_token="<img>",
+            end_image_token="</img>",
+            context_image_token="<IMG_CONTEXT>",
+            video_token="<video>",
+        ),
+    )
     ids = _ids(tok, *special)
     config = InternVLConfig(
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=[56, 56], patch_size=[14, 14]),
-        text_config=dict(model_type="qwen2", **TEXT, vocab_size=_vocab(tok), bos_token_id=ids["<|endoftext|>"],
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False),
-        image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=False)
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=[56, 56],
+            patch_size=[14, 14],
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            **TEXT,
+            vocab_size=_vocab(tok),
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=False,
+        ),
+        image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=4,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = InternVLForConditionalGeneration(config)
-    image_processor = GotOcr2ImageProcessorPil(size={"height": 56, "width": 56}, crop_to_patches=False,
-                                               min_patches=1, max_patches=1)
-    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tok,
-                                  video_processor=InternVLVideoProcessor(), image_seq_length=4,
-                                  chat_template=INTERNVL_TEMPLATE)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": 56, "width": 56}, crop_to_patches=False, min_patches=1, max_patches=1
+    )
+    processor = InternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=InternVLVideoProcessor(),
+        image_seq_length=4,
+        chat_template=INTERNVL_TEMPLATE,
+    )
     return _save(model, processor, out, "internvl")
 
 
@@ -241,24 +347,53 @@ def build_idefics3(out: Path) -> Path:
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    special = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
-               "<global-img>"]
-    tok = tokenizer(special, eos="<end_of_utterance>", pad="<|endoftext|>", bos="<|im_start|>",
-                    chat_template=IDEFICS3_TEMPLATE)
+    special = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<end_of_utterance>",
+        "<fake_token_around_image>",
+        "<image>",
+        "<global-img>",
+    ]
+    tok = tokenizer(
+        special,
+        eos="<end_of_utterance>",
+        pad="<|endoftext|>",
+        bos="<|im_start|>",
+        chat_template=IDEFICS3_TEMPLATE,
+    )
     ids = _ids(tok, *special)
     config = Idefics3Config(
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=56, patch_size=14),
-        text_config=dict(model_type="llama", **TEXT, vocab_size=_vocab(tok), bos_token_id=ids["<|im_start|>"],
-                         eos_token_id=ids["<end_of_utterance>"], pad_token_id=ids["<|endoftext|>"],
-                         tie_word_embeddings=False),
-        image_token_id=ids["<image>"], scale_factor=2, pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False)
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+        ),
+        text_config=dict(
+            model_type="llama",
+            **TEXT,
+            vocab_size=_vocab(tok),
+            bos_token_id=ids["<|im_start|>"],
+            eos_token_id=ids["<end_of_utterance>"],
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=False,
+        ),
+        image_token_id=ids["<image>"],
+        scale_factor=2,
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = Idefics3ForConditionalGeneration(config)
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 56}, max_image_size={"longest_edge": 56},
-                                                do_image_splitting=False)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
-                                  chat_template=IDEFICS3_TEMPLATE)
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 56}, max_image_size={"longest_edge": 56}, do_image_splitting=False
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE
+    )
     return _save(model, processor, out, "idefics3")
 
 
@@ -269,30 +404,64 @@ def build_gemma3(out: Path) -> Path:
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
-               "<end_of_image>", "<image_soft_token>"]
-    tok = tokenizer(special, eos="<eos>", pad="<pad>", bos="<bos>", unk="<unk>", add_bos=True,
-                    chat_template=GEMMA3_TEMPLATE,
-                    extra=dict(boi_token="<start_of_image>", eoi_token="<end_of_image>",
-                               image_token="<image_soft_token>"))
+    special = [
+        "<pad>",
+        "<eos>",
+        "<bos>",
+        "<unk>",
+        "<start_of_turn>",
+        "<end_of_turn>",
+        "<start_of_image>",
+        "<end_of_image>",
+        "<image_soft_token>",
+    ]
+    tok = tokenizer(
+        special,
+        eos="<eos>",
+        pad="<pad>",
+        bos="<bos>",
+        unk="<unk>",
+        add_bos=True,
+        chat_template=GEMMA3_TEMPLATE,
+        extra=dict(
+            boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>"
+        ),
+    )
     # Gemma's SentencePiece vocabulary has newline runs as single tokens, and vLLM's Gemma 3
     # processor merges the "\n\n" around each image into them: give ours the same tokens.
     tok.add_tokens([AddedToken("\n" * k, normalized=False, special=False) for k in (4, 3, 2, 1)])
     ids = _ids(tok, *special)
     config = Gemma3Config(
-        text_config=dict(**TEXT, vocab_size=_vocab(tok), query_pre_attn_scalar=HEAD_DIM, sliding_window=64,
-                         layer_types=["sliding_attention", "full_attention"],
-                         bos_token_id=ids["<bos>"], eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
-                         pad_token_id=ids["<pad>"]),
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
-        mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
-        image_token_index=ids["<image_soft_token>"])
+        text_config=dict(
+            **TEXT,
+            vocab_size=_vocab(tok),
+            query_pre_attn_scalar=HEAD_DIM,
+            sliding_window=64,
+            layer_types=["sliding_attention", "full_attention"],
+            bos_token_id=ids["<bos>"],
+            eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
+            pad_token_id=ids["<pad>"],
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        mm_tokens_per_image=4,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+    )
     torch.manual_seed(0)
     model = Gemma3ForConditionalGeneration(config)
     image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
-    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=4,
-                                chat_template=GEMMA3_TEMPLATE)
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_length=4, chat_template=GEMMA3_TEMPLATE
+    )
     return _save(model, processor, out, "gemma3", renames=VISION_TOWER_RENAMES)
 
 
@@ -324,11 +493,26 @@ def _vllm_check(path: Path) -> str:
     from mmpr_pipeline import tasks
 
     image = Image.open(io.BytesIO(next(iter(tasks.generate(1, seed=0)))["image"])).convert("RGB")
-    llm = LLM(model=str(path), enforce_eager=True, dtype="bfloat16", max_model_len=512, seed=0,
-              limit_mm_per_prompt={"image": 1})
-    out = llm.chat([{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
-                                                  {"type": "text", "text": "What is shown?"}]}],
-                   SamplingParams(max_tokens=8))
+    llm = LLM(
+        model=str(path),
+        enforce_eager=True,
+        dtype="bfloat16",
+        max_model_len=512,
+        seed=0,
+        limit_mm_per_prompt={"image": 1},
+    )
+    out = llm.chat(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_pil", "image_pil": image},
+                    {"type": "text", "text": "What is shown?"},
+                ],
+            }
+        ],
+        SamplingParams(max_tokens=8),
+    )
     return out[0].outputs[0].text
 
 
@@ -344,14 +528,18 @@ def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m mmpr_pipeline.model_zoo OUT_DIR [family ...]", file=sys.stderr)
         return 2
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    }
     failed = []
     for family in argv[1:] or list(FAMILIES):
         path = build(family, Path(argv[0]) / family)
         print(f"{family}: built {path}", flush=True)
-        if subprocess.run([sys.executable, "-m", "mmpr_pipeline.model_zoo", "--vllm-check", str(path)],
-                          env=env).returncode:
+        if subprocess.run(
+            [sys.executable, "-m", "mmpr_pipeline.model_zoo", "--vllm-check", str(path)], env=env
+        ).returncode:
             failed.append(family)
     if failed:
         print(f"vLLM could not run: {', '.join(failed)}", file=sys.stderr)

@@ -13,6 +13,7 @@ Two options of InternVL's MMPR pipeline, both off by default:
   line or in its last box, the reference answer's own text ("Final answer: 3.0" -> "Final answer:
   3"); the rest of it stays byte-identical (fix_answer).
 """
+
 from __future__ import annotations
 
 import random
@@ -21,8 +22,8 @@ from dataclasses import dataclass, field
 from mmpr_pipeline.records import stable_hash
 from mmpr_pipeline.scoring.extract import all_boxed, clean, extract
 
-REFERENCE = -1          # chosen index of a pair whose chosen is the source's reference rationale
-FIX_TRIES = 5           # occurrences of the answer text tried, from the end (see fix_answer)
+REFERENCE = -1  # chosen index of a pair whose chosen is the source's reference rationale
+FIX_TRIES = 5  # occurrences of the answer text tried, from the end (see fix_answer)
 
 
 @dataclass
@@ -54,10 +55,18 @@ def _sample(pairs: list[tuple[int, int]], k: int, seed: int, qid: str, kind: str
     return sorted(rng.sample(pairs, k))
 
 
-def pair_correctness(responses: list[str], correct: list[bool], extracted: list[str | None], *,
-                     qid: str, seed: int = 0, max_pairs_per_question: int = 15,
-                     format_pairs: bool = True, unjudged: frozenset[int] = frozenset(),
-                     reference: str = "") -> QuestionPairs:
+def pair_correctness(
+    responses: list[str],
+    correct: list[bool],
+    extracted: list[str | None],
+    *,
+    qid: str,
+    seed: int = 0,
+    max_pairs_per_question: int = 15,
+    format_pairs: bool = True,
+    unjudged: frozenset[int] = frozenset(),
+    reference: str = "",
+) -> QuestionPairs:
     """`unjudged`: responses the judge could not rate; they are neither chosen nor rejected.
     `reference`: a ground-truth worked solution, a chosen candidate like a correct sample (pairs
     with chosen index REFERENCE); all_right / all_wrong still describe the samples alone."""
@@ -69,7 +78,7 @@ def pair_correctness(responses: list[str], correct: list[bool], extracted: list[
     unparsable = [i for i in judged if not correct[i] and extracted[i] is None]
     out = QuestionPairs(all_right=len(right) == len(judged), all_wrong=not right)
     texts, good = responses, right
-    if reference.strip():               # the reference is one more text, at index len(responses)
+    if reference.strip():  # the reference is one more text, at index len(responses)
         texts, good = [*responses, reference], [*right, len(responses)]
     if out.all_right or not good:
         return out

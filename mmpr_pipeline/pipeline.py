@@ -15,6 +15,7 @@ A question's samples stay together in one row from sampling to pairing, and a un
 Data block from load to write, so no group-by or shuffle is needed. Resume falls out of the units:
 a restart plans the same units and skips those whose counts file names the same plan.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,7 +41,7 @@ from stages.load import SourceError
 
 log = logging.getLogger(__name__)
 
-RUN_MARKER = ".mmpr-run"          # marks a folder as a run folder made by this tool
+RUN_MARKER = ".mmpr-run"  # marks a folder as a run folder made by this tool
 LOCK_FILE = ".mmpr-lock"
 TOOL_DIRS = ("samples", "pairs", "rejects", "data", "figures")  # what a run folder holds of ours
 
@@ -57,11 +58,14 @@ def _cause(e: BaseException) -> str:
     """The root cause of an error raised through Ray (which wraps it with the remote traceback)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     engine = [ln.split("EngineStalled:", 1)[-1].strip() for ln in lines if "EngineStalled" in ln]
-    named = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception")) and "UDF failed" not in ln]
+    named = [
+        ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception")) and "UDF failed" not in ln
+    ]
     return (engine or named or lines or [type(e).__name__])[-1][:400]
 
 
 # -- the run folder -----------------------------------------------------------------------------
+
 
 def check_run_dir(run: Path) -> None:
     """--out is missing, empty, or a run folder this tool made (marked by RUN_MARKER)."""
@@ -69,8 +73,10 @@ def check_run_dir(run: Path) -> None:
     if run.exists() and not run.is_dir():
         raise RunFolderError(f"--out {run} is a file, not a folder")
     if run.is_dir() and any(p.name != LOCK_FILE for p in run.iterdir()) and not (run / RUN_MARKER).exists():
-        raise RunFolderError(f"--out {run} is not empty and is not a run folder of mmpr; "
-                             f"give a new or empty folder (nothing in {run} was changed)")
+        raise RunFolderError(
+            f"--out {run} is not empty and is not a run folder of mmpr; "
+            f"give a new or empty folder (nothing in {run} was changed)"
+        )
 
 
 def prepare_run_dir(run: Path, recipe: Recipe, overwrite: bool) -> None:
@@ -86,16 +92,24 @@ def prepare_run_dir(run: Path, recipe: Recipe, overwrite: bool) -> None:
             old = None
         if old != json.loads(to_json(recipe)):
             if not overwrite:
-                changed = (sorted(k for k in set(old) | set(recipe.to_dict()) if old.get(k) != recipe.to_dict().get(k))
-                           if isinstance(old, dict) else ["recipe.json is unreadable"])
+                changed = (
+                    sorted(
+                        k for k in set(old) | set(recipe.to_dict()) if old.get(k) != recipe.to_dict().get(k)
+                    )
+                    if isinstance(old, dict)
+                    else ["recipe.json is unreadable"]
+                )
                 raise RunFolderError(
                     f"{run} was built with a different recipe (changed: {', '.join(changed)}). "
-                    f"Use another --out, or --overwrite to discard its samples and start over.")
+                    f"Use another --out, or --overwrite to discard its samples and start over."
+                )
             log.warning("--overwrite: discarding the samples in %s", run)
             for sub in TOOL_DIRS:
                 shutil.rmtree(run / sub, ignore_errors=True)
     run.mkdir(parents=True, exist_ok=True)
-    (run / RUN_MARKER).write_text("made by mmpr-pipeline; its samples/, pairs/, rejects/, data/ are rebuilt by it\n")
+    (run / RUN_MARKER).write_text(
+        "made by mmpr-pipeline; its samples/, pairs/, rejects/, data/ are rebuilt by it\n"
+    )
     for sub in TOOL_DIRS:  # temporary files of a run that was killed mid-write (ours only)
         for tmp in (run / sub).rglob(".*.tmp") if (run / sub).is_dir() else []:
             tmp.unlink()
@@ -110,7 +124,7 @@ class RunLock:
         self.path = Path(run) / LOCK_FILE
         self.fh = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         check_run_dir(self.path.parent)  # never create a lock in a folder that is not ours
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fh = open(self.path, "a+")
@@ -120,7 +134,9 @@ class RunLock:
             self.fh.seek(0)
             holder = self.fh.read().strip() or "another process"
             self.fh.close()
-            raise RunFolderError(f"{self.path.parent} is in use by {holder}; wait for it, or use another --out") from None
+            raise RunFolderError(
+                f"{self.path.parent} is in use by {holder}; wait for it, or use another --out"
+            ) from None
         self.fh.seek(0)
         self.fh.truncate()
         self.fh.write(f"mmpr build (pid {os.getpid()})")
@@ -134,6 +150,7 @@ class RunLock:
 
 # -- Ray ----------------------------------------------------------------------------------------
 
+
 def init_ray(address: str | None) -> None:
     """A private local Ray by default, even when another cluster runs on this machine; a cluster
     only when `--ray-address` or RAY_ADDRESS names one."""
@@ -145,8 +162,13 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours (per row) is the one users read
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines break the bar
 
@@ -159,6 +181,7 @@ def cluster_gpus() -> list[float]:
 
 
 # -- plan ---------------------------------------------------------------------------------------
+
 
 def plan_units(recipe: Recipe) -> tuple[dict[str, list[WorkUnit]], int]:
     """Every source's work units, and the most images one question has, from a scan of each input
@@ -191,10 +214,16 @@ def plan_units(recipe: Recipe) -> tuple[dict[str, list[WorkUnit]], int]:
 
 # -- the Ray Data stages --------------------------------------------------------------------------
 
+
 def _unit_options(recipe: Recipe, run: Path, model: str) -> dict[str, Any]:
     # each source's own sampling settings (the recipe's, with its overrides): what its pairs record
-    return dict(run=str(run), sources={s.name: s for s in recipe.sources}, seed=recipe.seed, model=model,
-                sampling={s.name: dataclasses.asdict(recipe.sampling_for(s)) for s in recipe.sources})
+    return dict(
+        run=str(run),
+        sources={s.name: s for s in recipe.sources},
+        seed=recipe.seed,
+        model=model,
+        sampling={s.name: dataclasses.asdict(recipe.sampling_for(s)) for s in recipe.sources},
+    )
 
 
 def load_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str, sampling: dict) -> pa.Table:
@@ -209,8 +238,17 @@ def load_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str, 
         questions, rejects = read_unit(sources[unit.source], unit)
         write_rejects(Path(run), unit, rejects)
         if not questions:
-            write_unit(Path(run), unit, [], rejects, sources[unit.source], seed=seed, model=model,
-                       sampling=sampling[unit.source], pair_schema=pair_schema())
+            write_unit(
+                Path(run),
+                unit,
+                [],
+                rejects,
+                sources[unit.source],
+                seed=seed,
+                model=model,
+                sampling=sampling[unit.source],
+                pair_schema=pair_schema(),
+            )
         out += questions
     return pa.Table.from_pylist(out, schema=QUESTION_SCHEMA)
 
@@ -232,12 +270,26 @@ def finish_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str
         reject_path = unit_file(run, "rejects", unit.source, unit.unit)
         rejects = pq.read_table(reject_path).to_pylist() if reject_path.exists() else []
         if len(rows) + len(rejects) != unit.stop - unit.start:  # a unit must arrive whole
-            raise RuntimeError(f"unit {unit.source}/{unit.unit} arrived split ({len(rows)} of "
-                               f"{unit.stop - unit.start - len(rejects)} questions); lower unit_size")
+            raise RuntimeError(
+                f"unit {unit.source}/{unit.unit} arrived split ({len(rows)} of "
+                f"{unit.stop - unit.start - len(rejects)} questions); lower unit_size"
+            )
         rows = [score_row(r) for r in rows]
-        summaries.append(summary_row(write_unit(Path(run), unit, rows, rejects, sources[unit.source],
-                                                seed=seed, model=model, sampling=sampling[unit.source],
-                                                pair_schema=pair_schema())))
+        summaries.append(
+            summary_row(
+                write_unit(
+                    Path(run),
+                    unit,
+                    rows,
+                    rejects,
+                    sources[unit.source],
+                    seed=seed,
+                    model=model,
+                    sampling=sampling[unit.source],
+                    pair_schema=pair_schema(),
+                )
+            )
+        )
     return pa.Table.from_pylist(summaries)
 
 
@@ -265,25 +317,32 @@ def run_units(recipe: Recipe, run: Path, model: str, units: list[WorkUnit], max_
     ds = ds.map_batches(load_units, fn_kwargs=options, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
     # One unit = one block = one batch, from load to write (batch_size=None): no regrouping needed.
     # Ray 2.60 deprecates passing actor options this way, but still has no other for max_concurrency.
-    warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning)
+    warnings.filterwarnings(
+        "ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning
+    )
     ds = ds.map_batches(
-        SampleStage, batch_size=None, batch_format="pyarrow",
+        SampleStage,
+        batch_size=None,
+        batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.replicas, max_tasks_in_flight_per_actor=concurrent),
         max_concurrency=concurrent,
-        fn_constructor_kwargs=dict(model=model, seed=recipe.seed,
-                                   # the per-prompt image limit comes from the data, unless the recipe sets it
-                                   engine_options={"limit_mm_per_prompt": {"image": max(1, max_images)},
-                                                   **recipe.engine},
-                                   sampling=recipe.sampling,
-                                   source_sampling={n: recipe.sampling_for(s) for n, s in sources.items()
-                                                    if s.sampling},
-                                   image_max_pixels={n: s.image_max_pixels for n, s in sources.items()
-                                                     if s.image_max_pixels},
-                                   templates={n: recipe.template_for(s) for n, s in sources.items()},
-                                   dropout={n: s.dropout for n, s in sources.items()}),
+        fn_constructor_kwargs=dict(
+            model=model,
+            seed=recipe.seed,
+            # the per-prompt image limit comes from the data, unless the recipe sets it
+            engine_options={"limit_mm_per_prompt": {"image": max(1, max_images)}, **recipe.engine},
+            sampling=recipe.sampling,
+            source_sampling={n: recipe.sampling_for(s) for n, s in sources.items() if s.sampling},
+            image_max_pixels={n: s.image_max_pixels for n, s in sources.items() if s.image_max_pixels},
+            templates={n: recipe.template_for(s) for n, s in sources.items()},
+            dropout={n: s.dropout for n, s in sources.items()},
+        ),
         # Ray Data restarts a replica whose process died and retries its batches.
-        **actor_options(plan))
-    ds = ds.map_batches(finish_units, fn_kwargs=options, batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+        **actor_options(plan),
+    )
+    ds = ds.map_batches(
+        finish_units, fn_kwargs=options, batch_size=None, batch_format="pyarrow", num_cpus=0.25
+    )
     total = sum(u.stop - u.start for u in units)
     done = 0
     with tqdm(total=total, desc="load+sample+score+pair", unit="row", dynamic_ncols=True) as bar:
@@ -294,26 +353,34 @@ def run_units(recipe: Recipe, run: Path, model: str, units: list[WorkUnit], max_
                     bar.update(summary["rows"])
                     shards.kill_point("after_unit", done)
         except Exception as e:  # noqa: BLE001 - whatever stopped the stream, say it and how to go on
-            raise BuildFailed(f"the build stopped: {_cause(e)}. {done} of {len(units)} work units finished in "
-                              f"this run and are kept in {run}: run the same command again to resume") from e
+            raise BuildFailed(
+                f"the build stopped: {_cause(e)}. {done} of {len(units)} work units finished in "
+                f"this run and are kept in {run}: run the same command again to resume"
+            ) from e
         bar.update(total - bar.n)  # units with no question finish in the load stage
 
 
 # -- commit ---------------------------------------------------------------------------------------
+
 
 def write_shards(run: Path, recipe: Recipe, counts: dict[str, list[dict]]) -> list[Path]:
     """The units' pairs, in (source, unit) order, cut into Hub-named shards by Ray tasks; the
     driver renames them. `counts`: each source's unit counts files, in unit order."""
     import ray
 
-    slices = [(str(unit_file(run, "pairs", c["source"], c["unit"])), c["pair_rows"], c["pair_bytes"])
-              for source_counts in counts.values() for c in source_counts]
+    slices = [
+        (str(unit_file(run, "pairs", c["source"], c["unit"])), c["pair_rows"], c["pair_bytes"])
+        for source_counts in counts.values()
+        for c in source_counts
+    ]
     plan = shards.plan_shards(slices, recipe.shard_rows)
     data = run / "data"
     data.mkdir(parents=True, exist_ok=True)
     write = ray.remote(num_cpus=0.25)(shards.write_shard)
     schema = pair_schema()
-    written = ray.get([write.remote(p, data / shards.shard_name(i, len(plan)), schema) for i, p in enumerate(plan)])
+    written = ray.get(
+        [write.remote(p, data / shards.shard_name(i, len(plan)), schema) for i, p in enumerate(plan)]
+    )
     return shards.commit_shards(data, written)
 
 
@@ -352,8 +419,9 @@ def remove_stale_units(run: Path, units: dict[str, list[WorkUnit]]) -> None:
                 p.unlink()
 
 
-def collect_samples(recipe: Recipe, run: Path, stats: BuildStats, ray_address: str | None = None
-                    ) -> dict[str, list[WorkUnit]]:
+def collect_samples(
+    recipe: Recipe, run: Path, stats: BuildStats, ray_address: str | None = None
+) -> dict[str, list[WorkUnit]]:
     """plan -> load -> sample -> score -> pair into `run`'s work units, skipping finished ones."""
     from mmpr_pipeline.engine import resolve_model
 
@@ -365,25 +433,38 @@ def collect_samples(recipe: Recipe, run: Path, stats: BuildStats, ray_address: s
     every = [u for us in units.values() for u in us]
     pending = [u for u in every if not is_done(run, u)]
     if pending:
-        log.info("%d of %d work units to do (%d already done)", len(pending), len(every), len(every) - len(pending))
+        log.info(
+            "%d of %d work units to do (%d already done)", len(pending), len(every), len(every) - len(pending)
+        )
         t0 = time.perf_counter()
         run_units(recipe, run, resolve_model(recipe.model), pending, max_images)
         stats.seconds["generate_wall"] = time.perf_counter() - t0
         missing = [u for u in pending if not is_done(run, u)]
         if missing:
-            raise RuntimeError(f"{len(missing)} work units did not complete (first: {missing[0].source}/"
-                               f"{missing[0].unit}); re-run the same command to resume")
+            raise RuntimeError(
+                f"{len(missing)} work units did not complete (first: {missing[0].source}/"
+                f"{missing[0].unit}); re-run the same command to resume"
+            )
     else:
         log.info("all %d work units already done", len(every))
     for source in units:
         write_rejects_file(run, source)
-    stats.resume = dict(units=len(every), units_done_before=len(every) - len(pending),
-                           rows_sampled=sum(u.stop - u.start for u in pending))
+    stats.resume = dict(
+        units=len(every),
+        units_done_before=len(every) - len(pending),
+        rows_sampled=sum(u.stop - u.start for u in pending),
+    )
     return units
 
 
-def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_address: str | None = None,
-          write_card: bool = True) -> dict[str, Any]:
+def build(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    ray_address: str | None = None,
+    write_card: bool = True,
+) -> dict[str, Any]:
     """Build (or resume) a run folder for `recipe`; returns the stats also written to stats.json."""
     t_start = time.perf_counter()
     run = Path(out)
@@ -399,12 +480,13 @@ def build(recipe: Recipe, out: str | Path, *, overwrite: bool = False, ray_addre
         stats.shards = [str(p.relative_to(run)) for p in paths]
         stats.seconds["shards"] = time.perf_counter() - t0
         stats.seconds["total"] = time.perf_counter() - t_start
-        stats.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        stats.created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         shards.kill_point("before_stats")
         summary = stats.to_dict()
         shards.write_json(run / "stats.json", summary)
         if recipe.preview:  # before the card, which links to it
             from mmpr_pipeline.preview import write_preview
+
             write_preview(run)
         if write_card:
             from mmpr_pipeline.card import write_card as _write_card
@@ -419,18 +501,39 @@ def print_summary(run: Path, stats: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"MMPR build: {stats['recipe']} -> {run}", title_justify="left")
-    for col in ("source", "pipeline", "rows", "rejects", "questions", "samples", "correct",
-                "all right", "all wrong", "pairs corr/fmt/dntp"):
+    for col in (
+        "source",
+        "pipeline",
+        "rows",
+        "rejects",
+        "questions",
+        "samples",
+        "correct",
+        "all right",
+        "all wrong",
+        "pairs corr/fmt/dntp",
+    ):
         table.add_column(col, justify="left" if col in ("source", "pipeline") else "right")
     for name, s in stats["sources"].items():
         rate = f"{s['correct_rate']:.1%}" if s["correct_rate"] is not None else "-"
         p = s["pairs"]
-        table.add_row(name, s["pipeline"], str(s["rows"]), str(s["rejects"]), str(s["questions"]),
-                      str(s["samples"]), rate, str(s["all_right"]), str(s["all_wrong"]),
-                      f"{p['correctness']}/{p['format']}/{p['dropout_ntp']}")
+        table.add_row(
+            name,
+            s["pipeline"],
+            str(s["rows"]),
+            str(s["rejects"]),
+            str(s["questions"]),
+            str(s["samples"]),
+            rate,
+            str(s["all_right"]),
+            str(s["all_wrong"]),
+            f"{p['correctness']}/{p['format']}/{p['dropout_ntp']}",
+        )
     console = Console(width=None if Console().is_terminal else 140)
     console.print(table)
     t = stats["stage_seconds"]
-    console.print(f"pairs: {sum(stats['totals']['pairs'].values())} in {len(stats['shards'])} shard(s) under "
-                  f"{run / 'data'}; time: total {t['total']:.1f}s (plan {t['load']:.1f}s, "
-                  f"load+sample+score+pair {t['generate_wall']:.1f}s, shards {t.get('shards', 0):.1f}s)")
+    console.print(
+        f"pairs: {sum(stats['totals']['pairs'].values())} in {len(stats['shards'])} shard(s) under "
+        f"{run / 'data'}; time: total {t['total']:.1f}s (plan {t['load']:.1f}s, "
+        f"load+sample+score+pair {t['generate_wall']:.1f}s, shards {t.get('shards', 0):.1f}s)"
+    )

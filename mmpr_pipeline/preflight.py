@@ -10,6 +10,7 @@ vLLM start-up and 150 lines of someone else's traceback.
 
 Each failure is a PreflightError naming the file, key or path and the reason.
 """
+
 from __future__ import annotations
 
 import ast
@@ -44,18 +45,26 @@ def check_model(model: str, where: str) -> None:
         return
     if path.is_file():
         if path.suffix != ".gguf":
-            raise PreflightError(f"{where}: {model} is a file; give a model folder (with config.json), "
-                                 "a .gguf file or a Hub id")
+            raise PreflightError(
+                f"{where}: {model} is a file; give a model folder (with config.json), "
+                "a .gguf file or a Hub id"
+            )
         return
     if not HUB_ID.match(model):
         raise PreflightError(f"{where}: {model}: no such folder")
     from huggingface_hub import constants, try_to_load_from_cache
 
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    )
     if offline and not isinstance(try_to_load_from_cache(model, "config.json"), str):
         raise PreflightError(
             f"{where}: {model} is not a local folder, and not in the Hugging Face cache while offline mode is "
-            "on (HF_HUB_OFFLINE=1): give a local model folder, or set HF_HUB_OFFLINE=0 to download it")
+            "on (HF_HUB_OFFLINE=1): give a local model folder, or set HF_HUB_OFFLINE=0 to download it"
+        )
 
 
 @lru_cache(maxsize=1)
@@ -72,7 +81,11 @@ def engine_options() -> frozenset[str] | None:
         return None
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "EngineArgs":
-            names = {n.target.id for n in node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+            names = {
+                n.target.id
+                for n in node.body
+                if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+            }
             return frozenset(names) or None
     return None
 
@@ -124,8 +137,10 @@ def check_out_dir(out: str | Path, flag: str = "--out") -> None:
         try:
             json.loads(recipe_file.read_text(encoding="utf-8"))
         except (ValueError, OSError) as e:
-            raise PreflightError(f"{recipe_file}: cannot be read ({e}), so {out} cannot be resumed as a run "
-                                 f"folder: use another {flag}") from None
+            raise PreflightError(
+                f"{recipe_file}: cannot be read ({e}), so {out} cannot be resumed as a run "
+                f"folder: use another {flag}"
+            ) from None
 
 
 def check_sources_give_questions(recipe: Recipe) -> None:
@@ -148,15 +163,21 @@ def check_sources_give_questions(recipe: Recipe) -> None:
         except SourceError as e:
             raise SourceError(f"{recipe.file}: {e}") from None
         except Exception as e:  # noqa: BLE001 - as stages.load does: name the source, not the library
-            raise SourceError(f"{recipe.file}: source {source.name!r} ({source.loader}: "
-                              f"{source.path or source.dataset}) cannot be read: {type(e).__name__}: {e}") from None
+            raise SourceError(
+                f"{recipe.file}: source {source.name!r} ({source.loader}: "
+                f"{source.path or source.dataset}) cannot be read: {type(e).__name__}: {e}"
+            ) from None
         if n_rows == 0:
-            raise PreflightError(f"{recipe.file}: sources[{i}] ({source.name}): gives no rows "
-                                 f"({source.loader}: {source.path or source.dataset or source.generator})")
+            raise PreflightError(
+                f"{recipe.file}: sources[{i}] ({source.name}): gives no rows "
+                f"({source.loader}: {source.path or source.dataset or source.generator})"
+            )
         if n_rows == sum(reasons.values()):
             top = ", ".join(f"{r} ({n})" for r, n in reasons.most_common(3))
-            raise PreflightError(f"{recipe.file}: sources[{i}] ({source.name}): none of its {n_rows} rows is "
-                                 f"usable ({top}); check its fields:")
+            raise PreflightError(
+                f"{recipe.file}: sources[{i}] ({source.name}): none of its {n_rows} rows is "
+                f"usable ({top}); check its fields:"
+            )
 
 
 def check_build(recipe: Recipe, out: str | Path, model_from_cli: bool) -> None:

@@ -18,6 +18,7 @@ at most `max_mb` (default MAX_MB) whatever the size of the run: each text is cli
 point that matters, and each source gets an equal share of the budget (cards that do not fit are
 counted, not shown). Every text from the run is HTML-escaped: model output is untrusted.
 """
+
 from __future__ import annotations
 
 import base64
@@ -29,8 +30,9 @@ import random
 import re
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -39,15 +41,30 @@ from stages.dropout_ntp import prefix_of
 from stages.score import JUDGE_ERROR  # reason prefix of a response the judge failed on (never paired)
 
 PREVIEW_FILE = "preview.html"
-MAX_MB = 8.0            # the file never exceeds this, whatever the run size
-THUMB_PX = 192          # longest side of an embedded thumbnail
-TEXT_CHARS = 2500       # characters of a response shown in a pair card (clipped around the difference)
+MAX_MB = 8.0  # the file never exceeds this, whatever the run size
+THUMB_PX = 192  # longest side of an embedded thumbnail
+TEXT_CHARS = 2500  # characters of a response shown in a pair card (clipped around the difference)
 SAMPLE_TEXT_CHARS = 1200  # characters of each sample shown for all-right / all-wrong questions
-EXTREMES = 3            # all-right and all-wrong questions shown per source
-BATCH_ROWS = 256        # rows per Parquet batch when reading shards
-SAMPLE_COLUMNS = ["qid", "task", "question", "answer", "answers", "answer_type", "options", "error",
-                  "prompt_template", "responses", "finish_reasons", "extracted", "correct", "reason",
-                  "prefix_words", "continuations"]
+EXTREMES = 3  # all-right and all-wrong questions shown per source
+BATCH_ROWS = 256  # rows per Parquet batch when reading shards
+SAMPLE_COLUMNS = [
+    "qid",
+    "task",
+    "question",
+    "answer",
+    "answers",
+    "answer_type",
+    "options",
+    "error",
+    "prompt_template",
+    "responses",
+    "finish_reasons",
+    "extracted",
+    "correct",
+    "reason",
+    "prefix_words",
+    "continuations",
+]
 
 
 class PreviewError(ValueError):
@@ -60,6 +77,7 @@ def esc(value: Any) -> str:
 
 
 # --- reading the run folder --------------------------------------------------------------------
+
 
 def pair_shards(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "data").glob("*.parquet") if SHARD_RE.match(p.name))
@@ -121,7 +139,9 @@ def _judged(reasons: list[str]) -> list[int]:
     return [i for i, r in enumerate(reasons) if not (r or "").startswith(JUDGE_ERROR)]
 
 
-def scan_samples(run_dir: Path, source: str, want_qids: set[str], extremes: int, seed: int) -> tuple[dict, dict]:
+def scan_samples(
+    run_dir: Path, source: str, want_qids: set[str], extremes: int, seed: int
+) -> tuple[dict, dict]:
     """(sample rows of `want_qids` by qid, {"all right": rows, "all wrong": rows}): one pass over small
     columns to find the units and to pick `extremes` all-right and all-wrong questions at random,
     then only those units are read."""
@@ -133,15 +153,21 @@ def scan_samples(run_dir: Path, source: str, want_qids: set[str], extremes: int,
     for ui, path in enumerate(units):
         for batch in _batches(path, ["qid", "pipeline", "error", "correct", "reason"], batch_size=4096):
             d = batch.to_pydict()
-            for qid, pipeline, error, correct, reason in zip(d["qid"], d["pipeline"], d["error"],
-                                                             d["correct"], d["reason"]):
+            for qid, pipeline, error, correct, reason in zip(
+                d["qid"], d["pipeline"], d["error"], d["correct"], d["reason"]
+            ):
                 if qid in want_qids:
                     need.setdefault(ui, set()).add(qid)
                 judged = _judged(reason or [])
                 if pipeline != "correctness" or error or not judged:
                     continue
-                kind = ("all right" if all(correct[i] for i in judged)
-                        else "all wrong" if not any(correct[i] for i in judged) else None)
+                kind = (
+                    "all right"
+                    if all(correct[i] for i in judged)
+                    else "all wrong"
+                    if not any(correct[i] for i in judged)
+                    else None
+                )
                 if kind is None:
                     continue
                 k = seen[kind]
@@ -161,8 +187,10 @@ def scan_samples(run_dir: Path, source: str, want_qids: set[str], extremes: int,
             for rec in batch.to_pylist():
                 if rec["qid"] in qids:
                     by_qid[rec["qid"]] = rec
-    extremes_rows = {kind: [by_qid[q] for _, q in sorted(rows, key=lambda x: x[1]) if q in by_qid]
-                     for kind, rows in picked.items()}
+    extremes_rows = {
+        kind: [by_qid[q] for _, q in sorted(rows, key=lambda x: x[1]) if q in by_qid]
+        for kind, rows in picked.items()
+    }
     extremes_rows["counts"] = dict(seen)
     return by_qid, extremes_rows
 
@@ -178,7 +206,9 @@ def read_rejects(run_dir: Path, source: str, example_chars: int = 400) -> list[d
         for rec in batch.to_pylist():
             counts[rec["reason"]] += 1
             if rec["reason"] not in examples:
-                examples[rec["reason"]] = dict(row_index=rec["row_index"], row=(rec["row"] or "")[:example_chars])
+                examples[rec["reason"]] = dict(
+                    row_index=rec["row_index"], row=(rec["row"] or "")[:example_chars]
+                )
     return [dict(reason=r, count=c, **examples[r]) for r, c in counts.most_common()]
 
 
@@ -192,6 +222,7 @@ def _read_json(path: Path) -> dict:
 
 
 # --- pieces of the page ------------------------------------------------------------------------
+
 
 def thumbnail(data: bytes | None) -> str:
     """An <img> with the image as a small data: URI, or a note when the bytes are not an image."""
@@ -212,8 +243,10 @@ def thumbnail(data: bytes | None) -> str:
         w, h = img.size
     except Exception as e:  # noqa: BLE001 - any undecodable image becomes a note, not a broken page
         return f'<div class="noimg">image not shown: {esc(type(e).__name__)}</div>'
-    return (f'<img class="thumb" alt="question image" width="{w}" height="{h}" '
-            f'src="data:{mime};base64,{base64.b64encode(payload).decode()}">')
+    return (
+        f'<img class="thumb" alt="question image" width="{w}" height="{h}" '
+        f'src="data:{mime};base64,{base64.b64encode(payload).decode()}">'
+    )
 
 
 def first_difference(a: str, b: str) -> int:
@@ -241,18 +274,22 @@ def clip(text: str, at: int, width: int) -> tuple[str, str, str, str]:
 def marked_text(text: str, at: int, label: str, css: str, width: int = TEXT_CHARS) -> str:
     """The response with a marker at `at` and the rest highlighted."""
     before, head, tail, after = clip(text or "", at, width)
-    parts = [f'<span class="clip">{esc(before)}</span>' if before else "", esc(head),
-             f'<span class="mark" title="{esc(label)}" data-label="{esc(label)}"></span>',
-             f'<span class="{css}">{esc(tail)}</span>', f'<span class="clip">{esc(after)}</span>' if after else ""]
+    parts = [
+        f'<span class="clip">{esc(before)}</span>' if before else "",
+        esc(head),
+        f'<span class="mark" title="{esc(label)}" data-label="{esc(label)}"></span>',
+        f'<span class="{css}">{esc(tail)}</span>',
+        f'<span class="clip">{esc(after)}</span>' if after else "",
+    ]
     return f'<div class="text">{"".join(parts)}</div>'
 
 
 def verdict_line(sample: dict | None, index: int | None) -> str:
-    if index is not None and index < 0:     # pairing.REFERENCE: the source's reference rationale
+    if index is not None and index < 0:  # pairing.REFERENCE: the source's reference rationale
         return '<div class="verdict">the source\'s reference rationale (<code>fields.rationale</code>), not a sample</div>'
     if sample is None or index is None or index >= len(sample.get("responses") or []):
         return '<div class="verdict muted">no sample row found for this response</div>'
-    extracted = (sample.get("extracted") or [None] * (index + 1))
+    extracted = sample.get("extracted") or [None] * (index + 1)
     correct = sample.get("correct") or []
     reason = sample.get("reason") or []
     if not correct:  # dropout_ntp: no verdicts
@@ -260,9 +297,11 @@ def verdict_line(sample: dict | None, index: int | None) -> str:
     got = extracted[index] if index < len(extracted) else None
     ok = correct[index] if index < len(correct) else None
     badge = '<span class="ok">right</span>' if ok else '<span class="bad">wrong</span>'
-    return (f'<div class="verdict">sample #{index} · {badge} · extracted: '
-            f'<code>{esc(got) if got is not None else "<i>nothing parsable</i>"}</code> · '
-            f'judge: {esc(reason[index] if index < len(reason) else "")}</div>')
+    return (
+        f'<div class="verdict">sample #{index} · {badge} · extracted: '
+        f"<code>{esc(got) if got is not None else '<i>nothing parsable</i>'}</code> · "
+        f"judge: {esc(reason[index] if index < len(reason) else '')}</div>"
+    )
 
 
 def _question_block(pair: dict, sample: dict | None) -> str:
@@ -271,13 +310,18 @@ def _question_block(pair: dict, sample: dict | None) -> str:
     options = (sample or {}).get("options") or []
     rows = [f'<div class="q">{esc(shown_question)}</div>']
     if pair.get("answer"):
-        rows.append(f'<div class="ref">reference answer: <b>{esc(pair["answer"])}</b>'
-                    + (f' (also accepted: {esc(", ".join(answers))})' if answers else "") + "</div>")
+        rows.append(
+            f'<div class="ref">reference answer: <b>{esc(pair["answer"])}</b>'
+            + (f" (also accepted: {esc(', '.join(answers))})" if answers else "")
+            + "</div>"
+        )
     if options:
         rows.append(f'<div class="muted">options: {esc(" | ".join(options))}</div>')
     if pair.get("question") and pair.get("question") != shown_question:
-        rows.append(f'<details><summary>prompt sent to the model ({esc(pair.get("prompt_template"))})</summary>'
-                    f'<div class="text">{esc(pair["question"][:TEXT_CHARS])}</div></details>')
+        rows.append(
+            f"<details><summary>prompt sent to the model ({esc(pair.get('prompt_template'))})</summary>"
+            f'<div class="text">{esc(pair["question"][:TEXT_CHARS])}</div></details>'
+        )
     return "".join(rows)
 
 
@@ -295,8 +339,12 @@ def pair_card(pair: dict, sample: dict | None) -> str:
         label_c = label_r = "▸ first difference"
         css_c, css_r = "diff-chosen", "diff-rejected"
         title_c, title_r = "chosen", "rejected" + (" (no parsable final answer)" if kind == "format" else "")
-    images = "".join(thumbnail(im.get("bytes") if isinstance(im, dict) else im) for im in pair.get("images") or [])
-    meta = " · ".join(esc(x) for x in (pair.get("task"), f"qid {pair.get('qid')}", f"pair {pair.get('id')}") if x)
+    images = "".join(
+        thumbnail(im.get("bytes") if isinstance(im, dict) else im) for im in pair.get("images") or []
+    )
+    meta = " · ".join(
+        esc(x) for x in (pair.get("task"), f"qid {pair.get('qid')}", f"pair {pair.get('id')}") if x
+    )
     return f"""<article class="pair-card" data-pair-type="{esc(kind)}">
 <div class="card-head"><span class="badge {esc(kind)}">{esc(kind)}</span> <span class="muted">{meta}</span></div>
 <div class="pair-grid">
@@ -314,13 +362,15 @@ def question_card(sample: dict, kind: str) -> str:
         ok = (sample.get("correct") or [False] * (i + 1))[i]
         reason = (sample.get("reason") or [""] * (i + 1))[i]
         before, head, tail, after = clip(text or "", 0, SAMPLE_TEXT_CHARS)
-        rows.append(f'<tr><td>#{i}</td><td>{"<span class=ok>right</span>" if ok else "<span class=bad>wrong</span>"}'
-                    f'</td><td><code>{esc(got) if got is not None else "<i>nothing</i>"}</code></td>'
-                    f'<td>{esc(reason)}</td><td><div class="text small">{esc(head + tail)}'
-                    f'<span class="clip">{esc(after)}</span></div></td></tr>')
+        rows.append(
+            f"<tr><td>#{i}</td><td>{'<span class=ok>right</span>' if ok else '<span class=bad>wrong</span>'}"
+            f"</td><td><code>{esc(got) if got is not None else '<i>nothing</i>'}</code></td>"
+            f'<td>{esc(reason)}</td><td><div class="text small">{esc(head + tail)}'
+            f'<span class="clip">{esc(after)}</span></div></td></tr>'
+        )
     pair = dict(answer=sample.get("answer"), question="", prompt_template=sample.get("prompt_template"))
     return f"""<article class="question-card" data-kind="{esc(kind)}">
-<div class="card-head"><span class="badge {'all-right' if kind == 'all right' else 'all-wrong'}">{esc(kind)}</span>
+<div class="card-head"><span class="badge {"all-right" if kind == "all right" else "all-wrong"}">{esc(kind)}</span>
 <span class="muted">{esc(sample.get("task"))} · qid {esc(sample.get("qid"))}</span></div>
 <div class="qgrid"><div class="side-q">{"".join(thumbnail(b) for b in sample.get("images") or [])}{_question_block(pair, sample)}</div>
 <table class="samples"><tr><th></th><th>verdict</th><th>extracted</th><th>judge</th><th>response</th></tr>
@@ -328,11 +378,15 @@ def question_card(sample: dict, kind: str) -> str:
 
 
 def rejects_table(rejects: list[dict]) -> str:
-    rows = "".join(f'<tr><td>{esc(r["reason"])}</td><td class="num">{r["count"]:,}</td>'
-                   f'<td class="num">{esc(r["row_index"])}</td><td><div class="text small">{esc(r["row"])}</div></td></tr>'
-                   for r in rejects)
-    return ('<table class="rejects"><tr><th>reason</th><th>rows</th><th>example row index</th>'
-            f'<th>example row</th></tr>{rows}</table>')
+    rows = "".join(
+        f'<tr><td>{esc(r["reason"])}</td><td class="num">{r["count"]:,}</td>'
+        f'<td class="num">{esc(r["row_index"])}</td><td><div class="text small">{esc(r["row"])}</div></td></tr>'
+        for r in rejects
+    )
+    return (
+        '<table class="rejects"><tr><th>reason</th><th>rows</th><th>example row index</th>'
+        f"<th>example row</th></tr>{rows}</table>"
+    )
 
 
 CSS = """
@@ -382,8 +436,11 @@ def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = M
     shards = pair_shards(run_dir)
     positions, pair_counts = sample_pair_positions(shards, per_source, seed)
     names = list((stats.get("sources") or {}).keys())
-    found = set(pair_counts) | {p.name for p in (run_dir / "samples").glob("*") if p.is_dir()} \
+    found = (
+        set(pair_counts)
+        | {p.name for p in (run_dir / "samples").glob("*") if p.is_dir()}
         | {p.stem for p in (run_dir / "rejects").glob("*.parquet")}
+    )
     names += sorted(found - set(names))
     # An equal share per source, after the page's frame and each source's heading and summary row.
     budget = int((max_mb * 2**20 - 16_384) / max(1, len(names))) - 2_048
@@ -404,9 +461,11 @@ def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = M
             cards.append(card)
             used += len(card.encode())
         shown_total += len(cards)
-        note = (f"{len(cards)} of {total:,} pairs, picked uniformly at random (seed {seed})"
-                + (f"; {len(pairs) - len(cards)} more picked but not shown, to keep this file under "
-                   f"{max_mb:g} MB" if len(cards) < len(pairs) else ""))
+        note = f"{len(cards)} of {total:,} pairs, picked uniformly at random (seed {seed})" + (
+            f"; {len(pairs) - len(cards)} more picked but not shown, to keep this file under {max_mb:g} MB"
+            if len(cards) < len(pairs)
+            else ""
+        )
         section.append(f'<section class="source" id="{anchor}"><h2>{esc(name)}</h2>')
         section.append(f'<h3>Pairs</h3><p class="muted">{esc(note)}</p>{"".join(cards)}')
         counts = extremes.pop("counts")
@@ -415,7 +474,9 @@ def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = M
             rows = extremes.get(kind) or []
             if not rows:
                 continue
-            extra.append(f'<h3>Questions answered {esc(kind)} ({counts.get(kind, 0):,} in all; no pairs)</h3>')
+            extra.append(
+                f"<h3>Questions answered {esc(kind)} ({counts.get(kind, 0):,} in all; no pairs)</h3>"
+            )
             for row in rows:
                 card = question_card(row, kind)
                 if used + len(card.encode()) > budget:
@@ -426,23 +487,27 @@ def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = M
         if rejects:
             table = rejects_table(rejects)
             if used + len(table.encode()) <= budget:
-                extra.append(f'<h3>Rejected source rows ({sum(r["count"] for r in rejects):,})</h3>{table}')
+                extra.append(f"<h3>Rejected source rows ({sum(r['count'] for r in rejects):,})</h3>{table}")
         section += extra + ["</section>"]
         sections.append("".join(section))
         nav.append(f'<a href="#{anchor}">{esc(name)}</a>')
         st = (stats.get("sources") or {}).get(name, {})
-        summary.append(f'<tr><td><a href="#{anchor}">{esc(name)}</a></td><td>{esc(st.get("pipeline", ""))}</td>'
-                       f'<td class="num">{esc(st.get("questions", ""))}</td><td class="num">{total:,}</td>'
-                       f'<td class="num">{len(cards)}</td><td class="num">{counts.get("all right", 0):,}</td>'
-                       f'<td class="num">{counts.get("all wrong", 0):,}</td>'
-                       f'<td class="num">{sum(r["count"] for r in rejects):,}</td></tr>')
+        summary.append(
+            f'<tr><td><a href="#{anchor}">{esc(name)}</a></td><td>{esc(st.get("pipeline", ""))}</td>'
+            f'<td class="num">{esc(st.get("questions", ""))}</td><td class="num">{total:,}</td>'
+            f'<td class="num">{len(cards)}</td><td class="num">{counts.get("all right", 0):,}</td>'
+            f'<td class="num">{counts.get("all wrong", 0):,}</td>'
+            f'<td class="num">{sum(r["count"] for r in rejects):,}</td></tr>'
+        )
     title = f"MMPR preview: {stats.get('recipe') or run_dir.name}"
-    head = (f'<h1>{esc(title)}</h1><p class="muted">model <code>{esc(stats.get("model", "?"))}</code> · '
-            f'built {esc(stats.get("created", "?"))} · {shown_total} pairs shown · at most {per_source} per '
-            f'source, seed {seed} · this file is capped at {max_mb:g} MB</p><nav>{"".join(nav)}</nav>'
-            '<table class="summary"><tr><th>source</th><th>pipeline</th><th>questions</th><th>pairs</th>'
-            '<th>shown</th><th>all right</th><th>all wrong</th><th>rejected rows</th></tr>'
-            f'{"".join(summary)}</table>')
+    head = (
+        f'<h1>{esc(title)}</h1><p class="muted">model <code>{esc(stats.get("model", "?"))}</code> · '
+        f"built {esc(stats.get('created', '?'))} · {shown_total} pairs shown · at most {per_source} per "
+        f"source, seed {seed} · this file is capped at {max_mb:g} MB</p><nav>{''.join(nav)}</nav>"
+        '<table class="summary"><tr><th>source</th><th>pipeline</th><th>questions</th><th>pairs</th>'
+        "<th>shown</th><th>all right</th><th>all wrong</th><th>rejected rows</th></tr>"
+        f"{''.join(summary)}</table>"
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">

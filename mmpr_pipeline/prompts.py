@@ -4,6 +4,7 @@ Each template file has `id`, `template` (the user turn, `{question}` where the q
 `language`, `answer` (the answer format it asks for) and `format`: the format rule its responses
 are judged by (mmpr_pipeline.scoring.format_rules).
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,9 +21,9 @@ PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 class Template:
     id: str
     text: str
-    format: str      # the format rule (scoring.format_rules.RULES)
+    format: str  # the format rule (scoring.format_rules.RULES)
     language: str
-    answer: str      # the answer format the template asks for, for people
+    answer: str  # the answer format the template asks for, for people
 
 
 @functools.cache
@@ -36,10 +37,13 @@ def _templates() -> dict[str, Template]:
             continue
         rule = data.get("format")
         if rule not in RULES:
-            raise ValueError(f"{path}: format: {'missing' if rule is None else f'unknown rule {rule!r}'} "
-                             f"(expected one of: {', '.join(RULES)})")
-        out[data["id"]] = Template(data["id"], data["template"], rule, str(data.get("language", "")),
-                                   str(data.get("answer", "")))
+            raise ValueError(
+                f"{path}: format: {'missing' if rule is None else f'unknown rule {rule!r}'} "
+                f"(expected one of: {', '.join(RULES)})"
+            )
+        out[data["id"]] = Template(
+            data["id"], data["template"], rule, str(data.get("language", "")), str(data.get("answer", ""))
+        )
     return out
 
 

@@ -4,6 +4,7 @@ A question's journey (see README): Question -> Sample row (the question plus lis
 `n` responses and verdicts) -> Pair rows. One type per column, always: Ray Data merges blocks
 by schema, and a column that is a string in one block and a list in another fails to merge.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,17 +23,17 @@ PAIR_TYPES = ("correctness", "format", "dropout_ntp")
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 QUESTION_FIELDS = [
-    ("qid", pa.string()),             # stable: hash of source + row content
+    ("qid", pa.string()),  # stable: hash of source + row content
     ("source", pa.string()),
-    ("row_index", pa.int64()),        # position in the source, for audit and rejects
-    ("unit", pa.int64()),             # work-unit index within the source (resume granularity)
-    ("unit_plan", pa.string()),       # the unit's plan (units.WorkUnit as JSON): where its rows come from
-    ("pipeline", pa.string()),        # correctness | dropout_ntp
-    ("task", pa.string()),            # task family when the source has one, else ""
+    ("row_index", pa.int64()),  # position in the source, for audit and rejects
+    ("unit", pa.int64()),  # work-unit index within the source (resume granularity)
+    ("unit_plan", pa.string()),  # the unit's plan (units.WorkUnit as JSON): where its rows come from
+    ("pipeline", pa.string()),  # correctness | dropout_ntp
+    ("task", pa.string()),  # task family when the source has one, else ""
     ("images", pa.list_(pa.binary())),  # encoded image bytes, never re-encoded; [] for a text-only question
     #                                   (but downscaled to the source's image_max_pixels when set)
     ("question", pa.string()),
-    ("answer", pa.string()),          # "" when the source has none (dropout_ntp)
+    ("answer", pa.string()),  # "" when the source has none (dropout_ntp)
     ("answers", pa.list_(pa.string())),  # every acceptable answer (VQA has several); [answer] usually
     ("answer_type", pa.string()),
     ("options", pa.list_(pa.string())),
@@ -48,15 +49,15 @@ SAMPLE_FIELDS = QUESTION_FIELDS + [
     ("responses", pa.list_(pa.string())),
     ("n_tokens", pa.list_(pa.int64())),
     ("finish_reasons", pa.list_(pa.string())),
-    ("error", pa.string()),           # engine error for this question, "" when none
-    ("image_tokens", pa.int64()),     # image tokens in the sampling prompt the engine received
+    ("error", pa.string()),  # engine error for this question, "" when none
+    ("image_tokens", pa.int64()),  # image tokens in the sampling prompt the engine received
     # correctness verdicts, one per response (empty lists for dropout_ntp)
-    ("extracted", pa.list_(pa.string())),   # null where nothing parsable was found
+    ("extracted", pa.list_(pa.string())),  # null where nothing parsable was found
     ("correct", pa.list_(pa.bool_())),
     ("score", pa.list_(pa.float64())),
     ("reason", pa.list_(pa.string())),
     # dropout_ntp, one per response (empty lists for correctness)
-    ("prefix_words", pa.list_(pa.int64())),   # -1 where the response was too short to cut
+    ("prefix_words", pa.list_(pa.int64())),  # -1 where the response was too short to cut
     ("continuations", pa.list_(pa.string())),
     ("continuation_tokens", pa.list_(pa.int64())),
     ("continuation_image_tokens", pa.list_(pa.int64())),  # image tokens in the prompt actually sent: 0
@@ -69,36 +70,40 @@ SAMPLE_FIELDS = QUESTION_FIELDS + [
 ]
 SAMPLE_SCHEMA = pa.schema(SAMPLE_FIELDS)
 
-PAIR_SCHEMA = pa.schema([
-    ("id", pa.string()),              # hash of qid + pair_type + chosen + rejected
-    ("qid", pa.string()),
-    ("source", pa.string()),
-    ("task", pa.string()),
-    ("images", pa.list_(IMAGE_STRUCT)),
-    ("question", pa.string()),
-    ("answer", pa.string()),
-    ("chosen", pa.string()),
-    ("rejected", pa.string()),
-    ("pair_type", pa.string()),       # correctness | format | dropout_ntp
-    ("model", pa.string()),
-    ("prompt_template", pa.string()),
-    ("sampling", pa.string()),        # JSON of the sampling parameters used
-    ("chosen_index", pa.int64()),     # sample index within the question's responses
-    ("rejected_index", pa.int64()),
-    ("cut_ratio", pa.float64()),      # dropout_ntp only, else null
-    ("prefix_words", pa.int64()),     # dropout_ntp only, else null
-    # issue 13: JSON of the pair options that shaped this pair, "{}" when none: {"chosen": "reference"}
-    # (chosen_index -1: the source's `fields.rationale`), {"answer_fix": true} (the chosen's final-answer
-    # line rewritten to the reference answer), {"with_image": true} (DropoutNTP continued with the image)
-    ("provenance", pa.string()),
-])
+PAIR_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # hash of qid + pair_type + chosen + rejected
+        ("qid", pa.string()),
+        ("source", pa.string()),
+        ("task", pa.string()),
+        ("images", pa.list_(IMAGE_STRUCT)),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("pair_type", pa.string()),  # correctness | format | dropout_ntp
+        ("model", pa.string()),
+        ("prompt_template", pa.string()),
+        ("sampling", pa.string()),  # JSON of the sampling parameters used
+        ("chosen_index", pa.int64()),  # sample index within the question's responses
+        ("rejected_index", pa.int64()),
+        ("cut_ratio", pa.float64()),  # dropout_ntp only, else null
+        ("prefix_words", pa.int64()),  # dropout_ntp only, else null
+        # issue 13: JSON of the pair options that shaped this pair, "{}" when none: {"chosen": "reference"}
+        # (chosen_index -1: the source's `fields.rationale`), {"answer_fix": true} (the chosen's final-answer
+        # line rewritten to the reference answer), {"with_image": true} (DropoutNTP continued with the image)
+        ("provenance", pa.string()),
+    ]
+)
 
-REJECT_SCHEMA = pa.schema([
-    ("source", pa.string()),
-    ("row_index", pa.int64()),
-    ("reason", pa.string()),
-    ("row", pa.string()),             # a short, printable excerpt of the row for audit
-])
+REJECT_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("row_index", pa.int64()),
+        ("reason", pa.string()),
+        ("row", pa.string()),  # a short, printable excerpt of the row for audit
+    ]
+)
 
 
 def stable_hash(*parts: object, length: int = 16) -> str:
@@ -115,8 +120,9 @@ def question_id(source: str, images: bytes | list[bytes], question: str, answer:
     """A question's stable id. One image hashes as its bytes (the ids of single-image questions never
     change); several as the digest of all of them, in order; a text-only question as b""."""
     if isinstance(images, (list, tuple)):
-        images = images[0] if len(images) == 1 else (
-            stable_hash(*images, length=64).encode() if images else b"")
+        images = (
+            images[0] if len(images) == 1 else (stable_hash(*images, length=64).encode() if images else b"")
+        )
     return stable_hash("q", source, images, question, answer)
 
 

@@ -16,6 +16,7 @@ selected from which run. Only correctness sources have a pass rate; DropoutNTP s
 It streams: one unit file of `samples/` at a time (its verdict columns first, the images only of the
 rows kept), written out in parts, so memory does not grow with the run.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,9 +24,9 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,28 +34,43 @@ import pyarrow.parquet as pq
 from mmpr_pipeline.records import IMAGE_STRUCT
 from mmpr_pipeline.shards import unit_files
 
-PART_ROWS = 5000                 # questions per output part
-PART_BYTES = 256 * 2**20         # and about this many bytes of images
+PART_ROWS = 5000  # questions per output part
+PART_BYTES = 256 * 2**20  # and about this many bytes of images
 MARKER = "selection.json"
 VERDICT_COLUMNS = ["qid", "source", "pipeline", "error", "correct", "reason"]
-QUESTION_COLUMNS = ["qid", "source", "task", "images", "question", "answer", "answers", "answer_type", "options",
-                    "rationale"]
+QUESTION_COLUMNS = [
+    "qid",
+    "source",
+    "task",
+    "images",
+    "question",
+    "answer",
+    "answers",
+    "answer_type",
+    "options",
+    "rationale",
+]
 
-SELECTION_SCHEMA = pa.schema([
-    ("qid", pa.string()),             # the question's id in the run it was selected from
-    ("source", pa.string()),          # its source in that run
-    ("task", pa.string()),
-    ("image", pa.list_(IMAGE_STRUCT)),  # the question's images (a recipe's default `fields.image`)
-    ("question", pa.string()),        # the source question, before the prompt template
-    ("answer", pa.string()),
-    ("answers", pa.list_(pa.string())),  # every acceptable answer (`fields: {answer: answers}` keeps them all)
-    ("answer_type", pa.string()),
-    ("options", pa.list_(pa.string())),
-    ("rationale", pa.string()),       # the source's reference worked solution, "" when none
-    ("pass_rate", pa.float64()),      # n_correct / n_judged
-    ("n_correct", pa.int64()),
-    ("n_judged", pa.int64()),         # responses the judge ruled on
-])
+SELECTION_SCHEMA = pa.schema(
+    [
+        ("qid", pa.string()),  # the question's id in the run it was selected from
+        ("source", pa.string()),  # its source in that run
+        ("task", pa.string()),
+        ("image", pa.list_(IMAGE_STRUCT)),  # the question's images (a recipe's default `fields.image`)
+        ("question", pa.string()),  # the source question, before the prompt template
+        ("answer", pa.string()),
+        (
+            "answers",
+            pa.list_(pa.string()),
+        ),  # every acceptable answer (`fields: {answer: answers}` keeps them all)
+        ("answer_type", pa.string()),
+        ("options", pa.list_(pa.string())),
+        ("rationale", pa.string()),  # the source's reference worked solution, "" when none
+        ("pass_rate", pa.float64()),  # n_correct / n_judged
+        ("n_correct", pa.int64()),
+        ("n_judged", pa.int64()),  # responses the judge ruled on
+    ]
+)
 
 
 class SelectError(ValueError):
@@ -76,7 +92,7 @@ def parse_band(text: str) -> tuple[float, float]:
 
 
 def _undecided():
-    from stages.pair import undecided   # the pairing's own rule for a response the judge could not rate
+    from stages.pair import undecided  # the pairing's own rule for a response the judge could not rate
 
     return undecided
 
@@ -91,9 +107,12 @@ def pass_rate(correct: list[bool], reason: list[str]) -> tuple[int, int]:
 @dataclass
 class Rated:
     """One unit file's correctness questions that have a pass rate: (row, correct, judged) each."""
+
     path: Path
-    rows: list[tuple[int, str, str, int, int]] = field(default_factory=list)  # (row, qid, source, correct, judged)
-    unrated: dict[str, int] = field(default_factory=dict)                    # source -> questions without one
+    rows: list[tuple[int, str, str, int, int]] = field(
+        default_factory=list
+    )  # (row, qid, source, correct, judged)
+    unrated: dict[str, int] = field(default_factory=dict)  # source -> questions without one
 
 
 def rate_units(run_dir: str | Path) -> Iterator[Rated]:
@@ -125,22 +144,37 @@ def selection_schema() -> pa.Schema:
 
     features = Features.from_arrow_schema(SELECTION_SCHEMA)
     features["image"] = List(Image())
-    return SELECTION_SCHEMA.with_metadata({b"huggingface": json.dumps({"info": {"features": features.to_dict()}}).encode()})
+    return SELECTION_SCHEMA.with_metadata(
+        {b"huggingface": json.dumps({"info": {"features": features.to_dict()}}).encode()}
+    )
 
 
 def _kept_rows(path: Path, keep: list[tuple[int, str, str, int, int]]) -> list[dict]:
     """The kept questions of one unit file, read whole (images included) for those rows only."""
     names = set(pq.read_schema(path).names)
-    table = pq.read_table(path, columns=[c for c in QUESTION_COLUMNS if c in names]).take([k[0] for k in keep])
+    table = pq.read_table(path, columns=[c for c in QUESTION_COLUMNS if c in names]).take(
+        [k[0] for k in keep]
+    )
     out = []
     for row, (_, qid, _, n_correct, n_judged) in zip(table.to_pylist(), keep):
         assert row["qid"] == qid, f"{path}: rows moved while reading"
-        out.append(dict(qid=qid, source=row["source"], task=row["task"] or "",
-                        image=[{"bytes": b, "path": None} for b in row["images"] or []],
-                        question=row["question"], answer=row["answer"], answers=row["answers"] or [row["answer"]],
-                        answer_type=row["answer_type"], options=row["options"] or [],
-                        rationale=row.get("rationale") or "", pass_rate=n_correct / n_judged,
-                        n_correct=n_correct, n_judged=n_judged))
+        out.append(
+            dict(
+                qid=qid,
+                source=row["source"],
+                task=row["task"] or "",
+                image=[{"bytes": b, "path": None} for b in row["images"] or []],
+                question=row["question"],
+                answer=row["answer"],
+                answers=row["answers"] or [row["answer"]],
+                answer_type=row["answer_type"],
+                options=row["options"] or [],
+                rationale=row.get("rationale") or "",
+                pass_rate=n_correct / n_judged,
+                n_correct=n_correct,
+                n_judged=n_judged,
+            )
+        )
     return out
 
 
@@ -190,8 +224,9 @@ def _check_out(out: Path) -> None:
             break
 
 
-def select(run_dir: str | Path, out: str | Path, *, band: tuple[float, float] | None = None,
-           all_wrong: bool = False) -> dict:
+def select(
+    run_dir: str | Path, out: str | Path, *, band: tuple[float, float] | None = None, all_wrong: bool = False
+) -> dict:
     """Write the questions of `run_dir` whose pass rate lies in `band` (both ends included), or with
     `all_wrong` those never answered right, to `out`; return the summary also written to selection.json."""
     if (band is None) == (not all_wrong):
@@ -231,12 +266,18 @@ def select(run_dir: str | Path, out: str | Path, *, band: tuple[float, float] | 
             if keep:
                 parts.write(_kept_rows(rated.path, keep))
         shards = parts.name_like_the_hub()
-        summary = dict(run_dir=str(run_dir.resolve()), selection="all-wrong" if all_wrong else "pass-rate",
-                       pass_rate=None if all_wrong else [lo, hi], questions=sum(c["questions"] for c in per_source.values()),
-                       selected=sum(c["selected"] for c in per_source.values()), sources=per_source, shards=shards)
+        summary = dict(
+            run_dir=str(run_dir.resolve()),
+            selection="all-wrong" if all_wrong else "pass-rate",
+            pass_rate=None if all_wrong else [lo, hi],
+            questions=sum(c["questions"] for c in per_source.values()),
+            selected=sum(c["selected"] for c in per_source.values()),
+            sources=per_source,
+            shards=shards,
+        )
         (tmp / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
         if out.exists():
-            out.rmdir()                     # empty (checked above)
+            out.rmdir()  # empty (checked above)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -246,17 +287,25 @@ def select(run_dir: str | Path, out: str | Path, *, band: tuple[float, float] | 
 
 def format_summary(summary: dict, out: Path) -> str:
     """Per source: questions with a pass rate, how many were selected, how many fell below / above."""
-    what = "all wrong" if summary["selection"] == "all-wrong" else "pass rate {}-{}".format(*summary["pass_rate"])
+    what = (
+        "all wrong"
+        if summary["selection"] == "all-wrong"
+        else "pass rate {}-{}".format(*summary["pass_rate"])
+    )
     if not summary["selected"]:
         lines_end = [f"no question matched ({what}): {out / 'data'} is empty"]
     else:
-        lines_end = [f"selected {summary['selected']} of {summary['questions']} questions ({what}) into {out}",
-                     f'load with: load_dataset("parquet", data_dir="{out / "data"}", split="train"), or a recipe '
-                     f"source `loader: parquet`, `path: {out / 'data'}`, `fields: {{answer_type: answer_type}}`"]
+        lines_end = [
+            f"selected {summary['selected']} of {summary['questions']} questions ({what}) into {out}",
+            f'load with: load_dataset("parquet", data_dir="{out / "data"}", split="train"), or a recipe '
+            f"source `loader: parquet`, `path: {out / 'data'}`, `fields: {{answer_type: answer_type}}`",
+        ]
     lines = [f"{'source':<20} {'questions':>9} {'selected':>8} {'below':>6} {'above':>6} {'no rate':>7}"]
     for name, c in summary["sources"].items():
-        lines.append(f"{name:<20} {c['questions']:>9} {c['selected']:>8} {c['below']:>6} {c['above']:>6} "
-                     f"{c['unrated']:>7}")
+        lines.append(
+            f"{name:<20} {c['questions']:>9} {c['selected']:>8} {c['below']:>6} {c['above']:>6} "
+            f"{c['unrated']:>7}"
+        )
     return "\n".join(lines + lines_end)
 
 

@@ -4,6 +4,7 @@ Everything is written to a temporary name in the same folder, then `os.replace`d
 Work units (`samples/<source>/unit-00000.parquet`) are the resume granularity; pair shards use the
 Hugging Face Hub's naming, `data/train-00000-of-00003.parquet`.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,6 +29,7 @@ def kill_point(name: str, count: int | None = None) -> None:
     wname, _, wcount = want.partition(":")
     if wname == name and (not wcount or count == int(wcount)):
         import signal
+
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -72,8 +74,9 @@ def shard_name(index: int, total: int, split: str = "train") -> str:
 MAX_SHARD_BYTES = 500 * 2**20  # the Hub's advice for Parquet shards
 
 
-def plan_shards(units: list[tuple[str, int, int]], rows_per_shard: int,
-                max_bytes: int = MAX_SHARD_BYTES) -> list[list[tuple[str, int, int]]]:
+def plan_shards(
+    units: list[tuple[str, int, int]], rows_per_shard: int, max_bytes: int = MAX_SHARD_BYTES
+) -> list[list[tuple[str, int, int]]]:
     """Cut units' pair files into shards, in order. `units`: (file, rows, bytes) each. A shard is a
     list of (file, first row, stop row) slices holding at most `rows_per_shard` rows and about
     `max_bytes` (estimated from each file's mean row size). At least one shard, maybe empty."""

@@ -10,21 +10,34 @@ Families:
 - `compare`: "Are there more circles than squares?"            -> yes_no
 - `describe`: "Describe this image." (a reference description, no checkable answer: DropoutNTP)
 """
+
 from __future__ import annotations
 
 import io
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from PIL import Image, ImageDraw
 
 FAMILIES = ("count", "color", "bars", "compare", "describe")
-ANSWER_TYPES = {"count": "number", "color": "multiple_choice", "bars": "multiple_choice",
-                "compare": "yes_no", "describe": "text"}
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-          "yellow": (230, 210, 40), "purple": (150, 60, 190), "orange": (240, 140, 30)}
+ANSWER_TYPES = {
+    "count": "number",
+    "color": "multiple_choice",
+    "bars": "multiple_choice",
+    "compare": "yes_no",
+    "describe": "text",
+}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (240, 140, 30),
+}
 SHAPES = ("circle", "square", "triangle")
-SIZE = 112          # pixels; the demo model's processor sees at most 112x112
+SIZE = 112  # pixels; the demo model's processor sees at most 112x112
 LETTERS = "ABCD"
 
 
@@ -74,9 +87,14 @@ def _count(rng: random.Random) -> dict[str, Any]:
         _draw_shape(draw, shape, box, COLORS[color_name])
     seen = ", ".join([f"one {shape}"] * k)
     rationale = f"I look at the image and count the {shape}s: {seen}. In total there are {k}."
-    return dict(image=img, question=f"How many {shape}s are in the image?", answer=str(k),
-                options=[], rationale=rationale,
-                description=f"The image shows {k} {color_name} {shape}{'s' if k > 1 else ''} on a white background.")
+    return dict(
+        image=img,
+        question=f"How many {shape}s are in the image?",
+        answer=str(k),
+        options=[],
+        rationale=rationale,
+        description=f"The image shows {k} {color_name} {shape}{'s' if k > 1 else ''} on a white background.",
+    )
 
 
 def _color(rng: random.Random) -> dict[str, Any]:
@@ -87,8 +105,14 @@ def _color(rng: random.Random) -> dict[str, Any]:
     options, letter = _options(rng, color_name, list(COLORS))
     q = f"What color is the {shape}?\n{_lettered(options)}\nAnswer with the option's letter from the given choices directly."
     rationale = f"There is one {shape} in the middle of the image. Its color is {color_name}, which is option {letter}."
-    return dict(image=img, question=q, answer=letter, options=options, rationale=rationale,
-                description=f"The image shows a large {color_name} {shape} in the center of a white background.")
+    return dict(
+        image=img,
+        question=q,
+        answer=letter,
+        options=options,
+        rationale=rationale,
+        description=f"The image shows a large {color_name} {shape} in the center of a white background.",
+    )
 
 
 def _bars(rng: random.Random) -> dict[str, Any]:
@@ -104,9 +128,14 @@ def _bars(rng: random.Random) -> dict[str, Any]:
     q = f"Which bar is the tallest?\n{_lettered([f'bar {x}' for x in LETTERS])}"
     order = ", ".join(f"bar {LETTERS[i]} is {h}" for i, h in enumerate(heights))
     rationale = f"I compare the heights of the four bars: {order}. The tallest is bar {best}."
-    return dict(image=img, question=q, answer=best, options=[f"bar {x}" for x in LETTERS],
-                rationale=rationale,
-                description=f"The image is a bar chart with four {color_name} bars labelled A to D.")
+    return dict(
+        image=img,
+        question=q,
+        answer=best,
+        options=[f"bar {x}" for x in LETTERS],
+        rationale=rationale,
+        description=f"The image is a bar chart with four {color_name} bars labelled A to D.",
+    )
 
 
 def _compare(rng: random.Random) -> dict[str, Any]:
@@ -120,16 +149,25 @@ def _compare(rng: random.Random) -> dict[str, Any]:
         _draw_shape(draw, "square", box, COLORS["red"])
     ans = "Yes" if a > b else "No"
     rationale = f"I count {a} circles and {b} squares. {a} is {'more' if a > b else 'not more'} than {b}."
-    return dict(image=img, question="Are there more circles than squares? Please answer yes or no.",
-                answer=ans, options=[], rationale=rationale,
-                description=f"The image shows {a} blue circles and {b} red squares on a white background.")
+    return dict(
+        image=img,
+        question="Are there more circles than squares? Please answer yes or no.",
+        answer=ans,
+        options=[],
+        rationale=rationale,
+        description=f"The image shows {a} blue circles and {b} red squares on a white background.",
+    )
 
 
 _MAKERS = {"count": _count, "color": _color, "bars": _bars, "compare": _compare}
 
 
-def generate(n: int, seed: int = 0, families: list[str] | tuple[str, ...] = ("count", "color", "bars", "compare"),
-             offset: int = 0) -> Iterator[dict[str, Any]]:
+def generate(
+    n: int,
+    seed: int = 0,
+    families: list[str] | tuple[str, ...] = ("count", "color", "bars", "compare"),
+    offset: int = 0,
+) -> Iterator[dict[str, Any]]:
     """Yield `n` questions, cycling through `families`; the same (seed, index) gives the same row.
 
     `offset` starts at a later index, so held-out splits never overlap training ones.
@@ -142,13 +180,13 @@ def generate(n: int, seed: int = 0, families: list[str] | tuple[str, ...] = ("co
         if family == "describe":
             inner = rng.choice(list(_MAKERS))
             row = _MAKERS[inner](rng)
-            row.update(question="Describe this image.", answer="", options=[],
-                       rationale=row["description"])
+            row.update(question="Describe this image.", answer="", options=[], rationale=row["description"])
         else:
             row = _MAKERS[family](rng)
         row["image"] = _png(row["image"])
         row["task"] = family
         row["answer_type"] = ANSWER_TYPES[family]
-        row["response"] = (row["rationale"] if family == "describe"
-                           else f"{row['rationale']}\nFinal answer: {row['answer']}")
+        row["response"] = (
+            row["rationale"] if family == "describe" else f"{row['rationale']}\nFinal answer: {row['answer']}"
+        )
         yield row

@@ -6,6 +6,7 @@ before any unit is read); Ray workers read, sample, score, pair and write each u
 A unit is finished when its counts file (`samples/<source>/unit-XXXXX.json`) exists and names the
 same plan (`key`): it is written last, after the unit's samples and pairs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,25 +24,26 @@ DROPOUT_COUNTS = ("sampled", "cut", "too_short", "continued", "empty_continuatio
 @dataclass(frozen=True)
 class WorkUnit:
     source: str
-    unit: int                  # index within the source
-    path: str                  # the input file ("" for generated and `datasets` sources)
-    start: int                 # first row within the input
-    stop: int                  # one past the last row within the input
-    first_row: int             # index of row `start` in the whole source (for rejects and audit)
-    byte_offset: int = 0       # JSON Lines: where row `start` begins
+    unit: int  # index within the source
+    path: str  # the input file ("" for generated and `datasets` sources)
+    start: int  # first row within the input
+    stop: int  # one past the last row within the input
+    first_row: int  # index of row `start` in the whole source (for rejects and audit)
+    byte_offset: int = 0  # JSON Lines: where row `start` begins
     duplicates: tuple[int, ...] = ()  # source row indices that repeat an earlier row's qid
 
     @property
     def key(self) -> str:
         """Identifies what the unit covers: a resumed run redoes a unit whose plan changed."""
-        return stable_hash("unit", self.source, self.path, self.start, self.stop, self.first_row,
-                           list(self.duplicates))
+        return stable_hash(
+            "unit", self.source, self.path, self.start, self.stop, self.first_row, list(self.duplicates)
+        )
 
     def to_item(self) -> dict[str, Any]:
         return {"unit_plan": json.dumps(dataclasses.asdict(self))}
 
     @classmethod
-    def from_item(cls, item: dict[str, Any]) -> "WorkUnit":
+    def from_item(cls, item: dict[str, Any]) -> WorkUnit:
         d = json.loads(item["unit_plan"])
         return cls(**{**d, "duplicates": tuple(d["duplicates"])})
 
@@ -64,8 +66,18 @@ def plan_source(source, scans: list[dict[str, Any]], unit_size: int) -> list[Wor
                     duplicates.append(first_row + k)
                 seen.add(qids[k])
             offsets = scan.get("offsets") or []
-            units.append(WorkUnit(source.name, len(units), scan["path"], start, stop, first_row + start,
-                                  offsets[start // unit_size] if offsets else 0, tuple(duplicates)))
+            units.append(
+                WorkUnit(
+                    source.name,
+                    len(units),
+                    scan["path"],
+                    start,
+                    stop,
+                    first_row + start,
+                    offsets[start // unit_size] if offsets else 0,
+                    tuple(duplicates),
+                )
+            )
         first_row += len(qids)
         if remaining is not None:
             remaining -= len(qids)
@@ -95,6 +107,7 @@ def is_done(run_dir: str | Path, unit: WorkUnit) -> bool:
 class SourceStats:
     """What one unit, or a whole source (the sum of its units), produced: the per-source part of
     stats.json."""
+
     rows: int = 0
     rejects: int = 0
     reject_reasons: dict[str, int] = field(default_factory=dict)
@@ -106,12 +119,14 @@ class SourceStats:
     all_right: int = 0
     all_wrong: int = 0
     questions_with_pairs: int = 0
-    image_tokens: int = 0      # image tokens in the sampling prompts (> 0: the engine saw the images)
+    image_tokens: int = 0  # image tokens in the sampling prompts (> 0: the engine saw the images)
     pairs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PAIR_TYPES, 0))
     dropout: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROPOUT_COUNTS, 0))
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("sample", "continue", "score"), 0.0))
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("sample", "continue", "score"), 0.0)
+    )
 
-    def add(self, other: "SourceStats") -> "SourceStats":
+    def add(self, other: SourceStats) -> SourceStats:
         for f in dataclasses.fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
             if isinstance(mine, dict):
@@ -146,7 +161,7 @@ class SourceStats:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SourceStats":
+    def from_dict(cls, d: dict[str, Any]) -> SourceStats:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -158,10 +173,11 @@ STAGE_TIMES = ("load", "sample", "continue", "score", "pair", "write", "generate
 class BuildStats:
     """stats.json: what a build produced, per source (the sum of its units' counts files) and in
     total, and where its time went. The driver fills it from the units' counts files at commit."""
+
     recipe: str
     model: str
     fingerprint: str
-    pipelines: dict[str, str]                # source -> correctness | dropout_ntp, in recipe order
+    pipelines: dict[str, str]  # source -> correctness | dropout_ntp, in recipe order
     sources: dict[str, SourceStats] = field(default_factory=dict)
     all_wrong_qids: dict[str, list[str]] = field(default_factory=dict)
     # Wall seconds of the driver's steps; sample/continue/score are summed over questions instead.
@@ -171,10 +187,14 @@ class BuildStats:
     created: str | None = None
 
     @classmethod
-    def for_recipe(cls, recipe) -> "BuildStats":
-        return cls(recipe=recipe.name, model=recipe.model, fingerprint=recipe.fingerprint(),
-                   pipelines={s.name: s.pipeline for s in recipe.sources},
-                   sources={s.name: SourceStats() for s in recipe.sources})
+    def for_recipe(cls, recipe) -> BuildStats:
+        return cls(
+            recipe=recipe.name,
+            model=recipe.model,
+            fingerprint=recipe.fingerprint(),
+            pipelines={s.name: s.pipeline for s in recipe.sources},
+            sources={s.name: SourceStats() for s in recipe.sources},
+        )
 
     def add_unit(self, source: str, counts: dict[str, Any]) -> None:
         """One finished unit's counts file (stages/write.py)."""
@@ -186,18 +206,33 @@ class BuildStats:
 
     def correct_rate(self, source: str) -> float | None:
         s = self.sources[source]
-        return round(s.correct / s.samples, 4) if self.pipelines[source] == "correctness" and s.samples else None
+        return (
+            round(s.correct / s.samples, 4) if self.pipelines[source] == "correctness" and s.samples else None
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The stats.json layout the card, the preview, `mmpr publish` and users read."""
-        per_source = {name: dict(pipeline=self.pipelines[name], correct_rate=self.correct_rate(name), **s.to_dict())
-                      for name, s in self.sources.items()}
+        per_source = {
+            name: dict(pipeline=self.pipelines[name], correct_rate=self.correct_rate(name), **s.to_dict())
+            for name, s in self.sources.items()
+        }
         seconds = dict(self.seconds)
         for key in ("sample", "continue", "score"):
             seconds[key] = sum(s.seconds[key] for s in self.sources.values())
-        totals = {key: sum(s[key] for s in per_source.values()) for key in ("rows", "rejects", "questions", "samples")}
+        totals = {
+            key: sum(s[key] for s in per_source.values())
+            for key in ("rows", "rejects", "questions", "samples")
+        }
         totals["pairs"] = {kind: sum(s["pairs"][kind] for s in per_source.values()) for kind in PAIR_TYPES}
-        return dict(recipe=self.recipe, model=self.model, fingerprint=self.fingerprint, created=self.created,
-                    sources=per_source, totals=totals, all_wrong_qids=self.all_wrong_qids,
-                    stage_seconds={k: round(v, 3) for k, v in seconds.items()}, shards=self.shards,
-                    resume=self.resume)
+        return dict(
+            recipe=self.recipe,
+            model=self.model,
+            fingerprint=self.fingerprint,
+            created=self.created,
+            sources=per_source,
+            totals=totals,
+            all_wrong_qids=self.all_wrong_qids,
+            stage_seconds={k: round(v, 3) for k, v in seconds.items()},
+            shards=self.shards,
+            resume=self.resume,
+        )

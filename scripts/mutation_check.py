@@ -10,6 +10,7 @@ when they then fail. Prints each result and the kill rate, and
 exits 1 if any mutant survives, so CI (`make mutation`, run by .ci/run) catches a test that stopped
 guarding its code. The trained demo model is shared with the copy (build/ is linked, not copied).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,43 +36,76 @@ class Mutant:
 
 
 MUTANTS = [
-    Mutant("pair: chosen and rejected swapped", "stages/pair.py",
-           'dict(chosen=row["responses"][c], rejected=row["responses"][r],',
-           'dict(chosen=row["responses"][r], rejected=row["responses"][c],',
-           ["tests/test_pairing.py"]),
-    Mutant("pairing: a wrong response counted as right", "mmpr_pipeline/pairing.py",
-           "right = [i for i in judged if correct[i]]", "right = [i for i in judged if not correct[i]]",
-           ["tests/test_pairing.py"]),
-    Mutant("pairing: unparsable responses as wrong answers", "mmpr_pipeline/pairing.py",
-           "if not correct[i] and extracted[i] is not None]", "if not correct[i] and extracted[i] is None]",
-           ["tests/test_pairing.py"]),
-    Mutant("dropout: min_words boundary < -> <=", "stages/dropout_ntp.py",
-           "if len(words) < min_words or keep < 1", "if len(words) <= min_words or keep < 1",
-           ["tests/test_dropout_truncate.py"]),
-    Mutant("judge: relaxed (chart) tolerance sign flipped", "mmpr_pipeline/scoring/modes.py",
-           "abs(p - g) <= abs(g) * Fraction(tolerance)", "abs(p - g) >= abs(g) * Fraction(tolerance)",
-           ["tests/test_scoring.py"]),
-    Mutant("judge: rounding tolerance sign flipped", "mmpr_pipeline/scoring/modes.py",
-           "abs(p - g) <= Fraction(1, 2 * 10 ** decimals)", "abs(p - g) >= Fraction(1, 2 * 10 ** decimals)",
-           ["tests/test_scoring.py"]),
-    Mutant("trainer: chosen and rejected swapped in the mpo_loss call", "mmpr_pipeline/train/loop.py",
-           "mpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], chosen_nll,",
-           "mpo_loss(logps[n:], logps[:n], ref[n:], ref[:n], chosen_nll,",
-           ["tests/test_train_loop.py", "-k", "raises_held_out"]),
-    Mutant("trainer: SFT averaged per sequence, not per token", "mmpr_pipeline/train/loop.py",
-           "chosen_nll = -logps[:n].sum() / denominator",
-           "chosen_nll = -(logps[:n] / n_tokens[:n].clamp(min=1)).mean()",
-           ["tests/test_train_trl.py", "-k", "each_mpo_term"]),
-    Mutant("dropout: chosen and rejected swapped", "stages/dropout_ntp.py",
-           "pairs.append(dict(chosen=text, rejected=prefix + continuation,",
-           "pairs.append(dict(chosen=prefix + continuation, rejected=text,",
-           ["tests/test_dropout_truncate.py"]),
+    Mutant(
+        "pair: chosen and rejected swapped",
+        "stages/pair.py",
+        'dict(chosen=row["responses"][c], rejected=row["responses"][r],',
+        'dict(chosen=row["responses"][r], rejected=row["responses"][c],',
+        ["tests/test_pairing.py"],
+    ),
+    Mutant(
+        "pairing: a wrong response counted as right",
+        "mmpr_pipeline/pairing.py",
+        "right = [i for i in judged if correct[i]]",
+        "right = [i for i in judged if not correct[i]]",
+        ["tests/test_pairing.py"],
+    ),
+    Mutant(
+        "pairing: unparsable responses as wrong answers",
+        "mmpr_pipeline/pairing.py",
+        "if not correct[i] and extracted[i] is not None]",
+        "if not correct[i] and extracted[i] is None]",
+        ["tests/test_pairing.py"],
+    ),
+    Mutant(
+        "dropout: min_words boundary < -> <=",
+        "stages/dropout_ntp.py",
+        "if len(words) < min_words or keep < 1",
+        "if len(words) <= min_words or keep < 1",
+        ["tests/test_dropout_truncate.py"],
+    ),
+    Mutant(
+        "judge: relaxed (chart) tolerance sign flipped",
+        "mmpr_pipeline/scoring/modes.py",
+        "abs(p - g) <= abs(g) * Fraction(tolerance)",
+        "abs(p - g) >= abs(g) * Fraction(tolerance)",
+        ["tests/test_scoring.py"],
+    ),
+    Mutant(
+        "judge: rounding tolerance sign flipped",
+        "mmpr_pipeline/scoring/modes.py",
+        "abs(p - g) <= Fraction(1, 2 * 10 ** decimals)",
+        "abs(p - g) >= Fraction(1, 2 * 10 ** decimals)",
+        ["tests/test_scoring.py"],
+    ),
+    Mutant(
+        "trainer: chosen and rejected swapped in the mpo_loss call",
+        "mmpr_pipeline/train/loop.py",
+        "mpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], chosen_nll,",
+        "mpo_loss(logps[n:], logps[:n], ref[n:], ref[:n], chosen_nll,",
+        ["tests/test_train_loop.py", "-k", "raises_held_out"],
+    ),
+    Mutant(
+        "trainer: SFT averaged per sequence, not per token",
+        "mmpr_pipeline/train/loop.py",
+        "chosen_nll = -logps[:n].sum() / denominator",
+        "chosen_nll = -(logps[:n] / n_tokens[:n].clamp(min=1)).mean()",
+        ["tests/test_train_trl.py", "-k", "each_mpo_term"],
+    ),
+    Mutant(
+        "dropout: chosen and rejected swapped",
+        "stages/dropout_ntp.py",
+        "pairs.append(dict(chosen=text, rejected=prefix + continuation,",
+        "pairs.append(dict(chosen=prefix + continuation, rejected=text,",
+        ["tests/test_dropout_truncate.py"],
+    ),
 ]
 
 
 def copy_repo(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.splitlines()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     for f in files:
         src = REPO / f
         if src.is_file():
@@ -83,8 +117,12 @@ def copy_repo(dest: Path) -> None:
 
 def pytest(root: Path, tests: list[str]) -> tuple[int, float, str]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                          cwd=root, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     return proc.returncode, time.perf_counter() - t0, (proc.stdout.strip().splitlines() or [""])[-1]
 
 
@@ -95,7 +133,11 @@ def run(mutant: Mutant) -> tuple[bool, float, str]:
         path = root / mutant.file
         text = path.read_text()
         if text.count(mutant.old) != 1:
-            return False, 0.0, f"the original text occurs {text.count(mutant.old)} times in {mutant.file}: update the mutant"
+            return (
+                False,
+                0.0,
+                f"the original text occurs {text.count(mutant.old)} times in {mutant.file}: update the mutant",
+            )
         path.write_text(text.replace(mutant.old, mutant.new))
         rc, seconds, tail = pytest(root, mutant.tests)
         return rc == 1, seconds, tail  # 1: tests failed (2+ would be an error of the run itself)

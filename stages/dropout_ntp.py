@@ -9,6 +9,7 @@ is the assistant's own unfinished turn (`continue_final_message`), not a new tur
 second, independently sampled ending written while seeing the image. The sample row's
 `continuation_image_tokens` records what the engine received; the pair's provenance records the option.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,8 +40,9 @@ def truncate(text: str, ratio: float, min_words: int) -> tuple[str, int] | None:
     return prefix_of(text, keep), keep
 
 
-async def continue_prefixes(row: dict[str, Any], engine, sampling, cfg, sampling_extra: dict | None = None,
-                            seed: int = 0) -> None:
+async def continue_prefixes(
+    row: dict[str, Any], engine, sampling, cfg, sampling_extra: dict | None = None, seed: int = 0
+) -> None:
     """Cut every response of one dropout_ntp row and continue each prefix, all at once: without the
     question's images, or with them under `cfg.with_image`. Fills prefix_words (-1: too short),
     continuations, continuation_tokens, continuation_image_tokens."""
@@ -49,8 +51,12 @@ async def continue_prefixes(row: dict[str, Any], engine, sampling, cfg, sampling
     from stages.sample import conversation
 
     n = len(row["responses"])
-    row.update(prefix_words=[-1] * n, continuations=[""] * n, continuation_tokens=[0] * n,
-               continuation_image_tokens=[0] * n)
+    row.update(
+        prefix_words=[-1] * n,
+        continuations=[""] * n,
+        continuation_tokens=[0] * n,
+        continuation_image_tokens=[0] * n,
+    )
     jobs = []  # (response index, the kept prefix: the unfinished assistant turn)
     for i, text in enumerate(row["responses"]):
         cut = truncate(text, cfg.ratio, cfg.min_words)
@@ -60,17 +66,29 @@ async def continue_prefixes(row: dict[str, Any], engine, sampling, cfg, sampling
         row["prefix_words"][i] = kept
         jobs.append((i, prefix))
 
-    def continued(prefix: str):   # built on admission (Engine.chat): images are decoded only then
-        return lambda: conversation(row, with_image=cfg.with_image) + [{"role": "assistant", "content": prefix}]
+    def continued(prefix: str):  # built on admission (Engine.chat): images are decoded only then
+        return lambda: (
+            conversation(row, with_image=cfg.with_image) + [{"role": "assistant", "content": prefix}]
+        )
+
     if not jobs:
         return
     t0 = time.perf_counter()
-    params = [engine.params(n=1, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                            max_tokens=sampling.max_tokens, **(sampling_extra or {}),
-                            seed=request_seed(seed, row["qid"], "continue", i) if sampling.reproducible else None)
-              for i, _ in jobs]
-    completions = await asyncio.gather(*(engine.chat(continued(prefix), p, continue_final=True)
-                                         for (_, prefix), p in zip(jobs, params)))
+    params = [
+        engine.params(
+            n=1,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            **(sampling_extra or {}),
+            seed=request_seed(seed, row["qid"], "continue", i) if sampling.reproducible else None,
+        )
+        for i, _ in jobs
+    ]
+    completions = await asyncio.gather(
+        *(engine.chat(continued(prefix), p, continue_final=True) for (_, prefix), p in zip(jobs, params))
+    )
     row["continue_seconds"] = time.perf_counter() - t0
     for (i, _), comp in zip(jobs, completions):
         if comp.error:
@@ -96,9 +114,16 @@ def pair_question(row: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, 
             counts["empty_continuation"] += 1
             continue
         counts["continued"] += 1
-        if continuation.strip() == text[len(prefix):].strip():
+        if continuation.strip() == text[len(prefix) :].strip():
             counts["identical"] += 1
             continue
-        pairs.append(dict(chosen=text, rejected=prefix + continuation, chosen_index=i, rejected_index=i,
-                          prefix_words=kept))
+        pairs.append(
+            dict(
+                chosen=text,
+                rejected=prefix + continuation,
+                chosen_index=i,
+                rejected_index=i,
+                prefix_words=kept,
+            )
+        )
     return pairs, counts

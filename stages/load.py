@@ -7,6 +7,7 @@ unit's rows, checks each one (image decodes and has sane dimensions, question is
 answer is text or a number), and sets a bad row aside with its reason. Image files named by a row
 are read by the worker, from regular files only, up to a size bound.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,8 +16,9 @@ import io
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from mmpr_pipeline import prompts, tasks
 from mmpr_pipeline.recipe import ANSWER_TYPES, Source
@@ -25,7 +27,7 @@ from mmpr_pipeline.records import encode_image, question_id
 log = logging.getLogger(__name__)
 
 MAX_IMAGE_SIDE = 16384
-MAX_ASPECT_RATIO = 200      # Qwen2-VL's processor refuses more; anything past it is a broken image
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's processor refuses more; anything past it is a broken image
 MAX_QUESTION_CHARS = 20000
 
 
@@ -77,7 +79,7 @@ def input_rows(source: Source, path: str, start: int = 0, byte_offset: int = 0) 
             n = pf.metadata.row_group(g).num_rows
             if first + n > start:
                 rows = pf.read_row_group(g).to_pylist()
-                yield from rows[max(0, start - first):]
+                yield from rows[max(0, start - first) :]
             first += n
     elif source.loader == "jsonl":
         base = Path(path).parent
@@ -94,7 +96,9 @@ def input_rows(source: Source, path: str, start: int = 0, byte_offset: int = 0) 
                     continue
                 yield _json_row(line, source, base, f"{Path(path).name}:+{line_no}")
     else:
-        ds = _dataset(source.loader, source.path, source.dataset, source.config, source.split, source.fields.image)
+        ds = _dataset(
+            source.loader, source.path, source.dataset, source.config, source.split, source.fields.image
+        )
         yield from ds.select(range(start, len(ds)))
 
 
@@ -124,8 +128,9 @@ def _dataset(loader: str, path: str | None, dataset: str | None, config: str | N
         ds = datasets.load_dataset(dataset, config, split=split)
     if image in ds.column_names:  # keep the encoded bytes, for one image or a list of them
         listed = isinstance(ds.features[image], (list, datasets.Sequence, datasets.List))
-        ds = ds.cast_column(image, datasets.List(datasets.Image(decode=False)) if listed
-                            else datasets.Image(decode=False))
+        ds = ds.cast_column(
+            image, datasets.List(datasets.Image(decode=False)) if listed else datasets.Image(decode=False)
+        )
     return ds
 
 
@@ -149,8 +154,9 @@ def _json_row(line: bytes, source: Source, base: Path, where: str) -> dict[str, 
         return {"__bad__": f"JSON line at {where} is not an object ({type(row).__name__})"}
     img = row.get(source.fields.image)
     if isinstance(img, (str, list)):  # image paths are relative to the file
-        row[source.fields.image] = ([_relative_to(base, i) for i in img] if isinstance(img, list)
-                                    else _relative_to(base, img))
+        row[source.fields.image] = (
+            [_relative_to(base, i) for i in img] if isinstance(img, list) else _relative_to(base, img)
+        )
     return row
 
 
@@ -192,7 +198,10 @@ def _answers(value: Any) -> list[str]:
             raise BadRow("answer is not a finite number")
         return [str(value)]
     if isinstance(value, (list, tuple)):
-        out = [_text(v, "answer") if not isinstance(v, (int, float)) or isinstance(v, bool) else str(v) for v in value]
+        out = [
+            _text(v, "answer") if not isinstance(v, (int, float)) or isinstance(v, bool) else str(v)
+            for v in value
+        ]
         if not out or not all(a.strip() for a in out):
             raise BadRow("empty answer")
         return out
@@ -252,7 +261,9 @@ def to_question(raw: dict[str, Any], source: Source, row_index: int, check: bool
         if raw.get(f.answer) is None:
             raise BadRow(f"missing answer (field {f.answer!r})")
         answers = _answers(raw[f.answer])
-    answer_type = source.answer_type or (raw.get(f.answer_type) if f.answer_type else raw.get("answer_type")) or "text"
+    answer_type = (
+        source.answer_type or (raw.get(f.answer_type) if f.answer_type else raw.get("answer_type")) or "text"
+    )
     if source.pipeline == "correctness" and answer_type not in ANSWER_TYPES:
         raise BadRow(f"unknown answer_type {answer_type!r}")
     options = raw.get(f.options) if f.options else raw.get("options")
@@ -262,19 +273,40 @@ def to_question(raw: dict[str, Any], source: Source, row_index: int, check: bool
     task = str(raw.get(f.task) or "") if f.task else str(raw.get("task") or "")
     # a reference worked solution (fields.rationale): a chosen candidate; a row without one has none
     rationale = raw.get(f.rationale) if f.rationale else None
-    rationale = _text(rationale, f"rationale (field {f.rationale!r})").strip() if rationale is not None else ""
+    rationale = (
+        _text(rationale, f"rationale (field {f.rationale!r})").strip() if rationale is not None else ""
+    )
     answer = answers[0] if answers else ""
-    return dict(qid=question_id(source.name, images, question, answer), source=source.name,
-                row_index=row_index, pipeline=source.pipeline, task=task, images=images,
-                question=question, answer=answer, answers=answers, answer_type=answer_type,
-                options=options, given_response=given, rationale=rationale)
+    return dict(
+        qid=question_id(source.name, images, question, answer),
+        source=source.name,
+        row_index=row_index,
+        pipeline=source.pipeline,
+        task=task,
+        images=images,
+        question=question,
+        answer=answer,
+        answers=answers,
+        answer_type=answer_type,
+        options=options,
+        given_response=given,
+        rationale=rationale,
+    )
 
 
 def _excerpt(raw: Any) -> str:
     try:
         items = raw.items() if isinstance(raw, dict) else []
-        shown = {k: (f"<{len(v)} bytes>" if isinstance(v, (bytes, bytearray)) else
-                     v if not isinstance(v, dict) else "<dict>") for k, v in items}
+        shown = {
+            k: (
+                f"<{len(v)} bytes>"
+                if isinstance(v, (bytes, bytearray))
+                else v
+                if not isinstance(v, dict)
+                else "<dict>"
+            )
+            for k, v in items
+        }
         return json.dumps(shown, default=str, ensure_ascii=True)[:300]
     except Exception:  # noqa: BLE001 - the excerpt is for humans only
         return "<unprintable row>"
@@ -302,7 +334,9 @@ def scan_input(source: Source, path: str, max_rows: int | None, unit_size: int) 
     except Exception as e:  # noqa: BLE001 - anything that stops reading a source names the source
         where = f"{source.loader}: {path or source.path or source.dataset}"
         if not qids:
-            raise SourceError(f"source {source.name!r} ({where}) cannot be opened: {type(e).__name__}: {e}") from e
+            raise SourceError(
+                f"source {source.name!r} ({where}) cannot be opened: {type(e).__name__}: {e}"
+            ) from e
         raise SourceError(f"source {source.name!r} ({where}): reading stopped at row {len(qids)}: {e}") from e
     offsets = jsonl_offsets(path, unit_size) if source.loader == "jsonl" else []
     return dict(path=path, qids=qids, offsets=offsets, max_images=max_images)

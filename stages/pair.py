@@ -3,6 +3,7 @@
 Pairs are always derived from the kept samples, never stored separately: a resumed run re-pairs
 every unit's samples, so its output is exactly what the rules give on the full set of samples.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,9 @@ from typing import Any
 from mmpr_pipeline.pairing import REFERENCE, fix_answer, pair_correctness
 from mmpr_pipeline.prompts import render
 from mmpr_pipeline.records import pair_id
+from mmpr_pipeline.scoring.modes import MATH_ERROR
+from mmpr_pipeline.scoring.modes import TIMEOUT as MATH_TIMEOUT
 from stages.dropout_ntp import pair_question as pair_dropout
-from mmpr_pipeline.scoring.modes import MATH_ERROR, TIMEOUT as MATH_TIMEOUT
 from stages.score import JUDGE_ERROR
 
 
@@ -34,43 +36,82 @@ def answer_fixed(row: dict[str, Any], unjudged: frozenset[int]) -> tuple[list[st
     return texts, fixed
 
 
-def pair_rows(row: dict[str, Any], source_cfg, *, seed: int, model: str, sampling: dict) -> tuple[list[dict], dict]:
+def pair_rows(
+    row: dict[str, Any], source_cfg, *, seed: int, model: str, sampling: dict
+) -> tuple[list[dict], dict]:
     """(pair rows in records.PAIR_SCHEMA, counts) for one Sample row."""
     counts: dict[str, Any] = dict(correctness=0, format=0, dropout_ntp=0, all_right=0, all_wrong=0)
     if row["error"]:
         return [], counts
     images = [{"bytes": b, "path": None} for b in row["images"]]
-    common = dict(qid=row["qid"], source=row["source"], task=row["task"], images=images,
-                  question=render(row["prompt_template"], row["question"]), answer=row["answer"],
-                  model=model, prompt_template=row["prompt_template"],
-                  sampling=json.dumps(sampling, sort_keys=True), cut_ratio=None, prefix_words=None,
-                  provenance="{}")
+    common = dict(
+        qid=row["qid"],
+        source=row["source"],
+        task=row["task"],
+        images=images,
+        question=render(row["prompt_template"], row["question"]),
+        answer=row["answer"],
+        model=model,
+        prompt_template=row["prompt_template"],
+        sampling=json.dumps(sampling, sort_keys=True),
+        cut_ratio=None,
+        prefix_words=None,
+        provenance="{}",
+    )
     found: list[tuple[str, dict]] = []
     if row["pipeline"] == "correctness":
         unjudged = frozenset(i for i, r in enumerate(row["reason"]) if undecided(r))
-        texts, fixed = answer_fixed(row, unjudged) if source_cfg.pairing.answer_fix else (row["responses"], set())
-        reference = row.get("rationale") or ""   # the source's worked solution (fields.rationale), else ""
-        qp = pair_correctness(texts, row["correct"], row["extracted"], qid=row["qid"], seed=seed,
-                              max_pairs_per_question=source_cfg.pairing.max_pairs_per_question,
-                              format_pairs=source_cfg.pairing.format_pairs, unjudged=unjudged,
-                              reference=reference)
+        texts, fixed = (
+            answer_fixed(row, unjudged) if source_cfg.pairing.answer_fix else (row["responses"], set())
+        )
+        reference = row.get("rationale") or ""  # the source's worked solution (fields.rationale), else ""
+        qp = pair_correctness(
+            texts,
+            row["correct"],
+            row["extracted"],
+            qid=row["qid"],
+            seed=seed,
+            max_pairs_per_question=source_cfg.pairing.max_pairs_per_question,
+            format_pairs=source_cfg.pairing.format_pairs,
+            unjudged=unjudged,
+            reference=reference,
+        )
         counts.update(all_right=int(qp.all_right), all_wrong=int(qp.all_wrong))
         for kind, idx_pairs in (("correctness", qp.correctness), ("format", qp.format)):
             for c, r in idx_pairs:
-                provenance = {"chosen": "reference"} if c == REFERENCE else {"answer_fix": True} if c in fixed else {}
-                found.append((kind, dict(chosen=reference if c == REFERENCE else texts[c], rejected=texts[r],
-                                         chosen_index=c, rejected_index=r,
-                                         provenance=json.dumps(provenance, sort_keys=True))))
+                provenance = (
+                    {"chosen": "reference"} if c == REFERENCE else {"answer_fix": True} if c in fixed else {}
+                )
+                found.append(
+                    (
+                        kind,
+                        dict(
+                            chosen=reference if c == REFERENCE else texts[c],
+                            rejected=texts[r],
+                            chosen_index=c,
+                            rejected_index=r,
+                            provenance=json.dumps(provenance, sort_keys=True),
+                        ),
+                    )
+                )
     else:
         dropout_pairs, dropout_counts = pair_dropout(row)
         counts["dropout"] = dropout_counts
-        for p in dropout_pairs:                 # with_image: continued with the images (issue 13 item 5)
-            found.append(("dropout_ntp", dict(p, cut_ratio=source_cfg.dropout.ratio,
-                                              provenance='{"with_image": true}' if source_cfg.dropout.with_image
-                                              else "{}")))
+        for p in dropout_pairs:  # with_image: continued with the images (issue 13 item 5)
+            found.append(
+                (
+                    "dropout_ntp",
+                    dict(
+                        p,
+                        cut_ratio=source_cfg.dropout.ratio,
+                        provenance='{"with_image": true}' if source_cfg.dropout.with_image else "{}",
+                    ),
+                )
+            )
     out = []
     for kind, p in found:
         counts[kind] += 1
-        out.append({**common, **p, "pair_type": kind,
-                    "id": pair_id(row["qid"], kind, p["chosen"], p["rejected"])})
+        out.append(
+            {**common, **p, "pair_type": kind, "id": pair_id(row["qid"], kind, p["chosen"], p["rejected"])}
+        )
     return out, counts

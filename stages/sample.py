@@ -13,6 +13,7 @@ cap its images' size (`sources[i].image_max_pixels`): its images are downscaled 
 engine, and the row keeps the downscaled bytes, so its pairs (and the trainer) carry the image the
 engine saw.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +21,8 @@ import dataclasses
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pyarrow as pa
 
@@ -32,10 +34,26 @@ log = logging.getLogger(__name__)
 
 def empty_sample_columns(row: dict[str, Any], template: str, sampling: str = "") -> dict[str, Any]:
     """The sample columns of a row before anything is generated (`sampling`: its settings as JSON)."""
-    row.update(prompt_template=template, sampling=sampling, responses=[], n_tokens=[], finish_reasons=[], error="",
-               extracted=[], correct=[], score=[], reason=[], prefix_words=[], continuations=[],
-               continuation_tokens=[], continuation_image_tokens=[], image_tokens=0,
-               sample_seconds=0.0, continue_seconds=0.0, score_seconds=0.0)
+    row.update(
+        prompt_template=template,
+        sampling=sampling,
+        responses=[],
+        n_tokens=[],
+        finish_reasons=[],
+        error="",
+        extracted=[],
+        correct=[],
+        score=[],
+        reason=[],
+        prefix_words=[],
+        continuations=[],
+        continuation_tokens=[],
+        continuation_image_tokens=[],
+        image_tokens=0,
+        sample_seconds=0.0,
+        continue_seconds=0.0,
+        score_seconds=0.0,
+    )
     return row
 
 
@@ -58,26 +76,41 @@ class SampleStage:
     source_sampling: dict = {}
     image_max_pixels: dict = {}
 
-    def __init__(self, model: str, engine_options: dict, seed: int, sampling, templates: dict[str, str],
-                 dropout: dict, sampling_extra: dict | None = None, source_sampling: dict | None = None,
-                 image_max_pixels: dict | None = None):
+    def __init__(
+        self,
+        model: str,
+        engine_options: dict,
+        seed: int,
+        sampling,
+        templates: dict[str, str],
+        dropout: dict,
+        sampling_extra: dict | None = None,
+        source_sampling: dict | None = None,
+        image_max_pixels: dict | None = None,
+    ):
         from mmpr_pipeline.engine import Engine
 
         self.engine = Engine(model, engine_options, seed)
         self.seed = seed
         self.sampling = sampling
-        self.templates = templates      # source -> prompt template id
-        self.dropout = dropout          # source -> Dropout settings (dropout_ntp sources only)
+        self.templates = templates  # source -> prompt template id
+        self.dropout = dropout  # source -> Dropout settings (dropout_ntp sources only)
         self.sampling_extra = sampling_extra or {}  # more SamplingParams (benchmarks: ignore_eos)
-        self.source_sampling = source_sampling or {}    # source -> its Sampling, where it overrides the recipe's
+        self.source_sampling = (
+            source_sampling or {}
+        )  # source -> its Sampling, where it overrides the recipe's
         self.image_max_pixels = image_max_pixels or {}  # source -> pixel cap of its images, where it has one
 
     def sampling_for(self, source: str):
         return self.source_sampling.get(source, self.sampling)
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
-        rows = [empty_sample_columns(r, self.templates[r["source"]], sampling_json(self.sampling_for(r["source"])))
-                for r in batch.to_pylist()]
+        rows = [
+            empty_sample_columns(
+                r, self.templates[r["source"]], sampling_json(self.sampling_for(r["source"]))
+            )
+            for r in batch.to_pylist()
+        ]
         await asyncio.gather(*(self.sample_row(r) for r in rows))
         yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
 
@@ -85,9 +118,15 @@ class SampleStage:
         """The sampling parameters of one question's request, with its source's settings (seeded by
         its qid: the same samples however questions are batched, spread over replicas, or resumed)."""
         s = self.sampling_for(row["source"])
-        return self.engine.params(n=n, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                  max_tokens=s.max_tokens, **self.sampling_extra,
-                                  seed=request_seed(self.seed, row["qid"]) if s.reproducible else None)
+        return self.engine.params(
+            n=n,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            max_tokens=s.max_tokens,
+            **self.sampling_extra,
+            seed=request_seed(self.seed, row["qid"]) if s.reproducible else None,
+        )
 
     async def sample_row(self, row: dict[str, Any]) -> None:
         """Fill one question's responses (and, for DropoutNTP, its image-free continuations)."""
@@ -103,11 +142,17 @@ class SampleStage:
             n = self.dropout[row["source"]].n if dropout else s.n
             t0 = time.perf_counter()
             comp = await self.engine.chat(lambda: conversation(row), self.params_for(row, n))
-            row.update(responses=comp.texts, n_tokens=comp.n_tokens, finish_reasons=comp.finish_reasons,
-                       error=comp.error, image_tokens=self.engine.image_tokens(comp),
-                       sample_seconds=time.perf_counter() - t0)
+            row.update(
+                responses=comp.texts,
+                n_tokens=comp.n_tokens,
+                finish_reasons=comp.finish_reasons,
+                error=comp.error,
+                image_tokens=self.engine.image_tokens(comp),
+                sample_seconds=time.perf_counter() - t0,
+            )
         if dropout and not row["error"]:
             from stages.dropout_ntp import continue_prefixes
 
-            await continue_prefixes(row, self.engine, s, self.dropout[row["source"]],
-                                    self.sampling_extra, self.seed)
+            await continue_prefixes(
+                row, self.engine, s, self.dropout[row["source"]], self.sampling_extra, self.seed
+            )

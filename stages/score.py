@@ -6,6 +6,7 @@ rule of the prompt template it was asked with (the `format:` key in prompts/*.ya
 that breaks it gets no extracted answer (reason "wrong format") and pairing makes it the rejected
 side of a format pair.
 """
+
 from __future__ import annotations
 
 import time
@@ -27,9 +28,13 @@ def score_row(row: dict) -> dict:
     answer = row["answers"] if len(row["answers"]) > 1 else row["answer"]
     rule = format_rule(row["prompt_template"]) if row.get("prompt_template") else None
     verdicts = [_judge_one(judge, text, answer, row, rule) for text in row["responses"]]
-    row.update(extracted=[v[0] for v in verdicts], correct=[v[1] for v in verdicts],
-               score=[v[2] for v in verdicts], reason=[v[3] for v in verdicts],
-               score_seconds=time.perf_counter() - t0)
+    row.update(
+        extracted=[v[0] for v in verdicts],
+        correct=[v[1] for v in verdicts],
+        score=[v[2] for v in verdicts],
+        reason=[v[3] for v in verdicts],
+        score_seconds=time.perf_counter() - t0,
+    )
     return row
 
 

@@ -8,6 +8,7 @@ For a unit, in this order, each file replaced atomically (shards.write_table):
 A restart skips units whose counts file names the same plan. The pair shards are cut from the
 units' pair files at the end (pipeline.write_shards), so nothing a kill interrupts is ever half-visible.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,18 @@ def write_rejects(run_dir: Path, unit: WorkUnit, rejects: list[dict]) -> None:
         path.unlink()
 
 
-def write_unit(run_dir: Path, unit: WorkUnit, rows: list[dict], rejects: list[dict], source_cfg, *,
-               seed: int, model: str, sampling: dict, pair_schema: pa.Schema) -> dict[str, Any]:
+def write_unit(
+    run_dir: Path,
+    unit: WorkUnit,
+    rows: list[dict],
+    rejects: list[dict],
+    source_cfg,
+    *,
+    seed: int,
+    model: str,
+    sampling: dict,
+    pair_schema: pa.Schema,
+) -> dict[str, Any]:
     """Pair the unit's scored rows, write its samples, pairs and counts; returns the counts."""
     from stages.pair import pair_rows
 
@@ -49,22 +60,38 @@ def write_unit(run_dir: Path, unit: WorkUnit, rows: list[dict], rejects: list[di
             all_wrong_qids.append(row["qid"])
         pairs += found
     t_pair = time.perf_counter() - t0
-    shards.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA),
-                       unit_file(run_dir, "samples", unit.source, unit.unit))
-    pair_path = shards.write_table(pa.Table.from_pylist(pairs, schema=pair_schema),
-                                   unit_file(run_dir, "pairs", unit.source, unit.unit))
-    counts = dict(key=unit.key, source=unit.source, unit=unit.unit, plan=dataclasses.asdict(unit),
-                  stats=stats.to_dict(), all_wrong_qids=all_wrong_qids,
-                  pair_rows=len(pairs), pair_bytes=pair_path.stat().st_size,
-                  pair_seconds=round(t_pair, 4), write_seconds=round(time.perf_counter() - t0 - t_pair, 4))
+    shards.write_table(
+        pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA),
+        unit_file(run_dir, "samples", unit.source, unit.unit),
+    )
+    pair_path = shards.write_table(
+        pa.Table.from_pylist(pairs, schema=pair_schema), unit_file(run_dir, "pairs", unit.source, unit.unit)
+    )
+    counts = dict(
+        key=unit.key,
+        source=unit.source,
+        unit=unit.unit,
+        plan=dataclasses.asdict(unit),
+        stats=stats.to_dict(),
+        all_wrong_qids=all_wrong_qids,
+        pair_rows=len(pairs),
+        pair_bytes=pair_path.stat().st_size,
+        pair_seconds=round(t_pair, 4),
+        write_seconds=round(time.perf_counter() - t0 - t_pair, 4),
+    )
     shards.write_json(counts_file(run_dir, unit), counts)
     return counts
 
 
 def summary_row(counts: dict[str, Any]) -> dict[str, Any]:
     """What travels back to the driver for a finished unit: a few numbers, never rows."""
-    return dict(source=counts["source"], unit=counts["unit"], rows=counts["stats"]["rows"],
-                questions=counts["stats"]["questions"], pairs=counts["pair_rows"])
+    return dict(
+        source=counts["source"],
+        unit=counts["unit"],
+        rows=counts["stats"]["rows"],
+        questions=counts["stats"]["questions"],
+        pairs=counts["pair_rows"],
+    )
 
 
 def read_counts(run_dir: Path, unit: WorkUnit) -> dict[str, Any]:

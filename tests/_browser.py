@@ -5,6 +5,7 @@ protocol on a pipe (`--remote-debugging-pipe`: JSON messages on fds 3/4, each en
 no driver package or open port is needed. Console errors are every `console.error`/`assert`, every
 uncaught exception and every browser log entry of level error (failed loads, CSP violations).
 """
+
 from __future__ import annotations
 
 import base64
@@ -43,12 +44,27 @@ class Browser:
             os.set_inheritable(4, True)
 
         self.proc = subprocess.Popen(
-            [exe, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
-             "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-             "--disable-background-networking", "--disable-dev-shm-usage",
-             f"--user-data-dir={self.profile}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=use_pipes, close_fds=False, start_new_session=True)  # its own group: killable whole
+            [
+                exe,
+                "--headless",
+                "--remote-debugging-pipe",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-extensions",
+                "--disable-background-networking",
+                "--disable-dev-shm-usage",
+                f"--user-data-dir={self.profile}",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=use_pipes,
+            close_fds=False,
+            start_new_session=True,
+        )  # its own group: killable whole
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._buffer = b""
@@ -114,7 +130,7 @@ class Browser:
                 pass
         shutil.rmtree(self.profile, ignore_errors=True)
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Browser:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -122,13 +138,16 @@ class Browser:
 
     # --- what the tests use --------------------------------------------------------------------
 
-    def open(self, path: Path, width: int = 1280, height: int = 900) -> "Page":
+    def open(self, path: Path, width: int = 1280, height: int = 900) -> Page:
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log"):
             self.send(f"{domain}.enable", session=session)
-        self.send("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session)
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            session,
+        )
         self.events.clear()
         self.send("Page.navigate", {"url": Path(path).resolve().as_uri()}, session)
         self.wait_for("Page.loadEventFired")
@@ -140,8 +159,11 @@ class Page:
         self.browser, self.session = browser, session
 
     def evaluate(self, expression: str):
-        result = self.browser.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                        "awaitPromise": True}, self.session)
+        result = self.browser.send(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
+            self.session,
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"evaluating {expression[:60]!r}: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -152,11 +174,15 @@ class Page:
         for e in self.browser.events:
             method, p = e.get("method"), e.get("params", {})
             if method == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
+                errors.append(
+                    " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+                )
             elif method == "Runtime.exceptionThrown":
                 errors.append(str(p.get("exceptionDetails", {}).get("text")))
             elif method == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
-                errors.append(f"{p['entry'].get('source')}: {p['entry'].get('text')} {p['entry'].get('url', '')}")
+                errors.append(
+                    f"{p['entry'].get('source')}: {p['entry'].get('text')} {p['entry'].get('url', '')}"
+                )
         return errors
 
     def screenshot(self, path: Path, full_page: bool = False) -> Path:

@@ -3,6 +3,7 @@
 Real generated images and questions (tasks.py), hand-written responses, pair shards written with the
 schema metadata the shard writer attaches, sample units, rejects, recipe.json and stats.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmpr_pipeline import recipe as recipe_mod
 from mmpr_pipeline import prompts, records, tasks
+from mmpr_pipeline import recipe as recipe_mod
 
 RECIPE = {
     "name": "demo",
@@ -20,42 +21,99 @@ RECIPE = {
     "sampling": {"n": 4, "temperature": 1.0, "max_tokens": 64},
     "card": {"pretty_name": "Demo MMPR pairs", "license": "mit", "extra": "Built by the test-suite."},
     "sources": [
-        {"name": "shapes", "loader": "generated", "generator": {"families": ["count", "color", "bars", "compare"]}},
-        {"name": "scenes", "loader": "generated", "generator": {"families": ["describe"]},
-         "pipeline": "dropout_ntp", "dropout": {"ratio": 0.5, "min_words": 4}},
+        {
+            "name": "shapes",
+            "loader": "generated",
+            "generator": {"families": ["count", "color", "bars", "compare"]},
+        },
+        {
+            "name": "scenes",
+            "loader": "generated",
+            "generator": {"families": ["describe"]},
+            "pipeline": "dropout_ntp",
+            "dropout": {"ratio": 0.5, "min_words": 4},
+        },
     ],
 }
 SAMPLING = json.dumps(RECIPE["sampling"], sort_keys=True)
 
 
-def _pair(q: dict, source: str, pair_type: str, chosen: str, rejected: str, ci: int, ri: int,
-          prompt_template: str, cut_ratio=None, prefix_words=None) -> dict:
+def _pair(
+    q: dict,
+    source: str,
+    pair_type: str,
+    chosen: str,
+    rejected: str,
+    ci: int,
+    ri: int,
+    prompt_template: str,
+    cut_ratio=None,
+    prefix_words=None,
+) -> dict:
     qid = records.question_id(source, q["image"], q["question"], q["answer"])
-    return dict(id=records.pair_id(qid, pair_type, chosen, rejected), qid=qid, source=source, task=q["task"],
-                images=[{"bytes": q["image"], "path": None}], question=prompts.render(prompt_template, q["question"]),
-                answer=q["answer"],
-                chosen=chosen, rejected=rejected, pair_type=pair_type, model=RECIPE["model"],
-                prompt_template=prompt_template, sampling=SAMPLING, chosen_index=ci, rejected_index=ri,
-                cut_ratio=cut_ratio, prefix_words=prefix_words)
+    return dict(
+        id=records.pair_id(qid, pair_type, chosen, rejected),
+        qid=qid,
+        source=source,
+        task=q["task"],
+        images=[{"bytes": q["image"], "path": None}],
+        question=prompts.render(prompt_template, q["question"]),
+        answer=q["answer"],
+        chosen=chosen,
+        rejected=rejected,
+        pair_type=pair_type,
+        model=RECIPE["model"],
+        prompt_template=prompt_template,
+        sampling=SAMPLING,
+        chosen_index=ci,
+        rejected_index=ri,
+        cut_ratio=cut_ratio,
+        prefix_words=prefix_words,
+    )
 
 
-def _sample_row(q: dict, source: str, pipeline: str, unit: int, i: int, responses: list[str],
-                correct: list[bool]) -> dict:
+def _sample_row(
+    q: dict, source: str, pipeline: str, unit: int, i: int, responses: list[str], correct: list[bool]
+) -> dict:
     n = len(responses)
-    return dict(qid=records.question_id(source, q["image"], q["question"], q["answer"]), source=source,
-                row_index=i, unit=unit, pipeline=pipeline, task=q["task"], images=[q["image"]],
-                question=q["question"], answer=q["answer"], answer_type=q["answer_type"],
-                options=q.get("options") or [], given_response="", prompt_template="cot_final_answer",
-                responses=responses, n_tokens=[len(r.split()) for r in responses], finish_reasons=["stop"] * n,
-                error="", extracted=[None] * n if pipeline == "dropout_ntp" else ["x"] * n,
-                correct=correct, score=[float(c) for c in correct],
-                reason=["match" if c else "mismatch" for c in correct],
-                prefix_words=[], continuations=[], continuation_tokens=[], sample_seconds=0.01,
-                continue_seconds=0.0, score_seconds=0.001)
+    return dict(
+        qid=records.question_id(source, q["image"], q["question"], q["answer"]),
+        source=source,
+        row_index=i,
+        unit=unit,
+        pipeline=pipeline,
+        task=q["task"],
+        images=[q["image"]],
+        question=q["question"],
+        answer=q["answer"],
+        answer_type=q["answer_type"],
+        options=q.get("options") or [],
+        given_response="",
+        prompt_template="cot_final_answer",
+        responses=responses,
+        n_tokens=[len(r.split()) for r in responses],
+        finish_reasons=["stop"] * n,
+        error="",
+        extracted=[None] * n if pipeline == "dropout_ntp" else ["x"] * n,
+        correct=correct,
+        score=[float(c) for c in correct],
+        reason=["match" if c else "mismatch" for c in correct],
+        prefix_words=[],
+        continuations=[],
+        continuation_tokens=[],
+        sample_seconds=0.01,
+        continue_seconds=0.0,
+        score_seconds=0.001,
+    )
 
 
-def make_run(run_dir: str | Path, n_shapes: int = 12, n_scenes: int = 6, n_shards: int = 2,
-             recipe_overrides: dict | None = None) -> Path:
+def make_run(
+    run_dir: str | Path,
+    n_shapes: int = 12,
+    n_scenes: int = 6,
+    n_shards: int = 2,
+    recipe_overrides: dict | None = None,
+) -> Path:
     """Write a finished run folder (without README.md and figures) and return it."""
     run_dir = Path(run_dir)
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
@@ -71,15 +129,32 @@ def make_run(run_dir: str | Path, n_shapes: int = 12, n_scenes: int = 6, n_shard
         if i % 2 == 0:
             pairs.append(_pair(q, "shapes", "format", good, unparsable, 0, 2, "cot_final_answer"))
             counts["shapes"]["format"] += 1
-        samples["shapes"].append(_sample_row(q, "shapes", "correctness", 0, i, [good, wrong, unparsable, good],
-                                             [True, False, False, True]))
+        samples["shapes"].append(
+            _sample_row(
+                q, "shapes", "correctness", 0, i, [good, wrong, unparsable, good], [True, False, False, True]
+            )
+        )
 
     for i, q in enumerate(tasks.generate(n_scenes, seed=8, families=["describe"])):
         words = q["response"].split()
         keep = max(1, len(words) // 2)
-        rejected = " ".join(words[:keep] + ["and", "a", "small", "dog", "sleeps", "beside", "a", "red", "car."])
-        pairs.append(_pair(q, "scenes", "dropout_ntp", q["response"], rejected, 0, 0, "raw",
-                           cut_ratio=0.5, prefix_words=keep))
+        rejected = " ".join(
+            words[:keep] + ["and", "a", "small", "dog", "sleeps", "beside", "a", "red", "car."]
+        )
+        pairs.append(
+            _pair(
+                q,
+                "scenes",
+                "dropout_ntp",
+                q["response"],
+                rejected,
+                0,
+                0,
+                "raw",
+                cut_ratio=0.5,
+                prefix_words=keep,
+            )
+        )
         counts["scenes"]["dropout_ntp"] += 1
         samples["scenes"].append(_sample_row(q, "scenes", "dropout_ntp", 0, i, [q["response"]], []))
 
@@ -88,17 +163,23 @@ def make_run(run_dir: str | Path, n_shapes: int = 12, n_scenes: int = 6, n_shard
     per = -(-len(pairs) // n_shards)
     for s in range(n_shards):
         rel = f"data/train-{s:05d}-of-{n_shards:05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(pairs[s * per:(s + 1) * per], schema=schema), run_dir / rel)
+        pq.write_table(pa.Table.from_pylist(pairs[s * per : (s + 1) * per], schema=schema), run_dir / rel)
         shards.append(rel)
 
     for source, rows in samples.items():
         (run_dir / "samples" / source).mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows, schema=records.SAMPLE_SCHEMA),
-                       run_dir / "samples" / source / "unit-00000.parquet")
+        pq.write_table(
+            pa.Table.from_pylist(rows, schema=records.SAMPLE_SCHEMA),
+            run_dir / "samples" / source / "unit-00000.parquet",
+        )
     (run_dir / "rejects").mkdir(exist_ok=True)
-    pq.write_table(pa.Table.from_pylist([dict(source="shapes", row_index=99, reason="corrupt image",
-                                              row="{'image': b'\\x00...'}")], schema=records.REJECT_SCHEMA),
-                   run_dir / "rejects" / "shapes.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [dict(source="shapes", row_index=99, reason="corrupt image", row="{'image': b'\\x00...'}")],
+            schema=records.REJECT_SCHEMA,
+        ),
+        run_dir / "rejects" / "shapes.parquet",
+    )
 
     data = json.loads(json.dumps(RECIPE))
     for key, value in (recipe_overrides or {}).items():
@@ -108,25 +189,71 @@ def make_run(run_dir: str | Path, n_shapes: int = 12, n_scenes: int = 6, n_shard
 
     n_samples = {"shapes": 4 * n_shapes, "scenes": n_scenes}
     stats_sources = {
-        "shapes": dict(pipeline="correctness", rows=n_shapes + 1, rejects=1, reject_reasons={"corrupt image": 1},
-                       questions=n_shapes, samples=n_samples["shapes"], engine_errors=0, correct=2 * n_shapes,
-                       correct_rate=0.5, unparsable=n_shapes, all_right=0, all_wrong=0,
-                       questions_with_pairs=n_shapes, pairs=counts["shapes"],
-                       dropout=dict(sampled=0, cut=0, too_short=0, continued=0, empty_continuation=0, identical=0)),
-        "scenes": dict(pipeline="dropout_ntp", rows=n_scenes, rejects=0, reject_reasons={}, questions=n_scenes,
-                       samples=n_samples["scenes"], engine_errors=0, correct=0, correct_rate=None, unparsable=0,
-                       all_right=0, all_wrong=0, questions_with_pairs=n_scenes, pairs=counts["scenes"],
-                       dropout=dict(sampled=n_scenes, cut=n_scenes, too_short=0, continued=n_scenes,
-                                    empty_continuation=0, identical=0)),
+        "shapes": dict(
+            pipeline="correctness",
+            rows=n_shapes + 1,
+            rejects=1,
+            reject_reasons={"corrupt image": 1},
+            questions=n_shapes,
+            samples=n_samples["shapes"],
+            engine_errors=0,
+            correct=2 * n_shapes,
+            correct_rate=0.5,
+            unparsable=n_shapes,
+            all_right=0,
+            all_wrong=0,
+            questions_with_pairs=n_shapes,
+            pairs=counts["shapes"],
+            dropout=dict(sampled=0, cut=0, too_short=0, continued=0, empty_continuation=0, identical=0),
+        ),
+        "scenes": dict(
+            pipeline="dropout_ntp",
+            rows=n_scenes,
+            rejects=0,
+            reject_reasons={},
+            questions=n_scenes,
+            samples=n_samples["scenes"],
+            engine_errors=0,
+            correct=0,
+            correct_rate=None,
+            unparsable=0,
+            all_right=0,
+            all_wrong=0,
+            questions_with_pairs=n_scenes,
+            pairs=counts["scenes"],
+            dropout=dict(
+                sampled=n_scenes,
+                cut=n_scenes,
+                too_short=0,
+                continued=n_scenes,
+                empty_continuation=0,
+                identical=0,
+            ),
+        ),
     }
-    totals = {k: sum(s[k] for s in stats_sources.values()) for k in ("rows", "rejects", "questions", "samples")}
+    totals = {
+        k: sum(s[k] for s in stats_sources.values()) for k in ("rows", "rejects", "questions", "samples")
+    }
     totals["pairs"] = {t: sum(s["pairs"][t] for s in stats_sources.values()) for t in records.PAIR_TYPES}
-    stats = {"recipe": recipe.name, "model": recipe.model, "fingerprint": recipe.fingerprint(),
-             "created": "2026-11-26T06:30:00+00:00", "sources": stats_sources, "totals": totals,
-             "all_wrong_qids": {"shapes": [], "scenes": []},
-             "stage_seconds": {"load": 0.5, "sample": 12.0, "continue": 1.0, "score": 0.3, "pair": 0.2,
-                               "write": 0.4, "total": 14.4},
-             "shards": shards}
+    stats = {
+        "recipe": recipe.name,
+        "model": recipe.model,
+        "fingerprint": recipe.fingerprint(),
+        "created": "2026-11-26T06:30:00+00:00",
+        "sources": stats_sources,
+        "totals": totals,
+        "all_wrong_qids": {"shapes": [], "scenes": []},
+        "stage_seconds": {
+            "load": 0.5,
+            "sample": 12.0,
+            "continue": 1.0,
+            "score": 0.3,
+            "pair": 0.2,
+            "write": 0.4,
+            "total": 14.4,
+        },
+        "shards": shards,
+    }
     (run_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     return run_dir
 

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny model built once per session, and the environment the CLI sets."""
+
 import os
 from pathlib import Path
 
@@ -24,7 +25,9 @@ def ray_local():
     """One local Ray for the session (starting Ray costs seconds); the pipeline reuses it."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -4,13 +4,15 @@ Checked as a user would: the shards load with `datasets` (images back as PIL), c
 stats.json, every source row is accounted for, DropoutNTP's rejected texts start with exactly the
 recorded prefix and their continuation prompts carried no image.
 """
+
 import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from mmpr_pipeline import pipeline, recipe as recipe_mod, shards
+from mmpr_pipeline import pipeline, shards
+from mmpr_pipeline import recipe as recipe_mod
 from stages.dropout_ntp import prefix_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -18,8 +20,16 @@ pytestmark = pytest.mark.slow
 
 
 def demo_recipe(model: str, **overrides):
-    base = {"model": model, "sources[0].limit": 12, "sources[1].limit": 6, "sampling.n": 4,
-            "sampling.max_tokens": 48, "unit_size": 4, "batch_size": 8, "shard_rows": 20}
+    base = {
+        "model": model,
+        "sources[0].limit": 12,
+        "sources[1].limit": 6,
+        "sampling.n": 4,
+        "sampling.max_tokens": 48,
+        "unit_size": 4,
+        "batch_size": 8,
+        "shard_rows": 20,
+    }
     base.update(overrides)
     return recipe_mod.load(REPO / "data_cards" / "demo.yaml", base)
 
@@ -81,9 +91,15 @@ def test_dropout_pairs_start_with_the_recorded_prefix_and_continued_without_imag
         prefix = prefix_of(r["chosen"], r["prefix_words"])
         assert r["rejected"].startswith(prefix) and r["rejected"] != r["chosen"]
         assert r["cut_ratio"] == 0.5
-    samples = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()
-               if r["pipeline"] == "dropout_ntp"]
-    continued = [t for r in samples for t, k in zip(r["continuation_image_tokens"], r["prefix_words"]) if k >= 0]
+    samples = [
+        r
+        for p in shards.unit_files(run)
+        for r in pq.read_table(p).to_pylist()
+        if r["pipeline"] == "dropout_ntp"
+    ]
+    continued = [
+        t for r in samples for t, k in zip(r["continuation_image_tokens"], r["prefix_words"]) if k >= 0
+    ]
     assert continued and all(t == 0 for t in continued)
     d = stats["sources"]["describe"]["dropout"]
     assert d["sampled"] == 6 and d["cut"] + d["too_short"] == 6

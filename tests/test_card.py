@@ -1,4 +1,5 @@
 """The dataset card: YAML the Hub and `datasets` read, matching the shards; figures; body."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,12 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _run_fixture import make_run, read_pairs
 from datasets import Features, Image, List, load_dataset
 from datasets.info import DatasetInfosDict
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard
 
-from _run_fixture import make_run, read_pairs
 from mmpr_pipeline import card, records
 from mmpr_pipeline.export import trl_features
 
@@ -68,7 +69,8 @@ def test_card_round_trips_and_its_yaml_matches_the_shards(run_dir):
     assert "image-text-to-text" in data["task_categories"] and "mmpr" in data["tags"]
     # As `datasets` reads the card: the configs point at the shards, the features are the shards'.
     assert MetadataConfigs.from_dataset_card_data(parsed.data) == {
-        "default": {"data_files": [{"split": "train", "path": "data/train-*"}]}}
+        "default": {"data_files": [{"split": "train", "path": "data/train-*"}]}
+    }
     info = DatasetInfosDict.from_dataset_card_data(parsed.data)["default"]
     shard_schema = pq.read_schema(run_dir / "data" / "train-00000-of-00002.parquet")
     assert info.features == Features.from_arrow_schema(shard_schema)
@@ -86,8 +88,10 @@ def test_card_body_describes_the_run(run_dir):
         assert words in text
     # one table row per source, with its numbers
     s = stats["sources"]["shapes"]
-    assert (f"| `shapes` | correctness | {s['rows']} | {s['rejects']} | {s['questions']} | {s['samples']} | 50.0% |"
-            in text)
+    assert (
+        f"| `shapes` | correctness | {s['rows']} | {s['rejects']} | {s['questions']} | {s['samples']} | 50.0% |"
+        in text
+    )
     assert "| `scenes` | dropout_ntp | 6 | 0 | 6 | 6 | – |" in text
     assert "| `shapes` | corrupt image | 1 |" in text
     assert "Your task is to answer the question below." in text  # the prompt templates used
@@ -100,8 +104,19 @@ def test_card_body_describes_the_run(run_dir):
 
 
 def test_recipe_sets_license_pretty_name_and_extra(tmp_path):
-    run = make_run(tmp_path / "run", n_shapes=4, n_scenes=2, n_shards=1, recipe_overrides={
-        "card": {"license": "apache-2.0", "pretty_name": "Shapes | pairs", "extra": "## Notes\nHand-checked."}})
+    run = make_run(
+        tmp_path / "run",
+        n_shapes=4,
+        n_scenes=2,
+        n_shards=1,
+        recipe_overrides={
+            "card": {
+                "license": "apache-2.0",
+                "pretty_name": "Shapes | pairs",
+                "extra": "## Notes\nHand-checked.",
+            }
+        },
+    )
     text = card.write_card(run).read_text()
     parsed = DatasetCard(text)
     assert parsed.data.license == "apache-2.0"
@@ -122,7 +137,9 @@ def test_writing_the_card_again_gives_the_same_card(run_dir):
 def test_a_run_without_pairs_still_gets_a_valid_card(tmp_path):
     run = make_run(tmp_path / "run", n_shapes=2, n_scenes=1, n_shards=1)
     shard = run / "data" / "train-00000-of-00001.parquet"
-    pq.write_table(pa.Table.from_pylist([], schema=records.PAIR_SCHEMA.with_metadata(card.schema_metadata())), shard)
+    pq.write_table(
+        pa.Table.from_pylist([], schema=records.PAIR_SCHEMA.with_metadata(card.schema_metadata())), shard
+    )
     stats = json.loads((run / "stats.json").read_text())
     for s in stats["sources"].values():
         s["pairs"] = {t: 0 for t in records.PAIR_TYPES}
@@ -140,7 +157,9 @@ def test_check_card_names_what_is_wrong(tmp_path, run_dir):
     readme = run / "README.md"
     good = readme.read_text()
 
-    readme.write_text(good.replace("name: chosen_index\n    dtype: int64", "name: chosen_index\n    dtype: int32"))
+    readme.write_text(
+        good.replace("name: chosen_index\n    dtype: int64", "name: chosen_index\n    dtype: int32")
+    )
     assert any("features do not match" in p for p in card.check_card(run))
 
     readme.write_text(good.replace("num_examples: 24", "num_examples: 25"))
@@ -171,6 +190,8 @@ def test_write_card_refuses_an_unfinished_run(tmp_path, run_dir):
         card.write_card(run)
     shutil.copy(run_dir / "stats.json", run / "stats.json")
     (run / "data" / "train-00001-of-00002.parquet").unlink()
-    with pytest.raises(card.CardError, match="train-00001-of-00002.parquet: shard listed in stats.json is missing"):
+    with pytest.raises(
+        card.CardError, match="train-00001-of-00002.parquet: shard listed in stats.json is missing"
+    ):
         card.write_card(run)
     assert card.main([str(run)]) == 2

@@ -4,6 +4,7 @@ A `ray.cluster_utils.Cluster` on this machine: a head node that takes no work (n
 worker nodes. Every build here is a real `mmpr build` process (vLLM on CPU, the demo model), all
 writing to folders the nodes share (this machine's disk).
 """
+
 import json
 import os
 import subprocess
@@ -18,8 +19,14 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
-RECIPE_OVERRIDES = ["sources[0].limit=16", "sources[1].limit=8", "sampling.n=4", "sampling.max_tokens=40",
-                    "unit_size=4", "shard_rows=25"]
+RECIPE_OVERRIDES = [
+    "sources[0].limit=16",
+    "sources[1].limit=8",
+    "sampling.n=4",
+    "sampling.max_tokens=40",
+    "unit_size=4",
+    "shard_rows=25",
+]
 
 
 def _env(address: str | None) -> dict:
@@ -32,18 +39,32 @@ def _env(address: str | None) -> dict:
 
 def _build_cmd(run: Path, model: str) -> list[str]:
     sets = [a for s in RECIPE_OVERRIDES for a in ("--set", s)]
-    return [sys.executable, "-m", "mmpr_pipeline.cli", "build", "data_cards/demo.yaml", "--out", str(run),
-            "--model", model, *sets]
+    return [
+        sys.executable,
+        "-m",
+        "mmpr_pipeline.cli",
+        "build",
+        "data_cards/demo.yaml",
+        "--out",
+        str(run),
+        "--model",
+        model,
+        *sets,
+    ]
 
 
 def _build(run: Path, model: str, address: str | None) -> subprocess.CompletedProcess:
-    return subprocess.run(_build_cmd(run, model), cwd=REPO, env=_env(address), capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(
+        _build_cmd(run, model), cwd=REPO, env=_env(address), capture_output=True, text=True, timeout=900
+    )
 
 
 def _pairs(run: Path) -> dict[str, tuple[str, str]]:
-    rows = [r for p in sorted((run / "data").glob("train-*.parquet"))
-            for r in pq.read_table(p, columns=["id", "chosen", "rejected"]).to_pylist()]
+    rows = [
+        r
+        for p in sorted((run / "data").glob("train-*.parquet"))
+        for r in pq.read_table(p, columns=["id", "chosen", "rejected"]).to_pylist()
+    ]
     return {r["id"]: (r["chosen"], r["rejected"]) for r in rows}
 
 
@@ -86,8 +107,9 @@ def _engine_node(workers) -> object | None:
     return None
 
 
-def test_cluster_build_equals_single_node_even_when_the_engine_node_dies(cluster, single_node, trained_model,
-                                                                         tmp_path):
+def test_cluster_build_equals_single_node_even_when_the_engine_node_dies(
+    cluster, single_node, trained_model, tmp_path
+):
     c, workers = cluster
     expected = _pairs(single_node)
 
@@ -99,8 +121,14 @@ def test_cluster_build_equals_single_node_even_when_the_engine_node_dies(cluster
 
     # 2. again, removing the node that holds the engine once the first units are done
     run = tmp_path / "node-lost"
-    p = subprocess.Popen(_build_cmd(run, trained_model), cwd=REPO, env=_env(c.address),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        _build_cmd(run, trained_model),
+        cwd=REPO,
+        env=_env(c.address),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and not list((run / "samples").glob("*/unit-*.json")):
         assert p.poll() is None, p.stdout.read()[-3000:]
@@ -146,8 +174,14 @@ def test_gpu_replicas_and_bundles_are_planned_per_node():
         for _ in range(2):
             c.add_node(num_cpus=8, num_gpus=4)
         c.wait_for_nodes()
-        proc = subprocess.run([sys.executable, "-c", PLACEMENT_PROBE], cwd=REPO, env=_env(c.address),
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", PLACEMENT_PROBE],
+            cwd=REPO,
+            env=_env(c.address),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         c.shutdown()
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PLAN")), None)

@@ -1,4 +1,5 @@
 """The demo model: training is deterministic, cached, atomic, and the prompt matches sampling time."""
+
 import json
 
 import pytest
@@ -93,8 +94,18 @@ def test_training_prompt_is_the_sampling_prompt_and_loss_is_on_the_response_only
         assert tok.decode(answer_ids) == row["response"] + "<|im_end|>"
         prompt = tok.decode(ids[: int((labels == -100).cumprod(0).sum())])
         want = tok.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompts.render(
-                "cot_final_answer", row["question"])}]}], tokenize=False, add_generation_prompt=True)
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image"},
+                        {"type": "text", "text": prompts.render("cot_final_answer", row["question"])},
+                    ],
+                }
+            ],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         # the processor expands the one image placeholder to the image's tokens
         assert prompt.replace("<|image_pad|>", "") == want.replace("<|image_pad|>", "")
         assert prompt.endswith("<|im_start|>assistant\n")

@@ -6,13 +6,15 @@ trains a few steps on some questions, and scores the pairs of *other* questions 
 the trained model: log p(chosen) - log p(rejected) must rise. The preference terms run alone
 (weights 0.8/0.2/0) so the SFT term, which always raises p(chosen), cannot hide a swap.
 """
+
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mmpr_pipeline import demo_model, pipeline, recipe as recipe_mod
+from mmpr_pipeline import demo_model, pipeline
+from mmpr_pipeline import recipe as recipe_mod
 from mmpr_pipeline.train import load_config, train
 from mmpr_pipeline.train.data import PairDataset, PairEncoder, collate, load_pairs, select, split_pairs
 from mmpr_pipeline.train.model import load_model, load_processor, response_logps
@@ -45,14 +47,29 @@ def heldout_margin_rise(build_dir: Path, model: str, out: Path) -> torch.Tensor:
     assert not set(train_pairs["qid"].to_pylist()) & set(heldout["qid"].to_pylist())
     pq.write_table(train_pairs, out / "train.parquet")
     pq.write_table(heldout, out / "heldout.parquet")
-    cfg = load_config(CARDS / "train_mpo.yaml", {
-        "model": model, "data": str(out / "train.parquet"), "eval_data": str(out / "heldout.parquet"),
-        "output_dir": str(out / "mpo"), "weights": [0.8, 0.2, 0.0], "learning_rate": 5e-4, "max_steps": 16,
-        "batch_size": 4, "grad_accum_steps": 1, "warmup_ratio": 0.0, "eval_every": 0, "save_every": -1,
-        "progress_bar": False})
+    cfg = load_config(
+        CARDS / "train_mpo.yaml",
+        {
+            "model": model,
+            "data": str(out / "train.parquet"),
+            "eval_data": str(out / "heldout.parquet"),
+            "output_dir": str(out / "mpo"),
+            "weights": [0.8, 0.2, 0.0],
+            "learning_rate": 5e-4,
+            "max_steps": 16,
+            "batch_size": 4,
+            "grad_accum_steps": 1,
+            "warmup_ratio": 0.0,
+            "eval_every": 0,
+            "save_every": -1,
+            "progress_bar": False,
+        },
+    )
     summary = train(cfg)
     before, after = margins(model, heldout), margins(summary["model_dir"], heldout)
-    print(f"held-out margin {before.mean():.3f} -> {after.mean():.3f}, rose on {(after > before).float().mean():.0%}")
+    print(
+        f"held-out margin {before.mean():.3f} -> {after.mean():.3f}, rose on {(after > before).float().mean():.0%}"
+    )
     return after - before
 
 

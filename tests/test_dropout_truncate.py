@@ -1,4 +1,5 @@
 """DropoutNTP's truncation rule and pair rule on hand-written responses."""
+
 import pytest
 
 from stages.dropout_ntp import pair_question, prefix_of, truncate
@@ -42,8 +43,11 @@ def _row(responses, prefix_words, continuations):
 
 def test_pairs_drop_empty_and_identical_continuations():
     original = "one two three four five six seven eight"
-    row = _row([original, original, original, "short"],
-               [4, 4, 4, -1], [" nine ten", "   ", " five six seven eight", ""])
+    row = _row(
+        [original, original, original, "short"],
+        [4, 4, 4, -1],
+        [" nine ten", "   ", " five six seven eight", ""],
+    )
     pairs, counts = pair_question(row)
     assert [p["rejected"] for p in pairs] == ["one two three four nine ten"]
     assert pairs[0]["chosen"] == original and pairs[0]["prefix_words"] == 4

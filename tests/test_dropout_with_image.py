@@ -1,5 +1,6 @@
 """`dropout.with_image` (issue 13, item 5): DropoutNTP's continuation made WITH the question's images
 (InternVL's `sr0.5_with_image` release files) or without them (the paper's, the default)."""
+
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def _demo(**dropout) -> dict:
 def test_off_by_default_and_out_of_the_fingerprint_while_off():
     default = recipe_mod.from_dict(_demo())
     assert default.sources[1].dropout.with_image is False
-    assert "with_image" not in default.to_dict()["sources"][1]["dropout"]   # runs built before it resume
+    assert "with_image" not in default.to_dict()["sources"][1]["dropout"]  # runs built before it resume
     assert recipe_mod.from_dict(_demo(with_image=False)).fingerprint() == default.fingerprint()
     on = recipe_mod.from_dict(_demo(with_image=True))
     assert on.sources[1].dropout.with_image is True and on.fingerprint() != default.fingerprint()
@@ -43,9 +44,16 @@ def test_continuation_sees_the_images_only_with_the_option(tmp_path, ray_local, 
 
     data = _demo()
     describe = dict(data["sources"][1], limit=3, dropout=dict(ratio=0.5, min_words=8, n=2))
-    data.update(model=trained_model, unit_size=8, batch_size=8, sampling=dict(n=1, temperature=1.0, max_tokens=48),
-                sources=[dict(describe, name="with_image", dropout=dict(describe["dropout"], with_image=True)),
-                         dict(describe, name="without_image")])
+    data.update(
+        model=trained_model,
+        unit_size=8,
+        batch_size=8,
+        sampling=dict(n=1, temperature=1.0, max_tokens=48),
+        sources=[
+            dict(describe, name="with_image", dropout=dict(describe["dropout"], with_image=True)),
+            dict(describe, name="without_image"),
+        ],
+    )
     run = tmp_path / "run"
     pipeline.build(recipe_mod.from_dict(data, "with_image.yaml"), run)
 
@@ -56,8 +64,12 @@ def test_continuation_sees_the_images_only_with_the_option(tmp_path, ray_local, 
     for name, expect_images in (("with_image", True), ("without_image", False)):
         rows = samples[name]
         assert len(rows) == 3 and all(r["image_tokens"] > 0 for r in rows)
-        continued = [(t, r["image_tokens"]) for r in rows
-                     for t, k in zip(r["continuation_image_tokens"], r["prefix_words"]) if k >= 0]
+        continued = [
+            (t, r["image_tokens"])
+            for r in rows
+            for t, k in zip(r["continuation_image_tokens"], r["prefix_words"])
+            if k >= 0
+        ]
         assert continued, name
         if expect_images:
             assert all(t == sampled > 0 for t, sampled in continued)
@@ -65,8 +77,10 @@ def test_continuation_sees_the_images_only_with_the_option(tmp_path, ray_local, 
             assert all(t == 0 for t, _ in continued)
 
     pairs = [r for p in sorted((run / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
-    by_source = {name: [json.loads(p["provenance"]) for p in pairs if p["source"] == name]
-                 for name in ("with_image", "without_image")}
+    by_source = {
+        name: [json.loads(p["provenance"]) for p in pairs if p["source"] == name]
+        for name in ("with_image", "without_image")
+    }
     assert by_source["with_image"] and all(p == {"with_image": True} for p in by_source["with_image"])
     assert by_source["without_image"] and all(p == {} for p in by_source["without_image"])
     recorded = json.loads((run / "recipe.json").read_text())

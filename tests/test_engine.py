@@ -1,5 +1,6 @@
 """The engine as the pipeline drives it (vLLM's async engine on CPU, the trained demo model): what the
 model actually receives, checked on the rendered prompts and the prompt token ids vLLM reports."""
+
 import asyncio
 
 import pytest
@@ -45,8 +46,8 @@ def test_continuation_continues_the_unfinished_assistant_turn_without_the_image(
     conv = conversation(_row(), with_image=False) + [{"role": "assistant", "content": prefix}]
     rendered = loop.run_until_complete(e._render(conv, continue_final=True))
     text = e.llm.get_tokenizer().decode(rendered["prompt_token_ids"])
-    assert text.endswith(prefix)                      # no end-of-turn after the prefix
-    assert text.count("<|im_start|>assistant") == 1   # no new assistant header
+    assert text.endswith(prefix)  # no end-of-turn after the prefix
+    assert text.count("<|im_start|>assistant") == 1  # no new assistant header
     assert "<|image_pad|>" not in text and "<|vision_start|>" not in text
     comp = loop.run_until_complete(e.chat(conv, _params(e), continue_final=True))
     assert not comp.error and e.image_tokens(comp) == 0
@@ -59,7 +60,9 @@ def test_a_refused_request_fails_alone(engine):
     row["question"] = "word " * 1500
 
     async def both():
-        return await asyncio.gather(e.chat(conversation(row), _params(e)), e.chat(conversation(_row()), _params(e)))
+        return await asyncio.gather(
+            e.chat(conversation(row), _params(e)), e.chat(conversation(_row()), _params(e))
+        )
 
     bad, good = loop.run_until_complete(both())
     assert bad.error and "length" in bad.error and bad.texts == []
@@ -75,11 +78,16 @@ def test_engine_is_sized_for_offline_batches_as_llm_is(engine, trained_model):
     from mmpr_pipeline.engine import engine_kwargs
 
     e, _ = engine
-    offline = EngineArgs(**engine_kwargs(trained_model, {"max_model_len": 1024}, 0)).create_engine_config(
-        UsageContext.LLM_CLASS).scheduler_config
+    offline = (
+        EngineArgs(**engine_kwargs(trained_model, {"max_model_len": 1024}, 0))
+        .create_engine_config(UsageContext.LLM_CLASS)
+        .scheduler_config
+    )
     ours = e.llm.vllm_config.scheduler_config
-    assert (ours.max_num_seqs, ours.max_num_batched_tokens) == (offline.max_num_seqs,
-                                                                offline.max_num_batched_tokens)
+    assert (ours.max_num_seqs, ours.max_num_batched_tokens) == (
+        offline.max_num_seqs,
+        offline.max_num_batched_tokens,
+    )
     assert ours.max_num_seqs > 128
     assert e.window.limit == 2 * ours.max_num_seqs  # a full step now and a full queue for the next
 
@@ -99,23 +107,27 @@ def test_requests_beyond_the_sequence_window_wait_their_turn_and_all_finish(engi
             admitted.append(i)
             peak[0] = max(peak[0], e.window.used)
             return conversation(_row())
+
         return conv
 
     def broken():
         raise OSError("image file is truncated")
 
     async def many():
-        return await asyncio.gather(*(e.chat(build(i), _params(e, n=2 if i % 2 else 1)) for i in range(6)),
-                                    e.chat(build(6), _params(e, n=5)), e.chat(broken, _params(e)))
+        return await asyncio.gather(
+            *(e.chat(build(i), _params(e, n=2 if i % 2 else 1)) for i in range(6)),
+            e.chat(build(6), _params(e, n=5)),
+            e.chat(broken, _params(e)),
+        )
 
     try:
         *done, wide, bad = loop.run_until_complete(many())
     finally:
         e.window = window
-    assert 1 <= peak[0] <= 3 and e.window.used == 0   # built once admitted (never before), never over 3
-    assert admitted == list(range(7))                 # in arrival order
+    assert 1 <= peak[0] <= 3 and e.window.used == 0  # built once admitted (never before), never over 3
+    assert admitted == list(range(7))  # in arrival order
     assert [len(c.texts) for c in done] == [1, 2, 1, 2, 1, 2] and not any(c.error for c in done)
-    assert len(wide.texts) == 5                       # wider than the window: admitted alone, not stuck
+    assert len(wide.texts) == 5  # wider than the window: admitted alone, not stuck
     assert bad.error.startswith("OSError") and bad.texts == []
 
 

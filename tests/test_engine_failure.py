@@ -1,6 +1,7 @@
 """A dead engine never hangs a build (issue 17, case 1): kill -9 of vLLM's engine process mid-run,
 as an out-of-memory kill would. The build stops with a message naming the cause, finished units
 stay, and the same command resumes to exactly the pairs of an uninterrupted run."""
+
 import os
 import subprocess
 import sys
@@ -17,8 +18,18 @@ SETS = ["sources[0].limit=16", "sources[1].limit=4", "sampling.n=4", "sampling.m
 
 
 def _cmd(run: Path, model: str) -> list[str]:
-    return [sys.executable, "-m", "mmpr_pipeline.cli", "build", "data_cards/demo.yaml", "--out", str(run),
-            "--model", model, *[a for s in SETS for a in ("--set", s)]]
+    return [
+        sys.executable,
+        "-m",
+        "mmpr_pipeline.cli",
+        "build",
+        "data_cards/demo.yaml",
+        "--out",
+        str(run),
+        "--model",
+        model,
+        *[a for s in SETS for a in ("--set", s)],
+    ]
 
 
 def _env() -> dict:
@@ -28,7 +39,11 @@ def _env() -> dict:
 
 
 def _pairs(run: Path) -> set[str]:
-    return {i for p in (run / "data").glob("train-*.parquet") for i in pq.read_table(p, columns=["id"])["id"].to_pylist()}
+    return {
+        i
+        for p in (run / "data").glob("train-*.parquet")
+        for i in pq.read_table(p, columns=["id"])["id"].to_pylist()
+    }
 
 
 def _engine_cores(pid: int) -> list[psutil.Process]:
@@ -44,8 +59,15 @@ def _engine_cores(pid: int) -> list[psutil.Process]:
 
 def test_killed_engine_stops_the_build_with_a_message_and_resume_finishes(tmp_path, trained_model):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(run, trained_model), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(run, trained_model),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 600
         while time.time() < deadline and not list((run / "samples").glob("*/unit-*.json")):
@@ -66,11 +88,13 @@ def test_killed_engine_stops_the_build_with_a_message_and_resume_finishes(tmp_pa
         assert "Traceback" not in out
         done = list((run / "samples").glob("*/unit-*.json"))
         assert done, "finished units must stay"
-        again = subprocess.run(_cmd(run, trained_model), cwd=REPO, env=_env(), capture_output=True, text=True,
-                               timeout=900)
+        again = subprocess.run(
+            _cmd(run, trained_model), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900
+        )
         assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     reference = tmp_path / "reference"
-    ref = subprocess.run(_cmd(reference, trained_model), cwd=REPO, env=_env(), capture_output=True, text=True,
-                         timeout=900)
+    ref = subprocess.run(
+        _cmd(reference, trained_model), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900
+    )
     assert ref.returncode == 0, ref.stderr[-2000:]
     assert _pairs(run) == _pairs(reference)

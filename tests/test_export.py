@@ -1,4 +1,5 @@
 """`mmpr export`: TRL's conversational vision format and InternVL's MPO layout, read back row by row."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,10 +12,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _run_fixture import make_run, read_pairs
 from datasets import Image, List, load_dataset
 from PIL import Image as PILImage
 
-from _run_fixture import make_run, read_pairs
 from mmpr_pipeline import card, export, records
 
 
@@ -38,7 +39,9 @@ def _args(run_dir, fmt, out):
 
 def test_trl_export_reads_back_row_by_row(run_dir, trl_dir, tmp_path):
     pairs = read_pairs(run_dir)
-    ds = load_dataset("parquet", data_dir=str(trl_dir / "data"), split="train", cache_dir=str(tmp_path / "cache"))
+    ds = load_dataset(
+        "parquet", data_dir=str(trl_dir / "data"), split="train", cache_dir=str(tmp_path / "cache")
+    )
     assert ds.features == export.trl_features()
     shards = json.loads((run_dir / "stats.json").read_text())["shards"]
     assert sorted(p.name for p in (trl_dir / "data").iterdir()) == [Path(s).name for s in shards]
@@ -48,7 +51,11 @@ def test_trl_export_reads_back_row_by_row(run_dir, trl_dir, tmp_path):
     raw = ds.cast_column("images", List(Image(decode=False)))
     for row, pair in zip(raw, pairs):
         assert (row["id"], row["qid"], row["source"], row["pair_type"]) == (
-            pair["id"], pair["qid"], pair["source"], pair["pair_type"])
+            pair["id"],
+            pair["qid"],
+            pair["source"],
+            pair["pair_type"],
+        )
         [user] = row["prompt"]
         assert user["role"] == "user"
         assert [part["type"] for part in user["content"]] == ["image"] * len(pair["images"]) + ["text"]
@@ -56,14 +63,25 @@ def test_trl_export_reads_back_row_by_row(run_dir, trl_dir, tmp_path):
         if pair["source"] == "shapes":  # the template once, not applied again
             assert user["content"][-1]["text"].count("Your task is to answer the question below.") == 1
         assert row["chosen"] == [{"role": "assistant", "content": [{"type": "text", "text": pair["chosen"]}]}]
-        assert row["rejected"] == [{"role": "assistant", "content": [{"type": "text", "text": pair["rejected"]}]}]
-        assert [im["bytes"] for im in row["images"]] == [im["bytes"] for im in pair["images"]]  # not re-encoded
+        assert row["rejected"] == [
+            {"role": "assistant", "content": [{"type": "text", "text": pair["rejected"]}]}
+        ]
+        assert [im["bytes"] for im in row["images"]] == [
+            im["bytes"] for im in pair["images"]
+        ]  # not re-encoded
 
 
 def test_trl_row_with_several_images_has_one_placeholder_each():
-    pair = dict(id="p", qid="q", source="s", pair_type="correctness", question="Which is bigger?",
-                chosen="A", rejected="B",
-                images=[{"bytes": b"1", "path": None}, {"bytes": b"2", "path": None}])
+    pair = dict(
+        id="p",
+        qid="q",
+        source="s",
+        pair_type="correctness",
+        question="Which is bigger?",
+        chosen="A",
+        rejected="B",
+        images=[{"bytes": b"1", "path": None}, {"bytes": b"2", "path": None}],
+    )
     row = export.trl_row(pair)
     assert [p["type"] for p in row["prompt"][0]["content"]] == ["image", "image", "text"]
     assert [im["bytes"] for im in row["images"]] == [b"1", b"2"]
@@ -73,17 +91,19 @@ def test_trl_row_with_several_images_has_one_placeholder_each():
 def test_trl_export_trains_with_dpo_trainer(trl_dir, tiny_model, tmp_path):
     """TRL's own collator and DPOTrainer (MPO's loss mix) take the export without any conversion."""
     import torch
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
     from _trl_step import trl_mpo_step
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
     model_dir = tiny_model
     processor = AutoProcessor.from_pretrained(model_dir)
-    ds = load_dataset("parquet", data_dir=str(trl_dir / "data"), split="train", cache_dir=str(tmp_path / "cache"))
+    ds = load_dataset(
+        "parquet", data_dir=str(trl_dir / "data"), split="train", cache_dir=str(tmp_path / "cache")
+    )
 
     batch = DataCollatorForVisionPreference(processor)([ds[0], ds[23]])
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    merge = processor.image_processor.merge_size ** 2
+    merge = processor.image_processor.merge_size**2
     # prompts are repeated for chosen and rejected: each sequence holds its image's tokens exactly once
     assert batch["input_ids"].shape[0] == 4
     per_image = (batch["image_grid_thw"].prod(dim=1) // merge).tolist()
@@ -131,7 +151,11 @@ def test_internvl_export_reads_back_row_by_row(run_dir, tmp_path):
         assert len(rows) == len(expected)
         for (item, image_bytes), pair in zip(rows, expected):
             assert item["question"] == "<image>\n" + pair["question"]
-            assert (item["chosen"], item["rejected"], item["id"]) == (pair["chosen"], pair["rejected"], pair["id"])
+            assert (item["chosen"], item["rejected"], item["id"]) == (
+                pair["chosen"],
+                pair["rejected"],
+                pair["id"],
+            )
             assert image_bytes == pair["images"][0]["bytes"]  # the original bytes, not re-encoded
             assert item["image"] == f"{pair['qid']}.png"
         # one image file per question, shared by its pairs
@@ -185,7 +209,9 @@ def test_export_of_unreadable_image_bytes_names_the_pair(tmp_path):
     rows = pq.read_table(shard).to_pylist()
     rows[1]["images"] = [{"bytes": b"not an image", "path": None}]
     pq.write_table(pa.Table.from_pylist(rows, schema=records.PAIR_SCHEMA), shard)
-    with pytest.raises(export.ExportError, match=f"pair {rows[1]['id']}: image bytes are not a readable image"):
+    with pytest.raises(
+        export.ExportError, match=f"pair {rows[1]['id']}: image bytes are not a readable image"
+    ):
         export.export(run, "internvl", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["run"]

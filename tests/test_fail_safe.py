@@ -3,6 +3,7 @@ token in the output, and a one-line message (rc 2 for a user error, 1 for the en
 of a traceback. Each test runs the real CLI in a fresh process, as a user would; none of them
 starts vLLM, and every one is bounded by a subprocess timeout, so a regression fails, never hangs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,20 +22,29 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _run_fixture import make_run
+
 from mmpr_pipeline import card, cli, export, hub
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_FAILSAFEtokenThatMustNeverBePrinted7"
 
 
-def mmpr(*args, env: dict | None = None, timeout: float = 120, preexec_fn=None) -> subprocess.CompletedProcess:
+def mmpr(
+    *args, env: dict | None = None, timeout: float = 120, preexec_fn=None
+) -> subprocess.CompletedProcess:
     """Run `mmpr ARGS` in a fresh process from the repository root."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "MMPR_"))}
     full_env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "mmpr_pipeline.cli", *map(str, args)], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
+    return subprocess.run(
+        [sys.executable, "-m", "mmpr_pipeline.cli", *map(str, args)],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
+    )
 
 
 def one_line_error(r: subprocess.CompletedProcess, rc: int, *needles: str) -> str:
@@ -52,7 +62,9 @@ def one_line_error(r: subprocess.CompletedProcess, rc: int, *needles: str) -> st
 def tmpfs(path: Path, options: str):
     """A tmpfs mounted at `path` (root only); skips the test where mounting is not allowed."""
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
@@ -98,10 +110,13 @@ def run_dir(tmp_path_factory):
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 # --- case 3: export never deletes a user file --------------------------------------------------
+
 
 def test_export_over_an_earlier_export_keeps_the_users_files(run_dir, tmp_path):
     out = tmp_path / "pairs"
@@ -129,8 +144,9 @@ def test_export_out_that_is_a_file_or_under_one(run_dir, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("keep")
     one_line_error(mmpr("export", run_dir, "--format", "trl", "--out", a_file), 2, str(a_file), "is a file")
-    one_line_error(mmpr("export", run_dir, "--format", "trl", "--out", a_file / "sub"), 2,
-                   f"{a_file} is a file")
+    one_line_error(
+        mmpr("export", run_dir, "--format", "trl", "--out", a_file / "sub"), 2, f"{a_file} is a file"
+    )
     assert a_file.read_text() == "keep"
     link = tmp_path / "link"
     link.symlink_to(tmp_path)
@@ -140,7 +156,9 @@ def test_export_out_that_is_a_file_or_under_one(run_dir, tmp_path):
 
 def test_export_out_read_only(run_dir, tmp_path):
     with read_only_folder(tmp_path / "ro") as ro:
-        one_line_error(mmpr("export", run_dir, "--format", "trl", "--out", ro / "pairs"), 2, str(ro), "cannot write")
+        one_line_error(
+            mmpr("export", run_dir, "--format", "trl", "--out", ro / "pairs"), 2, str(ro), "cannot write"
+        )
 
 
 def test_export_out_busy_with_another_export(run_dir, tmp_path):
@@ -156,20 +174,29 @@ def test_export_out_busy_with_another_export(run_dir, tmp_path):
 
 def test_export_out_that_is_a_mount_point(run_dir, tmp_path):
     with tmpfs(tmp_path / "mnt", "size=1m") as mount_point:  # busy: it cannot be renamed or replaced
-        one_line_error(mmpr("export", run_dir, "--format", "trl", "--out", mount_point), 2, str(mount_point),
-                       "Device or resource busy")
+        one_line_error(
+            mmpr("export", run_dir, "--format", "trl", "--out", mount_point),
+            2,
+            str(mount_point),
+            "Device or resource busy",
+        )
         assert list(mount_point.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
 
 
 def test_export_to_a_full_disk(run_dir, tmp_path):
     with full_disk(tmp_path / "disk") as disk:
-        one_line_error(mmpr("export", run_dir, "--format", "trl", "--out", disk / "pairs"), 1,
-                       str(disk / "pairs"), "No space left on device")
+        one_line_error(
+            mmpr("export", run_dir, "--format", "trl", "--out", disk / "pairs"),
+            1,
+            str(disk / "pairs"),
+            "No space left on device",
+        )
         assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # nothing half-written left
 
 
 # --- case 4: publish never hangs ---------------------------------------------------------------
+
 
 class StuckServer:
     """Accepts connections and reads the request; then sends nothing (`trickle=0`), or an answer that
@@ -186,7 +213,7 @@ class StuckServer:
         while not self.stop.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
@@ -211,9 +238,21 @@ class StuckServer:
 def test_publish_against_a_stuck_server_ends_with_a_message(run_dir, tmp_path, trickle):
     server = StuckServer(trickle)
     try:
-        r = mmpr("publish", run_dir, "--repo-id", "me/demo", timeout=90,
-                 env=dict(HF_ENDPOINT=server.url, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf"),
-                          MMPR_HUB_TIMEOUT="1", MMPR_HUB_RETRIES="2", MMPR_HUB_BACKOFF="0.1"))
+        r = mmpr(
+            "publish",
+            run_dir,
+            "--repo-id",
+            "me/demo",
+            timeout=90,
+            env=dict(
+                HF_ENDPOINT=server.url,
+                HF_TOKEN=TOKEN,
+                HF_HOME=str(tmp_path / "hf"),
+                MMPR_HUB_TIMEOUT="1",
+                MMPR_HUB_RETRIES="2",
+                MMPR_HUB_BACKOFF="0.1",
+            ),
+        )
     finally:
         server.close()
     one_line_error(r, hub.NETWORK, server.url, "did not answer in time", "MMPR_HUB_TIMEOUT")
@@ -224,6 +263,7 @@ def test_publish_against_a_stuck_server_ends_with_a_message(run_dir, tmp_path, t
 
 
 # --- case 11: the token never appears in the output --------------------------------------------
+
 
 class EchoingHub:
     """A Hub that says the token is the user's name, puts it in a warning header and in the card
@@ -255,7 +295,9 @@ class EchoingHub:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
 
     def close(self):
         self.server.shutdown()
@@ -265,8 +307,15 @@ class EchoingHub:
 def test_publish_never_prints_the_token_whatever_the_server_sends(run_dir, tmp_path):
     server = EchoingHub()
     try:
-        r = mmpr("-v", "publish", run_dir, "--repo-id", "me/demo", timeout=90,
-                 env=dict(HF_ENDPOINT=server.url, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf"), HF_DEBUG="1"))
+        r = mmpr(
+            "-v",
+            "publish",
+            run_dir,
+            "--repo-id",
+            "me/demo",
+            timeout=90,
+            env=dict(HF_ENDPOINT=server.url, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf"), HF_DEBUG="1"),
+        )
     finally:
         server.close()
     assert r.returncode == hub.REFUSED, r.stderr
@@ -280,10 +329,14 @@ def test_publish_never_prints_the_token_whatever_the_server_sends(run_dir, tmp_p
 
 # 9 levels of 9 aliases: 9^9 (387 million) strings once expanded. As a `name`, a string key, the
 # type check's message would print it all: without the bound, that is what grows without end.
-ALIAS_BOMB = "\n".join(
-    [f'a0: &a0 [{", ".join(["lol"] * 9)}]']
-    + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
-    + ["name: *a8", "output_dir: *a8", "sources: [{name: s, loader: generated}]"]) + "\n"
+ALIAS_BOMB = (
+    "\n".join(
+        [f"a0: &a0 [{', '.join(['lol'] * 9)}]"]
+        + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+        + ["name: *a8", "output_dir: *a8", "sources: [{name: s, loader: generated}]"]
+    )
+    + "\n"
+)
 
 
 def _memory_cap():  # a regression must fail the test, not take the machine's memory with it
@@ -298,13 +351,22 @@ def test_a_yaml_alias_bomb_fails_fast_naming_the_file(tmp_path):
         r = mmpr(*command, timeout=60, preexec_fn=_memory_cap)
         one_line_error(r, 2, str(bomb), "aliases expand to over 100,000 values")
     inline = "{" + ALIAS_BOMB.strip().replace("\n", ", ") + "}"  # the same bomb as a --set value
-    r = mmpr("build", "data_cards/demo.yaml", "--out", tmp_path / "run", "--set", f"card.extra={inline}",
-             timeout=60, preexec_fn=_memory_cap)
+    r = mmpr(
+        "build",
+        "data_cards/demo.yaml",
+        "--out",
+        tmp_path / "run",
+        "--set",
+        f"card.extra={inline}",
+        timeout=60,
+        preexec_fn=_memory_cap,
+    )
     one_line_error(r, 2, "--set", "card.extra", "aliases expand to over 100,000 values")
     assert not (tmp_path / "run").exists()
 
 
 # --- case 12/13: recipe paths, --limit, --out, model, engine options, sources ------------------
+
 
 def _recipe(tmp_path: Path, **changes) -> Path:
     """The demo recipe with `changes` (top-level keys) written to tmp_path/recipe.yaml."""
@@ -327,13 +389,17 @@ def _fifo(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("make, needle", [
-    (lambda d: _file(d / "r.yaml", b"name: caf\xe9\nsources: []\n"), "not UTF-8"),
-    (lambda d: _file(d / "r\udcff.yaml", b"name: x\n"), "sources"),
-    (lambda d: d, "is a folder"),
-    (lambda d: _file(d / "empty.yaml", b""), "the file is empty"),
-    (lambda d: _fifo(d / "fifo.yaml"), "not a regular file"),
-], ids=["non-utf8-content", "non-utf8-name", "folder", "empty-with-limit", "fifo"])
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda d: _file(d / "r.yaml", b"name: caf\xe9\nsources: []\n"), "not UTF-8"),
+        (lambda d: _file(d / "r\udcff.yaml", b"name: x\n"), "sources"),
+        (lambda d: d, "is a folder"),
+        (lambda d: _file(d / "empty.yaml", b""), "the file is empty"),
+        (lambda d: _fifo(d / "fifo.yaml"), "not a regular file"),
+    ],
+    ids=["non-utf8-content", "non-utf8-name", "folder", "empty-with-limit", "fifo"],
+)
 def test_a_bad_recipe_path_is_one_line(tmp_path, make, needle):
     recipes = tmp_path / "recipes"
     recipes.mkdir()
@@ -364,7 +430,9 @@ def test_build_out_with_a_corrupt_recipe_json(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.json").write_text('{"name": "demo", ')
-    one_line_error(mmpr("build", "data_cards/demo.yaml", "--out", run), 2, str(run / "recipe.json"), "cannot be read")
+    one_line_error(
+        mmpr("build", "data_cards/demo.yaml", "--out", run), 2, str(run / "recipe.json"), "cannot be read"
+    )
     assert (run / "recipe.json").read_text() == '{"name": "demo", '
 
 
@@ -375,7 +443,9 @@ def test_a_model_path_that_does_not_exist_fails_before_any_engine(tmp_path):
     assert r.stderr.count("\n") == 1  # nothing else: no Ray, no vLLM
     r = mmpr("eval", "data_cards/demo.yaml", "--out", tmp_path / "eval", "--model", missing, timeout=60)
     one_line_error(r, 2, "--model", str(missing), "no such folder")
-    r = mmpr("build", _recipe(tmp_path, model="someone/not-downloaded"), "--out", tmp_path / "run", timeout=60)
+    r = mmpr(
+        "build", _recipe(tmp_path, model="someone/not-downloaded"), "--out", tmp_path / "run", timeout=60
+    )
     one_line_error(r, 2, "model", "someone/not-downloaded", "HF_HUB_OFFLINE")
 
 
@@ -390,17 +460,21 @@ def test_engine_options_known_to_vllm_or_the_pipeline_pass():
     from mmpr_pipeline import engine, preflight
 
     assert {"max_model_len", "tensor_parallel_size", "gpu_memory_utilization"} <= preflight.engine_options()
-    preflight.check_engine_options({"max_model_len": 512, "enforce_eager": True,
-                                    **{k: 1 for k in engine.PIPELINE_ENGINE_KEYS}}, "r.yaml")
-    with pytest.raises(preflight.PreflightError, match="r.yaml: engine.tensor_parallel: .*'tensor_parallel_size'"):
+    preflight.check_engine_options(
+        {"max_model_len": 512, "enforce_eager": True, **{k: 1 for k in engine.PIPELINE_ENGINE_KEYS}}, "r.yaml"
+    )
+    with pytest.raises(
+        preflight.PreflightError, match="r.yaml: engine.tensor_parallel: .*'tensor_parallel_size'"
+    ):
         preflight.check_engine_options({"tensor_parallel": 2}, "r.yaml")
 
 
 def test_a_source_that_gives_no_question_is_refused(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))  # no question field
-    recipe = _recipe(tmp_path, sources=[{"name": "mine", "loader": "jsonl", "path": str(rows),
-                                         "answer_type": "text"}])
+    recipe = _recipe(
+        tmp_path, sources=[{"name": "mine", "loader": "jsonl", "path": str(rows), "answer_type": "text"}]
+    )
     r = mmpr("build", recipe, "--out", tmp_path / "run", timeout=60)
     one_line_error(r, 2, str(recipe), "sources[0] (mine)", "none of its 5 rows", "missing question")
     assert not (tmp_path / "run" / "data").exists()
@@ -421,8 +495,15 @@ def test_garbage_parquet_as_training_data_names_the_file(tmp_path):
     data.mkdir()
     garbage = data / "train-00000-of-00001.parquet"
     garbage.write_bytes(os.urandom(2048))
-    r = mmpr("train", "data_cards/train_mpo.yaml", "--set", f"data={data}", "--set", f"output_dir={tmp_path / 'out'}",
-             timeout=120)
+    r = mmpr(
+        "train",
+        "data_cards/train_mpo.yaml",
+        "--set",
+        f"data={data}",
+        "--set",
+        f"output_dir={tmp_path / 'out'}",
+        timeout=120,
+    )
     one_line_error(r, 2, str(garbage), "not a readable Parquet file")
 
 
@@ -431,12 +512,31 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     out, log = tmp_path / "run", tmp_path / "stderr.txt"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MMPR_"))}
     with open(log, "w") as err:
-        p = subprocess.Popen([sys.executable, "-m", "mmpr_pipeline.cli", "build", "data_cards/demo.yaml", "--out", out,
-                              "--limit", "8", "--model", "build/models/demo"], cwd=ROOT, stdout=err, stderr=err,
-                             env={**env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mmpr_pipeline.cli",
+                "build",
+                "data_cards/demo.yaml",
+                "--out",
+                out,
+                "--limit",
+                "8",
+                "--model",
+                "build/models/demo",
+            ],
+            cwd=ROOT,
+            stdout=err,
+            stderr=err,
+            env={**env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 180
-            while "work units to do" not in log.read_text() and p.poll() is None and time.monotonic() < deadline:
+            while (
+                "work units to do" not in log.read_text() and p.poll() is None and time.monotonic() < deadline
+            ):
                 time.sleep(0.5)
             assert p.poll() is None, log.read_text()
             time.sleep(3)  # into sampling
@@ -447,11 +547,14 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
                 os.killpg(p.pid, signal.SIGKILL)
     stderr = log.read_text()
     assert rc == cli.INTERRUPTED, stderr
-    assert f"interrupted: finished work units are kept in {out}: run the same command again to resume" in stderr
+    assert (
+        f"interrupted: finished work units are kept in {out}: run the same command again to resume" in stderr
+    )
     assert "Traceback" not in stderr
 
 
 # --- item 6: the wrapper itself ----------------------------------------------------------------
+
 
 def test_debug_shows_the_traceback(tmp_path):
     r = mmpr("--debug", "build", tmp_path / "none.yaml", "--out", tmp_path / "run")
@@ -462,10 +565,19 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_error_message_sorts_user_errors_from_environment_failures():
     from mmpr_pipeline.recipe import RecipeError
 
-    assert cli.error_message(RecipeError("r.yaml", "sampling.n", "must be >= 1")) == (2, "r.yaml: sampling.n: must be >= 1")
+    assert cli.error_message(RecipeError("r.yaml", "sampling.n", "must be >= 1")) == (
+        2,
+        "r.yaml: sampling.n: must be >= 1",
+    )
     code, message = cli.error_message(OSError(errno.ENOSPC, "No space left on device", "/d/run/x.parquet"))
-    assert code == 1 and message.startswith("/d/run/x.parquet: No space left on device") and "run the same" in message
-    code, message = cli.error_message(RuntimeError("engine died\n  Traceback (most recent call last):\n  ..."))
+    assert (
+        code == 1
+        and message.startswith("/d/run/x.parquet: No space left on device")
+        and "run the same" in message
+    )
+    code, message = cli.error_message(
+        RuntimeError("engine died\n  Traceback (most recent call last):\n  ...")
+    )
     assert code == 1 and "\n" not in message and message.startswith("RuntimeError: engine died")
     assert cli.error_message(MemoryError()) == (1, "out of memory")
     try:  # a full disk behind a wrapper (Ray's, the build's): still said

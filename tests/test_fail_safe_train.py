@@ -5,6 +5,7 @@ with another config unless asked, and says so in one line when output_dir is a f
 Before: `--set learning_rate=.inf` ran 53 steps, rc 0, and saved a model NaN in 57 of 70 tensors;
 re-running the same output_dir with another learning rate only warned and "resumed" the NaN run.
 """
+
 import json
 import math
 from pathlib import Path
@@ -27,9 +28,28 @@ def run_dir(tmp_path_factory):
 
 
 def mmpr_train(tiny_model, run_dir, out, *sets, capsys=None):
-    argv = ["train", str(TRAIN), "--set", f"model={tiny_model}", "--set", f"data={run_dir}", "--set",
-            f"output_dir={out}", "--set", "batch_size=2", "--set", "grad_accum_steps=1", "--set", "max_steps=2",
-            "--set", "eval_fraction=0.2", "--set", "progress_bar=false", "--set", "warmup_ratio=0"]
+    argv = [
+        "train",
+        str(TRAIN),
+        "--set",
+        f"model={tiny_model}",
+        "--set",
+        f"data={run_dir}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "batch_size=2",
+        "--set",
+        "grad_accum_steps=1",
+        "--set",
+        "max_steps=2",
+        "--set",
+        "eval_fraction=0.2",
+        "--set",
+        "progress_bar=false",
+        "--set",
+        "warmup_ratio=0",
+    ]
     for s in sets:
         argv += ["--set", s]
     rc = cli.main(argv)
@@ -42,8 +62,17 @@ def one_line_error(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("setting", ["learning_rate=.inf", "learning_rate=.nan", "beta=.inf",
-                                     "weights=[0.8, .inf, 1.0]", "max_grad_norm=.nan", "weight_decay=-.inf"])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "learning_rate=.inf",
+        "learning_rate=.nan",
+        "beta=.inf",
+        "weights=[0.8, .inf, 1.0]",
+        "max_grad_norm=.nan",
+        "weight_decay=-.inf",
+    ],
+)
 def test_non_finite_settings_are_refused(setting, tiny_model, run_dir, tmp_path, capsys):
     rc, err = mmpr_train(tiny_model, run_dir, tmp_path / "out", setting, capsys=capsys)
     key = setting.split("=")[0]
@@ -52,13 +81,16 @@ def test_non_finite_settings_are_refused(setting, tiny_model, run_dir, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_a_non_finite_loss_stops_training_and_nothing_non_finite_is_saved(tiny_model, run_dir, tmp_path, capsys):
+def test_a_non_finite_loss_stops_training_and_nothing_non_finite_is_saved(
+    tiny_model, run_dir, tmp_path, capsys
+):
     """A finite but absurd learning rate: step 1's update is finite (1e30-sized weights, saved as
     checkpoint 1), step 2's loss overflows. Training stops there with rc 1; no final model, no
     summary, no checkpoint of step 2, and every tensor that was saved is finite."""
     out = tmp_path / "out"
-    rc, err = mmpr_train(tiny_model, run_dir, out, "learning_rate=1e30", "save_every=1", "max_steps=4",
-                         capsys=capsys)
+    rc, err = mmpr_train(
+        tiny_model, run_dir, out, "learning_rate=1e30", "save_every=1", "max_steps=4", capsys=capsys
+    )
     assert rc == 1
     line = one_line_error(err)
     assert "step 2: non-finite" in line and "stopped without saving" in line
@@ -74,8 +106,9 @@ def test_an_update_that_overflows_the_weights_is_never_saved(tiny_model, run_dir
     """float16 weights and a step of 1e5 (over float16's 65504): step 1's loss and gradients are
     finite, its update is not. Training stops before step 1's checkpoint is written."""
     out = tmp_path / "out"
-    rc, err = mmpr_train(tiny_model, run_dir, out, "dtype=float16", "learning_rate=1e5", "save_every=1",
-                         capsys=capsys)
+    rc, err = mmpr_train(
+        tiny_model, run_dir, out, "dtype=float16", "learning_rate=1e5", "save_every=1", capsys=capsys
+    )
     assert rc == 1 and "step 1: the update made weights non-finite" in one_line_error(err)
     assert not list(out.glob("checkpoint-*")) and not (out / "final").exists()
 
@@ -119,8 +152,18 @@ def test_resuming_under_another_config_is_refused_unless_asked(tiny_model, run_d
     assert mmpr_train(tiny_model, run_dir, out, "learning_rate=1e-3", "log_every=2", capsys=capsys)[0] == 0
 
     # asked for: continue it anyway (a longer run), or start over in the same folder
-    assert mmpr_train(tiny_model, run_dir, out, "learning_rate=1e-3", "max_steps=3", "resume_with_changes=true",
-                      capsys=capsys)[0] == 0
+    assert (
+        mmpr_train(
+            tiny_model,
+            run_dir,
+            out,
+            "learning_rate=1e-3",
+            "max_steps=3",
+            "resume_with_changes=true",
+            capsys=capsys,
+        )[0]
+        == 0
+    )
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
     assert mmpr_train(tiny_model, run_dir, out, "learning_rate=1e-5", "resume=false", capsys=capsys)[0] == 0

@@ -3,6 +3,7 @@
 The Hub cannot be reached from the test machine: a tiny local HTTP server stands in for it and
 records every request, so "nothing was sent" is checked, not assumed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _run_fixture import make_run
 from huggingface_hub import constants
 
-from _run_fixture import make_run
 from mmpr_pipeline import card, hub, records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _answer(self):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        self.server.requests.append((self.command, self.path.split("?")[0], self.headers.get("Authorization"), body))
+        self.server.requests.append(
+            (self.command, self.path.split("?")[0], self.headers.get("Authorization"), body)
+        )
         status, payload = self.server.routes.get((self.command, self.path.split("?")[0]), self.server.default)
         data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
         self.send_response(status)
@@ -106,13 +109,15 @@ def hub_env(monkeypatch, tmp_path):
 
 
 def _args(run_dir, repo_id="me/demo", private=False, revision=None, dry_run=False):
-    return argparse.Namespace(run_dir=str(run_dir), repo_id=repo_id, private=private, revision=revision,
-                              dry_run=dry_run)
+    return argparse.Namespace(
+        run_dir=str(run_dir), repo_id=repo_id, private=private, revision=revision, dry_run=dry_run
+    )
 
 
 def _snapshot(folder: Path):
-    return sorted((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in folder.rglob("*"))
+    return sorted(
+        (p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+    )
 
 
 def _closed_port() -> int:
@@ -133,9 +138,17 @@ def test_dry_run_lists_exactly_the_files_and_sends_nothing(run, fake_hub, monkey
     assert hub.cli_publish(_args(run, dry_run=True)) == 0
     out = capsys.readouterr().out
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("    ")]
-    assert listed == ["README.md", "stats.json", "recipe.json", "figures/correct_rate.png",
-                      "figures/pairs_per_source.png", "figures/pass_rate.png",
-                      "figures/response_lengths.png", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+    assert listed == [
+        "README.md",
+        "stats.json",
+        "recipe.json",
+        "figures/correct_rate.png",
+        "figures/pairs_per_source.png",
+        "figures/pass_rate.png",
+        "figures/response_lengths.png",
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+    ]
     assert [rel for rel, _ in hub.upload_plan(run)] == listed
     assert f"{server.url}/datasets/me/demo" in out
     assert "token: found (HF_TOKEN)" in out and "Nothing was uploaded" in out
@@ -161,19 +174,46 @@ def _retype_column(path: Path):
     pq.write_table(table.set_column(i, pa.field("chosen_index", pa.int32()), column), path)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda r: (r / "data" / "train-00001-of-00002.parquet").unlink(), "shard listed in stats.json is missing"),
-    (lambda r: shutil.copy(r / "data" / "train-00000-of-00002.parquet", r / "data" / "train-00000-of-00003.parquet"),
-     "not listed in stats.json"),
-    (lambda r: _drop_column(r / "data" / "train-00000-of-00002.parquet"), "column 'cut_ratio' is missing"),
-    (lambda r: _retype_column(r / "data" / "train-00001-of-00002.parquet"),
-     "column 'chosen_index' is int32, expected int64"),
-    (lambda r: (r / "README.md").unlink(), "README.md: missing"),
-    (lambda r: _edit(r / "README.md", "num_examples: 24", "num_examples: 30"), "the shards hold 24 rows"),
-    (lambda r: _edit(r / "stats.json", '"format": 6', '"format": 7'), "stats.json counts 25 pairs, the shards hold 24"),
-    (lambda r: (r / "recipe.json").unlink(), "recipe.json: missing"),
-], ids=["missing-shard", "stale-shard", "missing-column", "wrong-type", "no-card", "card-mismatch", "count-mismatch",
-        "no-recipe"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda r: (r / "data" / "train-00001-of-00002.parquet").unlink(),
+            "shard listed in stats.json is missing",
+        ),
+        (
+            lambda r: shutil.copy(
+                r / "data" / "train-00000-of-00002.parquet", r / "data" / "train-00000-of-00003.parquet"
+            ),
+            "not listed in stats.json",
+        ),
+        (
+            lambda r: _drop_column(r / "data" / "train-00000-of-00002.parquet"),
+            "column 'cut_ratio' is missing",
+        ),
+        (
+            lambda r: _retype_column(r / "data" / "train-00001-of-00002.parquet"),
+            "column 'chosen_index' is int32, expected int64",
+        ),
+        (lambda r: (r / "README.md").unlink(), "README.md: missing"),
+        (lambda r: _edit(r / "README.md", "num_examples: 24", "num_examples: 30"), "the shards hold 24 rows"),
+        (
+            lambda r: _edit(r / "stats.json", '"format": 6', '"format": 7'),
+            "stats.json counts 25 pairs, the shards hold 24",
+        ),
+        (lambda r: (r / "recipe.json").unlink(), "recipe.json: missing"),
+    ],
+    ids=[
+        "missing-shard",
+        "stale-shard",
+        "missing-column",
+        "wrong-type",
+        "no-card",
+        "card-mismatch",
+        "count-mismatch",
+        "no-recipe",
+    ],
+)
 def test_refuses_a_broken_run_before_any_network_call(run, fake_hub, monkeypatch, capsys, damage, message):
     server = fake_hub()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
@@ -245,8 +285,12 @@ def test_unreachable_endpoint_fails_cleanly(run, monkeypatch, capsys):
 
 
 def test_a_card_the_hub_rejects_is_not_uploaded(run, fake_hub, monkeypatch, capsys):
-    server = fake_hub({("GET", "/api/whoami-v2"): (200, {"name": "me", "type": "user"}),
-                       ("POST", "/api/validate-yaml"): (400, '"license" must be one of [apache-2.0, mit, ...]')})
+    server = fake_hub(
+        {
+            ("GET", "/api/whoami-v2"): (200, {"name": "me", "type": "user"}),
+            ("POST", "/api/validate-yaml"): (400, '"license" must be one of [apache-2.0, mit, ...]'),
+        }
+    )
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     assert hub.cli_publish(_args(run)) == hub.REFUSED
     err = capsys.readouterr().err
@@ -259,8 +303,12 @@ def test_a_card_the_hub_rejects_is_not_uploaded(run, fake_hub, monkeypatch, caps
 def test_publish_creates_the_repo_and_uploads_the_plan(run, fake_hub, monkeypatch, capsys):
     from huggingface_hub import HfApi
 
-    server = fake_hub({("GET", "/api/whoami-v2"): (200, {"name": "me", "type": "user"}),
-                       ("POST", "/api/validate-yaml"): (200, "")})
+    server = fake_hub(
+        {
+            ("GET", "/api/whoami-v2"): (200, {"name": "me", "type": "user"}),
+            ("POST", "/api/validate-yaml"): (200, ""),
+        }
+    )
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     calls = []
 
@@ -269,6 +317,7 @@ def test_publish_creates_the_repo_and_uploads_the_plan(run, fake_hub, monkeypatc
             assert constants.HF_HUB_OFFLINE is False  # offline mode is lifted for the Hub calls
             calls.append((name, args, kwargs))
             return result
+
         return method
 
     monkeypatch.setattr(HfApi, "create_repo", record("create_repo"))
@@ -281,10 +330,14 @@ def test_publish_creates_the_repo_and_uploads_the_plan(run, fake_hub, monkeypatc
     _assert_no_token(out, err)
     names = [c[0] for c in calls]
     assert names == ["create_repo", "repo_info", "create_branch", "upload_folder"]
-    assert calls[0][1] == ("me/demo",) and calls[0][2] == dict(repo_type="dataset", private=True, exist_ok=True)
+    assert calls[0][1] == ("me/demo",) and calls[0][2] == dict(
+        repo_type="dataset", private=True, exist_ok=True
+    )
     assert calls[2][2] == dict(branch="v1", repo_type="dataset", exist_ok=True)
     upload = calls[3][2]
-    assert upload["repo_type"] == "dataset" and upload["revision"] == "v1" and Path(upload["folder_path"]) == run
+    assert (
+        upload["repo_type"] == "dataset" and upload["revision"] == "v1" and Path(upload["folder_path"]) == run
+    )
     assert upload["allow_patterns"] == [rel for rel, _ in hub.upload_plan(run)]
     assert upload["delete_patterns"] == ["data/*.parquet", "figures/*.png"]
     assert "24 MMPR pairs" in upload["commit_message"]
@@ -295,10 +348,21 @@ def test_cli_with_a_bad_token_in_a_fresh_process(run, fake_hub, tmp_path):
     """The real command line, with HF_HUB_OFFLINE=1 read at import time as the Makefile sets it."""
     server = fake_hub()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env.update(HF_ENDPOINT=server.url, HF_TOKEN=TOKEN, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-               PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "mmpr_pipeline.cli", "-v", "publish", str(run), "--repo-id", "me/demo"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    env.update(
+        HF_ENDPOINT=server.url,
+        HF_TOKEN=TOKEN,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+        PYTHONPATH=str(ROOT),
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "mmpr_pipeline.cli", "-v", "publish", str(run), "--repo-id", "me/demo"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == hub.AUTH, r.stderr
     assert "rejected the token" in r.stderr
     _assert_no_token(r.stdout, r.stderr)

@@ -1,4 +1,5 @@
 """Load: every loader, and a corpus of broken rows that must be set aside with their reason."""
+
 import io
 import json
 
@@ -73,10 +74,16 @@ def test_broken_rows_are_set_aside_with_reasons(tmp_path):
 
 def test_parquet_bytes_and_units(tmp_path):
     rows = list(tasks.generate(10, seed=3))
-    table = pa.Table.from_pylist([dict(image=r["image"], question=r["question"], answer=r["answer"],
-                                       kind=r["answer_type"]) for r in rows])
+    table = pa.Table.from_pylist(
+        [
+            dict(image=r["image"], question=r["question"], answer=r["answer"], kind=r["answer_type"])
+            for r in rows
+        ]
+    )
     pq.write_table(table, tmp_path / "part-0.parquet")
-    src = _source(path=str(tmp_path / "*.parquet"), answer_type=None, fields=Fields(answer_type="kind"), limit=7)
+    src = _source(
+        path=str(tmp_path / "*.parquet"), answer_type=None, fields=Fields(answer_type="kind"), limit=7
+    )
     questions, rejects, n_rows = load_source(src, unit_size=3)
     assert n_rows == 7 and not rejects
     assert [q["unit"] for q in questions] == [0, 0, 0, 1, 1, 1, 2]
@@ -90,13 +97,20 @@ def test_datasets_saved_to_disk_with_image_feature(tmp_path):
     import datasets
 
     rows = list(tasks.generate(4, seed=5))
-    ds = datasets.Dataset.from_dict({
-        "img": [Image.open(io.BytesIO(r["image"])) for r in rows],
-        "q": [r["question"] for r in rows], "a": [r["answer"] for r in rows],
-    }).cast_column("img", datasets.Image())
+    ds = datasets.Dataset.from_dict(
+        {
+            "img": [Image.open(io.BytesIO(r["image"])) for r in rows],
+            "q": [r["question"] for r in rows],
+            "a": [r["answer"] for r in rows],
+        }
+    ).cast_column("img", datasets.Image())
     ds.save_to_disk(str(tmp_path / "ds"))
-    src = _source(loader="hf_disk", path=str(tmp_path / "ds"), answer_type="text",
-                  fields=Fields(image="img", question="q", answer="a"))
+    src = _source(
+        loader="hf_disk",
+        path=str(tmp_path / "ds"),
+        answer_type="text",
+        fields=Fields(image="img", question="q", answer="a"),
+    )
     questions, rejects, _ = load_source(src, unit_size=8)
     assert len(questions) == 4 and not rejects
     assert Image.open(io.BytesIO(questions[0]["images"][0])).size == (112, 112)
@@ -105,8 +119,12 @@ def test_datasets_saved_to_disk_with_image_feature(tmp_path):
 def test_dropout_source_needs_no_answer_and_takes_a_given_response(tmp_path):
     rows = [dict(image=GOOD, question="Describe this image.", response="A red square fills the picture.")]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    src = _source(path=str(tmp_path / "d.parquet"), pipeline="dropout_ntp", answer_type=None,
-                  fields=Fields(response="response"))
+    src = _source(
+        path=str(tmp_path / "d.parquet"),
+        pipeline="dropout_ntp",
+        answer_type=None,
+        fields=Fields(response="response"),
+    )
     questions, rejects, _ = load_source(src, unit_size=8)
     assert not rejects and questions[0]["given_response"] == "A red square fills the picture."
     assert questions[0]["answer"] == ""

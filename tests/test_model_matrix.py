@@ -6,6 +6,7 @@ DPOTrainer. One tiny random-weight model and one build per family, shared by its
 A cell that vLLM on CPU cannot run is listed in CPU_RED with the error it raises: its test xfails
 with that error quoted, so the cell stays red in the README's table, and the others are verified.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,38 +20,67 @@ import torch
 import yaml
 from PIL import Image
 
-from mmpr_pipeline import engine, export, model_zoo, pipeline, prompts, recipe as recipe_mod, shards, tasks
+from mmpr_pipeline import engine, export, model_zoo, pipeline, prompts, shards, tasks
+from mmpr_pipeline import recipe as recipe_mod
 from mmpr_pipeline.train import MPOConfig, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 FAMILIES = list(model_zoo.FAMILIES)
 CPU_RED: dict[str, str] = {}  # family -> the error vLLM on CPU raises (none today)
-CAPTIONS = ["A plain picture with a few coloured shapes placed on a light background, nothing else at all.",
-            "Several small geometric shapes in different colours are scattered across this simple image.",
-            "The picture shows coloured circles and squares of various sizes against a pale backdrop.",
-            "Some bars and dots of different colours stand on a white ground in this small drawing here."]
+CAPTIONS = [
+    "A plain picture with a few coloured shapes placed on a light background, nothing else at all.",
+    "Several small geometric shapes in different colours are scattered across this simple image.",
+    "The picture shows coloured circles and squares of various sizes against a pale backdrop.",
+    "Some bars and dots of different colours stand on a white ground in this small drawing here.",
+]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
     """(name, model folder) of one family, built once for all of its checks."""
-    return request.param, str(model_zoo.build(request.param, tmp_path_factory.mktemp(request.param) / "model"))
+    return request.param, str(
+        model_zoo.build(request.param, tmp_path_factory.mktemp(request.param) / "model")
+    )
 
 
 def _recipe(model: str, d) -> dict:
     """A small build: 4 generated questions (correctness) and 4 captions (DropoutNTP, given responses)."""
     for i, row in enumerate(tasks.generate(len(CAPTIONS), seed=11, families=["describe"])):
         (d / f"img{i}.png").write_bytes(row["image"])
-    (d / "captions.jsonl").write_text("".join(
-        json.dumps(dict(image=f"img{i}.png", question="Describe this image.", caption=c)) + "\n"
-        for i, c in enumerate(CAPTIONS)))
+    (d / "captions.jsonl").write_text(
+        "".join(
+            json.dumps(dict(image=f"img{i}.png", question="Describe this image.", caption=c)) + "\n"
+            for i, c in enumerate(CAPTIONS)
+        )
+    )
     return dict(
-        name="matrix", model=model, seed=0, prompt_template="cot_final_answer", engine={"max_model_len": 1024},
-        sampling=dict(n=2, temperature=1.0, top_p=1.0, max_tokens=16), batch_size=8, unit_size=8, shard_rows=100,
-        sources=[dict(name="shapes", loader="generated", generator={"seed": 1, "families": ["count", "color"]},
-                      limit=4, pipeline="correctness"),
-                 dict(name="captions", loader="jsonl", path=str(d / "captions.jsonl"), pipeline="dropout_ntp",
-                      fields={"response": "caption"}, dropout={"ratio": 0.5, "min_words": 8})])
+        name="matrix",
+        model=model,
+        seed=0,
+        prompt_template="cot_final_answer",
+        engine={"max_model_len": 1024},
+        sampling=dict(n=2, temperature=1.0, top_p=1.0, max_tokens=16),
+        batch_size=8,
+        unit_size=8,
+        shard_rows=100,
+        sources=[
+            dict(
+                name="shapes",
+                loader="generated",
+                generator={"seed": 1, "families": ["count", "color"]},
+                limit=4,
+                pipeline="correctness",
+            ),
+            dict(
+                name="captions",
+                loader="jsonl",
+                path=str(d / "captions.jsonl"),
+                pipeline="dropout_ntp",
+                fields={"response": "caption"},
+                dropout={"ratio": 0.5, "min_words": 8},
+            ),
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +103,9 @@ def _processor_image_tokens(model: str, image_bytes: bytes, question: str) -> in
     processor = AutoProcessor.from_pretrained(model)
     ids = engine.image_token_ids(AutoConfig.from_pretrained(model), processor.tokenizer)
     image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-    content = prompts.user_content(prompts.render("cot_final_answer", question), [image], lambda im: {"type": "image"})
+    content = prompts.user_content(
+        prompts.render("cot_final_answer", question), [image], lambda im: {"type": "image"}
+    )
     messages = [{"role": "user", "content": content}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     enc = processor(text=[text], images=[image], return_tensors="pt", add_special_tokens=False)
@@ -112,9 +144,23 @@ def test_build_counts_the_models_own_image_tokens(family, built):
 def test_train_two_steps(family, built, lora, tmp_path):
     _, model = family
     run, _, _ = built
-    summary = train(MPOConfig(model=model, data=str(run), output_dir=str(tmp_path / "out"), batch_size=2,
-                              max_steps=2, learning_rate=1e-3, warmup_ratio=0.0, eval_fraction=0.0,
-                              max_length=1024, progress_bar=False, save_model=False, lora=lora, lora_r=4))
+    summary = train(
+        MPOConfig(
+            model=model,
+            data=str(run),
+            output_dir=str(tmp_path / "out"),
+            batch_size=2,
+            max_steps=2,
+            learning_rate=1e-3,
+            warmup_ratio=0.0,
+            eval_fraction=0.0,
+            max_length=1024,
+            progress_bar=False,
+            save_model=False,
+            lora=lora,
+            lora_r=4,
+        )
+    )
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
     assert summary["steps"] == 2 and len(train_rows) == 2 and summary["dropped"] == 0
@@ -125,9 +171,9 @@ def test_train_two_steps(family, built, lora, tmp_path):
 
 def test_trl_export_passes_one_dpo_step(family, built, tmp_path):
     """`mmpr export --format trl` output goes through TRL's collator and one DPOTrainer step (MPO's mix)."""
+    from _trl_step import trl_mpo_step
     from datasets import load_dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from _trl_step import trl_mpo_step
 
     _, model_dir = family
     run, _, _ = built
@@ -143,6 +189,7 @@ def test_trl_export_passes_one_dpo_step(family, built, tmp_path):
 
 # --- family-specific defects (issue 14), each on the family that shows it ----------------------------
 
+
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
     return str(model_zoo.build("llava", tmp_path_factory.mktemp("llava-defects") / "model"))
@@ -155,7 +202,9 @@ def pairs_run(tmp_path_factory):
     return write_pairs(tmp_path_factory.mktemp("pairs"), 8, text_only_every=100)
 
 
-def test_lora_under_freeze_vision_puts_no_adapter_in_clip_and_trains_the_projector(llava, pairs_run, tmp_path):
+def test_lora_under_freeze_vision_puts_no_adapter_in_clip_and_trains_the_projector(
+    llava, pairs_run, tmp_path
+):
     """LLaVA's CLIP attention layers are named q_proj/k_proj/v_proj like the language model's: under
     freeze_vision they get no adapter and keep their weights; the projector is trained (in full)."""
     from mmpr_pipeline.train.model import _in_vision_encoder, add_lora, freeze_vision, load_model
@@ -180,9 +229,23 @@ def test_lora_under_freeze_vision_puts_no_adapter_in_clip_and_trains_the_project
         assert not torch.allclose(projector(features), original)
 
     before = {k: v.clone() for k, v in load_model(llava).state_dict().items()}
-    summary = train(MPOConfig(model=llava, data=str(pairs_run), output_dir=str(tmp_path / "out"), batch_size=2,
-                              max_steps=2, learning_rate=1e-2, warmup_ratio=0.0, eval_fraction=0.0, max_length=1024,
-                              progress_bar=False, save_model=True, lora=True, lora_r=4))
+    summary = train(
+        MPOConfig(
+            model=llava,
+            data=str(pairs_run),
+            output_dir=str(tmp_path / "out"),
+            batch_size=2,
+            max_steps=2,
+            learning_rate=1e-2,
+            warmup_ratio=0.0,
+            eval_fraction=0.0,
+            max_length=1024,
+            progress_bar=False,
+            save_model=True,
+            lora=True,
+            lora_r=4,
+        )
+    )
     after = load_model(summary["model_dir"]).state_dict()
     vision = [k for k in before if _in_vision_encoder(k) and "multi_modal_projector" not in k]
     projector = [k for k in before if "multi_modal_projector" in k]
@@ -195,10 +258,20 @@ def test_lora_under_freeze_vision_puts_no_adapter_in_clip_and_trains_the_project
 # The first prompt token and the last response token each family's own convention asks for: LLaVA-1.5's
 # template writes no BOS (its Llama tokenizer adds <s>) and ends the assistant turn with no end token
 # (the trainer appends EOS); the others write their own BOS or none, and end turns with a special token.
-SEQUENCE_START = {"qwen2_5_vl": "<|im_start|>", "llava": "<s>", "internvl": "<|im_start|>",
-                  "idefics3": "<|im_start|>", "gemma3": "<bos>"}
-TURN_END = {"qwen2_5_vl": "<|im_end|>", "llava": "</s>", "internvl": "<|im_end|>",
-            "idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>"}
+SEQUENCE_START = {
+    "qwen2_5_vl": "<|im_start|>",
+    "llava": "<s>",
+    "internvl": "<|im_start|>",
+    "idefics3": "<|im_start|>",
+    "gemma3": "<bos>",
+}
+TURN_END = {
+    "qwen2_5_vl": "<|im_end|>",
+    "llava": "</s>",
+    "internvl": "<|im_end|>",
+    "idefics3": "<end_of_utterance>",
+    "gemma3": "<end_of_turn>",
+}
 
 
 def test_pairs_start_and_end_as_the_family_does(family, pairs_run):
@@ -211,7 +284,9 @@ def test_pairs_start_and_end_as_the_family_does(family, pairs_run):
     dataset = PairDataset(load_pairs(pairs_run), PairEncoder(processor, 2048))
     item = dataset[1]
     prompt = tok.convert_ids_to_tokens(item.prompt["input_ids"][0].tolist())
-    assert prompt[0] == SEQUENCE_START[name] and prompt.count(prompt[0]) == (1 if prompt[0] == tok.bos_token else 2)
+    assert prompt[0] == SEQUENCE_START[name] and prompt.count(prompt[0]) == (
+        1 if prompt[0] == tok.bos_token else 2
+    )
     row = dataset.row(1)
     for ids, text in ((item.chosen_ids, row["chosen"]), (item.rejected_ids, row["rejected"])):
         end = tok.convert_ids_to_tokens(ids[-2:])
@@ -225,17 +300,37 @@ def test_pairs_start_and_end_as_the_family_does(family, pairs_run):
 def test_max_pixels_caps_qwen_images_and_is_refused_for_clip_style_processors(llava, pairs_run, tmp_path):
     """max_pixels is a pixel budget: Qwen's processor takes it (fewer image tokens); LLaVA's CLIP
     processor (shortest_edge + crop_size, the tower's fixed input) would ignore it, so it is refused."""
-    from mmpr_pipeline.train.data import PairEncoder, load_pairs, PairDataset
+    from mmpr_pipeline.train.data import PairDataset, PairEncoder, load_pairs
     from mmpr_pipeline.train.model import load_processor
 
     qwen = str(model_zoo.build("qwen2_5_vl", tmp_path / "qwen"))
     image_pad = load_processor(qwen).tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    counts = [int((PairDataset(load_pairs(pairs_run), PairEncoder(load_processor(qwen, mp), 2048))[1]
-                   .prompt["input_ids"] == image_pad).sum()) for mp in (None, 28 * 28 * 4)]
+    counts = [
+        int(
+            (
+                PairDataset(load_pairs(pairs_run), PairEncoder(load_processor(qwen, mp), 2048))[1].prompt[
+                    "input_ids"
+                ]
+                == image_pad
+            ).sum()
+        )
+        for mp in (None, 28 * 28 * 4)
+    ]
     assert counts == [16, 4]
-    with pytest.raises(ValueError, match=r"max_pixels: CLIPImageProcessor .*shortest_edge.*crop_size.*unset it"):
-        train(MPOConfig(model=llava, data=str(pairs_run), output_dir=str(tmp_path / "out"), max_steps=1,
-                        max_pixels=28 * 28 * 4, progress_bar=False, save_model=False))
+    with pytest.raises(
+        ValueError, match=r"max_pixels: CLIPImageProcessor .*shortest_edge.*crop_size.*unset it"
+    ):
+        train(
+            MPOConfig(
+                model=llava,
+                data=str(pairs_run),
+                output_dir=str(tmp_path / "out"),
+                max_steps=1,
+                max_pixels=28 * 28 * 4,
+                progress_bar=False,
+                save_model=False,
+            )
+        )
 
 
 def test_sampling_starts_the_sequence_as_training_does_on_llava(llava, pairs_run):

@@ -6,6 +6,7 @@ chosen and rejected anywhere in the pipeline fails here.
 One build (local Ray, vLLM on CPU, the trained demo model) of the demo recipe at small scale plus a
 JSON Lines source whose rows carry their own response (`fields.response`).
 """
+
 import json
 from pathlib import Path
 
@@ -13,14 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from mmpr_pipeline import pipeline, recipe as recipe_mod, shards, tasks
+from mmpr_pipeline import pipeline, shards, tasks
+from mmpr_pipeline import recipe as recipe_mod
 from stages.dropout_ntp import prefix_of
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-CAPTIONS = ["A plain picture with a few coloured shapes placed on a light background, nothing else at all.",
-            "Several small geometric shapes in different colours are scattered across this simple image.",
-            "The picture shows coloured circles and squares of various sizes against a pale backdrop."]
+CAPTIONS = [
+    "A plain picture with a few coloured shapes placed on a light background, nothing else at all.",
+    "Several small geometric shapes in different colours are scattered across this simple image.",
+    "The picture shows coloured circles and squares of various sizes against a pale backdrop.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +32,27 @@ def built(tmp_path_factory, ray_local, trained_model):
     d = tmp_path_factory.mktemp("direction")
     for i, row in enumerate(tasks.generate(3, seed=11, families=["describe"])):
         (d / f"img{i}.png").write_bytes(row["image"])
-    (d / "captions.jsonl").write_text("".join(json.dumps(dict(image=f"img{i}.png", question="Describe this image.",
-                                                               caption=c)) + "\n" for i, c in enumerate(CAPTIONS)))
+    (d / "captions.jsonl").write_text(
+        "".join(
+            json.dumps(dict(image=f"img{i}.png", question="Describe this image.", caption=c)) + "\n"
+            for i, c in enumerate(CAPTIONS)
+        )
+    )
     data = yaml.safe_load((REPO / "data_cards" / "demo.yaml").read_text())
     data.update(model=trained_model, unit_size=4, shard_rows=50, engine={"max_model_len": 1024})
     data["sampling"].update(n=6, max_tokens=48)
     data["sources"][0]["limit"] = 16
     data["sources"][1]["limit"] = 4
-    data["sources"].append(dict(name="captions", loader="jsonl", path=str(d / "captions.jsonl"),
-                                pipeline="dropout_ntp", fields={"response": "caption"},
-                                dropout={"ratio": 0.5, "min_words": 8}))
+    data["sources"].append(
+        dict(
+            name="captions",
+            loader="jsonl",
+            path=str(d / "captions.jsonl"),
+            pipeline="dropout_ntp",
+            fields={"response": "caption"},
+            dropout={"ratio": 0.5, "min_words": 8},
+        )
+    )
     path = d / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     run = d / "run"
@@ -59,9 +74,9 @@ def test_correctness_and_format_pairs_follow_the_recorded_verdicts(built):
         assert s["correct"][c] is True and s["extracted"][c] is not None
         assert s["correct"][r] is False
         if p["pair_type"] == "correctness":
-            assert s["extracted"][r] is not None     # a wrong answer, not a missing one
+            assert s["extracted"][r] is not None  # a wrong answer, not a missing one
         else:
-            assert s["extracted"][r] is None         # no parsable final answer
+            assert s["extracted"][r] is None  # no parsable final answer
         checked[p["pair_type"]] += 1
     assert checked["correctness"] == stats["totals"]["pairs"]["correctness"] > 0
     assert checked["format"] == stats["totals"]["pairs"]["format"]
@@ -77,9 +92,9 @@ def test_dropout_pairs_are_the_original_against_its_image_free_continuation(buil
         assert p["rejected_index"] == i and p["chosen"] == s["responses"][i]
         assert p["prefix_words"] == s["prefix_words"][i] > 0
         assert p["rejected"] == prefix_of(p["chosen"], p["prefix_words"]) + s["continuations"][i]
-        assert s["continuation_image_tokens"][i] == 0   # continued without the image...
+        assert s["continuation_image_tokens"][i] == 0  # continued without the image...
         if s["finish_reasons"] != ["given"]:
-            assert s["image_tokens"] > 0                # ...while the sampling prompt had it
+            assert s["image_tokens"] > 0  # ...while the sampling prompt had it
 
 
 def test_fields_response_makes_the_given_response_chosen(built):

@@ -1,4 +1,5 @@
 """The paper's pairing rules, fed hand-written responses."""
+
 from mmpr_pipeline.pairing import pair_correctness
 
 
@@ -64,8 +65,14 @@ def test_responses_the_judge_failed_on_are_never_paired():
 def test_score_stage_contains_a_failing_judge():
     from stages.score import JUDGE_ERROR, score_row
 
-    row = dict(pipeline="correctness", answers=["3"], answer="3", answer_type="number", options=[],
-               responses=["x\nFinal answer: 3", "y\nFinal answer: 5"])
+    row = dict(
+        pipeline="correctness",
+        answers=["3"],
+        answer="3",
+        answer_type="number",
+        options=[],
+        responses=["x\nFinal answer: 3", "y\nFinal answer: 5"],
+    )
     out = score_row(dict(row))
     assert out["correct"] == [True, False]
     broken = score_row(dict(row, answer_type="not-a-type"))  # the judge raises ValueError
@@ -76,18 +83,34 @@ def test_score_stage_contains_a_failing_judge():
 def _scored_row(responses, correct, extracted, pipeline="correctness", reason=None):
     """A Sample row as the score stage leaves it (records.SAMPLE_SCHEMA), hand-written."""
     n = len(responses)
-    return dict(qid="q1", source="s", task="t", images=[b"png"], question="How many?", answer="3",
-                pipeline=pipeline, prompt_template="cot_final_answer", error="", responses=responses,
-                correct=correct, extracted=extracted, reason=reason or ["r"] * n, prefix_words=[],
-                continuations=[])
+    return dict(
+        qid="q1",
+        source="s",
+        task="t",
+        images=[b"png"],
+        question="How many?",
+        answer="3",
+        pipeline=pipeline,
+        prompt_template="cot_final_answer",
+        error="",
+        responses=responses,
+        correct=correct,
+        extracted=extracted,
+        reason=reason or ["r"] * n,
+        prefix_words=[],
+        continuations=[],
+    )
 
 
 def test_pair_rows_puts_the_correct_response_on_the_chosen_side():
     from mmpr_pipeline.recipe import Source
     from stages.pair import pair_rows
 
-    row = _scored_row(["right\nFinal answer: 3", "wrong\nFinal answer: 4", "no answer at all"],
-                      [True, False, False], ["3", "4", None])
+    row = _scored_row(
+        ["right\nFinal answer: 3", "wrong\nFinal answer: 4", "no answer at all"],
+        [True, False, False],
+        ["3", "4", None],
+    )
     pairs, counts = pair_rows(row, Source(name="s", loader="generated"), seed=0, model="m", sampling={})
     by_type = {p["pair_type"]: p for p in pairs}
     assert counts["correctness"] == 1 and counts["format"] == 1
@@ -105,8 +128,11 @@ def test_a_response_the_math_check_could_not_decide_is_never_rejected():
     from mmpr_pipeline.recipe import Source
     from stages.pair import pair_rows
 
-    row = _scored_row(["a\nFinal answer: (x+1)^2", "b\nFinal answer: x^2+2x+1", "c\nFinal answer: 7"],
-                      [True, False, False], ["(x+1)^2", "x^2+2x+1", "7"],
-                      reason=["match", "math check timed out", "wrong answer"])
+    row = _scored_row(
+        ["a\nFinal answer: (x+1)^2", "b\nFinal answer: x^2+2x+1", "c\nFinal answer: 7"],
+        [True, False, False],
+        ["(x+1)^2", "x^2+2x+1", "7"],
+        reason=["match", "math check timed out", "wrong answer"],
+    )
     pairs, _ = pair_rows(row, Source(name="s", loader="generated"), seed=0, model="m", sampling={})
     assert [(p["chosen_index"], p["rejected_index"]) for p in pairs] == [(0, 2)]

@@ -4,6 +4,7 @@ The run folders are the realistic ones of _run_fixture (real generated images an
 Parquet in the pipeline's schemas), with an extra work unit holding an all-right and an all-wrong
 question. The build itself writing the preview is checked in test_build_e2e.py on a real build.
 """
+
 from __future__ import annotations
 
 import base64
@@ -13,15 +14,17 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from _browser import chromium_path, preview_facts
 from _run_fixture import _sample_row, make_run, read_pairs
+from PIL import Image
+
 from mmpr_pipeline import cli, preview, records, tasks
 from stages.dropout_ntp import prefix_of
 
-HOSTILE = ('<script>document.title="owned"</script> <img src=x onerror="document.title=\'owned\'"> '
-           '</textarea><textarea> & "quoted" \'single\'')
+HOSTILE = (
+    '<script>document.title="owned"</script> <img src=x onerror="document.title=\'owned\'"> '
+    "</textarea><textarea> & \"quoted\" 'single'"
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,13 +37,24 @@ def _add_extreme_questions(run):
     """A second shapes unit: one question answered right 3 times (the 4th broke the judge: not a
     verdict, so still all right), one answered wrong 4 times."""
     right, wrong = tasks.generate(2, seed=9)
-    rows = [_sample_row(right, "shapes", "correctness", 1, 100, [right["response"]] * 4, [True] * 3 + [False]),
-            _sample_row(wrong, "shapes", "correctness", 1, 101, [f"{wrong['rationale']}\nFinal answer: Z"] * 4,
-                        [False] * 4)]
+    rows = [
+        _sample_row(right, "shapes", "correctness", 1, 100, [right["response"]] * 4, [True] * 3 + [False]),
+        _sample_row(
+            wrong,
+            "shapes",
+            "correctness",
+            1,
+            101,
+            [f"{wrong['rationale']}\nFinal answer: Z"] * 4,
+            [False] * 4,
+        ),
+    ]
     rows[0]["reason"][3] = "judge error: RecursionError: maximum recursion depth exceeded"
     rows[1]["extracted"] = ["Z"] * 4
-    pq.write_table(pa.Table.from_pylist(rows, schema=records.SAMPLE_SCHEMA),
-                   run / "samples" / "shapes" / "unit-00001.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=records.SAMPLE_SCHEMA),
+        run / "samples" / "shapes" / "unit-00001.parquet",
+    )
     return rows
 
 
@@ -69,8 +83,10 @@ def test_page_renders_every_pair_card_and_image_without_errors(facts, run_dir):
     assert facts["images_not_loaded"] == 0
     assert facts["scripts"] == 0
     # and each embedded image is whole (a browser shows a truncated PNG's first rows without an error)
-    embedded = re.findall(r'width="(\d+)" height="(\d+)" src="data:image/\w+;base64,([^"]+)"',
-                          facts["path"].read_text(encoding="utf-8"))
+    embedded = re.findall(
+        r'width="(\d+)" height="(\d+)" src="data:image/\w+;base64,([^"]+)"',
+        facts["path"].read_text(encoding="utf-8"),
+    )
     assert len(embedded) == facts["images"]
     for w, h, data in embedded:
         img = Image.open(io.BytesIO(base64.b64decode(data)))
@@ -149,8 +165,12 @@ def test_model_text_is_shown_as_text_never_run(tmp_path):
         s["reason"] = [HOSTILE] * len(s["reason"])
         s["extracted"] = [HOSTILE] * len(s["extracted"])
     pq.write_table(pa.Table.from_pylist(samples, schema=records.SAMPLE_SCHEMA), unit)
-    pq.write_table(pa.Table.from_pylist([dict(source="shapes", row_index=1, reason=HOSTILE, row=HOSTILE)],
-                                        schema=records.REJECT_SCHEMA), run / "rejects" / "shapes.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [dict(source="shapes", row_index=1, reason=HOSTILE, row=HOSTILE)], schema=records.REJECT_SCHEMA
+        ),
+        run / "rejects" / "shapes.parquet",
+    )
 
     facts = preview_facts(preview.write_preview(run))
     assert facts["scripts"] == 0 and facts["textareas"] == 0
@@ -181,7 +201,11 @@ def test_size_is_capped_whatever_the_run(tmp_path):
     # the default cap holds too, and everything picked fits there
     path = preview.write_preview(run)
     assert path.stat().st_size <= preview.MAX_MB * 2**20
-    assert text.count('class="pair-card"') < path.read_text(encoding="utf-8").count('class="pair-card"') == 20 + 4
+    assert (
+        text.count('class="pair-card"')
+        < path.read_text(encoding="utf-8").count('class="pair-card"')
+        == 20 + 4
+    )
 
 
 def test_reads_batches_never_whole_files(run_dir, monkeypatch):
@@ -253,8 +277,11 @@ def test_images_are_embedded_as_small_thumbnails_or_a_note():
     big = io.BytesIO()
     Image.new("RGB", (1000, 600), (200, 30, 30)).save(big, format="PNG")
     tag = preview.thumbnail(big.getvalue())
-    w, h, data = re.fullmatch(r'<img class="thumb" alt="question image" width="(\d+)" height="(\d+)" '
-                              r'src="data:image/jpeg;base64,([^"]+)">', tag).groups()
+    w, h, data = re.fullmatch(
+        r'<img class="thumb" alt="question image" width="(\d+)" height="(\d+)" '
+        r'src="data:image/jpeg;base64,([^"]+)">',
+        tag,
+    ).groups()
     img = Image.open(io.BytesIO(base64.b64decode(data)))
     assert img.size == (int(w), int(h)) == (preview.THUMB_PX, preview.THUMB_PX * 600 // 1000)
     assert len(data) < 20_000

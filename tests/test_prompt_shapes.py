@@ -2,6 +2,7 @@
 placeholders), text-only questions, and DropoutNTP on a multi-image question, through real vLLM
 (the trained demo model, a Qwen2-VL whose chat template places each image), pairing, the trainer and
 both exports."""
+
 import json
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from mmpr_pipeline import pipeline, recipe as recipe_mod, shards, tasks
+from mmpr_pipeline import pipeline, shards, tasks
+from mmpr_pipeline import recipe as recipe_mod
 from mmpr_pipeline.prompts import user_content
 
 REPO = Path(__file__).resolve().parent.parent
@@ -19,9 +21,17 @@ IMAGE_TOKENS = 16  # a 112x112 demo image
 def test_user_content_places_images_at_their_placeholders_else_first():
     part = lambda im: {"type": "image", "id": im}  # noqa: E731
     assert user_content("Compare <image> and <image>.", ["a", "b"], part) == [
-        {"type": "text", "text": "Compare "}, part("a"), {"type": "text", "text": " and "}, part("b"),
-        {"type": "text", "text": "."}]
-    assert user_content("How many?", ["a", "b"], part) == [part("a"), part("b"), {"type": "text", "text": "How many?"}]
+        {"type": "text", "text": "Compare "},
+        part("a"),
+        {"type": "text", "text": " and "},
+        part("b"),
+        {"type": "text", "text": "."},
+    ]
+    assert user_content("How many?", ["a", "b"], part) == [
+        part("a"),
+        part("b"),
+        {"type": "text", "text": "How many?"},
+    ]
     assert user_content("<image>\nHow many?", [], part) == [{"type": "text", "text": "How many?"}]
     assert user_content("Just text.", [], part) == [{"type": "text", "text": "Just text."}]
 
@@ -41,18 +51,43 @@ def built(tmp_path_factory, ray_local, trained_model):
         question = r["question"] if k % 2 else "<image>\n<image>\n" + r["question"]  # placeholders
         multi.append(dict(image=names, question=question, answer=r["answer"], options=r["options"]))
     text = [dict(question=r["question"], answer=r["answer"], options=r["options"]) for r in rows[6:12]]
-    describe = [dict(image=[f"{i}.png" for i in idx], question="Describe these images.")
-                for idx in ((0, 1), (4, 5, 6), (8, 9, 10), (2, 3, 7))]
+    describe = [
+        dict(image=[f"{i}.png" for i in idx], question="Describe these images.")
+        for idx in ((0, 1), (4, 5, 6), (8, 9, 10), (2, 3, 7))
+    ]
     for name, data in (("multi", multi), ("text", text), ("describe", describe)):
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
-    recipe = dict(name="shapes", model=trained_model, engine={"max_model_len": 1024}, unit_size=4,
-                  sampling=dict(n=6, max_tokens=40),
-                  sources=[dict(name="multi", loader="jsonl", path=str(d / "multi.jsonl"),
-                                answer_type="multiple_choice", fields=dict(options="options")),
-                           dict(name="text", loader="jsonl", path=str(d / "text.jsonl"),
-                                answer_type="multiple_choice", fields=dict(options="options"), images="none"),
-                           dict(name="describe", loader="jsonl", path=str(d / "describe.jsonl"),
-                                pipeline="dropout_ntp", dropout=dict(min_words=4))])
+    recipe = dict(
+        name="shapes",
+        model=trained_model,
+        engine={"max_model_len": 1024},
+        unit_size=4,
+        sampling=dict(n=6, max_tokens=40),
+        sources=[
+            dict(
+                name="multi",
+                loader="jsonl",
+                path=str(d / "multi.jsonl"),
+                answer_type="multiple_choice",
+                fields=dict(options="options"),
+            ),
+            dict(
+                name="text",
+                loader="jsonl",
+                path=str(d / "text.jsonl"),
+                answer_type="multiple_choice",
+                fields=dict(options="options"),
+                images="none",
+            ),
+            dict(
+                name="describe",
+                loader="jsonl",
+                path=str(d / "describe.jsonl"),
+                pipeline="dropout_ntp",
+                dropout=dict(min_words=4),
+            ),
+        ],
+    )
     (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     run = d / "run"
     stats = pipeline.build(recipe_mod.load(d / "recipe.yaml"), run)
@@ -100,18 +135,36 @@ def test_trainer_and_exports_take_multi_image_and_text_only_pairs(built, tmp_pat
     for i, p in enumerate(pairs):  # the trainer's prompt carries every image, as sampling did
         ids = encoder.encode(p, i).prompt["input_ids"].flatten().tolist()
         assert ids.count(pad) == IMAGE_TOKENS * len(p["images"])
-    summary = train(MPOConfig(model=model, data=str(run), output_dir=str(tmp_path / "mpo"), batch_size=4,
-                              max_steps=2, learning_rate=1e-4, warmup_ratio=0.0, eval_fraction=0.0,
-                              max_length=1024, progress_bar=False, save_model=False))
+    summary = train(
+        MPOConfig(
+            model=model,
+            data=str(run),
+            output_dir=str(tmp_path / "mpo"),
+            batch_size=4,
+            max_steps=2,
+            learning_rate=1e-4,
+            warmup_ratio=0.0,
+            eval_fraction=0.0,
+            max_length=1024,
+            progress_bar=False,
+            save_model=False,
+        )
+    )
     assert summary["steps"] == 2
 
     export.export(run, "trl", tmp_path / "trl")
-    rows = [r for f in sorted((tmp_path / "trl" / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    rows = [
+        r for f in sorted((tmp_path / "trl" / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()
+    ]
     for r in rows:
         parts = r["prompt"][0]["content"]
         assert sum(part["type"] == "image" for part in parts) == len(r["images"])
     export.export(run, "internvl", tmp_path / "internvl")
-    lines = [json.loads(x) for f in (tmp_path / "internvl" / "annotations").glob("*.jsonl") for x in f.read_text().splitlines()]
+    lines = [
+        json.loads(x)
+        for f in (tmp_path / "internvl" / "annotations").glob("*.jsonl")
+        for x in f.read_text().splitlines()
+    ]
     multi = [x for x in lines if isinstance(x.get("image"), list)]
     assert multi and all(x["question"].count("<image>") == len(x["image"]) for x in multi)
     assert any("image" not in x for x in lines)  # text-only rows

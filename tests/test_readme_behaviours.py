@@ -1,8 +1,8 @@
 """README behaviours that are pure logic, pinned to exact values (issue 18, item 3)."""
+
 import asyncio
 
 import pyarrow as pa
-import pytest
 
 from mmpr_pipeline import tasks
 from mmpr_pipeline.evaluate import wilson
@@ -30,17 +30,29 @@ def _scans(*sizes):
 def test_units_are_row_ranges_of_one_input_and_duplicates_are_found_across_inputs():
     src = _Source()
     scans = _scans(5, 3)
-    scans[1]["qids"][1] = "0-2"     # row 6 repeats row 2 of the first file
-    scans[0]["qids"][4] = None      # a bad row: no qid, never a duplicate
+    scans[1]["qids"][1] = "0-2"  # row 6 repeats row 2 of the first file
+    scans[0]["qids"][4] = None  # a bad row: no qid, never a duplicate
     units = plan_source(src, scans, unit_size=2)
     assert [(u.path, u.start, u.stop, u.first_row) for u in units] == [
-        ("f0", 0, 2, 0), ("f0", 2, 4, 2), ("f0", 4, 5, 4), ("f1", 0, 2, 5), ("f1", 2, 3, 7)]
+        ("f0", 0, 2, 0),
+        ("f0", 2, 4, 2),
+        ("f0", 4, 5, 4),
+        ("f1", 0, 2, 5),
+        ("f1", 2, 3, 7),
+    ]
     assert [u.unit for u in units] == [0, 1, 2, 3, 4]
     assert units[3].duplicates == (6,) and not any(u.duplicates for u in units[:3])
-    src.limit = 6                   # a smaller limit: fewer units, and the last one shorter
+    src.limit = 6  # a smaller limit: fewer units, and the last one shorter
     smaller = plan_source(src, scans, unit_size=2)
-    assert [(u.path, u.start, u.stop) for u in smaller] == [("f0", 0, 2), ("f0", 2, 4), ("f0", 4, 5), ("f1", 0, 1)]
-    assert smaller[3].key != units[3].key and smaller[0].key == units[0].key  # only the changed unit is redone
+    assert [(u.path, u.start, u.stop) for u in smaller] == [
+        ("f0", 0, 2),
+        ("f0", 2, 4),
+        ("f0", 4, 5),
+        ("f1", 0, 1),
+    ]
+    assert (
+        smaller[3].key != units[3].key and smaller[0].key == units[0].key
+    )  # only the changed unit is redone
 
 
 def test_units_dropped_by_a_smaller_limit_are_removed(tmp_path):
@@ -86,10 +98,24 @@ def test_all_n_samples_of_a_question_come_from_one_request():
     stage.templates, stage.dropout, stage.sampling_extra = {"s": "raw"}, {}, {}
     rows = []
     for i, q in enumerate(tasks.generate(3)):
-        rows.append(dict(qid=f"q{i}", source="s", row_index=i, unit=0, unit_plan="", pipeline="correctness",
-                         task=q["task"], images=[q["image"]], question=q["question"], answer=q["answer"],
-                         answers=[q["answer"]], answer_type=q["answer_type"], options=q["options"],
-                         given_response=""))
+        rows.append(
+            dict(
+                qid=f"q{i}",
+                source="s",
+                row_index=i,
+                unit=0,
+                unit_plan="",
+                pipeline="correctness",
+                task=q["task"],
+                images=[q["image"]],
+                question=q["question"],
+                answer=q["answer"],
+                answers=[q["answer"]],
+                answer_type=q["answer_type"],
+                options=q["options"],
+                given_response="",
+            )
+        )
 
     async def run():
         return [t async for t in stage(pa.Table.from_pylist(rows, schema=QUESTION_SCHEMA))][0]
@@ -114,4 +140,6 @@ def test_readme_pipeline_diagram_names_the_code_that_runs_each_stage():
     assert len(names) >= 15
     for module, name in names:
         path = module.replace("/", ".") if module.startswith("stages/") else f"mmpr_pipeline.{module}"
-        assert hasattr(importlib.import_module(path), name), f"README names {module}.{name}, which is not there"
+        assert hasattr(importlib.import_module(path), name), (
+            f"README names {module}.{name}, which is not there"
+        )

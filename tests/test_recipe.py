@@ -1,4 +1,5 @@
 """Recipe validation: errors name the file, the key and the reason."""
+
 from pathlib import Path
 
 import pytest
@@ -27,22 +28,37 @@ def test_demo_recipe_loads():
     assert r.template_for(r.sources[0]) == "cot_final_answer"
 
 
-@pytest.mark.parametrize("mutate,key,reason", [
-    (lambda d: d["sampling"].update(n=0), "sampling.n", "must be >= 1"),
-    (lambda d: d["sampling"].update(temperature="hot"), "sampling.temperature", "expected a number"),
-    (lambda d: d["sampling"].update(top_p=1.5), "sampling.top_p", "must be in (0, 1]"),
-    (lambda d: d.update(prompt_template="nope"), "prompt_template", "unknown template"),
-    (lambda d: d["sources"][0].update(loader="csv"), "sources[0].loader", "unknown loader"),
-    (lambda d: d["sources"][0].update(answer_type="essay"), "sources[0].answer_type", "unknown answer_type"),
-    (lambda d: d["sources"][0].update(colour="red"), "sources[0].colour", "unknown key"),
-    (lambda d: d["sources"][1].update(name="shapes"), "sources[1].name", "duplicate source name"),
-    (lambda d: d["sources"][0].update(loader="parquet"), "sources[0].path", "needs a path"),
-    (lambda d: d["sources"][1]["dropout"].update(ratio=1.0), "sources[1].dropout.ratio", "strictly between"),
-    (lambda d: d["sources"][0]["pairing"].update(format_pairs="yes"), "sources[0].pairing.format_pairs", "true or false"),
-    (lambda d: d["sources"][0].update(limit=-3), "sources[0].limit", "must be >= 1"),
-    (lambda d: d.pop("name"), "name", "required key is missing"),
-    (lambda d: d.update(sources=[]), "sources", "at least one source"),
-])
+@pytest.mark.parametrize(
+    "mutate,key,reason",
+    [
+        (lambda d: d["sampling"].update(n=0), "sampling.n", "must be >= 1"),
+        (lambda d: d["sampling"].update(temperature="hot"), "sampling.temperature", "expected a number"),
+        (lambda d: d["sampling"].update(top_p=1.5), "sampling.top_p", "must be in (0, 1]"),
+        (lambda d: d.update(prompt_template="nope"), "prompt_template", "unknown template"),
+        (lambda d: d["sources"][0].update(loader="csv"), "sources[0].loader", "unknown loader"),
+        (
+            lambda d: d["sources"][0].update(answer_type="essay"),
+            "sources[0].answer_type",
+            "unknown answer_type",
+        ),
+        (lambda d: d["sources"][0].update(colour="red"), "sources[0].colour", "unknown key"),
+        (lambda d: d["sources"][1].update(name="shapes"), "sources[1].name", "duplicate source name"),
+        (lambda d: d["sources"][0].update(loader="parquet"), "sources[0].path", "needs a path"),
+        (
+            lambda d: d["sources"][1]["dropout"].update(ratio=1.0),
+            "sources[1].dropout.ratio",
+            "strictly between",
+        ),
+        (
+            lambda d: d["sources"][0]["pairing"].update(format_pairs="yes"),
+            "sources[0].pairing.format_pairs",
+            "true or false",
+        ),
+        (lambda d: d["sources"][0].update(limit=-3), "sources[0].limit", "must be >= 1"),
+        (lambda d: d.pop("name"), "name", "required key is missing"),
+        (lambda d: d.update(sources=[]), "sources", "at least one source"),
+    ],
+)
 def test_errors_name_file_key_reason(tmp_path, mutate, key, reason):
     data = _base()
     mutate(data)
@@ -81,4 +97,8 @@ def test_cli_overrides_read_scientific_notation():
 
     # YAML 1.1 reads `1e-3` as a string; a user typing --set learning_rate=1e-3 means a number
     assert _overrides(["learning_rate=1e-3", "n=4", "name=abc", "p=2.5E+2"]) == {
-        "learning_rate": 1e-3, "n": 4, "name": "abc", "p": 250.0}
+        "learning_rate": 1e-3,
+        "n": 4,
+        "name": "abc",
+        "p": 250.0,
+    }

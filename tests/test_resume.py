@@ -5,6 +5,7 @@ process at a named point (MMPR_KILL_AT, see shards.kill_point): the same effect 
 at a known moment. Per-question seeds (`sampling.reproducible`) make sampling independent of
 batching, so the resumed run must match an uninterrupted one exactly.
 """
+
 import json
 import os
 import signal
@@ -24,16 +25,35 @@ pytestmark = pytest.mark.slow
 KILL_POINTS = ["after_unit:2", "after_unit:1", "before_pair", "mid_write:1", "before_stats"]
 
 
-def _build(run: Path, model: str, sources_file: Path, kill_at: str | None = None, extra=()) -> subprocess.CompletedProcess:
+def _build(
+    run: Path, model: str, sources_file: Path, kill_at: str | None = None, extra=()
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("MMPR_KILL_AT", None)
     if kill_at:
         env["MMPR_KILL_AT"] = kill_at
-    cmd = [sys.executable, "-m", "mmpr_pipeline.cli", "build", str(sources_file), "--out", str(run),
-           "--model", model, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmpr_pipeline.cli",
+        "build",
+        str(sources_file),
+        "--out",
+        str(run),
+        "--model",
+        model,
+        *extra,
+    ]
     # A new session, so leftovers of a killed run (Ray's helper processes) can be reaped as a group.
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     out, _ = proc.communicate(timeout=600)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -57,20 +77,27 @@ def recipe_file(tmp_path_factory, trained_model):
     import yaml
 
     d = tmp_path_factory.mktemp("recipe")
-    long_rows = [dict(image="img.png", question="How many shapes? " * 3, answer="3"),
-                 dict(image="img.png", question="word " * 1500 + "How many?", answer="3")]
+    long_rows = [
+        dict(image="img.png", question="How many shapes? " * 3, answer="3"),
+        dict(image="img.png", question="word " * 1500 + "How many?", answer="3"),
+    ]
     from mmpr_pipeline import tasks
+
     (d / "img.png").write_bytes(next(tasks.generate(1))["image"])
     (d / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in long_rows))
     data = yaml.safe_load((REPO / "data_cards" / "demo.yaml").read_text())
-    data.update(unit_size=3, batch_size=6, shard_rows=1)  # one pair per shard: mid_write:1 always has a second shard
+    data.update(
+        unit_size=3, batch_size=6, shard_rows=1
+    )  # one pair per shard: mid_write:1 always has a second shard
     data["sampling"].update(n=4, max_tokens=48)
     # Two batches in flight (not the default 16): a kill after the second unit then still leaves
     # units for the resume to do, which is what the kill points are here to test.
     data["engine"] = {"max_model_len": 1024, "max_concurrent_batches": 2}
     data["sources"][0]["limit"] = 9
     data["sources"][1]["limit"] = 3
-    data["sources"].append(dict(name="long", loader="jsonl", path=str(d / "long.jsonl"), answer_type="number"))
+    data["sources"].append(
+        dict(name="long", loader="jsonl", path=str(d / "long.jsonl"), answer_type="number")
+    )
     path = d / "small.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -88,8 +115,12 @@ def test_engine_error_fails_only_that_request(uninterrupted):
     stats = json.loads((uninterrupted / "stats.json").read_text())
     long = stats["sources"]["long"]
     assert long["questions"] == 2 and long["engine_errors"] == 1
-    rows = [r for p in shards.unit_files(uninterrupted) for r in pq.read_table(p).to_pylist()
-            if r["source"] == "long"]
+    rows = [
+        r
+        for p in shards.unit_files(uninterrupted)
+        for r in pq.read_table(p).to_pylist()
+        if r["source"] == "long"
+    ]
     failed = [r for r in rows if r["error"]]
     assert len(failed) == 1 and "context length" in failed[0]["error"] and failed[0]["responses"] == []
     ok = [r for r in rows if not r["error"]]

@@ -1,5 +1,6 @@
 """Hostile model output: never run as code, always a False verdict, always within the time bound,
 in the main thread, in other threads, and inside a Ray actor."""
+
 import os
 import re
 import sys
@@ -31,9 +32,9 @@ def hostile_responses(marker: Path) -> list[str]:
         "\\boxed{9^{99999999}}",
         "Final answer: 100000!",
         "Final answer: 2^{9999*9999}",
-        "Final answer: " + "9" * 200_000,                       # a 200 000-character answer
+        "Final answer: " + "9" * 200_000,  # a 200 000-character answer
         "Reasoning.\nFinal answer: " + "1+" * 450 + "1",
-        "Final answer: " + "{" * 5000 + "1" + "}" * 5000,       # deeply nested braces
+        "Final answer: " + "{" * 5000 + "1" + "}" * 5000,  # deeply nested braces
         "\\boxed{" + "{" * 300 + "x" + "}" * 300 + "}",
         "\\boxed{" * 50_000,
         "Final answer: 1/0",
@@ -49,20 +50,24 @@ def check_all(marker: Path, types=TYPES) -> list[tuple[str, str, float, bool]]:
     for answer_type in types:
         for response in hostile_responses(marker):
             start = time.perf_counter()
-            v = judge(response, "Yes" if answer_type == "yes_no" else "3", answer_type,
-                      ["1", "2", "3", "4"] if answer_type == "multiple_choice" else None)
+            v = judge(
+                response,
+                "Yes" if answer_type == "yes_no" else "3",
+                answer_type,
+                ["1", "2", "3", "4"] if answer_type == "multiple_choice" else None,
+            )
             out.append((answer_type, response[:60], time.perf_counter() - start, v.correct))
     return out
 
 
 @pytest.fixture(scope="module", autouse=True)
 def math_server():
-    warm_up()           # the bound covers checks, not the one-time start of the server
+    warm_up()  # the bound covers checks, not the one-time start of the server
 
 
 @pytest.fixture(autouse=True)
 def no_cached_verdicts():
-    safe_math._cache.clear()    # each test must do the real checks, not reuse an earlier one's
+    safe_math._cache.clear()  # each test must do the real checks, not reuse an earlier one's
 
 
 def test_hostile_outputs_in_the_main_thread(tmp_path):
@@ -86,8 +91,16 @@ def test_hostile_outputs_in_threads(tmp_path):
 
 
 def test_screen_rejects_absurd_math_before_sympy():
-    for expr in ["9**9**9**9", "10^{10^{10^{10}}}", "9^{99999999}", "100000!", "{" * 40 + "1" + "}" * 40,
-                 "__import__('os')", "1" * 300, "x" * 2000]:
+    for expr in [
+        "9**9**9**9",
+        "10^{10^{10^{10}}}",
+        "9^{99999999}",
+        "100000!",
+        "{" * 40 + "1" + "}" * 40,
+        "__import__('os')",
+        "1" * 300,
+        "x" * 2000,
+    ]:
         assert screen(expr), expr
     for expr in ["x^{2}+y^2", "e^{-x^2}", "2^{2024}-1", "\\frac{\\sqrt{3}}{2}", "(1,3]", "5!"]:
         assert screen(expr) is None, expr
@@ -99,7 +112,7 @@ def test_timeout_kills_the_check_and_the_server_recovers():
     elapsed = time.perf_counter() - start
     assert status == "timeout" and elapsed < 0.3 + 0.1
     server = safe_math._server
-    time.sleep(0.2)                   # the killed child is reaped by the server: no leftovers
+    time.sleep(0.2)  # the killed child is reaped by the server: no leftovers
     children = [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == server.proc.pid]
     assert children == []
     assert symbolic_check("2\\sqrt{2}", ["\\sqrt{8}"]) == ("equal", "")
@@ -126,9 +139,9 @@ def test_no_eval_of_model_text_in_the_source():
     checked = 0
     for path in package.glob("*.py"):
         code = re.sub(r'""".*?"""|#[^\n]*', "", path.read_text(), flags=re.S)
-        checked += "def " in code                       # the stripping must leave the code itself
+        checked += "def " in code  # the stripping must leave the code itself
         assert not re.search(r"\b(?:eval|exec|sympify|parse_expr)\s*\(", code), path.name
-    assert checked == len(list(package.glob("*.py"))) - 1   # all but __init__.py define functions
+    assert checked == len(list(package.glob("*.py"))) - 1  # all but __init__.py define functions
 
 
 # What math-verify's expression extraction may hand to sympy's parse_expr (which evaluates code):
@@ -140,10 +153,17 @@ def test_only_arithmetic_reaches_parse_expr(monkeypatch):
     """Maths runs math-verify's ExprExtractionConfig on the final-answer segment (in the bounded
     worker). Its pattern must admit only arithmetic into parse_expr, whatever the model wrote."""
     from math_verify import parser
+
     seen = []
     monkeypatch.setattr(parser, "parse_expr_cached", lambda expr: seen.append(expr) or 0)
-    for text in ["Final answer: __import__('os').system('touch x')", "The answer is 2**9**9 or os.system(1)",
-                 "answer: (lambda: 1)() = 3", "1/2 + eval('2')", "Answer: 3*(4+open('f').read())", "x = 12 + y"]:
+    for text in [
+        "Final answer: __import__('os').system('touch x')",
+        "The answer is 2**9**9 or os.system(1)",
+        "answer: (lambda: 1)() = 3",
+        "1/2 + eval('2')",
+        "Answer: 3*(4+open('f').read())",
+        "x = 12 + y",
+    ]:
         for pattern, _ in parser.lazy_expr_regex(parser.ExprExtractionConfig()):
             for m in pattern.finditer(text):
                 parser.extract_expr(m)
@@ -155,18 +175,23 @@ def test_hostile_outputs_inside_a_ray_actor(tmp_path):
     ray = pytest.importorskip("ray")
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
     # this test module is not importable on Ray workers: ship its functions by value
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
-        @ray.remote(num_cpus=0.5, max_concurrency=2)     # a threaded actor: calls run off the main thread
+
+        @ray.remote(num_cpus=0.5, max_concurrency=2)  # a threaded actor: calls run off the main thread
         class Judge:
             def __init__(self):
                 from mmpr_pipeline.scoring import warm_up
+
                 warm_up()
 
             def run(self, marker):
                 from pathlib import Path
+
                 on_main = threading.current_thread() is threading.main_thread()
                 return on_main, check_all(Path(marker), ("math", "number", "multiple_choice"))
 

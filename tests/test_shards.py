@@ -1,10 +1,11 @@
 """Shard naming, rolling, atomic replacement, and the Pair schema on disk."""
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmpr_pipeline import shards
-from mmpr_pipeline.units import unit_file
 from mmpr_pipeline.records import PAIR_SCHEMA, SAMPLE_SCHEMA, pair_id, question_id
+from mmpr_pipeline.units import unit_file
 
 SCHEMA = pa.schema([("id", pa.string()), ("x", pa.int64())])
 
@@ -17,7 +18,9 @@ def _units(tmp_path, sizes, start=0):
     """Unit pair files of the given row counts -> (file, rows, bytes) as the shard plan takes them."""
     out, x = [], start
     for k, n in enumerate(sizes):
-        path = shards.write_table(pa.Table.from_pylist(_rows(n, x), schema=SCHEMA), tmp_path / "pairs" / f"u{k}.parquet")
+        path = shards.write_table(
+            pa.Table.from_pylist(_rows(n, x), schema=SCHEMA), tmp_path / "pairs" / f"u{k}.parquet"
+        )
         out.append((str(path), n, path.stat().st_size))
         x += n
     return out
@@ -27,14 +30,19 @@ def _build(tmp_path, sizes, rows_per_shard, start=0, max_bytes=shards.MAX_SHARD_
     plan = shards.plan_shards(_units(tmp_path, sizes, start), rows_per_shard, max_bytes)
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
-    written = [shards.write_shard(p, data / shards.shard_name(i, len(plan)), SCHEMA) for i, p in enumerate(plan)]
+    written = [
+        shards.write_shard(p, data / shards.shard_name(i, len(plan)), SCHEMA) for i, p in enumerate(plan)
+    ]
     return shards.commit_shards(data, written)
 
 
 def test_hub_names_and_rolling_across_and_within_units(tmp_path):
     paths = _build(tmp_path, [3, 0, 5, 2], rows_per_shard=4)
-    assert [p.name for p in paths] == ["train-00000-of-00003.parquet", "train-00001-of-00003.parquet",
-                                       "train-00002-of-00003.parquet"]
+    assert [p.name for p in paths] == [
+        "train-00000-of-00003.parquet",
+        "train-00001-of-00003.parquet",
+        "train-00002-of-00003.parquet",
+    ]
     assert [pq.read_table(p).num_rows for p in paths] == [4, 4, 2]
     assert [r["x"] for p in paths for r in pq.read_table(p).to_pylist()] == list(range(10))  # order kept
     assert all(shards.SHARD_RE.match(p.name) for p in paths)
@@ -52,8 +60,10 @@ def test_a_smaller_rebuild_replaces_every_old_shard(tmp_path):
     _build(tmp_path, [6], rows_per_shard=2)
     (tmp_path / "data" / ".part-00009.dead.tmp").write_bytes(b"left by a killed run")
     paths = _build(tmp_path, [3], rows_per_shard=2, start=100)
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["train-00000-of-00002.parquet",
-                                                                     "train-00001-of-00002.parquet"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "train-00000-of-00002.parquet",
+        "train-00001-of-00002.parquet",
+    ]
     assert [r["x"] for p in paths for r in pq.read_table(p).to_pylist()] == [100, 101, 102]
 
 
@@ -61,7 +71,9 @@ def test_empty_output_still_has_one_shard_with_the_schema(tmp_path):
     plan = shards.plan_shards([], rows_per_shard=10)
     assert plan == [[]]
     (tmp_path / "data").mkdir()
-    paths = shards.commit_shards(tmp_path / "data", [shards.write_shard([], tmp_path / "data" / "x.parquet", PAIR_SCHEMA)])
+    paths = shards.commit_shards(
+        tmp_path / "data", [shards.write_shard([], tmp_path / "data" / "x.parquet", PAIR_SCHEMA)]
+    )
     assert len(paths) == 1 and pq.read_schema(paths[0]).names == PAIR_SCHEMA.names
 
 

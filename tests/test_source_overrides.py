@@ -2,6 +2,7 @@
 merged over the recipe's) and image size cap (`sources[i].image_max_pixels`), built with real vLLM on
 the demo model (a Qwen2-VL: its image tokens follow the pixel count), paired and trained on.
 """
+
 import io
 import json
 
@@ -9,12 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from mmpr_pipeline import pipeline, recipe as recipe_mod, shards
+from mmpr_pipeline import pipeline, shards
+from mmpr_pipeline import recipe as recipe_mod
 from mmpr_pipeline.recipe import RecipeError
 from mmpr_pipeline.records import downscale_image
 
-FULL_TOKENS = 16   # a 112x112 generated image on the demo model
-SMALL_TOKENS = 4   # the same image capped at 56x56 pixels
+FULL_TOKENS = 16  # a 112x112 generated image on the demo model
+SMALL_TOKENS = 4  # the same image capped at 56x56 pixels
 
 
 def _png(w: int, h: int) -> bytes:
@@ -41,8 +43,11 @@ def test_downscale_keeps_aspect_and_leaves_small_images_untouched():
 
 
 def _recipe(**source_keys) -> dict:
-    return dict(name="r", sampling=dict(n=4, max_tokens=40),
-                sources=[dict(name="a", loader="generated", limit=2, **source_keys)])
+    return dict(
+        name="r",
+        sampling=dict(n=4, max_tokens=40),
+        sources=[dict(name="a", loader="generated", limit=2, **source_keys)],
+    )
 
 
 def test_source_sampling_is_merged_over_the_recipe_and_validated():
@@ -53,11 +58,17 @@ def test_source_sampling_is_merged_over_the_recipe_and_validated():
         (dict(sampling=dict(n=0)), r"<recipe>: sources\[0\]\.sampling\.n: must be >= 1, got 0"),
         (dict(sampling=dict(max_tokens="many")), r"sources\[0\]\.sampling\.max_tokens: expected an integer"),
         (dict(sampling=dict(top_p=2)), r"sources\[0\]\.sampling\.top_p: must be in \(0, 1\]"),
-        (dict(sampling=dict(nn=2)), r"sources\[0\]\.sampling\.nn: unknown key \(expected one of: max_tokens, n"),
+        (
+            dict(sampling=dict(nn=2)),
+            r"sources\[0\]\.sampling\.nn: unknown key \(expected one of: max_tokens, n",
+        ),
         (dict(sampling=[4]), r"sources\[0\]\.sampling: expected a mapping"),
         (dict(image_max_pixels=100), r"sources\[0\]\.image_max_pixels: must be >= 1024"),
         (dict(image_max_pixels="big"), r"sources\[0\]\.image_max_pixels: expected an integer"),
-        (dict(pipeline="dropout_ntp", sampling=dict(n=2)), r"sources\[0\]\.sampling\.n: .*set dropout\.n instead"),
+        (
+            dict(pipeline="dropout_ntp", sampling=dict(n=2)),
+            r"sources\[0\]\.sampling\.n: .*set dropout\.n instead",
+        ),
     ]:
         with pytest.raises(RecipeError, match=message):
             recipe_mod.from_dict(_recipe(**keys))
@@ -74,12 +85,16 @@ def test_unset_overrides_keep_the_fingerprint_and_set_ones_change_it():
 def test_greedy_eval_keeps_a_sources_max_tokens_but_not_its_n_or_temperature(monkeypatch, tmp_path):
     """`mmpr eval` greedy mode is n=1 at temperature 0 for every source, overrides or not. (The
     build is replaced by a recorder: what is checked is which settings each mode hands it.)"""
-    from mmpr_pipeline import evaluate, pipeline as pipeline_mod
+    from mmpr_pipeline import evaluate
+    from mmpr_pipeline import pipeline as pipeline_mod
 
     seen = {}
     monkeypatch.setattr(pipeline_mod, "prepare_run_dir", lambda run, r, overwrite: None)
-    monkeypatch.setattr(pipeline_mod, "collect_samples",
-                        lambda r, run, stats, address: seen.setdefault(run.name, r.sampling_for(r.sources[0])))
+    monkeypatch.setattr(
+        pipeline_mod,
+        "collect_samples",
+        lambda r, run, stats, address: seen.setdefault(run.name, r.sampling_for(r.sources[0])),
+    )
     monkeypatch.setattr(evaluate, "accuracy_table", lambda run: {})
     rec = recipe_mod.from_dict(_recipe(sampling=dict(n=2, temperature=0.7, max_tokens=12)))
     evaluate.evaluate(rec, tmp_path)
@@ -91,17 +106,41 @@ def test_greedy_eval_keeps_a_sources_max_tokens_but_not_its_n_or_temperature(mon
 def built(tmp_path_factory, ray_local, trained_model):
     d = tmp_path_factory.mktemp("overrides")
     generator = dict(seed=5, families=["count", "color"])
-    recipe = dict(name="overrides", model=trained_model, engine={"max_model_len": 1024}, unit_size=4,
-                  sampling=dict(n=4, max_tokens=48),
-                  sources=[dict(name="plain", loader="generated", generator=generator, limit=4),
-                           dict(name="capped", loader="generated", generator=generator, limit=4,
-                                sampling=dict(n=2, max_tokens=6)),
-                           dict(name="small", loader="generated", generator=generator, limit=4,
-                                sampling=dict(n=6), image_max_pixels=56 * 56),
-                           # DropoutNTP: its first response and its continuations follow the source's cap
-                           dict(name="describe", loader="generated", generator=dict(seed=6, families=["describe"]),
-                                limit=4, pipeline="dropout_ntp", dropout=dict(min_words=4),
-                                sampling=dict(max_tokens=12))])
+    recipe = dict(
+        name="overrides",
+        model=trained_model,
+        engine={"max_model_len": 1024},
+        unit_size=4,
+        sampling=dict(n=4, max_tokens=48),
+        sources=[
+            dict(name="plain", loader="generated", generator=generator, limit=4),
+            dict(
+                name="capped",
+                loader="generated",
+                generator=generator,
+                limit=4,
+                sampling=dict(n=2, max_tokens=6),
+            ),
+            dict(
+                name="small",
+                loader="generated",
+                generator=generator,
+                limit=4,
+                sampling=dict(n=6),
+                image_max_pixels=56 * 56,
+            ),
+            # DropoutNTP: its first response and its continuations follow the source's cap
+            dict(
+                name="describe",
+                loader="generated",
+                generator=dict(seed=6, families=["describe"]),
+                limit=4,
+                pipeline="dropout_ntp",
+                dropout=dict(min_words=4),
+                sampling=dict(max_tokens=12),
+            ),
+        ],
+    )
     (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     run = d / "run"
     stats = pipeline.build(recipe_mod.load(d / "recipe.yaml"), run)
@@ -117,7 +156,9 @@ EXPECTED = {"plain": (4, 48), "capped": (2, 6), "small": (6, 48), "describe": (1
 @pytest.mark.slow
 def test_each_source_samples_with_its_own_n_max_tokens_and_image_size(built):
     _, stats, samples, pairs, _ = built
-    assert stats["totals"]["rejects"] == 0 and sorted(s["source"] for s in samples) == sorted(list(EXPECTED) * 4)
+    assert stats["totals"]["rejects"] == 0 and sorted(s["source"] for s in samples) == sorted(
+        list(EXPECTED) * 4
+    )
     for s in samples:
         n, max_tokens = EXPECTED[s["source"]]
         assert s["error"] == "" and len(s["responses"]) == n
@@ -131,8 +172,13 @@ def test_each_source_samples_with_its_own_n_max_tokens_and_image_size(built):
     capped = [t for s in samples if s["source"] == "capped" for t in s["n_tokens"]]
     assert 6 in capped  # the cap bites: the demo model's answers run longer than 6 tokens
     assert max(t for s in samples if s["source"] in ("plain", "small") for t in s["n_tokens"]) > 12
-    continued = [t for s in samples if s["source"] == "describe" for t, k in zip(s["continuation_tokens"],
-                                                                                 s["prefix_words"]) if k >= 0]
+    continued = [
+        t
+        for s in samples
+        if s["source"] == "describe"
+        for t, k in zip(s["continuation_tokens"], s["prefix_words"])
+        if k >= 0
+    ]
     assert continued and max(continued) == 12  # continuations too: capped at the source's 12 tokens
     by_qid = {s["qid"]: s for s in samples}
     assert {p["source"] for p in pairs} >= {"plain", "small"}
@@ -168,27 +214,52 @@ def test_trainer_sees_the_downscaled_image_the_sampler_saw(built, tmp_path):
     for i, p in enumerate(pairs):
         ids = encoder.encode(p, i).prompt["input_ids"].flatten().tolist()
         assert ids.count(pad) == (SMALL_TOKENS if p["source"] == "small" else FULL_TOKENS)
-    summary = train(MPOConfig(model=model, data=str(run), output_dir=str(tmp_path / "mpo"), batch_size=4,
-                              max_steps=2, learning_rate=1e-4, warmup_ratio=0.0, eval_fraction=0.0,
-                              max_length=1024, progress_bar=False, save_model=False))
+    summary = train(
+        MPOConfig(
+            model=model,
+            data=str(run),
+            output_dir=str(tmp_path / "mpo"),
+            batch_size=4,
+            max_steps=2,
+            learning_rate=1e-4,
+            warmup_ratio=0.0,
+            eval_fraction=0.0,
+            max_length=1024,
+            progress_bar=False,
+            save_model=False,
+        )
+    )
     assert summary["steps"] == 2
 
 
 # The published image processor settings of each family's checkpoint (README, "Model families"), and
 # how many image tokens its processor's output stands for.
 FAMILY_PROCESSORS = {
-    "qwen2_vl": ("Qwen2VLImageProcessor", dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280),
-                 lambda out: int(out["image_grid_thw"][0].prod()) // 4),       # 2x2 patches merge to one token
-    "internvl": ("GotOcr2ImageProcessor", dict(crop_to_patches=True, min_patches=1, max_patches=12,
-                                               size={"height": 448, "width": 448}),
-                 lambda out: int(out["num_patches"][0]) * 256),                # 256 tokens per 448 px tile
-    "idefics3": ("Idefics3ImageProcessor", dict(do_image_splitting=True, size={"longest_edge": 1536},
-                                                max_image_size={"longest_edge": 384}),
-                 lambda out: out["pixel_values"].shape[1] * 81),               # SmolVLM: 81 tokens per tile
-    "llava": ("CLIPImageProcessor", dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-              lambda out: (out["pixel_values"].shape[-1] // 14) ** 2),        # one 336 px crop, 14 px patches
-    "gemma3": ("Gemma3ImageProcessor", dict(size={"height": 896, "width": 896}),
-               lambda out: out["pixel_values"].shape[0] * 256),              # 256 tokens per 896 px image
+    "qwen2_vl": (
+        "Qwen2VLImageProcessor",
+        dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280),
+        lambda out: int(out["image_grid_thw"][0].prod()) // 4,
+    ),  # 2x2 patches merge to one token
+    "internvl": (
+        "GotOcr2ImageProcessor",
+        dict(crop_to_patches=True, min_patches=1, max_patches=12, size={"height": 448, "width": 448}),
+        lambda out: int(out["num_patches"][0]) * 256,
+    ),  # 256 tokens per 448 px tile
+    "idefics3": (
+        "Idefics3ImageProcessor",
+        dict(do_image_splitting=True, size={"longest_edge": 1536}, max_image_size={"longest_edge": 384}),
+        lambda out: out["pixel_values"].shape[1] * 81,
+    ),  # SmolVLM: 81 tokens per tile
+    "llava": (
+        "CLIPImageProcessor",
+        dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+        lambda out: (out["pixel_values"].shape[-1] // 14) ** 2,
+    ),  # one 336 px crop, 14 px patches
+    "gemma3": (
+        "Gemma3ImageProcessor",
+        dict(size={"height": 896, "width": 896}),
+        lambda out: out["pixel_values"].shape[0] * 256,
+    ),  # 256 tokens per 896 px image
 }
 
 
@@ -207,8 +278,15 @@ def test_which_families_spend_fewer_image_tokens_under_image_max_pixels(family):
     Image.fromarray(np.stack([x, y, x[::-1]], -1).astype(np.uint8)).save(buf, format="PNG")
     full, capped = buf.getvalue(), downscale_image(buf.getvalue(), 448 * 448)
     assert _size(capped) == (517, 387)
-    counts = [tokens(processor(images=[Image.open(io.BytesIO(b)).convert("RGB")], return_tensors="np"))
-              for b in (full, capped)]
-    expected = {"qwen2_vl": [1230, 252], "internvl": [13 * 256] * 2, "idefics3": [13 * 81] * 2,
-                "llava": [576, 576], "gemma3": [256, 256]}[family]
+    counts = [
+        tokens(processor(images=[Image.open(io.BytesIO(b)).convert("RGB")], return_tensors="np"))
+        for b in (full, capped)
+    ]
+    expected = {
+        "qwen2_vl": [1230, 252],
+        "internvl": [13 * 256] * 2,
+        "idefics3": [13 * 81] * 2,
+        "llava": [576, 576],
+        "gemma3": [256, 256],
+    }[family]
     assert counts == expected

@@ -1,4 +1,5 @@
 """The MPO trainer end to end on CPU: a tiny Qwen2-VL model, pairs written as the pipeline writes them."""
+
 import json
 import logging
 import math
@@ -35,18 +36,40 @@ def write_pairs(run_dir: Path, n: int, seed: int = 0, text_only_every: int = 4) 
         wrong = WRONG.get(q["answer"]) or str(int(q["answer"]) + 1)
         chosen = q["response"]
         pair_type = "correctness" if i % 2 else "format"
-        rejected = (f"{q['rationale']}\nFinal answer: {wrong}" if pair_type == "correctness"
-                    else f"{q['rationale']} I cannot say more.")
+        rejected = (
+            f"{q['rationale']}\nFinal answer: {wrong}"
+            if pair_type == "correctness"
+            else f"{q['rationale']} I cannot say more."
+        )
         images = [] if i % text_only_every == 0 else [{"bytes": q["image"], "path": None}]
         question = prompts.render("cot_final_answer", q["question"])
         qid = records.question_id("generated", q["image"], question, q["answer"])
-        rows.append(dict(id=records.pair_id(qid, pair_type, chosen, rejected), qid=qid, source="generated",
-                         task=q["task"], images=images, question=question, answer=q["answer"], chosen=chosen,
-                         rejected=rejected, pair_type=pair_type, model="tiny", prompt_template="cot_final_answer",
-                         sampling="{}", chosen_index=0, rejected_index=1, cut_ratio=None, prefix_words=None))
+        rows.append(
+            dict(
+                id=records.pair_id(qid, pair_type, chosen, rejected),
+                qid=qid,
+                source="generated",
+                task=q["task"],
+                images=images,
+                question=question,
+                answer=q["answer"],
+                chosen=chosen,
+                rejected=rejected,
+                pair_type=pair_type,
+                model="tiny",
+                prompt_template="cot_final_answer",
+                sampling="{}",
+                chosen_index=0,
+                rejected_index=1,
+                cut_ratio=None,
+                prefix_words=None,
+            )
+        )
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=records.PAIR_SCHEMA),
-                   run_dir / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=records.PAIR_SCHEMA),
+        run_dir / "data" / "train-00000-of-00001.parquet",
+    )
     return run_dir
 
 
@@ -61,9 +84,19 @@ def run_dir(tmp_path_factory):
 
 
 def config(model, run_dir, out, **kw) -> MPOConfig:
-    base = dict(model=str(model), data=str(run_dir), output_dir=str(out), batch_size=4, max_steps=4,
-                learning_rate=1e-3, warmup_ratio=0.0, eval_fraction=0.2, max_length=512, progress_bar=False,
-                save_model=False)
+    base = dict(
+        model=str(model),
+        data=str(run_dir),
+        output_dir=str(out),
+        batch_size=4,
+        max_steps=4,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        eval_fraction=0.2,
+        max_length=512,
+        progress_bar=False,
+        save_model=False,
+    )
     return MPOConfig(**{**base, **kw})
 
 
@@ -72,10 +105,13 @@ def tiny_dir(summary: dict) -> str:
 
 
 def metrics(out: Path, split: str = "train") -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+    return [
+        r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == split
+    ]
 
 
 # --- data ------------------------------------------------------------------------------------------
+
 
 def test_prompt_uses_the_chat_template_and_only_responses_are_scored(tiny, run_dir):
     processor = load_processor(str(tiny))
@@ -99,10 +135,16 @@ def test_prompt_uses_the_chat_template_and_only_responses_are_scored(tiny, run_d
 
     batch = collate([without, with_image], tok.pad_token_id)
     assert batch["input_ids"].shape[0] == 4  # chosen, chosen, rejected, rejected
-    for i, (item, ids) in enumerate([(without, without.chosen_ids), (with_image, with_image.chosen_ids),
-                                     (without, without.rejected_ids), (with_image, with_image.rejected_ids)]):
+    for i, (item, ids) in enumerate(
+        [
+            (without, without.chosen_ids),
+            (with_image, with_image.chosen_ids),
+            (without, without.rejected_ids),
+            (with_image, with_image.rejected_ids),
+        ]
+    ):
         assert batch["input_ids"][i][batch["response_mask"][i]].tolist() == ids
-        assert batch["response_mask"][i, :item.prompt_len].sum() == 0
+        assert batch["response_mask"][i, : item.prompt_len].sum() == 0
         assert batch["attention_mask"][i].sum() == item.prompt_len + len(ids)
     # the image appears once for the chosen and once for the rejected sequence
     assert batch["image_grid_thw"].shape[0] == 2
@@ -128,7 +170,9 @@ def test_hub_dataset_with_the_same_columns(tiny, run_dir, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda repo, split: asked.append((repo, split)) or hub)
     table = load_pairs("someone/mmpr-pairs:validation")
     assert asked == [("someone/mmpr-pairs", "validation")]
-    assert table.num_rows == 24 and table["question"].to_pylist() == pq.read_table(shard)["question"].to_pylist()
+    assert (
+        table.num_rows == 24 and table["question"].to_pylist() == pq.read_table(shard)["question"].to_pylist()
+    )
     processor = load_processor(str(tiny))
     encoded = PairDataset(table, PairEncoder(processor, 512))[1]
     assert encoded.prompt["pixel_values"].shape[0] > 0
@@ -140,8 +184,10 @@ def test_bad_data_is_refused_with_a_clear_error(tmp_path):
     pq.write_table(pa.table({"question": ["q"], "chosen": ["a"]}), tmp_path / "x.parquet")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['rejected'\]"):
         load_pairs(tmp_path / "x.parquet")
-    pq.write_table(pa.table({"question": ["q"], "chosen": ["a"], "rejected": pa.array([None], pa.string())}),
-                   tmp_path / "x.parquet")
+    pq.write_table(
+        pa.table({"question": ["q"], "chosen": ["a"], "rejected": pa.array([None], pa.string())}),
+        tmp_path / "x.parquet",
+    )
     with pytest.raises(ValueError, match="'rejected' has 1 null"):
         load_pairs(tmp_path / "x.parquet")
 
@@ -169,6 +215,7 @@ def test_response_logps_match_a_full_forward_values_and_gradients(tiny, run_dir)
 
 # --- training --------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def short_run(tiny, run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("short")
@@ -194,7 +241,10 @@ def test_short_run_loss_falls_and_reward_margin_grows(short_run):
     # the trained model is a model transformers loads; the vision encoder was frozen, its projector not
     final = load_model(summary["model_dir"])
     assert final.config.model_type == "qwen2_vl"
-    before, after = load_file(Path(tiny_dir(summary)) / "model.safetensors"), load_file(Path(summary["model_dir"]) / "model.safetensors")
+    before, after = (
+        load_file(Path(tiny_dir(summary)) / "model.safetensors"),
+        load_file(Path(summary["model_dir"]) / "model.safetensors"),
+    )
     vision = [k for k in before if ".visual." in f".{k}" and "merger" not in k]
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)
     assert any(not torch.equal(before[k], after[k]) for k in before if "merger" in k)
@@ -247,7 +297,9 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny, run_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["delta"] == whole["delta"]
     assert [r["step"] for r in metrics(tmp_path / "resumed")] == [3, 4]
-    assert [r["loss"] for r in metrics(tmp_path / "resumed")] == [r["loss"] for r in metrics(tmp_path / "whole")][2:]
+    assert [r["loss"] for r in metrics(tmp_path / "resumed")] == [
+        r["loss"] for r in metrics(tmp_path / "whole")
+    ][2:]
 
 
 def test_lora_trains_adapters_against_the_base_model(tiny, run_dir, tmp_path):
@@ -264,7 +316,10 @@ def test_lora_trains_adapters_against_the_base_model(tiny, run_dir, tmp_path):
     assert adapters < 0.2 * sum(p.numel() for p in load_model(str(tiny)).parameters())
     assert summary["trainable_parameters"] == sum(t.numel() for t in trainable.values())
     # the saved model has the adapters merged: a plain transformers model, changed from the base
-    base, merged = load_file(Path(tiny) / "model.safetensors"), load_file(Path(summary["model_dir"]) / "model.safetensors")
+    base, merged = (
+        load_file(Path(tiny) / "model.safetensors"),
+        load_file(Path(summary["model_dir"]) / "model.safetensors"),
+    )
     assert set(base) == set(merged)
     changed = [k for k in base if not torch.equal(base[k], merged[k])]
     assert changed and all("proj" in k or ".merger." in k for k in changed)
@@ -273,13 +328,18 @@ def test_lora_trains_adapters_against_the_base_model(tiny, run_dir, tmp_path):
 def test_precomputed_reference_gives_the_live_reference_loss(tiny, run_dir, tmp_path):
     live = train(config(tiny, run_dir, tmp_path / "live", max_steps=3))
     # (with gradient checkpointing, which must not change a number either)
-    pre = train(config(tiny, run_dir, tmp_path / "pre", max_steps=3, reference="precomputed",
-                       gradient_checkpointing=True))
+    pre = train(
+        config(
+            tiny, run_dir, tmp_path / "pre", max_steps=3, reference="precomputed", gradient_checkpointing=True
+        )
+    )
     assert (tmp_path / "pre" / "reference_logps.pt").exists()
     for a, b in zip(metrics(tmp_path / "live"), metrics(tmp_path / "pre")):
         for key in ("loss", "preference", "bco", "reward_margin", "delta"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
-    assert live["last_eval"]["eval_reward_margin"] == pytest.approx(pre["last_eval"]["eval_reward_margin"], abs=1e-4)
+    assert live["last_eval"]["eval_reward_margin"] == pytest.approx(
+        pre["last_eval"]["eval_reward_margin"], abs=1e-4
+    )
 
 
 def test_too_long_pairs_are_dropped_counted_and_reported(tiny, run_dir, tmp_path, caplog):
@@ -318,19 +378,47 @@ def test_qwen2_5_vl_trains_through_the_auto_classes(run_dir, tmp_path):
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     tok = demo_model.build_tokenizer(512)
-    ids = {t: tok.convert_tokens_to_ids(f"<|{t}|>") for t in ("image_pad", "video_pad", "vision_start", "vision_end")}
+    ids = {
+        t: tok.convert_tokens_to_ids(f"<|{t}|>")
+        for t in ("image_pad", "video_pad", "vision_start", "vision_end")
+    }
     q25_config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=576, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, rope_theta=1e4, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64,
-                           window_size=56, fullatt_block_indexes=[1]),
-        image_token_id=ids["image_pad"], video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"], tie_word_embeddings=False)
+        text_config=dict(
+            vocab_size=576,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            rope_theta=1e4,
+            rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=64,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids["image_pad"],
+        video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     Qwen2_5_VLForConditionalGeneration(q25_config).save_pretrained(tmp_path / "q25")
-    Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112), tokenizer=tok,
-                        video_processor=Qwen2VLVideoProcessor(), chat_template=demo_model.CHAT_TEMPLATE).save_pretrained(tmp_path / "q25")
+    Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112),
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=demo_model.CHAT_TEMPLATE,
+    ).save_pretrained(tmp_path / "q25")
 
     processor, model = load_processor(str(tmp_path / "q25")), load_model(str(tmp_path / "q25"))
     assert model.config.model_type == "qwen2_5_vl"
@@ -346,12 +434,15 @@ def test_qwen2_5_vl_trains_through_the_auto_classes(run_dir, tmp_path):
     # step 1: the policy is its reference, so every reward is 0: DPO = log 2, BCO = 2 log 2 (delta 0)
     assert rows[0]["preference"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[0]["bco"] == pytest.approx(2 * math.log(2), abs=1e-6)
-    assert rows[0]["loss"] == pytest.approx(0.8 * math.log(2) + 0.2 * 2 * math.log(2) + rows[0]["sft"], abs=1e-5)
+    assert rows[0]["loss"] == pytest.approx(
+        0.8 * math.log(2) + 0.2 * 2 * math.log(2) + rows[0]["sft"], abs=1e-5
+    )
     assert rows[-1]["sft"] < rows[0]["sft"] and rows[-1]["reward_margin"] > 0  # it learns
     assert summary["last_eval"]["eval_pairs"] > 0 and summary["last_eval"]["eval_reward_margin"] > 0
 
 
 # --- config and CLI ----------------------------------------------------------------------------------
+
 
 def test_default_config_and_overrides():
     cfg = load_config(ROOT / "data_cards" / "train_mpo.yaml", {"learning_rate": 1e-4, "lora": True})
@@ -369,13 +460,31 @@ def test_cli_train(tiny, run_dir, tmp_path, capsys):
     from mmpr_pipeline import cli
 
     out = tmp_path / "out"
-    args = ["train", str(ROOT / "data_cards" / "train_mpo.yaml"), "--set", f"model={tiny}", "--set", f"data={run_dir}",
-            "--set", f"output_dir={out}", "--set", "max_steps=2", "--set", "batch_size=2", "--set", "grad_accum_steps=1",
-            "--set", "progress_bar=false"]
+    args = [
+        "train",
+        str(ROOT / "data_cards" / "train_mpo.yaml"),
+        "--set",
+        f"model={tiny}",
+        "--set",
+        f"data={run_dir}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "max_steps=2",
+        "--set",
+        "batch_size=2",
+        "--set",
+        "grad_accum_steps=1",
+        "--set",
+        "progress_bar=false",
+    ]
     assert cli.main(args) == 0
     assert json.loads(capsys.readouterr().out)["model_dir"] == str(out / "final")
     assert (out / "final" / "model.safetensors").exists() and len(metrics(out)) == 2
-    assert cli.main(["train", str(ROOT / "data_cards" / "train_mpo.yaml"), "--set", f"data={tmp_path}/none"]) == 2
+    assert (
+        cli.main(["train", str(ROOT / "data_cards" / "train_mpo.yaml"), "--set", f"data={tmp_path}/none"])
+        == 2
+    )
     assert "no such file or folder" in capsys.readouterr().err
 
 
@@ -389,11 +498,27 @@ def test_data_parallel_with_torchrun_matches_one_process(tiny, run_dir, tmp_path
         "import sys\nfrom mmpr_pipeline.train import MPOConfig, train\n"
         f"train(MPOConfig(model={str(tiny)!r}, data={str(run_dir)!r}, output_dir=sys.argv[1], batch_size=int(sys.argv[2]),"
         " max_steps=3, learning_rate=1e-3, warmup_ratio=0.0, eval_fraction=0.2, max_length=512, progress_bar=False,"
-        " weights=[0.8, 0.2, 1.0], bco_shift='running_mean'))\n")
+        " weights=[0.8, 0.2, 1.0], bco_shift='running_mean'))\n"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4"], check=True, env=env, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                    str(tmp_path / "two"), "2"], check=True, env=env, cwd=ROOT, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "two"),
+            "2",
+        ],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["pairs"] for r in two] == [4, 4, 4]
     # the halves differ in length, so a per-process per-token SFT mean would not match
@@ -401,7 +526,10 @@ def test_data_parallel_with_torchrun_matches_one_process(tiny, run_dir, tmp_path
     for key in ("loss", "preference", "bco", "sft", "delta", "reward_margin"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-5), key
     assert one[-1]["delta"] != 0.0 and one[-1]["sft"] > 0
-    a, b = load_file(tmp_path / "one" / "final" / "model.safetensors"), load_file(tmp_path / "two" / "final" / "model.safetensors")
+    a, b = (
+        load_file(tmp_path / "one" / "final" / "model.safetensors"),
+        load_file(tmp_path / "two" / "final" / "model.safetensors"),
+    )
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     e1, e2 = metrics(tmp_path / "one", "eval")[-1], metrics(tmp_path / "two", "eval")[-1]
     assert e1["eval_pairs"] == e2["eval_pairs"] > 0

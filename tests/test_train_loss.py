@@ -1,4 +1,5 @@
 """The MPO loss against values computed by hand, and BCO's running-mean shift."""
+
 import math
 
 import pytest
@@ -107,7 +108,9 @@ def test_running_mean_update_rule_over_steps():
 def test_paper_delta_matches_reference_code_rule():
     """delta is the mean of each batch's mean reward over chosen and rejected, updated before use."""
     running = RunningMean()
-    batches = [(torch.tensor([0.1, 0.3]), torch.tensor([-0.2, 0.0])),
-               (torch.tensor([0.5, 0.1]), torch.tensor([0.1, 0.1]))]
+    batches = [
+        (torch.tensor([0.1, 0.3]), torch.tensor([-0.2, 0.0])),
+        (torch.tensor([0.5, 0.1]), torch.tensor([0.1, 0.1])),
+    ]
     deltas = [running.update(torch.cat([c, r]).mean()).item() for c, r in batches]
     assert deltas == pytest.approx([0.05, (0.05 + 0.2) / 2])

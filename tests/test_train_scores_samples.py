@@ -9,6 +9,7 @@ the two saw different prompts (another template, the image elsewhere or missing,
 changed), the per-token log-probabilities would disagree; they agree within 0.05 nats/token on
 average, allowing for a bf16 engine against a float32 trainer.
 """
+
 import json
 import os
 import subprocess
@@ -18,15 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmpr_pipeline import prompts, records, tasks
-from mmpr_pipeline.train.data import PairDataset, PairEncoder, collate
+from mmpr_pipeline import prompts, tasks
+from mmpr_pipeline.train.data import PairEncoder, collate
 from mmpr_pipeline.train.model import load_model, load_processor, response_token_logps
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 MAX_MEAN_ABS_NATS = 0.05
 
-SAMPLER = r'''
+SAMPLER = r"""
 import json, sys
 
 from mmpr_pipeline.engine import engine_kwargs, user_message
@@ -54,7 +55,7 @@ def main(model, questions_file, out_file):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +63,31 @@ def sampled(trained_model, tmp_path_factory):
     """Six image questions x 2 samples from vLLM, with the log-probability of each sampled token."""
     tmp = tmp_path_factory.mktemp("sampled")
     questions = [dict(q, qid=f"q{i}") for i, q in enumerate(tasks.generate(6, seed=11))]
-    (tmp / "questions.json").write_text(json.dumps([dict(qid=q["qid"], question=q["question"], image=q["image"].hex())
-                                                    for q in questions]))
+    (tmp / "questions.json").write_text(
+        json.dumps([dict(qid=q["qid"], question=q["question"], image=q["image"].hex()) for q in questions])
+    )
     (tmp / "sampler.py").write_text(SAMPLER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_LOGGING_LEVEL": "WARNING"}
-    proc = subprocess.run([sys.executable, str(tmp / "sampler.py"), trained_model, str(tmp / "questions.json"),
-                           str(tmp / "samples.json")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(tmp / "sampler.py"),
+            trained_model,
+            str(tmp / "questions.json"),
+            str(tmp / "samples.json"),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = json.loads((tmp / "samples.json").read_text())
     assert len(samples) == 12
@@ -80,9 +99,15 @@ def as_pair_rows(questions: dict, samples: list[dict]) -> list[dict]:
     rows = []
     for s in samples:
         q = questions[s["qid"]]
-        rows.append(dict(images=[{"bytes": q["image"], "path": None}],
-                         question=prompts.render("cot_final_answer", q["question"]),
-                         chosen=s["text"], rejected="-", id=s["qid"]))
+        rows.append(
+            dict(
+                images=[{"bytes": q["image"], "path": None}],
+                question=prompts.render("cot_final_answer", q["question"]),
+                chosen=s["text"],
+                rejected="-",
+                id=s["qid"],
+            )
+        )
     return rows
 
 
@@ -140,6 +165,7 @@ def test_a_prompt_that_differs_from_the_samplers_is_caught(sampled, trained_mode
         def encode(self, row, index):
             return super().encode(dict(row, images=[]), index)
 
-    mean_abs, _, same_prompt = compare(samples, trainer_token_logps(trained_model, as_pair_rows(questions, samples),
-                                                                    NoImageEncoder))
+    mean_abs, _, same_prompt = compare(
+        samples, trainer_token_logps(trained_model, as_pair_rows(questions, samples), NoImageEncoder)
+    )
     assert same_prompt == 0 and mean_abs > 2 * MAX_MEAN_ABS_NATS

@@ -14,9 +14,9 @@ every term agrees to 1e-4 relative; with it in, our scorer on TRL's batch gives 
 the whole difference is that one token. Both average the SFT term per token over the batch's
 chosen tokens (not per sequence).
 """
+
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -54,9 +54,23 @@ def setup(tiny_model, tmp_path_factory):
 
 def ours(setup) -> dict:
     run, processor, policy, reference, tmp = setup
-    cfg = MPOConfig(model="tiny", data=str(run), output_dir=str(tmp / "ours"), batch_size=4, max_steps=1,
-                    eval_fraction=0.0, bco_shift="none", weights=[0.8, 0.2, 1.0], beta=0.1, max_length=4096,
-                    learning_rate=1e-9, progress_bar=False, save_model=False, save_every=-1, resume=False)
+    cfg = MPOConfig(
+        model="tiny",
+        data=str(run),
+        output_dir=str(tmp / "ours"),
+        batch_size=4,
+        max_steps=1,
+        eval_fraction=0.0,
+        bco_shift="none",
+        weights=[0.8, 0.2, 1.0],
+        beta=0.1,
+        max_length=4096,
+        learning_rate=1e-9,
+        progress_bar=False,
+        save_model=False,
+        save_every=-1,
+        resume=False,
+    )
     train(cfg, model=copy.deepcopy(policy), processor=processor, ref_model=copy.deepcopy(reference))
     row = json.loads((tmp / "ours" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["pairs"] == 4 and row["delta"] == 0.0
@@ -70,15 +84,34 @@ def trl_trainer(setup):
     run, processor, policy, reference, tmp = setup
     ds = datasets.load_dataset("parquet", data_files=str(run / "data" / "*.parquet"), split="train")
     ds = ds.cast_column("images", datasets.List(datasets.Image()))
-    ds = ds.map(lambda r: {"prompt": [{"role": "user", "content": r["question"]}],
-                           "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                           "rejected": [{"role": "assistant", "content": r["rejected"]}]},
-                remove_columns=[c for c in ds.column_names if c != "images"])
-    args = DPOConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=4, beta=0.1,
-                     loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], max_length=None,
-                     report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
-    trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
-                         train_dataset=ds, processing_class=processor)
+    ds = ds.map(
+        lambda r: {
+            "prompt": [{"role": "user", "content": r["question"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        },
+        remove_columns=[c for c in ds.column_names if c != "images"],
+    )
+    args = DPOConfig(
+        output_dir=str(tmp / "trl"),
+        per_device_train_batch_size=4,
+        beta=0.1,
+        loss_type=["sigmoid", "bco_pair", "sft"],
+        loss_weights=[0.8, 0.2, 1.0],
+        max_length=None,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = DPOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
+        args=args,
+        train_dataset=ds,
+        processing_class=processor,
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     return trainer, batch
 
@@ -104,7 +137,9 @@ def without_trailing_newline(batch: dict, tokenizer) -> dict:
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for i in range(mask.shape[0]):
         last = int(mask[i].nonzero().max())
-        assert tokenizer.decode(batch["input_ids"][i, last]) == "\n" and batch["input_ids"][i, last - 1] == end
+        assert (
+            tokenizer.decode(batch["input_ids"][i, last]) == "\n" and batch["input_ids"][i, last - 1] == end
+        )
         mask[i, last] = 0
     batch["completion_mask"] = mask
     return batch
@@ -121,8 +156,9 @@ def test_each_mpo_term_equals_trls_on_the_same_batch(setup):
     tok = processor.tokenizer
     trl_batch = without_trailing_newline(batch, tok)
     ds = PairDataset(load_pairs(run), PairEncoder(processor, 4096))
-    encoded = {tuple(e.prompt["input_ids"][0].tolist() + e.chosen_ids): e
-               for e in (ds[i] for i in range(len(ds)))}
+    encoded = {
+        tuple(e.prompt["input_ids"][0].tolist() + e.chosen_ids): e for e in (ds[i] for i in range(len(ds)))
+    }
     for i in range(4):  # chosen rows of TRL's batch (left-flushed, right-padded)
         ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()[:-1]  # without the "\n"
         e = encoded[tuple(ids)]
@@ -136,7 +172,9 @@ def test_each_mpo_term_equals_trls_on_the_same_batch(setup):
         assert mine[key] == pytest.approx(theirs[key], rel=1e-4), key
     # away from the values a policy equal to its reference gives (log 2, 2 log 2)
     assert abs(mine["preference"] - 0.6931) > 1e-3 and abs(mine["bco"] - 1.3863) > 1e-3
-    assert theirs["loss"] == pytest.approx(0.8 * theirs["preference"] + 0.2 * theirs["bco"] + theirs["sft"], rel=1e-5)
+    assert theirs["loss"] == pytest.approx(
+        0.8 * theirs["preference"] + 0.2 * theirs["bco"] + theirs["sft"], rel=1e-5
+    )
 
 
 def test_trls_default_differs_only_by_the_newline_after_the_end_of_turn(setup):
@@ -150,7 +188,9 @@ def test_trls_default_differs_only_by_the_newline_after_the_end_of_turn(setup):
         logps, n_tokens = response_logps(policy, inputs)
         ref, _ = response_logps(reference, inputs)
     chosen_nll = -logps[:4].sum() / n_tokens[:4].sum()  # per token over the batch's chosen tokens, as TRL
-    loss, parts = mpo_loss(logps[:4], logps[4:], ref[:4], ref[4:], chosen_nll, beta=0.1, weights=(0.8, 0.2, 1.0))
+    loss, parts = mpo_loss(
+        logps[:4], logps[4:], ref[:4], ref[4:], chosen_nll, beta=0.1, weights=(0.8, 0.2, 1.0)
+    )
     for key in ("preference", "bco", "sft"):
         assert parts[key].item() == pytest.approx(theirs[key], rel=1e-4), key
     assert loss.item() == pytest.approx(theirs["loss"], rel=1e-4)

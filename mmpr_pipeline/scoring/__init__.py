@@ -43,16 +43,48 @@ Verdict.reason is one of these stable strings (REASONS):
   refused the text, ran past its bound, or failed; all count as wrong.
 Verdict.format_ok reports the paper's format (rationale, then one final-answer line) separately.
 """
+
 from mmpr_pipeline.scoring.extract import NO_ANSWER, TOO_LONG, Extraction, extract
-from mmpr_pipeline.scoring.format_rules import RULES as FORMAT_RULES, WRONG_FORMAT
+from mmpr_pipeline.scoring.format_rules import RULES as FORMAT_RULES
+from mmpr_pipeline.scoring.format_rules import WRONG_FORMAT
 from mmpr_pipeline.scoring.judge import DEFAULT_TIMEOUT, Verdict, judge
-from mmpr_pipeline.scoring.modes import (AMBIGUOUS, CORRECT, MATH_ERROR, PARTIAL, TIMEOUT, UNPARSABLE,
-                                         UNSAFE, WRONG)
+from mmpr_pipeline.scoring.modes import (
+    AMBIGUOUS,
+    CORRECT,
+    MATH_ERROR,
+    PARTIAL,
+    TIMEOUT,
+    UNPARSABLE,
+    UNSAFE,
+    WRONG,
+)
 from mmpr_pipeline.scoring.safe_math import screen, symbolic_check, warm_up
 
-REASONS = (CORRECT, WRONG, PARTIAL, NO_ANSWER, TOO_LONG, AMBIGUOUS, UNPARSABLE, UNSAFE, TIMEOUT, MATH_ERROR,
-           WRONG_FORMAT)
-FORMAT_REASONS = (NO_ANSWER, TOO_LONG, WRONG_FORMAT)   # extracted is None
+REASONS = (
+    CORRECT,
+    WRONG,
+    PARTIAL,
+    NO_ANSWER,
+    TOO_LONG,
+    AMBIGUOUS,
+    UNPARSABLE,
+    UNSAFE,
+    TIMEOUT,
+    MATH_ERROR,
+    WRONG_FORMAT,
+)
+FORMAT_REASONS = (NO_ANSWER, TOO_LONG, WRONG_FORMAT)  # extracted is None
 
-__all__ = ["judge", "Verdict", "extract", "Extraction", "warm_up", "screen", "symbolic_check",
-           "REASONS", "FORMAT_REASONS", "FORMAT_RULES", "DEFAULT_TIMEOUT"]
+__all__ = [
+    "judge",
+    "Verdict",
+    "extract",
+    "Extraction",
+    "warm_up",
+    "screen",
+    "symbolic_check",
+    "REASONS",
+    "FORMAT_REASONS",
+    "FORMAT_RULES",
+    "DEFAULT_TIMEOUT",
+]

@@ -14,6 +14,7 @@ Protocol, one JSON object per line:
              "detail": str}
 The server exits when stdin closes (its parent died or closed it), killing running children.
 """
+
 import json
 import logging
 import os
@@ -22,8 +23,8 @@ import signal
 import sys
 import time
 
-MAX_CHILDREN = 8           # concurrent checks; more requests wait (their budget keeps running)
-CHILD_MEMORY = 2 << 30     # address space a check may add on top of the server's, bytes
+MAX_CHILDREN = 8  # concurrent checks; more requests wait (their budget keeps running)
+CHILD_MEMORY = 2 << 30  # address space a check may add on top of the server's, bytes
 
 
 def _as_sets(exprs: list) -> list | None:
@@ -68,9 +69,12 @@ def check(pred: str, golds: list[str], mode: str = "plain", plain: str | None = 
             return True
         gold_sets, pred_sets = _as_sets(gold_parsed), _as_sets(pred_parsed)
         return (gold_sets is not None or pred_sets is not None) and verify(
-            gold_sets or gold_parsed, pred_sets or pred_parsed, float_rounding=6, timeout_seconds=None)
+            gold_sets or gold_parsed, pred_sets or pred_parsed, float_rounding=6, timeout_seconds=None
+        )
 
-    readings = [parsed(pred, latex + [ExprExtractionConfig()]) if mode == "text" else parsed(f"${pred}$", latex)]
+    readings = [
+        parsed(pred, latex + [ExprExtractionConfig()]) if mode == "text" else parsed(f"${pred}$", latex)
+    ]
     if mode == "text" and plain:
         readings.append(parsed(f"${plain}$", latex))
     readings = [r for r in readings if r]
@@ -88,10 +92,11 @@ def check(pred: str, golds: list[str], mode: str = "plain", plain: str | None = 
 
 def _child(request: dict, write_fd: int) -> None:
     """Runs in the forked child: bounded by an itimer (default action kills) and an address limit."""
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)      # kills even inside a C computation
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # kills even inside a C computation
     signal.setitimer(signal.ITIMER_REAL, float(request["budget"]) + 0.5)
     try:
         import resource
+
         pages = int(open("/proc/self/statm").read().split()[0])
         limit = pages * os.sysconf("SC_PAGE_SIZE") + CHILD_MEMORY
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -99,9 +104,12 @@ def _child(request: dict, write_fd: int) -> None:
         pass
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    os.dup2(devnull, 1)                                 # nothing may write into the reply channel
+    os.dup2(devnull, 1)  # nothing may write into the reply channel
     try:
-        status, detail = check(request["pred"], request["gold"], request.get("mode", "plain"), request.get("plain")), ""
+        status, detail = (
+            check(request["pred"], request["gold"], request.get("mode", "plain"), request.get("plain")),
+            "",
+        )
     except MemoryError:
         status, detail = "error", "memory limit"
     except RecursionError:
@@ -116,20 +124,20 @@ def _reply(message: dict) -> None:
     try:
         sys.stdout.write(json.dumps(message) + "\n")
         sys.stdout.flush()
-    except OSError:         # the parent is gone; running children end by their own timers
+    except OSError:  # the parent is gone; running children end by their own timers
         os._exit(0)
 
 
 def main() -> None:
-    logging.getLogger("math_verify").setLevel(logging.ERROR)   # "timeout is disabled" warnings
-    check("\\frac{1}{2}", ["0.5"])                             # warm sympy caches before forking
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled" warnings
+    check("\\frac{1}{2}", ["0.5"])  # warm sympy caches before forking
     check("So $x \\geq 1$ or 1/2.", ["[1, \\infty)"], "text")
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     _reply({"ready": True})
 
     stdin_fd = sys.stdin.fileno()
     inbox, queue = b"", []
-    running = {}        # read fd -> [pid, id, deadline, received bytes]
+    running = {}  # read fd -> [pid, id, deadline, received bytes]
     stdin_open = True
     while stdin_open or running:
         now = time.monotonic()

@@ -27,40 +27,52 @@ not used to judge correctness.
 Only the last `TAIL_CHARS` characters are searched and all patterns are linear, so a response of
 any length costs at most a few tens of microseconds here.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-TAIL_CHARS = 4000        # the final answer is at the end; a 200 000-character response costs nothing
+TAIL_CHARS = 4000  # the final answer is at the end; a 200 000-character response costs nothing
 MAX_ANSWER_CHARS = 1000  # longer "answers" are refused ("answer too long")
-TERSE_CHARS = 200        # a marker-less response this short, on one line, is its own answer
+TERSE_CHARS = 200  # a marker-less response this short, on one line, is its own answer
 NO_ANSWER = "no final answer"
 TOO_LONG = "answer too long"
 
 # `Final answer` followed by a colon, "is", "=" or the end of its line, with Markdown around it.
-_FINAL_MARKER = re.compile(r"(?i)(?:\bfinal[ \t]+answer|最终答案|最后答案)(?:[ \t]*[*_#]+)?[ \t]*"
-                           r"(?:[:：=]|is\b|[是为][:：]?|(?=[ \t]*$))", re.MULTILINE)
+_FINAL_MARKER = re.compile(
+    r"(?i)(?:\bfinal[ \t]+answer|最终答案|最后答案)(?:[ \t]*[*_#]+)?[ \t]*"
+    r"(?:[:：=]|is\b|[是为][:：]?|(?=[ \t]*$))",
+    re.MULTILINE,
+)
 # `Answer:` at the start of a line (after Markdown such as `**`, `#`, `>`, `-`).
 _LINE_MARKER = re.compile(r"(?im)^[ \t>#*_-]*(?:answer|答案)(?:[ \t]*[*_]+)?[ \t]*[:：]")
 # "the answer is B", "the correct option is (B)", "so the answer would be 3", "答案是 3"
-_PHRASE_MARKER = re.compile(r"(?i)\b(?:correct|right|best|final)?[ \t]*(?:answer|option|choice)[ \t]+"
-                            r"(?:is|would[ \t]+be|should[ \t]+be|will[ \t]+be)\b[ \t]*:?"
-                            r"|答案(?:应该|应)?[是为][:：]?")
+_PHRASE_MARKER = re.compile(
+    r"(?i)\b(?:correct|right|best|final)?[ \t]*(?:answer|option|choice)[ \t]+"
+    r"(?:is|would[ \t]+be|should[ \t]+be|will[ \t]+be)\b[ \t]*:?"
+    r"|答案(?:应该|应)?[是为][:：]?"
+)
 _BOXED = re.compile(r"\\(?:boxed|fbox)[ \t]*\{")
-_BRACE = re.compile(r"\\[{}]|[{}]")       # \{ and \} are set braces, not groups
-_LEADING_PHRASE = re.compile(r"(?i)^(?:(?:so|thus|therefore|hence)[ ,]+)?(?:the[ \t]+)?(?:final[ \t]+|correct[ \t]+)?"
-                             r"answer[ \t]*(?:is|:)[ \t]*:?[ \t]*")
+_BRACE = re.compile(r"\\[{}]|[{}]")  # \{ and \} are set braces, not groups
+_LEADING_PHRASE = re.compile(
+    r"(?i)^(?:(?:so|thus|therefore|hence)[ ,]+)?(?:the[ \t]+)?(?:final[ \t]+|correct[ \t]+)?"
+    r"answer[ \t]*(?:is|:)[ \t]*:?[ \t]*"
+)
 # Minerva's closing sentence (also Qwen's maths prompt's): "... is $28\%$. I hope it is correct."
 _COURTESY = re.compile(r"(?is)[ \t.]*\bI[ \t]+hope[ \t]+(?:it|this|that)[ \t]+is[ \t]+correct\b.*$")
-_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|emph|mbox|operatorname)"
-                           r"[ \t]*\{([^{}]*)\}")
+_TEXT_WRAPPER = re.compile(
+    r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|emph|mbox|operatorname)"
+    r"[ \t]*\{([^{}]*)\}"
+)
 _MATH_DELIMITERS = re.compile(r"\$\$|\\\(|\\\)|\\\[|\\\]")
 _EMPHASIS = re.compile(r"\*\*|__|`+|~~")
-_TRAILING = re.compile(r"(?:[\s.,;:?。，；：]|(?<![0-9})\]])!)+$")   # "5!" keeps its factorial
-_DELIMITER_LINE = re.compile(r"^[\s$\\\[\]()*_#>-]*$")   # "$$", "\[", "**" ...: not an answer
-_BOX_JOIN = re.compile(r"(?:[\s,;$()\[\].]|\\[()\[\]]|\\q?quad\b|\\[,;: ]|\\text[ \t]*\{[ \t]*(?:and|or|,)?[ \t]*\}"
-                       r"|\b(?:and|or)\b|\b[A-Za-z][ \t]*=)*")
+_TRAILING = re.compile(r"(?:[\s.,;:?。，；：]|(?<![0-9})\]])!)+$")  # "5!" keeps its factorial
+_DELIMITER_LINE = re.compile(r"^[\s$\\\[\]()*_#>-]*$")  # "$$", "\[", "**" ...: not an answer
+_BOX_JOIN = re.compile(
+    r"(?:[\s,;$()\[\].]|\\[()\[\]]|\\q?quad\b|\\[,;: ]|\\text[ \t]*\{[ \t]*(?:and|or|,)?[ \t]*\}"
+    r"|\b(?:and|or)\b|\b[A-Za-z][ \t]*=)*"
+)
 _DISPLAY_OPEN = re.compile(r"\\\[|\$\$")
 _THINK_OPEN = re.compile(r"(?i)<think>")
 _THINK_CLOSE = re.compile(r"(?i)</think>")
@@ -69,12 +81,12 @@ _INLINE_MATH = re.compile(r"\$[^$\n]+\$|\\\(.+?\\\)")
 
 @dataclass(frozen=True, slots=True)
 class Extraction:
-    answer: str | None             # the primary final answer, cleaned; None when none was found
-    others: tuple[str, ...]        # other final answers the response names (a conflicting box)
-    source: str                    # "marker" | "boxed" | "phrase" | "terse" | "none"
+    answer: str | None  # the primary final answer, cleaned; None when none was found
+    others: tuple[str, ...]  # other final answers the response names (a conflicting box)
+    source: str  # "marker" | "boxed" | "phrase" | "terse" | "none"
     format_ok: bool
-    reason: str = ""               # why answer is None: "no final answer" | "answer too long"
-    segment: str = ""              # the raw text the answer came from (see the module docstring)
+    reason: str = ""  # why answer is None: "no final answer" | "answer too long"
+    segment: str = ""  # the raw text the answer came from (see the module docstring)
 
 
 def last_boxed(text: str) -> tuple[str, int, int] | None:
@@ -91,7 +103,7 @@ def last_boxed(text: str) -> tuple[str, int, int] | None:
         elif ch == "}" and stack:
             left = stack.pop()
             if left in opens and (best is None or opens[left] > best[1]):
-                best = (text[left + 1:m.start()], opens[left], m.end())
+                best = (text[left + 1 : m.start()], opens[left], m.end())
     return best
 
 
@@ -107,7 +119,7 @@ def all_boxed(text: str) -> list[tuple[str, int, int]]:
         elif m.group() == "}" and stack:
             left = stack.pop()
             if left in opens:
-                found.append((text[left + 1:m.start()], opens[left], m.end()))
+                found.append((text[left + 1 : m.start()], opens[left], m.end()))
     found.sort(key=lambda box: box[1])
     outermost, reach = [], -1
     for box in found:
@@ -127,7 +139,7 @@ def boxed_group(text: str) -> list[str]:
         return []
     group = [boxes[-1]]
     for box in reversed(boxes[:-1]):
-        if not _BOX_JOIN.fullmatch(text[box[2]:group[0][1]]):
+        if not _BOX_JOIN.fullmatch(text[box[2] : group[0][1]]):
             break
         group.insert(0, box)
     return list(dict.fromkeys(box[0].strip() for box in group))
@@ -146,12 +158,12 @@ def clean(answer: str) -> str:
     boxed = unbox(s)
     if boxed is not None:
         s = boxed
-    for _ in range(3):                          # \text{\textbf{B}} needs two passes
+    for _ in range(3):  # \text{\textbf{B}} needs two passes
         s, n = _TEXT_WRAPPER.subn(r"\1", s)
         if not n:
             break
     s = _MATH_DELIMITERS.sub("", s)
-    if s.count("$") >= 2:                       # $...$ math; a single $ is a currency sign
+    if s.count("$") >= 2:  # $...$ math; a single $ is a currency sign
         s = s.replace("\\$", "\0").replace("$", "").replace("\0", "\\$")
     s = _EMPHASIS.sub("", s).strip()
     s = _LEADING_PHRASE.sub("", s)
@@ -176,14 +188,14 @@ def _line_after(text: str, pos: int) -> tuple[str, int]:
     line = text[start:end]
     box = _BOXED.search(line)
     if box is not None and not any(b[1] == box.start() for b in all_boxed(line)):
-        closing = [b for b in all_boxed(text[start:start + MAX_ANSWER_CHARS]) if b[1] == box.start()]
-        if closing:                                  # "\\boxed{" newline "\\begin{pmatrix}..." newline "}"
+        closing = [b for b in all_boxed(text[start : start + MAX_ANSWER_CHARS]) if b[1] == box.start()]
+        if closing:  # "\\boxed{" newline "\\begin{pmatrix}..." newline "}"
             end = _line_end(text, start + closing[0][2])
             return " ".join(text[start:end].split()), end
     opener = _DISPLAY_OPEN.search(text, pos, end)
     if opener is not None:
         closer = "\\]" if opener.group() == "\\[" else "$$"
-        if closer not in text[opener.end():end]:
+        if closer not in text[opener.end() : end]:
             close = text.find(closer, end)
             if 0 <= close - end <= MAX_ANSWER_CHARS:
                 end = _line_end(text, close)
@@ -214,7 +226,7 @@ def after_thinking(response: str) -> str | None:
     never closes (the model ran out of tokens while thinking: no answer yet)."""
     close = _last(_THINK_CLOSE, response)
     if close is not None:
-        return response[close.end():]
+        return response[close.end() :]
     if _THINK_OPEN.search(response):
         return None
     return response
@@ -225,27 +237,30 @@ def extract(response: str) -> Extraction:
     thought = after_thinking(response)
     if thought is None:
         return Extraction(None, (), "none", False, NO_ANSWER)
-    thinking = thought is not response and bool(response[:len(response) - len(thought)].strip())
-    tail_start = max(len(thought) - TAIL_CHARS, 0) or int(thinking)   # thinking is a rationale
-    text = thought[max(len(thought) - TAIL_CHARS, 0):].replace("\r\n", "\n")
-    marker = max((m for m in (_last(_FINAL_MARKER, text), _last(_LINE_MARKER, text)) if m),
-                 key=lambda m: m.end(), default=None)
+    thinking = thought is not response and bool(response[: len(response) - len(thought)].strip())
+    tail_start = max(len(thought) - TAIL_CHARS, 0) or int(thinking)  # thinking is a rationale
+    text = thought[max(len(thought) - TAIL_CHARS, 0) :].replace("\r\n", "\n")
+    marker = max(
+        (m for m in (_last(_FINAL_MARKER, text), _last(_LINE_MARKER, text)) if m),
+        key=lambda m: m.end(),
+        default=None,
+    )
     boxes = all_boxed(text)
     others: list[str] = []
     if marker is not None:
         raw, end = _line_after(text, marker.end())
         raw = _COURTESY.sub("", raw)
         later = [b for b in boxes if b[1] >= end]
-        if later:                                   # "Final answer: By sum-to-product,\n ... \boxed{X}"
+        if later:  # "Final answer: By sum-to-product,\n ... \boxed{X}"
             marker_answer = clean(raw) if len(raw) <= MAX_ANSWER_CHARS else ""
             if marker_answer and not has_words(marker_answer):
-                others.append(marker_answer)        # a second final answer, unless it is a sentence
+                others.append(marker_answer)  # a second final answer, unless it is a sentence
             marker = None
             boxes = later
         else:
             earlier = [b for b in boxes if b[1] < marker.start()]
-            if len(earlier) == 1:                   # one boxed answer, then a Final answer line: both
-                others.append(earlier[0][0])        # count; several boxes are intermediate results
+            if len(earlier) == 1:  # one boxed answer, then a Final answer line: both
+                others.append(earlier[0][0])  # count; several boxes are intermediate results
             segment = raw
             format_ok = _has_rationale(text, marker.start(), tail_start) and _only_delimiters(text[end:])
             source = "marker"
@@ -254,7 +269,7 @@ def extract(response: str) -> Extraction:
         start = text.rfind("\n", 0, last[1]) + 1
         end = _line_end(text, last[2])
         on_line = [b for b in boxes if b[1] >= start]
-        raw = unbox(text[on_line[0][1]:end]) or last[0]   # every box on the line: "\boxed{2} and \boxed{6}"
+        raw = unbox(text[on_line[0][1] : end]) or last[0]  # every box on the line: "\boxed{2} and \boxed{6}"
         segment, source = text[start:end], "boxed"
         format_ok = _has_rationale(text, start, tail_start) and _only_delimiters(text[end:])
     elif marker is None:
@@ -267,7 +282,9 @@ def extract(response: str) -> Extraction:
             raw, source = stripped, "terse"
         else:
             last_line = stripped.rsplit("\n", 1)[-1] if stripped else ""
-            segment = last_line if len(last_line) <= MAX_ANSWER_CHARS and _INLINE_MATH.search(last_line) else ""
+            segment = (
+                last_line if len(last_line) <= MAX_ANSWER_CHARS and _INLINE_MATH.search(last_line) else ""
+            )
             return Extraction(None, (), "none", False, NO_ANSWER, segment)
         raw = _COURTESY.sub("", raw)
         segment = raw
@@ -280,7 +297,7 @@ def extract(response: str) -> Extraction:
         return Extraction(None, (), source, False, NO_ANSWER)
     others = [o for o in (clean(x) for x in others if len(x) <= MAX_ANSWER_CHARS) if o and o != answer]
     group = boxed_group(segment)
-    if len(group) > 1:                  # maths compares several boxes as one set: {(2,2), (6,2)}
+    if len(group) > 1:  # maths compares several boxes as one set: {(2,2), (6,2)}
         segment = ", ".join(f"\\boxed{{{c}}}" for c in group)
     return Extraction(answer, tuple(others), source, format_ok, "", segment.strip()[:MAX_ANSWER_CHARS])
 
@@ -288,8 +305,33 @@ def extract(response: str) -> Extraction:
 _LETTER_RUN = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
 _ENVIRONMENT = re.compile(r"\\(?:begin|end)[ \t]*\{[A-Za-z*]*\}")
 # Letters that are maths, not words (LaTeX commands such as \\sqrt are skipped anyway).
-_MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "log", "exp", "sqrt", "lim", "max", "min", "gcd",
-               "lcm", "det", "mod", "deg", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "infty", "pi"}
+_MATH_WORDS = {
+    "sin",
+    "cos",
+    "tan",
+    "cot",
+    "sec",
+    "csc",
+    "log",
+    "exp",
+    "sqrt",
+    "lim",
+    "max",
+    "min",
+    "gcd",
+    "lcm",
+    "det",
+    "mod",
+    "deg",
+    "arcsin",
+    "arccos",
+    "arctan",
+    "sinh",
+    "cosh",
+    "tanh",
+    "infty",
+    "pi",
+}
 
 
 def has_words(answer: str) -> bool:

@@ -17,6 +17,7 @@ side of a "format" pair and never the chosen side of a correctness pair, whateve
 `violation(rule, response)` says why a response breaks its rule ("" when it keeps it); only the
 structure is checked here, the answer itself is the judge's business.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,7 +25,7 @@ import re
 from mmpr_pipeline.scoring.extract import after_thinking, all_boxed
 
 RULES = ("final_answer_line", "boxed", "think_then_boxed")
-WRONG_FORMAT = "wrong format"   # Verdict.reason of a response that breaks its template's rule
+WRONG_FORMAT = "wrong format"  # Verdict.reason of a response that breaks its template's rule
 
 _THINK_OPEN = re.compile(r"(?i)<think>")
 _THINK_CLOSE = re.compile(r"(?i)</think>")
@@ -40,11 +41,11 @@ def _think_violation(response: str) -> str:
         return "<think> block never closed"
     if not opens or closes[0].start() < opens[0].start():
         return "</think> without <think>"
-    if response[:opens[0].start()].strip():
+    if response[: opens[0].start()].strip():
         return "text before <think>"
-    if not response[opens[0].end():closes[0].start()].strip():
+    if not response[opens[0].end() : closes[0].start()].strip():
         return "empty <think> block"
-    if not all_boxed(response[closes[0].end():]):
+    if not all_boxed(response[closes[0].end() :]):
         return "no \\boxed{} answer after </think>"
     return ""
 
@@ -57,7 +58,7 @@ def violation(rule: str, response: str) -> str:
         answer_part = after_thinking(response)
         if answer_part is not None and not all_boxed(answer_part):
             return "no \\boxed{} answer"
-        return ""          # an unclosed <think> has no answer at all: the judge's "no final answer"
+        return ""  # an unclosed <think> has no answer at all: the judge's "no final answer"
     if rule == "think_then_boxed":
         return _think_violation(response)
     raise ValueError(f"unknown format rule {rule!r} (expected one of: {', '.join(RULES)})")

@@ -1,4 +1,5 @@
 """`judge(response, answer, answer_type, options=None)`: one verdict per sampled response."""
+
 from __future__ import annotations
 
 import functools
@@ -11,23 +12,25 @@ from mmpr_pipeline.scoring.extract import NO_ANSWER, clean, extract, last_boxed
 from mmpr_pipeline.scoring.format_rules import WRONG_FORMAT, violation
 from mmpr_pipeline.scoring.modes import AMBIGUOUS, SCORERS, score_math
 
-DEFAULT_TIMEOUT = 2.0   # seconds; bounds the symbolic check, the only step that can take long
+DEFAULT_TIMEOUT = 2.0  # seconds; bounds the symbolic check, the only step that can take long
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    extracted: str | None   # the final answer found (an option letter, "Yes"/"No", else the text); None: none
-    correct: bool           # False whenever extracted is None
-    score: float            # in [0, 1]; graded for vqa / chart / document, else 0 or 1
-    reason: str             # one of mmpr_pipeline.scoring.REASONS
-    format_ok: bool         # rationale, then a single final-answer line (the paper's format)
+    extracted: str | None  # the final answer found (an option letter, "Yes"/"No", else the text); None: none
+    correct: bool  # False whenever extracted is None
+    score: float  # in [0, 1]; graded for vqa / chart / document, else 0 or 1
+    reason: str  # one of mmpr_pipeline.scoring.REASONS
+    format_ok: bool  # rationale, then a single final-answer line (the paper's format)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-_JOINED_BOXES = re.compile(r"\}[ \t]*(?:,|\\text\{[ \t]*(?:and|or)[ \t]*\}|\b(?:and|or)\b|\\quad)*[ \t]*"
-                           r"(?=\\boxed)")
+_JOINED_BOXES = re.compile(
+    r"\}[ \t]*(?:,|\\text\{[ \t]*(?:and|or)[ \t]*\}|\b(?:and|or)\b|\\quad)*[ \t]*"
+    r"(?=\\boxed)"
+)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -37,7 +40,7 @@ def _clean_reference(answer: str) -> str:
     if answer.count("\\boxed") > 1:
         joined = _JOINED_BOXES.sub("}, ", answer)
         while (box := last_boxed(joined)) is not None:
-            joined = joined[:box[1]] + box[0] + joined[box[2]:]
+            joined = joined[: box[1]] + box[0] + joined[box[2] :]
         answer = joined
     return clean(answer) or answer.strip()
 
@@ -58,7 +61,7 @@ def _as_list(answer, answer_type: str = "") -> list[str]:
     elif isinstance(answer, (str, int, float)):
         answers = [str(answer)]
     else:
-        answers = [str(a) for a in answer if a is not None]    # list, tuple, numpy array
+        answers = [str(a) for a in answer if a is not None]  # list, tuple, numpy array
     if answer_type == "math":
         answers = [_math_reference(a) for a in answers]
     answers = [_clean_reference(a) for a in answers if a.strip()]
@@ -67,8 +70,15 @@ def _as_list(answer, answer_type: str = "") -> list[str]:
     return answers
 
 
-def judge(response: str, answer, answer_type: str, options=None, *,
-          timeout: float = DEFAULT_TIMEOUT, format_rule: str | None = None) -> Verdict:
+def judge(
+    response: str,
+    answer,
+    answer_type: str,
+    options=None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    format_rule: str | None = None,
+) -> Verdict:
     """Judge one model `response` against the reference `answer` (a string or a list of
     acceptable answers; VQA's list of annotator answers) for `answer_type` (see
     mmpr_pipeline.recipe.ANSWER_TYPES). `options` are the multiple-choice option texts in letter
@@ -77,7 +87,9 @@ def judge(response: str, answer, answer_type: str, options=None, *,
     rule (scoring.format_rules); a response that breaks it is judged "wrong format", with no answer.
     """
     if answer_type not in SCORERS:
-        raise ValueError(f"judge: unknown answer_type {answer_type!r} (expected one of: {', '.join(ANSWER_TYPES)})")
+        raise ValueError(
+            f"judge: unknown answer_type {answer_type!r} (expected one of: {', '.join(ANSWER_TYPES)})"
+        )
     if not isinstance(response, str):
         raise TypeError(f"judge: response must be a string, got {type(response).__name__}")
     golds = _as_list(answer, answer_type)
@@ -100,7 +112,7 @@ def judge(response: str, answer, answer_type: str, options=None, *,
         outcome = score_math(found.answer, golds, options, deadline, segment=found.segment)
     else:
         outcome = scorer(found.answer, golds, options, deadline)
-    for other in found.others:              # a box that disagrees with the "Final answer:" line
+    for other in found.others:  # a box that disagrees with the "Final answer:" line
         if scorer(other, golds, options, deadline).correct != outcome.correct:
             return Verdict(found.answer, False, 0.0, AMBIGUOUS, found.format_ok)
     return Verdict(outcome.extracted, outcome.correct, outcome.score, outcome.reason, found.format_ok)

@@ -6,6 +6,7 @@ Python on short strings (answers are capped at 1000 characters), with regexes th
 backtrack catastrophically; only `math`, and `number` answers that need symbolic work, reach
 `safe_math.symbolic_check`.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,9 +19,9 @@ from mmpr_pipeline.scoring import safe_math
 from mmpr_pipeline.scoring.extract import has_words
 
 LETTERS = string.ascii_uppercase
-NUMBER_SCAN_CHARS = 300      # numbers are looked for in an answer's first 300 characters
-ANLS_MAX_CHARS = 300         # Levenshtein is quadratic: compare at most this much
-MAX_EXPONENT = 400           # 1e400 is a number; 1e99999 is an attack
+NUMBER_SCAN_CHARS = 300  # numbers are looked for in an answer's first 300 characters
+ANLS_MAX_CHARS = 300  # Levenshtein is quadratic: compare at most this much
+MAX_EXPONENT = 400  # 1e400 is a number; 1e99999 is an attack
 
 # Stable reason strings (documented in mmpr_pipeline/scoring/__init__.py).
 CORRECT = "correct"
@@ -48,14 +49,16 @@ def _result(extracted: str, score: float, correct: bool | None = None, reason: s
 
 # ---------------------------------------------------------------- numbers
 
+
 @dataclass(frozen=True, slots=True)
 class Number:
     value: Fraction
     percent: bool = False
-    decimals: int | None = None    # digits after the point as written ("0.50" -> 2); None: exact form
+    decimals: int | None = None  # digits after the point as written ("0.50" -> 2); None: exact form
 
 
-_NUMBER = re.compile(r"""
+_NUMBER = re.compile(
+    r"""
     (?:(?<![\w)\]}])(?P<sign>[-+]))?
     (?<![\w.^_/])                                       # not inside a word, decimal, power or date
     (?P<mant>[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?|\.[0-9]+)
@@ -66,16 +69,31 @@ _NUMBER = re.compile(r"""
       | [ \t]*/[ \t]*(?P<den>[0-9]+(?:\.[0-9]+)?)(?![0-9.,/])
     )?
     (?P<pct>[ \t]*(?:\\?%|percent\b|per[ \t]?cent\b))?
-    """, re.VERBOSE | re.IGNORECASE)
-_LATEX_FRAC = re.compile(r"\\[dt]?frac[ \t]*\{[ \t]*([-+]?[0-9.,]+)[ \t]*\}[ \t]*\{[ \t]*([-+]?[0-9.,]+)[ \t]*\}")
-_MIXED = re.compile(r"(?<![0-9.])([0-9]{1,9})[ \t]*\\[dt]?frac[ \t]*\{[ \t]*([0-9]{1,9})[ \t]*\}[ \t]*\{[ \t]*([0-9]{1,9})[ \t]*\}")
+    """,
+    re.VERBOSE | re.IGNORECASE,
+)
+_LATEX_FRAC = re.compile(
+    r"\\[dt]?frac[ \t]*\{[ \t]*([-+]?[0-9.,]+)[ \t]*\}[ \t]*\{[ \t]*([-+]?[0-9.,]+)[ \t]*\}"
+)
+_MIXED = re.compile(
+    r"(?<![0-9.])([0-9]{1,9})[ \t]*\\[dt]?frac[ \t]*\{[ \t]*([0-9]{1,9})[ \t]*\}[ \t]*\{[ \t]*([0-9]{1,9})[ \t]*\}"
+)
 _LATEX_FRAC_SHORT = re.compile(r"\\[dt]?frac[ \t]*([0-9])[ \t]*([0-9])")
 _DEGREES = re.compile(r"\^?[ \t]*\{?[ \t]*\\circ[ \t]*\}?|°|\\degree")
-_WORD_UNITS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
-                                           "thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split())}
-_WORD_TENS = {w: 10 * (i + 2) for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())}
-_WORD_NUMBER = re.compile(r"(?i)\b(?:(%s)(?:[- ](%s))?|(%s))\b" % (
-    "|".join(_WORD_TENS), "|".join(list(_WORD_UNITS)[1:10]), "|".join(_WORD_UNITS)))
+_WORD_UNITS = {
+    w: i
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve "
+        "thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
+    )
+}
+_WORD_TENS = {
+    w: 10 * (i + 2) for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())
+}
+_WORD_NUMBER = re.compile(
+    r"(?i)\b(?:(%s)(?:[- ](%s))?|(%s))\b"
+    % ("|".join(_WORD_TENS), "|".join(list(_WORD_UNITS)[1:10]), "|".join(_WORD_UNITS))
+)
 _HEDGE = re.compile(r"(?i)\bor\b|\beither\b|\bbetween\b|\bto\b|~|–|—|±|\\pm|[0-9][ \t]*-[ \t]*[0-9]")
 _SYMBOLIC = re.compile(r"\\(?:sqrt|pi|frac|dfrac|tfrac|log|ln|sin|cos|tan|infty|e\b)|√|π|\bsqrt\b|\bpi\b")
 
@@ -87,14 +105,16 @@ def _needs_symbolic(text: str) -> bool:
 
 # A decimal comma: the whole answer is one number whose comma is followed by 1-2 or 4+ digits
 # ("1000,99", "3,5 cm"), or that starts "0," ("0,111"); "1,234" stays a thousands separator.
-_DECIMAL_COMMA = re.compile(r"^([ \t$]*[-+]?(?:0|[0-9]+(?=,(?:[0-9]{1,2}|[0-9]{4,})(?![0-9])))),([0-9]+)"
-                            r"(?=[ \t]*(?:\\?%|[^\W\d_]|°|\\circ|$))")
+_DECIMAL_COMMA = re.compile(
+    r"^([ \t$]*[-+]?(?:0|[0-9]+(?=,(?:[0-9]{1,2}|[0-9]{4,})(?![0-9])))),([0-9]+)"
+    r"(?=[ \t]*(?:\\?%|[^\W\d_]|°|\\circ|$))"
+)
 
 
 def _prepare_numbers(text: str) -> str:
     text = text[:NUMBER_SCAN_CHARS].replace("−", "-").replace("{,}", ",").replace("\\%", "%")
     text = _DECIMAL_COMMA.sub(r"\1.\2", text.strip())
-    text = _MIXED.sub(lambda m: f"{int(m[1]) * int(m[3]) + int(m[2])}/{m[3]}", text)   # 2\frac{1}{2}
+    text = _MIXED.sub(lambda m: f"{int(m[1]) * int(m[3]) + int(m[2])}/{m[3]}", text)  # 2\frac{1}{2}
     text = _LATEX_FRAC.sub(r"\1/\2", text)
     text = _LATEX_FRAC_SHORT.sub(r"\1/\2", text)
     return _DEGREES.sub(" ", text).replace("\\!", "").replace("\\,", "")
@@ -156,7 +176,7 @@ def pick_number(text: str) -> tuple[Number | None, str]:
     ("2 (two red circles)")."""
     numbers = find_numbers(text)
     if "=" in text:
-        numbers = find_numbers(text[text.rfind("=") + 1:]) or numbers
+        numbers = find_numbers(text[text.rfind("=") + 1 :]) or numbers
     if not numbers:
         return None, "none"
     if len({n.value for n in numbers}) > 1 and _HEDGE.search(_prepare_numbers(text)):
@@ -179,8 +199,12 @@ def numbers_equal(pred: Number, gold: Number, rounding: bool = True) -> bool:
         for g, _ in _alternatives(gold):
             if p == g:
                 return True
-            if (rounding and decimals is not None and decimals >= 2
-                    and abs(p - g) <= Fraction(1, 2 * 10 ** decimals)):
+            if (
+                rounding
+                and decimals is not None
+                and decimals >= 2
+                and abs(p - g) <= Fraction(1, 2 * 10**decimals)
+            ):
                 return True
     return False
 
@@ -236,7 +260,7 @@ def score_yes_no(pred: str, golds: list[str], options: list[str], deadline: floa
         return _result(pred, 0.0, reason=AMBIGUOUS)
     first = words[0]
     if not re.match(r"(?i)^\W*(?:yes|no)\b", pred) and len(set(words)) > 1:
-        return _result(pred, 0.0, reason=AMBIGUOUS)   # "it could be yes, but no" without a lead
+        return _result(pred, 0.0, reason=AMBIGUOUS)  # "it could be yes, but no" without a lead
     said = first.capitalize()
     ok = any(normalize_text(g) in (first, "y" if first == "yes" else "n") for g in golds)
     return _result(said, 1.0 if ok else 0.0)
@@ -249,15 +273,19 @@ _LEAD_KEYWORD = re.compile(r"(?i)^(?:option|choice)[ \t]*[(\[]?([a-z])(?![\w'’
 _LEAD_BRACKET = re.compile(r"^[(\[]([A-Za-z])[)\]][ \t.:\-]*(.*)$")
 _LEAD_DELIMITED = re.compile(r"^([A-Z])(?:[.:)]|[ \t]*[-–—])(?![0-9])[ \t]*(.*)$")
 _LEAD_SPACED = re.compile(r"^([A-Z])[ \t]+(.+)$")
-_LEAD_REASON = re.compile(r"^([A-Z])[ \t]+((?:because|since|as|given)\b.*)$")    # "B because ..."
-_DRESSED = re.compile(r"[(\[]([A-Z])[)\]]"                                  # (B) [B]
-                      r"|(?i:\b(?:option|choice)[ \t]*[(\[]?)([A-Za-z])(?![\w'’])"  # option B
-                      r"|(?<![\w'’])([A-Z])(?=[.)]?[ \t]*(?:$|[,;/]|\bor\b|\band\b))"  # "A or", "B."
-                      r"|(?:\bor\b|\band\b|[,;/])[ \t]*([A-Z])(?![\w'’])")          # ", B" "or B"
+_LEAD_REASON = re.compile(r"^([A-Z])[ \t]+((?:because|since|as|given)\b.*)$")  # "B because ..."
+_DRESSED = re.compile(
+    r"[(\[]([A-Z])[)\]]"  # (B) [B]
+    r"|(?i:\b(?:option|choice)[ \t]*[(\[]?)([A-Za-z])(?![\w'’])"  # option B
+    r"|(?<![\w'’])([A-Z])(?=[.)]?[ \t]*(?:$|[,;/]|\bor\b|\band\b))"  # "A or", "B."
+    r"|(?:\bor\b|\band\b|[,;/])[ \t]*([A-Z])(?![\w'’])"
+)  # ", B" "or B"
 
 
 _LEADS_WITH_LETTER = re.compile(r"[(\[]?[A-Z][.):\]]")  # "B.", "(B)", "B)", "B:", "[B]"
-_OR_LETTER = re.compile(r"(?i:\bor\b|/)[ \t]*(?i:maybe|possibly|perhaps|option)?[ \t]*[(\[]?([A-Z])(?![\w'’])")
+_OR_LETTER = re.compile(
+    r"(?i:\bor\b|/)[ \t]*(?i:maybe|possibly|perhaps|option)?[ \t]*[(\[]?([A-Z])(?![\w'’])"
+)
 
 
 def _plain(s: str) -> str:
@@ -272,7 +300,7 @@ def option_letter(text: str, options: list[str], n_letters: int) -> tuple[str | 
     valid = LETTERS[:n_letters]
     norm = normalize_text(text)
     normalized_options = [normalize_text(o) for o in options]
-    plain = _plain(text)                   # keeps articles: "A. yield" is not the option "yield"
+    plain = _plain(text)  # keeps articles: "A. yield" is not the option "yield"
     exact = [valid[i] for i, o in enumerate(options[:n_letters]) if plain and _plain(o) == plain]
     if len(exact) == 1:
         return exact[0], "ok"
@@ -291,7 +319,7 @@ def option_letter(text: str, options: list[str], n_letters: int) -> tuple[str | 
             m = _LEAD_SPACED.match(text)
             if m and normalize_text(m.group(2)) in normalized_options:
                 lead, rest = m.group(1), m.group(2)
-    if lead:        # "C. A and B are wrong" explains; only "or <letter>" after a lead is a hedge
+    if lead:  # "C. A and B are wrong" explains; only "or <letter>" after a lead is a hedge
         found = [lead] + [m.group(1).upper() for m in _OR_LETTER.finditer(rest)]
     else:
         found = [next(g for g in m.groups() if g).upper() for m in _DRESSED.finditer(text)]
@@ -300,16 +328,24 @@ def option_letter(text: str, options: list[str], n_letters: int) -> tuple[str | 
         return None, "ambiguous"
     if letters:
         letter = letters.pop()
-        named = [valid[i] for i, o in enumerate(normalized_options[:n_letters]) if o and o == normalize_text(rest)]
+        named = [
+            valid[i] for i, o in enumerate(normalized_options[:n_letters]) if o and o == normalize_text(rest)
+        ]
         if rest and named and letter not in named:
-            return None, "ambiguous"                   # "C. 4" when 4 is option B's text
+            return None, "ambiguous"  # "C. 4" when 4 is option B's text
         return letter, "ok"
 
-    contained = [i for i, o in enumerate(normalized_options[:n_letters])
-                 if o and re.search(rf"(?<![\w]){re.escape(o)}(?![\w])", norm)]
+    contained = [
+        i
+        for i, o in enumerate(normalized_options[:n_letters])
+        if o and re.search(rf"(?<![\w]){re.escape(o)}(?![\w])", norm)
+    ]
     # "dark red" also contains "red": keep only options not inside another matched option
-    contained = [i for i in contained if not any(j != i and normalized_options[i] in normalized_options[j]
-                                                 for j in contained)]
+    contained = [
+        i
+        for i in contained
+        if not any(j != i and normalized_options[i] in normalized_options[j] for j in contained)
+    ]
     if len(contained) == 1:
         return valid[contained[0]], "ok"
     return None, "ambiguous" if contained else "none"
@@ -322,7 +358,9 @@ def score_multiple_choice(pred: str, golds: list[str], options: list[str], deadl
         if m:
             gold_letters.add(m.group(1).upper())
         elif options and any(normalize_text(o) == normalize_text(g) for o in options):
-            gold_letters.update(LETTERS[i] for i, o in enumerate(options) if normalize_text(o) == normalize_text(g))
+            gold_letters.update(
+                LETTERS[i] for i, o in enumerate(options) if normalize_text(o) == normalize_text(g)
+            )
         else:  # a reference that leads with its letter, as many sources write it: "B. red", "(C) 12"
             letter, status = option_letter(g, options, len(options) if options else 26)
             if status == "ok" and _LEADS_WITH_LETTER.match(g.strip()):
@@ -332,7 +370,7 @@ def score_multiple_choice(pred: str, golds: list[str], options: list[str], deadl
     if status == "ambiguous":
         return _result(pred, 0.0, reason=AMBIGUOUS)
     if letter is None:
-        if not gold_letters:                           # a reference given as text, no options
+        if not gold_letters:  # a reference given as text, no options
             return score_text(pred, golds, options, deadline)
         return _result(pred, 0.0, reason=UNPARSABLE)
     return _result(letter, 1.0 if letter in gold_letters else 0.0)
@@ -340,14 +378,24 @@ def score_multiple_choice(pred: str, golds: list[str], options: list[str], deadl
 
 # ---------------------------------------------------------------- number and math
 
-def _symbolic(pred: str, golds: list[str], deadline: float, mode: str = "plain", shown: str | None = None,
-              plain: str | None = None) -> Outcome:
-    status, detail = safe_math.symbolic_check(pred, golds, timeout=max(deadline - time.monotonic(), 0.05),
-                                              mode=mode, plain=plain)
+
+def _symbolic(
+    pred: str,
+    golds: list[str],
+    deadline: float,
+    mode: str = "plain",
+    shown: str | None = None,
+    plain: str | None = None,
+) -> Outcome:
+    status, detail = safe_math.symbolic_check(
+        pred, golds, timeout=max(deadline - time.monotonic(), 0.05), mode=mode, plain=plain
+    )
     shown = pred if shown is None else shown
     if status == "equal":
         return _result(shown, 1.0)
-    reason = {"different": WRONG, "unparsable": UNPARSABLE, "unsafe": UNSAFE, "timeout": TIMEOUT}.get(status, MATH_ERROR)
+    reason = {"different": WRONG, "unparsable": UNPARSABLE, "unsafe": UNSAFE, "timeout": TIMEOUT}.get(
+        status, MATH_ERROR
+    )
     return _result(shown, 0.0, reason=reason)
 
 
@@ -364,7 +412,7 @@ def score_number(pred: str, golds: list[str], options: list[str], deadline: floa
             return _result(pred, 0.0)
     if number is None and not symbolic:
         return _result(pred, 0.0, reason=UNPARSABLE)
-    return _symbolic(pred, golds, deadline)            # \sqrt{2}, \frac{\pi}{2}, 2^{10}, ...
+    return _symbolic(pred, golds, deadline)  # \sqrt{2}, \frac{\pi}{2}, 2^{10}, ...
 
 
 _MATH_NOISE = re.compile(r"\\left|\\right|\\[!,;: ]|\s+|\\displaystyle")
@@ -376,8 +424,10 @@ def _math_key(s: str) -> str:
 
 
 # One trailing word after an answer with no other words: a unit ("radians", "square units").
-_TRAILING_UNIT = re.compile(r"(?<=[\w})\]])[ \t]+(?!(?:not|no|or|and|wrong|incorrect|false|true)\b)"
-                            r"(?:square[ \t]+|cubic[ \t]+)?[a-z]{2,12}\.?$")
+_TRAILING_UNIT = re.compile(
+    r"(?<=[\w})\]])[ \t]+(?!(?:not|no|or|and|wrong|incorrect|false|true)\b)"
+    r"(?:square[ \t]+|cubic[ \t]+)?[a-z]{2,12}\.?$"
+)
 
 
 def math_numbers_equal(pred: Number, gold: Number) -> bool:
@@ -390,7 +440,9 @@ def math_numbers_equal(pred: Number, gold: Number) -> bool:
     return False
 
 
-def score_math(pred: str, golds: list[str], options: list[str], deadline: float, segment: str = "") -> Outcome:
+def score_math(
+    pred: str, golds: list[str], options: list[str], deadline: float, segment: str = ""
+) -> Outcome:
     """Cheap checks first (same text; two plain numbers: exact, or equal to 6 decimals); then
     math-verify in the bounded worker: on the cleaned answer read as LaTeX, or, when the answer
     is a sentence, on the raw final-answer `segment` with math-verify's own extraction."""
@@ -401,32 +453,105 @@ def score_math(pred: str, golds: list[str], options: list[str], deadline: float,
     gold_numbers = [strict_number(g) for g in golds]
     if pn is not None and all(g is not None for g in gold_numbers):
         return _result(pred, 1.0 if any(math_numbers_equal(pn, g) for g in gold_numbers) else 0.0)
-    if segment and (has_words(pred) or segment.count("\\boxed") > 1):     # a sentence; several boxes
+    if segment and (has_words(pred) or segment.count("\\boxed") > 1):  # a sentence; several boxes
         # the answer without a trailing unit is read as LaTeX too: "\\frac{\\pi}{2} radians" has no
         # delimiters for math-verify's extraction to find, and its plain-number reading is the 2
-        return _symbolic(segment, golds, deadline, mode="text", shown=pred, plain=_TRAILING_UNIT.sub("", pred))
+        return _symbolic(
+            segment, golds, deadline, mode="text", shown=pred, plain=_TRAILING_UNIT.sub("", pred)
+        )
     return _symbolic(pred, golds, deadline)
 
 
 # ---------------------------------------------------------------- VQA, ChartQA, ANLS
 
 _VQA_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
-    "Im": "I'm", "im": "i'm", "ive": "i've", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "let's": "let's",
-    "mightnt": "mightn't", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
-    "neednt": "needn't", "shant": "shan't", "shed": "she'd", "shes": "she's", "shouldve": "should've",
-    "shouldnt": "shouldn't", "somebodys": "somebody's", "someones": "someone's", "thats": "that's",
-    "thered": "there'd", "theres": "there's", "theyd": "they'd", "theyll": "they'll", "theyre": "they're",
-    "theyve": "they've", "wasnt": "wasn't", "wed": "we'd", "weve": "we've", "werent": "weren't",
-    "whats": "what's", "whered": "where'd", "wheres": "where's", "whos": "who's", "whove": "who've",
-    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "yall": "y'all", "youd": "you'd",
-    "youll": "you'll", "youre": "you're", "youve": "you've",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Im": "I'm",
+    "im": "i'm",
+    "ive": "i've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itll": "it'll",
+    "let's": "let's",
+    "mightnt": "mightn't",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "shant": "shan't",
+    "shed": "she'd",
+    "shes": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "somebodys": "somebody's",
+    "someones": "someone's",
+    "thats": "that's",
+    "thered": "there'd",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "wasnt": "wasn't",
+    "wed": "we'd",
+    "weve": "we've",
+    "werent": "weren't",
+    "whats": "what's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whos": "who's",
+    "whove": "who've",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "yall": "y'all",
+    "youd": "you'd",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
 }
-_VQA_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_VQA_NUMBERS = {
+    w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())
+}
 _VQA_NUMBERS["none"] = "0"
-_VQA_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_VQA_PUNCT = [
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+]
 _VQA_PERIOD = re.compile(r"(?<!\d)(\.)(?!\d)")
 _VQA_COMMA = re.compile(r"(\d)(,)(\d)")
 

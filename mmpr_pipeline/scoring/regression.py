@@ -8,21 +8,29 @@ The two figures that matter for preference data:
   only feeds format pairs). Must be 0.
 - false accepts: responses labelled wrong that the judge calls correct (a wrong *chosen*). Must be 0.
 """
+
 from __future__ import annotations
 
 import collections
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 # The styles of real models' final answers in the suite (see the corpus's "style" field).
-REAL_MODEL_STYLES = frozenset({
-    "internvl-final", "internvl-answer", "internvl-boxed",      # InternVL2.5/3: "Final answer:", "Answer:", boxed
-    "qwen25vl-boxed", "qwen25vl-display",                        # Qwen2.5-VL: \boxed{}, \[ \boxed{} \]
-    "llava-final", "minerva",                                    # LLaVA / Minerva: "The final answer is ..."
-    "r1-think", "chinese",                                       # R1 <think>...</think>; 最终答案
-})
+REAL_MODEL_STYLES = frozenset(
+    {
+        "internvl-final",
+        "internvl-answer",
+        "internvl-boxed",  # InternVL2.5/3: "Final answer:", "Answer:", boxed
+        "qwen25vl-boxed",
+        "qwen25vl-display",  # Qwen2.5-VL: \boxed{}, \[ \boxed{} \]
+        "llava-final",
+        "minerva",  # LLaVA / Minerva: "The final answer is ..."
+        "r1-think",
+        "chinese",  # R1 <think>...</think>; 最终答案
+    }
+)
 
 
 @dataclass
@@ -30,23 +38,31 @@ class SuiteReport:
     cases: int = 0
     agree: int = 0
     per_type: dict = field(default_factory=lambda: collections.defaultdict(lambda: [0, 0]))
-    pair_unsafe: list = field(default_factory=list)     # ids: labelled correct, judged wrong with an answer
-    false_accepts: list = field(default_factory=list)   # ids: labelled wrong, judged correct
-    disagreements: list = field(default_factory=list)   # (id, note, verdict) of every disagreement
+    pair_unsafe: list = field(default_factory=list)  # ids: labelled correct, judged wrong with an answer
+    false_accepts: list = field(default_factory=list)  # ids: labelled wrong, judged correct
+    disagreements: list = field(default_factory=list)  # (id, note, verdict) of every disagreement
 
     def table(self) -> str:
-        lines = [f"  {t:16} {good:4d}/{n:<4d} {good / n:7.1%}" for t, (good, n) in sorted(self.per_type.items())]
+        lines = [
+            f"  {t:16} {good:4d}/{n:<4d} {good / n:7.1%}" for t, (good, n) in sorted(self.per_type.items())
+        ]
         lines.append(f"  {'all':16} {self.agree:4d}/{self.cases:<4d} {self.agree / max(self.cases, 1):7.1%}")
         return "\n".join(lines)
 
     def figures(self) -> str:
-        return (f"pair safety (labelled correct, judged wrong with an extracted answer): {len(self.pair_unsafe)}\n"
-                f"false accepts (labelled wrong, judged correct): {len(self.false_accepts)}")
+        return (
+            f"pair safety (labelled correct, judged wrong with an extracted answer): {len(self.pair_unsafe)}\n"
+            f"false accepts (labelled wrong, judged correct): {len(self.false_accepts)}"
+        )
 
     def as_dict(self) -> dict:
-        return {"cases": self.cases, "agree": self.agree, "pair_unsafe": self.pair_unsafe,
-                "false_accepts": self.false_accepts,
-                "per_type": {t: {"agree": a, "cases": n} for t, (a, n) in sorted(self.per_type.items())}}
+        return {
+            "cases": self.cases,
+            "agree": self.agree,
+            "pair_unsafe": self.pair_unsafe,
+            "false_accepts": self.false_accepts,
+            "per_type": {t: {"agree": a, "cases": n} for t, (a, n) in sorted(self.per_type.items())},
+        }
 
 
 def load_corpus(path: str | Path) -> list[dict]:

@@ -16,6 +16,7 @@ Model output is untrusted text that would otherwise reach a computer algebra sys
 The bound covers the check, not the one-time start of the server process (about 1 s, paid by the
 first symbolic check of a process; call `warm_up()` up front to pay it early).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -30,21 +31,23 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
-MAX_MATH_CHARS = 1000   # longer "answers" are not answers
-MAX_DEPTH = 16          # bracket nesting; latex2sympy recurses per level
-MAX_EXPONENT = 10_000   # integer exponent literal; 9^99999999 alone has 95 million digits
+MAX_MATH_CHARS = 1000  # longer "answers" are not answers
+MAX_DEPTH = 16  # bracket nesting; latex2sympy recurses per level
+MAX_EXPONENT = 10_000  # integer exponent literal; 9^99999999 alone has 95 million digits
 MAX_FACTORIAL = 1_000
-MAX_DIGITS = 200        # one run of digits
+MAX_DIGITS = 200  # one run of digits
 STARTUP_TIMEOUT = 60.0  # seconds the server may take to import sympy and math-verify
-GRACE = 0.25            # seconds a server gets past a check's budget before it is presumed stuck
+GRACE = 0.25  # seconds a server gets past a check's budget before it is presumed stuck
 
 _SERVER_SCRIPT = Path(__file__).with_name("_math_server.py")
 _POWER = re.compile(r"\^|\*\*")
 # Python, not maths: `__`, a call of a dangerous name, `import x`, `lambda x:`, `os.`. (`\\lambda`
 # is LaTeX, and "the open interval" is English.)
-_CODE_LIKE = re.compile(r"__|(?<![\\\w])(?:import|exec|eval|compile|getattr|setattr|globals|locals|open|"
-                        r"subprocess|system|popen)[ \t]*\(|(?<![\\\w])(?:import[ \t]+\w|from[ \t]+\w+[ \t]+import\b|"
-                        r"lambda[ \t]*\w*[ \t]*:)|\bos\.|\bsys\.")
+_CODE_LIKE = re.compile(
+    r"__|(?<![\\\w])(?:import|exec|eval|compile|getattr|setattr|globals|locals|open|"
+    r"subprocess|system|popen)[ \t]*\(|(?<![\\\w])(?:import[ \t]+\w|from[ \t]+\w+[ \t]+import\b|"
+    r"lambda[ \t]*\w*[ \t]*:)|\bos\.|\bsys\."
+)
 _DIGIT_RUN = re.compile(rf"\d{{{MAX_DIGITS + 1}}}")
 _FACTORIAL = re.compile(r"(\d+)\s*!")
 _INTEGER = re.compile(r"\d+")
@@ -108,7 +111,7 @@ def screen(expr: str) -> str | None:
     pairs = _bracket_pairs(expr)
     for m in _POWER.finditer(expr):
         end = _operand_end(expr, m.end(), pairs)
-        while True:                                  # a ^ b ^ c: the exponent is b ^ c
+        while True:  # a ^ b ^ c: the exponent is b ^ c
             j = end
             while j < len(expr) and expr[j] == " ":
                 j += 1
@@ -116,7 +119,7 @@ def screen(expr: str) -> str | None:
             if not nxt:
                 break
             end = _operand_end(expr, nxt.end(), pairs)
-        exponent = expr[m.end():end]
+        exponent = expr[m.end() : end]
         if _NUMERIC_EXPONENT.fullmatch(exponent):
             if _POWER.search(exponent) or "!" in exponent:
                 return "a numeric power tower"
@@ -130,8 +133,9 @@ class _Server:
 
     def __init__(self):
         self.pid = os.getpid()
-        self.proc = subprocess.Popen([sys.executable, "-u", str(_SERVER_SCRIPT)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", str(_SERVER_SCRIPT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
         self.ready = threading.Event()
         self.dead = False
         self.lock = threading.Lock()
@@ -149,14 +153,16 @@ class _Server:
                 future = self.pending.pop(message["id"], None)
             if future is not None:
                 future.set_result(message)
-        with self.lock:                               # EOF: the server is gone
+        with self.lock:  # EOF: the server is gone
             self.dead = True
             waiting, self.pending = self.pending, {}
         self.ready.set()
         for future in waiting.values():
             future.set_result({"status": "error", "detail": "math server exited"})
 
-    def ask(self, pred: str, golds: list[str], budget: float, mode: str = "plain", plain: str | None = None) -> dict:
+    def ask(
+        self, pred: str, golds: list[str], budget: float, mode: str = "plain", plain: str | None = None
+    ) -> dict:
         future: Future = Future()
         with self.lock:
             if self.dead:
@@ -164,8 +170,19 @@ class _Server:
             request_id, self.next_id = self.next_id, self.next_id + 1
             self.pending[request_id] = future
             try:
-                self.proc.stdin.write(json.dumps({"id": request_id, "pred": pred, "gold": golds,
-                                                  "mode": mode, "plain": plain, "budget": budget}).encode() + b"\n")
+                self.proc.stdin.write(
+                    json.dumps(
+                        {
+                            "id": request_id,
+                            "pred": pred,
+                            "gold": golds,
+                            "mode": mode,
+                            "plain": plain,
+                            "budget": budget,
+                        }
+                    ).encode()
+                    + b"\n"
+                )
                 self.proc.stdin.flush()
             except OSError:
                 self.pending.pop(request_id, None)
@@ -173,7 +190,7 @@ class _Server:
                 return {"status": "error", "detail": "math server exited"}
         try:
             return future.result(timeout=budget + GRACE)
-        except FutureTimeout:                         # the server itself is stuck: replace it
+        except FutureTimeout:  # the server itself is stuck: replace it
             with self.lock:
                 self.pending.pop(request_id, None)
                 self.dead = True
@@ -224,8 +241,9 @@ def shutdown() -> None:
         _server = None
 
 
-def symbolic_check(pred: str, golds: list[str], timeout: float = 2.0, mode: str = "plain",
-                   plain: str | None = None) -> tuple[str, str]:
+def symbolic_check(
+    pred: str, golds: list[str], timeout: float = 2.0, mode: str = "plain", plain: str | None = None
+) -> tuple[str, str]:
     """Compare LaTeX/plain math `pred` with each of `golds` symbolically, within `timeout` seconds.
     mode "text": `pred` is a final-answer segment in words; math-verify extracts the answer from it,
     and `plain` (the cleaned answer) is also read as LaTeX.

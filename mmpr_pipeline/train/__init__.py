@@ -5,9 +5,19 @@
 
 or `mmpr train data_cards/train_mpo.yaml --set learning_rate=1e-5`.
 """
+
 from mmpr_pipeline.train.config import ConfigError, MPOConfig
 from mmpr_pipeline.train.config import load as load_config
 from mmpr_pipeline.train.loop import NonFiniteLossError, cli_train, train
 from mmpr_pipeline.train.loss import RunningMean, mpo_loss
 
-__all__ = ["ConfigError", "MPOConfig", "NonFiniteLossError", "RunningMean", "cli_train", "load_config", "mpo_loss", "train"]
+__all__ = [
+    "ConfigError",
+    "MPOConfig",
+    "NonFiniteLossError",
+    "RunningMean",
+    "cli_train",
+    "load_config",
+    "mpo_loss",
+    "train",
+]

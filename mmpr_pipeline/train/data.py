@@ -9,6 +9,7 @@ turn up to and including the template's end-of-turn token. Only response tokens 
 Nothing is ever truncated (cutting image tokens would break the model's input): a pair longer than
 `max_length` is dropped, and the trainer counts and reports it.
 """
+
 from __future__ import annotations
 
 import glob
@@ -36,6 +37,7 @@ TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_id
 
 # --- loading ---------------------------------------------------------------------------------------
 
+
 def parquet_files(source: str | Path) -> list[Path] | None:
     """The Parquet files `source` names (a run folder, its data/ folder, a file or a glob); None if
     it names no local path (then it is taken as a Hub dataset id)."""
@@ -44,7 +46,9 @@ def parquet_files(source: str | Path) -> list[Path] | None:
         folder = p / "data" if (p / "data").is_dir() else p
         files = sorted(folder.glob("*.parquet"))
         if not files:
-            raise FileNotFoundError(f"no .parquet files in {folder} (build pairs first, e.g. `make build-mmpr`)")
+            raise FileNotFoundError(
+                f"no .parquet files in {folder} (build pairs first, e.g. `make build-mmpr`)"
+            )
         return files
     if p.is_file():
         return [p]
@@ -53,8 +57,14 @@ def parquet_files(source: str | Path) -> list[Path] | None:
         if not files:
             raise FileNotFoundError(f"no files match {source}")
         return files
-    if str(source).startswith((".", "/", "~")) or str(source).endswith(".parquet") or str(source).count("/") != 1:
-        raise FileNotFoundError(f"no such file or folder: {source} (build pairs first, e.g. `make build-mmpr`)")
+    if (
+        str(source).startswith((".", "/", "~"))
+        or str(source).endswith(".parquet")
+        or str(source).count("/") != 1
+    ):
+        raise FileNotFoundError(
+            f"no such file or folder: {source} (build pairs first, e.g. `make build-mmpr`)"
+        )
     return None
 
 
@@ -79,7 +89,9 @@ def load_pairs(source: str | Path) -> pa.Table:
         names = set(tables[0].column_names)
         for f, t in zip(files, tables):
             if set(t.column_names) != names:
-                raise ValueError(f"{f}: columns {sorted(t.column_names)} differ from {files[0]}'s {sorted(names)}")
+                raise ValueError(
+                    f"{f}: columns {sorted(t.column_names)} differ from {files[0]}'s {sorted(names)}"
+                )
         table = pa.concat_tables(tables)
         where = str(files[0].parent)
     else:
@@ -89,14 +101,18 @@ def load_pairs(source: str | Path) -> pa.Table:
         try:
             ds = datasets.load_dataset(repo, split=split or "train")
         except Exception as e:  # offline, unknown repo, ...: say what was tried
-            raise FileNotFoundError(f"{source} is no local path, and loading it as a Hub dataset failed: {e}") from e
+            raise FileNotFoundError(
+                f"{source} is no local path, and loading it as a Hub dataset failed: {e}"
+            ) from e
         keep = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in ds.column_names]
         table = ds.select_columns(keep).with_format("arrow")[:]
         where = str(source)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; pairs need {list(REQUIRED_COLUMNS)} "
-                         "and optionally images (see records.PAIR_SCHEMA)")
+        raise ValueError(
+            f"{where}: missing column(s) {missing}; pairs need {list(REQUIRED_COLUMNS)} "
+            "and optionally images (see records.PAIR_SCHEMA)"
+        )
     for c in REQUIRED_COLUMNS:
         nulls = table[c].null_count
         if nulls:
@@ -111,7 +127,7 @@ def split_pairs(table: pa.Table, eval_fraction: float, seed: int = 0) -> tuple[p
         return table, table.slice(0, 0)
     # Without a qid column (a foreign dataset), pairs with the same question text go together.
     keys = table["qid" if "qid" in table.column_names else "question"].to_pylist()
-    bucket = [int(stable_hash("split", seed, k, length=8), 16) / 16 ** 8 < eval_fraction for k in keys]
+    bucket = [int(stable_hash("split", seed, k, length=8), 16) / 16**8 < eval_fraction for k in keys]
     mask = pa.array(bucket)
     held_out = table.filter(mask)
     if held_out.num_rows == 0:  # tiny data: hold out at least one question's pairs
@@ -133,11 +149,13 @@ def select(table: pa.Table, pair_types: list[str] | None = None, limit: int | No
 
 # --- encoding --------------------------------------------------------------------------------------
 
+
 @dataclass
 class Encoded:
     """One pair, tokenized: the prompt once, then each response."""
+
     index: int
-    prompt: dict[str, torch.Tensor]      # processor output for the prompt (batch of 1)
+    prompt: dict[str, torch.Tensor]  # processor output for the prompt (batch of 1)
     chosen_ids: list[int]
     rejected_ids: list[int] = field(default_factory=list)
 
@@ -149,6 +167,7 @@ class Encoded:
 @dataclass
 class Dropped:
     """A pair too long for max_length: counted and reported, never cut."""
+
     index: int
     pair_id: str
     length: int
@@ -202,11 +221,15 @@ class PairEncoder:
         """The assistant turn as the template writes it after the prompt, ending with its end-of-turn
         token (trailing whitespace after that token belongs to no turn and is left out)."""
         full = self.processor.apply_chat_template(
-            messages + [{"role": "assistant", "content": [{"type": "text", "text": response}]}], tokenize=False)
+            messages + [{"role": "assistant", "content": [{"type": "text", "text": response}]}],
+            tokenize=False,
+        )
         if not full.startswith(prompt_text):
-            raise ValueError("the chat template renders the user turn differently when an assistant turn follows; "
-                             "cannot find where the response starts")
-        suffix = full[len(prompt_text):]
+            raise ValueError(
+                "the chat template renders the user turn differently when an assistant turn follows; "
+                "cannot find where the response starts"
+            )
+        suffix = full[len(prompt_text) :]
         end = suffix.rfind(response) + len(response) if response and response in suffix else 0
         return suffix[:end] + suffix[end:].rstrip()
 
@@ -216,12 +239,17 @@ class PairEncoder:
         prompt_text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # add_special_tokens=False: BOS is written once, by the template or here.
         bos = self.bos if self.bos and not prompt_text.startswith(self.bos) else ""
-        prompt = self.processor(text=[bos + prompt_text], images=images or None, return_tensors="pt",
-                                add_special_tokens=False)
+        prompt = self.processor(
+            text=[bos + prompt_text], images=images or None, return_tensors="pt", add_special_tokens=False
+        )
         prompt = {k: v for k, v in prompt.items() if isinstance(v, torch.Tensor)}
         responses = [row["chosen"]] + ([row["rejected"]] if self.with_rejected else [])
-        ids = [self.tokenizer(self.response_text(messages, prompt_text, r), add_special_tokens=False)["input_ids"]
-               for r in responses]
+        ids = [
+            self.tokenizer(self.response_text(messages, prompt_text, r), add_special_tokens=False)[
+                "input_ids"
+            ]
+            for r in responses
+        ]
         eos = self.tokenizer.eos_token_id
         ids = [i + [eos] if eos is not None and (not i or i[-1] not in self.turn_end) else i for i in ids]
         length = prompt["input_ids"].shape[1] + max(len(i) for i in ids)
@@ -246,15 +274,21 @@ class PairDataset(torch.utils.data.Dataset):
     def ids(self) -> list[str]:
         if "id" in self.table.column_names:
             return [str(x) for x in self.table["id"].to_pylist()]
-        return [stable_hash(q, c, r) for q, c, r in zip(self.table["question"].to_pylist(),
-                                                         self.table["chosen"].to_pylist(),
-                                                         self.table["rejected"].to_pylist())]
+        return [
+            stable_hash(q, c, r)
+            for q, c, r in zip(
+                self.table["question"].to_pylist(),
+                self.table["chosen"].to_pylist(),
+                self.table["rejected"].to_pylist(),
+            )
+        ]
 
     def __getitem__(self, i: int) -> Encoded | Dropped:
         return self.encoder.encode(self.row(i), i)
 
 
 # --- batching --------------------------------------------------------------------------------------
+
 
 def collate(items: list[Encoded | Dropped], pad_token_id: int) -> dict[str, Any]:
     """Pad a micro-batch of pairs into one batch of sequences: all chosen first, then all rejected
@@ -265,21 +299,26 @@ def collate(items: list[Encoded | Dropped], pad_token_id: int) -> dict[str, Any]
     if not pairs:
         return batch
     with_rejected = bool(pairs[0].rejected_ids)
-    seqs = [(p, p.chosen_ids) for p in pairs] + ([(p, p.rejected_ids) for p in pairs] if with_rejected else [])
+    seqs = [(p, p.chosen_ids) for p in pairs] + (
+        [(p, p.rejected_ids) for p in pairs] if with_rejected else []
+    )
     width = max(p.prompt_len + len(r) for p, r in seqs)
     n = len(seqs)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     response_mask = torch.zeros((n, width), dtype=torch.bool)
     keys = list(dict.fromkeys(k for p in pairs for k in p.prompt))  # rows without images lack pixel keys
-    extra = {k: torch.zeros((n, width), dtype=next(p.prompt[k].dtype for p in pairs if k in p.prompt))
-             for k in TOKEN_KEYS[2:] if k in keys}
+    extra = {
+        k: torch.zeros((n, width), dtype=next(p.prompt[k].dtype for p in pairs if k in p.prompt))
+        for k in TOKEN_KEYS[2:]
+        if k in keys
+    }
     for i, (p, resp) in enumerate(seqs):
         lp, lr = p.prompt_len, len(resp)
         input_ids[i, :lp] = p.prompt["input_ids"][0]
-        input_ids[i, lp:lp + lr] = torch.tensor(resp, dtype=torch.long)
-        attention_mask[i, :lp + lr] = 1
-        response_mask[i, lp:lp + lr] = True
+        input_ids[i, lp : lp + lr] = torch.tensor(resp, dtype=torch.long)
+        attention_mask[i, : lp + lr] = 1
+        response_mask[i, lp : lp + lr] = True
         for k, t in extra.items():
             if k in p.prompt:
                 t[i, :lp] = p.prompt[k][0]

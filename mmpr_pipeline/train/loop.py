@@ -18,6 +18,7 @@ Writes to `output_dir`: `metrics.jsonl` (one row per step and per evaluation), `
 does), `reference_logps.pt` (with `reference: precomputed`), `final/` (the trained model, LoRA
 merged, loadable by transformers and vLLM) and `summary.json`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,17 +44,43 @@ from mmpr_pipeline.train import config as config_mod
 from mmpr_pipeline.train.config import MPOConfig
 from mmpr_pipeline.train.data import PairDataset, PairEncoder, collate, load_pairs, select, split_pairs
 from mmpr_pipeline.train.loss import RunningMean, mpo_loss
-from mmpr_pipeline.train.model import (add_lora, freeze_vision, load_model, load_processor, response_logps,
-                                       unwrap)
+from mmpr_pipeline.train.model import (
+    add_lora,
+    freeze_vision,
+    load_model,
+    load_processor,
+    response_logps,
+    unwrap,
+)
 
 log = logging.getLogger("mmpr.train")
 
-PREF_KEYS = ("loss", "preference", "bco", "sft", "chosen_reward", "rejected_reward", "reward_margin",
-             "reward_accuracy", "delta")
+PREF_KEYS = (
+    "loss",
+    "preference",
+    "bco",
+    "sft",
+    "chosen_reward",
+    "rejected_reward",
+    "reward_margin",
+    "reward_accuracy",
+    "delta",
+)
 SFT_KEYS = ("loss", "sft")
 # Keys that may change between an interrupted run and its resumption without changing the result.
-RESUMABLE_KEYS = {"resume", "resume_with_changes", "progress_bar", "log_every", "eval_every", "save_every",
-                  "save_total_limit", "num_workers", "eval_batch_size", "save_model", "output_dir"}
+RESUMABLE_KEYS = {
+    "resume",
+    "resume_with_changes",
+    "progress_bar",
+    "log_every",
+    "eval_every",
+    "save_every",
+    "save_total_limit",
+    "num_workers",
+    "eval_batch_size",
+    "save_model",
+    "output_dir",
+}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,6 +89,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 # --- processes and devices -------------------------------------------------------------------------
+
 
 @dataclass
 class Dist:
@@ -97,15 +125,23 @@ def loader(dataset: PairDataset, batches: list[list[int]], pad_id: int, num_work
     """Batches of `dataset` in the given order. The loader gets its own generator: one that drew
     from the global RNG would shift LoRA dropout and initialisation whenever a loader is created
     (an evaluation, a precompute pass, a resumption), and a resumed run would drift."""
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=partial(collate, pad_token_id=pad_id),
-                      num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=partial(collate, pad_token_id=pad_id),
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
 # --- schedule --------------------------------------------------------------------------------------
+
 
 def learning_rate(step: int, total: int, cfg: MPOConfig) -> float:
     """Linear warm-up to the peak, then a cosine down to `min_lr_ratio` of it."""
@@ -119,13 +155,17 @@ def learning_rate(step: int, total: int, cfg: MPOConfig) -> float:
 
 # --- the reference ---------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def precompute_reference(model, dataset: PairDataset, cfg: MPOConfig, d: Dist, autocast, pad_id: int,
-                         cache: Path) -> torch.Tensor:
+def precompute_reference(
+    model, dataset: PairDataset, cfg: MPOConfig, d: Dist, autocast, pad_id: int, cache: Path
+) -> torch.Tensor:
     """log pi_ref of every pair's chosen and rejected response, shape [pairs, 2] (NaN for dropped
     pairs), computed once before training so that training holds a single model. Cached in
     `cache`, keyed by model, data and encoding settings."""
-    key = stable_hash("reference", cfg.model, cfg.dtype, cfg.bf16, cfg.max_length, cfg.max_pixels, dataset.ids())
+    key = stable_hash(
+        "reference", cfg.model, cfg.dtype, cfg.bf16, cfg.max_length, cfg.max_pixels, dataset.ids()
+    )
     if cache.exists():
         saved = torch.load(cache, map_location="cpu")
         if saved.get("key") == key:
@@ -135,9 +175,12 @@ def precompute_reference(model, dataset: PairDataset, cfg: MPOConfig, d: Dist, a
     logps = torch.zeros(len(dataset), 2)
     filled = torch.zeros(len(dataset))
     mine = list(range(d.rank, len(dataset), d.world))
-    batches = [mine[i:i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
-    for batch in tqdm(loader(dataset, batches, pad_id, cfg.num_workers), desc="reference log-probs",
-                      disable=not (d.main and cfg.progress_bar)):
+    batches = [mine[i : i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
+    for batch in tqdm(
+        loader(dataset, batches, pad_id, cfg.num_workers),
+        desc="reference log-probs",
+        disable=not (d.main and cfg.progress_bar),
+    ):
         if not batch["n_pairs"]:
             continue
         n, index = batch["n_pairs"], batch["index"]
@@ -146,7 +189,7 @@ def precompute_reference(model, dataset: PairDataset, cfg: MPOConfig, d: Dist, a
         logps[index, 0], logps[index, 1] = seq[:n].float().cpu(), seq[n:].float().cpu()
         filled[index] = 1
     sums = all_reduce_sum(torch.cat([logps.flatten(), filled]).to(d.device), d).cpu()
-    logps, filled = sums[:-len(dataset)].view(-1, 2), sums[-len(dataset):]
+    logps, filled = sums[: -len(dataset)].view(-1, 2), sums[-len(dataset) :]
     logps[filled == 0] = float("nan")
     if d.main:
         tmp = cache.with_suffix(".tmp")
@@ -157,6 +200,7 @@ def precompute_reference(model, dataset: PairDataset, cfg: MPOConfig, d: Dist, a
 
 
 # --- evaluation ------------------------------------------------------------------------------------
+
 
 def pair_types_of(table) -> list[str]:
     """The pair types present in `table` (sorted), or [] without a pair_type column (a foreign dataset)."""
@@ -177,14 +221,19 @@ def tally_by_type(margins: torch.Tensor, index: torch.Tensor, table, types: list
 
 # --- checkpoints -----------------------------------------------------------------------------------
 
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     done = sorted(p for p in output_dir.glob("checkpoint-*") if (p / "state.pt").exists())
     return done[-1] if done else None
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, running: RunningMean, cfg: MPOConfig,
-                    d: Dist, extra: dict) -> None:
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}
+def save_checkpoint(
+    output_dir: Path, step: int, model, optimizer, running: RunningMean, cfg: MPOConfig, d: Dist, extra: dict
+) -> None:
+    rng = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None,
+    }
     rngs = [None] * d.world
     if d.world > 1:
         dist.all_gather_object(rngs, rng)
@@ -208,7 +257,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, running: Runn
         (tmp / "config.json").write_text(config_mod.to_json(cfg))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # a checkpoint exists whole or not at all
-        for old in sorted(output_dir.glob("checkpoint-*"))[:-cfg.save_total_limit]:
+        for old in sorted(output_dir.glob("checkpoint-*"))[: -cfg.save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     if d.world > 1:
         dist.barrier()
@@ -217,8 +266,11 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, running: Runn
 def config_changes(path: Path, cfg: MPOConfig) -> dict:
     """{key: (saved, now)} for the keys that change the result, between checkpoint `path`'s config and `cfg`."""
     saved_file = path / "config.json"
-    saved = (json.loads(saved_file.read_text()) if saved_file.exists()
-             else torch.load(path / "state.pt", map_location="cpu", weights_only=False)["config"])
+    saved = (
+        json.loads(saved_file.read_text())
+        if saved_file.exists()
+        else torch.load(path / "state.pt", map_location="cpu", weights_only=False)["config"]
+    )
     now = cfg.to_dict()
     return {k: (v, now.get(k)) for k, v in saved.items() if k not in RESUMABLE_KEYS and now.get(k) != v}
 
@@ -232,8 +284,11 @@ def check_resumable(path: Path, cfg: MPOConfig) -> None:
     diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
     if not cfg.resume_with_changes:
         raise config_mod.ConfigError(
-            cfg.file, "output_dir", f"{path} was saved with another config ({diff}); use a new output_dir, "
-            "--set resume=false to start over in it, or --set resume_with_changes=true to continue it anyway")
+            cfg.file,
+            "output_dir",
+            f"{path} was saved with another config ({diff}); use a new output_dir, "
+            "--set resume=false to start over in it, or --set resume_with_changes=true to continue it anyway",
+        )
     log.warning("resuming %s with a config that differs from the one it was saved with: %s", path, diff)
 
 
@@ -254,10 +309,12 @@ def load_checkpoint(path: Path, model, optimizer, running: RunningMean, cfg: MPO
 
 # --- the run's parts -------------------------------------------------------------------------------
 
+
 @dataclass
 class Reference:
     """Where log pi_ref comes from: per-split tables computed before training (`reference:
     precomputed`), a frozen model, or, with neither, the policy with its LoRA adapters off."""
+
     tables: dict[str, torch.Tensor] = field(default_factory=dict)
     model: Any = None
     precompute_s: float = 0.0  # the precompute pass: part of the run's cost, reported in the summary
@@ -267,6 +324,7 @@ class Reference:
 class State:
     """What changes as the run goes: the optimizer steps done, BCO's shift, the pairs dropped as too
     long (and how many were warned about), and the latest train and eval rows."""
+
     step: int = 0
     running: RunningMean = field(default_factory=RunningMean)
     dropped: int = 0
@@ -305,7 +363,9 @@ def make_output_dir(out: Path, cfg: MPOConfig, d: Dist) -> None:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise config_mod.ConfigError(cfg.file, "output_dir", f"cannot create {out}: {e.strerror}") from None
+            raise config_mod.ConfigError(
+                cfg.file, "output_dir", f"cannot create {out}: {e.strerror}"
+            ) from None
         (out / "config.json").write_text(config_mod.to_json(cfg))
 
 
@@ -325,8 +385,16 @@ def uses_bf16(cfg: MPOConfig, d: Dist) -> bool:
     return bool(cfg.bf16)
 
 
-def make_reference(model, ref_model, cfg: MPOConfig, d: Dist, datasets: dict[str, PairDataset], autocast,
-                   pad_id: int, out: Path) -> Reference:
+def make_reference(
+    model,
+    ref_model,
+    cfg: MPOConfig,
+    d: Dist,
+    datasets: dict[str, PairDataset],
+    autocast,
+    pad_id: int,
+    out: Path,
+) -> Reference:
     """The reference: precomputed (one model in memory), a frozen copy, or (LoRA) the policy without
     adapters. Called before LoRA is added, so the copy and the tables are of the base model."""
     if not cfg.needs_reference:
@@ -336,11 +404,15 @@ def make_reference(model, ref_model, cfg: MPOConfig, d: Dist, datasets: dict[str
     if cfg.reference == "precomputed":
         t0 = time.perf_counter()
         scorer = ref_model if ref_model is not None else model
-        tables = {"train": precompute_reference(scorer, datasets["train"], cfg, d, autocast, pad_id,
-                                                out / "reference_logps.pt")}
+        tables = {
+            "train": precompute_reference(
+                scorer, datasets["train"], cfg, d, autocast, pad_id, out / "reference_logps.pt"
+            )
+        }
         if len(datasets["eval"]):
-            tables["eval"] = precompute_reference(scorer, datasets["eval"], cfg, d, autocast, pad_id,
-                                                  out / "reference_logps_eval.pt")
+            tables["eval"] = precompute_reference(
+                scorer, datasets["eval"], cfg, d, autocast, pad_id, out / "reference_logps_eval.pt"
+            )
         return Reference(tables=tables, precompute_s=time.perf_counter() - t0)
     if ref_model is None and not cfg.lora:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -350,8 +422,14 @@ def make_reference(model, ref_model, cfg: MPOConfig, d: Dist, datasets: dict[str
 def make_trainable(model, cfg: MPOConfig):
     """LoRA adapters and gradient checkpointing, if asked; the model in training mode."""
     if cfg.lora:
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
-                         freeze_vision=cfg.freeze_vision)
+        model = add_lora(
+            model,
+            cfg.lora_r,
+            cfg.lora_alpha,
+            cfg.lora_dropout,
+            cfg.lora_target_modules,
+            freeze_vision=cfg.freeze_vision,
+        )
     if cfg.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
@@ -365,10 +443,13 @@ def make_optimizer(model, cfg: MPOConfig, d: Dist) -> tuple[list[torch.nn.Parame
         for p in params:
             dist.broadcast(p.data, 0)
     torch.manual_seed(cfg.seed + d.rank)  # but different dropout in each process
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
-                                  fused=d.device.type == "cuda")
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), fused=d.device.type == "cuda"
+    )
     return params, optimizer
 
 
@@ -389,14 +470,15 @@ def micro_batches(dataset: PairDataset, start: int, cfg: MPOConfig, d: Dist, pad
     while True:
         epoch, pos = divmod(m, per_epoch)
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        mine = order[:per_rank * d.world].tolist()[d.rank::d.world]
-        batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        mine = order[: per_rank * d.world].tolist()[d.rank :: d.world]
+        batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
         for batch in loader(dataset, batches[pos:], pad_id, cfg.num_workers, cfg.seed + epoch):
             yield batch
             m += 1
 
 
 # --- the loss of a batch ---------------------------------------------------------------------------
+
 
 def reference_logps(ref: Reference, model, batch: dict, split: str, device: torch.device) -> torch.Tensor:
     """log pi_ref of the batch's sequences, [chosen..., rejected...]."""
@@ -415,8 +497,12 @@ def update_shift(running: RunningMean, mean_reward: torch.Tensor | None, d: Dist
     the running mean delta. Every process calls it, so that all of them gather together."""
     if d.world == 1:
         return running.update(mean_reward)
-    mine = torch.stack([mean_reward if mean_reward is not None else torch.zeros((), device=d.device),
-                        torch.tensor(float(mean_reward is not None), device=d.device)])
+    mine = torch.stack(
+        [
+            mean_reward if mean_reward is not None else torch.zeros((), device=d.device),
+            torch.tensor(float(mean_reward is not None), device=d.device),
+        ]
+    )
     everyone = [torch.empty_like(mine) for _ in range(d.world)]
     dist.all_gather(everyone, mine)
     return running.update(*[m for m, present in everyone if present])
@@ -436,8 +522,16 @@ def sft_tokens(batch: dict, cfg: MPOConfig, d: Dist) -> torch.Tensor | None:
     return all_reduce_sum(count.to(d.device), d) / d.world
 
 
-def batch_loss(model, batch: dict, split: str, ref: Reference, running: RunningMean, cfg: MPOConfig, d: Dist,
-               sft_denominator: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def batch_loss(
+    model,
+    batch: dict,
+    split: str,
+    ref: Reference,
+    running: RunningMean,
+    cfg: MPOConfig,
+    d: Dist,
+    sft_denominator: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
     """The MPO loss of one micro-batch and its parts (loss.mpo_loss); the SFT term alone when no
     reference is needed."""
     n = batch["n_pairs"]
@@ -455,10 +549,22 @@ def batch_loss(model, batch: dict, split: str, ref: Reference, running: RunningM
         # Updated with this batch before it is used, as in the paper's reference code; held-out
         # evaluation reads it without moving it.
         mean_reward = cfg.beta * (logps.detach() - ref_logps).mean()
-        delta = (update_shift(running, mean_reward, d) if split == "train"
-                 else torch.as_tensor(running.mean, device=d.device))
-    loss, parts = mpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], chosen_nll, beta=cfg.beta,
-                           weights=tuple(cfg.weights), delta=delta, preference=cfg.preference_loss)
+        delta = (
+            update_shift(running, mean_reward, d)
+            if split == "train"
+            else torch.as_tensor(running.mean, device=d.device)
+        )
+    loss, parts = mpo_loss(
+        logps[:n],
+        logps[n:],
+        ref_logps[:n],
+        ref_logps[n:],
+        chosen_nll,
+        beta=cfg.beta,
+        weights=tuple(cfg.weights),
+        delta=delta,
+        preference=cfg.preference_loss,
+    )
     return loss, {"loss": loss.detach(), **parts, "delta": torch.as_tensor(delta, device=d.device).float()}
 
 
@@ -467,15 +573,23 @@ def loss_keys(cfg: MPOConfig) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def evaluate(model, eval_set: PairDataset, ref: Reference, running: RunningMean, cfg: MPOConfig, d: Dist,
-             autocast, pad_id: int) -> dict:
+def evaluate(
+    model,
+    eval_set: PairDataset,
+    ref: Reference,
+    running: RunningMean,
+    cfg: MPOConfig,
+    d: Dist,
+    autocast,
+    pad_id: int,
+) -> dict:
     """The loss parts over the held-out pairs, and the reward accuracy per pair type too: a mean over
     all pairs hides which kind is learnt."""
     keys = loss_keys(cfg)
     types = pair_types_of(eval_set.table) if cfg.needs_reference else []
     model.eval()
     mine = list(range(d.rank, len(eval_set), d.world))
-    batches = [mine[i:i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
+    batches = [mine[i : i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
     sums = torch.zeros(len(keys) + 1, device=d.device)
     by_type = torch.zeros(len(types), 2, device=d.device)  # [correct, pairs] per pair type
     for batch in loader(eval_set, batches, pad_id, cfg.num_workers):
@@ -484,7 +598,10 @@ def evaluate(model, eval_set: PairDataset, ref: Reference, running: RunningMean,
         batch = to_device(batch, d.device)
         with autocast():
             _, parts = batch_loss(model, batch, "eval", ref, running, cfg, d)
-        sums += torch.stack([parts[k].float() for k in keys] + [torch.ones((), device=d.device)]) * batch["n_pairs"]
+        sums += (
+            torch.stack([parts[k].float() for k in keys] + [torch.ones((), device=d.device)])
+            * batch["n_pairs"]
+        )
         if types:
             by_type += tally_by_type(parts["margins"], batch["index"], eval_set.table, types)
     sums = all_reduce_sum(sums, d).tolist()
@@ -500,8 +617,10 @@ def evaluate(model, eval_set: PairDataset, ref: Reference, running: RunningMean,
 
 # --- one optimizer step ----------------------------------------------------------------------------
 
-def accumulate_gradients(model, stream, ref: Reference, state: State, cfg: MPOConfig, d: Dist,
-                         autocast) -> torch.Tensor:
+
+def accumulate_gradients(
+    model, stream, ref: Reference, state: State, cfg: MPOConfig, d: Dist, autocast
+) -> torch.Tensor:
     """Forward and backward over `grad_accum_steps` micro-batches of `stream`; returns this process's
     sums [loss parts weighted by pairs..., pairs, tokens, dropped]."""
     keys = loss_keys(cfg)
@@ -510,21 +629,28 @@ def accumulate_gradients(model, stream, ref: Reference, state: State, cfg: MPOCo
         batch = next(stream)
         for x in batch["dropped"]:
             if state.warned < 3:
-                log.warning("pair %s is %d tokens long, over max_length=%d: dropped, not cut (counted as "
-                            "`dropped` in metrics.jsonl)", x.pair_id, x.length, cfg.max_length)
+                log.warning(
+                    "pair %s is %d tokens long, over max_length=%d: dropped, not cut (counted as "
+                    "`dropped` in metrics.jsonl)",
+                    x.pair_id,
+                    x.length,
+                    cfg.max_length,
+                )
             state.warned += 1
         sums[-1] += len(batch["dropped"])
         sft_denominator = sft_tokens(batch, cfg, d)
         if not batch["n_pairs"]:
             if d.world > 1 and cfg.needs_reference and cfg.bco_shift == "running_mean":
-                update_shift(state.running, None, d)  # the other processes wait for this one's (absent) reward
+                update_shift(
+                    state.running, None, d
+                )  # the other processes wait for this one's (absent) reward
             continue
         batch = to_device(batch, d.device)
         with autocast():
             loss, parts = batch_loss(model, batch, "train", ref, state.running, cfg, d, sft_denominator)
         (loss / cfg.grad_accum_steps).backward()  # a micro-batch counts 1/grad_accum_steps, however full
         n = batch["n_pairs"]
-        sums[:len(keys)] += torch.stack([parts[k].float() for k in keys]) * n
+        sums[: len(keys)] += torch.stack([parts[k].float() for k in keys]) * n
         sums[len(keys)] += n
         sums[len(keys) + 1] += batch["attention_mask"].sum()
     return sums
@@ -554,23 +680,30 @@ def apply_update(params, optimizer, sums: torch.Tensor, step: int, cfg: MPOConfi
         optimizer.zero_grad(set_to_none=True)
         log.warning("step %d: every pair of the step was dropped; no update", step + 1)
         return torch.zeros(())
-    if not torch.isfinite(sums[:len(keys)]).all():
+    if not torch.isfinite(sums[: len(keys)]).all():
         terms = ", ".join(f"{k} {v / n_pairs:.4g}" for k, v in zip(keys, sums.tolist()))
-        raise NonFiniteLossError(f"step {step + 1}: non-finite loss ({terms}); stopped without saving "
-                                 f"this step; lower learning_rate ({cfg.learning_rate}) or check the data")
+        raise NonFiniteLossError(
+            f"step {step + 1}: non-finite loss ({terms}); stopped without saving "
+            f"this step; lower learning_rate ({cfg.learning_rate}) or check the data"
+        )
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     if not torch.isfinite(grad_norm):
-        raise NonFiniteLossError(f"step {step + 1}: non-finite gradient norm ({float(grad_norm)}); stopped "
-                                 "without saving this step; lower learning_rate or check the data")
+        raise NonFiniteLossError(
+            f"step {step + 1}: non-finite gradient norm ({float(grad_norm)}); stopped "
+            "without saving this step; lower learning_rate or check the data"
+        )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if not torch.stack([torch.isfinite(p).all() for p in params]).all():  # one device sync
-        raise NonFiniteLossError(f"step {step + 1}: the update made weights non-finite; stopped without "
-                                 f"saving this step; lower learning_rate ({cfg.learning_rate})")
+        raise NonFiniteLossError(
+            f"step {step + 1}: the update made weights non-finite; stopped without "
+            f"saving this step; lower learning_rate ({cfg.learning_rate})"
+        )
     return grad_norm
 
 
 # --- metrics and progress --------------------------------------------------------------------------
+
 
 def resume(ckpt: Path | None, model, optimizer, cfg: MPOConfig, d: Dist) -> State:
     """The state to start from: checkpoint `ckpt`'s (weights and optimizer restored too), or a fresh one."""
@@ -582,24 +715,49 @@ def resume(ckpt: Path | None, model, optimizer, cfg: MPOConfig, d: Dist) -> Stat
     return state
 
 
-def announce(cfg: MPOConfig, d: Dist, n_params: int, n_train: int, n_eval: int, total_steps: int,
-             use_bf16: bool) -> None:
+def announce(
+    cfg: MPOConfig, d: Dist, n_params: int, n_train: int, n_eval: int, total_steps: int, use_bf16: bool
+) -> None:
     if d.main:
-        log.info("training %s (%.2fM trainable parameters) on %d pairs (%d held out), %d steps, %s%s",
-                 cfg.model, n_params / 1e6, n_train, n_eval, total_steps, d.device,
-                 ", bf16 autocast" if use_bf16 else "")
+        log.info(
+            "training %s (%.2fM trainable parameters) on %d pairs (%d held out), %d steps, %s%s",
+            cfg.model,
+            n_params / 1e6,
+            n_train,
+            n_eval,
+            total_steps,
+            d.device,
+            ", bf16 autocast" if use_bf16 else "",
+        )
 
 
-def train_row(sums: torch.Tensor, grad_norm, lr: float, state: State, cfg: MPOConfig, per_epoch: int,
-              step_s: float, elapsed_s: float) -> dict:
+def train_row(
+    sums: torch.Tensor,
+    grad_norm,
+    lr: float,
+    state: State,
+    cfg: MPOConfig,
+    per_epoch: int,
+    step_s: float,
+    elapsed_s: float,
+) -> dict:
     """metrics.jsonl's row for the step just taken (`state.step`), from the summed `sums`."""
     keys, values = loss_keys(cfg), sums.tolist()
     n_pairs, tokens = values[len(keys)], values[len(keys) + 1]
-    return {"split": "train", "step": state.step,
-            "epoch": round(state.step * cfg.grad_accum_steps / per_epoch, 4), "lr": lr,
-            **{k: (v / n_pairs if n_pairs else float("nan")) for k, v in zip(keys, values)},
-            "grad_norm": float(grad_norm), "pairs": int(n_pairs), "tokens": int(tokens),
-            "tokens_per_s": tokens / step_s, "step_s": step_s, "elapsed_s": elapsed_s, "dropped": state.dropped}
+    return {
+        "split": "train",
+        "step": state.step,
+        "epoch": round(state.step * cfg.grad_accum_steps / per_epoch, 4),
+        "lr": lr,
+        **{k: (v / n_pairs if n_pairs else float("nan")) for k, v in zip(keys, values)},
+        "grad_norm": float(grad_norm),
+        "pairs": int(n_pairs),
+        "tokens": int(tokens),
+        "tokens_per_s": tokens / step_s,
+        "step_s": step_s,
+        "elapsed_s": elapsed_s,
+        "dropped": state.dropped,
+    }
 
 
 def keep_metrics_until(path: Path, step: int, d: Dist) -> None:
@@ -619,8 +777,11 @@ def write_row(path: Path, row: dict, d: Dist) -> None:
 def show_step(bar, row: dict, total_steps: int, cfg: MPOConfig, d: Dist) -> None:
     postfix = {"loss": f"{row['loss']:.4f}"}
     if cfg.needs_reference:
-        postfix.update(margin=f"{row['reward_margin']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
-                       delta=f"{row['delta']:.4f}")
+        postfix.update(
+            margin=f"{row['reward_margin']:.4f}",
+            acc=f"{row['reward_accuracy']:.2f}",
+            delta=f"{row['delta']:.4f}",
+        )
     bar.set_postfix(postfix, refresh=False)
     if not cfg.progress_bar and d.main:
         log.info("step %d/%d %s", row["step"], total_steps, " ".join(f"{k}={v}" for k, v in postfix.items()))
@@ -629,7 +790,9 @@ def show_step(bar, row: dict, total_steps: int, cfg: MPOConfig, d: Dist) -> None
 def show_eval(bar, row: dict, cfg: MPOConfig, d: Dist) -> None:
     if not d.main:
         return
-    line = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "split")
+    line = " ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "split"
+    )
     if cfg.progress_bar:
         bar.write(line, file=sys.stderr)
     else:
@@ -639,8 +802,11 @@ def show_eval(bar, row: dict, cfg: MPOConfig, d: Dist) -> None:
 def save_final(model, processor, out: Path, state: State, cfg: MPOConfig, d: Dist) -> Path | None:
     """The trained model (LoRA merged), loadable by transformers and vLLM, with its processor."""
     if state.dropped and d.main:
-        log.warning("%d pair(s) longer than max_length=%d were dropped over the run (not cut)",
-                    state.dropped, cfg.max_length)
+        log.warning(
+            "%d pair(s) longer than max_length=%d were dropped over the run (not cut)",
+            state.dropped,
+            cfg.max_length,
+        )
     if not (cfg.save_model and d.main):
         return None
     final = model.merge_and_unload() if cfg.lora else model
@@ -650,6 +816,7 @@ def save_final(model, processor, out: Path, state: State, cfg: MPOConfig, d: Dis
 
 
 # --- the loop --------------------------------------------------------------------------------------
+
 
 def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> dict:
     """Train with MPO as `config` says; returns the run's summary (also written to summary.json).
@@ -674,7 +841,9 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     model = load_policy(model, cfg, d)
     use_bf16 = uses_bf16(cfg, d)
     autocast = partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    ref = make_reference(model, ref_model, cfg, d, {"train": train_set, "eval": eval_set}, autocast, pad_id, out)
+    ref = make_reference(
+        model, ref_model, cfg, d, {"train": train_set, "eval": eval_set}, autocast, pad_id, out
+    )
     model = make_trainable(model, cfg)
     params, optimizer = make_optimizer(model, cfg, d)
     per_epoch, total_steps = run_length(len(train_set), cfg, d)
@@ -684,8 +853,14 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     keep_metrics_until(metrics, state.step, d)
     n_params = sum(p.numel() for p in params)
     announce(cfg, d, n_params, len(train_set), len(eval_set), total_steps, use_bf16)
-    bar = tqdm(total=total_steps, initial=state.step, desc="mpo", dynamic_ncols=True,
-               disable=not (d.main and cfg.progress_bar), file=sys.stderr)
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        desc="mpo",
+        dynamic_ncols=True,
+        disable=not (d.main and cfg.progress_bar),
+        file=sys.stderr,
+    )
     stream = micro_batches(train_set, state.step * cfg.grad_accum_steps, cfg, d, pad_id)
     started = time.perf_counter()
     while state.step < total_steps:
@@ -702,29 +877,46 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
         step_s = time.perf_counter() - t0
         state.step += 1
         state.dropped += int(sums[-1].item())
-        state.last_train = train_row(sums, grad_norm, lr, state, cfg, per_epoch, step_s,
-                                     time.perf_counter() - started)
+        state.last_train = train_row(
+            sums, grad_norm, lr, state, cfg, per_epoch, step_s, time.perf_counter() - started
+        )
         done = state.step == total_steps
         if state.step % cfg.log_every == 0 or done:
             write_row(metrics, state.last_train, d)
             show_step(bar, state.last_train, total_steps, cfg, d)
         bar.update(1)
         if len(eval_set) and (done or (cfg.eval_every and state.step % cfg.eval_every == 0)):
-            state.last_eval = {"split": "eval", "step": state.step,
-                               **evaluate(model, eval_set, ref, state.running, cfg, d, autocast, pad_id)}
+            state.last_eval = {
+                "split": "eval",
+                "step": state.step,
+                **evaluate(model, eval_set, ref, state.running, cfg, d, autocast, pad_id),
+            }
             write_row(metrics, state.last_eval, d)
             show_eval(bar, state.last_eval, cfg, d)
         if cfg.save_every >= 0 and (done or (cfg.save_every and state.step % cfg.save_every == 0)):
-            save_checkpoint(out, state.step, model, optimizer, state.running, cfg, d, {"dropped": state.dropped})
+            save_checkpoint(
+                out, state.step, model, optimizer, state.running, cfg, d, {"dropped": state.dropped}
+            )
     bar.close()
     steps_s = time.perf_counter() - started  # the steps, with their evaluations and checkpoints
 
     model_dir = save_final(model, processor, out, state, cfg, d)
-    summary = {"output_dir": str(out), "model_dir": str(model_dir) if model_dir else None, "steps": total_steps,
-               "train_pairs": len(train_set), "eval_pairs": len(eval_set), "dropped": state.dropped,
-               "trainable_parameters": n_params, "last_train": state.last_train, "last_eval": state.last_eval,
-               "delta": float(state.running.mean), "reference_s": ref.precompute_s,
-               "setup_s": started - run_started, "steps_s": steps_s, "run_s": time.perf_counter() - run_started}
+    summary = {
+        "output_dir": str(out),
+        "model_dir": str(model_dir) if model_dir else None,
+        "steps": total_steps,
+        "train_pairs": len(train_set),
+        "eval_pairs": len(eval_set),
+        "dropped": state.dropped,
+        "trainable_parameters": n_params,
+        "last_train": state.last_train,
+        "last_eval": state.last_eval,
+        "delta": float(state.running.mean),
+        "reference_s": ref.precompute_s,
+        "setup_s": started - run_started,
+        "steps_s": steps_s,
+        "run_s": time.perf_counter() - run_started,
+    }
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if d.world > 1:
@@ -750,11 +942,22 @@ def cli_train(args) -> int:
         rows = (Path(summary["output_dir"]) / "metrics.jsonl").read_text().splitlines()
         losses = [r["loss"] for r in map(json.loads, rows) if r["split"] == "train"]
         q = max(1, len(losses) // 4)
-        print(json.dumps({k: summary[k] for k in ("output_dir", "model_dir", "steps", "dropped")}
-                         | {"train_loss": {"first_quarter": round(sum(losses[:q]) / q, 4),
-                                           "last_quarter": round(sum(losses[-q:]) / q, 4)},
-                            "last_eval": summary["last_eval"]}, indent=2))
-        print(learning_report(losses, summary["last_eval"]), file=sys.stderr)  # stdout stays one JSON document
+        print(
+            json.dumps(
+                {k: summary[k] for k in ("output_dir", "model_dir", "steps", "dropped")}
+                | {
+                    "train_loss": {
+                        "first_quarter": round(sum(losses[:q]) / q, 4),
+                        "last_quarter": round(sum(losses[-q:]) / q, 4),
+                    },
+                    "last_eval": summary["last_eval"],
+                },
+                indent=2,
+            )
+        )
+        print(
+            learning_report(losses, summary["last_eval"]), file=sys.stderr
+        )  # stdout stays one JSON document
     return 0
 
 
@@ -764,14 +967,20 @@ def learning_report(losses: list[float], last_eval: dict) -> str:
     accuracy, overall and per pair type (chance is 0.5)."""
     q = max(1, len(losses) // 4)
     first, last = sum(losses[:q]) / q, sum(losses[-q:]) / q
-    lines = [f"train loss: {first:.4f} (first quarter of {len(losses)} steps) -> {last:.4f} (last quarter), "
-             + ("falling" if last < first else "NOT falling")]
+    lines = [
+        f"train loss: {first:.4f} (first quarter of {len(losses)} steps) -> {last:.4f} (last quarter), "
+        + ("falling" if last < first else "NOT falling")
+    ]
     if "eval_reward_accuracy" in last_eval:
-        kinds = sorted(k[len("eval_pairs_"):] for k in last_eval if k.startswith("eval_pairs_"))
-        per_type = ", ".join(f"{t} {last_eval[f'eval_reward_accuracy_{t}']:.3f} ({last_eval[f'eval_pairs_{t}']} pairs)"
-                             for t in kinds)
-        lines.append(f"held-out reward accuracy: {last_eval['eval_reward_accuracy']:.3f} on "
-                     f"{last_eval['eval_pairs']} pairs (chance 0.5)" + (f"; by pair type: {per_type}" if kinds else ""))
+        kinds = sorted(k[len("eval_pairs_") :] for k in last_eval if k.startswith("eval_pairs_"))
+        per_type = ", ".join(
+            f"{t} {last_eval[f'eval_reward_accuracy_{t}']:.3f} ({last_eval[f'eval_pairs_{t}']} pairs)"
+            for t in kinds
+        )
+        lines.append(
+            f"held-out reward accuracy: {last_eval['eval_reward_accuracy']:.3f} on "
+            f"{last_eval['eval_pairs']} pairs (chance 0.5)" + (f"; by pair type: {per_type}" if kinds else "")
+        )
     elif "eval_loss" in last_eval:
         lines.append(f"held-out loss: {last_eval['eval_loss']:.4f} on {last_eval['eval_pairs']} pairs")
     return "\n".join(lines)

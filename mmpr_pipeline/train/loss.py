@@ -14,6 +14,7 @@ Equation numbers are those of the MPO paper (Wang et al. 2024, arXiv 2411.10442,
 All in terms of the implicit reward r = beta * (log pi(y|x) - log pi_ref(y|x)), with log-probabilities
 summed over the response tokens.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ import torch.nn.functional as F
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
-def preference_term(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float,
-                    kind: str = "sigmoid") -> torch.Tensor:
+def preference_term(
+    chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float, kind: str = "sigmoid"
+) -> torch.Tensor:
     """Per-pair preference loss L_p from the policy-to-reference log-ratios of each response."""
     h = chosen_logratios - rejected_logratios
     if kind == "sigmoid":  # MPO Eq. 4 = DPO (Rafailov et al. 2023, Eq. 7)
@@ -35,8 +37,9 @@ def preference_term(chosen_logratios: torch.Tensor, rejected_logratios: torch.Te
     raise ValueError(f"unknown preference loss {kind!r} (expected one of: {', '.join(PREFERENCE_LOSSES)})")
 
 
-def bco_term(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, delta: float | torch.Tensor = 0.0
-             ) -> torch.Tensor:
+def bco_term(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, delta: float | torch.Tensor = 0.0
+) -> torch.Tensor:
     """Per-pair quality loss L_q: chosen classified as good, rejected as bad, around the shift delta.
 
     MPO Eqs. 5-7: L_q = L_q+ + L_q-, from BCO (Jung et al. 2024).
@@ -44,10 +47,18 @@ def bco_term(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, delta
     return -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
 
 
-def mpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, chosen_nll: torch.Tensor, *,
-             beta: float = 0.1, weights: tuple[float, float, float] = (0.8, 0.2, 1.0),
-             delta: float | torch.Tensor = 0.0, preference: str = "sigmoid") -> tuple[torch.Tensor, dict]:
+def mpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_nll: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    weights: tuple[float, float, float] = (0.8, 0.2, 1.0),
+    delta: float | torch.Tensor = 0.0,
+    preference: str = "sigmoid",
+) -> tuple[torch.Tensor, dict]:
     """The MPO loss of a batch and its parts.
 
     The four log-prob arguments are per-sequence sums over the response tokens, shape [batch];
@@ -70,9 +81,14 @@ def mpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 
     margin = (chosen_rewards - rejected_rewards).detach()
     parts = {
-        "preference": pref.detach(), "bco": bco.detach(), "sft": chosen_nll.detach(),
-        "chosen_reward": chosen_rewards.detach().mean(), "rejected_reward": rejected_rewards.detach().mean(),
-        "reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean(), "margins": margin,
+        "preference": pref.detach(),
+        "bco": bco.detach(),
+        "sft": chosen_nll.detach(),
+        "chosen_reward": chosen_rewards.detach().mean(),
+        "rejected_reward": rejected_rewards.detach().mean(),
+        "reward_margin": margin.mean(),
+        "reward_accuracy": (margin > 0).float().mean(),
+        "margins": margin,
     }
     return loss, parts
 

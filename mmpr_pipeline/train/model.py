@@ -6,6 +6,7 @@ head, in chunks that are recomputed in the backward pass. The (tokens x vocabula
 whole batch are never held in memory, which is most of a VLM's activation memory at 150k-token
 vocabularies.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # LLaVA's `multi_modal_projector`) stay trainable, as in the paper's reference code.
 VISION_PREFIXES = ("visual.", "vision_tower.", "vision_model.", "vision_encoder.", "image_encoder.")
 PROJECTOR_NAMES = ("merger", "projector", "connector")  # Qwen, LLaVA/InternVL/Gemma 3, Idefics3
-LOGITS_PER_CHUNK = 2 ** 25  # ~32M logits (128 MB in float32) at a time in the LM head
+LOGITS_PER_CHUNK = 2**25  # ~32M logits (128 MB in float32) at a time in the LM head
 
 
 def check_model_name(name: str) -> None:
@@ -32,7 +33,9 @@ def check_model_name(name: str) -> None:
         return
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         hint = " (build it with `make demo-model`)" if "models/demo" in name else ""
-        raise FileNotFoundError(f"no model folder {name}{hint}; give a local folder or a Hub id like org/name")
+        raise FileNotFoundError(
+            f"no model folder {name}{hint}; give a local folder or a Hub id like org/name"
+        )
 
 
 def load_processor(name: str, max_pixels: int | None = None):
@@ -45,9 +48,11 @@ def load_processor(name: str, max_pixels: int | None = None):
         if not (hasattr(ip, "merge_size") and hasattr(ip, "temporal_patch_size")):
             # CLIP/SigLIP-style processors resize to the encoder's fixed input (its position
             # embeddings have that size); a pixel cap there would be silently ignored.
-            raise ValueError(f"max_pixels: {type(ip).__name__} (the image processor of {name}) sizes images by "
-                             f"its own settings ({_image_size(ip)}), not by a pixel budget; max_pixels only applies to "
-                             "Qwen2-VL-style processors: unset it")
+            raise ValueError(
+                f"max_pixels: {type(ip).__name__} (the image processor of {name}) sizes images by "
+                f"its own settings ({_image_size(ip)}), not by a pixel budget; max_pixels only applies to "
+                "Qwen2-VL-style processors: unset it"
+            )
         ip.max_pixels = max_pixels
         if isinstance(getattr(ip, "size", None), dict) and "longest_edge" in ip.size:
             ip.size["longest_edge"] = max_pixels
@@ -84,7 +89,9 @@ def freeze_vision(model) -> int:
     """Freeze the vision encoder (not its projector); returns the number of frozen parameters."""
     n = 0
     for name, p in model.named_parameters():
-        if any(f".{v}" in f".{name}" for v in VISION_PREFIXES) and not any(x in name for x in PROJECTOR_NAMES):
+        if any(f".{v}" in f".{name}" for v in VISION_PREFIXES) and not any(
+            x in name for x in PROJECTOR_NAMES
+        ):
             p.requires_grad_(False)
             n += p.numel()
     return n
@@ -109,11 +116,23 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules, freeze_v
     from peft import LoraConfig, get_peft_model
 
     projectors = projector_modules(model)
-    exclude = [n for n, _ in model.named_modules()
-               if n and ((freeze_vision and _in_vision_encoder(n)) or any(n == p or n.startswith(f"{p}.")
-                                                                          for p in projectors))]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        exclude_modules=exclude or None, modules_to_save=projectors or None)
+    exclude = [
+        n
+        for n, _ in model.named_modules()
+        if n
+        and (
+            (freeze_vision and _in_vision_encoder(n))
+            or any(n == p or n.startswith(f"{p}.") for p in projectors)
+        )
+    ]
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        exclude_modules=exclude or None,
+        modules_to_save=projectors or None,
+    )
     return get_peft_model(model, config)
 
 
@@ -122,8 +141,13 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 labels: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+def _token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    softcap: float | None = None,
+) -> torch.Tensor:
     logits = F.linear(hidden, weight, bias).float()
     if softcap:  # Gemma-style final logit soft-capping
         logits = softcap * torch.tanh(logits / softcap)
@@ -147,10 +171,13 @@ def response_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
     chunk = max(16, LOGITS_PER_CHUNK // lm_head.weight.shape[0])
     pieces = []
     for s in range(0, h.shape[0], chunk):
-        args = (h[s:s + chunk], lm_head.weight, lm_head.bias, labels[s:s + chunk], softcap)
+        args = (h[s : s + chunk], lm_head.weight, lm_head.bias, labels[s : s + chunk], softcap)
         # Recompute each chunk's logits in backward instead of keeping them.
-        pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
-                      else _token_logps(*args))
+        pieces.append(
+            checkpoint(_token_logps, *args, use_reentrant=False)
+            if torch.is_grad_enabled()
+            else _token_logps(*args)
+        )
     token_logps = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
     return token_logps, mask
 
@@ -163,5 +190,6 @@ def response_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     token_logps, mask = response_token_logps(model, batch)
     rows = mask.nonzero()[:, 0]  # boolean indexing is row-major, so this is each token's sequence
     seq_logps = torch.zeros(mask.shape[0], dtype=torch.float32, device=token_logps.device).index_add(
-        0, rows, token_logps)
+        0, rows, token_logps
+    )
     return seq_logps, mask.sum(1)
