@@ -131,7 +131,8 @@ def single_process(rows: list[dict], seconds: float) -> dict:
     non_math = [r for r in rows if r["answer_type"] != "math"]
     math = [r for r in rows if r["answer_type"] == "math"]
     print(
-        f"one process (pid {os.getpid()}): {len(non_math)} non-math and {len(math)} maths cases, caches cleared per call"
+        f"one process (pid {os.getpid()}): {len(non_math)} non-math and {len(math)} maths cases, "
+        "caches cleared per call"
     )
     out = {
         "non_math": timed_passes(non_math, seconds),
@@ -196,8 +197,10 @@ def across_ray(rows: list[dict], workers: int, repeats: int) -> dict:
             )
             out[name] = stats
             print(
-                f"  {name:26} {len(work):7d} calls over {workers} Ray actors: {stats['wall_per_s']:9.0f} judgements/s "
-                f"({stats['wall_per_s_per_worker']:.0f} per worker)   p50 {stats['p50_us']:9.1f} us   p99 {stats['p99_us']:10.1f} us"
+                f"  {name:26} {len(work):7d} calls over {workers} Ray actors: "
+                f"{stats['wall_per_s']:9.0f} judgements/s "
+                f"({stats['wall_per_s_per_worker']:.0f} per worker)   "
+                f"p50 {stats['p50_us']:9.1f} us   p99 {stats['p99_us']:10.1f} us"
             )
         return out
     finally:
@@ -255,7 +258,8 @@ def math_verify_suite(path: Path) -> dict:
     print(
         f"math-verify's own tests ({len(cases)} cases, {out['calls']} calls): agree {out['agree']} "
         f"({out['agree'] / max(out['calls'], 1):.1%}), false accepts {len(out['false_accepts'])}, "
-        f"equal judged wrong with an extracted answer {len(out['pair_unsafe'])}, without one {out['no_answer']}"
+        f"equal judged wrong with an extracted answer {len(out['pair_unsafe'])}, "
+        f"without one {out['no_answer']}"
     )
     return out
 

@@ -44,7 +44,8 @@ if what == "baseline":
 else:
     from mmpr_pipeline.preview import write_preview
     write_preview(run, per_source=20)
-print(json.dumps(dict(seconds=time.perf_counter() - t0, arrow_peak_mb=pa.default_memory_pool().max_memory() / 2**20,
+print(json.dumps(dict(seconds=time.perf_counter() - t0,
+                      arrow_peak_mb=pa.default_memory_pool().max_memory() / 2**20,
                       rss_peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
 """
 
@@ -188,8 +189,10 @@ def main() -> None:
             )
             print(
                 f"{n:>7,} pairs, {shards_mb:6.1f} MB of shards (made in {time.perf_counter() - t0:.0f}s): "
-                f"peak Arrow memory baseline {base['arrow_peak_mb']:7.1f} MB, preview {prev['arrow_peak_mb']:6.1f} MB "
-                f"(ratio {prev['arrow_peak_mb'] / base['arrow_peak_mb']:.2f}); peak RSS {base['rss_peak_mb']:.0f} / "
+                f"peak Arrow memory baseline {base['arrow_peak_mb']:7.1f} MB, "
+                f"preview {prev['arrow_peak_mb']:6.1f} MB "
+                f"(ratio {prev['arrow_peak_mb'] / base['arrow_peak_mb']:.2f}); "
+                f"peak RSS {base['rss_peak_mb']:.0f} / "
                 f"{prev['rss_peak_mb']:.0f} MB; time {base['seconds']:.2f}s / {prev['seconds']:.2f}s; "
                 f"preview.html {html_mb:.2f} MB"
             )

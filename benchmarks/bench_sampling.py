@@ -16,8 +16,9 @@ with `ignore_eos`, on the same image questions, n samples each. Three ways, in t
 
     python benchmarks/bench_sampling.py [--model PATH] [--questions 512] [--n 4] [--batch-size 32]
 
-Each way runs --repeat times, alternating, and keeps its best. Prints tokens/s of each and the ratios to all-at-once (target for the stage: >= 0.95); the raw
-figures go to benchmarks/results/bench_sampling.json.
+Each way runs --repeat times, alternating, and keeps its best. Prints tokens/s of each and the ratios
+to all-at-once (target for the stage: >= 0.95); the raw figures go to
+benchmarks/results/bench_sampling.json.
 """
 
 from __future__ import annotations

@@ -181,7 +181,8 @@ def main() -> None:
             results["sizes"][n] = r
             print(
                 f"{n:>6} questions ({kb:.0f} KB images): driver peak {r['driver_mib']} MiB, largest worker "
-                f"{r['worker_mib']} MiB, its own (USS) {r['worker_uss_mib']} MiB ({r['worker']}), wall {r['wall_s']} s, {r['pairs']} pairs",
+                f"{r['worker_mib']} MiB, its own (USS) {r['worker_uss_mib']} MiB ({r['worker']}), "
+                f"wall {r['wall_s']} s, {r['pairs']} pairs",
                 flush=True,
             )
     small, large = (results["sizes"][k] for k in (args.n, args.n * args.factor))

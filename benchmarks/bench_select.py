@@ -45,7 +45,8 @@ if what == "baseline":
 else:
     from mmpr_pipeline.select import select
     selected = select(run, run.parent / (run.name + "-selected"), band=(0.2, 0.8))["selected"]
-print(json.dumps(dict(seconds=time.perf_counter() - t0, arrow_peak_mb=pa.default_memory_pool().max_memory() / 2**20,
+print(json.dumps(dict(seconds=time.perf_counter() - t0,
+                      arrow_peak_mb=pa.default_memory_pool().max_memory() / 2**20,
                       rss_peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
 """
 
@@ -118,7 +119,8 @@ def main() -> None:
                 dict(questions=n, selected=kept, samples_mb=round(samples_mb, 1), baseline=base, select=sel)
             )
             print(
-                f"{n:>6,} questions, {samples_mb:6.1f} MB of samples (made in {time.perf_counter() - t0:.0f}s), "
+                f"{n:>6,} questions, {samples_mb:6.1f} MB of samples "
+                f"(made in {time.perf_counter() - t0:.0f}s), "
                 f"{kept:,} selected: peak Arrow memory baseline {base['arrow_peak_mb']:7.1f} MB, select "
                 f"{sel['arrow_peak_mb']:6.1f} MB (ratio {sel['arrow_peak_mb'] / base['arrow_peak_mb']:.2f}); "
                 f"peak RSS {base['rss_peak_mb']:.0f} / {sel['rss_peak_mb']:.0f} MB; "

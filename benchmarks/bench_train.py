@@ -23,8 +23,10 @@ agree: `loss_first_step` is on the same weights but also on different pairs, and
 the run is the closer comparison. tests/test_train_trl.py shows the two compute the same loss on the
 same batch (each term to 1e-4), apart from the newline TRL scores after `<|im_end|>`.
 
-    .venv/bin/python benchmarks/bench_train.py --threads 1 --out benchmarks/results/bench_train_cpu.json   # CPU
-    python benchmarks/bench_train.py --size 2b --bf16 --image-side 448 --repeat 4   # a GPU
+    # CPU
+    .venv/bin/python benchmarks/bench_train.py --threads 1 --out benchmarks/results/bench_train_cpu.json
+    # a GPU
+    python benchmarks/bench_train.py --size 2b --bf16 --image-side 448 --repeat 4
 
 TRL (`trl==1.16.0`) is a benchmark-only dependency. Results are printed and written as JSON to
 `--out` (default: $OUT/bench_train_{cpu,gpu}.json if OUT is set, else benchmarks/results/).
@@ -214,10 +216,11 @@ def write_pairs(folder: Path, n: int, repeat: int) -> Path:
     from mmpr_pipeline import prompts, records, tasks
 
     rows = []
-    for i, q in enumerate(tasks.generate(n, seed=7)):
+    for _i, q in enumerate(tasks.generate(n, seed=7)):
         body = " ".join([q["rationale"]] * repeat)
         chosen = f"{body}\nFinal answer: {q['answer']}"
-        rejected = f"{body}\nFinal answer: {'No' if q['answer'] == 'Yes' else 'Yes' if q['answer'] == 'No' else 'A' + q['answer']}"
+        wrong = "No" if q["answer"] == "Yes" else "Yes" if q["answer"] == "No" else "A" + q["answer"]
+        rejected = f"{body}\nFinal answer: {wrong}"
         question = prompts.render("cot_final_answer", q["question"])
         qid = records.question_id("bench", q["image"], question, q["answer"])
         rows.append(
@@ -563,7 +566,7 @@ def main(argv=None) -> list[dict]:
             proc = subprocess.run(
                 cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT, env=env
             )
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            line = next((text for text in proc.stdout.splitlines() if text.startswith("RESULT ")), None)
             results.append(
                 json.loads(line[7:])
                 if line

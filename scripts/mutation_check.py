@@ -136,7 +136,8 @@ def run(mutant: Mutant) -> tuple[bool, float, str]:
             return (
                 False,
                 0.0,
-                f"the original text occurs {text.count(mutant.old)} times in {mutant.file}: update the mutant",
+                f"the original text occurs {text.count(mutant.old)} times in {mutant.file}: "
+                "update the mutant",
             )
         path.write_text(text.replace(mutant.old, mutant.new))
         rc, seconds, tail = pytest(root, mutant.tests)

@@ -89,8 +89,8 @@ def test_card_body_describes_the_run(run_dir):
     # one table row per source, with its numbers
     s = stats["sources"]["shapes"]
     assert (
-        f"| `shapes` | correctness | {s['rows']} | {s['rejects']} | {s['questions']} | {s['samples']} | 50.0% |"
-        in text
+        f"| `shapes` | correctness | {s['rows']} | {s['rejects']} | {s['questions']} | "
+        f"{s['samples']} | 50.0% |" in text
     )
     assert "| `scenes` | dropout_ntp | 6 | 0 | 6 | 6 | – |" in text
     assert "| `shapes` | corrupt image | 1 |" in text

@@ -68,7 +68,8 @@ def heldout_margin_rise(build_dir: Path, model: str, out: Path) -> torch.Tensor:
     summary = train(cfg)
     before, after = margins(model, heldout), margins(summary["model_dir"], heldout)
     print(
-        f"held-out margin {before.mean():.3f} -> {after.mean():.3f}, rose on {(after > before).float().mean():.0%}"
+        f"held-out margin {before.mean():.3f} -> {after.mean():.3f}, "
+        f"rose on {(after > before).float().mean():.0%}"
     )
     return after - before
 

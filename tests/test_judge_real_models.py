@@ -78,7 +78,10 @@ def test_several_boxes():
 def test_only_box_against_a_later_final_line_is_ambiguous_but_intermediate_boxes_are_not():
     v = judge("The total is \\boxed{3}.\n\nFinal answer: 4", "4", "number")
     assert not v.correct and v.reason == "ambiguous answer"
-    many = f"{WORK} First \\boxed{{200}}, then \\boxed{{255}}.\nFinal Answer: The final answer is $10,455$. I hope it is correct."
+    many = (
+        f"{WORK} First \\boxed{{200}}, then \\boxed{{255}}.\n"
+        "Final Answer: The final answer is $10,455$. I hope it is correct."
+    )
     assert math(many, "10455").correct
 
 
@@ -207,7 +210,10 @@ def test_latex_lambda_and_the_word_open_are_not_code():
 
 
 def test_a_worked_solution_as_the_maths_reference():
-    solution = "Half of 56 is 28.\nSo the loss is 28 out of 100.\nFinal Answer: The final answer is $28\\%$. I hope it is correct."
+    solution = (
+        "Half of 56 is 28.\nSo the loss is 28 out of 100.\n"
+        "Final Answer: The final answer is $28\\%$. I hope it is correct."
+    )
     assert math(f"{WORK}\nThe total loss is $\\boxed{{28\\%}}$.", solution).correct
     assert not math(f"{WORK}\nThe total loss is $\\boxed{{27\\%}}$.", solution).correct
 

@@ -110,7 +110,7 @@ def test_the_card_of_a_real_build_states_its_numbers(built):
     run, stats, _, _ = built
     card = (run / "README.md").read_text()
     assert card.startswith("---\n")  # Hub YAML header
-    for name, st in stats["sources"].items():
+    for name, _st in stats["sources"].items():
         assert name in card
     total = sum(stats["totals"]["pairs"].values())
     assert f"{total:,}" in card or str(total) in card

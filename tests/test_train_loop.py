@@ -496,8 +496,9 @@ def test_data_parallel_with_torchrun_matches_one_process(tiny, run_dir, tmp_path
     script = tmp_path / "ddp.py"
     script.write_text(
         "import sys\nfrom mmpr_pipeline.train import MPOConfig, train\n"
-        f"train(MPOConfig(model={str(tiny)!r}, data={str(run_dir)!r}, output_dir=sys.argv[1], batch_size=int(sys.argv[2]),"
-        " max_steps=3, learning_rate=1e-3, warmup_ratio=0.0, eval_fraction=0.2, max_length=512, progress_bar=False,"
+        f"train(MPOConfig(model={str(tiny)!r}, data={str(run_dir)!r}, output_dir=sys.argv[1],"
+        " batch_size=int(sys.argv[2]), max_steps=3, learning_rate=1e-3, warmup_ratio=0.0,"
+        " eval_fraction=0.2, max_length=512, progress_bar=False,"
         " weights=[0.8, 0.2, 1.0], bco_shift='running_mean'))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

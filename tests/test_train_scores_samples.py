@@ -40,7 +40,8 @@ def main(model, questions_file, out_file):
 
     questions = json.loads(open(questions_file).read())
     llm = LLM(**engine_kwargs(model, {"max_model_len": 1024}, seed=0))
-    conversations = [[user_message(render("cot_final_answer", q["question"]), decode_image(bytes.fromhex(q["image"])))]
+    conversations = [[user_message(render("cot_final_answer", q["question"]),
+                                   decode_image(bytes.fromhex(q["image"])))]
                      for q in questions]
     params = SamplingParams(n=2, temperature=1.0, max_tokens=96, logprobs=0)
     outputs = llm.chat(conversations, params)
