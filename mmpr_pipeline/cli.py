@@ -136,24 +136,8 @@ class _ListOptions(argparse.Action):
         parser.exit()
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mmpr",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit codes: 0 done, 1 environment failure (disk, memory, network, engine), "
-        "2 user error (named in the message), 130 interrupted; "
-        "`mmpr publish`: 3 token, 4 network",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument(
-        "--debug",
-        action="store_true",
-        default=os.environ.get("MMPR_DEBUG", "") not in ("", "0"),
-        help="show the traceback of an error (also MMPR_DEBUG=1)",
-    )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_build_parser(sub) -> None:
+    """`mmpr build RECIPE --out DIR`."""
     b = sub.add_parser("build", help="build preference pairs from a recipe (resumes an interrupted run)")
     b.add_argument("recipe", help="recipe YAML, e.g. data_cards/demo.yaml")
     b.add_argument("--out", required=True, help="run folder (created; an existing one is resumed)")
@@ -185,11 +169,17 @@ def make_parser() -> argparse.ArgumentParser:
     )
     b.set_defaults(func=cmd_build)
 
+
+def _add_demo_model_parser(sub) -> None:
+    """`mmpr demo-model`."""
     d = sub.add_parser("demo-model", help="build and train the bundled tiny demo model (cached)")
     d.add_argument("--out", default=None, help="model folder (default: build/models/demo)")
     d.add_argument("--force", action="store_true", help="rebuild even if it exists")
     d.set_defaults(func=cmd_demo_model)
 
+
+def _add_eval_parser(sub) -> None:
+    """`mmpr eval RECIPE --out DIR`."""
     e = sub.add_parser("eval", help="accuracy of a model on a recipe's sources (sample + judge, no pairs)")
     e.add_argument("recipe", help="recipe YAML whose sources to evaluate on")
     e.add_argument("--model", help="Hub id or local path; overrides the recipe's model")
@@ -198,6 +188,9 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_train_parser(sub) -> None:
+    """`mmpr train CONFIG`."""
     t = sub.add_parser("train", help="train a model with MPO on a run's pairs")
     t.add_argument("config", help="training config YAML, e.g. data_cards/train_mpo.yaml")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
@@ -209,6 +202,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=cmd_train)
 
+
+def _add_publish_parser(sub) -> None:
+    """`mmpr publish RUN_DIR --repo-id USER/NAME`."""
     pub = sub.add_parser("publish", help="upload a run's shards and card to the Hugging Face Hub")
     pub.add_argument("run_dir")
     pub.add_argument("--repo-id", required=True, help="user/name of the dataset repo")
@@ -217,12 +213,18 @@ def make_parser() -> argparse.ArgumentParser:
     pub.add_argument("--dry-run", action="store_true", help="print what would be uploaded, upload nothing")
     pub.set_defaults(func=cmd_publish)
 
+
+def _add_export_parser(sub) -> None:
+    """`mmpr export RUN_DIR --format F --out DIR`."""
     x = sub.add_parser("export", help="write a run's pairs in another trainer's format")
     x.add_argument("run_dir")
     x.add_argument("--format", required=True, choices=["trl", "internvl"])
     x.add_argument("--out", required=True, help="output folder")
     x.set_defaults(func=cmd_export)
 
+
+def _add_preview_parser(sub) -> None:
+    """`mmpr preview RUN_DIR`."""
     v = sub.add_parser(
         "preview", help="write RUN_DIR/preview.html: sampled pairs, verdicts, rejects (one file)"
     )
@@ -231,6 +233,9 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="seed of the pair sample (default 0)")
     v.set_defaults(func=cmd_preview)
 
+
+def _add_select_parser(sub) -> None:
+    """`mmpr select RUN_DIR (--pass-rate LO:HI | --all-wrong) --out DIR`."""
     s = sub.add_parser(
         "select",
         help="write a run's prompts by sampled accuracy (pass rate), as a dataset",
@@ -250,6 +255,33 @@ def make_parser() -> argparse.ArgumentParser:
     which.add_argument("--all-wrong", action="store_true", help="keep questions no sample answered right")
     s.add_argument("--out", required=True, help="new or empty output folder")
     s.set_defaults(func=cmd_select)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmpr",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 done, 1 environment failure (disk, memory, network, engine), "
+        "2 user error (named in the message), 130 interrupted; "
+        "`mmpr publish`: 3 token, 4 network",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=os.environ.get("MMPR_DEBUG", "") not in ("", "0"),
+        help="show the traceback of an error (also MMPR_DEBUG=1)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_build_parser(sub)
+    _add_demo_model_parser(sub)
+    _add_eval_parser(sub)
+    _add_train_parser(sub)
+    _add_publish_parser(sub)
+    _add_export_parser(sub)
+    _add_preview_parser(sub)
+    _add_select_parser(sub)
     return p
 
 
