@@ -481,10 +481,9 @@ def test_cli_train(tiny, run_dir, tmp_path, capsys):
     assert cli.main(args) == 0
     assert json.loads(capsys.readouterr().out)["model_dir"] == str(out / "final")
     assert (out / "final" / "model.safetensors").exists() and len(metrics(out)) == 2
-    assert (
-        cli.main(["train", str(ROOT / "data_cards" / "train_mpo.yaml"), "--set", f"data={tmp_path}/none"])
-        == 2
-    )
+    # no data: said first, even where output_dir holds a checkpoint of another config
+    no_data = ["--set", f"data={tmp_path}/none", "--set", f"output_dir={out}", "--set", "max_steps=3"]
+    assert cli.main(["train", str(ROOT / "data_cards" / "train_mpo.yaml"), *no_data]) == 2
     assert "no such file or folder" in capsys.readouterr().err
 
 

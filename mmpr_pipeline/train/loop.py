@@ -264,7 +264,8 @@ def save_checkpoint(
 
 
 def config_changes(path: Path, cfg: MPOConfig) -> dict:
-    """{key: (saved, now)} for the keys that change the result, between checkpoint `path`'s config and `cfg`."""
+    """{key: (saved, now)} for the keys that change the result, between checkpoint `path`'s config
+    and `cfg`."""
     saved_file = path / "config.json"
     saved = (
         json.loads(saved_file.read_text())
@@ -761,7 +762,8 @@ def train_row(
 
 
 def keep_metrics_until(path: Path, step: int, d: Dist) -> None:
-    """Drop metrics rows after `step`: written after the checkpoint, they belong to the abandoned continuation."""
+    """Drop metrics rows after `step`: written after the checkpoint, they belong to the abandoned
+    continuation."""
     if d.main:
         old = path.read_text().splitlines() if path.exists() else []
         kept = [r for r in old if r.strip() and json.loads(r)["step"] <= step]
@@ -827,10 +829,10 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     """
     cfg, run_started = config, time.perf_counter()
     d = setup_distributed()
-    out, ckpt = find_checkpoint(cfg)
-    # Data before output_dir: a run without data leaves no folder behind (runs/demo/mpo would make
-    # `make build-mmpr` refuse runs/demo).
+    # Data first: a run without data says so (not that a checkpoint differs), and leaves no
+    # output_dir behind (`make build-mmpr` would refuse it).
     train_table, eval_table = load_splits(cfg, d)
+    out, ckpt = find_checkpoint(cfg)
     make_output_dir(out, cfg, d)
     torch.manual_seed(cfg.seed)  # the same initial weights (e.g. LoRA's) in every process
     processor = processor or load_processor(cfg.model, cfg.max_pixels)
@@ -841,9 +843,8 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     model = load_policy(model, cfg, d)
     use_bf16 = uses_bf16(cfg, d)
     autocast = partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    ref = make_reference(
-        model, ref_model, cfg, d, {"train": train_set, "eval": eval_set}, autocast, pad_id, out
-    )
+    splits = {"train": train_set, "eval": eval_set}
+    ref = make_reference(model, ref_model, cfg, d, splits, autocast, pad_id, out)
     model = make_trainable(model, cfg)
     params, optimizer = make_optimizer(model, cfg, d)
     per_epoch, total_steps = run_length(len(train_set), cfg, d)
@@ -853,28 +854,14 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     keep_metrics_until(metrics, state.step, d)
     n_params = sum(p.numel() for p in params)
     announce(cfg, d, n_params, len(train_set), len(eval_set), total_steps, use_bf16)
-    bar = tqdm(
-        total=total_steps,
-        initial=state.step,
-        desc="mpo",
-        dynamic_ncols=True,
-        disable=not (d.main and cfg.progress_bar),
-        file=sys.stderr,
-    )
+    bar = progress_bar(total_steps, state.step, cfg, d)
     stream = micro_batches(train_set, state.step * cfg.grad_accum_steps, cfg, d, pad_id)
     started = time.perf_counter()
     while state.step < total_steps:
-        t0 = time.perf_counter()
         lr = learning_rate(state.step, total_steps, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        sums = accumulate_gradients(model, stream, ref, state, cfg, d, autocast)
-        average_gradients(params, d)
-        sums = all_reduce_sum(sums, d)
-        grad_norm = apply_update(params, optimizer, sums, state.step, cfg)
-        if d.device.type == "cuda":
-            torch.cuda.synchronize()
-        step_s = time.perf_counter() - t0
+        sums, grad_norm, step_s = optimizer_step(
+            model, params, optimizer, stream, ref, state, lr, cfg, d, autocast
+        )
         state.step += 1
         state.dropped += int(sums[-1].item())
         state.last_train = train_row(
@@ -886,11 +873,8 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
             show_step(bar, state.last_train, total_steps, cfg, d)
         bar.update(1)
         if len(eval_set) and (done or (cfg.eval_every and state.step % cfg.eval_every == 0)):
-            state.last_eval = {
-                "split": "eval",
-                "step": state.step,
-                **evaluate(model, eval_set, ref, state.running, cfg, d, autocast, pad_id),
-            }
+            scores = evaluate(model, eval_set, ref, state.running, cfg, d, autocast, pad_id)
+            state.last_eval = {"split": "eval", "step": state.step, **scores}
             write_row(metrics, state.last_eval, d)
             show_eval(bar, state.last_eval, cfg, d)
         if cfg.save_every >= 0 and (done or (cfg.save_every and state.step % cfg.save_every == 0)):
@@ -907,21 +891,58 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
         "steps": total_steps,
         "train_pairs": len(train_set),
         "eval_pairs": len(eval_set),
-        "dropped": state.dropped,
         "trainable_parameters": n_params,
-        "last_train": state.last_train,
-        "last_eval": state.last_eval,
-        "delta": float(state.running.mean),
+        **state_summary(state),
         "reference_s": ref.precompute_s,
         "setup_s": started - run_started,
         "steps_s": steps_s,
         "run_s": time.perf_counter() - run_started,
     }
+    write_summary(out, summary, d)
+    return summary
+
+
+def progress_bar(total_steps: int, step: int, cfg: MPOConfig, d) -> tqdm:
+    return tqdm(
+        total=total_steps,
+        initial=step,
+        desc="mpo",
+        dynamic_ncols=True,
+        disable=not (d.main and cfg.progress_bar),
+        file=sys.stderr,
+    )
+
+
+def optimizer_step(model, params, optimizer, stream, ref, state, lr, cfg, d, autocast) -> tuple:
+    """One optimiser step at learning rate `lr`: its micro-batches' gradients, averaged over
+    processes, then the update. Returns (the summed loss terms, the gradient norm, seconds)."""
+    t0 = time.perf_counter()
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    sums = accumulate_gradients(model, stream, ref, state, cfg, d, autocast)
+    average_gradients(params, d)
+    sums = all_reduce_sum(sums, d)
+    grad_norm = apply_update(params, optimizer, sums, state.step, cfg)
+    if d.device.type == "cuda":
+        torch.cuda.synchronize()
+    return sums, grad_norm, time.perf_counter() - t0
+
+
+def state_summary(state) -> dict:
+    """What the run ended with, for summary.json."""
+    return {
+        "dropped": state.dropped,
+        "last_train": state.last_train,
+        "last_eval": state.last_eval,
+        "delta": float(state.running.mean),
+    }
+
+
+def write_summary(out: Path, summary: dict, d) -> None:
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if d.world > 1:
         dist.barrier()
-    return summary
 
 
 def cli_train(args) -> int:
