@@ -388,45 +388,53 @@ def pass_rate_note(rates: dict[str, list[float]]) -> str:
     return (
         f"Pass rate: the share of a question's sampled responses judged correct, over {len(every):,} "
         f"questions of correctness sources: {sum(r == 0 for r in every):,} all wrong, "
-        f"{sum(r == 1 for r in every):,} all right, {band:,} ({band / len(every):.0%}) in {lo}-{hi}, the band "
+        f"{sum(r == 1 for r in every):,} all right, {band:,} ({band / len(every):.0%}) in {lo}-{hi}, "
+        "the band "
         f"MMPR-Tiny keeps for online RL. `mmpr select RUN_DIR --pass-rate {lo}:{hi} --out DIR` writes those "
         f"prompts as a dataset (`--all-wrong`: the never-solved ones)."
     )
 
 
-def plot_figures(run: dict) -> str:
-    """Write the figures under RUN_DIR/figures/; return the notes about the length sample and pass rates."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+_PAIR_COLORS = {"correctness": "#4C72B0", "format": "#DD8452", "dropout_ntp": "#55A868"}
 
-    run_dir, stats = run["run_dir"], run["stats"]
-    (run_dir / "figures").mkdir(exist_ok=True)
-    names = list((stats.get("sources") or {}).keys())
-    per_source = [stats["sources"][n] for n in names]
-    colors = {"correctness": "#4C72B0", "format": "#DD8452", "dropout_ntp": "#55A868"}
-    save = dict(dpi=110, bbox_inches="tight", metadata={"Software": None})
 
-    # Pairs per source, stacked by pair type.
-    fig = Figure(figsize=(max(4.5, 1.2 * len(names) + 2), 3.4), layout="constrained")
+def _figure(figsize: tuple[float, float]):
+    """A new matplotlib Figure (no pyplot: no global state, no GUI backend)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def _save(fig, path: Path) -> None:
+    """Write `fig` as a PNG with the same settings for every figure (no Software tag: reproducible)."""
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+
+
+def _plot_pairs(path: Path, names: list[str], per_source: list[dict]) -> None:
+    """Pairs per source, stacked by pair type."""
+    fig = _figure((max(4.5, 1.2 * len(names) + 2), 3.4))
     ax = fig.subplots()
     bottom = [0] * len(names)
     for t in PAIR_TYPES:
         counts = [(s.get("pairs") or {}).get(t, 0) for s in per_source]
-        ax.bar(names, counts, bottom=bottom, label=t, color=colors[t], width=0.6)
+        ax.bar(names, counts, bottom=bottom, label=t, color=_PAIR_COLORS[t], width=0.6)
         bottom = [b + c for b, c in zip(bottom, counts)]
     ax.set_ylabel("pairs")
     ax.set_title("Pairs per source and pair type")
     ax.legend(frameon=False)
     if not names:
         ax.text(0.5, 0.5, "no sources", ha="center", transform=ax.transAxes)
-    fig.savefig(run_dir / FIGURES["pairs"], **save)
+    _save(fig, path)
 
-    # Correct rate per correctness source (DropoutNTP sources have no ground truth).
+
+def _plot_correct_rate(path: Path, names: list[str], per_source: list[dict]) -> None:
+    """Correct rate per correctness source (DropoutNTP sources have no ground truth)."""
     scored = [
         (n, s.get("correct_rate"))
         for n, s in zip(names, per_source)
         if s.get("pipeline") != "dropout_ntp" and s.get("correct_rate") is not None
     ]
-    fig = Figure(figsize=(max(4.5, 1.2 * len(scored) + 2), 3.4), layout="constrained")
+    fig = _figure((max(4.5, 1.2 * len(scored) + 2), 3.4))
     ax = fig.subplots()
     ax.bar([n for n, _ in scored], [100 * r for _, r in scored], color="#4C72B0", width=0.6)
     for i, (_, r) in enumerate(scored):
@@ -436,12 +444,13 @@ def plot_figures(run: dict) -> str:
     ax.set_title("Correct rate of sampled responses per source")
     if not scored:
         ax.text(0.5, 0.5, "no correctness-scored source", ha="center", transform=ax.transAxes)
-    fig.savefig(run_dir / FIGURES["correct_rate"], **save)
+    _save(fig, path)
 
-    # Response lengths, chosen vs rejected, one panel per pair type present.
-    lengths, seen = _word_lengths(run["shards"])
+
+def _plot_lengths(path: Path, lengths: dict) -> None:
+    """Response lengths, chosen vs rejected, one panel per pair type present."""
     present = [t for t in PAIR_TYPES if lengths[t]["chosen"]]
-    fig = Figure(figsize=(4.2 * max(1, len(present)), 3.6), layout="constrained")
+    fig = _figure((4.2 * max(1, len(present)), 3.6))
     axes = fig.subplots(1, max(1, len(present)), squeeze=False)[0]
     for ax, t in zip(axes, present):
         top = max(lengths[t]["chosen"] + lengths[t]["rejected"]) + 1
@@ -464,11 +473,12 @@ def plot_figures(run: dict) -> str:
     if not present:
         axes[0].text(0.5, 0.5, "no pairs", ha="center", transform=axes[0].transAxes)
     fig.suptitle("Lengths of chosen and rejected responses")
-    fig.savefig(run_dir / FIGURES["lengths"], **save)
+    _save(fig, path)
 
-    # Pass rate (sampled accuracy) per question, stacked by correctness source.
-    rates = pass_rates(run_dir)
-    fig = Figure(figsize=(6, 3.4), layout="constrained")
+
+def _plot_pass_rate(path: Path, rates: dict[str, list[float]]) -> None:
+    """Pass rate (sampled accuracy) per question, stacked by correctness source."""
+    fig = _figure((6, 3.4))
     ax = fig.subplots()
     edges = [(k - 0.5) / 10 for k in range(12)]  # one bar per tenth, 0 and 1 in bars of their own
     ax.axvspan(*PASS_RATE_BAND, color="#CCCCCC", alpha=0.4, label="0.2-0.8 (MMPR-Tiny, online RL)")
@@ -481,7 +491,21 @@ def plot_figures(run: dict) -> str:
     ax.set_ylabel("questions")
     ax.set_title("Pass rate per question")
     ax.legend(frameon=False, fontsize=8)
-    fig.savefig(run_dir / FIGURES["pass_rate"], **save)
+    _save(fig, path)
+
+
+def plot_figures(run: dict) -> str:
+    """Write the figures under RUN_DIR/figures/; return the notes about the length sample and pass rates."""
+    run_dir, stats = run["run_dir"], run["stats"]
+    (run_dir / "figures").mkdir(exist_ok=True)
+    names = list((stats.get("sources") or {}).keys())
+    per_source = [stats["sources"][n] for n in names]
+    _plot_pairs(run_dir / FIGURES["pairs"], names, per_source)
+    _plot_correct_rate(run_dir / FIGURES["correct_rate"], names, per_source)
+    lengths, seen = _word_lengths(run["shards"])
+    _plot_lengths(run_dir / FIGURES["lengths"], lengths)
+    rates = pass_rates(run_dir)
+    _plot_pass_rate(run_dir / FIGURES["pass_rate"], rates)
     total = run["num_rows"]
     run["pass_rate_note"] = pass_rate_note(rates)
     return (

@@ -43,14 +43,14 @@ class LoopSettings:
     build_limit: int | None = None  # questions to build pairs from (None: the recipe's)
     eval_limit: int | None = None  # held-out questions (None: the recipe's)
     eval_modes: tuple[str, ...] = ("greedy", "sampled")
-    train_overrides: dict = dataclasses.field(
-        default_factory=dict
-    )  # MPOConfig keys for both runs (over LOOP_TRAIN)
+    # MPOConfig keys for both runs (over LOOP_TRAIN)
+    train_overrides: dict = dataclasses.field(default_factory=dict)
     sampling_n: int | None = None  # build: samples per question (None: the recipe's)
     model: str | None = None  # base model folder (None: the demo model at 120 steps)
 
 
-def run_loop(out: str | Path, settings: LoopSettings = LoopSettings()) -> dict:
+def run_loop(out: str | Path, settings: LoopSettings | None = None) -> dict:
+    settings = settings or LoopSettings()
     from mmpr_pipeline import demo_model, evaluate, pipeline
     from mmpr_pipeline.train import load_config, train
 
@@ -199,7 +199,8 @@ def write_report(out: Path, report: dict) -> Path:
         lines.append(
             f"- {pair}: "
             + "; ".join(
-                f"{m} {g['points']:+.1f} points ({'95% intervals disjoint' if g['intervals_disjoint'] else 'intervals overlap'})"
+                f"{m} {g['points']:+.1f} points "
+                f"({'95% intervals disjoint' if g['intervals_disjoint'] else 'intervals overlap'})"
                 for m, g in by_mode.items()
             )
         )

@@ -1,4 +1,6 @@
-"""Write a run's pairs in the formats other trainers read: `mmpr export RUN_DIR --format trl|internvl --out DIR`.
+"""Write a run's pairs in the formats other trainers read.
+
+    mmpr export RUN_DIR --format trl|internvl --out DIR
 
 - `trl`: Parquet shards `DIR/data/train-*.parquet` in TRL's conversational vision preference format,
   which `DPOTrainer` takes as is (`load_dataset("parquet", data_dir="DIR/data")`):
@@ -226,7 +228,8 @@ def _check_out(out: Path) -> None:
 
 @contextlib.contextmanager
 def _lock(out: Path):
-    """Hold an exclusive lock on `out` (a file beside it) while exporting; refuse if another process has it."""
+    """Hold an exclusive lock on `out` (a file beside it) while exporting; refuse if another process
+    has it."""
     lock_path = out.with_name(f".{out.name}.mmpr-export.lock")
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -316,7 +319,8 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> dict:
                 left = _remove_export(old, earlier)
                 if left:
                     print(
-                        f"warning: kept {old}: files appeared there during the export ({', '.join(left[:5])})",
+                        f"warning: kept {old}: files appeared there during the export "
+                        f"({', '.join(left[:5])})",
                         file=sys.stderr,
                     )
             else:

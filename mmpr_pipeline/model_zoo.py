@@ -49,8 +49,10 @@ LLAVA_TEMPLATE = (
     "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
     "{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endif %}{% endfor %}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
@@ -68,14 +70,17 @@ INTERNVL_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# SmolVLM / Idefics3: "<|im_start|>User:<image>{text}<end_of_utterance>\nAssistant: {answer}<end_of_utterance>\n".
+# SmolVLM / Idefics3:
+# "<|im_start|>User:<image>{text}<end_of_utterance>\nAssistant: {answer}<end_of_utterance>\n".
 IDEFICS3_TEMPLATE = (
     "<|im_start|>"
     "{% for message in messages %}"
     "{% if message['content'] is string %}{{ message['role'] | capitalize }}: {{ message['content'] }}"
-    "{% else %}{{ message['role'] | capitalize }}{{ ':' if message['content'][0]['type'] == 'image' else ': ' }}"
+    "{% else %}{{ message['role'] | capitalize }}"
+    "{{ ':' if message['content'][0]['type'] == 'image' else ': ' }}"
     "{% for part in message['content'] %}"
-    "{% if part['type'] == 'text' %}{{ part['text'] }}{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}"
     "{% endfor %}{% endif %}"
     "<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
@@ -283,7 +288,8 @@ def build_llava(out: Path) -> Path:
 
 
 def build_internvl(out: Path) -> Path:
-    """InternVL3 in transformers' native form: InternViT-style encoder, pixel-shuffle projector, Qwen2 text."""
+    """InternVL3 in transformers' native form: InternViT-style encoder, pixel-shuffle projector,
+    Qwen2 text."""
     import torch
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil

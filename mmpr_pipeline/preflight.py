@@ -62,8 +62,8 @@ def check_model(model: str, where: str) -> None:
     )
     if offline and not isinstance(try_to_load_from_cache(model, "config.json"), str):
         raise PreflightError(
-            f"{where}: {model} is not a local folder, and not in the Hugging Face cache while offline mode is "
-            "on (HF_HUB_OFFLINE=1): give a local model folder, or set HF_HUB_OFFLINE=0 to download it"
+            f"{where}: {model} is not a local folder, and not in the Hugging Face cache while offline mode "
+            "is on (HF_HUB_OFFLINE=1): give a local model folder, or set HF_HUB_OFFLINE=0 to download it"
         )
 
 

@@ -284,9 +284,16 @@ def marked_text(text: str, at: int, label: str, css: str, width: int = TEXT_CHAR
     return f'<div class="text">{"".join(parts)}</div>'
 
 
+# No script, no network: the page may show only what it embeds.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
 def verdict_line(sample: dict | None, index: int | None) -> str:
     if index is not None and index < 0:  # pairing.REFERENCE: the source's reference rationale
-        return '<div class="verdict">the source\'s reference rationale (<code>fields.rationale</code>), not a sample</div>'
+        return (
+            '<div class="verdict">the source\'s reference rationale (<code>fields.rationale</code>), '
+            "not a sample</div>"
+        )
     if sample is None or index is None or index >= len(sample.get("responses") or []):
         return '<div class="verdict muted">no sample row found for this response</div>'
     extracted = sample.get("extracted") or [None] * (index + 1)
@@ -345,12 +352,17 @@ def pair_card(pair: dict, sample: dict | None) -> str:
     meta = " · ".join(
         esc(x) for x in (pair.get("task"), f"qid {pair.get('qid')}", f"pair {pair.get('id')}") if x
     )
+    badge = f'<span class="badge {esc(kind)}">{esc(kind)}</span>'
+    chosen_side = verdict_line(sample, pair.get("chosen_index"))
+    chosen_side += marked_text(chosen, at, label_c, css_c)
+    rejected_side = verdict_line(sample, pair.get("rejected_index"))
+    rejected_side += marked_text(rejected, at, label_r, css_r)
     return f"""<article class="pair-card" data-pair-type="{esc(kind)}">
-<div class="card-head"><span class="badge {esc(kind)}">{esc(kind)}</span> <span class="muted">{meta}</span></div>
+<div class="card-head">{badge} <span class="muted">{meta}</span></div>
 <div class="pair-grid">
 <div class="side-q">{images or '<div class="noimg">no image</div>'}{_question_block(pair, sample)}</div>
-<div class="side chosen"><h4>{esc(title_c)}</h4>{verdict_line(sample, pair.get("chosen_index"))}{marked_text(chosen, at, label_c, css_c)}</div>
-<div class="side rejected"><h4>{esc(title_r)}</h4>{verdict_line(sample, pair.get("rejected_index"))}{marked_text(rejected, at, label_r, css_r)}</div>
+<div class="side chosen"><h4>{esc(title_c)}</h4>{chosen_side}</div>
+<div class="side rejected"><h4>{esc(title_r)}</h4>{rejected_side}</div>
 </div></article>"""
 
 
@@ -369,10 +381,12 @@ def question_card(sample: dict, kind: str) -> str:
             f'<span class="clip">{esc(after)}</span></div></td></tr>'
         )
     pair = dict(answer=sample.get("answer"), question="", prompt_template=sample.get("prompt_template"))
+    badge = f'<span class="badge {"all-right" if kind == "all right" else "all-wrong"}">{esc(kind)}</span>'
+    thumbnails = "".join(thumbnail(b) for b in sample.get("images") or [])
     return f"""<article class="question-card" data-kind="{esc(kind)}">
-<div class="card-head"><span class="badge {"all-right" if kind == "all right" else "all-wrong"}">{esc(kind)}</span>
+<div class="card-head">{badge}
 <span class="muted">{esc(sample.get("task"))} · qid {esc(sample.get("qid"))}</span></div>
-<div class="qgrid"><div class="side-q">{"".join(thumbnail(b) for b in sample.get("images") or [])}{_question_block(pair, sample)}</div>
+<div class="qgrid"><div class="side-q">{thumbnails}{_question_block(pair, sample)}</div>
 <table class="samples"><tr><th></th><th>verdict</th><th>extracted</th><th>judge</th><th>response</th></tr>
 {"".join(rows)}</table></div></article>"""
 
@@ -380,7 +394,8 @@ def question_card(sample: dict, kind: str) -> str:
 def rejects_table(rejects: list[dict]) -> str:
     rows = "".join(
         f'<tr><td>{esc(r["reason"])}</td><td class="num">{r["count"]:,}</td>'
-        f'<td class="num">{esc(r["row_index"])}</td><td><div class="text small">{esc(r["row"])}</div></td></tr>'
+        f'<td class="num">{esc(r["row_index"])}</td>'
+        f'<td><div class="text small">{esc(r["row"])}</div></td></tr>'
         for r in rejects
     )
     return (
@@ -403,7 +418,8 @@ h3{font-size:16px;margin:18px 0 6px} h4{margin:0 0 4px;font-size:14px}
 .num{text-align:right}
 article{background:#fff;border:1px solid #d7d7db;border-radius:8px;padding:10px 12px;margin:10px 0}
 .card-head{margin-bottom:6px}
-.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff;background:#777}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff;
+ background:#777}
 .badge.correctness{background:#4C72B0}.badge.format{background:#DD8452}.badge.dropout_ntp{background:#55A868}
 .badge.all-right{background:#2e7d32}.badge.all-wrong{background:#c62828}
 .pair-grid{display:grid;grid-template-columns:minmax(180px,230px) minmax(0,1fr) minmax(0,1fr);gap:12px}
@@ -510,7 +526,7 @@ def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = M
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{esc(title)}</title><style>{CSS}</style></head>
 <body><main>{head}{"".join(sections)}</main></body></html>

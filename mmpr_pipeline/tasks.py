@@ -103,8 +103,14 @@ def _color(rng: random.Random) -> dict[str, Any]:
     img = Image.new("RGB", (SIZE, SIZE), "white")
     _draw_shape(ImageDraw.Draw(img), shape, (20, 20, 92, 92), COLORS[color_name])
     options, letter = _options(rng, color_name, list(COLORS))
-    q = f"What color is the {shape}?\n{_lettered(options)}\nAnswer with the option's letter from the given choices directly."
-    rationale = f"There is one {shape} in the middle of the image. Its color is {color_name}, which is option {letter}."
+    q = (
+        f"What color is the {shape}?\n{_lettered(options)}\n"
+        "Answer with the option's letter from the given choices directly."
+    )
+    rationale = (
+        f"There is one {shape} in the middle of the image. "
+        f"Its color is {color_name}, which is option {letter}."
+    )
     return dict(
         image=img,
         question=q,

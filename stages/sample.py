@@ -4,8 +4,8 @@ Each replica owns one `Engine` (vLLM's async engine, built once in `__init__`). 
 coroutine: every question of the batch is its own request (all `n` samples of a question in one
 request), and Ray Data runs several batches per replica at once (`max_concurrent_batches`), so new
 requests keep flowing while a batch waits on its longest response. The engine's sequence window
-admits them in arrival order and decodes a question's images only on admission. DropoutNTP rows are then cut and
-continued without the image (or with it, `dropout.with_image`) by the same engine
+admits them in arrival order and decodes a question's images only on admission. DropoutNTP rows are
+then cut and continued without the image (or with it, `dropout.with_image`) by the same engine
 (stages/dropout_ntp.py).
 
 A source may override the sampling settings (`sources[i].sampling`, see `Recipe.sampling_for`) and

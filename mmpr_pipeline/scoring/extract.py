@@ -216,7 +216,7 @@ def _only_delimiters(text: str) -> bool:
 
 def _last(pattern: re.Pattern, text: str) -> re.Match | None:
     match = None
-    for match in pattern.finditer(text):
+    for match in pattern.finditer(text):  # noqa: B007 - the loop keeps the last match
         pass
     return match
 

@@ -64,7 +64,8 @@ _NUMBER = re.compile(
     (?P<mant>[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?|\.[0-9]+)
     (?:
         [eE](?P<exp>[-+]?[0-9]{1,4})(?![0-9])
-      | [ \t]*(?:\\times|\\cdot|×|\*|·|x)[ \t]*10[ \t]*(?:\^|\*\*)[ \t]*\{?[ \t]*(?P<exp10>[-+]?[0-9]{1,4})[ \t]*\}?
+      | [ \t]*(?:\\times|\\cdot|×|\*|·|x)[ \t]*10[ \t]*(?:\^|\*\*)
+        [ \t]*\{?[ \t]*(?P<exp10>[-+]?[0-9]{1,4})[ \t]*\}?
       | [ \t]*(?:\^|\*\*)[ \t]*\{?[ \t]*(?P<pow>[-+]?[0-9]{1,3})[ \t]*\}?(?![0-9.])
       | [ \t]*/[ \t]*(?P<den>[0-9]+(?:\.[0-9]+)?)(?![0-9.,/])
     )?
@@ -76,7 +77,8 @@ _LATEX_FRAC = re.compile(
     r"\\[dt]?frac[ \t]*\{[ \t]*([-+]?[0-9.,]+)[ \t]*\}[ \t]*\{[ \t]*([-+]?[0-9.,]+)[ \t]*\}"
 )
 _MIXED = re.compile(
-    r"(?<![0-9.])([0-9]{1,9})[ \t]*\\[dt]?frac[ \t]*\{[ \t]*([0-9]{1,9})[ \t]*\}[ \t]*\{[ \t]*([0-9]{1,9})[ \t]*\}"
+    r"(?<![0-9.])([0-9]{1,9})[ \t]*\\[dt]?frac"
+    r"[ \t]*\{[ \t]*([0-9]{1,9})[ \t]*\}[ \t]*\{[ \t]*([0-9]{1,9})[ \t]*\}"
 )
 _LATEX_FRAC_SHORT = re.compile(r"\\[dt]?frac[ \t]*([0-9])[ \t]*([0-9])")
 _DEGREES = re.compile(r"\^?[ \t]*\{?[ \t]*\\circ[ \t]*\}?|°|\\degree")
@@ -91,8 +93,9 @@ _WORD_TENS = {
     w: 10 * (i + 2) for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())
 }
 _WORD_NUMBER = re.compile(
-    r"(?i)\b(?:(%s)(?:[- ](%s))?|(%s))\b"
-    % ("|".join(_WORD_TENS), "|".join(list(_WORD_UNITS)[1:10]), "|".join(_WORD_UNITS))
+    r"(?i)\b(?:({})(?:[- ]({}))?|({}))\b".format(
+        "|".join(_WORD_TENS), "|".join(list(_WORD_UNITS)[1:10]), "|".join(_WORD_UNITS)
+    )
 )
 _HEDGE = re.compile(r"(?i)\bor\b|\beither\b|\bbetween\b|\bto\b|~|–|—|±|\\pm|[0-9][ \t]*-[ \t]*[0-9]")
 _SYMBOLIC = re.compile(r"\\(?:sqrt|pi|frac|dfrac|tfrac|log|ln|sin|cos|tan|infty|e\b)|√|π|\bsqrt\b|\bpi\b")

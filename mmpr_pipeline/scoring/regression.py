@@ -51,7 +51,8 @@ class SuiteReport:
 
     def figures(self) -> str:
         return (
-            f"pair safety (labelled correct, judged wrong with an extracted answer): {len(self.pair_unsafe)}\n"
+            "pair safety (labelled correct, judged wrong with an extracted answer): "
+            f"{len(self.pair_unsafe)}\n"
             f"false accepts (labelled wrong, judged correct): {len(self.false_accepts)}"
         )
 
