@@ -270,12 +270,10 @@ def train_demo(
     "describe" included), each step on fresh rows, so no row repeats. Deterministic for a given
     seed and thread count. Writes the marker with the held-out greedy accuracy on `eval_n` rows.
     """
-    import time
 
     import torch
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-    from mmpr_pipeline import tasks
 
     out = build(out_dir, size="demo", seed=seed)
     processor = AutoProcessor.from_pretrained(out)
@@ -288,6 +286,38 @@ def train_demo(
         lr=lr,
         betas=(0.9, 0.95),
     )
+    train_seconds = _train_steps(model, processor, opt, steps, seed, batch_size, lr, warmup, log_every)
+    model.eval()
+    model.save_pretrained(out)
+    acc = heldout_accuracy_hf(out, n=eval_n) if eval_n else {}
+    heldout = (
+        f"greedy, transformers, {eval_n} rows of tasks.generate(seed={HELDOUT_SEED}, offset={HELDOUT_OFFSET})"
+    )
+    settings = _settings(
+        steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay
+    )
+    marker = dict(
+        size="demo",
+        trained=True,
+        steps=steps,
+        settings=settings,
+        train_seconds=round(train_seconds, 1),
+        heldout_accuracy=acc,
+        heldout_eval=heldout,
+    )
+    (out / MARKER).write_text(json.dumps(marker, indent=1))
+    return out
+
+
+def _train_steps(model, processor, opt, steps, seed, batch_size, lr, warmup, log_every) -> float:
+    """The demo model's training loop (deterministic: all cores, deterministic kernels, seeded);
+    returns its seconds."""
+    import time
+
+    import torch
+
+    from mmpr_pipeline import tasks
+
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch.use_deterministic_algorithms(True)
@@ -320,31 +350,7 @@ def train_demo(
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
-    train_seconds = time.time() - start
-    model.eval()
-    model.save_pretrained(out)
-    acc = heldout_accuracy_hf(out, n=eval_n) if eval_n else {}
-    heldout = (
-        f"greedy, transformers, {eval_n} rows of tasks.generate(seed={HELDOUT_SEED}, offset={HELDOUT_OFFSET})"
-    )
-    settings = _settings(
-        steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay
-    )
-    (out / MARKER).write_text(
-        json.dumps(
-            {
-                "size": "demo",
-                "trained": True,
-                "steps": steps,
-                "settings": settings,
-                "train_seconds": round(train_seconds, 1),
-                "heldout_accuracy": acc,
-                "heldout_eval": heldout,
-            },
-            indent=1,
-        )
-    )
-    return out
+    return time.time() - start
 
 
 def _settings(**overrides) -> dict:

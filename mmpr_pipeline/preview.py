@@ -446,6 +446,28 @@ nav a{margin-right:12px}
 """
 
 
+def questions_and_rejects(extremes: dict, counts: dict, rejects: list[dict], budget: int) -> list[str]:
+    """A source's all-right and all-wrong questions, then its reject reasons, within `budget` bytes."""
+    extra, used = [], 0
+    for kind in ("all right", "all wrong"):
+        rows = extremes.get(kind) or []
+        if not rows:
+            continue
+        extra.append(f"<h3>Questions answered {esc(kind)} ({counts.get(kind, 0):,} in all; no pairs)</h3>")
+        for row in rows:
+            card = question_card(row, kind)
+            if used + len(card.encode()) > budget:
+                extra.append('<p class="muted">more not shown, to keep this file small</p>')
+                break
+            extra.append(card)
+            used += len(card.encode())
+    if rejects:
+        table = rejects_table(rejects)
+        if used + len(table.encode()) <= budget:
+            extra.append(f"<h3>Rejected source rows ({sum(r['count'] for r in rejects):,})</h3>{table}")
+    return extra
+
+
 def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = MAX_MB) -> str:
     """The preview page of a run folder, as text (see the module docstring)."""
     stats = _read_json(run_dir / "stats.json")
@@ -485,26 +507,7 @@ def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = M
         section.append(f'<section class="source" id="{anchor}"><h2>{esc(name)}</h2>')
         section.append(f'<h3>Pairs</h3><p class="muted">{esc(note)}</p>{"".join(cards)}')
         counts = extremes.pop("counts")
-        extra = []
-        for kind in ("all right", "all wrong"):
-            rows = extremes.get(kind) or []
-            if not rows:
-                continue
-            extra.append(
-                f"<h3>Questions answered {esc(kind)} ({counts.get(kind, 0):,} in all; no pairs)</h3>"
-            )
-            for row in rows:
-                card = question_card(row, kind)
-                if used + len(card.encode()) > budget:
-                    extra.append('<p class="muted">more not shown, to keep this file small</p>')
-                    break
-                extra.append(card)
-                used += len(card.encode())
-        if rejects:
-            table = rejects_table(rejects)
-            if used + len(table.encode()) <= budget:
-                extra.append(f"<h3>Rejected source rows ({sum(r['count'] for r in rejects):,})</h3>{table}")
-        section += extra + ["</section>"]
+        section += questions_and_rejects(extremes, counts, rejects, budget - used) + ["</section>"]
         sections.append("".join(section))
         nav.append(f'<a href="#{anchor}">{esc(name)}</a>')
         st = (stats.get("sources") or {}).get(name, {})
