@@ -5,8 +5,9 @@ Equation numbers are those of the MPO paper (Wang et al. 2024, arXiv 2411.10442,
     L = w_p * L_p + w_q * L_q + w_g * L_g                                   (Eq. 3)
 
 - L_p, the preference loss: DPO's sigmoid loss (Eq. 4; Rafailov et al. 2023, arXiv 2305.18290,
-  Eq. 7). For ablations: IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17) and the hinge loss of
-  SLiC/RSO (Liu et al. 2023, arXiv 2309.06657, Sec. 4), as TRL implements them.
+  Eq. 7). For ablations: IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17) on the summed
+  log-ratios as the paper writes it (TRL's `ipo` averages them over tokens first), and the hinge
+  loss of SLiC/RSO (Liu et al. 2023, arXiv 2309.06657, Sec. 4), as TRL's `hinge`.
 - L_q, the quality loss: BCO (Eqs. 5-7; Jung et al. 2024, arXiv 2404.04656), each response
   classified on its own as good or bad, around the reward shift delta.
 - L_g, the generation loss: SFT's negative log-likelihood per token of the chosen response (Eq. 8).
