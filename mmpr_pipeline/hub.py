@@ -441,6 +441,128 @@ def _validate_card_remote(endpoint: str, text: str) -> str | None:
 # --- publish -----------------------------------------------------------------------------------
 
 
+def _check_locally(run_dir: Path, repo_id: str) -> None:
+    """Refuse a malformed repo id or a run folder that fails `validate_run`; no network."""
+    if not REPO_ID.match(repo_id or ""):
+        raise PublishError(f"--repo-id must look like user/name, got {repo_id!r}")
+    problems = validate_run(run_dir)
+    if problems:
+        raise PublishError(
+            "refusing to publish "
+            + str(run_dir)
+            + ":\n  - "
+            + "\n  - ".join(problems)
+            + "\nNothing was uploaded."
+        )
+
+
+def _print_dry_run(
+    run_dir: Path,
+    url: str,
+    plan: list[tuple[str, int]],
+    *,
+    private: bool,
+    revision: str | None,
+    token: str | None,
+    source: str,
+) -> None:
+    """`--dry-run`: print what would be created, uploaded and deleted, and whether a token was found."""
+    print(
+        f"Would publish {run_dir} to {url} (branch {revision or 'main'}, "
+        f"{'private' if private else 'public unless the repo exists'})"
+    )
+    print("  create the dataset repo if missing")
+    print(f"  upload {len(plan)} files, {_size(sum(n for _, n in plan))}:")
+    width = max(len(rel) for rel, _ in plan)
+    for rel, n in plan:
+        print(f"    {rel:<{width}}  {_size(n):>9}")
+    print(f"  delete remote files matching {', '.join(DELETE_PATTERNS)} that are not in this upload")
+    print(
+        "token: "
+        + (
+            f"found ({source})"
+            if token
+            else "none found: set HF_TOKEN or run `hf auth login` before publishing"
+        )
+    )
+    print("Nothing was uploaded (--dry-run).")
+
+
+def _log_in(api, retried, endpoint: str, repo_id: str, token: str, source: str) -> None:
+    """Ask the Hub who the token belongs to: a bad token or an unreachable endpoint stops here."""
+    try:
+        user = retried("asking the Hub who the token belongs to", api.whoami)["name"]
+        print(_redact(f"Logged in to {endpoint} as {user} (token from {source}).", token), file=sys.stderr)
+    except Exception as e:
+        raise _explain(e, endpoint, repo_id, token) from None
+
+
+def _check_card_on_hub(
+    retried, endpoint: str, repo_id: str, run_dir: Path, card_text: str, token: str
+) -> None:
+    """Let the Hub validate the card's YAML; refuse to upload a card it rejects."""
+    try:
+        complaint = retried("the Hub's check of the card", lambda: _validate_card_remote(endpoint, card_text))
+    except Exception as e:
+        raise _explain(e, endpoint, repo_id, token) from None
+    if complaint:
+        raise PublishError(
+            f"the Hub rejected the card {run_dir / 'README.md'}: {_redact(complaint, token)}"
+            "\nFix the recipe's card settings and rebuild. Nothing was uploaded."
+        )
+
+
+def _create_repo(api, retried, repo_id: str, *, private: bool, revision: str | None) -> None:
+    """Create the dataset repo (and branch) if missing; warn when --private meets a public repo."""
+    retried(
+        "creating the repo",
+        lambda: api.create_repo(
+            repo_id, repo_type="dataset", private=True if private else None, exist_ok=True
+        ),
+    )
+    if (
+        private
+        and not retried(
+            "reading the repo's settings", lambda: api.repo_info(repo_id, repo_type="dataset")
+        ).private
+    ):
+        print(
+            f"warning: {repo_id} already exists and is public; --private does not change an "
+            "existing repo (change it in the repo's settings).",
+            file=sys.stderr,
+        )
+    if revision:
+        retried(
+            "creating the branch",
+            lambda: api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True),
+        )
+
+
+def _upload(
+    api,
+    run_dir: Path,
+    repo_id: str,
+    *,
+    revision: str | None,
+    plan: list[tuple[str, int]],
+    url: str,
+    n_pairs: int,
+    stats: dict,
+) -> None:
+    """One `upload_folder` of the planned files; stale remote shards and figures go in the same commit."""
+    print(f"Uploading {len(plan)} files ({_size(sum(n for _, n in plan))}) to {url} ...", file=sys.stderr)
+    api.upload_folder(
+        repo_id=repo_id,
+        repo_type="dataset",
+        folder_path=run_dir,
+        revision=revision,
+        allow_patterns=[rel for rel, _ in plan],
+        delete_patterns=DELETE_PATTERNS,
+        commit_message=f"Upload {n_pairs} MMPR pairs (recipe {stats.get('recipe')}, "
+        f"fingerprint {stats.get('fingerprint')})",
+    )
+
+
 def publish(
     run_dir: str | Path,
     repo_id: str,
@@ -457,44 +579,14 @@ def publish(
     """
     run_dir = Path(run_dir)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    if not REPO_ID.match(repo_id or ""):
-        raise PublishError(f"--repo-id must look like user/name, got {repo_id!r}")
-    problems = validate_run(run_dir)
-    if problems:
-        raise PublishError(
-            "refusing to publish "
-            + str(run_dir)
-            + ":\n  - "
-            + "\n  - ".join(problems)
-            + "\nNothing was uploaded."
-        )
+    _check_locally(run_dir, repo_id)
     plan = upload_plan(run_dir)
     settings = net_settings()
     url = f"{endpoint}/datasets/{repo_id}" + (f"/tree/{revision}" if revision else "")
     token, source = _token_source(token)
-
     if dry_run:
-        print(
-            f"Would publish {run_dir} to {url} (branch {revision or 'main'}, "
-            f"{'private' if private else 'public unless the repo exists'})"
-        )
-        print("  create the dataset repo if missing")
-        print(f"  upload {len(plan)} files, {_size(sum(n for _, n in plan))}:")
-        width = max(len(rel) for rel, _ in plan)
-        for rel, n in plan:
-            print(f"    {rel:<{width}}  {_size(n):>9}")
-        print(f"  delete remote files matching {', '.join(DELETE_PATTERNS)} that are not in this upload")
-        print(
-            "token: "
-            + (
-                f"found ({source})"
-                if token
-                else "none found: set HF_TOKEN or run `hf auth login` before publishing"
-            )
-        )
-        print("Nothing was uploaded (--dry-run).")
+        _print_dry_run(run_dir, url, plan, private=private, revision=revision, token=token, source=source)
         return ""
-
     if not token:
         raise PublishError(
             "no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write "
@@ -512,60 +604,12 @@ def publish(
         return _with_retries(what, call, settings, token)
 
     with _redacting(token), _online(), _bounded_session(settings):
+        _log_in(api, retried, endpoint, repo_id, token, source)
+        _check_card_on_hub(retried, endpoint, repo_id, run_dir, card_text, token)
         try:
-            user = retried("asking the Hub who the token belongs to", api.whoami)["name"]
-            print(
-                _redact(f"Logged in to {endpoint} as {user} (token from {source}).", token), file=sys.stderr
-            )
-        except Exception as e:
-            raise _explain(e, endpoint, repo_id, token) from None
-        try:
-            complaint = retried(
-                "the Hub's check of the card", lambda: _validate_card_remote(endpoint, card_text)
-            )
-        except Exception as e:
-            raise _explain(e, endpoint, repo_id, token) from None
-        if complaint:
-            raise PublishError(
-                f"the Hub rejected the card {run_dir / 'README.md'}: {_redact(complaint, token)}"
-                "\nFix the recipe's card settings and rebuild. Nothing was uploaded."
-            )
-        try:
-            retried(
-                "creating the repo",
-                lambda: api.create_repo(
-                    repo_id, repo_type="dataset", private=True if private else None, exist_ok=True
-                ),
-            )
-            if (
-                private
-                and not retried(
-                    "reading the repo's settings", lambda: api.repo_info(repo_id, repo_type="dataset")
-                ).private
-            ):
-                print(
-                    f"warning: {repo_id} already exists and is public; --private does not change an "
-                    "existing repo (change it in the repo's settings).",
-                    file=sys.stderr,
-                )
-            if revision:
-                retried(
-                    "creating the branch",
-                    lambda: api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True),
-                )
-            print(
-                f"Uploading {len(plan)} files ({_size(sum(n for _, n in plan))}) to {url} ...",
-                file=sys.stderr,
-            )
-            api.upload_folder(
-                repo_id=repo_id,
-                repo_type="dataset",
-                folder_path=run_dir,
-                revision=revision,
-                allow_patterns=[rel for rel, _ in plan],
-                delete_patterns=DELETE_PATTERNS,
-                commit_message=f"Upload {n_pairs} MMPR pairs (recipe {stats.get('recipe')}, "
-                f"fingerprint {stats.get('fingerprint')})",
+            _create_repo(api, retried, repo_id, private=private, revision=revision)
+            _upload(
+                api, run_dir, repo_id, revision=revision, plan=plan, url=url, n_pairs=n_pairs, stats=stats
             )
         except Exception as e:
             err = _explain(e, endpoint, repo_id, token)
