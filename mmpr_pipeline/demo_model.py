@@ -274,7 +274,6 @@ def train_demo(
     import torch
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-
     out = build(out_dir, size="demo", seed=seed)
     processor = AutoProcessor.from_pretrained(out)
     model = Qwen2VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
