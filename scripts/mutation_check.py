@@ -39,8 +39,8 @@ MUTANTS = [
     Mutant(
         "pair: chosen and rejected swapped",
         "stages/pair.py",
-        'dict(chosen=row["responses"][c], rejected=row["responses"][r],',
-        'dict(chosen=row["responses"][r], rejected=row["responses"][c],',
+        "chosen=reference if c == REFERENCE else texts[c],\n                            rejected=texts[r],",
+        "chosen=texts[r],\n                            rejected=reference if c == REFERENCE else texts[c],",
         ["tests/test_pairing.py"],
     ),
     Mutant(
@@ -74,15 +74,15 @@ MUTANTS = [
     Mutant(
         "judge: rounding tolerance sign flipped",
         "mmpr_pipeline/scoring/modes.py",
-        "abs(p - g) <= Fraction(1, 2 * 10 ** decimals)",
-        "abs(p - g) >= Fraction(1, 2 * 10 ** decimals)",
+        "abs(p - g) <= Fraction(1, 2 * 10**decimals)",
+        "abs(p - g) >= Fraction(1, 2 * 10**decimals)",
         ["tests/test_scoring.py"],
     ),
     Mutant(
         "trainer: chosen and rejected swapped in the mpo_loss call",
         "mmpr_pipeline/train/loop.py",
-        "mpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], chosen_nll,",
-        "mpo_loss(logps[n:], logps[:n], ref[n:], ref[:n], chosen_nll,",
+        "logps[:n],\n        logps[n:],\n        ref_logps[:n],\n        ref_logps[n:],",
+        "logps[n:],\n        logps[:n],\n        ref_logps[n:],\n        ref_logps[:n],",
         ["tests/test_train_loop.py", "-k", "raises_held_out"],
     ),
     Mutant(
@@ -95,8 +95,8 @@ MUTANTS = [
     Mutant(
         "dropout: chosen and rejected swapped",
         "stages/dropout_ntp.py",
-        "pairs.append(dict(chosen=text, rejected=prefix + continuation,",
-        "pairs.append(dict(chosen=prefix + continuation, rejected=text,",
+        "chosen=text,\n                rejected=prefix + continuation,",
+        "chosen=prefix + continuation,\n                rejected=text,",
         ["tests/test_dropout_truncate.py"],
     ),
 ]
