@@ -14,7 +14,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-SETS = ["sources[0].limit=16", "sources[1].limit=4", "sampling.n=4", "sampling.max_tokens=48", "unit_size=4"]
+# One batch in flight (not the default 16): when the first unit is done the engine is still busy
+# with the next, so there is a live engine to kill.
+SETS = [
+    "sources[0].limit=24",
+    "sources[1].limit=4",
+    "sampling.n=4",
+    "sampling.max_tokens=48",
+    "unit_size=4",
+    "engine.max_concurrent_batches=1",
+]
 
 
 def _cmd(run: Path, model: str) -> list[str]:

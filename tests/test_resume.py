@@ -90,10 +90,10 @@ def recipe_file(tmp_path_factory, trained_model):
         unit_size=3, batch_size=6, shard_rows=1
     )  # one pair per shard: mid_write:1 always has a second shard
     data["sampling"].update(n=4, max_tokens=48)
-    # Two batches in flight (not the default 16): a kill after the second unit then still leaves
-    # units for the resume to do, which is what the kill points are here to test.
-    data["engine"] = {"max_model_len": 1024, "max_concurrent_batches": 2}
-    data["sources"][0]["limit"] = 9
+    # One batch in flight (not the default 16) and 8 units: a kill after the second unit then still
+    # leaves units for the resume to do (and to kill again), which is what the kill points test.
+    data["engine"] = {"max_model_len": 1024, "max_concurrent_batches": 1}
+    data["sources"][0]["limit"] = 18
     data["sources"][1]["limit"] = 3
     data["sources"].append(
         dict(name="long", loader="jsonl", path=str(d / "long.jsonl"), answer_type="number")
