@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmpr_pipeline import card as card_mod
+from mmpr_pipeline.preflight import first_file_above
 from mmpr_pipeline.prompts import placeholders, user_content
 
 MARKER = "mmpr_export.json"
@@ -198,11 +199,9 @@ def _check_out(out: Path) -> None:
         raise ExportError(f"--out {out}: is a symbolic link; give the folder it points to")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: is a file, not a folder")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ExportError(f"--out {out}: {parent} is a file, so no folder can be made under it")
-            break
+    blocker = first_file_above(out)
+    if blocker is not None:
+        raise ExportError(f"--out {out}: {blocker} is a file, so no folder can be made under it")
     if not out.exists() or not any(out.iterdir()):
         return
     marker = out / MARKER

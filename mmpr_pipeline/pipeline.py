@@ -230,7 +230,7 @@ def load_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str, 
     """load: work-unit plans -> their questions; rejects are written here. A unit with no question
     left is finished here too (nothing to sample)."""
     from stages.load import read_unit
-    from stages.write import write_rejects, write_unit
+    from stages.write import write_rejects
 
     out = []
     for item in batch.to_pylist():
@@ -238,17 +238,7 @@ def load_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str, 
         questions, rejects = read_unit(sources[unit.source], unit)
         write_rejects(Path(run), unit, rejects)
         if not questions:
-            write_unit(
-                Path(run),
-                unit,
-                [],
-                rejects,
-                sources[unit.source],
-                seed=seed,
-                model=model,
-                sampling=sampling[unit.source],
-                pair_schema=pair_schema(),
-            )
+            write_unit_files(run, unit, [], rejects, sources, seed, model, sampling)
         out += questions
     return pa.Table.from_pylist(out, schema=QUESTION_SCHEMA)
 
@@ -259,7 +249,7 @@ def finish_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str
     import pyarrow.parquet as pq
 
     from stages.score import score_row
-    from stages.write import summary_row, write_unit
+    from stages.write import summary_row
 
     by_unit: dict[str, list[dict]] = {}
     for row in batch.to_pylist():
@@ -276,21 +266,35 @@ def finish_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str
             )
         rows = [score_row(r) for r in rows]
         summaries.append(
-            summary_row(
-                write_unit(
-                    Path(run),
-                    unit,
-                    rows,
-                    rejects,
-                    sources[unit.source],
-                    seed=seed,
-                    model=model,
-                    sampling=sampling[unit.source],
-                    pair_schema=pair_schema(),
-                )
-            )
+            summary_row(write_unit_files(run, unit, rows, rejects, sources, seed, model, sampling))
         )
     return pa.Table.from_pylist(summaries)
+
+
+def write_unit_files(
+    run: str,
+    unit: WorkUnit,
+    rows: list[dict],
+    rejects: list[dict],
+    sources: dict,
+    seed: int,
+    model: str,
+    sampling: dict,
+) -> dict:
+    """write: a unit's samples, pairs and counts file (stages/write.py), with its source's settings."""
+    from stages.write import write_unit
+
+    return write_unit(
+        Path(run),
+        unit,
+        rows,
+        rejects,
+        sources[unit.source],
+        seed=seed,
+        model=model,
+        sampling=sampling[unit.source],
+        pair_schema=pair_schema(),
+    )
 
 
 @functools.cache

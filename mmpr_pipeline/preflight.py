@@ -105,7 +105,8 @@ def check_engine_options(options: dict, file: str) -> None:
             raise PreflightError(f"{file}: engine.{key}: not an option of vllm.EngineArgs{hint}")
 
 
-def _first_file_above(path: Path) -> Path | None:
+def first_file_above(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` when it is a file (no folder can be made under it)."""
     for parent in path.parents:
         if parent.exists():
             return parent if not parent.is_dir() else None
@@ -117,7 +118,7 @@ def check_writable_folder(out: str | Path, flag: str = "--out") -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PreflightError(f"{flag} {out}: is a file, not a folder")
-    blocker = _first_file_above(out)
+    blocker = first_file_above(out)
     if blocker is not None:
         raise PreflightError(f"{flag} {out}: {blocker} is a file, so no folder can be made under it")
     existing = next(p for p in (out, *out.parents) if p.exists())

@@ -217,11 +217,11 @@ def _check_out(out: Path) -> None:
         raise SelectError(f"--out {out}: is a file or a link; give a new or empty folder")
     if out.is_dir() and any(out.iterdir()):
         raise SelectError(f"--out {out}: is not empty; give a new or empty folder (nothing was changed)")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise SelectError(f"--out {out}: {parent} is a file, so no folder can be made under it")
-            break
+    from mmpr_pipeline.preflight import first_file_above
+
+    blocker = first_file_above(out)
+    if blocker is not None:
+        raise SelectError(f"--out {out}: {blocker} is a file, so no folder can be made under it")
 
 
 def select(
