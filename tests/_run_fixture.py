@@ -271,3 +271,38 @@ def read_pairs(run_dir: Path) -> list[dict]:
     for rel in stats["shards"]:
         rows += pq.read_table(Path(run_dir) / rel).to_pylist()
     return rows
+
+
+def trainer_image_tokens(run_dir: Path, pairs: list[dict]) -> list[int]:
+    """How many image tokens the trainer's prompt of each pair carries (the run's own model)."""
+    from mmpr_pipeline.train.data import PairEncoder
+    from mmpr_pipeline.train.model import load_processor
+
+    processor = load_processor(json.loads((Path(run_dir) / "recipe.json").read_text())["model"])
+    encoder = PairEncoder(processor, max_length=1024)
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    return [
+        encoder.encode(p, i).prompt["input_ids"].flatten().tolist().count(pad) for i, p in enumerate(pairs)
+    ]
+
+
+def train_two_steps(run_dir: Path, out: Path) -> dict:
+    """Two MPO steps of the run's own model on its pairs; the trainer's summary."""
+    from mmpr_pipeline.train import MPOConfig, train
+
+    model = json.loads((Path(run_dir) / "recipe.json").read_text())["model"]
+    return train(
+        MPOConfig(
+            model=model,
+            data=str(run_dir),
+            output_dir=str(out),
+            batch_size=4,
+            max_steps=2,
+            learning_rate=1e-4,
+            warmup_ratio=0.0,
+            eval_fraction=0.0,
+            max_length=1024,
+            progress_bar=False,
+            save_model=False,
+        )
+    )

@@ -120,37 +120,16 @@ def test_dropout_continues_without_any_of_the_images(built):
 
 @pytest.mark.slow
 def test_trainer_and_exports_take_multi_image_and_text_only_pairs(built, tmp_path):
+    from _run_fixture import train_two_steps, trainer_image_tokens
+
     from mmpr_pipeline import export
-    from mmpr_pipeline.train import MPOConfig, train
-    from mmpr_pipeline.train.data import PairEncoder
-    from mmpr_pipeline.train.model import load_processor
 
     run, _, _, pairs = built
     shapes = {len(p["images"]) for p in pairs}
     assert {0, 2, 3} <= shapes, shapes
-    model = json.loads((run / "recipe.json").read_text())["model"]
-    processor = load_processor(model)
-    encoder = PairEncoder(processor, max_length=1024)
-    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    for i, p in enumerate(pairs):  # the trainer's prompt carries every image, as sampling did
-        ids = encoder.encode(p, i).prompt["input_ids"].flatten().tolist()
-        assert ids.count(pad) == IMAGE_TOKENS * len(p["images"])
-    summary = train(
-        MPOConfig(
-            model=model,
-            data=str(run),
-            output_dir=str(tmp_path / "mpo"),
-            batch_size=4,
-            max_steps=2,
-            learning_rate=1e-4,
-            warmup_ratio=0.0,
-            eval_fraction=0.0,
-            max_length=1024,
-            progress_bar=False,
-            save_model=False,
-        )
-    )
-    assert summary["steps"] == 2
+    # the trainer's prompt carries every image, as sampling did
+    assert trainer_image_tokens(run, pairs) == [IMAGE_TOKENS * len(p["images"]) for p in pairs]
+    assert train_two_steps(run, tmp_path / "mpo")["steps"] == 2
 
     export.export(run, "trl", tmp_path / "trl")
     rows = [

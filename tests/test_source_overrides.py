@@ -202,34 +202,12 @@ def test_a_recipe_with_overrides_resumes_its_own_run(built):
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 def test_trainer_sees_the_downscaled_image_the_sampler_saw(built, tmp_path):
-    from mmpr_pipeline.train import MPOConfig, train
-    from mmpr_pipeline.train.data import PairEncoder
-    from mmpr_pipeline.train.model import load_processor
+    from _run_fixture import train_two_steps, trainer_image_tokens
 
     run, _, _, pairs, _ = built
-    model = json.loads((run / "recipe.json").read_text())["model"]
-    processor = load_processor(model)
-    encoder = PairEncoder(processor, max_length=1024)
-    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    for i, p in enumerate(pairs):
-        ids = encoder.encode(p, i).prompt["input_ids"].flatten().tolist()
-        assert ids.count(pad) == (SMALL_TOKENS if p["source"] == "small" else FULL_TOKENS)
-    summary = train(
-        MPOConfig(
-            model=model,
-            data=str(run),
-            output_dir=str(tmp_path / "mpo"),
-            batch_size=4,
-            max_steps=2,
-            learning_rate=1e-4,
-            warmup_ratio=0.0,
-            eval_fraction=0.0,
-            max_length=1024,
-            progress_bar=False,
-            save_model=False,
-        )
-    )
-    assert summary["steps"] == 2
+    expected = [SMALL_TOKENS if p["source"] == "small" else FULL_TOKENS for p in pairs]
+    assert trainer_image_tokens(run, pairs) == expected
+    assert train_two_steps(run, tmp_path / "mpo")["steps"] == 2
 
 
 # The published image processor settings of each family's checkpoint (README, "Model families"), and
