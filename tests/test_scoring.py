@@ -278,3 +278,5 @@ def test_a_multiple_choice_reference_that_leads_with_its_letter_names_that_optio
     assert (right.correct, wrong.correct) == (True, False)
     # a text reference that merely starts with a capital is not a letter
     assert not judge("It barks.\nFinal answer: A", "A dog", "multiple_choice").correct
+    # only a reference that leads with its letter names an option, not one that ends with one
+    assert not judge("The label says so.\nFinal answer: B", "Type B", "multiple_choice").correct
