@@ -41,8 +41,12 @@ def score_row(row: dict) -> dict:
 def _judge_one(judge, text: str, answer, row: dict, rule: str | None) -> tuple[str | None, bool, float, str]:
     """One verdict; a judge that fails on one response marks it wrong with the reason, and the
     batch (and the run) goes on."""
+    from mmpr_pipeline.scoring.modes import labelled_by_question
+
     try:
-        v = judge(text, answer, row["answer_type"], options=row["options"] or None, format_rule=rule)
+        # options numbered in the question ("1. cat") are judged by their numbers, others lettered
+        options = labelled_by_question(row["question"], row["options"] or [])
+        v = judge(text, answer, row["answer_type"], options=options or None, format_rule=rule)
     except Exception as e:  # noqa: BLE001 - untrusted text must never stop the run
         return "", False, 0.0, f"{JUDGE_ERROR}: {type(e).__name__}: {e}"[:200]
     return v.extracted, bool(v.correct), float(v.score), v.reason

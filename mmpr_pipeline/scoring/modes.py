@@ -9,6 +9,7 @@ backtrack catastrophically; only `math`, and `number` answers that need symbolic
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 import time
@@ -271,36 +272,98 @@ def score_yes_no(pred: str, golds: list[str], options: list[str], deadline: floa
 
 # ---------------------------------------------------------------- multiple choice
 
-_ALONE = re.compile(r"^[(\[]?([A-Za-z])[)\]]?[.:]?$")
-_LEAD_KEYWORD = re.compile(r"(?i)^(?:option|choice)[ \t]*[(\[]?([a-z])(?![\w'’])[)\]]?[ \t.:)\-]*(.*)$")
-_LEAD_BRACKET = re.compile(r"^[(\[]([A-Za-z])[)\]][ \t.:\-]*(.*)$")
-_LEAD_DELIMITED = re.compile(r"^([A-Z])(?:[.:)]|[ \t]*[-–—])(?![0-9])[ \t]*(.*)$")
-_LEAD_SPACED = re.compile(r"^([A-Z])[ \t]+(.+)$")
-_LEAD_REASON = re.compile(r"^([A-Z])[ \t]+((?:because|since|as|given)\b.*)$")  # "B because ..."
-_DRESSED = re.compile(
-    r"[(\[]([A-Z])[)\]]"  # (B) [B]
-    r"|(?i:\b(?:option|choice)[ \t]*[(\[]?)([A-Za-z])(?![\w'’])"  # option B
-    r"|(?<![\w'’])([A-Z])(?=[.)]?[ \t]*(?:$|[,;/]|\bor\b|\band\b))"  # "A or", "B."
-    r"|(?:\bor\b|\band\b|[,;/])[ \t]*([A-Z])(?![\w'’])"
-)  # ", B" "or B"
-
-
-_LEADS_WITH_LETTER = re.compile(r"[(\[]?[A-Z][.):\]]")  # "B.", "(B)", "B)", "B:", "[B]"
-_OR_LETTER = re.compile(
-    r"(?i:\bor\b|/)[ \t]*(?i:maybe|possibly|perhaps|option)?[ \t]*[(\[]?([A-Z])(?![\w'’])"
+# Option labels are letters (A-Z, then AA, AB, ... as spreadsheets count) or numbers ("1.", "(2)"), as the
+# source writes them. The patterns are built per kind of label: `{L}` is a label in capitals (or digits),
+# `{l}` one in any case, `{NB}` what may not stand just before a bare label ("2.5" names no option 5).
+_LABEL_KINDS = {
+    "letter": (r"[A-Z]", r"[A-Za-z]", r"(?<![\w'’])"),  # up to 26 options
+    "letters": (r"[A-Z]{1,3}", r"[A-Za-z]{1,3}", r"(?<![\w'’])"),  # more: AA, AB, ...
+    "number": (r"[0-9]{1,3}", r"[0-9]{1,3}", r"(?<![\w'’.,])"),
+}
+_LABEL_TEMPLATES = dict(
+    alone=r"^[(\[]?({l})[)\]]?[.:]?$",
+    lead_keyword=r"(?i)^(?:option|choice)[ \t]*[(\[]?({l})(?![\w'’])[)\]]?[ \t.:)\-]*(.*)$",
+    lead_bracket=r"^[(\[]({l})[)\]][ \t.:\-]*(.*)$",
+    lead_delimited=r"^({L})(?:[.:)]|[ \t]*[-–—])(?![0-9])[ \t]*(.*)$",
+    lead_spaced=r"^({L})[ \t]+(.+)$",
+    lead_reason=r"^({L})[ \t]+((?:because|since|as|given)\b.*)$",  # "B because ..."
+    dressed=(
+        r"[(\[]({L})[)\]]"  # (B) [B]
+        r"|(?i:\b(?:option|choice)[ \t]*[(\[]?)({l})(?![\w'’])"  # option B
+        r"|{NB}({L})(?=[.)]?[ \t]*(?:$|[,;/]|\bor\b|\band\b))"  # "A or", "B."
+        r"|(?:\bor\b|\band\b|[,;/])[ \t]*({L})(?![\w'’])"  # ", B" "or B"
+    ),
+    leads_with_label=r"[(\[]?{L}[.):\]]",  # "B.", "(B)", "B)", "B:", "[B]"
+    or_label=r"(?i:\bor\b|/)[ \t]*(?i:maybe|possibly|perhaps|option)?[ \t]*[(\[]?({L})(?![\w'’])",
 )
+
+
+@functools.cache
+def _label_patterns(kind: str) -> dict[str, re.Pattern]:
+    upper, any_case, not_before = _LABEL_KINDS[kind]
+    return {
+        name: re.compile(t.format(L=upper, l=any_case, NB=not_before)) for name, t in _LABEL_TEMPLATES.items()
+    }
+
+
+def letter_label(i: int) -> str:
+    """The letter of option i (from 0), as spreadsheets count columns: A..Z, AA..AZ, BA.., ZZ, AAA..."""
+    label = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        label = LETTERS[r] + label
+    return label
+
+
+_LABEL = r"([A-Za-z]{1,3}|[0-9]{1,3})"
+_OWN_LABEL = re.compile(rf"^[ \t]*(?:\({_LABEL}\)|\[{_LABEL}\]|{_LABEL}[.):])[ \t]+(\S.*)$", re.S)
+
+
+def option_labels(options: list[str]) -> tuple[list[str], list[str], str]:
+    """(labels, option texts without their labels, kind of label) of a question's options. Options
+    that all carry their own labels, in order ("1. cat", "(2) dog"; "a) cat", "b) dog"), keep them;
+    other options are lettered A, B, ..., Z, AA, AB, ... Kind: "letter" (at most 26 single
+    letters), "letters" or "number"."""
+    n = len(options)
+    own = [_OWN_LABEL.match(o) for o in options]
+    if n and all(own):
+        found = [next(g for g in m.groups()[:3] if g).upper() for m in own]
+        texts = [m.group(4).strip() for m in own]
+        if found == [str(i + 1) for i in range(n)]:
+            return found, texts, "number"
+        if found == [letter_label(i) for i in range(n)]:
+            return found, texts, "letter" if n <= 26 else "letters"
+    return [letter_label(i) for i in range(n)], list(options), "letter" if n <= 26 else "letters"
+
+
+def labelled_by_question(question: str, options: list[str]) -> list[str]:
+    """The options as the question lists them: numbered ("2. dog") when the question writes every
+    option after its number, in order ("1. cat", "(2) dog", "3) bird"), else unchanged (options are
+    lettered by default, as most sources letter them)."""
+    if not options or option_labels(options)[2] == "number":
+        return list(options)
+    for k, o in enumerate(options, 1):
+        text = re.escape(o.strip())
+        if not re.search(rf"(?:\({k}\)|(?<![\w.(]){k}[.):])[ \t]*{text}", question):
+            return list(options)
+    return [f"{k}. {o}" for k, o in enumerate(options, 1)]
 
 
 def _plain(s: str) -> str:
     return " ".join(s.lower().split()).strip(" .,;:!?\"'")
 
 
-def option_letter(text: str, options: list[str], n_letters: int) -> tuple[str | None, str]:
-    """The option a free-text answer picks: (letter, "ok") or (None, "none" | "ambiguous").
+def option_letter(
+    text: str, options: list[str], labels: list[str], kind: str = "letter"
+) -> tuple[str | None, str]:
+    """The option a free-text answer picks: (label, "ok") or (None, "none" | "ambiguous").
 
-    Letters in their usual dresses (B, (B), B., B) text, **B**, option B), else the option's text.
-    Two different letters, or a letter whose attached text is another option's, is ambiguous."""
-    valid = LETTERS[:n_letters]
+    Labels (`option_labels`: letters, or numbers) in their usual dresses (B, (B), B., B) text, **B**,
+    option B), else the option's text. Two different labels, or a label whose attached text is another
+    option's, is ambiguous."""
+    p = _label_patterns(kind)
+    valid, n_letters = labels, len(labels)
     norm = normalize_text(text)
     normalized_options = [normalize_text(o) for o in options]
     plain = _plain(text)  # keeps articles: "A. yield" is not the option "yield"
@@ -309,23 +372,23 @@ def option_letter(text: str, options: list[str], n_letters: int) -> tuple[str | 
         return exact[0], "ok"
 
     lead, rest = None, ""
-    m = _ALONE.match(text)
+    m = p["alone"].match(text)
     if m:
         lead = m.group(1).upper()
     else:
-        for pattern in (_LEAD_KEYWORD, _LEAD_BRACKET, _LEAD_DELIMITED, _LEAD_REASON):
+        for pattern in (p["lead_keyword"], p["lead_bracket"], p["lead_delimited"], p["lead_reason"]):
             m = pattern.match(text)
             if m:
                 lead, rest = m.group(1).upper(), m.group(2)
                 break
         else:
-            m = _LEAD_SPACED.match(text)
+            m = p["lead_spaced"].match(text)
             if m and normalize_text(m.group(2)) in normalized_options:
                 lead, rest = m.group(1), m.group(2)
     if lead:  # "C. A and B are wrong" explains; only "or <letter>" after a lead is a hedge
-        found = [lead] + [m.group(1).upper() for m in _OR_LETTER.finditer(rest)]
+        found = [lead] + [m.group(1).upper() for m in p["or_label"].finditer(rest)]
     else:
-        found = [next(g for g in m.groups() if g).upper() for m in _DRESSED.finditer(text)]
+        found = [next(g for g in m.groups() if g).upper() for m in p["dressed"].finditer(text)]
     letters = {x for x in found if x in valid}
     if len(letters) > 1:
         return None, "ambiguous"
@@ -355,21 +418,25 @@ def option_letter(text: str, options: list[str], n_letters: int) -> tuple[str | 
 
 
 def score_multiple_choice(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
+    # any number of options: lettered past Z (AA, AB, ...), or numbered as the source numbers them
+    labels, texts, kind = option_labels(options) if options else (list(LETTERS), [], "letter")
+    p = _label_patterns(kind)
     gold_letters = set()
     for g in golds:
-        m = _ALONE.match(g.strip())
-        if m:
+        m = p["alone"].match(g.strip())
+        if m and (len(m.group(1)) == 1 or m.group(1).upper() in labels):
             gold_letters.add(m.group(1).upper())
-        elif options and any(normalize_text(o) == normalize_text(g) for o in options):
+        elif texts and any(normalize_text(o) == normalize_text(g) for o in texts):
             gold_letters.update(
-                LETTERS[i] for i, o in enumerate(options) if normalize_text(o) == normalize_text(g)
+                labels[i] for i, o in enumerate(texts) if normalize_text(o) == normalize_text(g)
             )
         else:  # a reference that leads with its letter, as many sources write it: "B. red", "(C) 12"
-            letter, status = option_letter(g, options, len(options) if options else 26)
-            if status == "ok" and _LEADS_WITH_LETTER.match(g.strip()):
+            letter, status = option_letter(g, texts, labels, kind)
+            if status == "ok" and p["leads_with_label"].match(g.strip()):
                 gold_letters.add(letter)
-    n_letters = len(options) if options else max(4, *(LETTERS.index(x) + 1 for x in gold_letters or {"A"}))
-    letter, status = option_letter(pred, options, min(n_letters, 26))
+    if not options:  # no option list: as many letters as the reference implies, at least A-D
+        labels = labels[: max(4, *(LETTERS.index(x) + 1 for x in gold_letters or {"A"}))]
+    letter, status = option_letter(pred, texts, labels, kind)
     if status == "ambiguous":
         return _result(pred, 0.0, reason=AMBIGUOUS)
     if letter is None:
