@@ -17,6 +17,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def input_rows(source: Source, path: str, start: int = 0, byte_offset: int = 0) 
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
             if first + n > start:
-                rows = pf.read_row_group(g).to_pylist()
+                rows = _float32_as_written(pf.read_row_group(g), _number_fields(source)).to_pylist()
                 yield from rows[max(0, start - first) :]
             first += n
     elif source.loader == "jsonl":
@@ -97,7 +98,13 @@ def input_rows(source: Source, path: str, start: int = 0, byte_offset: int = 0) 
                 yield _json_row(line, source, base, f"{Path(path).name}:+{line_no}")
     else:
         ds = _dataset(
-            source.loader, source.path, source.dataset, source.config, source.split, source.fields.image
+            source.loader,
+            source.path,
+            source.dataset,
+            source.config,
+            source.split,
+            source.fields.image,
+            _number_fields(source),
         )
         yield from ds.select(range(start, len(ds)))
 
@@ -115,9 +122,44 @@ def jsonl_offsets(path: str, every: int) -> list[int]:
     return offsets
 
 
+def _number_fields(source: Source) -> tuple[str, ...]:
+    """The columns whose numbers become text: the answer and the options."""
+    return (source.fields.answer, source.fields.options or "options")
+
+
+def _float32_as_written(table, names: tuple[str, ...]):
+    """Float32 columns among `names` (or lists of float32) as the doubles of their shortest text: Arrow
+    writes a float32 0.3 as "0.3", the double of which is 0.3, where a plain widening gives
+    0.30000001192092896."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for name in names:
+        if name not in table.column_names:
+            continue
+        kind = table.schema.field(name).type
+        listed = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+        if pa.types.is_float32(kind.value_type if listed else kind):
+            text, double = (
+                (pa.list_(pa.string()), pa.list_(pa.float64())) if listed else (pa.string(), pa.float64())
+            )
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, name, pc.cast(pc.cast(table[name], text), double))
+    return table
+
+
 @functools.lru_cache(maxsize=4)
-def _dataset(loader: str, path: str | None, dataset: str | None, config: str | None, split: str, image: str):
-    """A `datasets` source, memory-mapped; loaded once per worker process."""
+def _dataset(
+    loader: str,
+    path: str | None,
+    dataset: str | None,
+    config: str | None,
+    split: str,
+    image: str,
+    numbers: tuple[str, ...] = (),
+):
+    """A `datasets` source, memory-mapped; loaded once per worker process. The float32 columns among
+    `numbers` read as written (see _float32_as_written)."""
     import datasets
 
     if loader == "hf_disk":
@@ -131,6 +173,13 @@ def _dataset(loader: str, path: str | None, dataset: str | None, config: str | N
         ds = ds.cast_column(
             image, datasets.List(datasets.Image(decode=False)) if listed else datasets.Image(decode=False)
         )
+    for name in numbers:
+        feature = ds.features.get(name)
+        inner = getattr(feature, "feature", feature)  # a List / Sequence of Values holds its Value
+        if getattr(inner, "dtype", None) == "float32":
+            for step in ("string", "float64"):  # through the shortest text, as _float32_as_written
+                value = datasets.Value(step)
+                ds = ds.cast_column(name, datasets.List(value) if inner is not feature else value)
     return ds
 
 
@@ -190,18 +239,40 @@ def check_image(data: bytes) -> None:
         raise BadRow(f"corrupt image ({type(e).__name__})") from None
 
 
+FLOAT_DIGITS = 15  # DBL_DIG: every decimal of up to 15 significant digits survives a trip through a double
+
+
+def number_text(value: int | float | Decimal) -> str:
+    """A number read from a typed column (Parquet, `datasets`, JSON) as a person writes it: an int as it
+    is; a float as the shortest decimal of at most 15 significant digits that reads back as it (so a
+    0.3 stays "0.3", and a 0.1 + 0.2 computed upstream reads "0.3" too, not "0.30000000000000004");
+    integral values without ".0" (3.0 -> "3": pandas stores an int column with a missing value as
+    floats, so a 3.0 there was written 3); a Decimal without trailing zeros ("0.300" -> "0.3").
+    Positional notation, but for magnitudes past 1e16 or below 1e-7."""
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRow("answer is not a finite number")
+    exact = value if isinstance(value, Decimal) else Decimal(format(value, f".{FLOAT_DIGITS}g"))
+    if not exact.is_finite():
+        raise BadRow("answer is not a finite number")
+    exact = exact.normalize()
+    if exact.is_zero():
+        return "0"
+    return format(exact, "f") if -7 <= exact.adjusted() < 16 else format(exact, "g")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, Decimal)) and not isinstance(value, bool)
+
+
 def _answers(value: Any) -> list[str]:
     if isinstance(value, bool) or value is None:
         raise BadRow(f"answer is not text ({type(value).__name__})")
-    if isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise BadRow("answer is not a finite number")
-        return [str(value)]
+    if _is_number(value):
+        return [number_text(value)]
     if isinstance(value, (list, tuple)):
-        out = [
-            _text(v, "answer") if not isinstance(v, (int, float)) or isinstance(v, bool) else str(v)
-            for v in value
-        ]
+        out = [number_text(v) if _is_number(v) else _text(v, "answer") for v in value]
         if not out or not all(a.strip() for a in out):
             raise BadRow("empty answer")
         return out
@@ -267,7 +338,11 @@ def to_question(raw: dict[str, Any], source: Source, row_index: int, check: bool
     if source.pipeline == "correctness" and answer_type not in ANSWER_TYPES:
         raise BadRow(f"unknown answer_type {answer_type!r}")
     options = raw.get(f.options) if f.options else raw.get("options")
-    options = [str(o) for o in options] if isinstance(options, (list, tuple)) else []
+    options = (
+        [number_text(o) if _is_number(o) else str(o) for o in options]
+        if isinstance(options, (list, tuple))
+        else []
+    )
     given = raw.get(f.response) if f.response else None
     given = _text(given, "response").strip() if given is not None else ""
     task = str(raw.get(f.task) or "") if f.task else str(raw.get("task") or "")

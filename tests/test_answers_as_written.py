@@ -103,3 +103,93 @@ def test_the_score_stage_judges_numbered_and_long_option_lists():
     )
     assert long["correct"] == [True, True, False]
     assert not any(r.startswith("judge error") for r in long["reason"])
+
+
+def _chart_png() -> bytes:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (32, 32), "white")
+    ImageDraw.Draw(img).line((0, 0, 31, 31), fill="black", width=3)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_number_text_is_the_shortest_exact_decimal():
+    from decimal import Decimal
+
+    from stages.load import number_text
+
+    cases = {
+        0.3: "0.3",
+        0.1 + 0.2: "0.3",  # 0.30000000000000004, computed upstream
+        3.0: "3",  # an int column with a missing value is float in pandas
+        -0.0: "0",
+        2.5: "2.5",
+        1e-05: "0.00001",
+        123456789.123: "123456789.123",
+        7: "7",
+        10**20: "100000000000000000000",  # ints stay ints, whatever their size
+        Decimal("0.300"): "0.3",
+        Decimal("1E+2"): "100",
+    }
+    assert {v: number_text(v) for v in cases} == cases
+
+
+def test_numbers_from_typed_columns_keep_the_text_people_wrote(tmp_path):
+    """Regression: Parquet floats became str(float): a float32 0.3 was the reference
+    '0.30000001192092896', a float64 0.1 + 0.2 '0.30000000000000004', 3.0 from a float column '3.0'."""
+    from decimal import Decimal
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmpr_pipeline.recipe import Fields, Source
+    from stages.load import load_source
+
+    png = _chart_png()
+    n = 4
+    table = pa.table(
+        {
+            "image": [png] * n,
+            "question": [f"Value {i}?" for i in range(n)],
+            "a64": pa.array([0.3, 0.1 + 0.2, 3.0, 2.5], pa.float64()),
+            "a32": pa.array([0.3, 0.1, 3.0, 1677721.5], pa.float32()),
+            "aint": pa.array([3, 0, -12, 7], pa.int64()),
+            "adec": pa.array(
+                [Decimal("0.300"), Decimal("1.000"), Decimal("12.50"), Decimal("3")], pa.decimal128(9, 3)
+            ),
+            "alist": pa.array([[0.3, 2.0]] * n, pa.list_(pa.float32())),
+            "opts": pa.array([[0.3, 1.0, 2.5]] * n, pa.list_(pa.float32())),
+        }
+    )
+    pq.write_table(table, tmp_path / "rows.parquet")
+    datasets.Dataset(table.drop_columns(["adec"])).save_to_disk(str(tmp_path / "disk"))
+    expected = {
+        "a64": ["0.3", "0.3", "3", "2.5"],
+        "a32": ["0.3", "0.1", "3", "1677721.5"],
+        "aint": ["3", "0", "-12", "7"],
+        "adec": ["0.3", "1", "12.5", "3"],
+    }
+    for loader, path in (("parquet", tmp_path / "rows.parquet"), ("hf_disk", tmp_path / "disk")):
+        for column, want in expected.items():
+            if loader == "hf_disk" and column == "adec":
+                continue
+            src = Source(
+                name="s", loader=loader, path=str(path), answer_type="number", fields=Fields(answer=column)
+            )
+            questions, rejects, _ = load_source(src, unit_size=8)
+            assert not rejects, rejects
+            assert [q["answer"] for q in questions] == want, (loader, column)
+        src = Source(
+            name="s",
+            loader=loader,
+            path=str(path),
+            answer_type="vqa",
+            fields=Fields(answer="alist", options="opts"),
+        )
+        q = load_source(src, unit_size=8)[0][0]
+        assert (q["answers"], q["options"]) == (["0.3", "2"], ["0.3", "1", "2.5"]), loader
