@@ -535,6 +535,17 @@ def print_summary(run: Path, stats: dict[str, Any]) -> None:
         )
     console = Console(width=None if Console().is_terminal else 140)
     console.print(table)
+    for name, s in stats["sources"].items():  # never silent: each is a response or pair lost
+        if s.get("judge_errors"):
+            console.print(
+                f"[yellow]{name}: the judge failed on {s['judge_errors']} response(s), never paired "
+                "(reason 'judge error: ...' in samples/)[/]"
+            )
+        if s.get("same_text_pairs"):
+            console.print(
+                f"{name}: {s['same_text_pairs']} pair(s) dropped: chosen and rejected the same text "
+                "up to white space"
+            )
     t = stats["stage_seconds"]
     console.print(
         f"pairs: {sum(stats['totals']['pairs'].values())} in {len(stats['shards'])} shard(s) under "

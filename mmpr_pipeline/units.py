@@ -116,9 +116,11 @@ class SourceStats:
     engine_errors: int = 0
     correct: int = 0
     unparsable: int = 0
+    judge_errors: int = 0  # responses the judge failed on (reason "judge error: ..."): never paired
     all_right: int = 0
     all_wrong: int = 0
     questions_with_pairs: int = 0
+    same_text_pairs: int = 0  # pairs dropped: chosen and rejected the same text up to white space
     image_tokens: int = 0  # image tokens in the sampling prompts (> 0: the engine saw the images)
     pairs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PAIR_TYPES, 0))
     dropout: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROPOUT_COUNTS, 0))
@@ -145,6 +147,8 @@ class SourceStats:
         self.unparsable += sum(1 for e in row["extracted"] if e is None)
         self.all_right += counts["all_right"]
         self.all_wrong += counts["all_wrong"]
+        self.judge_errors += counts.get("judge_errors", 0)
+        self.same_text_pairs += counts.get("same_text", 0)
         self.image_tokens += row.get("image_tokens") or 0
         self.questions_with_pairs += any(counts[k] for k in PAIR_TYPES)
         for kind in PAIR_TYPES:

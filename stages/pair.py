@@ -24,6 +24,11 @@ def undecided(reason: str) -> bool:
     return reason.startswith(JUDGE_ERROR) or reason in (MATH_TIMEOUT, MATH_ERROR)
 
 
+def same_text(chosen: str, rejected: str) -> bool:
+    """Chosen and rejected the same text but for white space: such a pair teaches nothing."""
+    return "".join(chosen.split()) == "".join(rejected.split())
+
+
 def answer_fixed(row: dict[str, Any], unjudged: frozenset[int]) -> tuple[list[str], set[int]]:
     """`pairing.answer_fix`: the question's responses with every one judged correct carrying the
     reference answer's own text as its final answer (pairing.fix_answer), and the indices changed.
@@ -40,7 +45,9 @@ def pair_rows(
     row: dict[str, Any], source_cfg, *, seed: int, model: str, sampling: dict
 ) -> tuple[list[dict], dict]:
     """(pair rows in records.PAIR_SCHEMA, counts) for one Sample row."""
-    counts: dict[str, Any] = dict(correctness=0, format=0, dropout_ntp=0, all_right=0, all_wrong=0)
+    counts: dict[str, Any] = dict(
+        correctness=0, format=0, dropout_ntp=0, all_right=0, all_wrong=0, judge_errors=0, same_text=0
+    )
     if row["error"]:
         return [], counts
     images = [{"bytes": b, "path": None} for b in row["images"]]
@@ -61,6 +68,7 @@ def pair_rows(
     found: list[tuple[str, dict]] = []
     if row["pipeline"] == "correctness":
         unjudged = frozenset(i for i, r in enumerate(row["reason"]) if undecided(r))
+        counts["judge_errors"] = sum(1 for r in row["reason"] if r.startswith(JUDGE_ERROR))
         texts, fixed = (
             answer_fixed(row, unjudged) if source_cfg.pairing.answer_fix else (row["responses"], set())
         )
@@ -110,6 +118,9 @@ def pair_rows(
             )
     out = []
     for kind, p in found:
+        if same_text(p["chosen"], p["rejected"]):  # whichever rule let it through: dropped, counted
+            counts["same_text"] += 1
+            continue
         counts[kind] += 1
         out.append(
             {**common, **p, "pair_type": kind, "id": pair_id(row["qid"], kind, p["chosen"], p["rejected"])}

@@ -45,7 +45,7 @@ def _judge_one(judge, text: str, answer, row: dict, rule: str | None) -> tuple[s
 
     try:
         # options numbered in the question ("1. cat") are judged by their numbers, others lettered
-        options = labelled_by_question(row["question"], row["options"] or [])
+        options = labelled_by_question(row.get("question") or "", row["options"] or [])
         v = judge(text, answer, row["answer_type"], options=options or None, format_rule=rule)
     except Exception as e:  # noqa: BLE001 - untrusted text must never stop the run
         return "", False, 0.0, f"{JUDGE_ERROR}: {type(e).__name__}: {e}"[:200]

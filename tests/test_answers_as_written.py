@@ -193,3 +193,100 @@ def test_numbers_from_typed_columns_keep_the_text_people_wrote(tmp_path):
         )
         q = load_source(src, unit_size=8)[0][0]
         assert (q["answers"], q["options"]) == (["0.3", "2"], ["0.3", "1", "2.5"]), loader
+
+
+def _scored_row(source, pipeline, i, question, answer, responses, **extra):
+    """A Sample row as sampling leaves it, then scored by the real judge (stages/score.py)."""
+    from mmpr_pipeline import records
+    from stages.sample import empty_sample_columns
+    from stages.score import score_row
+
+    png = _chart_png()
+    row = dict(
+        qid=records.question_id(source, [png], question, answer), source=source, row_index=i, unit=0,
+        unit_plan="", pipeline=pipeline, task="", images=[png], question=question, answer=answer,
+        answers=[answer] if answer else [], answer_type="multiple_choice", options=["red", "blue"],
+        given_response="", rationale="",
+    )  # fmt: skip
+    empty_sample_columns(row, "raw", "{}")
+    row.update(responses=responses, n_tokens=[9] * len(responses), finish_reasons=["stop"] * len(responses))
+    row.update(extra)
+    return score_row(row)
+
+
+def test_judge_errors_and_same_text_pairs_are_counted_per_source_and_reported(tmp_path, capsys):
+    """Regression: a judge error was visible only in samples/ (the build said nothing), and a pair
+    whose chosen and rejected differ only in white space (a DropoutNTP continuation that reproduces
+    the original) was written and trained on."""
+    import pyarrow.parquet as pq
+
+    from mmpr_pipeline import pipeline
+    from mmpr_pipeline import recipe as recipe_mod
+    from mmpr_pipeline.units import BuildStats, WorkUnit
+    from stages.write import write_unit
+
+    rec = recipe_mod.from_dict(
+        dict(
+            name="r",
+            sources=[
+                dict(name="mc", loader="generated", fields=dict(rationale="solution")),
+                dict(name="desc", loader="generated", pipeline="dropout_ntp", dropout=dict(min_words=4)),
+            ],
+        )
+    )
+    right, wrong = "The shape is red.\nFinal answer: A", "The shape is blue.\nFinal answer: B"
+    solution = wrong.replace(" ", "  ")  # the source's worked solution: a wrong sample up to white space
+    mc_rows = [
+        # a reference the judge cannot use: every response a judge error, never paired
+        _scored_row("mc", "correctness", 0, "Which colour?", "", [right, wrong, right]),
+        _scored_row("mc", "correctness", 1, "Which now?", "A", [right, wrong], rationale=solution),
+    ]
+    assert [r.startswith("judge error") for r in mc_rows[0]["reason"]] == [True] * 3
+    original = "The image shows a red circle on a white background today."
+    desc_rows = [
+        _scored_row(
+            "desc", "dropout_ntp", 0, "Describe this image.", "", [original, original],
+            prefix_words=[5, 5],
+            continuations=[" circle on a  white\nbackground today.", " beside a sleeping dog."],
+        )
+    ]  # fmt: skip
+    stats = BuildStats.for_recipe(rec)
+    sources = {s.name: s for s in rec.sources}
+    for name, rows in (("mc", mc_rows), ("desc", desc_rows)):
+        unit = WorkUnit(source=name, unit=0, path="", start=0, stop=len(rows), first_row=0)
+        counts = write_unit(
+            tmp_path, unit, rows, [], sources[name], seed=0, model="m", sampling={},
+            pair_schema=pipeline.pair_schema(),
+        )  # fmt: skip
+        stats.add_unit(name, counts)
+        pairs = pq.read_table(tmp_path / "pairs" / name / "unit-00000.parquet").to_pylist()
+        assert all("".join(p["chosen"].split()) != "".join(p["rejected"].split()) for p in pairs)
+    per_source = stats.to_dict()["sources"]
+    assert (per_source["mc"]["judge_errors"], per_source["desc"]["judge_errors"]) == (3, 0)
+    assert per_source["mc"]["same_text_pairs"] == 1  # the worked solution against its own copy
+    assert per_source["desc"]["same_text_pairs"] == 1 and per_source["desc"]["pairs"]["dropout_ntp"] == 1
+    assert per_source["mc"]["pairs"]["correctness"] == 1  # the sampled right answer vs the wrong one
+
+    pipeline.print_summary(
+        tmp_path, {**stats.to_dict(), "stage_seconds": dict.fromkeys(("total", "load", "generate_wall"), 0.0)}
+    )
+    out = " ".join(capsys.readouterr().out.split())
+    assert "mc: the judge failed on 3 response(s)" in out
+    assert "desc: 1 pair(s) dropped: chosen and rejected the same text" in out
+
+
+def test_the_card_reports_judge_errors_and_dropped_pairs_per_source(tmp_path):
+    import json
+
+    from _run_fixture import make_run
+
+    from mmpr_pipeline import card
+
+    run = make_run(tmp_path / "run", n_shapes=2, n_scenes=1, n_shards=1)
+    assert "judge errors" not in card.render_card(card.read_run(run))  # none: no table
+    stats = json.loads((run / "stats.json").read_text())
+    stats["sources"]["shapes"].update(judge_errors=3, same_text_pairs=0)
+    stats["sources"]["scenes"].update(judge_errors=0, same_text_pairs=2)
+    (run / "stats.json").write_text(json.dumps(stats))
+    text = card.render_card(card.read_run(run))
+    assert "| `shapes` | 3 | 0 |" in text and "| `scenes` | 0 | 2 |" in text
