@@ -4,7 +4,8 @@ A unit is a run of consecutive rows of one input (file) of one source. The drive
 a scan of each input (row count and each row's qid, so duplicates across the whole source are known
 before any unit is read); Ray workers read, sample, score, pair and write each unit on their own.
 A unit is finished when its counts file (`samples/<source>/unit-XXXXX.json`) exists and names the
-same plan (`key`): it is written last, after the unit's samples and pairs.
+same plan (`key`): it is written last, after the unit's samples and pairs. The key covers the rows'
+qids too, so a row edited in place (same row count) between a run and its resume redoes its unit.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from typing import Any
 from mmpr_pipeline.records import stable_hash
 
 PAIR_TYPES = ("correctness", "format", "dropout_ntp")
+VERDICT_COUNTS = ("rules", "model", "undecided")
+# asked: answers the judge model rated; cache_hits: of those, verdicts from an earlier batch or run;
+# failed / off_format / disagreed: left undecided for that cause; both_decided / agree: rules and model
+# both decided (correct or wrong), and how often the same way
+JUDGE_MODEL_COUNTS = ("asked", "cache_hits", "failed", "off_format", "disagreed", "both_decided", "agree")
 DROPOUT_COUNTS = ("sampled", "cut", "too_short", "continued", "empty_continuation", "identical")
 
 
@@ -31,13 +37,31 @@ class WorkUnit:
     first_row: int  # index of row `start` in the whole source (for rejects and audit)
     byte_offset: int = 0  # JSON Lines: where row `start` begins
     duplicates: tuple[int, ...] = ()  # source row indices that repeat an earlier row's qid
+    qids_digest: str = ""  # digest of the unit's rows' qids (None for a bad row), in order
+    # (source row, first source, its row): rows showing an earlier row's image and question
+    near_duplicates: tuple[tuple[int, str, int], ...] = ()
+    benchmarks: str = ""  # identity of the benchmark index the unit's rows are checked against
 
     @property
     def key(self) -> str:
-        """Identifies what the unit covers: a resumed run redoes a unit whose plan changed."""
+        """Identifies what the unit covers, its rows' content included: a resumed run redoes a unit
+        whose plan or rows changed."""
         return stable_hash(
-            "unit", self.source, self.path, self.start, self.stop, self.first_row, list(self.duplicates)
+            "unit",
+            self.source,
+            self.path,
+            self.start,
+            self.stop,
+            self.first_row,
+            list(self.duplicates),
+            self.qids_digest,
+            *self._set_aside_plan(),
         )
+
+    def _set_aside_plan(self) -> list[dict]:
+        # in the key only when present, so units planned before these checks keep their key
+        plan = {"near_duplicates": self.near_duplicates, "benchmarks": self.benchmarks}
+        return [{k: v for k, v in plan.items() if v}] if any(plan.values()) else []
 
     def to_item(self) -> dict[str, Any]:
         return {"unit_plan": json.dumps(dataclasses.asdict(self))}
@@ -45,25 +69,33 @@ class WorkUnit:
     @classmethod
     def from_item(cls, item: dict[str, Any]) -> WorkUnit:
         d = json.loads(item["unit_plan"])
-        return cls(**{**d, "duplicates": tuple(d["duplicates"])})
+        near = tuple(tuple(n) for n in d.get("near_duplicates", ()))
+        return cls(**{**d, "duplicates": tuple(d["duplicates"]), "near_duplicates": near})
 
 
-def plan_source(source, scans: list[dict[str, Any]], unit_size: int) -> list[WorkUnit]:
+def plan_source(source, scans: list[dict[str, Any]], unit_size: int, earlier=None) -> list[WorkUnit]:
     """Units of `unit_size` rows over a source's scanned inputs, in order, up to `source.limit`
-    rows; a row whose qid appeared earlier in the source is marked a duplicate."""
+    rows; a row whose qid appeared earlier in the source is marked a duplicate, and, given
+    `earlier` (decontam.EarlierRows, shared by the sources in recipe order), a row whose scan key
+    repeats an earlier row's of any source is marked a near-duplicate of that row."""
     units: list[WorkUnit] = []
     seen: set[str] = set()
     first_row, remaining = 0, source.limit
     for scan in scans:
         qids = scan["qids"] if remaining is None else scan["qids"][:remaining]
+        keys = scan.get("keys") or [None] * len(qids)
         for start in range(0, len(qids), unit_size):
             stop = min(start + unit_size, len(qids))
-            duplicates = []
+            duplicates, near = [], []
             for k in range(start, stop):
                 if qids[k] is None:
                     continue
                 if qids[k] in seen:
                     duplicates.append(first_row + k)
+                elif earlier is not None and keys[k] is not None:
+                    first = earlier.first(keys[k], source.name, first_row + k)
+                    if first is not None:
+                        near.append((first_row + k, *first))
                 seen.add(qids[k])
             offsets = scan.get("offsets") or []
             units.append(
@@ -76,6 +108,8 @@ def plan_source(source, scans: list[dict[str, Any]], unit_size: int) -> list[Wor
                     first_row + start,
                     offsets[start // unit_size] if offsets else 0,
                     tuple(duplicates),
+                    stable_hash(qids[start:stop]),
+                    tuple(near),
                 )
             )
         first_row += len(qids)
@@ -111,6 +145,8 @@ class SourceStats:
     rows: int = 0
     rejects: int = 0
     reject_reasons: dict[str, int] = field(default_factory=dict)
+    leaks: dict[str, int] = field(default_factory=dict)  # benchmark -> rows set aside as its leaks
+    near_duplicates: int = 0  # rows set aside as near-duplicates of an earlier row
     questions: int = 0
     samples: int = 0
     engine_errors: int = 0
@@ -124,6 +160,10 @@ class SourceStats:
     image_tokens: int = 0  # image tokens in the sampling prompts (> 0: the engine saw the images)
     pairs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PAIR_TYPES, 0))
     dropout: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROPOUT_COUNTS, 0))
+    # who decided the correctness verdicts (rules / model / undecided), and the judge model's figures
+    # (scoring/model_judge.py: verdict_counts)
+    verdicts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICT_COUNTS, 0))
+    judge_model: dict[str, int] = field(default_factory=lambda: dict.fromkeys(JUDGE_MODEL_COUNTS, 0))
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("sample", "continue", "score"), 0.0)
     )
@@ -158,6 +198,14 @@ class SourceStats:
             self.dropout["cut"] += sum(1 for k in row["prefix_words"] if k >= 0)
             for k, v in counts["dropout"].items():
                 self.dropout[k] += v
+        if row["pipeline"] == "correctness":
+            from mmpr_pipeline.scoring.model_judge import verdict_counts
+
+            verdicts, judged = verdict_counts(row)
+            for k, v in verdicts.items():
+                self.verdicts[k] += v
+            for k, v in judged.items():
+                self.judge_model[k] += v
         for key in self.seconds:
             self.seconds[key] += row[f"{key}_seconds"]
 
@@ -189,6 +237,8 @@ class BuildStats:
     shards: list[str] = field(default_factory=list)
     resume: dict[str, int] = field(default_factory=dict)
     created: str | None = None
+    # benchmark -> {rows, images, unreadable} of the decontamination index (empty without one)
+    benchmarks: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
     def for_recipe(cls, recipe) -> BuildStats:
@@ -228,6 +278,11 @@ class BuildStats:
             for key in ("rows", "rejects", "questions", "samples")
         }
         totals["pairs"] = {kind: sum(s["pairs"][kind] for s in per_source.values()) for kind in PAIR_TYPES}
+        totals["near_duplicates"] = sum(s.near_duplicates for s in self.sources.values())
+        decontamination = {
+            name: dict(index, set_aside=sum(s.leaks.get(name, 0) for s in self.sources.values()))
+            for name, index in self.benchmarks.items()
+        }
         return dict(
             recipe=self.recipe,
             model=self.model,
@@ -239,4 +294,5 @@ class BuildStats:
             stage_seconds={k: round(v, 3) for k, v in seconds.items()},
             shards=self.shards,
             resume=self.resume,
+            **({"decontamination": decontamination} if decontamination else {}),
         )

@@ -99,6 +99,70 @@ MUTANTS = [
         "chosen=prefix + continuation,\n                rejected=text,",
         ["tests/test_dropout_truncate.py"],
     ),
+    Mutant(
+        "dropout: the continuation always sees the images (with_image forced on)",
+        "stages/dropout_ntp.py",
+        "conversation(row, with_image=cfg.with_image)",
+        "conversation(row, with_image=True)",
+        ["tests/test_dropout_with_image.py", "-k", "request_holds_the_images"],
+    ),
+    Mutant(
+        "trainer: LoRA reference is the adapted policy (adapters not disabled)",
+        "mmpr_pipeline/train/loop.py",
+        "        with model.disable_adapter():  # LoRA: the base model is the reference\n"
+        "            return response_logps(model, batch)[0]",
+        "        return response_logps(model, batch)[0]",
+        ["tests/test_train_reference.py"],
+    ),
+    Mutant(
+        "trainer: live reference is the policy itself, not a frozen copy",
+        "mmpr_pipeline/train/loop.py",
+        "ref_model = copy.deepcopy(model).eval().requires_grad_(False)",
+        "ref_model = model",
+        ["tests/test_train_reference.py"],
+    ),
+    Mutant(
+        "trainer: warm-up never applied",
+        "mmpr_pipeline/train/loop.py",
+        "    if step < warmup:\n",
+        "    if step < 0:\n",
+        ["tests/test_train_reference.py"],
+    ),
+    Mutant(
+        "trainer: running-mean delta fed reference minus policy",
+        "mmpr_pipeline/train/loop.py",
+        "mean_reward = cfg.beta * (logps.detach() - ref_logps).mean()",
+        "mean_reward = cfg.beta * (ref_logps - logps.detach()).mean()",
+        ["tests/test_train_reference.py"],
+    ),
+    Mutant(
+        "qid: a multi-image question hashes only its first image",
+        "mmpr_pipeline/records.py",
+        "stable_hash(*images, length=64)",
+        "stable_hash(*images[:1], length=64)",
+        ["tests/test_unit_keys.py"],
+    ),
+    Mutant(
+        "resume: a counts file of another plan or other rows counts as done",
+        "mmpr_pipeline/units.py",
+        'json.loads(path.read_text()).get("key") == unit.key',
+        'json.loads(path.read_text()).get("key") is not None',
+        ["tests/test_unit_keys.py"],
+    ),
+    Mutant(
+        "resume: a unit's key ignores its rows' content",
+        "mmpr_pipeline/units.py",
+        "            self.qids_digest,\n",
+        "",
+        ["tests/test_unit_keys.py"],
+    ),
+    Mutant(
+        "engine: a replica's placement group may span nodes (PACK, not STRICT_PACK)",
+        "mmpr_pipeline/engine.py",
+        'pg = placement_group(plan.bundles, strategy="STRICT_PACK")',
+        'pg = placement_group(plan.bundles, strategy="PACK")',
+        ["tests/test_cluster.py", "-k", "replica_plan_rules"],
+    ),
 ]
 
 

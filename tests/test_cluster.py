@@ -146,18 +146,28 @@ def test_cluster_build_equals_single_node_even_when_the_engine_node_dies(
 
 PLACEMENT_PROBE = """
 import json, ray
+from ray.util.placement_group import placement_group_table
 from mmpr_pipeline.pipeline import init_ray, cluster_gpus
-from mmpr_pipeline.engine import replica_plan
-from ray.util.placement_group import placement_group
+from mmpr_pipeline.engine import actor_options, replica_plan
 init_ray(None)  # joins the cluster named by RAY_ADDRESS
 out = {}
-for tp in (1, 2, 4):
+for tp in (2, 4):
+    # what the build does (pipeline.run_units): the plan, then one placement per engine actor
     plan = replica_plan(cluster_gpus(), {"tensor_parallel_size": tp})
-    groups = [placement_group(plan.bundles, strategy="STRICT_PACK") for _ in range(plan.replicas)]
+    options = actor_options(plan)
+    groups = [options["ray_remote_args_fn"]()["scheduling_strategy"].placement_group
+              for _ in range(plan.replicas)]
     placed = all(g.wait(timeout_seconds=20) for g in groups)
-    extra = placement_group(plan.bundles, strategy="STRICT_PACK")
-    out[tp] = dict(replicas=plan.replicas, bundles=plan.bundles, placed=placed,
-                   one_more_fits=extra.wait(timeout_seconds=2))
+    tables = [placement_group_table(g) for g in groups]
+    extra = options["ray_remote_args_fn"]()["scheduling_strategy"].placement_group
+    out[tp] = dict(
+        replicas=plan.replicas, placed=placed, one_more_fits=extra.wait(timeout_seconds=2),
+        actor=dict(num_gpus=options["num_gpus"], num_cpus=options["num_cpus"]),
+        strategies=[t["strategy"] for t in tables],
+        bundles=[list(t["bundles"].values()) for t in tables],
+        nodes_per_group=[len(set(t["bundles_to_node_id"].values())) for t in tables],
+        nodes=len({n for t in tables for n in t["bundles_to_node_id"].values()}),
+    )
     for g in groups + [extra]:
         ray.util.remove_placement_group(g)
 print("PLAN" + json.dumps(out))
@@ -165,8 +175,9 @@ print("PLAN" + json.dumps(out))
 
 
 def test_gpu_replicas_and_bundles_are_planned_per_node():
-    """Two nodes declaring 4 (logical) GPUs each: TP 1, 2, 4 give 8, 4, 2 replicas, each one placement
-    group of TP single-GPU bundles on one node; all of them fit, one more does not."""
+    """Two nodes declaring 4 (logical) GPUs each: TP 2 and 4 give 4 and 2 replicas, each placed by the
+    build's own `actor_options` as one STRICT_PACK placement group of TP single-GPU bundles, all on
+    one node; all of them fit, over both nodes, and one more does not."""
     from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, num_gpus=0, include_dashboard=False))
@@ -187,13 +198,21 @@ def test_gpu_replicas_and_bundles_are_planned_per_node():
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PLAN")), None)
     assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
     plan = {int(k): v for k, v in json.loads(line[4:]).items()}
-    for tp, replicas in ((1, 8), (2, 4), (4, 2)):
-        assert plan[tp]["replicas"] == replicas
-        assert plan[tp]["bundles"] == [{"GPU": 1, "CPU": 1}] * tp
-        assert plan[tp]["placed"] and not plan[tp]["one_more_fits"]
+    for tp, replicas in ((2, 4), (4, 2)):
+        p = plan[tp]
+        assert p["replicas"] == replicas and p["actor"] == {"num_gpus": 0, "num_cpus": 0}
+        assert p["strategies"] == ["STRICT_PACK"] * replicas
+        assert p["bundles"] == [[{"GPU": 1.0, "CPU": 1.0}] * tp] * replicas
+        assert p["nodes_per_group"] == [1] * replicas and p["nodes"] == 2
+        assert p["placed"] and not p["one_more_fits"]
 
 
-def test_replica_plan_rules():
+def test_replica_plan_rules(monkeypatch):
+    import importlib
+
+    from ray.util.placement_group import PlacementGroup
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     from mmpr_pipeline.engine import actor_options, replica_plan
 
     assert replica_plan([3, 4], {"tensor_parallel_size": 2}).replicas == 1 + 2  # never across nodes
@@ -202,6 +221,23 @@ def test_replica_plan_rules():
     assert (cpu.replicas, cpu.gpus_per_replica) == (1, 0) and actor_options(cpu) == {"num_cpus": 1}
     assert actor_options(replica_plan([4], {})) == {"num_gpus": 1}
     tp2 = actor_options(replica_plan([4], {"tensor_parallel_size": 2}))
-    assert tp2["num_gpus"] == 0 and callable(tp2["ray_remote_args_fn"])
+    assert (tp2["num_gpus"], tp2["num_cpus"]) == (0, 0)  # the placement group holds the replica's GPUs
+    # each call (one per engine actor) reserves one placement group of two GPU bundles on ONE node
+    made = []
+
+    def placement_group(bundles, strategy):
+        made.append((bundles, strategy))
+        return object.__new__(PlacementGroup)
+
+    # the module, not the function of the same name that ray.util exports
+    monkeypatch.setattr(
+        importlib.import_module("ray.util.placement_group"), "placement_group", placement_group
+    )
+    first, second = tp2["ray_remote_args_fn"](), tp2["ray_remote_args_fn"]()
+    assert made == [([{"GPU": 1, "CPU": 1}] * 2, "STRICT_PACK")] * 2
+    strategy = first["scheduling_strategy"]
+    assert isinstance(strategy, PlacementGroupSchedulingStrategy)
+    assert strategy.placement_group_capture_child_tasks  # vLLM's own workers join the group
+    assert strategy.placement_group is not second["scheduling_strategy"].placement_group
     with pytest.raises(ValueError, match="no node has the 8 GPUs"):
         replica_plan([4, 4], {"tensor_parallel_size": 8})

@@ -35,6 +35,53 @@ def test_a_non_boolean_is_refused_naming_the_key():
         recipe_mod.from_dict(_demo(with_image="yes"))
 
 
+class _ConversationRecorder:
+    """Stands in for the engine to keep each continuation's conversation (the real engine's image
+    tokens are checked below)."""
+
+    def __init__(self):
+        self.conversations = []
+
+    params = staticmethod(lambda **kw: kw)
+
+    async def chat(self, conversation, params, continue_final=False):
+        from mmpr_pipeline.engine import Completion
+
+        self.conversations.append(conversation())
+        return Completion(texts=["and so on."], n_tokens=[3], finish_reasons=["stop"])
+
+    def image_tokens(self, completion):
+        return 0
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_the_continuation_request_holds_the_images_only_with_the_option(with_image):
+    import asyncio
+
+    from mmpr_pipeline import tasks
+    from mmpr_pipeline.recipe import Dropout, Sampling
+    from stages.dropout_ntp import continue_prefixes
+
+    q = next(tasks.generate(1))
+    row = dict(
+        qid="q0",
+        images=[q["image"]],
+        question=q["question"],
+        prompt_template="raw",
+        responses=["one two three four five six seven eight nine ten"] * 2,
+        error="",
+    )
+    engine = _ConversationRecorder()
+    asyncio.run(continue_prefixes(row, engine, Sampling(n=2), Dropout(with_image=with_image)))
+    assert len(engine.conversations) == 2 and row["prefix_words"] == [5, 5]
+    for conv in engine.conversations:
+        assert [m["role"] for m in conv] == ["user", "assistant"] and conv[1][
+            "content"
+        ] == "one two three four five"
+        images = [part for part in conv[0]["content"] if part["type"] == "image_pil"]
+        assert len(images) == (1 if with_image else 0)
+
+
 @pytest.mark.slow
 def test_continuation_sees_the_images_only_with_the_option(tmp_path, ray_local, trained_model):
     """One build, two DropoutNTP sources on the same questions, one with `with_image`: the engine

@@ -302,13 +302,26 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny, run_dir, tmp_path):
     ][2:]
 
 
-def test_lora_trains_adapters_against_the_base_model(tiny, run_dir, tmp_path):
-    summary = train(config(tiny, run_dir, tmp_path, lora=True, lora_r=4, max_steps=4, save_model=True))
-    rows = metrics(tmp_path)
+# LoRA without dropout: a reference that were the adapted policy would give rewards of exactly 0 at
+# every step; a warm-up over half the steps and a floor under the cosine, so the schedule shows.
+LORA = dict(lora=True, lora_r=4, lora_dropout=0.0, max_steps=4, warmup_ratio=0.5, min_lr_ratio=0.1)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny, run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    return out, train(config(tiny, run_dir, out, save_model=True, **LORA))
+
+
+def test_lora_trains_adapters_against_the_base_model(tiny, lora_run):
+    out, summary = lora_run
+    rows = metrics(out)
     # adapters start at zero: the policy is the reference, every reward is exactly 0 at step 1
     assert rows[0]["chosen_reward"] == 0.0 and rows[0]["rejected_reward"] == 0.0
-    assert rows[-1]["reward_margin"] != 0.0
-    trainable = torch.load(tmp_path / "checkpoint-000004" / "state.pt", weights_only=False)["trainable"]
+    # later, the base model is the reference: rewards away from 0 (exactly 0 were it the policy)
+    assert all(abs(r["chosen_reward"]) > 1e-2 and abs(r["rejected_reward"]) > 1e-2 for r in rows[1:])
+    assert rows[-1]["reward_margin"] > 0
+    trainable = torch.load(out / "checkpoint-000004" / "state.pt", weights_only=False)["trainable"]
     # adapters, and the projector (Qwen's merger) in full, as under freeze_vision without LoRA (issue 14)
     assert trainable and all("lora_" in name or ".merger.modules_to_save." in name for name in trainable)
     assert any(".merger." in name for name in trainable)
@@ -323,6 +336,28 @@ def test_lora_trains_adapters_against_the_base_model(tiny, run_dir, tmp_path):
     assert set(base) == set(merged)
     changed = [k for k in base if not torch.equal(base[k], merged[k])]
     assert changed and all("proj" in k or ".merger." in k for k in changed)
+
+
+def test_lora_live_reference_gives_the_precomputed_base_model_loss(tiny, run_dir, lora_run, tmp_path):
+    """The live LoRA reference (the policy with its adapters disabled) scores as the base model's
+    log-probabilities precomputed before LoRA is added: each loss term, step by step."""
+    train(config(tiny, run_dir, tmp_path, reference="precomputed", **LORA))
+    live, pre = metrics(lora_run[0]), metrics(tmp_path)
+    assert [r["step"] for r in live] == [r["step"] for r in pre] == [1, 2, 3, 4]
+    for a, b in zip(live, pre):
+        for key in ("loss", "preference", "bco", "sft", "chosen_reward", "rejected_reward", "delta"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
+
+
+def test_logged_learning_rate_is_the_warmup_then_cosine_schedule(lora_run):
+    # 4 steps, warmup_ratio 0.5: 2 warm-up steps to the peak (1e-3), then a cosine over the other 2
+    # from the peak down towards min_lr_ratio 0.1 of it: 0.1 + 0.9 * (1 + cos(pi * k / 2)) / 2
+    peak, floor = 1e-3, 0.1
+    expected = [peak * 1 / 2, peak * 2 / 2] + [
+        peak * (floor + (1 - floor) * (1 + math.cos(math.pi * k / 2)) / 2) for k in (0, 1)
+    ]
+    assert [r["lr"] for r in metrics(lora_run[0])] == pytest.approx(expected, rel=1e-9)
+    assert expected == pytest.approx([5e-4, 1e-3, 1e-3, 5.5e-4])
 
 
 def test_precomputed_reference_gives_the_live_reference_loss(tiny, run_dir, tmp_path):
