@@ -209,13 +209,12 @@ def _messages(question: str) -> list[dict]:
 
 def _batch(processor, rows: list[dict]) -> dict:
     """Tokenize prompt + response + <|im_end|> with the processor; labels only on the response."""
-    import io
-
     import torch
-    from PIL import Image
+
+    from mmpr_pipeline.records import decode_image
 
     tok = processor.tokenizer
-    images = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows]
+    images = [decode_image(r["image"]) for r in rows]
     prompts_ = [
         tok.apply_chat_template(_messages(r["question"]), tokenize=False, add_generation_prompt=True)
         for r in rows
@@ -430,13 +429,11 @@ def heldout_accuracy_hf(
 
     vLLM (`heldout_accuracy_vllm`) is how the pipeline samples; the two agree within noise.
     """
-    import io
-
     import torch
-    from PIL import Image
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     from mmpr_pipeline import tasks
+    from mmpr_pipeline.records import decode_image
 
     processor = AutoProcessor.from_pretrained(model_dir)
     tok = processor.tokenizer
@@ -453,7 +450,7 @@ def heldout_accuracy_hf(
                     )
                     for r in chunk
                 ],
-                images=[Image.open(io.BytesIO(r["image"])).convert("RGB") for r in chunk],
+                images=[decode_image(r["image"]) for r in chunk],
                 return_tensors="pt",
                 padding=True,
                 padding_side="left",
@@ -475,12 +472,10 @@ def heldout_accuracy_vllm(
     samples are both right and wrong}} plus "all", whether vLLM's prompt tokens equal the training
     prompt's, and one example. Needs a `__main__` guard in the caller (vLLM spawns a process).
     """
-    import io
-
-    from PIL import Image
     from vllm import LLM, SamplingParams
 
     from mmpr_pipeline import prompts, tasks
+    from mmpr_pipeline.records import decode_image
 
     rows = [r for r in tasks.generate(n, seed=HELDOUT_SEED, offset=HELDOUT_OFFSET)]
     llm = LLM(model=str(model_dir), enforce_eager=True, dtype="bfloat16", max_model_len=1024, seed=0)
@@ -489,7 +484,7 @@ def heldout_accuracy_vllm(
             {
                 "role": "user",
                 "content": [
-                    {"type": "image_pil", "image_pil": Image.open(io.BytesIO(r["image"])).convert("RGB")},
+                    {"type": "image_pil", "image_pil": decode_image(r["image"])},
                     {"type": "text", "text": prompts.render("cot_final_answer", r["question"])},
                 ],
             }

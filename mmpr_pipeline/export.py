@@ -8,14 +8,18 @@
   `chosen` / `rejected` = [{"role": "assistant", "content": [{"type": "text", "text": ...}]}],
   `images` = the question's images; plus `id`, `qid`, `source`, `pair_type`, `provenance` to trace rows back.
 - `internvl`: the layout InternVL's MPO training (`internvl_chat_mpo.py --meta_path`) reads:
-  `DIR/images/<source>/<qid>.<ext>` (original bytes, one file per question), one JSON Lines file per
+  `DIR/images/<source>/<qid>.<ext>` (one file per question), one JSON Lines file per
   source `DIR/annotations/<source>.jsonl` with `image`, `question` ("<image>\\n" + prompt),
   `chosen`, `rejected`, and `DIR/meta.json` {source: {root, annotation, data_augment, repeat_time,
   length}}. InternVL joins `root` with `image` relative to where it is launched, so `root` and
   `annotation` are absolute paths.
 
 The prompt a trainer sees is the one the responses were sampled with: a pair's `question` is already
-the user turn (its source question inside its prompt template, see stages/pair.py), used as is.
+the user turn (its source question inside its prompt template, see stages/pair.py), used as is. So are
+the pixels: both formats carry an image's original bytes where a plain `Image.open(...).convert("RGB")`
+(what InternVL and transformers' processors do) reads the pixels the model was sampled with, and a
+lossless PNG of those pixels (records.decode_image: upright, transparency on the source's background,
+16-bit scaled) where it would not (records.image_for_readers).
 
 An export is written to a temporary folder next to DIR and renamed into place when complete. DIR
 must be missing, empty, or an earlier export: it holds `mmpr_export.json`, which lists every file
@@ -28,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import io
 import json
 import os
@@ -42,6 +47,7 @@ import pyarrow.parquet as pq
 from mmpr_pipeline import card as card_mod
 from mmpr_pipeline.preflight import first_file_above
 from mmpr_pipeline.prompts import placeholders, user_content
+from mmpr_pipeline.records import background_of, image_for_readers
 
 MARKER = "mmpr_export.json"
 BATCH_ROWS = 256
@@ -74,6 +80,20 @@ def trl_features():
     )
 
 
+@functools.lru_cache(maxsize=64)  # a question's image is shared by its pairs: decoded once
+def _readable(data: bytes, background: tuple[int, int, int]) -> bytes:
+    try:
+        return image_for_readers(data, background)[0]
+    except Exception:  # noqa: BLE001 - not an image: passed on as it is (the InternVL export names it)
+        return data
+
+
+def readable_images(pair: dict) -> list[bytes]:
+    """The pair's images as other trainers should read them (see the module docstring)."""
+    background = background_of(pair.get("provenance"))
+    return [_readable(im["bytes"], background) for im in pair["images"] or []]
+
+
 def trl_row(pair: dict) -> dict:
     """One pair row (PAIR_SCHEMA, as Python) in TRL's conversational vision format."""
     images = pair["images"] or []
@@ -83,7 +103,7 @@ def trl_row(pair: dict) -> dict:
         "prompt": [{"role": "user", "content": user}],
         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": pair["chosen"]}]}],
         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": pair["rejected"]}]}],
-        "images": [{"bytes": im["bytes"], "path": None} for im in images],
+        "images": [{"bytes": data, "path": None} for data in readable_images(pair)],
         **{c: pair[c] for c in TRL_COLUMNS},
         "provenance": pair.get("provenance") or "{}",  # what shaped the pair (records.PAIR_SCHEMA)
     }
@@ -152,11 +172,11 @@ def _write_internvl(run: dict, out: Path, final: Path) -> dict:
                         files[source] = open(out / "annotations" / f"{source}.jsonl", "w", encoding="utf-8")
                         lengths[source] = 0
                     paths = []
-                    for k, im in enumerate(pair["images"] or []):
+                    for k, data in enumerate(readable_images(pair)):
                         name = pair["qid"] if len(pair["images"]) == 1 else f"{pair['qid']}-{k}"
-                        rel = f"{name}.{_image_extension(im['bytes'], pair['id'])}"
+                        rel = f"{name}.{_image_extension(data, pair['id'])}"
                         if (source, rel) not in written:  # a question's image is shared by its pairs
-                            (out / "images" / source / rel).write_bytes(im["bytes"])
+                            (out / "images" / source / rel).write_bytes(data)
                             written.add((source, rel))
                         paths.append(rel)
                     files[source].write(json.dumps(internvl_row(pair, paths), ensure_ascii=False) + "\n")

@@ -491,14 +491,12 @@ def build(family: str, out_dir: str | Path) -> Path:
 
 def _vllm_check(path: Path) -> str:
     """Load `path` in vLLM and sample one answer to an image prompt; returns the text."""
-    import io
-
-    from PIL import Image
     from vllm import LLM, SamplingParams
 
     from mmpr_pipeline import tasks
+    from mmpr_pipeline.records import decode_image
 
-    image = Image.open(io.BytesIO(next(iter(tasks.generate(1, seed=0)))["image"])).convert("RGB")
+    image = decode_image(next(iter(tasks.generate(1, seed=0)))["image"])
     llm = LLM(
         model=str(path),
         enforce_eager=True,

@@ -338,6 +338,7 @@ def run_units(recipe: Recipe, run: Path, model: str, units: list[WorkUnit], max_
             sampling=recipe.sampling,
             source_sampling={n: recipe.sampling_for(s) for n, s in sources.items() if s.sampling},
             image_max_pixels={n: s.image_max_pixels for n, s in sources.items() if s.image_max_pixels},
+            image_background={n: tuple(s.image_background) for n, s in sources.items()},
             templates={n: recipe.template_for(s) for n, s in sources.items()},
             dropout={n: s.dropout for n, s in sources.items()},
         ),

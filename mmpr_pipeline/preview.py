@@ -36,6 +36,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from mmpr_pipeline.records import WHITE, background_of, decode_image, plain_pixels
 from mmpr_pipeline.shards import SHARD_RE
 from stages.dropout_ntp import prefix_of
 from stages.score import JUDGE_ERROR  # reason prefix of a response the judge failed on (never paired)
@@ -224,18 +225,20 @@ def _read_json(path: Path) -> dict:
 # --- pieces of the page ------------------------------------------------------------------------
 
 
-def thumbnail(data: bytes | None) -> str:
-    """An <img> with the image as a small data: URI, or a note when the bytes are not an image."""
+def thumbnail(data: bytes | None, background=WHITE) -> str:
+    """An <img> with the image as a small data: URI, or a note when the bytes are not an image. It shows
+    the model's pixels (records.decode_image): the file itself only where a browser shows the same."""
     from PIL import Image
 
     try:
         img = Image.open(io.BytesIO(data or b""))
         img.load()
         fmt = (img.format or "").upper()
-        if fmt in ("PNG", "JPEG", "GIF", "WEBP") and max(img.size) <= THUMB_PX and len(data) <= 48_000:
+        small = max(img.size) <= THUMB_PX and len(data) <= 48_000
+        if fmt in ("PNG", "JPEG", "GIF", "WEBP") and small and plain_pixels(data):
             mime, payload = f"image/{fmt.lower()}", data
         else:
-            img = img.convert("RGB")
+            img = decode_image(data, background)
             img.thumbnail((THUMB_PX, THUMB_PX))
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=80)
@@ -347,7 +350,8 @@ def pair_card(pair: dict, sample: dict | None) -> str:
         css_c, css_r = "diff-chosen", "diff-rejected"
         title_c, title_r = "chosen", "rejected" + (" (no parsable final answer)" if kind == "format" else "")
     images = "".join(
-        thumbnail(im.get("bytes") if isinstance(im, dict) else im) for im in pair.get("images") or []
+        thumbnail(im.get("bytes") if isinstance(im, dict) else im, background_of(pair.get("provenance")))
+        for im in pair.get("images") or []
     )
     meta = " · ".join(
         esc(x) for x in (pair.get("task"), f"qid {pair.get('qid')}", f"pair {pair.get('id')}") if x

@@ -23,7 +23,7 @@ from mmpr_pipeline.config import (
     read_yaml,
     set_dotted,
 )
-from mmpr_pipeline.records import PIPELINES, stable_hash
+from mmpr_pipeline.records import PIPELINES, WHITE, stable_hash
 
 ANSWER_TYPES = ("multiple_choice", "number", "yes_no", "text", "math", "vqa", "chart", "document")
 LOADERS = ("generated", "parquet", "jsonl", "hf_disk", "hf_hub")
@@ -162,6 +162,11 @@ class Source:
         "the engine sees it; the pairs carry that image, so training sees what "
         "sampling saw",
     )
+    image_background: list[int] = option(
+        default_factory=lambda: list(WHITE),
+        help="[r, g, b] that transparent images are composited over before anyone sees them "
+        "(records.decode_image; white, as vLLM)",
+    )
 
     def __post_init__(self) -> None:
         check(
@@ -223,6 +228,12 @@ class Source:
             "image_max_pixels",
             f"must be >= {MIN_IMAGE_PIXELS} (32x32), got {self.image_max_pixels}",
         )
+        check(
+            len(self.image_background) == 3
+            and all(isinstance(c, int) and 0 <= c <= 255 for c in self.image_background),
+            "image_background",
+            f"must be [r, g, b] with each in 0..255, got {self.image_background}",
+        )
 
 
 @dataclass
@@ -283,7 +294,11 @@ class Recipe:
         for src in d[
             "sources"
         ]:  # unset per-source overrides: recipes from before them keep their fingerprint
-            for key, unset in (("sampling", {}), ("image_max_pixels", None)):
+            for key, unset in (
+                ("sampling", {}),
+                ("image_max_pixels", None),
+                ("image_background", list(WHITE)),
+            ):
                 if src.get(key) == unset:
                     src.pop(key)
             for group, key, off in OPTIONS_OFF_BY_DEFAULT:  # likewise the pair options while off

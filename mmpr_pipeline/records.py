@@ -169,16 +169,121 @@ def read_image_file(path: str) -> bytes:
     return data
 
 
-def decode_image(data: bytes):
-    """PIL image (RGB) from encoded bytes; decoding happens only where the engine needs pixels."""
+WHITE = (255, 255, 255)  # what transparency is composited over, as vLLM does (recipe: image_background)
+_TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_PLAIN_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr")  # a plain convert("RGB") renders these right
+
+
+def _open(data: bytes):
     from PIL import Image
 
     img = Image.open(io.BytesIO(data))
+    img.seek(0)  # the first frame of an animated image (GIF, APNG, WebP, multi-page TIFF)
     img.load()
-    return img.convert("RGB")
+    return img
 
 
-def downscale_image(data: bytes, max_pixels: int) -> bytes:
+def _orientation(img) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)  # 0x0112: EXIF Orientation
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no orientation
+        return 1
+
+
+def _has_transparency(img) -> bool:
+    return img.mode in _TRANSPARENT_MODES or "transparency" in img.info
+
+
+def _integer_to_l(img):
+    """A 16- or 32-bit integer (or float) grey image as 8-bit grey, scaled by its range, never clipped:
+    16-bit (I;16*) from 0-65535, as viewers show such scans; 32-bit values that fit 8 or 16 bits
+    from that range (Pillow reads some 16-bit files as "I"), wider ones stretched over their own
+    min..max; a float image in 0-1 from that range."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(img).astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    elif img.mode == "F" and low >= 0 and high <= 1:
+        top = 1.0
+    elif low >= 0 and high <= 255:
+        top = 255.0
+    elif low >= 0 and high <= 65535:
+        top = 65535.0
+    else:  # no standard range: stretch what is there
+        values, top = values - low, max(high - low, 1.0)
+    return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+
+
+def decode_image(data: bytes, background: tuple[int, int, int] = WHITE):
+    """The model's pixels of stored image bytes: the one function that sampling, DropoutNTP
+    continuations, the trainer, `mmpr eval`, the preview and the exports read images with. An RGB PIL
+    image of the file as a person sees it (and as vLLM renders a file it loads itself,
+    vllm/multimodal/image.py):
+    - the first frame of an animated image;
+    - its EXIF orientation applied, and no EXIF (or other metadata) left on it, so that nothing
+      downstream rotates it again (vLLM applies the orientation a PIL image still carries);
+    - transparency (RGBA, LA, palette or a transparent colour) composited over `background`
+      (white, as vLLM; a plain convert("RGB") makes a black-on-transparent chart all black);
+    - 16- and 32-bit integer grey scaled to 8 bits by its range (_integer_to_l), not clipped;
+    - palette, bilevel ("1"), CMYK and YCbCr through their own colour models (Pillow's conversions).
+    """
+    from PIL import Image, ImageOps
+
+    img = _open(data)
+    if _orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode.startswith(("I", "F")):
+        img = _integer_to_l(img)
+    if _has_transparency(img):
+        rgba = img.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (*background, 255))
+        img = Image.alpha_composite(flat, rgba)
+    rgb = img.convert("RGB")
+    clean = Image.new("RGB", rgb.size)  # a new image: no EXIF, ICC or other info carried over
+    clean.paste(rgb)
+    return clean
+
+
+def is_blank(image) -> bool:
+    """One flat colour (a decoded image, `decode_image`): almost always a broken file or a lost alpha
+    channel, never a picture a question can be about."""
+    return all(low == high for low, high in image.getextrema())
+
+
+def background_of(provenance: str | None) -> tuple[int, int, int]:
+    """The colour a pair's images are composited over: its provenance's `image_background` (a source
+    that sets one, stages/pair.py), else white."""
+    try:
+        colour = json.loads(provenance or "{}").get("image_background")
+    except (ValueError, AttributeError):
+        colour = None
+    return tuple(colour) if isinstance(colour, list) and len(colour) == 3 else WHITE
+
+
+def plain_pixels(data: bytes) -> bool:
+    """Whether a plain `Image.open(...).convert("RGB")`, as other trainers read image files (InternVL,
+    transformers' processors), gives `decode_image`'s pixels: one frame, no transparency, no EXIF
+    rotation, a mode Pillow converts by its colour model."""
+    img = _open(data)
+    frames = getattr(img, "n_frames", 1)
+    return img.mode in _PLAIN_MODES and not _has_transparency(img) and _orientation(img) == 1 and frames == 1
+
+
+def image_for_readers(data: bytes, background: tuple[int, int, int] = WHITE) -> tuple[bytes, bool]:
+    """(bytes, re-encoded) of an image as the exports write it: the original bytes when any reader
+    gets the model's pixels from them (`plain_pixels`), else `decode_image`'s pixels as PNG (lossless:
+    the pixels the model was sampled with, upright and on the build's background)."""
+    if background == WHITE and plain_pixels(data):
+        return data, False
+    buf = io.BytesIO()
+    decode_image(data, background).save(buf, format="PNG")
+    return buf.getvalue(), True
+
+
+def downscale_image(data: bytes, max_pixels: int, background: tuple[int, int, int] = WHITE) -> bytes:
     """`data` unchanged when the image has at most `max_pixels` pixels, else the image scaled down
     (same aspect, width x height <= max_pixels) as PNG bytes: lossless, so whoever decodes them
     (the engine now, the trainer later) gets the same pixels."""
@@ -187,7 +292,7 @@ def downscale_image(data: bytes, max_pixels: int) -> bytes:
     w, h = Image.open(io.BytesIO(data)).size  # reads the header only
     if w * h <= max_pixels:
         return data
-    img = decode_image(data)
+    img = decode_image(data, background)
     scale = (max_pixels / (w * h)) ** 0.5
     size = (max(1, int(w * scale)), max(1, int(h * scale)))
     buf = io.BytesIO()

@@ -41,7 +41,13 @@ def truncate(text: str, ratio: float, min_words: int) -> tuple[str, int] | None:
 
 
 async def continue_prefixes(
-    row: dict[str, Any], engine, sampling, cfg, sampling_extra: dict | None = None, seed: int = 0
+    row: dict[str, Any],
+    engine,
+    sampling,
+    cfg,
+    sampling_extra: dict | None = None,
+    seed: int = 0,
+    background=(255, 255, 255),
 ) -> None:
     """Cut every response of one dropout_ntp row and continue each prefix, all at once: without the
     question's images, or with them under `cfg.with_image`. Fills prefix_words (-1: too short),
@@ -68,7 +74,7 @@ async def continue_prefixes(
 
     def continued(prefix: str):  # built on admission (Engine.chat): images are decoded only then
         return lambda: (
-            conversation(row, with_image=cfg.with_image) + [{"role": "assistant", "content": prefix}]
+            conversation(row, cfg.with_image, background) + [{"role": "assistant", "content": prefix}]
         )
 
     if not jobs:

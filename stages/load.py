@@ -23,7 +23,7 @@ from typing import Any
 
 from mmpr_pipeline import prompts, tasks
 from mmpr_pipeline.recipe import ANSWER_TYPES, Source
-from mmpr_pipeline.records import encode_image, question_id
+from mmpr_pipeline.records import decode_image, encode_image, is_blank, question_id
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,9 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
-def check_image(data: bytes) -> None:
+def check_image(data: bytes, background: tuple[int, int, int] = (255, 255, 255)) -> None:
+    """A row's image decodes (records.decode_image, as the model will see it), has sane dimensions
+    and is not one flat colour (a broken file or a lost alpha channel: its pairs would teach nothing)."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -232,7 +234,8 @@ def check_image(data: bytes) -> None:
             w, h = img.size
             if w < 1 or h < 1 or max(w, h) > MAX_IMAGE_SIDE or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
                 raise BadRow(f"absurd image dimensions {w}x{h}")
-            img.load()  # catches truncated files that the header alone does not reveal
+        if is_blank(decode_image(data, background)):  # decoding also catches truncated files
+            raise BadRow("blank image")
     except BadRow:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -304,7 +307,7 @@ def _images(raw: dict[str, Any], source: Source, question: str, check: bool) -> 
         except (OSError, ValueError) as e:
             raise BadRow(f"unreadable image ({e})") from None
         if check:
-            check_image(images[-1])
+            check_image(images[-1], tuple(source.image_background))
     n_placeholders = prompts.placeholders(question)
     if n_placeholders and n_placeholders != len(images):
         raise BadRow(f"{n_placeholders} <image> placeholders for {len(images)} images")

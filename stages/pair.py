@@ -11,7 +11,7 @@ from typing import Any
 
 from mmpr_pipeline.pairing import REFERENCE, fix_answer, pair_correctness
 from mmpr_pipeline.prompts import render
-from mmpr_pipeline.records import pair_id
+from mmpr_pipeline.records import WHITE, pair_id
 from mmpr_pipeline.scoring.modes import MATH_ERROR
 from mmpr_pipeline.scoring.modes import TIMEOUT as MATH_TIMEOUT
 from stages.dropout_ntp import pair_question as pair_dropout
@@ -116,8 +116,13 @@ def pair_rows(
                     ),
                 )
             )
+    background = list(getattr(source_cfg, "image_background", WHITE))
     out = []
     for kind, p in found:
+        if background != list(WHITE):  # the trainer and the exports composite over the same colour
+            p["provenance"] = json.dumps(
+                {**json.loads(p["provenance"]), "image_background": background}, sort_keys=True
+            )
         if same_text(p["chosen"], p["rejected"]):  # whichever rule let it through: dropped, counted
             counts["same_text"] += 1
             continue

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from mmpr_pipeline.engine import request_seed
-from mmpr_pipeline.records import SAMPLE_SCHEMA, decode_image, downscale_image
+from mmpr_pipeline.records import SAMPLE_SCHEMA, WHITE, decode_image, downscale_image
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,13 @@ def empty_sample_columns(row: dict[str, Any], template: str, sampling: str = "")
     return row
 
 
-def conversation(row: dict[str, Any], with_image: bool = True) -> list[dict]:
-    """The user turn the model sees: the rendered prompt template, with the images unless dropped."""
+def conversation(row: dict[str, Any], with_image: bool = True, background=WHITE) -> list[dict]:
+    """The user turn the model sees: the rendered prompt template, with the images unless dropped
+    (decoded by records.decode_image, transparency over the source's `image_background`)."""
     from mmpr_pipeline.engine import user_message
     from mmpr_pipeline.prompts import render
 
-    images = [decode_image(b) for b in row["images"]] if with_image else []
+    images = [decode_image(b, background) for b in row["images"]] if with_image else []
     return [user_message(render(row["prompt_template"], row["question"]), images)]
 
 
@@ -75,6 +76,7 @@ class SampleStage:
     # No per-source overrides unless given: every source samples with `sampling`, images as they are.
     source_sampling: dict = {}
     image_max_pixels: dict = {}
+    image_background: dict = {}
 
     def __init__(
         self,
@@ -87,6 +89,7 @@ class SampleStage:
         sampling_extra: dict | None = None,
         source_sampling: dict | None = None,
         image_max_pixels: dict | None = None,
+        image_background: dict | None = None,
     ):
         from mmpr_pipeline.engine import Engine
 
@@ -100,6 +103,7 @@ class SampleStage:
             source_sampling or {}
         )  # source -> its Sampling, where it overrides the recipe's
         self.image_max_pixels = image_max_pixels or {}  # source -> pixel cap of its images, where it has one
+        self.image_background = image_background or {}  # source -> (r, g, b) under transparent pixels
 
     def sampling_for(self, source: str):
         return self.source_sampling.get(source, self.sampling)
@@ -132,16 +136,19 @@ class SampleStage:
         """Fill one question's responses (and, for DropoutNTP, its image-free continuations)."""
         s = self.sampling_for(row["source"])
         max_pixels = self.image_max_pixels.get(row["source"])
+        background = self.image_background.get(row["source"], WHITE)
         if max_pixels:  # before the engine: the row (so its pairs) keeps the image the engine sees;
             # only bytes are kept, so images are still decoded for the engine on admission alone
-            row["images"] = [downscale_image(b, max_pixels) for b in row["images"]]
+            row["images"] = [downscale_image(b, max_pixels, background) for b in row["images"]]
         dropout = row["pipeline"] == "dropout_ntp"
         if dropout and row["given_response"]:
             row.update(responses=[row["given_response"]], n_tokens=[0], finish_reasons=["given"])
         else:
             n = self.dropout[row["source"]].n if dropout else s.n
             t0 = time.perf_counter()
-            comp = await self.engine.chat(lambda: conversation(row), self.params_for(row, n))
+            comp = await self.engine.chat(
+                lambda: conversation(row, True, background), self.params_for(row, n)
+            )
             row.update(
                 responses=comp.texts,
                 n_tokens=comp.n_tokens,
@@ -154,5 +161,5 @@ class SampleStage:
             from stages.dropout_ntp import continue_prefixes
 
             await continue_prefixes(
-                row, self.engine, s, self.dropout[row["source"]], self.sampling_extra, self.seed
+                row, self.engine, s, self.dropout[row["source"]], self.sampling_extra, self.seed, background
             )

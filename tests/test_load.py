@@ -15,7 +15,9 @@ from stages.load import SourceError, load_source
 
 def _png(w=32, h=32):
     buf = io.BytesIO()
-    Image.new("RGB", (w, h), "red").save(buf, format="PNG")
+    img = Image.new("RGB", (w, h), "red")
+    img.putpixel((0, 0), (0, 0, 0))  # not one flat colour: a blank image is set aside
+    img.save(buf, format="PNG")
     return buf.getvalue()
 
 

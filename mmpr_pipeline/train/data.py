@@ -24,12 +24,12 @@ import pyarrow.parquet as pq
 import torch
 
 from mmpr_pipeline.prompts import user_content
-from mmpr_pipeline.records import decode_image, encode_image, stable_hash
+from mmpr_pipeline.records import WHITE, background_of, decode_image, encode_image, stable_hash
 
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("question", "chosen", "rejected")
-OPTIONAL_COLUMNS = ("id", "qid", "images", "pair_type")
+OPTIONAL_COLUMNS = ("id", "qid", "images", "pair_type", "provenance")  # provenance: image_background
 # Processor outputs with one value per token: padded and extended over the response. Everything
 # else (pixel_values, image_grid_thw, image_sizes, ...) is per image and concatenated along dim 0.
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
@@ -173,10 +173,11 @@ class Dropped:
     length: int
 
 
-def _image_list(value: Any) -> list:
+def _image_list(value: Any, background=WHITE) -> list:
+    """A pair's images as the sampler saw them (records.decode_image), over the pair's background."""
     if value is None:
         return []
-    return [decode_image(encode_image(img)) for img in value]
+    return [decode_image(encode_image(img), background) for img in value]
 
 
 def tokenizer_bos(tokenizer) -> str:
@@ -234,7 +235,7 @@ class PairEncoder:
         return suffix[:end] + suffix[end:].rstrip()
 
     def encode(self, row: dict, index: int) -> Encoded | Dropped:
-        images = _image_list(row.get("images"))
+        images = _image_list(row.get("images"), background_of(row.get("provenance")))
         messages = self.prompt_messages(row["question"], len(images))
         prompt_text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # add_special_tokens=False: BOS is written once, by the template or here.
