@@ -30,12 +30,17 @@ CHILD_MEMORY = 2 << 30  # address space a check may add on top of the server's, 
 def _as_sets(exprs: list) -> list | None:
     """`x \\geq 5` as the interval it describes, so that it can equal `[5, \\infty)`; None when
     there is no such relation among `exprs`."""
-    from sympy import Eq
+    from sympy import Eq, Symbol
     from sympy.logic.boolalg import Boolean
 
     out, changed = [], False
     for e in exprs:
-        if isinstance(e, Boolean) and not isinstance(e, Eq) and len(getattr(e, "free_symbols", ())) == 1:
+        # a bare Symbol is a Boolean too, and every one's set is UniversalSet: `E` would equal `d`
+        if (
+            isinstance(e, Boolean)
+            and not isinstance(e, (Eq, Symbol))
+            and len(getattr(e, "free_symbols", ())) == 1
+        ):
             try:
                 e, changed = e.as_set(), True
             except Exception:  # noqa: BLE001 - not every relation has a set; keep it as it is

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from mmpr_pipeline.recipe import ANSWER_TYPES
 from mmpr_pipeline.scoring.extract import NO_ANSWER, clean, extract, last_boxed
 from mmpr_pipeline.scoring.format_rules import WRONG_FORMAT, violation
-from mmpr_pipeline.scoring.modes import AMBIGUOUS, SCORERS, score_math
+from mmpr_pipeline.scoring.modes import AMBIGUOUS, SCORERS, UNDECIDED, score_math, undecided
 
 DEFAULT_TIMEOUT = 2.0  # seconds; bounds the symbolic check, the only step that can take long
 
@@ -25,6 +25,11 @@ class Verdict:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def undecided(self) -> bool:
+        """The rules could not rule (scoring.undecided(reason)): neither chosen nor rejected."""
+        return undecided(self.reason)
 
 
 _JOINED_BOXES = re.compile(
@@ -112,7 +117,15 @@ def judge(
         outcome = score_math(found.answer, golds, options, deadline, segment=found.segment)
     else:
         outcome = scorer(found.answer, golds, options, deadline)
-    for other in found.others:  # a box that disagrees with the "Final answer:" line
-        if scorer(other, golds, options, deadline).correct != outcome.correct:
-            return Verdict(found.answer, False, 0.0, AMBIGUOUS, found.format_ok)
+    states = {_state(outcome)}
+    for other in found.others:  # a box beside the "Final answer:" line
+        states.add(_state(scorer(other, golds, options, deadline)))
+    if {"correct", "wrong"} <= states:  # two different final answers, one right: a hedge
+        return Verdict(found.answer, False, 0.0, AMBIGUOUS, found.format_ok)
+    if len(states) > 1:  # one of them undecided: so is the response
+        return Verdict(found.answer, False, outcome.score, UNDECIDED, found.format_ok)
     return Verdict(outcome.extracted, outcome.correct, outcome.score, outcome.reason, found.format_ok)
+
+
+def _state(outcome) -> str:
+    return "undecided" if undecided(outcome.reason) else "correct" if outcome.correct else "wrong"

@@ -33,6 +33,14 @@ UNPARSABLE = "unparsable answer"
 UNSAFE = "unsafe math rejected"
 TIMEOUT = "math check timed out"
 MATH_ERROR = "math check failed"
+UNDECIDED = "undecided"  # the rules cannot tell (a paraphrase, a unit or date written another way)
+# Reasons of a response the rules did not rule on: neither chosen nor rejected, left to a judge model.
+UNDECIDED_REASONS = frozenset({UNDECIDED, PARTIAL, UNPARSABLE, TIMEOUT, MATH_ERROR})
+
+
+def undecided(reason: str) -> bool:
+    """Did the rules leave this verdict open? (correct is then False, and means nothing.)"""
+    return reason in UNDECIDED_REASONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,14 +248,20 @@ def normalize_text(s: str) -> str:
     return " ".join(str(_WORD_UNITS.get(w, w)) for w in _ARTICLES.sub(" ", s).split())
 
 
+def _free_form(pred: str, golds: list[str], score: float | None = None) -> Outcome:
+    """The free-form rules (free_form.py): correct, wrong, or undecided where they cannot tell."""
+    from mmpr_pipeline.scoring import free_form  # builds on this module's number parsing
+
+    found = free_form.verdict(pred, golds)
+    if found == free_form.CORRECT:
+        return _result(pred, 1.0, True)
+    if found == free_form.WRONG:  # a graded score stays as it was: "March 4, 2019" has ANLS 0.92
+        return _result(pred, score or 0.0, False, WRONG)
+    return _result(pred, score or 0.0, False, PARTIAL if score else UNDECIDED)
+
+
 def score_text(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
-    p = normalize_text(pred)
-    if any(p == normalize_text(g) for g in golds):
-        return _result(pred, 1.0)
-    pn = strict_number(pred)
-    if pn is not None and any((gn := strict_number(g)) is not None and numbers_equal(pn, gn) for g in golds):
-        return _result(pred, 1.0)
-    return _result(pred, 0.0)
+    return _free_form(pred, golds)
 
 
 # ---------------------------------------------------------------- yes / no
@@ -469,8 +483,26 @@ def _symbolic(
     return _result(shown, 0.0, reason=reason)
 
 
+# A fraction in words, as the whole answer: "half", "a third", "two thirds", "three quarters".
+_FRACTION_WORDS = re.compile(
+    r"(?i)^(?:(a|an|one|two|three)[ \t-]+)?(half|halves|third|thirds|quarter|quarters)$"
+)
+
+
+def _fraction_words(text: str) -> Number | None:
+    m = _FRACTION_WORDS.match(text.strip())
+    if m is None or (m.group(1) is None and m.group(2).lower() != "half"):  # "third" alone is an ordinal
+        return None
+    count = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, None: 1}[m.group(1) and m.group(1).lower()]
+    return Number(Fraction(count, {"hal": 2, "thi": 3, "qua": 4}[m.group(2).lower()[:3]]))
+
+
 def score_number(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
-    number, status = pick_number(pred)
+    from mmpr_pipeline.scoring.free_form import has_unit
+
+    number, status = _fraction_words(pred), "ok"  # "three quarters" is not 3
+    if number is None:
+        number, status = pick_number(pred)
     if status == "ambiguous":
         return _result(pred, 0.0, reason=AMBIGUOUS)
     gold_numbers = [strict_number(g) or pick_number(g)[0] for g in golds]
@@ -478,6 +510,8 @@ def score_number(pred: str, golds: list[str], options: list[str], deadline: floa
     if number is not None and not symbolic:
         if any(g is not None and numbers_equal(number, g) for g in gold_numbers):
             return _result(pred, 1.0)
+        if has_unit(pred) or any(has_unit(g) for g in golds):
+            return _result(pred, 0.0, False, UNDECIDED)  # "1.5 km" for "1500": a unit written another way
         if all(g is not None for g in gold_numbers):
             return _result(pred, 0.0)
     if number is None and not symbolic:
@@ -500,6 +534,9 @@ _TRAILING_UNIT = re.compile(
 )
 
 
+_PI_WORD = re.compile(r"(?<![\\A-Za-z])pi(?![A-Za-z])")
+
+
 def math_numbers_equal(pred: Number, gold: Number) -> bool:
     """Exactly equal, or equal after rounding both to 6 decimal places (math-verify's
     float_rounding=6: 0.0833333333 and 0.083333 for 1/12, not 0.0833 nor 0.33 for 1/3)."""
@@ -516,6 +553,13 @@ def score_math(
     """Cheap checks first (same text; two plain numbers: exact, or equal to 6 decimals); then
     math-verify in the bounded worker: on the cleaned answer read as LaTeX, or, when the answer
     is a sentence, on the raw final-answer `segment` with math-verify's own extraction."""
+    from mmpr_pipeline.scoring.free_form import single_letter
+
+    letters = [single_letter(g) for g in golds]
+    if (letter := single_letter(pred)) and all(letters):  # "E" (an option, or e?) is never "d"
+        return _result(pred, 1.0 if letter.lower() in {x.lower() for x in letters} else 0.0)
+    # "pi" spelled out is the constant, not p times i
+    pred, golds = _PI_WORD.sub(r"\\pi", pred), [_PI_WORD.sub(r"\\pi", g) for g in golds]
     key = _math_key(pred)
     if any(key == _math_key(g) for g in golds):
         return _result(pred, 1.0)
@@ -646,21 +690,35 @@ def score_vqa(pred: str, golds: list[str], options: list[str], deadline: float) 
     """VQA accuracy: min(1, #annotators who gave the answer / 3), averaged over the leave-one-out
     subsets when there are 4+ references (10 in VQAv2). Correct when at least three references
     (all of them, if fewer than three) give the answer; with 10 references that is score >= 0.9."""
-    p = normalize_vqa(pred)
-    refs = [normalize_vqa(g) for g in golds]
-    matches = sum(r == p for r in refs)
-    if len(refs) >= 4:
-        score = sum(min(1.0, (matches - (r == p)) / 3) for r in refs) / len(refs)
+    from mmpr_pipeline.scoring import free_form
+
+    p = normalize_vqa(pred) or pred.strip().lower()  # "A" is a letter, not an article: never "an"
+    verdicts = {}
+    for g in golds:  # an annotator agrees when the official normalisation or the free-form rules say so
+        if g not in verdicts:
+            same = (normalize_vqa(g) or g.strip().lower()) == p
+            verdicts[g] = free_form.CORRECT if same else free_form.compare(pred, g)
+    agree = [verdicts[g] == free_form.CORRECT for g in golds]
+    matches = sum(agree)
+    if len(golds) >= 4:
+        score = sum(min(1.0, (matches - a) / 3) for a in agree) / len(golds)
     else:
-        score = matches / len(refs)
-    correct = matches >= min(3, len(refs))
-    return _result(pred, score, correct, CORRECT if correct else PARTIAL if score > 0 else WRONG)
+        score = matches / len(golds)
+    if matches >= min(3, len(golds)):
+        return _result(pred, score, True)
+    if all(v == free_form.WRONG for v in verdicts.values()):
+        return _result(pred, score, False, WRONG)
+    return _result(pred, score, False, PARTIAL if matches else UNDECIDED)  # 1-2 annotators, or unsure
 
 
 def score_chart(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
     """ChartQA relaxed accuracy (Masry et al. 2022): numbers within 5% of the reference, other
-    answers by exact (normalised) match; best over the references."""
+    answers by the free-form rules; best over the references. A number outside the 5% is wrong
+    when it is all the answer says, undecided when a unit or scale might convert it ("1.5 million")."""
+    from mmpr_pipeline.scoring import free_form
+
     number, status = pick_number(pred)
+    found = set()
     for g in golds:
         gold_number = strict_number(g)
         if gold_number is not None:
@@ -668,9 +726,12 @@ def score_chart(pred: str, golds: list[str], options: list[str], deadline: float
                 return _result(pred, 0.0, reason=AMBIGUOUS)
             if number is not None and relaxed_equal(number, gold_number):
                 return _result(pred, 1.0)
-        elif normalize_text(pred) == normalize_text(g):
-            return _result(pred, 1.0)
-    return _result(pred, 0.0)
+            found.add(free_form.WRONG if strict_number(pred) is not None else free_form.compare(pred, g))
+        else:
+            found.add(free_form.compare(pred, g))
+    if free_form.CORRECT in found:
+        return _result(pred, 1.0)
+    return _result(pred, 0.0, False, WRONG if found == {free_form.WRONG} else UNDECIDED)
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -697,8 +758,10 @@ def anls(pred: str, gold: str, threshold: float = 0.5) -> float:
 
 
 def score_document(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
-    score = max(anls(pred, g) for g in golds)
-    return _result(pred, score, reason=None if score > 0.9 or score == 0 else PARTIAL)
+    """The free-form rules decide; ANLS is the graded score. ANLS alone never makes an answer
+    correct: it forgives one letter, and cannot tell an OCR slip ("Corporaton") from another word
+    ("Wealth" for "Health") or another digit ("March 4, 2019"), so a high ANLS is undecided."""
+    return _free_form(pred, golds, max(anls(pred, g) for g in golds))
 
 
 SCORERS = {

@@ -7,6 +7,8 @@ The two figures that matter for preference data:
   Each one would become a *rejected* response beside a correct one (a response without an answer
   only feeds format pairs). Must be 0.
 - false accepts: responses labelled wrong that the judge calls correct (a wrong *chosen*). Must be 0.
+An undecided verdict (scoring.undecided) is neither: it makes no pair. Agreement counts the decided
+verdicts that match their label; the decided share is how many the rules ruled on at all.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mmpr_pipeline.scoring.modes import undecided
 
 # The styles of real models' final answers in the suite (see the corpus's "style" field).
 REAL_MODEL_STYLES = frozenset(
@@ -38,6 +42,7 @@ class SuiteReport:
     cases: int = 0
     agree: int = 0
     per_type: dict = field(default_factory=lambda: collections.defaultdict(lambda: [0, 0]))
+    undecided: int = 0  # verdicts the rules left open (no pair either way)
     pair_unsafe: list = field(default_factory=list)  # ids: labelled correct, judged wrong with an answer
     false_accepts: list = field(default_factory=list)  # ids: labelled wrong, judged correct
     disagreements: list = field(default_factory=list)  # (id, note, verdict) of every disagreement
@@ -49,8 +54,14 @@ class SuiteReport:
         lines.append(f"  {'all':16} {self.agree:4d}/{self.cases:<4d} {self.agree / max(self.cases, 1):7.1%}")
         return "\n".join(lines)
 
+    @property
+    def decided(self) -> int:
+        return self.cases - self.undecided
+
     def figures(self) -> str:
         return (
+            f"decided: {self.decided}/{self.cases} ({self.decided / max(self.cases, 1):.1%}), "
+            f"of which agree with the label: {self.agree}\n"
             "pair safety (labelled correct, judged wrong with an extracted answer): "
             f"{len(self.pair_unsafe)}\n"
             f"false accepts (labelled wrong, judged correct): {len(self.false_accepts)}"
@@ -60,6 +71,8 @@ class SuiteReport:
         return {
             "cases": self.cases,
             "agree": self.agree,
+            "decided": self.decided,
+            "undecided": self.undecided,
             "pair_unsafe": self.pair_unsafe,
             "false_accepts": self.false_accepts,
             "per_type": {t: {"agree": a, "cases": n} for t, (a, n) in sorted(self.per_type.items())},
@@ -85,19 +98,22 @@ def load_corpus(path: str | Path) -> list[dict]:
 
 def run_suite(rows: list[dict], judge_fn: Callable) -> SuiteReport:
     """Judge every case with `judge_fn(response, answer, answer_type, options)` (a Verdict-like
-    object with .correct and .extracted) and count agreement and the two figures."""
+    object with .correct, .extracted and .reason) and count agreement, the decided share and the
+    two figures. Per type: (decided and agreeing, cases)."""
     report = SuiteReport()
     for r in rows:
         v = judge_fn(r["response"], r["answer"], r["answer_type"], r["options"])
-        ok = v.correct == r["expected"]
+        open_ = undecided(getattr(v, "reason", ""))
+        ok = not open_ and v.correct == r["expected"]
         report.cases += 1
+        report.undecided += open_
         report.agree += ok
         report.per_type[r["answer_type"]][0] += ok
         report.per_type[r["answer_type"]][1] += 1
-        if r["expected"] and not v.correct and v.extracted is not None:
+        if r["expected"] and not v.correct and v.extracted is not None and not open_:
             report.pair_unsafe.append(r["id"])
         if v.correct and not r["expected"]:
             report.false_accepts.append(r["id"])
-        if not ok:
+        if not ok and not open_:
             report.disagreements.append((r["id"], r.get("note", ""), v))
     return report

@@ -1,0 +1,122 @@
+"""Rules say only what they know: correct, wrong, or undecided (neither chosen nor rejected)."""
+
+import itertools
+
+import pytest
+
+from mmpr_pipeline.recipe import ANSWER_TYPES
+from mmpr_pipeline.scoring import UNDECIDED_REASONS, judge, undecided
+
+
+def state(v) -> str:
+    return "undecided" if v.undecided else "correct" if v.correct else "wrong"
+
+
+def final(answer: str) -> str:
+    return f"Looking at the image carefully.\nFinal answer: {answer}"
+
+
+# The issue's probe (before: every one "wrong answer" or "unparsable answer"; the date "correct").
+@pytest.mark.parametrize(
+    "answer_type,reference,answer,expected",
+    [
+        ("text", "umbrella", "a black umbrella", "undecided"),
+        ("text", "the man on the left", "the man standing on the left side", "undecided"),
+        ("text", "red and white", "white and red", "undecided"),
+        ("text", "playing tennis", "He is playing tennis.", "undecided"),
+        ("text", "3 pm", "15:00", "correct"),
+        ("document", "$1,250.00", "1250", "correct"),
+        ("document", "March 3, 2019", "03/03/2019", "correct"),
+        ("vqa", ["umbrella"] * 10, "a black umbrella", "undecided"),
+        ("vqa", ["yes"] * 10, "Yes, it is.", "correct"),
+        ("number", "0.5", "half", "correct"),
+        ("document", "March 3, 2019", "March 4, 2019", "wrong"),
+        ("math", "d", "E", "wrong"),
+        ("math", "d", "$\\text{E}$", "wrong"),
+        ("math", "d", "e", "wrong"),
+    ],
+)
+def test_the_issue_table_after(answer_type, reference, answer, expected):
+    assert state(judge(final(answer), reference, answer_type)) == expected
+
+
+def test_undecided_is_a_reason_and_never_correct():
+    v = judge(final("a black umbrella"), "umbrella", "text")
+    assert (v.correct, v.reason, v.extracted, v.undecided) == (False, "undecided", "a black umbrella", True)
+    assert undecided("undecided") and undecided("math check timed out") and not undecided("wrong answer")
+    assert {"undecided", "partial match", "unparsable answer"} <= UNDECIDED_REASONS
+
+
+@pytest.mark.parametrize(
+    "answer_type,reference,answer,expected",
+    [
+        # sure: a different number, date, time, yes/no, basic colour, or a swapped contrast
+        ("text", "3 dogs", "2 dogs", "wrong"),
+        ("text", "3", "There are 4 dogs.", "wrong"),
+        ("text", "3 pm", "3 am", "wrong"),
+        ("text", "yes", "No, it is not.", "wrong"),
+        ("text", "red", "blue", "wrong"),
+        ("text", "red and white", "red and blue", "wrong"),
+        ("text", "the man on the left", "the man on the right", "wrong"),
+        ("chart", "2019", "2018", "wrong"),
+        ("chart", "45", "It is 60.", "wrong"),
+        ("vqa", ["2"] * 10, "3", "wrong"),
+        # not sure: a unit, scale, synonym, abbreviation, ambiguous date, finer colour
+        ("text", "1500 m", "1.5 km", "undecided"),
+        ("chart", "1500000", "1.5 million", "undecided"),
+        ("number", "1500", "1.5 thousand", "undecided"),
+        ("number", "6", "half a dozen", "undecided"),
+        ("number", "12", "a dozen", "undecided"),
+        ("vqa", ["sofa"] * 10, "couch", "undecided"),
+        ("vqa", ["airplane"] * 10, "plane", "undecided"),
+        ("document", "International Business Machines", "IBM", "undecided"),
+        ("document", "April 3, 2019", "03/04/2019", "undecided"),
+        ("text", "red", "maroon", "undecided"),
+        ("text", "red", "not blue", "undecided"),
+        (
+            "text",
+            "the man on the left and the woman on the right",
+            "the woman on the right and the man on the left",
+            "undecided",
+        ),
+        ("multiple_choice", "B", "I cannot tell from the image", "undecided"),
+        # sure and right, written another way
+        ("text", "twenty-one", "21", "correct"),
+        ("text", "3 dogs", "three dogs", "correct"),
+        ("chart", "45%", "0.45", "correct"),
+        ("document", "2019-03-03", "3 March 2019", "correct"),
+        ("number", "0.75", "three quarters", "correct"),
+    ],
+)
+def test_sure_and_unsure_free_form(answer_type, reference, answer, expected):
+    assert state(judge(final(answer), reference, answer_type)) == expected
+
+
+LETTERS = ["E", "e", "d", "D", "I", "i", "l", "x", "p", "A", "a"]
+
+
+@pytest.mark.parametrize("answer_type", ANSWER_TYPES)
+def test_a_single_letter_never_equals_another_letter(answer_type):
+    """The case-folding and constant-name traps: E (Euler's e?), e, I (the imaginary unit?), pi."""
+    for said, reference in itertools.permutations(LETTERS, 2):
+        v = judge(final(said), reference, answer_type)
+        if said.lower() == reference.lower():
+            continue
+        assert not v.correct, (answer_type, said, reference, v)
+    for said, reference in [("$\\text{E}$", "d"), ("pi", "p"), ("\\pi", "p"), ("p", "\\pi"), ("A", "the")]:
+        assert not judge(final(said), reference, answer_type).correct, (answer_type, said, reference)
+
+
+def test_math_letters_and_constants():
+    assert state(judge(final("E"), "d", "math")) == "wrong"
+    assert state(judge(final("x"), "y", "math")) == "wrong"  # every bare symbol's set was UniversalSet
+    assert state(judge(final("D"), "d", "math")) == "correct"  # the same option letter
+    assert state(judge(final("pi"), "\\pi", "math")) == "correct"  # the constant, not p times i
+    assert state(judge(final("x \\geq 5"), "[5, \\infty)", "math")) == "correct"  # relations still sets
+
+
+def test_a_box_beside_an_undecided_final_line_leaves_it_undecided():
+    v = judge("It is an umbrella: \\boxed{umbrella}.\nFinal answer: a black umbrella", "umbrella", "text")
+    assert state(v) == "undecided"  # before: "ambiguous answer", a rejected right answer
+    v = judge("So \\boxed{3}.\nFinal answer: 4", "4", "number")
+    assert v.reason == "ambiguous answer"  # one right, one wrong: still a hedge
