@@ -311,6 +311,7 @@ def _context(run: dict, metadata: dict, lengths_note: str) -> dict:
         sources=sources,
         dropout_sources=dropout_sources,
         reject_reasons=reject_reasons,
+        decontamination=[dict(b, name=n) for n, b in (stats.get("decontamination") or {}).items()],
         prompt_template=prompt_id,
         templates=templates,
         sampling_text=", ".join(f"{k} = {v}" for k, v in sampling.items()),

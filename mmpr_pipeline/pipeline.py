@@ -185,9 +185,11 @@ def cluster_gpus() -> list[float]:
 
 def plan_units(recipe: Recipe) -> tuple[dict[str, list[WorkUnit]], int]:
     """Every source's work units, and the most images one question has, from a scan of each input
-    on a Ray worker (the driver receives only qids)."""
+    on a Ray worker (the driver receives only qids, and each row's near-duplicate key). Sources are
+    planned in recipe order, so of near-duplicate rows the first by source order is kept."""
     import ray
 
+    from mmpr_pipeline.decontam import EarlierRows
     from stages.load import scan_input, source_inputs
 
     scan = ray.remote(num_cpus=0.25, max_retries=2)(scan_input)
@@ -197,8 +199,12 @@ def plan_units(recipe: Recipe) -> tuple[dict[str, list[WorkUnit]], int]:
             inputs = source_inputs(source)
         except SourceError as e:
             raise SourceError(f"{recipe.file}: {e}") from None
-        pending[source.name] = [scan.remote(source, path, source.limit, recipe.unit_size) for path in inputs]
+        pending[source.name] = [
+            scan.remote(source, path, source.limit, recipe.unit_size, recipe.near_duplicates)
+            for path in inputs
+        ]
     units, max_images = {}, 0
+    earlier = EarlierRows(recipe.near_duplicates) if recipe.near_duplicates != "off" else None
     for source in recipe.sources:
         try:
             scans = ray.get(pending[source.name])
@@ -207,7 +213,7 @@ def plan_units(recipe: Recipe) -> tuple[dict[str, list[WorkUnit]], int]:
             if isinstance(cause, SourceError):
                 raise SourceError(f"{recipe.file}: {cause}") from None
             raise
-        units[source.name] = plan_source(source, scans, recipe.unit_size)
+        units[source.name] = plan_source(source, scans, recipe.unit_size, earlier)
         max_images = max([max_images] + [s["max_images"] for s in scans])
     return units, max_images
 
@@ -226,9 +232,12 @@ def _unit_options(recipe: Recipe, run: Path, model: str) -> dict[str, Any]:
     )
 
 
-def load_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str, sampling: dict) -> pa.Table:
-    """load: work-unit plans -> their questions; rejects are written here. A unit with no question
-    left is finished here too (nothing to sample)."""
+def load_units(
+    batch: pa.Table, run: str, sources: dict, seed: int, model: str, sampling: dict, benchmarks=None
+) -> pa.Table:
+    """load (+ decontaminate, given the benchmark index's reference): work-unit plans -> their
+    questions; rejects are written here. A unit with no question left is finished here too."""
+    from stages.decontaminate import set_aside_leaks
     from stages.load import read_unit
     from stages.write import write_rejects
 
@@ -236,6 +245,8 @@ def load_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str, 
     for item in batch.to_pylist():
         unit = WorkUnit.from_item(item)
         questions, rejects = read_unit(sources[unit.source], unit)
+        questions, leaks = set_aside_leaks(questions, benchmarks)
+        rejects = sorted(rejects + leaks, key=lambda r: r["row_index"])
         write_rejects(Path(run), unit, rejects)
         if not questions:
             write_unit_files(run, unit, [], rejects, sources, seed, model, sampling)
@@ -305,8 +316,11 @@ def pair_schema() -> pa.Schema:
     return PAIR_SCHEMA.with_metadata(schema_metadata())
 
 
-def run_units(recipe: Recipe, run: Path, model: str, units: list[WorkUnit], max_images: int) -> None:
-    """load -> sample -> score/pair/write for `units`, streaming on Ray Data."""
+def run_units(
+    recipe: Recipe, run: Path, model: str, units: list[WorkUnit], max_images: int, benchmarks=None
+) -> None:
+    """load -> sample -> score/pair/write for `units`, streaming on Ray Data. `benchmarks`: a
+    reference to the decontamination index (stages/decontaminate.py), or None."""
     import ray
     from tqdm import tqdm
 
@@ -318,7 +332,13 @@ def run_units(recipe: Recipe, run: Path, model: str, units: list[WorkUnit], max_
     options = _unit_options(recipe, run, recipe.model)
     sources = options["sources"]
     ds = ray.data.from_items([u.to_item() for u in units], override_num_blocks=len(units))
-    ds = ds.map_batches(load_units, fn_kwargs=options, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    ds = ds.map_batches(
+        load_units,
+        fn_kwargs=dict(options, benchmarks=benchmarks),
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+    )
     # One unit = one block = one batch, from load to write (batch_size=None): no regrouping needed.
     # Ray 2.60 deprecates passing actor options this way, but still has no other for max_concurrency.
     warnings.filterwarnings(
@@ -432,7 +452,24 @@ def collect_samples(
 
     init_ray(ray_address)
     t0 = time.perf_counter()
+    index = None
+    if recipe.decontamination:  # built by Ray tasks while the sources are scanned
+        from stages.decontaminate import start_index
+
+        try:
+            index, summary = start_index(recipe.decontamination)
+        except SourceError as e:
+            raise SourceError(f"{recipe.file}: decontamination: {e}") from None
     units, max_images = plan_units(recipe)
+    if index is not None:  # a changed benchmark (list or content) redoes every unit
+        import ray
+
+        summary = ray.get(summary)
+        stats.benchmarks = summary["benchmarks"]
+        units = {
+            name: [dataclasses.replace(u, benchmarks=summary["identity"]) for u in source_units]
+            for name, source_units in units.items()
+        }
     stats.seconds["load"] = time.perf_counter() - t0
     remove_stale_units(run, units)
     every = [u for us in units.values() for u in us]
@@ -442,7 +479,7 @@ def collect_samples(
             "%d of %d work units to do (%d already done)", len(pending), len(every), len(every) - len(pending)
         )
         t0 = time.perf_counter()
-        run_units(recipe, run, resolve_model(recipe.model), pending, max_images)
+        run_units(recipe, run, resolve_model(recipe.model), pending, max_images, index)
         stats.seconds["generate_wall"] = time.perf_counter() - t0
         missing = [u for u in pending if not is_done(run, u)]
         if missing:

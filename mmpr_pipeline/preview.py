@@ -203,12 +203,15 @@ def read_rejects(run_dir: Path, source: str, example_chars: int = 400) -> list[d
         return []
     counts: Counter = Counter()
     examples: dict[str, dict] = {}
+    from stages.decontaminate import reason_group
+
     for batch in _batches(path, ["reason", "row_index", "row"], batch_size=4096):
         for rec in batch.to_pylist():
-            counts[rec["reason"]] += 1
-            if rec["reason"] not in examples:
-                examples[rec["reason"]] = dict(
-                    row_index=rec["row_index"], row=(rec["row"] or "")[:example_chars]
+            group = reason_group(rec["reason"])  # leaks per benchmark, near-duplicates per source
+            counts[group] += 1
+            if group not in examples:
+                examples[group] = dict(
+                    row_index=rec["row_index"], row=(rec["row"] or "")[:example_chars], detail=rec["reason"]
                 )
     return [dict(reason=r, count=c, **examples[r]) for r, c in counts.most_common()]
 
@@ -395,11 +398,28 @@ def question_card(sample: dict, kind: str) -> str:
 {"".join(rows)}</table></div></article>"""
 
 
+def _detail(reject: dict) -> str:
+    """The example's own reason where the table's is its group (the benchmark row it matched)."""
+    detail = reject.get("detail", reject["reason"])
+    return f"{detail}: " if detail != reject["reason"] else ""
+
+
+def decontamination_note(stats: dict) -> str:
+    """A line per benchmark the sources were checked against: its rows and the source rows set aside."""
+    checked = stats.get("decontamination") or {}
+    items = [
+        f"<li><code>{esc(name)}</code>: {b.get('rows', 0):,} benchmark rows; "
+        f"{b.get('set_aside', 0):,} source rows set aside as its leaks</li>"
+        for name, b in checked.items()
+    ]
+    return f"<h3>Evaluation sets checked for leaks</h3><ul>{''.join(items)}</ul>" if items else ""
+
+
 def rejects_table(rejects: list[dict]) -> str:
     rows = "".join(
         f'<tr><td>{esc(r["reason"])}</td><td class="num">{r["count"]:,}</td>'
         f'<td class="num">{esc(r["row_index"])}</td>'
-        f'<td><div class="text small">{esc(r["row"])}</div></td></tr>'
+        f'<td><div class="text small">{esc(_detail(r))}{esc(r["row"])}</div></td></tr>'
         for r in rejects
     )
     return (
@@ -529,7 +549,7 @@ def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = M
         f"source, seed {seed} · this file is capped at {max_mb:g} MB</p><nav>{''.join(nav)}</nav>"
         '<table class="summary"><tr><th>source</th><th>pipeline</th><th>questions</th><th>pairs</th>'
         "<th>shown</th><th>all right</th><th>all wrong</th><th>rejected rows</th></tr>"
-        f"{''.join(summary)}</table>"
+        f"{''.join(summary)}</table>{decontamination_note(stats)}"
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

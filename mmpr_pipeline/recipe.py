@@ -23,6 +23,7 @@ from mmpr_pipeline.config import (
     read_yaml,
     set_dotted,
 )
+from mmpr_pipeline.decontam import IMAGE_DISTANCE, NGRAM
 from mmpr_pipeline.records import PIPELINES, WHITE, stable_hash
 
 ANSWER_TYPES = ("multiple_choice", "number", "yes_no", "text", "math", "vqa", "chart", "document")
@@ -237,6 +238,61 @@ class Source:
 
 
 @dataclass
+class Benchmark:
+    """An evaluation set whose images and questions must not reach the pairs (decontamination). Read
+    by the sources' loaders: the same keys as a source's."""
+
+    name: str = option(help="the benchmark's name (named in the reasons of rows set aside)")
+    loader: str = option(help=f"how rows are read: {' | '.join(LOADERS)}")
+    path: str | None = option(None, help="parquet / jsonl / hf_disk: a file, folder or glob")
+    dataset: str | None = option(None, help="hf_hub: a dataset name for `datasets.load_dataset`")
+    config: str | None = option(None, help="hf_hub: the dataset's config name")
+    split: str = option("test", help="the dataset split to read")
+    generator: dict[str, Any] = option(
+        default_factory=dict, help="generated: options of the built-in task generator"
+    )
+    fields: Fields = option(default_factory=Fields, help="column names (image and question are read)")
+    limit: int | None = option(None, help="read the first N rows")
+    images: str = option(
+        "optional", help="required | optional | none: as a source's (text-only rows still check questions)"
+    )
+    image_distance: int = option(
+        IMAGE_DISTANCE,
+        help="a source image within this many bits (pHash + dHash, of 128) of a benchmark image, "
+        "or of a crop of it, is a leak",
+    )
+    ngram: int = option(
+        NGRAM, help="a source question sharing a span of this many words with a benchmark question is a leak"
+    )
+
+    def __post_init__(self) -> None:
+        self.as_source()  # the same checks as a source's (name, loader, path, images)
+        check(
+            0 <= self.image_distance <= 64, "image_distance", f"must be in 0..64, got {self.image_distance}"
+        )
+        check(self.ngram >= 3, "ngram", f"must be >= 3 words, got {self.ngram}")
+
+    def as_source(self) -> Source:
+        """The benchmark as a source, for the loaders (its answers are never read)."""
+        return Source(
+            name=self.name,
+            loader=self.loader,
+            path=self.path,
+            dataset=self.dataset,
+            config=self.config,
+            split=self.split,
+            generator=self.generator,
+            fields=self.fields,
+            limit=self.limit,
+            answer_type="text",
+            images=self.images,
+        )
+
+
+NEAR_DUPLICATES = ("exact", "fuzzy", "off")
+
+
+@dataclass
 class Card:
     pretty_name: str | None = option(None, help="the dataset card's title (default: the recipe's name)")
     license: str = option("cc-by-4.0", help="the dataset card's license")
@@ -260,6 +316,16 @@ class Recipe:
     unit_size: int = option(64, help="questions per resumable work unit")
     shard_rows: int = option(5000, help="pairs per output shard")
     card: Card = option(default_factory=Card, help="the dataset card")
+    decontamination: list[Benchmark] = option(
+        default_factory=list,
+        help="evaluation sets: a source row whose image or question is a near-duplicate of one of "
+        "theirs is set aside (rejects/) before sampling",
+    )
+    near_duplicates: str = option(
+        "exact",
+        help="rows repeating an earlier row of any source, first kept: exact (same image hashes and "
+        f"normalised question) | fuzzy (images within {IMAGE_DISTANCE} bits, same normalised question) | off",
+    )
     preview: bool = option(
         True, help="write RUN_DIR/preview.html after a build (not part of the fingerprint)"
     )
@@ -281,6 +347,14 @@ class Recipe:
         for i, src in enumerate(self.sources):
             check(src.name not in seen, f"sources[{i}].name", f"duplicate source name {src.name!r}")
             seen.add(src.name)
+        names = [b.name for b in self.decontamination]
+        for i, name in enumerate(names):
+            check(name not in names[:i], f"decontamination[{i}].name", f"duplicate benchmark name {name!r}")
+        check(
+            self.near_duplicates in NEAR_DUPLICATES,
+            "near_duplicates",
+            _one_of(self.near_duplicates, NEAR_DUPLICATES),
+        )
 
     def template_for(self, source: Source) -> str:
         if source.prompt_template:
@@ -291,6 +365,11 @@ class Recipe:
         d = dataclasses.asdict(self)
         d.pop("file")
         d.pop("preview")  # changes no data: switching it must not stop a resume
+        # while unset or at their defaults, recipes from before them keep their fingerprint
+        if not d["decontamination"]:
+            d.pop("decontamination")
+        if d["near_duplicates"] == "exact":
+            d.pop("near_duplicates")
         for src in d[
             "sources"
         ]:  # unset per-source overrides: recipes from before them keep their fingerprint

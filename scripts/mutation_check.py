@@ -9,6 +9,9 @@ imported). The same tests first run once on an unmutated copy and must pass; a m
 when they then fail. Prints each result and the kill rate, and
 exits 1 if any mutant survives, so CI (`make mutation`, run by .ci/run) catches a test that stopped
 guarding its code. The trained demo model is shared with the copy (build/ is linked, not copied).
+Test runs go two at a time (`--jobs`). Each mutant names the cheapest test that kills it; where the
+suite also has a slower end-to-end check of the same bug (the trainer's, on real runs), that one is
+listed in the test's docstring, not run here.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,38 +212,43 @@ def run(mutant: Mutant) -> tuple[bool, float, str]:
         return rc == 1, seconds, tail  # 1: tests failed (2+ would be an error of the run itself)
 
 
-def baseline(mutants: list[Mutant]) -> list[str]:
+def baseline(mutants: list[Mutant], jobs: int) -> list[str]:
     """Every guarding test set passes on the unmutated copy: a kill then means the mutant failed it."""
-    failing = []
     with tempfile.TemporaryDirectory(prefix="baseline-") as tmp:
         copy_repo(Path(tmp))
-        for tests in dict.fromkeys(tuple(m.tests) for m in mutants):
-            rc, _, tail = pytest(Path(tmp), list(tests))
-            if rc != 0:
-                failing.append(f"{' '.join(tests)}: {tail}")
-    return failing
+        sets = list(dict.fromkeys(tuple(m.tests) for m in mutants))
+        with ThreadPoolExecutor(jobs) as pool:
+            results = pool.map(lambda tests: pytest(Path(tmp), list(tests)), sets)
+            return [f"{' '.join(t)}: {tail}" for t, (rc, _, tail) in zip(sets, results) if rc != 0]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--only", default=None, help="run the mutants whose name contains this")
+    # Each test run is one mostly single-threaded process: two at once on CI's 2 cores.
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="test runs at once")
     args = ap.parse_args()
     mutants = [m for m in MUTANTS if not args.only or args.only in m.name]
     if args.list:
         for m in mutants:
             print(f"{m.name}: {m.file} ({' '.join(m.tests)})")
         return 0
-    failing = baseline(mutants)
+    t0 = time.perf_counter()
+    failing = baseline(mutants, args.jobs)
     if failing:
         print("the guarding tests fail without any mutant:\n  " + "\n  ".join(failing))
         return 1
+    print(f"baseline: every guarding test set passes unmutated [{time.perf_counter() - t0:.0f}s]", flush=True)
     killed = 0
-    for m in mutants:
-        dead, seconds, tail = run(m)
-        killed += dead
-        print(f"{'killed  ' if dead else 'SURVIVED'} {m.name} [{seconds:.0f}s] {tail}", flush=True)
-    print(f"mutation check: {killed} of {len(mutants)} mutants killed ({killed / len(mutants):.0%})")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for m, (dead, seconds, tail) in zip(mutants, pool.map(run, mutants)):
+            killed += dead
+            print(f"{'killed  ' if dead else 'SURVIVED'} {m.name} [{seconds:.0f}s] {tail}", flush=True)
+    print(
+        f"mutation check: {killed} of {len(mutants)} mutants killed ({killed / len(mutants):.0%}) "
+        f"in {time.perf_counter() - t0:.0f}s"
+    )
     return 0 if killed == len(mutants) else 1
 
 

@@ -390,11 +390,27 @@ def _excerpt(raw: Any) -> str:
         return "<unprintable row>"
 
 
-def scan_input(source: Source, path: str, max_rows: int | None, unit_size: int) -> dict[str, Any]:
+def _row_key(q: dict[str, Any]) -> list | None:
+    """decontam.row_key of a question (its images' perceptual hashes and its normalised question),
+    or None when an image does not decode (the row is set aside when its unit is loaded)."""
+    from mmpr_pipeline.decontam import image_hash, row_key
+
+    try:
+        return row_key([image_hash(data) for data in q["images"]], q["question"])
+    except Exception:  # noqa: BLE001 - whatever PIL raises for a broken image
+        return None
+
+
+def scan_input(
+    source: Source, path: str, max_rows: int | None, unit_size: int, near_duplicates: str = "off"
+) -> dict[str, Any]:
     """One pass over an input (on a worker): each row's qid (None for a bad row) for de-duplication,
     the most images a row has (the engine's per-prompt limit), and for JSON Lines the byte offset
-    where every `unit_size`-th row starts. Stops after `max_rows`."""
+    where every `unit_size`-th row starts. Stops after `max_rows`. Unless `near_duplicates` is "off",
+    also each row's key for near-duplicate rows (decontam.row_key; None for a bad row): this decodes
+    every image once more."""
     qids: list[str | None] = []
+    keys: list[list | None] = []
     max_images = 0
     try:
         for i, raw in enumerate(input_rows(source, path)):
@@ -404,8 +420,10 @@ def scan_input(source: Source, path: str, max_rows: int | None, unit_size: int) 
                 q = to_question(raw, source, i, check=False)
             except BadRow:
                 qids.append(None)
+                keys.append(None)
                 continue
             qids.append(q["qid"])
+            keys.append(_row_key(q) if near_duplicates != "off" else None)
             max_images = max(max_images, len(q["images"]))
     except SourceError:
         raise
@@ -417,18 +435,23 @@ def scan_input(source: Source, path: str, max_rows: int | None, unit_size: int) 
             ) from e
         raise SourceError(f"source {source.name!r} ({where}): reading stopped at row {len(qids)}: {e}") from e
     offsets = jsonl_offsets(path, unit_size) if source.loader == "jsonl" else []
-    return dict(path=path, qids=qids, offsets=offsets, max_images=max_images)
+    return dict(path=path, qids=qids, offsets=offsets, max_images=max_images, keys=keys)
 
 
 def read_unit(source: Source, unit) -> tuple[list[dict], list[dict]]:
     """(questions, rejects) of one work unit (units.WorkUnit), read and checked on a worker."""
+    from stages.decontaminate import near_duplicate_reason
+
     questions, rejects = [], []
+    near = {row: (src, first) for row, src, first in unit.near_duplicates}
     rows = input_rows(source, unit.path, unit.start, unit.byte_offset)
     for local, raw in zip(range(unit.start, unit.stop), rows):
         i = unit.first_row + (local - unit.start)  # the row's index in the whole source
         try:
             if i in unit.duplicates:
                 raise BadRow("duplicate of an earlier row")
+            if i in near:
+                raise BadRow(near_duplicate_reason(*near[i]))
             q = to_question(raw, source, i)
         except BadRow as e:
             rejects.append(dict(source=source.name, row_index=i, reason=str(e), row=_excerpt(raw)))

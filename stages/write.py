@@ -22,6 +22,7 @@ import pyarrow as pa
 from mmpr_pipeline import shards
 from mmpr_pipeline.records import REJECT_SCHEMA, SAMPLE_SCHEMA
 from mmpr_pipeline.units import SourceStats, WorkUnit, counts_file, unit_file
+from stages.decontaminate import leak_benchmark, reason_group
 
 
 def write_rejects(run_dir: Path, unit: WorkUnit, rejects: list[dict]) -> None:
@@ -49,8 +50,12 @@ def write_unit(
 
     t0 = time.perf_counter()
     stats = SourceStats(rows=unit.stop - unit.start, rejects=len(rejects))
-    for r in rejects:
-        stats.reject_reasons[r["reason"]] = stats.reject_reasons.get(r["reason"], 0) + 1
+    for r in rejects:  # benchmark leaks and near-duplicates counted per benchmark / source, not per row
+        group = reason_group(r["reason"])
+        stats.reject_reasons[group] = stats.reject_reasons.get(group, 0) + 1
+        if benchmark := leak_benchmark(r["reason"]):
+            stats.leaks[benchmark] = stats.leaks.get(benchmark, 0) + 1
+        stats.near_duplicates += group.startswith("near-duplicate of")
     rows = sorted(rows, key=lambda r: r["row_index"])
     pairs, all_wrong_qids = [], []
     for row in rows:

@@ -183,6 +183,29 @@ def test_model_text_is_shown_as_text_never_run(tmp_path):
     assert "judge: <script>" in facts["text"]
 
 
+def test_the_pages_policy_runs_no_script_and_loads_nothing_from_the_network(facts, tmp_path):
+    """Were escaping ever to fail, the page's Content-Security-Policy still holds: an inline script, an
+    event handler and a remote image injected into a written page are all refused by the browser."""
+    from _browser import Browser
+
+    injected = (
+        '<script>document.title = "ran"</script>'
+        '<img src="data:," onerror="document.title = \'handler ran\'">'
+        '<img id="remote" src="http://127.0.0.1:9/pixel.png">'
+    )
+    path = tmp_path / "preview.html"
+    path.write_text(
+        facts["path"].read_text(encoding="utf-8").replace("</body>", injected + "</body>"), encoding="utf-8"
+    )
+    with Browser() as browser:
+        page = browser.open(path)
+        title = page.evaluate("document.title")
+        errors = page.console_errors()
+    assert "ran" not in title
+    refused = [e for e in errors if "Content Security Policy" in e]
+    assert any("script" in e for e in refused) and any("127.0.0.1:9" in e for e in refused), errors
+
+
 def test_size_is_capped_whatever_the_run(tmp_path):
     run = make_run(tmp_path / "run", n_shapes=40, n_scenes=4, n_shards=3)
     for shard in sorted((run / "data").glob("*.parquet")):

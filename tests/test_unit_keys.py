@@ -49,3 +49,28 @@ def test_a_multi_image_qid_covers_every_image_in_order():
     # one image hashes as its bytes, as a single-image question's id always has
     assert question_id("src", [a], "Q", "1") == question_id("src", a, "Q", "1")
     assert question_id("src", [a, b], "Q", "1") == question_id("src", [a, b], "Q", "1")
+
+
+def test_rows_sharing_only_their_first_image_are_not_duplicates(tmp_path):
+    import io
+    import json
+
+    from PIL import Image
+
+    from mmpr_pipeline.recipe import Source
+    from stages.load import load_source
+
+    for name, colour in (("a", "red"), ("b", "green"), ("c", "blue")):
+        img = Image.new("RGB", (32, 32), colour)
+        img.putpixel((0, 0), (0, 0, 0))  # not one flat colour (a blank image is set aside)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        (tmp_path / f"{name}.png").write_bytes(buf.getvalue())
+    rows = [["a.png", "b.png"], ["a.png", "c.png"], ["b.png", "a.png"], ["a.png", "b.png"]]
+    (tmp_path / "rows.jsonl").write_text(
+        "".join(json.dumps(dict(image=r, question="Which is larger?", answer="3")) + "\n" for r in rows)
+    )
+    src = Source(name="src", loader="jsonl", path=str(tmp_path / "rows.jsonl"), answer_type="number")
+    questions, rejects, _ = load_source(src, unit_size=2)
+    assert [q["row_index"] for q in questions] == [0, 1, 2]  # only the exact repeat is one
+    assert [(r["row_index"], r["reason"]) for r in rejects] == [(3, "duplicate of an earlier row")]
