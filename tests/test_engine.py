@@ -152,3 +152,50 @@ def test_sequence_window_counts_samples_and_admits_in_order():
     asyncio.run(main())
     assert order[0] == ("in", "a", 3)
     assert order.index(("out", "a")) < order.index(("in", "b", 2)) < order.index(("in", "c", 3))
+
+
+def test_the_engine_receives_a_transparent_chart_as_its_white_rendering(engine):
+    """The pixel values vLLM's renderer hands the engine (Engine._render, what _generate sends) for a
+    black-on-transparent chart are exactly those of the same chart drawn on white, and for a phone
+    JPEG with EXIF orientation 6 those of the upright picture: records.decode_image's pixels, which
+    vLLM does not rotate again. A plain convert("RGB") (the old path) gave it an all-black image."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    from mmpr_pipeline.engine import user_message
+    from mmpr_pipeline.records import decode_image
+
+    e, loop = engine
+    chart = Image.new("RGBA", (112, 84), (0, 0, 0, 0))
+    ImageDraw.Draw(chart).line((4, 80, 108, 6), fill=(0, 0, 0, 255), width=4)
+    ImageDraw.Draw(chart).rectangle((10, 40, 30, 80), fill=(0, 0, 0, 255))
+    white = Image.alpha_composite(Image.new("RGBA", chart.size, "white"), chart).convert("RGB")
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (84, 112, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, shown turned 90 degrees clockwise
+    phone = io.BytesIO()
+    photo.save(phone, format="JPEG", quality=95, exif=exif)
+
+    def encoded(img: Image.Image, fmt: str = "PNG") -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        return buf.getvalue()
+
+    def received(images=None, pil=None):
+        row = dict(_row(), images=images or [])
+        conv = conversation(row) if pil is None else [user_message(row["question"], [pil])]
+        engine_input = loop.run_until_complete(e._render(conv, continue_final=False))
+        return engine_input["mm_kwargs"].get_data()
+
+    sent, drawn_on_white = received([encoded(chart)]), received([encoded(white)])
+    assert torch.equal(sent["pixel_values"], drawn_on_white["pixel_values"])
+    assert torch.equal(sent["image_grid_thw"], drawn_on_white["image_grid_thw"])
+    plain = received(pil=Image.open(io.BytesIO(encoded(chart))).convert("RGB"))  # the old decoding
+    assert not torch.equal(plain["pixel_values"], sent["pixel_values"])
+
+    upright = encoded(decode_image(phone.getvalue()))  # lossless, the same pixels
+    assert Image.open(io.BytesIO(upright)).size == (84, 112)
+    assert torch.equal(received([phone.getvalue()])["pixel_values"], received([upright])["pixel_values"])
