@@ -263,10 +263,25 @@ def _source_rules(src: dict) -> str:
     return rules
 
 
+def _verdict_row(name: str, src: dict, st: dict) -> dict:
+    """A correctness source's line of the card's "who decided" table."""
+    judged = st.get("judge_model") or {}
+    both = judged.get("both_decided", 0)
+    agreement = f"{judged.get('agree', 0) / both:.1%} of {both:,}" if both else "–"
+    return dict(
+        dict.fromkeys(("asked", "cache_hits", "failed", "off_format", "disagreed"), 0),
+        **{k: v for k, v in judged.items() if k != "agree"},
+        **st["verdicts"],
+        name=name,
+        mode=src.get("judge", "rules"),
+        agreement=agreement,
+    )
+
+
 def _context(run: dict, metadata: dict, lengths_note: str) -> dict:
     recipe, stats = run["recipe"], run["stats"]
     by_name = {s.get("name"): s for s in recipe.get("sources", [])}
-    sources, dropout_sources, reject_reasons = [], [], []
+    sources, dropout_sources, reject_reasons, verdict_sources = [], [], [], []
     for name, st in (stats.get("sources") or {}).items():
         src = by_name.get(name, {})
         pairs = {t: (st.get("pairs") or {}).get(t, 0) for t in PAIR_TYPES}
@@ -286,6 +301,8 @@ def _context(run: dict, metadata: dict, lengths_note: str) -> dict:
         )
         if st.get("pipeline") == "dropout_ntp":
             dropout_sources.append(dict(st.get("dropout") or {}, name=name))
+        elif st.get("verdicts"):
+            verdict_sources.append(_verdict_row(name, src, st))
         for reason, count in sorted((st.get("reject_reasons") or {}).items()):
             reject_reasons.append(dict(source=name, reason=str(reason).replace("|", "\\|"), count=count))
     totals = dict(stats.get("totals") or {})
@@ -312,6 +329,8 @@ def _context(run: dict, metadata: dict, lengths_note: str) -> dict:
         dropout_sources=dropout_sources,
         reject_reasons=reject_reasons,
         decontamination=[dict(b, name=n) for n, b in (stats.get("decontamination") or {}).items()],
+        verdict_sources=verdict_sources,
+        judge_model=(recipe.get("judge_model") or {}).get("model"),
         prompt_template=prompt_id,
         templates=templates,
         sampling_text=", ".join(f"{k} = {v}" for k, v in sampling.items()),

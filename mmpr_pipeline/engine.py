@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmpr_pipeline.recipe import DEMO_MODEL
+from mmpr_pipeline.recipe import DEMO_JUDGE, DEMO_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ def resolve_model(model: str) -> str:
         from mmpr_pipeline import demo_model
 
         return str(demo_model.ensure_trained())
+    if model == DEMO_JUDGE:
+        from mmpr_pipeline import demo_judge
+
+        return str(demo_judge.ensure_judge())
     return model
 
 
@@ -131,6 +135,8 @@ class Completion:
     finish_reasons: list[str] = field(default_factory=list)
     prompt_token_ids: list[int] = field(default_factory=list)
     error: str = ""
+    # each sample's summed log-probability, when the request asked for logprobs (else None)
+    logprobs: list[float | None] = field(default_factory=list)
 
 
 def user_message(text: str, images=None) -> dict[str, Any]:
@@ -326,6 +332,7 @@ class Engine:
             n_tokens=[len(o.token_ids) for o in final.outputs],
             finish_reasons=[str(o.finish_reason) for o in final.outputs],
             prompt_token_ids=list(final.prompt_token_ids or []),
+            logprobs=[o.cumulative_logprob for o in final.outputs],
         )
 
     def image_tokens(self, completion: Completion) -> int:

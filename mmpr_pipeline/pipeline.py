@@ -259,7 +259,7 @@ def finish_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str
     summary row per unit (the only thing the driver sees)."""
     import pyarrow.parquet as pq
 
-    from stages.score import score_row
+    from stages.score import is_scored, score_row
     from stages.write import summary_row
 
     by_unit: dict[str, list[dict]] = {}
@@ -275,7 +275,7 @@ def finish_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str
                 f"unit {unit.source}/{unit.unit} arrived split ({len(rows)} of "
                 f"{unit.stop - unit.start - len(rejects)} questions); lower unit_size"
             )
-        rows = [score_row(r) for r in rows]
+        rows = [r if is_scored(r) else score_row(r) for r in rows]  # scored already where a judge model ran
         summaries.append(
             summary_row(write_unit_files(run, unit, rows, rejects, sources, seed, model, sampling))
         )
@@ -377,12 +377,68 @@ def run_units(
                     done += 1
                     bar.update(summary["rows"])
                     shards.kill_point("after_unit", done)
+    if recipe.judge_modes():  # rules, then the judge model, then pairing
+        ds = add_judge_stage(ds, recipe, run, concurrent)
         except Exception as e:  # noqa: BLE001 - whatever stopped the stream, say it and how to go on
             raise BuildFailed(
                 f"the build stopped: {_cause(e)}. {done} of {len(units)} work units finished in "
                 f"this run and are kept in {run}: run the same command again to resume"
             ) from e
-        bar.update(total - bar.n)  # units with no question finish in the load stage
+
+
+def score_units(batch: pa.Table) -> pa.Table:
+    """score: the rules' verdicts, before the judge model's stage (which needs them)."""
+    from stages.score import score_batch
+
+    return score_batch(batch)
+
+
+def add_judge_stage(ds, recipe: Recipe, run: Path, concurrent: int):
+    """score -> judge (stages/judge.py): the judge model's own engine replicas, placed as sampling's.
+    On CPU the replica takes a fraction of a CPU, so the tasks around it still find one."""
+    import ray
+
+    from mmpr_pipeline.engine import actor_options, replica_plan, resolve_model
+    from stages.judge import JudgeStage
+
+    jm = recipe.judge_model
+    ds = ds.map_batches(score_units, batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+    plan = replica_plan(cluster_gpus(), jm.engine)
+    options = actor_options(plan) if plan.gpus_per_replica else dict(num_cpus=0.5)
+    return ds.map_batches(
+        JudgeStage,
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.replicas, max_tasks_in_flight_per_actor=concurrent),
+        max_concurrency=concurrent,
+        fn_constructor_kwargs=dict(
+            model=resolve_model(jm.model),
+            engine_options={"trust_remote_code": recipe.trust_remote_code, **jm.engine},
+            seed=recipe.seed,
+            modes=recipe.judge_modes(),
+            judge_id=judge_id(jm.model),
+            cache_dir=str(Path(jm.cache_dir) if jm.cache_dir else Path(run) / JUDGE_CACHE),
+            min_probability=jm.min_probability,
+            agreement_sample=jm.agreement_sample,
+            timeout_s=jm.timeout_s,
+        ),
+        **options,
+    )
+
+
+JUDGE_CACHE = "judge_cache"  # the run folder's verdict cache (kept by --overwrite: verdicts stay valid)
+
+
+def judge_id(model: str) -> str:
+    """The judge as the verdict cache names it: the recipe's model name (the demo judge with its
+    training version, so a retrained demo judge asks again)."""
+    from mmpr_pipeline.recipe import DEMO_JUDGE
+
+    if model == DEMO_JUDGE:
+        from mmpr_pipeline import demo_judge
+
+        return f"{DEMO_JUDGE}@v{demo_judge.TRAIN_VERSION}"
+    return model
 
 
 # -- commit ---------------------------------------------------------------------------------------

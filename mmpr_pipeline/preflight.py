@@ -187,3 +187,9 @@ def check_build(recipe: Recipe, out: str | Path, model_from_cli: bool) -> None:
     check_model(recipe.model, "--model" if model_from_cli else f"{recipe.file}: model")
     check_engine_options(recipe.engine, recipe.file)
     check_sources_give_questions(recipe)
+    if recipe.judge_modes():  # the judge model's engine too, before any engine starts
+        from mmpr_pipeline.recipe import DEMO_JUDGE
+
+        if recipe.judge_model.model != DEMO_JUDGE:
+            check_model(recipe.judge_model.model, f"{recipe.file}: judge_model.model")
+        check_engine_options(recipe.judge_model.engine, f"{recipe.file}: judge_model")

@@ -68,6 +68,8 @@ SAMPLE_COLUMNS = [
 ]
 
 
+    "decided_by",
+    "judge_replies",
 class PreviewError(ValueError):
     """A run folder the preview cannot be written for; the message names the file and the problem."""
 
@@ -313,7 +315,7 @@ def verdict_line(sample: dict | None, index: int | None) -> str:
     return (
         f'<div class="verdict">sample #{index} · {badge} · extracted: '
         f"<code>{esc(got) if got is not None else '<i>nothing parsable</i>'}</code> · "
-        f"judge: {esc(reason[index] if index < len(reason) else '')}</div>"
+        f"judge: {esc(reason[index] if index < len(reason) else '')}{esc(decided_note(sample, index))}</div>"
     )
 
 
@@ -332,6 +334,16 @@ def _question_block(pair: dict, sample: dict | None) -> str:
         rows.append(f'<div class="muted">options: {esc(" | ".join(options))}</div>')
     if pair.get("question") and pair.get("question") != shown_question:
         rows.append(
+def decided_note(sample: dict, index: int) -> str:
+    """' · decided by the judge model (yes p=0.98 | yes p=0.95)' where a judge model was asked."""
+    decided_by = (sample.get("decided_by") or [""] * (index + 1))[index:][:1]
+    replies = (sample.get("judge_replies") or [""] * (index + 1))[index:][:1]
+    who = {"model": "the judge model", "rules": "the rules"}.get(decided_by[0] if decided_by else None, "")
+    if not (replies and replies[0]):
+        return ""
+    return f" · decided by {who or 'nobody (undecided)'}; judge model replied {replies[0]}"
+
+
             f"<details><summary>prompt sent to the model ({esc(pair.get('prompt_template'))})</summary>"
             f'<div class="text">{esc(pair["question"][:TEXT_CHARS])}</div></details>'
         )
@@ -384,7 +396,7 @@ def question_card(sample: dict, kind: str) -> str:
         rows.append(
             f"<tr><td>#{i}</td><td>{'<span class=ok>right</span>' if ok else '<span class=bad>wrong</span>'}"
             f"</td><td><code>{esc(got) if got is not None else '<i>nothing</i>'}</code></td>"
-            f'<td>{esc(reason)}</td><td><div class="text small">{esc(head + tail)}'
+            f'<td>{esc(reason + decided_note(sample, i))}</td><td><div class="text small">{esc(head + tail)}'
             f'<span class="clip">{esc(after)}</span></div></td></tr>'
         )
     pair = dict(answer=sample.get("answer"), question="", prompt_template=sample.get("prompt_template"))
@@ -540,7 +552,7 @@ def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = M
             f'<td class="num">{esc(st.get("questions", ""))}</td><td class="num">{total:,}</td>'
             f'<td class="num">{len(cards)}</td><td class="num">{counts.get("all right", 0):,}</td>'
             f'<td class="num">{counts.get("all wrong", 0):,}</td>'
-            f'<td class="num">{sum(r["count"] for r in rejects):,}</td></tr>'
+            f'<td class="num">{sum(r["count"] for r in rejects):,}</td>{verdict_cells(st)}</tr>'
         )
     title = f"MMPR preview: {stats.get('recipe') or run_dir.name}"
     head = (
@@ -548,7 +560,8 @@ def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = M
         f"built {esc(stats.get('created', '?'))} · {shown_total} pairs shown · at most {per_source} per "
         f"source, seed {seed} · this file is capped at {max_mb:g} MB</p><nav>{''.join(nav)}</nav>"
         '<table class="summary"><tr><th>source</th><th>pipeline</th><th>questions</th><th>pairs</th>'
-        "<th>shown</th><th>all right</th><th>all wrong</th><th>rejected rows</th></tr>"
+        "<th>shown</th><th>all right</th><th>all wrong</th><th>rejected rows</th>"
+        "<th>verdicts by rules / judge model / undecided</th><th>judge agrees with rules</th></tr>"
         f"{''.join(summary)}</table>{decontamination_note(stats)}"
     )
     return f"""<!DOCTYPE html>
@@ -574,3 +587,16 @@ def write_preview(run_dir: str | Path, per_source: int = 20, seed: int = 0, max_
     tmp.write_bytes(render(run_dir, per_source, seed, max_mb).encode("utf-8"))
     os.replace(tmp, path)  # a reader never sees half a page
     return path
+def verdict_cells(st: dict) -> str:
+    """The summary's "who decided" cells of a source (stats.json's verdicts and judge_model)."""
+    v, judged = st.get("verdicts") or {}, st.get("judge_model") or {}
+    if not v or st.get("pipeline") == "dropout_ntp":
+        return "<td></td><td></td>"
+    both = judged.get("both_decided", 0)
+    agree = f"{judged.get('agree', 0) / both:.0%} of {both:,}" if both else "–"
+    return (
+        f'<td class="num">{v.get("rules", 0):,} / {v.get("model", 0):,} / {v.get("undecided", 0):,}</td>'
+        f'<td class="num">{agree}</td>'
+    )
+
+

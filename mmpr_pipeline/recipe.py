@@ -30,6 +30,8 @@ ANSWER_TYPES = ("multiple_choice", "number", "yes_no", "text", "math", "vqa", "c
 LOADERS = ("generated", "parquet", "jsonl", "hf_disk", "hf_hub")
 IMAGE_POLICIES = ("required", "optional", "none")
 DEMO_MODEL = "demo"  # the bundled tiny Qwen2-VL model, built (and trained) locally
+DEMO_JUDGE = "demo-judge"  # the bundled tiny text judge (demo_judge.py), built (and trained) locally
+JUDGE_MODES = ("rules", "rules+model", "model")  # who decides a source's verdicts (scoring/model_judge.py)
 
 
 RecipeError = ConfigError  # the one error type of recipes and training configs
@@ -168,6 +170,11 @@ class Source:
         help="[r, g, b] that transparent images are composited over before anyone sees them "
         "(records.decode_image; white, as vLLM)",
     )
+    judge: str = option(
+        "rules",
+        help="who decides its verdicts: rules | rules+model (the judge model decides what the rules "
+        "leave undecided) | model (the judge model decides every answer); see `judge_model`",
+    )
 
     def __post_init__(self) -> None:
         check(
@@ -223,6 +230,12 @@ class Source:
             not (self.pipeline == "dropout_ntp" and "n" in self.sampling),
             "sampling.n",
             "a dropout_ntp source samples dropout.n responses per question: set dropout.n instead",
+        )
+        check(self.judge in JUDGE_MODES, "judge", _one_of(self.judge, JUDGE_MODES, "judge"))
+        check(
+            self.judge == "rules" or self.pipeline == "correctness",
+            "judge",
+            "a judge model rates answers against a ground truth: correctness sources only",
         )
         check(
             self.image_max_pixels is None or self.image_max_pixels >= MIN_IMAGE_PIXELS,
@@ -293,6 +306,49 @@ NEAR_DUPLICATES = ("exact", "fuzzy", "off")
 
 
 @dataclass
+class JudgeModel:
+    """The judge model of sources with `judge: rules+model` or `judge: model` (scoring/model_judge.py)."""
+
+    model: str = option(
+        DEMO_JUDGE, help=f"a text model (Hub id or local folder), or {DEMO_JUDGE!r} (the bundled tiny judge)"
+    )
+    engine: dict[str, Any] = option(
+        default_factory=dict, help="passed to the judge's `vllm.LLM` (its own replicas, placed as sampling's)"
+    )
+    temperature: float = option(
+        0.0, help="the judge's sampling: greedy, one constrained yes/no token (only 0 is accepted)"
+    )
+    min_probability: float = option(
+        0.5, help="a reply counts only if the model's own unconstrained probability of it is at least this"
+    )
+    agreement_sample: float = option(
+        0.1,
+        help="rules+model: share of rule-decided answers also sent to the judge, to measure agreement "
+        "(their verdicts stay the rules')",
+    )
+    timeout_s: float = option(
+        60.0, help="seconds one judge request may take; then the answer stays undecided"
+    )
+    cache_dir: str | None = option(
+        None,
+        help="folder of cached verdicts (default RUN_DIR/judge_cache); share one between runs to never "
+        "ask twice (not part of the fingerprint)",
+    )
+
+    def __post_init__(self) -> None:
+        check(self.temperature == 0, "temperature", f"the judge is greedy: must be 0, got {self.temperature}")
+        check(
+            0 <= self.min_probability < 1, "min_probability", f"must be in [0, 1), got {self.min_probability}"
+        )
+        check(
+            0 <= self.agreement_sample <= 1,
+            "agreement_sample",
+            f"must be in [0, 1], got {self.agreement_sample}",
+        )
+        check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+@dataclass
 class Card:
     pretty_name: str | None = option(None, help="the dataset card's title (default: the recipe's name)")
     license: str = option("cc-by-4.0", help="the dataset card's license")
@@ -316,6 +372,9 @@ class Recipe:
     unit_size: int = option(64, help="questions per resumable work unit")
     shard_rows: int = option(5000, help="pairs per output shard")
     card: Card = option(default_factory=Card, help="the dataset card")
+    judge_model: JudgeModel = option(
+        default_factory=JudgeModel, help="the judge model of sources with `judge: rules+model` or `model`"
+    )
     decontamination: list[Benchmark] = option(
         default_factory=list,
         help="evaluation sets: a source row whose image or question is a near-duplicate of one of "
@@ -328,6 +387,11 @@ class Recipe:
     )
     preview: bool = option(
         True, help="write RUN_DIR/preview.html after a build (not part of the fingerprint)"
+    )
+    trust_remote_code: bool = option(
+        False,
+        help="let a model folder run its own Python code (its config's auto_map); without it such a "
+        "folder is refused (not part of the fingerprint)",
     )
     file: str = option(
         "", help="where the recipe was loaded from (not part of the fingerprint)", settable=False
@@ -370,6 +434,10 @@ class Recipe:
             d.pop("decontamination")
         if d["near_duplicates"] == "exact":
             d.pop("near_duplicates")
+        d.pop("trust_remote_code")  # likewise
+        d["judge_model"].pop("cache_dir")  # where verdicts are kept changes none of them
+        if all(src["judge"] == "rules" for src in d["sources"]):  # no judge model: as before it existed
+            d.pop("judge_model")
         for src in d[
             "sources"
         ]:  # unset per-source overrides: recipes from before them keep their fingerprint
@@ -377,6 +445,7 @@ class Recipe:
                 ("sampling", {}),
                 ("image_max_pixels", None),
                 ("image_background", list(WHITE)),
+                ("judge", "rules"),
             ):
                 if src.get(key) == unset:
                     src.pop(key)
@@ -384,6 +453,10 @@ class Recipe:
                 if src[group].get(key) == off:
                     src[group].pop(key)
         return d
+
+    def judge_modes(self) -> dict[str, str]:
+        """Sources whose verdicts a judge model (also) decides: {name: rules+model | model}."""
+        return {s.name: s.judge for s in self.sources if s.judge != "rules"}
 
     def sampling_for(self, source: Source) -> Sampling:
         """The sampling settings of `source`: the recipe's, with the source's own `sampling` keys

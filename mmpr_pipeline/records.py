@@ -67,6 +67,14 @@ SAMPLE_FIELDS = QUESTION_FIELDS + [
     # JSON of the sampling settings this question's source used (the recipe's, with the source's
     # `sampling` overrides): the same text as its pairs' `sampling`
     ("sampling", pa.string()),
+    # who decided each response (scoring/model_judge.py): "rules", "model", or "" (undecided); what the
+    # rules said (correct | wrong | undecided | format); the judge model's verdict ("" where it was not
+    # asked), its two replies as given (as written | swapped), and whether they came from the cache
+    ("decided_by", pa.list_(pa.string())),
+    ("rules_verdict", pa.list_(pa.string())),
+    ("judge_verdict", pa.list_(pa.string())),
+    ("judge_replies", pa.list_(pa.string())),
+    ("judge_cached", pa.list_(pa.bool_())),
 ]
 SAMPLE_SCHEMA = pa.schema(SAMPLE_FIELDS)
 

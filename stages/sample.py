@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from mmpr_pipeline.engine import request_seed
 from mmpr_pipeline.records import SAMPLE_SCHEMA, WHITE, decode_image, downscale_image
+from mmpr_pipeline.scoring.model_judge import JUDGE_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def empty_sample_columns(row: dict[str, Any], template: str, sampling: str = "")
         sample_seconds=0.0,
         continue_seconds=0.0,
         score_seconds=0.0,
+        **{c: [] for c in JUDGE_COLUMNS},
     )
     return row
 

@@ -14,6 +14,7 @@ import time
 import pyarrow as pa
 
 from mmpr_pipeline.records import SAMPLE_SCHEMA
+from mmpr_pipeline.scoring.model_judge import fill_rules_columns
 
 JUDGE_ERROR = "judge error"  # reason prefix of a response the judge failed on (never paired)
 
@@ -35,7 +36,12 @@ def score_row(row: dict) -> dict:
         reason=[v[3] for v in verdicts],
         score_seconds=time.perf_counter() - t0,
     )
-    return row
+    return fill_rules_columns(row)
+
+
+def is_scored(row: dict) -> bool:
+    """Has the row its verdicts already (scored before the judge model's stage)?"""
+    return row["pipeline"] != "correctness" or len(row["reason"]) == len(row["responses"])
 
 
 def _judge_one(judge, text: str, answer, row: dict, rule: str | None) -> tuple[str | None, bool, float, str]:

@@ -1,0 +1,317 @@
+"""Seeded synthetic answer pairs for the demo judge: does a short answer mean the same as a reference?
+
+Each case is a question, a reference answer, a proposed answer and whether the two are equivalent.
+Families (the free-form kinds the rules cannot settle, each with near misses):
+- `number`    : digits and words ("23" / "twenty-three"); near miss: another number
+- `date`      : "March 3, 2019" / "03/03/2019" (US order) / "2019-03-03" / "3 March 2019";
+                near miss: another day, month or year
+- `unit`      : "5 km" / "5 kilometers"; near miss: another number or another unit
+- `money`     : "$1,250.00" / "1250" / "1,250 dollars"; near miss: other digits
+- `time`      : "3 pm" / "15:00" / "3:00 PM"; near miss: another hour, or am for pm
+- `phrase`    : "umbrella" / "a black umbrella" / "It is an umbrella."; near miss: another thing
+- `order`     : "red and white" / "white and red"; near miss: one item changed
+- `yes_no`    : "yes" / "Yes, it is."; near miss: the opposite
+The same (seed, index) always gives the same case; training and held-out rows use disjoint seeds.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+FAMILIES = ("number", "date", "unit", "money", "time", "phrase", "order", "yes_no")
+MONTHS = "January February March April May June July August September October November December".split()
+_UNITS_WORDS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+_UNITS_WORDS += "fifteen sixteen seventeen eighteen nineteen"
+UNITS_WORDS = _UNITS_WORDS.split()
+TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+UNITS = (("km", "kilometers"), ("kg", "kilograms"), ("m", "meters"), ("cm", "centimeters"), ("g", "grams"))
+UNITS += (("%", " percent"), ("h", "hours"), ("min", "minutes"), ("L", "liters"), ("mm", "millimeters"))
+THINGS = "umbrella dog cat car bus bicycle kite clock table chair pizza banana horse train boat hat".split()
+ADJECTIVES = "black red white blue small large green old".split()
+ACTIVITIES = "playing tennis|riding a horse|eating pizza|reading a book|flying a kite|surfing|skiing".split(
+    "|"
+)
+COLORS = "red white blue green yellow black orange purple".split()
+WHO = ("he", "she", "the man", "the woman", "the boy", "the girl")
+
+
+def number_words(n: int) -> str:
+    """0..99 in words: 'twenty-three'."""
+    if n < 20:
+        return UNITS_WORDS[n]
+    tens, units = divmod(n, 10)
+    return TENS_WORDS[tens - 2] + (f"-{UNITS_WORDS[units]}" if units else "")
+
+
+def _other(rng: random.Random, value: int, lo: int, hi: int, spread: int = 3) -> int:
+    """A value near `value` but not equal to it (near misses are close, not random)."""
+    choices = [v for v in range(max(lo, value - spread), min(hi, value + spread) + 1) if v != value]
+    return rng.choice(choices)
+
+
+def _number(rng: random.Random, same: bool) -> tuple[str, str, str]:
+    n = rng.randint(0, 99)
+    thing = rng.choice(THINGS)
+    m = n if same else _other(rng, n, 0, 99)
+    forms = [str(n), number_words(n)]
+    rng.shuffle(forms)
+    other = str(m) if forms[0] == number_words(n) else number_words(m)
+    if same and rng.random() < 0.3:
+        other = f"There are {number_words(m)}." if forms[0] == str(n) else f"{m} {thing}s"
+    return f"How many {thing}s are there?", forms[0], other
+
+
+def _date_text(rng: random.Random, y: int, mo: int, d: int) -> str:
+    return rng.choice(
+        [
+            f"{MONTHS[mo - 1]} {d}, {y}",
+            f"{mo:02d}/{d:02d}/{y}",
+            f"{y}-{mo:02d}-{d:02d}",
+            f"{d} {MONTHS[mo - 1]} {y}",
+            f"{MONTHS[mo - 1][:3]} {d}, {y}",
+        ]
+    )
+
+
+def _date(rng: random.Random, same: bool) -> tuple[str, str, str]:
+    y, mo, d = rng.randint(1990, 2029), rng.randint(1, 12), rng.randint(1, 28)
+    y2, mo2, d2 = y, mo, d
+    if not same:
+        which = rng.choice(("day", "day", "month", "year"))
+        if which == "day":
+            d2 = _other(rng, d, 1, 28, 2)
+        elif which == "month":
+            mo2 = _other(rng, mo, 1, 12, 2)
+        else:
+            y2 = _other(rng, y, 1990, 2029, 2)
+    first = _date_text(rng, y, mo, d)
+    second = _date_text(rng, y2, mo2, d2)
+    while same and second == first:
+        second = _date_text(rng, y2, mo2, d2)
+    return "What is the date on the document?", first, second
+
+
+def _unit(rng: random.Random, same: bool) -> tuple[str, str, str]:
+    n = rng.randint(1, 99)
+    short, long = rng.choice(UNITS)
+    first = f"{n}{short}" if short == "%" else f"{n} {short}"
+    if same:
+        second = f"{n}{long}" if long.startswith(" ") else f"{n} {long}"
+    elif rng.random() < 0.6:
+        m = _other(rng, n, 1, 99)
+        second = rng.choice(
+            [f"{m}{long}" if long.startswith(" ") else f"{m} {long}", first.replace(str(n), str(m))]
+        )
+    else:
+        other_short, other_long = rng.choice([u for u in UNITS if u[0] != short])
+        second = f"{n}{other_long}" if other_long.startswith(" ") else f"{n} {other_long}"
+    pair = [first, second]
+    rng.shuffle(pair)
+    return "What is the value shown?", pair[0], pair[1]
+
+
+def _money_text(rng: random.Random, cents: int) -> str:
+    dollars, c = divmod(cents, 100)
+    forms = [f"${dollars:,}.{c:02d}", f"{dollars:,} dollars", f"${dollars}"]
+    if c == 0:
+        forms += [str(dollars), f"{dollars:,}"]
+    else:
+        forms = [f"${dollars:,}.{c:02d}", f"{dollars}.{c:02d}"]
+    return rng.choice(forms)
+
+
+def _money(rng: random.Random, same: bool) -> tuple[str, str, str]:
+    dollars = rng.choice([rng.randint(1, 99), rng.randint(100, 9999)])
+    cents = dollars * 100 if rng.random() < 0.8 else dollars * 100 + rng.randint(1, 99)
+    other = cents
+    if not same:
+        digits = list(str(dollars))
+        if len(digits) > 1 and rng.random() < 0.5:  # swapped digits: 1250 -> 1205
+            i = rng.randrange(len(digits) - 1)
+            digits[i], digits[i + 1] = digits[i + 1], digits[i]
+        d2 = int("".join(digits))
+        if d2 == dollars:
+            d2 = _other(rng, dollars, 1, 9999, 5)
+        other = d2 * 100 + cents % 100
+    first, second = _money_text(rng, cents), _money_text(rng, other)
+    while same and second == first:
+        second = _money_text(rng, other)
+    return "What is the total amount?", first, second
+
+
+def _time_text(rng: random.Random, hour: int) -> str:
+    h12 = hour % 12 or 12
+    suffix = "am" if hour < 12 else "pm"
+    return rng.choice([f"{h12} {suffix}", f"{hour:02d}:00", f"{h12}:00 {suffix.upper()}", f"{h12}{suffix}"])
+
+
+def _time(rng: random.Random, same: bool) -> tuple[str, str, str]:
+    hour = rng.randint(0, 23)
+    other = hour
+    if not same:
+        other = (hour + 12) % 24 if rng.random() < 0.4 else _other(rng, hour, 0, 23, 2)
+    first, second = _time_text(rng, hour), _time_text(rng, other)
+    while same and second == first:
+        second = _time_text(rng, other)
+    return "What time does the clock show?", first, second
+
+
+def _phrase(rng: random.Random, same: bool) -> tuple[str, str, str]:
+    if rng.random() < 0.5:
+        thing = rng.choice(THINGS)
+        other = thing if same else rng.choice([t for t in THINGS if t != thing])
+        adj = rng.choice(ADJECTIVES)
+        article = "an" if other[0] in "aeiou" else "a"
+        second = rng.choice(
+            [f"{article} {adj} {other}", f"the {other}", f"It is {article} {other}.", f"{article} {other}"]
+        )
+        return "What is in the picture?", thing, second
+    act = rng.choice(ACTIVITIES)
+    other = act if same else rng.choice([a for a in ACTIVITIES if a != act])
+    who = rng.choice(WHO)
+    verb = "are" if who == "they" else "is"
+    second = rng.choice([f"{who.capitalize()} {verb} {other}.", f"{who} {verb} {other}", other])
+    if same and second == act:
+        second = f"{who} {verb} {other}"
+    return "What is the person doing?", act, second
+
+
+def _order(rng: random.Random, same: bool) -> tuple[str, str, str]:
+    k = rng.choice((2, 2, 3))
+    items = rng.sample(COLORS, k)
+    other = list(items)
+    if not same:
+        other[rng.randrange(k)] = rng.choice([c for c in COLORS if c not in items])
+    rng.shuffle(other)
+    while same and other == items:
+        rng.shuffle(other)
+
+    def join(xs: list[str]) -> str:
+        return " and ".join(xs) if len(xs) == 2 else f"{xs[0]}, {xs[1]} and {xs[2]}"
+
+    return "What colors are the flag?", join(items), join(other)
+
+
+def _yes_no(rng: random.Random, same: bool) -> tuple[str, str, str]:
+    ref = rng.choice(("yes", "no"))
+    ans = ref if same else ("no" if ref == "yes" else "yes")
+    forms = {
+        "yes": ["Yes", "Yes, it is.", "yes, there is", "Yes."],
+        "no": ["No", "No, it is not.", "no, there isn't", "No."],
+    }
+    return "Is there a dog in the image?", ref, rng.choice(forms[ans])
+
+
+_MAKERS = {
+    "number": _number,
+    "date": _date,
+    "unit": _unit,
+    "money": _money,
+    "time": _time,
+    "phrase": _phrase,
+    "order": _order,
+    "yes_no": _yes_no,
+}
+HELDOUT_SEED = 7  # held-out cases: a seed the training never uses
+
+
+def generate(n: int, seed: int = 0, families=FAMILIES, offset: int = 0) -> Iterator[dict[str, Any]]:
+    """`n` cases (half equivalent, half near misses), cycling through `families`."""
+    for i in range(offset, offset + n):
+        family = families[i % len(families)]
+        rng = random.Random(f"judge-{seed}-{i}")
+        same = rng.random() < 0.5
+        question, reference, answer = _MAKERS[family](rng, same)
+        yield dict(family=family, question=question, reference=reference, answer=answer, equivalent=same)
+
+
+# The answer type a source of each family would have (the rules' view of the case).
+ANSWER_TYPES = {
+    "number": "text",
+    "date": "document",
+    "unit": "text",
+    "money": "document",
+    "time": "text",
+    "phrase": "text",
+    "order": "text",
+    "yes_no": "text",
+}
+
+
+def rules_verdicts(cases: list[dict]) -> list[dict]:
+    """The rules' verdict of each case, its answer given as a response's final-answer line: the row
+    columns the judge stage reads (correct, reason, extracted)."""
+    from mmpr_pipeline.scoring import judge
+
+    out = []
+    for c in cases:
+        v = judge(
+            f"Final answer: {c['answer']}", c["reference"], c.get("answer_type") or ANSWER_TYPES[c["family"]]
+        )
+        out.append(dict(correct=v.correct, reason=v.reason, extracted=v.extracted))
+    return out
+
+
+def mode_figures(cases: list[dict], rules: list[dict], judged: dict[int, bool | None], mode: str) -> dict:
+    """Decided share, false accepts, pair-safety misses and agreement of `mode` on labelled cases.
+    `rules`: rules_verdicts(cases); `judged`: {case index: the judge model's verdict (None: undecided)}
+    for the cases it was asked about. A false accept is a non-equivalent answer judged correct; a
+    pair-safety miss an equivalent one judged wrong (it would become a rejected response)."""
+    from mmpr_pipeline.scoring import model_judge as mj
+
+    decided = false_accepts = misses = both = agree = 0
+    for i, (case, r) in enumerate(zip(cases, rules)):
+        state = mj.rules_verdict(r["correct"], r["reason"], r["extracted"])
+        verdict = None if state == mj.UNDECIDED_V else state == mj.CORRECT_V
+        if state == mj.FORMAT_V:
+            verdict = False
+        model = judged.get(i)
+        if i in judged and verdict is not None and model is not None:
+            both += 1
+            agree += verdict == model
+        if mode == mj.MODEL and state != mj.FORMAT_V:
+            verdict = model
+        elif mode == "rules+model" and verdict is None:
+            verdict = model
+        if verdict is None:
+            continue
+        decided += 1
+        false_accepts += verdict and not case["equivalent"]
+        misses += (not verdict) and case["equivalent"]
+    n = len(cases)
+    return dict(
+        mode=mode,
+        cases=n,
+        decided=decided,
+        decided_share=round(decided / n, 4) if n else 0.0,
+        false_accepts=false_accepts,
+        pair_safety_misses=misses,
+        both_decided=both,
+        agreement=round(agree / both, 4) if both else None,
+    )
+
+
+def write_count_words_source(folder, n: int, seed: int = 5) -> str:
+    """A JSON Lines source of generated counting questions whose reference is written in words
+    ("three"), as a free-form (`text`) source would have them: the policy answers in digits, which the
+    rules cannot match to the words, so the judge model has work. Returns the file's path."""
+    import json
+    from pathlib import Path
+
+    from mmpr_pipeline import tasks
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, row in enumerate(tasks.generate(n, seed=seed, families=["count"])):
+        (folder / f"{i}.png").write_bytes(row["image"])
+        lines.append(
+            json.dumps(
+                dict(image=f"{i}.png", question=row["question"], answer=number_words(int(row["answer"])))
+            )
+        )
+    path = folder / "count_words.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
