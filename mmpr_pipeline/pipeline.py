@@ -365,6 +365,8 @@ def run_units(
         # Ray Data restarts a replica whose process died and retries its batches.
         **actor_options(plan),
     )
+    if recipe.judge_modes():  # rules, then the judge model, then pairing
+        ds = add_judge_stage(ds, recipe, run, concurrent)
     ds = ds.map_batches(
         finish_units, fn_kwargs=options, batch_size=None, batch_format="pyarrow", num_cpus=0.25
     )
