@@ -1,6 +1,6 @@
 """The answer judge on its regression suite, against a plain exact-match baseline run in the same process.
 
-    python benchmarks/bench_judge.py [--seconds 3] [--workers N] [--no-ray] [--out PATH]
+    python benchmarks/bench_judge.py [--seconds 3] [--workers N] [--no-ray] [--figures-only] [--out PATH]
 
 1. Regression suite (tests/data/judge_corpus.jsonl, the judge's own development set: a regression
    check, not an accuracy estimate). Two figures, for the judge and for the baseline:
@@ -8,6 +8,9 @@
      would become a rejected response beside a correct one); must be 0;
    - false accepts: cases labelled wrong that are judged correct; must be 0;
    and agreement per answer type.
+   The same for the rules alone on the labelled free-form corpus (tests/data/free_form_corpus.jsonl,
+   scripts/make_free_form_corpus.py): per corpus, the decided share (verdicts that are not undecided),
+   agreement (decided and matching the label), false accepts and pair-safety misses.
 2. Speed in one process (one core): judgements/s and p50/p99 latency for the non-math types (the
    bar: >= 2,000 judgements/s per core) and for maths.
 3. The same corpus over N Ray actors on a private local Ray.
@@ -43,6 +46,7 @@ from mmpr_pipeline.scoring.judge import _clean_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "data" / "judge_corpus.jsonl"
+FREE_FORM = ROOT / "tests" / "data" / "free_form_corpus.jsonl"
 OUT = ROOT / "benchmarks" / "results" / "bench_judge.json"
 
 _MARKER = re.compile(r"(?i)(?:final answer|answer)\s*[:：]")
@@ -124,6 +128,29 @@ def suite(rows: list[dict]) -> dict:
         report = regression.run_suite(rows, fn)
         print(f"{name}:\n{report.figures()}\n{report.table()}")
         out[name] = report.as_dict()
+    return out
+
+
+def rules_figures(corpora: dict[str, list[dict]]) -> dict:
+    """The rules alone on each labelled corpus: decided share, agreement, false accepts, pair-safety
+    misses (undecided verdicts make no pair, so they count as neither)."""
+    out = {}
+    head = f"{'corpus':12} {'cases':>6} {'decided':>8} {'agree':>6} {'false acc.':>10} {'pair-unsafe':>11}"
+    print(f"rules alone: {head}")
+    for name, rows in corpora.items():
+        r = regression.run_suite(rows, uncached_judge)
+        out[name] = dict(
+            cases=r.cases,
+            decided=r.decided,
+            decided_share=round(r.decided / r.cases, 4),
+            agree=r.agree,
+            false_accepts=r.false_accepts,
+            pair_unsafe=r.pair_unsafe,
+        )
+        print(
+            f"             {name:12} {r.cases:6d} {r.decided / r.cases:8.1%} {r.agree:6d} "
+            f"{len(r.false_accepts):10d} {len(r.pair_unsafe):11d}"
+        )
     return out
 
 
@@ -242,6 +269,7 @@ def math_verify_suite(path: Path) -> dict:
         "false_accepts": [],
         "pair_unsafe": [],
         "no_answer": 0,
+        "undecided": 0,
     }
     for test, gold, pred, expected in cases:
         for form in (pred, "Let me solve this.\nFinal answer: " + pred):
@@ -253,13 +281,15 @@ def math_verify_suite(path: Path) -> dict:
             if expected and not v.correct:
                 if v.extracted is None:
                     out["no_answer"] += 1
+                elif v.undecided:  # no pair either way
+                    out["undecided"] += 1
                 else:
                     out["pair_unsafe"].append([test, gold[:80], form[-120:], v.reason])
     print(
         f"math-verify's own tests ({len(cases)} cases, {out['calls']} calls): agree {out['agree']} "
         f"({out['agree'] / max(out['calls'], 1):.1%}), false accepts {len(out['false_accepts'])}, "
         f"equal judged wrong with an extracted answer {len(out['pair_unsafe'])}, "
-        f"without one {out['no_answer']}"
+        f"undecided {out['undecided']}, without an answer {out['no_answer']}"
     )
     return out
 
@@ -270,6 +300,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="Ray actors (1 CPU each)")
     parser.add_argument("--repeats", type=int, default=5, help="corpus passes in the Ray measurement")
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--figures-only", action="store_true", help="the corpora's figures, no timing")
     parser.add_argument("--out", type=Path, default=OUT, help="raw results (JSON)")
     parser.add_argument("--math-verify-tests", type=Path, help="math-verify's tests/test_all.py (see above)")
     args = parser.parse_args()
@@ -288,10 +319,12 @@ def main() -> None:
     }
     print(f"regression suite: {len(rows)} labelled cases")
     result["suite"] = suite(rows)
+    result["rules_alone"] = rules_figures({"judge": rows, "free_form": regression.load_corpus(FREE_FORM)})
     if args.math_verify_tests:
         result["math_verify_suite"] = math_verify_suite(args.math_verify_tests)
-    result["single_process"] = single_process(rows, args.seconds)
-    if not args.no_ray:
+    if not args.figures_only:
+        result["single_process"] = single_process(rows, args.seconds)
+    if not args.no_ray and not args.figures_only:
         print(f"Ray, corpus x {args.repeats}:")
         result["ray"] = across_ray(rows, args.workers, args.repeats)
     result["machine"]["load_average_at_end"] = os.getloadavg()

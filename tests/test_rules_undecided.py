@@ -1,11 +1,15 @@
 """Rules say only what they know: correct, wrong, or undecided (neither chosen nor rejected)."""
 
+import importlib.util
 import itertools
+from pathlib import Path
 
 import pytest
 
 from mmpr_pipeline.recipe import ANSWER_TYPES
-from mmpr_pipeline.scoring import UNDECIDED_REASONS, judge, undecided
+from mmpr_pipeline.scoring import UNDECIDED_REASONS, judge, regression, undecided
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def state(v) -> str:
@@ -120,3 +124,36 @@ def test_a_box_beside_an_undecided_final_line_leaves_it_undecided():
     assert state(v) == "undecided"  # before: "ambiguous answer", a rejected right answer
     v = judge("So \\boxed{3}.\nFinal answer: 4", "4", "number")
     assert v.reason == "ambiguous answer"  # one right, one wrong: still a hedge
+
+
+FREE_FORM = Path(__file__).parent / "data" / "free_form_corpus.jsonl"
+
+
+def test_free_form_corpus_rules_alone_never_call_a_right_answer_wrong_nor_a_wrong_one_right():
+    """The labelled free-form corpus (scripts/make_free_form_corpus.py): with rules alone, 0 pair-safety
+    misses and 0 false accepts; printed (pytest -s): the share decided. The corpus file is exactly what
+    the script writes."""
+    rows = regression.load_corpus(FREE_FORM)
+    spec = importlib.util.spec_from_file_location("corpus", ROOT / "scripts" / "make_free_form_corpus.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert rows == script.cases(), "tests/data/free_form_corpus.jsonl is stale: run the script"
+    assert len(rows) >= 400 and {r["answer_type"] for r in rows} == {
+        "text",
+        "vqa",
+        "document",
+        "chart",
+        "number",
+    }
+    assert sum(not r["expected"] for r in rows) >= 150, "near misses"
+    assert {r["style"] for r in rows} == {"internvl-final", "qwen25vl-boxed", "llava-terse"}
+
+    report = regression.run_suite(rows, lambda *a: judge(*a, timeout=10.0))
+    print(f"\nfree-form corpus, rules alone, {report.cases} cases:\n{report.figures()}\n{report.table()}")
+    assert report.pair_unsafe == [], f"right answers judged wrong: {report.pair_unsafe}"
+    assert report.false_accepts == [], f"wrong answers judged right: {report.false_accepts}"
+    assert report.disagreements == []
+    # rules that left everything undecided would pass both figures: they must still decide
+    assert report.decided / report.cases >= 0.5
+    for answer_type, (agree, n) in report.per_type.items():
+        assert agree / n >= 0.35, (answer_type, agree, n)

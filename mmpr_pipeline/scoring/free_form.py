@@ -148,6 +148,7 @@ _UNITS = set(
 )
 _ATTACHED_UNIT = re.compile(r"^[0-9.,]+([a-z°%]+)$")  # "5km", "1990s", "3rd"
 _ORDINAL_SUFFIX = {"st", "nd", "rd", "th"}
+_PERCENT = {"%", "percent", "pct"}
 
 
 def _plain(s: str) -> str:
@@ -264,14 +265,15 @@ def _numbers(text: str) -> tuple[list, list[str], bool]:
     words, unit = [], False
     for token in normalize_text(text).replace("%", " % ").split():
         attached = _ATTACHED_UNIT.match(token)
-        if attached:
-            unit = unit or attached.group(1) not in _ORDINAL_SUFFIX
+        if attached:  # "2.5mg" says what "2.5 mg" says
+            if attached.group(1) not in _ORDINAL_SUFFIX:
+                unit, token = True, attached.group(1)
+                words.append(token)
         elif re.search(r"[0-9]", token):
             continue
-        else:
+        elif token not in _PERCENT:  # find_numbers reads a percentage in any of these spellings
             unit = unit or token in _UNITS or token == "°"
-            if token != "%":
-                words.append(token)
+            words.append(token)
     return values, words, unit
 
 
