@@ -386,32 +386,53 @@ def _word_lengths(shards: list[Path], limit: int = LENGTH_SAMPLE) -> tuple[dict,
 
 def pass_rates(run_dir: Path) -> dict[str, list[float]]:
     """Per correctness source, the pass rate (sampled accuracy) of each question, from samples/."""
+    return pass_rate_counts(run_dir)[0]
+
+
+def pass_rate_counts(run_dir: Path) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """pass_rates, and the responses they leave out: {"responses": n, "undecided": n, "unrated":
+    questions} over the correctness sources (an undecided response counts for neither side)."""
     from mmpr_pipeline.select import SelectError, rate_units
 
     rates: dict[str, list[float]] = {}
+    counts = dict(responses=0, undecided=0, unrated=0)
     try:
         for rated in rate_units(run_dir):
             for _, _, source, n_correct, n_judged in rated.rows:
                 rates.setdefault(source, []).append(n_correct / n_judged)
+            counts["responses"] += sum(rated.responses.values())
+            counts["undecided"] += sum(rated.undecided.values())
+            counts["unrated"] += sum(rated.unrated.values())
     except SelectError as e:
         raise CardError(str(e)) from None
-    return rates
+    return rates, counts
 
 
-def pass_rate_note(rates: dict[str, list[float]]) -> str:
+def undecided_text(counts: dict[str, int]) -> str:
+    """E.g. "12 of 400 responses undecided (counted for neither side); 1 question without a pass rate"."""
+    text = f"{counts['undecided']:,} of {counts['responses']:,} responses undecided"
+    text += " (counted for neither side)"
+    if counts["unrated"]:
+        text += f"; {counts['unrated']:,} question{'s' * (counts['unrated'] != 1)} without a pass rate"
+    return text
+
+
+def pass_rate_note(rates: dict[str, list[float]], counts: dict[str, int] | None = None) -> str:
     """What the pass-rate figure shows, in numbers."""
     every = [r for rs in rates.values() for r in rs]
     if not every:
         return ""
     lo, hi = PASS_RATE_BAND
     band = sum(lo <= r <= hi for r in every)
+    undecided = f" The judge left {undecided_text(counts)}." if counts else ""
     return (
-        f"Pass rate: the share of a question's sampled responses judged correct, over {len(every):,} "
+        f"Pass rate: the share of a question's sampled responses judged correct (of those the judge "
+        f"ruled on), over {len(every):,} "
         f"questions of correctness sources: {sum(r == 0 for r in every):,} all wrong, "
         f"{sum(r == 1 for r in every):,} all right, {band:,} ({band / len(every):.0%}) in {lo}-{hi}, "
         "the band "
         f"MMPR-Tiny keeps for online RL. `mmpr select RUN_DIR --pass-rate {lo}:{hi} --out DIR` writes those "
-        f"prompts as a dataset (`--all-wrong`: the never-solved ones)."
+        f"prompts as a dataset (`--all-wrong`: the never-solved ones).{undecided}"
     )
 
 
@@ -496,8 +517,9 @@ def _plot_lengths(path: Path, lengths: dict) -> None:
     _save(fig, path)
 
 
-def _plot_pass_rate(path: Path, rates: dict[str, list[float]]) -> None:
-    """Pass rate (sampled accuracy) per question, stacked by correctness source."""
+def _plot_pass_rate(path: Path, rates: dict[str, list[float]], counts: dict[str, int] | None = None) -> None:
+    """Pass rate (sampled accuracy) per question, stacked by correctness source; the subtitle says
+    how many responses were undecided (they count for neither side)."""
     fig = _figure((6, 3.4))
     ax = fig.subplots()
     edges = [(k - 0.5) / 10 for k in range(12)]  # one bar per tenth, 0 and 1 in bars of their own
@@ -509,7 +531,7 @@ def _plot_pass_rate(path: Path, rates: dict[str, list[float]]) -> None:
     ax.set_xlim(-0.05, 1.05)
     ax.set_xlabel("pass rate (share of a question's samples judged correct)")
     ax.set_ylabel("questions")
-    ax.set_title("Pass rate per question")
+    ax.set_title("Pass rate per question" + (f"\n{undecided_text(counts)}" if counts else ""), fontsize=9)
     ax.legend(frameon=False, fontsize=8)
     _save(fig, path)
 
@@ -524,10 +546,10 @@ def plot_figures(run: dict) -> str:
     _plot_correct_rate(run_dir / FIGURES["correct_rate"], names, per_source)
     lengths, seen = _word_lengths(run["shards"])
     _plot_lengths(run_dir / FIGURES["lengths"], lengths)
-    rates = pass_rates(run_dir)
-    _plot_pass_rate(run_dir / FIGURES["pass_rate"], rates)
+    rates, counts = pass_rate_counts(run_dir)
+    _plot_pass_rate(run_dir / FIGURES["pass_rate"], rates, counts)
     total = run["num_rows"]
-    run["pass_rate_note"] = pass_rate_note(rates)
+    run["pass_rate_note"] = pass_rate_note(rates, counts)
     return (
         f"Response lengths are counted in words (whitespace-separated) over "
         f"{'all ' if seen >= total else f'a sample of {seen:,} of the '}{total:,} pairs."

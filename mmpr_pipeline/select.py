@@ -113,6 +113,8 @@ class Rated:
         default_factory=list
     )  # (row, qid, source, correct, judged)
     unrated: dict[str, int] = field(default_factory=dict)  # source -> questions without one
+    responses: dict[str, int] = field(default_factory=dict)  # source -> responses (no engine error)
+    undecided: dict[str, int] = field(default_factory=dict)  # source -> of those, left undecided
 
 
 def rate_units(run_dir: str | Path) -> Iterator[Rated]:
@@ -130,6 +132,10 @@ def rate_units(run_dir: str | Path) -> Iterator[Rated]:
             if row["pipeline"] != "correctness":
                 continue
             n_correct, n_judged = pass_rate(row["correct"] or [], row["reason"] or [])
+            if not row["error"]:  # what the pass rates leave out: responses the judge did not rule on
+                n = len(row["correct"] or [])
+                rated.responses[row["source"]] = rated.responses.get(row["source"], 0) + n
+                rated.undecided[row["source"]] = rated.undecided.get(row["source"], 0) + n - n_judged
             if row["error"] or not n_judged:
                 rated.unrated[row["source"]] = rated.unrated.get(row["source"], 0) + 1
                 continue

@@ -157,3 +157,40 @@ def test_free_form_corpus_rules_alone_never_call_a_right_answer_wrong_nor_a_wron
     assert report.decided / report.cases >= 0.5
     for answer_type, (agree, n) in report.per_type.items():
         assert agree / n >= 0.35, (answer_type, agree, n)
+
+
+def test_select_and_the_card_count_undecided_responses_for_neither_side(tmp_path):
+    """`mmpr select`'s pass rates leave every undecided response out (rules' "undecided", "partial
+    match", "unparsable answer", a timed-out maths check), and the card's pass-rate note and figure
+    say how many there were."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from _run_fixture import make_run
+
+    from mmpr_pipeline import card, records, select
+
+    run = make_run(tmp_path / "run", n_shapes=3)
+    unit = run / "samples" / "shapes" / "unit-00000.parquet"
+    verdicts = [
+        ([True, False, False, False], ["correct", "undecided", "wrong answer", "partial match"]),  # 1/2
+        ([False, False], ["undecided", "unparsable answer"]),  # nothing decided: no pass rate
+        ([True, False, False], ["correct", "wrong answer", "math check timed out"]),  # 1/2
+    ]
+    rows = pq.read_table(unit).to_pylist()
+    for row, (correct, reason) in zip(rows, verdicts):
+        row.update(
+            correct=correct,
+            reason=reason,
+            error="",
+            responses=["Final answer: 1"] * len(correct),
+            extracted=["1"] * len(correct),
+        )
+    pq.write_table(pa.Table.from_pylist(rows, schema=records.SAMPLE_SCHEMA), unit)
+
+    assert select.pass_rate(*verdicts[0]) == (1, 2)
+    (rated,) = [r for r in select.rate_units(run) if r.path == unit]
+    assert [(n_correct, n_judged) for *_, n_correct, n_judged in rated.rows] == [(1, 2), (1, 2)]
+    assert (rated.unrated, rated.responses, rated.undecided) == ({"shapes": 1}, {"shapes": 9}, {"shapes": 5})
+    text = card.write_card(run).read_text()
+    assert "The judge left 5 of 9 responses undecided (counted for neither side); 1 question without" in text
+    assert card.pass_rates(run) == {"shapes": [0.5, 0.5]}
