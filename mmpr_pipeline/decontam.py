@@ -37,6 +37,7 @@ COLOUR_TOLERANCE = (24, 0.35)
 HUE_BINS = 12
 HUE_MIN_SATURATED = 5  # per mille of the pixels
 HUE_TOLERANCE = 0.6  # L1 distance of the saturated pixels' hue distributions (0..2)
+COLOUR_BYTES = 2 * COLOUR_GRID**2 + 1 + HUE_BINS  # grid (Cb, Cr), saturated per mille, hue shares
 
 
 def normalise_question(text: str) -> str:
@@ -99,7 +100,10 @@ def _colour_grid(img) -> bytes:
     # hues of the saturated pixels: small shapes of another colour hardly move the grid's means
     hsv = np.asarray(img.convert("HSV")).reshape(-1, 3)
     hue = hsv[(hsv[:, 1] > 64) & (hsv[:, 2] > 40), 0]
-    hist = np.bincount(hue.astype(np.int64) * HUE_BINS // 256, minlength=HUE_BINS)
+    # soft bins around the hue circle: a small hue shift (JPEG's red at 250 instead of 0) moves little mass
+    pos = hue.astype(np.float64) * HUE_BINS / 256
+    low, frac = np.floor(pos).astype(np.int64), pos - np.floor(pos)
+    hist = np.bincount(low % HUE_BINS, 1 - frac, HUE_BINS) + np.bincount((low + 1) % HUE_BINS, frac, HUE_BINS)
     share = np.rint(255 * hist / max(1, len(hue))).astype(np.uint8).tobytes()
     return grid + bytes([min(255, round(1000 * len(hue) / len(hsv)))]) + share
 
@@ -278,9 +282,26 @@ def _longest_common_span(a: list[str], b: list[str]) -> int:
 # -- near-duplicate rows -------------------------------------------------------------------------
 
 
-def row_key(image_hashes: list[ImageHash], question: str) -> list:
-    """What the plan compares rows by: [question key, [[pHash, dHash, colour grid hex] per image]]."""
-    return [question_key(question), [[h[0], h[1], h[2].hex()] for h in image_hashes]]
+def _pack(h: ImageHash) -> bytes:
+    return h[0].to_bytes(8, "big") + h[1].to_bytes(8, "big") + h[2]
+
+
+def _unpack(data: bytes) -> list[ImageHash]:
+    size = 16 + COLOUR_BYTES
+    return [
+        ImageHash(
+            int.from_bytes(data[i : i + 8], "big"),
+            int.from_bytes(data[i + 8 : i + 16], "big"),
+            data[i + 16 : i + size],
+        )
+        for i in range(0, len(data), size)
+    ]
+
+
+def row_key(image_hashes: list[ImageHash], question: str) -> bytes:
+    """What the plan compares rows by, packed in one bytes object (the driver holds one per row):
+    the question key (8 bytes), then pHash, dHash and colour grid of each image."""
+    return bytes.fromhex(question_key(question)) + b"".join(_pack(h) for h in image_hashes)
 
 
 class EarlierRows:
@@ -291,16 +312,17 @@ class EarlierRows:
 
     def __init__(self, mode: str):
         self.mode = mode
-        self.rows: dict[tuple, list[tuple[tuple, tuple[str, int]]]] = {}
+        self.rows: dict[bytes, list[tuple[bytes, tuple[str, int]]]] = {}
 
-    def first(self, key: list, source: str, row: int) -> tuple[str, int] | None:
+    def first(self, key: bytes, source: str, row: int) -> tuple[str, int] | None:
         """(source, row) of the earlier row that `key` repeats, or None (then `key` is remembered)."""
-        hashes = tuple(ImageHash(p, d, bytes.fromhex(c)) for p, d, c in key[1])
+        hashes = _unpack(key[8:])
         # exact: only rows with the very same hashes are compared; fuzzy: every row of the question
-        group = (key[0],) + ((tuple(h[:2] for h in hashes),) if self.mode == "exact" else ())
+        group = key[:8] + (b"".join(_pack(h)[:16] for h in hashes) if self.mode == "exact" else b"")
         earlier = self.rows.setdefault(group, [])
         for other, where in earlier:
-            if len(other) == len(hashes) and all(same_image(a, b) for a, b in zip(other, hashes)):
+            others = _unpack(other[8:])
+            if len(others) == len(hashes) and all(same_image(a, b) for a, b in zip(others, hashes)):
                 return where
-        earlier.append((hashes, (source, row)))
+        earlier.append((key, (source, row)))
         return None

@@ -390,7 +390,7 @@ def _excerpt(raw: Any) -> str:
         return "<unprintable row>"
 
 
-def _row_key(q: dict[str, Any]) -> list | None:
+def _row_key(q: dict[str, Any]) -> bytes | None:
     """decontam.row_key of a question (its images' perceptual hashes and its normalised question),
     or None when an image does not decode (the row is set aside when its unit is loaded)."""
     from mmpr_pipeline.decontam import image_hash, row_key
@@ -410,7 +410,7 @@ def scan_input(
     also each row's key for near-duplicate rows (decontam.row_key; None for a bad row): this decodes
     every image once more."""
     qids: list[str | None] = []
-    keys: list[list | None] = []
+    keys: list[bytes | None] = []
     max_images = 0
     try:
         for i, raw in enumerate(input_rows(source, path)):

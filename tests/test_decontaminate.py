@@ -53,6 +53,28 @@ def test_edited_copies_match_their_original_and_distinct_photos_do_not(photos):
         assert index.match_image(decontam.image_hash(encode(p, "JPEG", 75))) is None
 
 
+def test_the_same_drawing_in_another_colour_is_another_image():
+    """Grey hashes cannot tell a red triangle from a green one (the demo has such pairs): the colour
+    check does, while a re-encoded copy still matches."""
+    from PIL import Image, ImageDraw
+
+    def drawing(colour):
+        img = Image.new("RGB", (112, 112), "white")
+        ImageDraw.Draw(img).polygon([(56, 20), (95, 90), (17, 90)], fill=colour)
+        return img
+
+    red, green = (
+        decontam.image_hash(encode(drawing((220, 40, 40)))),
+        decontam.image_hash(encode(drawing((40, 170, 60)))),
+    )
+    assert decontam.hash_distance(red, green) <= 4  # same drawing to the grey hashes
+    assert not decontam.same_image(red, green)
+    assert decontam.same_image(red, decontam.image_hash(encode(drawing((220, 40, 40)), "JPEG", 80)))
+    earlier = decontam.EarlierRows("exact")
+    assert earlier.first(decontam.row_key([red], "Describe this image."), "a", 0) is None
+    assert earlier.first(decontam.row_key([green], "Describe this image."), "a", 1) is None
+
+
 def test_a_question_leaks_by_a_long_shared_span_after_normalising():
     words = LONG_Q.split()
     index = decontam.Benchmarks.build(
