@@ -379,8 +379,6 @@ def run_units(
                     done += 1
                     bar.update(summary["rows"])
                     shards.kill_point("after_unit", done)
-    if recipe.judge_modes():  # rules, then the judge model, then pairing
-        ds = add_judge_stage(ds, recipe, run, concurrent)
         except Exception as e:  # noqa: BLE001 - whatever stopped the stream, say it and how to go on
             raise BuildFailed(
                 f"the build stopped: {_cause(e)}. {done} of {len(units)} work units finished in "
