@@ -59,6 +59,10 @@ def cmd_build(args) -> int:
 def cmd_demo_model(args) -> int:
     from mmpr_pipeline import demo_model
 
+    if args.rebuild:
+        for path in demo_model.rebuild_shipped():
+            print(path)
+        return 0
     path = demo_model.ensure_trained(args.out, force=args.force)
     print(path)
     return 0
@@ -172,9 +176,18 @@ def _add_build_parser(sub) -> None:
 
 def _add_demo_model_parser(sub) -> None:
     """`mmpr demo-model`."""
-    d = sub.add_parser("demo-model", help="build and train the bundled tiny demo model (cached)")
+    d = sub.add_parser(
+        "demo-model", help="put the bundled tiny demo model (shipped, hash-checked) in build/models/demo"
+    )
     d.add_argument("--out", default=None, help="model folder (default: build/models/demo)")
-    d.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    d.add_argument(
+        "--force", action="store_true", help="train it here instead (weights then depend on this machine)"
+    )
+    d.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="retrain the shipped demo models (one thread, fixed seeds) and rewrite their SHA256SUMS",
+    )
     d.set_defaults(func=cmd_demo_model)
 
 

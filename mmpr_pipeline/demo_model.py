@@ -4,14 +4,21 @@ No weights can be downloaded on a CI machine, so the project builds its own mode
 BPE tokenizer trained on the generator's text, a Qwen-style chat template, a small
 `Qwen2VLForConditionalGeneration` from a config (seeded random weights) and an image processor
 capped at 112x112 pixels (at most 16 image tokens). vLLM and transformers load the folder like
-any Hub checkpoint. `mmpr demo-model` (`ensure_trained`) then trains the "demo" size from scratch
-on the generator's chain-of-thought traces (`train_demo`, ~1.5 min on 2 CPU cores), so it answers
-some questions right and some wrong, which is what the correctness pipeline needs to make pairs.
+any Hub checkpoint. The "demo" size is trained from scratch on the generator's chain-of-thought
+traces (`train_demo`), so it answers some questions right and some wrong, which is what the
+correctness pipeline needs to make pairs.
+
+The trained demo model and the demo loop's base ship with the package (`demo_assets/`, with a
+SHA256SUMS file): `ensure_trained` checks their hashes and copies them into build/models/, so every
+machine samples from the same weights. Trained here they would differ with the core count and CPU
+(float reductions split by thread). `mmpr demo-model --rebuild` retrains both with one thread and
+fixed seeds and rewrites the shipped files and their hashes.
 `python -m mmpr_pipeline.demo_model` measures its held-out accuracy with vLLM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -181,7 +188,8 @@ DEFAULT_DIR = Path(
     or Path(__file__).resolve().parent.parent / "build" / "models" / "demo"
 )
 # Bump when the data, the prompt or the loop changes in a way that makes an old model stale.
-TRAIN_VERSION = 1
+# 2: trained with one thread, so the weights no longer depend on the machine's core count.
+TRAIN_VERSION = 2
 TRAIN_DEFAULTS = dict(steps=280, seed=0, batch_size=32, lr=3e-3, warmup=40, weight_decay=0.0)
 # The demo loop's base policy (`make demo-loop`): the same model and data, stopped at 120 steps on
 # purpose. 280 steps solve count and compare outright, which leaves MPO nothing to improve; at 120
@@ -190,6 +198,14 @@ TRAIN_DEFAULTS = dict(steps=280, seed=0, batch_size=32, lr=3e-3, warmup=40, weig
 LOOP_BASE_DIR = DEFAULT_DIR.parent / "demo-loop-base"
 LOOP_BASE_SETTINGS = dict(steps=120)
 HELDOUT_SEED, HELDOUT_OFFSET = 1, 1_000_000  # tasks.generate rows the training never sees
+# The shipped copies: package data, so an installed (not only a cloned) project has them.
+ASSETS_DIR = Path(__file__).resolve().parent / "demo_assets"
+SHIPPED = {"demo": {}, "demo-loop-base": LOOP_BASE_SETTINGS}  # folder -> training settings
+CHECKSUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` format: every file of the folder but itself
+
+
+class DemoAssetError(RuntimeError):
+    """A shipped demo model's files do not match their recorded hashes."""
 
 
 def _messages(question: str) -> list[dict]:
@@ -284,10 +300,13 @@ def train_demo(
         lr=lr,
         betas=(0.9, 0.95),
     )
-    train_seconds = _train_steps(model, processor, opt, steps, seed, batch_size, lr, warmup, log_every)
+    with _one_thread():
+        train_seconds = _train_steps(model, processor, opt, steps, seed, batch_size, lr, warmup, log_every)
+    log.info("trained %d steps in %.0f s", steps, train_seconds)
     model.eval()
     model.save_pretrained(out)
-    acc = heldout_accuracy_hf(out, n=eval_n) if eval_n else {}
+    with _one_thread():  # greedy decoding too: the marker is part of the shipped, hashed files
+        acc = heldout_accuracy_hf(out, n=eval_n) if eval_n else {}
     heldout = (
         f"greedy, transformers, {eval_n} rows of tasks.generate(seed={HELDOUT_SEED}, offset={HELDOUT_OFFSET})"
     )
@@ -295,29 +314,22 @@ def train_demo(
         steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay
     )
     marker = dict(
-        size="demo",
-        trained=True,
-        steps=steps,
-        settings=settings,
-        train_seconds=round(train_seconds, 1),
-        heldout_accuracy=acc,
-        heldout_eval=heldout,
+        size="demo", trained=True, steps=steps, settings=settings, heldout_accuracy=acc, heldout_eval=heldout
     )
     (out / MARKER).write_text(json.dumps(marker, indent=1))
     return out
 
 
 def _train_steps(model, processor, opt, steps, seed, batch_size, lr, warmup, log_every) -> float:
-    """The demo model's training loop (deterministic: all cores, deterministic kernels, seeded);
-    returns its seconds."""
+    """The demo model's training loop; returns its seconds. Deterministic on any machine of the same
+    CPU kind: one thread (a thread count splits float sums differently), deterministic kernels, seeded."""
     import time
 
     import torch
 
     from mmpr_pipeline import tasks
 
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(seed)
     start = time.time()
@@ -346,9 +358,21 @@ def _train_steps(model, processor, opt, steps, seed, batch_size, lr, warmup, log
                     time.time() - start,
                 )
     finally:
-        torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
     return time.time() - start
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one thread, restored afterwards: another thread count sums floats in another order."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _settings(**overrides) -> dict:
@@ -369,44 +393,149 @@ def _read_marker(folder: Path) -> dict | None:
 def ensure_trained(
     out: str | Path | None = None, force: bool = False, eval_n: int = 100, **train_kwargs
 ) -> Path:
-    """Return a trained demo model folder, training it only when needed.
+    """Return a trained demo model folder: a copy of the shipped one, or trained here when needed.
 
-    `out` defaults to build/models/demo in the repository. A folder whose marker says trained
-    with the same settings (`train_kwargs` over TRAIN_DEFAULTS, the code's version and the model
-    size) is returned at once. Otherwise the model is trained in a temporary sibling folder that
-    is renamed into place at the end, so an interrupted run never leaves a folder that looks done.
-    A non-empty folder that is not a demo model is never overwritten. `eval_n` held-out rows are
-    answered greedily after training, for the marker's `heldout_accuracy`.
+    `out` defaults to build/models/demo in the repository. Settings (`train_kwargs` over
+    TRAIN_DEFAULTS, the code's version and the model size) that a shipped folder was trained with
+    give that folder's files, checked against its SHA256SUMS; `out` is returned at once when it
+    already holds exactly them. Other settings, or `force`, train here (the weights then depend on
+    this machine); a folder whose marker says trained with the same settings is returned at once.
+    Either way the new folder is made in a temporary sibling and renamed into place, under a lock
+    (parallel test sessions share build/models), so an interrupted run never leaves a folder that
+    looks done. A non-empty folder that is not a demo model is never overwritten. `eval_n`
+    held-out rows are answered greedily after training, for the marker's `heldout_accuracy`.
     """
+    import fcntl
     import shutil
 
     out = Path(out) if out is not None else DEFAULT_DIR
     want = _settings(**train_kwargs)
-    marker = _read_marker(out)
-    if not force and marker and marker.get("trained") and marker.get("settings") == want:
-        return out
-    if out.exists() and (not out.is_dir() or (marker is None and any(out.iterdir()))):
-        raise FileExistsError(
-            f"{out} exists and is not a demo model folder (no readable {MARKER}); "
-            "pass another --out or remove it"
-        )
+    shipped = None if force else shipped_folder(want)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    log.info("training the demo model into %s (settings %s)", out, want)
+    lock = os.open(out.parent, os.O_RDONLY)  # a lock on the folder itself leaves no file behind
     try:
-        train_demo(tmp, eval_n=eval_n, **train_kwargs)
-    except BaseException:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = _read_marker(out)
+        if shipped is not None and _recorded_hashes(shipped) == file_hashes(out):
+            return out
+        if (
+            shipped is None
+            and not force
+            and marker
+            and marker.get("trained")
+            and marker.get("settings") == want
+        ):
+            return out
+        if out.exists() and (not out.is_dir() or (marker is None and any(out.iterdir()))):
+            raise FileExistsError(
+                f"{out} exists and is not a demo model folder (no readable {MARKER}); "
+                "pass another --out or remove it"
+            )
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
+        try:
+            if shipped is not None:
+                verify_checksums(shipped)
+                log.info("copying the shipped demo model %s to %s", shipped, out)
+                shutil.copytree(shipped, tmp)
+            else:
+                log.info("training the demo model into %s (settings %s)", out, want)
+                train_demo(tmp, eval_n=eval_n, **train_kwargs)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _replace_folder(tmp, out)
+    finally:
+        os.close(lock)  # releases the flock
+    return out
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Rename `new` to `target`, replacing what is there (the old folder is removed afterwards)."""
+    import shutil
+
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        target.rename(old)
+        new.rename(target)
         shutil.rmtree(old)
     else:
-        tmp.rename(out)
-    return out
+        new.rename(target)
+
+
+# -- the shipped copies -----------------------------------------------------------------------------
+
+
+def file_hashes(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file directly in `folder` but CHECKSUMS ({} for a missing folder)."""
+    import hashlib
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != CHECKSUMS
+    }
+
+
+def _recorded_hashes(folder: Path) -> dict[str, str]:
+    """The hashes `folder`'s CHECKSUMS records, by file name."""
+    lines = (folder / CHECKSUMS).read_text().splitlines()
+    return {name: digest for digest, name in (ln.split(maxsplit=1) for ln in lines if ln.strip())}
+
+
+def write_checksums(folder: Path) -> None:
+    (folder / CHECKSUMS).write_text("".join(f"{h}  {n}\n" for n, h in file_hashes(folder).items()))
+
+
+def verify_checksums(folder: Path) -> None:
+    """Raise DemoAssetError naming each file of `folder` whose hash is not the recorded one."""
+    try:
+        recorded = _recorded_hashes(folder)
+    except (OSError, ValueError) as e:
+        raise DemoAssetError(f"{folder / CHECKSUMS}: unreadable ({e})") from None
+    actual = file_hashes(folder)
+    bad = [
+        f"{name}: sha256 {actual.get(name, 'missing')}, recorded {recorded.get(name, 'none')}"
+        for name in sorted(set(recorded) | set(actual))
+        if recorded.get(name) != actual.get(name)
+    ]
+    if bad:
+        raise DemoAssetError(
+            f"{folder}: files differ from {CHECKSUMS} ({'; '.join(bad)}); restore them from git, "
+            "or retrain with `mmpr demo-model --rebuild`"
+        )
+
+
+def shipped_folder(settings: dict) -> Path | None:
+    """The shipped folder trained with `settings`, if there is one."""
+    for name in SHIPPED:
+        marker = _read_marker(ASSETS_DIR / name)
+        if marker and marker.get("settings") == settings:
+            return ASSETS_DIR / name
+    return None
+
+
+def rebuild_shipped() -> list[Path]:
+    """Retrain every shipped folder (one thread, fixed seeds) and rewrite its CHECKSUMS."""
+    import shutil
+
+    done = []
+    for name, settings in SHIPPED.items():
+        target = ASSETS_DIR / name
+        tmp = ASSETS_DIR / f".{name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            train_demo(tmp, **settings)
+            write_checksums(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _replace_folder(tmp, target)
+        done.append(target)
+    return done
 
 
 def ensure_loop_base(out: str | Path | None = None) -> Path:
