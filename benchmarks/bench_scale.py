@@ -1,14 +1,23 @@
-"""Memory at scale: does the driver stay flat as the number of questions grows?
+"""Memory at scale: does the build's driver stay flat as the number of questions grows?
 
-    python benchmarks/bench_scale.py [--n 300] [--factor 10] [--repo DIR] [--out results.json]
+    python benchmarks/bench_scale.py [--sizes 300,3000] [--max-tokens 8] [--repo DIR] [--out results.json]
 
-Writes a Parquet source of N and factor x N questions, each with its own photo-sized JPEG (random
-smooth colour fields, >= 60 KB), and runs `mmpr build` on each (a real process: local Ray + vLLM on
-the demo model, n = 4 samples of at most 16 tokens: the data path is what is measured, not the
-engine). A sampler thread follows the build's whole process tree (the driver, Ray's daemons, the
-workers, the engine) and records each process's peak RSS. Printed: the driver's peak and the
-largest worker's peak at both sizes, and their ratios (10N / N). `--repo` runs another checkout's
-code (e.g. the commit before a change) with this environment, for a before/after in one command.
+Writes a Parquet source of each size, each question with its own photo-sized JPEG (random smooth
+colour fields plus grain, ~87 KB) and a reference solution, and runs `mmpr build` on it (a real
+process: local Ray + vLLM on the demo model, n = 4 samples of at most `--max-tokens` tokens,
+`unit_size` 128, `shard_rows` 5000: the data path is what is measured, not the engine). The
+reference is a chosen candidate, so each question makes one pair (with its image) even when the
+short samples reach no final answer.
+
+Every peak is the kernel's high-water mark, `VmHWM` of /proc/PID/status. The driver's comes from
+the build itself: with MMPR_PEAK_MEMORY_LOG set, each phase (plan, stream, rejects, counts, shards,
+stats, preview, card, summary; mmpr_pipeline/peak_memory.py) logs its own peak, and the process logs
+its VmHWM at exit (the whole run's, for code without the phase hook). Every other process of the
+build (Ray's daemons, its workers, the engine) is read every 0.5 s; a high-water mark only rises, so
+a read misses at most a process's last half second. Printed: per size, the driver's peak and the
+phase that sets it, each phase's peak, the largest other process; then the ratios of each size to
+the one before. `--repo` runs another checkout's code (e.g. the commit before a change) with this
+environment, for a before/after in one command.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,10 +35,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+PEAK_LOG_ENV = "MMPR_PEAK_MEMORY_LOG"  # mmpr_pipeline/peak_memory.py reads it
 
 
-def photo_jpeg(i: int, side: int = 352) -> bytes:
-    """A distinct photo-like JPEG of ~60-90 KB: smooth random colour fields plus grain."""
+def photo_jpeg(i: int, side: int = 400) -> bytes:
+    """A distinct photo-like JPEG of ~87 KB: smooth random colour fields plus grain."""
     import numpy as np
     from PIL import Image
 
@@ -58,6 +69,7 @@ def write_source(path: Path, n: int) -> float:
                     image=image,
                     question=f"Photo {i}: how many colour fields are there?",
                     answer=str(i % 7 + 1),
+                    solution=f"I count the colour fields: there are {i % 7 + 1}.\nFinal answer: {i % 7 + 1}",
                 )
             )
         table = pa.Table.from_pylist(rows)
@@ -70,49 +82,89 @@ def write_source(path: Path, n: int) -> float:
 RECIPE = """name: scale
 model: {model}
 engine: {{max_model_len: 1024}}
-sampling: {{n: 4, max_tokens: 16}}
-unit_size: 64
+sampling: {{n: 4, max_tokens: {max_tokens}}}
+unit_size: 128
 batch_size: 64
+shard_rows: 5000
 sources:
   - name: photos
     loader: parquet
     path: {path}
     answer_type: number
+    # The reference solution is a chosen candidate: with samples cut at a few tokens (no final answer)
+    # every question still makes a pair with its image, as a real run does; one pair per question.
+    fields: {{rationale: solution}}
+    pairing: {{max_pairs_per_question: 1}}
 """
 
+# `mmpr build` with its VmHWM logged at exit: the whole run's peak for code without the phase hook,
+# the peak since the last phase (Ray's shutdown) for code with it
+DRIVER = """
+import atexit, json, os, runpy, sys
 
-def peak_rss_of_tree(
-    pid: int, stop: threading.Event, peaks: dict[int, tuple[str, int]], uss_peaks: dict[int, int]
-) -> None:
-    """Peak RSS of every process of the build, and peak USS (its private memory: RSS less the pages
-    it shares, such as Ray's object store it reads blocks from)."""
+def exit_peak():
+    vm = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if l.startswith("Vm"))
+    with open(os.environ["{env}"], "a") as f:
+        mib = lambda k: round(int(vm[k].split()[0]) / 1024, 1)
+        f.write(json.dumps(dict(phase="exit", peak_mib=mib("VmHWM"), rss_mib=mib("VmRSS"))) + "\\n")
+
+atexit.register(exit_peak)
+sys.argv = ["mmpr", *sys.argv[1:]]
+runpy.run_module("mmpr_pipeline.cli", run_name="__main__", alter_sys=True)
+""".replace("{env}", PEAK_LOG_ENV)
+
+
+def vm_hwm_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def follow_tree(pid: int, stop: threading.Event, peaks: dict[int, tuple[str, int]]) -> None:
+    """VmHWM of every process under `pid` (not `pid` itself: it logs its own), read every 0.5 s."""
     import psutil
 
     root = psutil.Process(pid)
     while not stop.is_set():
         try:
-            procs = [root] + root.children(recursive=True)
+            procs = root.children(recursive=True)
         except psutil.NoSuchProcess:
             return
         for p in procs:
+            hwm = vm_hwm_kib(p.pid)
             try:
-                rss = p.memory_info().rss
-                uss = p.memory_full_info().uss
                 name = " ".join(p.cmdline()[:3])[:80] or p.name()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            # the latest name: vLLM's engine process starts as `python -c ...` and renames itself
-            peaks[p.pid] = (name, max(rss, peaks.get(p.pid, ("", 0))[1]))
-            uss_peaks[p.pid] = max(uss, uss_peaks.get(p.pid, 0))
-        time.sleep(0.2)
+            if hwm is not None:  # the latest name: vLLM's engine process renames itself
+                peaks[p.pid] = (name, max(hwm, peaks.get(p.pid, ("", 0))[1]))
+        stop.wait(0.5)
+
+
+def read_phases(log: Path) -> tuple[dict[str, float], float, str]:
+    """({phase: peak MiB}, the driver's peak, the phase that set it) from the build's peak log."""
+    phases: dict[str, float] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        d = json.loads(line)
+        phases[d["phase"]] = max(d["peak_mib"], phases.get(d["phase"], 0.0))
+    if not phases:
+        raise SystemExit(f"{log}: the build logged no peak")
+    top = max(phases, key=phases.get)
+    return phases, phases[top], top
 
 
 def run_build(repo: Path, recipe: Path, out: Path) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    log = out.with_suffix(".peaks.jsonl")
+    log.unlink(missing_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", **{PEAK_LOG_ENV: str(log)})
     env.pop("RAY_ADDRESS", None)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mmpr_pipeline.cli", "build", str(recipe), "--out", str(out)],
+        [sys.executable, "-c", DRIVER, "build", str(recipe), "--out", str(out)],
         cwd=repo,
         env=env,
         stdout=subprocess.PIPE,
@@ -121,44 +173,49 @@ def run_build(repo: Path, recipe: Path, out: Path) -> dict:
         start_new_session=True,
     )
     peaks: dict[int, tuple[str, int]] = {}
-    uss: dict[int, int] = {}
     stop = threading.Event()
-    sampler = threading.Thread(target=peak_rss_of_tree, args=(proc.pid, stop, peaks, uss), daemon=True)
-    sampler.start()
-    log, _ = proc.communicate()
+    follower = threading.Thread(target=follow_tree, args=(proc.pid, stop, peaks), daemon=True)
+    follower.start()
+    output, _ = proc.communicate()
     stop.set()
-    sampler.join()
+    follower.join()
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"build failed (rc {proc.returncode}):\n{log[-3000:]}")
-    driver = peaks.pop(proc.pid)[1]
+        raise SystemExit(f"build failed (rc {proc.returncode}):\n{output[-3000:]}")
+    phases, driver, phase = read_phases(log)
     # The engine (VLLM::EngineCore, its worker) holds the model and KV cache: not data, reported apart.
     engine = {pid: v for pid, v in peaks.items() if "VLLM" in v[0] or "EngineCore" in v[0]}
-    workers = {pid: v for pid, v in peaks.items() if pid not in engine}
-    top_pid = max(workers, key=lambda pid: workers[pid][1])
-    top_name, top = workers[top_pid]
+    others = {pid: v for pid, v in peaks.items() if pid not in engine}
+    top_name, top = max(others.values(), key=lambda v: v[1])
     stats = json.loads((out / "stats.json").read_text())
     return dict(
         wall_s=round(wall, 1),
-        driver_mib=round(driver / 2**20),
-        worker_mib=round(top / 2**20),
-        worker_uss_mib=round(uss.get(top_pid, 0) / 2**20),
-        worker=top_name,
+        driver_mib=driver,
+        driver_phase=phase,
+        driver_phases=phases,
+        process_mib=round(top / 1024),
+        process=top_name,
+        engine_mib=round(max((v[1] for v in engine.values()), default=0) / 1024),
         pairs=sum(stats["totals"]["pairs"].values()),
         questions=stats["totals"]["questions"],
+        shards=len(stats["shards"]),
     )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=300)
-    ap.add_argument("--factor", type=int, default=10)
+    ap.add_argument("--sizes", default="300,3000", help="question counts, comma-separated (default 300,3000)")
+    ap.add_argument(
+        "--max-tokens", type=int, default=8, help="per sample (small: the engine is not measured)"
+    )
     ap.add_argument("--model", default=None, help="default: the trained demo model")
     ap.add_argument(
         "--repo", type=Path, default=REPO, help="the checkout whose code runs (default: this one)"
     )
+    ap.add_argument("--tmp", type=Path, default=None, help="folder for the sources and run folders")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_scale.json")
     args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
     if args.model is None:
         from mmpr_pipeline import demo_model
 
@@ -168,33 +225,47 @@ def main() -> None:
         commit=subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=args.repo, capture_output=True, text=True
         ).stdout.strip(),
+        max_tokens=args.max_tokens,
         sizes={},
+        ratios={},
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in (args.n, args.n * args.factor):
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for n in sizes:
             src = Path(tmp) / f"photos-{n}.parquet"
             kb = write_source(src, n)
             recipe = Path(tmp) / f"scale-{n}.yaml"
-            recipe.write_text(RECIPE.format(model=args.model, path=src))
+            recipe.write_text(RECIPE.format(model=args.model, path=src, max_tokens=args.max_tokens))
             r = run_build(args.repo, recipe, Path(tmp) / f"run-{n}")
             r["image_kb"] = round(kb, 1)
             results["sizes"][n] = r
+            phases = ", ".join(f"{k} {v:.0f}" for k, v in r["driver_phases"].items())
             print(
-                f"{n:>6} questions ({kb:.0f} KB images): driver peak {r['driver_mib']} MiB, largest worker "
-                f"{r['worker_mib']} MiB, its own (USS) {r['worker_uss_mib']} MiB ({r['worker']}), "
-                f"wall {r['wall_s']} s, {r['pairs']} pairs",
+                f"{n:>6} questions ({kb:.0f} KB images): driver peak {r['driver_mib']:.0f} MiB (VmHWM, "
+                f"set in {r['driver_phase']}; per phase: {phases}), largest other process "
+                f"{r['process_mib']} MiB ({r['process']}), engine {r['engine_mib']} MiB, "
+                f"wall {r['wall_s']} s, {r['pairs']} pairs in {r['shards']} shard(s)",
                 flush=True,
             )
-    small, large = (results["sizes"][k] for k in (args.n, args.n * args.factor))
-    results["driver_ratio"] = round(large["driver_mib"] / small["driver_mib"], 3)
-    results["worker_ratio"] = round(large["worker_mib"] / small["worker_mib"], 3)
-    results["worker_uss_ratio"] = round(large["worker_uss_mib"] / max(1, small["worker_uss_mib"]), 3)
-    print(
-        f"ratio {args.factor}N/N: driver {results['driver_ratio']:.2f}x (target <= 1.2), "
-        f"largest worker {results['worker_ratio']:.2f}x (USS {results['worker_uss_ratio']:.2f}x)  "
-        f"[{results['commit']}]"
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")  # kept if a larger size fails
+            shutil.rmtree(Path(tmp) / f"run-{n}", ignore_errors=True)
+            src.unlink()
+    for small, large in zip(sizes, sizes[1:]):
+        a, b = results["sizes"][small], results["sizes"][large]
+        ratio = dict(
+            driver=round(b["driver_mib"] / a["driver_mib"], 3),
+            process=round(b["process_mib"] / a["process_mib"], 3),
+            phases={
+                k: round(v / a["driver_phases"][k], 3)
+                for k, v in b["driver_phases"].items()
+                if a["driver_phases"].get(k)
+            },
+        )
+        results["ratios"][f"{large}/{small}"] = ratio
+        print(
+            f"ratio {large}/{small}: driver {ratio['driver']:.2f}x (target <= 1.2), largest other process "
+            f"{ratio['process']:.2f}x  [{results['commit']}]"
+        )
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 

@@ -367,7 +367,7 @@ def _word_lengths(shards: list[Path], limit: int = LENGTH_SAMPLE) -> tuple[dict,
     out = {t: {"chosen": [], "rejected": []} for t in PAIR_TYPES}
     per_shard, seen = max(1, limit // max(1, len(shards))), 0
     for path in shards:
-        f = pq.ParquetFile(path)
+        f = pq.ParquetFile(path, pre_buffer=False)  # on, pyarrow reads the shard's texts at once
         taken = 0
         for batch in f.iter_batches(batch_size=2048, columns=["pair_type", "chosen", "rejected"]):
             d = batch.to_pydict()

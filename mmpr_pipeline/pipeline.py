@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 
 from mmpr_pipeline import shards
+from mmpr_pipeline.peak_memory import phase_end
 from mmpr_pipeline.recipe import Recipe, to_json
 from mmpr_pipeline.records import PAIR_SCHEMA, QUESTION_SCHEMA, REJECT_SCHEMA
 from mmpr_pipeline.units import BuildStats, WorkUnit, is_done, plan_source, unit_file
@@ -466,7 +467,8 @@ def write_shards(run: Path, recipe: Recipe, counts: dict[str, list[dict]]) -> li
 
 
 def write_rejects_file(run: Path, source: str) -> None:
-    """rejects/<source>.parquet: the units' rejects of a source in one file, for people to read."""
+    """rejects/<source>.parquet: the units' rejects of a source in one file, for people to read (written
+    unit by unit: the driver never holds a source's rejects)."""
     import pyarrow.parquet as pq
 
     files = sorted((run / "rejects" / source).glob("unit-*.parquet"))
@@ -474,7 +476,7 @@ def write_rejects_file(run: Path, source: str) -> None:
     if not files:
         target.unlink(missing_ok=True)
         return
-    shards.write_table(pa.concat_tables([pq.read_table(f) for f in files]).cast(REJECT_SCHEMA), target)
+    shards.write_tables((pq.read_table(f).cast(REJECT_SCHEMA) for f in files), REJECT_SCHEMA, target)
 
 
 def read_unit_counts(run: Path, units: dict[str, list[WorkUnit]]) -> dict[str, list[dict]]:
@@ -530,6 +532,7 @@ def collect_samples(
     remove_stale_units(run, units)
     every = [u for us in units.values() for u in us]
     pending = [u for u in every if not is_done(run, u)]
+    phase_end("plan")
     if pending:
         log.info(
             "%d of %d work units to do (%d already done)", len(pending), len(every), len(every) - len(pending)
@@ -537,6 +540,7 @@ def collect_samples(
         t0 = time.perf_counter()
         run_units(recipe, run, resolve_model(recipe.model), pending, max_images, index)
         stats.seconds["generate_wall"] = time.perf_counter() - t0
+        phase_end("stream")
         missing = [u for u in pending if not is_done(run, u)]
         if missing:
             raise RuntimeError(
@@ -547,6 +551,7 @@ def collect_samples(
         log.info("all %d work units already done", len(every))
     for source in units:
         write_rejects_file(run, source)
+    phase_end("rejects")
     stats.resume = dict(
         units=len(every),
         units_done_before=len(every) - len(pending),
@@ -572,25 +577,31 @@ def build(
         units = collect_samples(recipe, run, stats, ray_address)
         counts = read_unit_counts(run, units)
         sum_counts(counts, stats)
+        phase_end("counts")
         shards.kill_point("before_pair")
         t0 = time.perf_counter()
         paths = write_shards(run, recipe, counts)
         stats.shards = [str(p.relative_to(run)) for p in paths]
+        phase_end("shards")
         stats.seconds["shards"] = time.perf_counter() - t0
         stats.seconds["total"] = time.perf_counter() - t_start
         stats.created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         shards.kill_point("before_stats")
         summary = stats.to_dict()
         shards.write_json(run / "stats.json", summary)
+        phase_end("stats")
         if recipe.preview:  # before the card, which links to it
             from mmpr_pipeline.preview import write_preview
 
             write_preview(run)
+            phase_end("preview")
         if write_card:
             from mmpr_pipeline.card import write_card as _write_card
 
             _write_card(run)
+            phase_end("card")
     print_summary(run, summary)
+    phase_end("summary")
     return summary
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,19 @@ def write_table(table: pa.Table, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path
+
+
+def write_tables(tables: Iterable[pa.Table], schema: pa.Schema, path: str | Path) -> Path:
+    """`tables` one after another into one Parquet file, replaced atomically; one table in memory at a
+    time, however many there are."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for table in tables:
+            writer.write_table(table)
     os.replace(tmp, path)
     return path
 
