@@ -7,13 +7,20 @@ from pathlib import Path
 import pytest
 
 from mmpr_pipeline.recipe import ANSWER_TYPES
-from mmpr_pipeline.scoring import UNDECIDED_REASONS, judge, regression, undecided
+from mmpr_pipeline.scoring import UNDECIDED_REASONS, regression, undecided
+from mmpr_pipeline.scoring import judge as scoring_judge
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def state(v) -> str:
     return "undecided" if v.undecided else "correct" if v.correct else "wrong"
+
+
+def judge(*args, **kwargs):
+    """The judge with a generous maths bound: these tests are about verdicts, and on a loaded machine
+    a check can overrun 2 s and come back undecided (test_scoring_safety bounds the time)."""
+    return scoring_judge(*args, **{"timeout": 10.0, **kwargs})
 
 
 def final(answer: str) -> str:
@@ -84,6 +91,8 @@ def test_undecided_is_a_reason_and_never_correct():
             "undecided",
         ),
         ("multiple_choice", "B", "I cannot tell from the image", "undecided"),
+        ("text", "d", "E", "wrong"),  # a letter for another letter: sure, not merely undecided
+        ("vqa", ["d"] * 10, "(E)", "wrong"),
         # sure and right, written another way
         ("text", "twenty-one", "21", "correct"),
         ("text", "3 dogs", "three dogs", "correct"),
@@ -113,7 +122,10 @@ def test_a_single_letter_never_equals_another_letter(answer_type):
 
 def test_math_letters_and_constants():
     assert state(judge(final("E"), "d", "math")) == "wrong"
-    assert state(judge(final("x"), "y", "math")) == "wrong"  # every bare symbol's set was UniversalSet
+    assert state(judge(final("x"), "y", "math")) == "wrong"
+    # past the letter rule too: every bare symbol's set was UniversalSet, so any two were equal
+    assert state(judge(final("\\alpha"), "\\beta", "math")) == "wrong"
+    assert state(judge(final("x_1"), "y", "math")) == "wrong"
     assert state(judge(final("D"), "d", "math")) == "correct"  # the same option letter
     assert state(judge(final("pi"), "\\pi", "math")) == "correct"  # the constant, not p times i
     assert state(judge(final("x \\geq 5"), "[5, \\infty)", "math")) == "correct"  # relations still sets
@@ -148,7 +160,7 @@ def test_free_form_corpus_rules_alone_never_call_a_right_answer_wrong_nor_a_wron
     assert sum(not r["expected"] for r in rows) >= 150, "near misses"
     assert {r["style"] for r in rows} == {"internvl-final", "qwen25vl-boxed", "llava-terse"}
 
-    report = regression.run_suite(rows, lambda *a: judge(*a, timeout=10.0))
+    report = regression.run_suite(rows, judge)
     print(f"\nfree-form corpus, rules alone, {report.cases} cases:\n{report.figures()}\n{report.table()}")
     assert report.pair_unsafe == [], f"right answers judged wrong: {report.pair_unsafe}"
     assert report.false_accepts == [], f"wrong answers judged right: {report.false_accepts}"
