@@ -145,19 +145,45 @@ def follow_tree(pid: int, stop: threading.Event, peaks: dict[int, tuple[str, int
         stop.wait(0.5)
 
 
-def read_phases(log: Path) -> tuple[dict[str, float], float, str]:
-    """({phase: peak MiB}, the driver's peak, the phase that set it) from the build's peak log."""
+def read_phases(log: Path) -> tuple[dict[str, float], dict[str, float], float, str]:
+    """From the build's peak log: ({phase: its peak MiB}, {phase: its rise over the RSS it started
+    from}, the driver's peak, the phase that set it). Each phase's peak counts the RSS it started from
+    (the kernel's mark is reset to the RSS then), so the peak is set where it was first reached (within
+    2%), not by a later phase that kept the RSS."""
     phases: dict[str, float] = {}
+    rises: dict[str, float] = {}
+    start = 0.0
     for line in log.read_text().splitlines() if log.exists() else []:
         d = json.loads(line)
         phases[d["phase"]] = max(d["peak_mib"], phases.get(d["phase"], 0.0))
+        rises[d["phase"]] = round(d["peak_mib"] - start, 1) if start else d["peak_mib"]
+        start = d["rss_mib"]
     if not phases:
         raise SystemExit(f"{log}: the build logged no peak")
-    top = max(phases, key=phases.get)
-    return phases, phases[top], top
+    peak = max(phases.values())
+    return phases, rises, peak, next(k for k, v in phases.items() if v >= 0.98 * peak)
 
 
-def run_build(repo: Path, recipe: Path, out: Path) -> dict:
+RAY_START_TIMEOUT = "timed out during startup"  # Ray waits 30 s for its node: too short on a loaded machine
+
+
+def run_build(repo: Path, recipe: Path, out: Path, tries: int = 3) -> dict:
+    for _ in range(tries - 1):
+        try:
+            return run_build_once(repo, recipe, out)
+        except BuildError as e:
+            if RAY_START_TIMEOUT not in str(e):
+                raise
+            print("Ray's node did not start in time (a loaded machine): trying again", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    return run_build_once(repo, recipe, out)
+
+
+class BuildError(SystemExit):
+    pass
+
+
+def run_build_once(repo: Path, recipe: Path, out: Path) -> dict:
     log = out.with_suffix(".peaks.jsonl")
     log.unlink(missing_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", **{PEAK_LOG_ENV: str(log)})
@@ -181,8 +207,8 @@ def run_build(repo: Path, recipe: Path, out: Path) -> dict:
     follower.join()
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"build failed (rc {proc.returncode}):\n{output[-3000:]}")
-    phases, driver, phase = read_phases(log)
+        raise BuildError(f"build failed (rc {proc.returncode}):\n{output[-3000:]}")
+    phases, rises, driver, phase = read_phases(log)
     # The engine (VLLM::EngineCore, its worker) holds the model and KV cache: not data, reported apart.
     engine = {pid: v for pid, v in peaks.items() if "VLLM" in v[0] or "EngineCore" in v[0]}
     others = {pid: v for pid, v in peaks.items() if pid not in engine}
@@ -193,6 +219,7 @@ def run_build(repo: Path, recipe: Path, out: Path) -> dict:
         driver_mib=driver,
         driver_phase=phase,
         driver_phases=phases,
+        driver_rises=rises,
         process_mib=round(top / 1024),
         process=top_name,
         engine_mib=round(max((v[1] for v in engine.values()), default=0) / 1024),
@@ -239,10 +266,12 @@ def main() -> None:
             r = run_build(args.repo, recipe, Path(tmp) / f"run-{n}")
             r["image_kb"] = round(kb, 1)
             results["sizes"][n] = r
-            phases = ", ".join(f"{k} {v:.0f}" for k, v in r["driver_phases"].items())
+            phases = ", ".join(
+                f"{k} {v:.0f} (+{r['driver_rises'][k]:.0f})" for k, v in r["driver_phases"].items()
+            )
             print(
                 f"{n:>6} questions ({kb:.0f} KB images): driver peak {r['driver_mib']:.0f} MiB (VmHWM, "
-                f"set in {r['driver_phase']}; per phase: {phases}), largest other process "
+                f"set in {r['driver_phase']}; per phase, peak (rise): {phases}), largest other process "
                 f"{r['process_mib']} MiB ({r['process']}), engine {r['engine_mib']} MiB, "
                 f"wall {r['wall_s']} s, {r['pairs']} pairs in {r['shards']} shard(s)",
                 flush=True,
