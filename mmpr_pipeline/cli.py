@@ -276,7 +276,7 @@ def make_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 done, 1 environment failure (disk, memory, network, engine), "
-        "2 user error (named in the message), 130 interrupted; "
+        "2 user error (named in the message), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); "
         "`mmpr publish`: 3 token, 4 network",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -299,7 +299,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 # Exit codes: a user error (bad input, named in the message), a failure of the environment (disk,
-# memory, network, a crashed engine), Ctrl-C.
+# memory, network, a crashed engine), Ctrl-C (SIGTERM: stopping.EXIT_CODE, 143).
 USER_ERROR, ENVIRONMENT_ERROR, INTERRUPTED = 2, 1, 130
 
 
@@ -352,6 +352,8 @@ def error_message(e: Exception) -> tuple[int, str]:
 
 
 def _resume_hint(args) -> str:
+    if getattr(args, "resume_hint", None):  # set by a command that knows more (train: its output_dir)
+        return args.resume_hint
     if args.command == "build":
         return f"finished work units are kept in {args.out}: run the same command again to resume"
     if args.command == "eval":
@@ -370,11 +372,18 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from mmpr_pipeline import stopping
+
+    stopping.install()  # SIGTERM stops as Ctrl-C does
     try:
         return args.func(args) or 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.debug:
             traceback.print_exc()
+        stopping.end_run()  # Ray's and vLLM's processes end with the command, not minutes later
+        if isinstance(e, stopping.Terminated):
+            print(f"\nterminated (SIGTERM): {_resume_hint(args)}", file=sys.stderr)
+            return stopping.EXIT_CODE
         print(f"\ninterrupted: {_resume_hint(args)}", file=sys.stderr)
         return INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place every error becomes a message

@@ -48,6 +48,7 @@ from mmpr_pipeline import card as card_mod
 from mmpr_pipeline.preflight import first_file_above
 from mmpr_pipeline.prompts import placeholders, user_content
 from mmpr_pipeline.records import background_of, image_for_readers
+from mmpr_pipeline.run_status import not_finished_error, status
 
 MARKER = "mmpr_export.json"
 BATCH_ROWS = 256
@@ -298,6 +299,9 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> dict:
     """Export a run's pairs to `out` in format `fmt`; return a summary ({'rows': ..., ...})."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r} (expected one of: {', '.join(sorted(FORMATS))})")
+    run_status = status(run_dir)
+    if (Path(run_dir) / "samples").is_dir() and not run_status.finished:
+        raise ExportError(not_finished_error(Path(run_dir), run_status, "an export of part of it"))
     try:
         run = card_mod.read_run(run_dir)
     except card_mod.CardError as e:

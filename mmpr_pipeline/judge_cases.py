@@ -294,10 +294,12 @@ def mode_figures(cases: list[dict], rules: list[dict], judged: dict[int, bool | 
 
 
 def write_count_words_source(folder, n: int, seed: int = 5) -> str:
-    """A JSON Lines source of generated counting questions whose reference is written in words
-    ("three"), as a free-form (`text`) source would have them: the policy answers in digits, which the
-    rules cannot match to the words, so the judge model has work. Returns the file's path."""
+    """A JSON Lines source of generated counting questions whose reference is a short phrase in words
+    ("three circles"), as a free-form (`text`) source would have it: the policy answers a bare digit,
+    which the rules leave undecided when the number is the same (a longer reference) and call wrong when
+    it differs, so the judge model has work. Returns the file's path."""
     import json
+    import re
     from pathlib import Path
 
     from mmpr_pipeline import tasks
@@ -307,11 +309,9 @@ def write_count_words_source(folder, n: int, seed: int = 5) -> str:
     lines = []
     for i, row in enumerate(tasks.generate(n, seed=seed, families=["count"])):
         (folder / f"{i}.png").write_bytes(row["image"])
-        lines.append(
-            json.dumps(
-                dict(image=f"{i}.png", question=row["question"], answer=number_words(int(row["answer"])))
-            )
-        )
+        k, things = int(row["answer"]), re.search(r"How many (\w+)", row["question"])[1]
+        answer = f"{number_words(k)} {things if k != 1 else things[:-1]}"
+        lines.append(json.dumps(dict(image=f"{i}.png", question=row["question"], answer=answer)))
     path = folder / "count_words.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return str(path)

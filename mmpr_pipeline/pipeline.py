@@ -170,6 +170,9 @@ def init_ray(address: str | None) -> None:
             log_to_driver=False,
             configure_logging=False,
         )
+    from mmpr_pipeline import stopping
+
+    stopping.install()  # ray.init replaced it with a handler that aborts and leaves processes behind
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours (per row) is the one users read
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines break the bar
 
@@ -355,7 +358,11 @@ def run_units(
             model=model,
             seed=recipe.seed,
             # the per-prompt image limit comes from the data, unless the recipe sets it
-            engine_options={"limit_mm_per_prompt": {"image": max(1, max_images)}, **recipe.engine},
+            engine_options={
+                "limit_mm_per_prompt": {"image": max(1, max_images)},
+                "trust_remote_code": recipe.trust_remote_code,  # False: vLLM refuses custom code
+                **recipe.engine,
+            },
             sampling=recipe.sampling,
             source_sampling={n: recipe.sampling_for(s) for n, s in sources.items() if s.sampling},
             image_max_pixels={n: s.image_max_pixels for n, s in sources.items() if s.image_max_pixels},
@@ -573,6 +580,7 @@ def build(
     run = Path(out)
     with RunLock(run):
         prepare_run_dir(run, recipe, overwrite)
+        (run / "stats.json").unlink(missing_ok=True)  # written again at the end: until then, unfinished
         stats = BuildStats.for_recipe(recipe)
         units = collect_samples(recipe, run, stats, ray_address)
         counts = read_unit_counts(run, units)

@@ -2,7 +2,8 @@
 vLLM start-up and 150 lines of someone else's traceback.
 
 - the model: `demo`, a local model folder (with config.json), a .gguf file, or a Hub id (which,
-  offline, must already be in the Hugging Face cache);
+  offline, must already be in the Hugging Face cache; online, must exist: one bounded request);
+- a model folder that asks to run its own code (`auto_map`) only with `trust_remote_code: true`;
 - the recipe's `engine:` keys: options `vllm.EngineArgs` has, read from vLLM's source (importing
   vLLM takes 10-20 s);
 - `--out`: a folder that can be created and written, whose recipe.json, if any, can be read;
@@ -60,11 +61,104 @@ def check_model(model: str, where: str) -> None:
         "YES",
         "TRUE",
     )
-    if offline and not isinstance(try_to_load_from_cache(model, "config.json"), str):
+    cached = isinstance(try_to_load_from_cache(model, "config.json"), str)
+    if offline and not cached:
         raise PreflightError(
             f"{where}: {model} is not a local folder, and not in the Hugging Face cache while offline mode "
             "is on (HF_HUB_OFFLINE=1): give a local model folder, or set HF_HUB_OFFLINE=0 to download it"
         )
+    if not cached:
+        check_on_hub(model, where)
+
+
+def hub_check_timeout() -> float:
+    """Seconds the preflight waits for the Hub (MMPR_HUB_CHECK_TIMEOUT, default 10): a model that
+    cannot be found costs seconds, not vLLM's minutes of retries."""
+    try:
+        return max(0.1, float(os.environ.get("MMPR_HUB_CHECK_TIMEOUT", "10")))
+    except ValueError:
+        return 10.0
+
+
+def check_on_hub(model: str, where: str) -> None:
+    """Online, a Hub id not in the cache: one request says whether it exists, before any folder or
+    engine is made. A model that exists but is gated or private is left to the download (with a token
+    it may work)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    endpoint = constants.ENDPOINT
+    try:
+        HfApi(endpoint=endpoint).model_info(model, timeout=hub_check_timeout())
+    except GatedRepoError:
+        return
+    except RepositoryNotFoundError:
+        raise PreflightError(
+            f"{where}: {model}: no such model on the Hub ({endpoint}), or it is private and no token "
+            "with access is set (`hf auth login`); check the id, or give a local model folder"
+        ) from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status is not None and status < 500:
+            return  # 401/403 for a model that needs a token: the download says what is missing
+        raise _unreachable(model, where, endpoint, f"it answered {status}") from None
+    except Exception as e:  # noqa: BLE001 - no connection, a timeout, a proxy, DNS: all "cannot be reached"
+        raise _unreachable(model, where, endpoint, _reason(e)) from None
+
+
+def _reason(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[0][:160]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _unreachable(model: str, where: str, endpoint: str, reason: str) -> PreflightError:
+    return PreflightError(
+        f"{where}: {model} is not in the Hugging Face cache and the Hub ({endpoint}) cannot be reached "
+        f"({reason}); give a local model folder, or run where the Hub can be reached"
+    )
+
+
+# Files of a model folder whose `auto_map` makes transformers or vLLM import the folder's own code.
+REMOTE_CODE_FILES = (
+    "config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer_config.json",
+)
+
+
+def model_folder(model: str) -> Path | None:
+    """The local folder of `model`: itself, or its snapshot in the Hugging Face cache; None if neither."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if not HUB_ID.match(model):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(model, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def check_remote_code(model: str, trusted: bool, where: str, option: str) -> None:
+    """A model folder that asks to run its own code (`auto_map`) is refused unless `option`
+    (trust_remote_code) says so: its Python files would run with the user's rights. Never asked
+    interactively: a prompt in the middle of a batch job is a hang, and one "y" runs the code."""
+    if trusted or model == DEMO_MODEL:
+        return
+    folder = model_folder(model)
+    for name in REMOTE_CODE_FILES if folder is not None else ():
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if auto_map:
+            classes = ", ".join(sorted(auto_map)) if isinstance(auto_map, dict) else str(auto_map)
+            raise PreflightError(
+                f"{where}: {model}: {name} asks to run the model folder's own Python code (auto_map: "
+                f"{classes}); it runs only with {option}; set it only for a model whose code you trust"
+            )
 
 
 @lru_cache(maxsize=1)
@@ -185,11 +279,17 @@ def check_build(recipe: Recipe, out: str | Path, model_from_cli: bool) -> None:
     """Everything `mmpr build` / `mmpr eval` can check before starting Ray and vLLM."""
     check_out_dir(out)
     check_model(recipe.model, "--model" if model_from_cli else f"{recipe.file}: model")
+    check_remote_code(
+        recipe.model,
+        recipe.trust_remote_code or bool(recipe.engine.get("trust_remote_code")),
+        "--model" if model_from_cli else f"{recipe.file}: model",
+        f"`trust_remote_code: true` in {recipe.file}",
+    )
     check_engine_options(recipe.engine, recipe.file)
-    check_sources_give_questions(recipe)
     if recipe.judge_modes():  # the judge model's engine too, before any engine starts
         from mmpr_pipeline.recipe import DEMO_JUDGE
 
         if recipe.judge_model.model != DEMO_JUDGE:
             check_model(recipe.judge_model.model, f"{recipe.file}: judge_model.model")
         check_engine_options(recipe.judge_model.engine, f"{recipe.file}: judge_model")
+    check_sources_give_questions(recipe)

@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from mmpr_pipeline.records import WHITE, background_of, decode_image, plain_pixels
+from mmpr_pipeline.run_status import finished_unit_files, partial_note, status
 from mmpr_pipeline.shards import SHARD_RE
 from stages.dropout_ntp import prefix_of
 from stages.score import JUDGE_ERROR  # reason prefix of a response the judge failed on (never paired)
@@ -65,11 +67,11 @@ SAMPLE_COLUMNS = [
     "reason",
     "prefix_words",
     "continuations",
+    "decided_by",
+    "judge_replies",
 ]
 
 
-    "decided_by",
-    "judge_replies",
 class PreviewError(ValueError):
     """A run folder the preview cannot be written for; the message names the file and the problem."""
 
@@ -149,7 +151,7 @@ def scan_samples(
     columns to find the units and to pick `extremes` all-right and all-wrong questions at random,
     then only those units are read."""
     rng = random.Random(f"{seed}:{source}")
-    units = sorted((run_dir / "samples" / source).glob("unit-*.parquet"))
+    units = finished_unit_files(run_dir, "samples", source)
     picked: dict[str, list[tuple[int, str]]] = {"all right": [], "all wrong": []}
     seen: Counter = Counter()
     need: dict[int, set[str]] = {}
@@ -319,6 +321,16 @@ def verdict_line(sample: dict | None, index: int | None) -> str:
     )
 
 
+def decided_note(sample: dict, index: int) -> str:
+    """' · decided by the judge model (yes p=0.98 | yes p=0.95)' where a judge model was asked."""
+    decided_by = (sample.get("decided_by") or [""] * (index + 1))[index:][:1]
+    replies = (sample.get("judge_replies") or [""] * (index + 1))[index:][:1]
+    who = {"model": "the judge model", "rules": "the rules"}.get(decided_by[0] if decided_by else None, "")
+    if not (replies and replies[0]):
+        return ""
+    return f" · decided by {who or 'nobody (undecided)'}; judge model replied {replies[0]}"
+
+
 def _question_block(pair: dict, sample: dict | None) -> str:
     shown_question = (sample or {}).get("question") or pair.get("question") or ""
     answers = [a for a in (sample or {}).get("answers") or [] if a != pair.get("answer")]
@@ -334,16 +346,6 @@ def _question_block(pair: dict, sample: dict | None) -> str:
         rows.append(f'<div class="muted">options: {esc(" | ".join(options))}</div>')
     if pair.get("question") and pair.get("question") != shown_question:
         rows.append(
-def decided_note(sample: dict, index: int) -> str:
-    """' · decided by the judge model (yes p=0.98 | yes p=0.95)' where a judge model was asked."""
-    decided_by = (sample.get("decided_by") or [""] * (index + 1))[index:][:1]
-    replies = (sample.get("judge_replies") or [""] * (index + 1))[index:][:1]
-    who = {"model": "the judge model", "rules": "the rules"}.get(decided_by[0] if decided_by else None, "")
-    if not (replies and replies[0]):
-        return ""
-    return f" · decided by {who or 'nobody (undecided)'}; judge model replied {replies[0]}"
-
-
             f"<details><summary>prompt sent to the model ({esc(pair.get('prompt_template'))})</summary>"
             f'<div class="text">{esc(pair["question"][:TEXT_CHARS])}</div></details>'
         )
@@ -507,7 +509,9 @@ def questions_and_rejects(extremes: dict, counts: dict, rejects: list[dict], bud
 def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = MAX_MB) -> str:
     """The preview page of a run folder, as text (see the module docstring)."""
     stats = _read_json(run_dir / "stats.json")
-    shards = pair_shards(run_dir)
+    run_status = status(run_dir)
+    # A stopped build's data/ is missing or from before: its finished units' pairs are what it has.
+    shards = pair_shards(run_dir) if run_status.finished else finished_unit_files(run_dir, "pairs")
     positions, pair_counts = sample_pair_positions(shards, per_source, seed)
     names = list((stats.get("sources") or {}).keys())
     found = (
@@ -558,7 +562,9 @@ def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = M
     head = (
         f'<h1>{esc(title)}</h1><p class="muted">model <code>{esc(stats.get("model", "?"))}</code> · '
         f"built {esc(stats.get('created', '?'))} · {shown_total} pairs shown · at most {per_source} per "
-        f"source, seed {seed} · this file is capped at {max_mb:g} MB</p><nav>{''.join(nav)}</nav>"
+        f"source, seed {seed} · this file is capped at {max_mb:g} MB</p>"
+        + ("" if run_status.finished else f'<p class="muted">{esc(partial_note(run_status))}</p>')
+        + f"<nav>{''.join(nav)}</nav>"
         '<table class="summary"><tr><th>source</th><th>pipeline</th><th>questions</th><th>pairs</th>'
         "<th>shown</th><th>all right</th><th>all wrong</th><th>rejected rows</th>"
         "<th>verdicts by rules / judge model / undecided</th><th>judge agrees with rules</th></tr>"
@@ -573,20 +579,6 @@ def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = M
 """
 
 
-def write_preview(run_dir: str | Path, per_source: int = 20, seed: int = 0, max_mb: float = MAX_MB) -> Path:
-    """Write RUN_DIR/preview.html (atomically) and return its path."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise PreviewError(f"{run_dir}: no such run folder")
-    if per_source < 0:
-        raise PreviewError(f"--per-source must be >= 0, got {per_source}")
-    if not pair_shards(run_dir) and not (run_dir / "samples").is_dir():
-        raise PreviewError(f"{run_dir}: neither data/ shards nor samples/ found (is this a run folder?)")
-    path = run_dir / PREVIEW_FILE
-    tmp = path.with_name(f".{PREVIEW_FILE}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(render(run_dir, per_source, seed, max_mb).encode("utf-8"))
-    os.replace(tmp, path)  # a reader never sees half a page
-    return path
 def verdict_cells(st: dict) -> str:
     """The summary's "who decided" cells of a source (stats.json's verdicts and judge_model)."""
     v, judged = st.get("verdicts") or {}, st.get("judge_model") or {}
@@ -600,3 +592,20 @@ def verdict_cells(st: dict) -> str:
     )
 
 
+def write_preview(run_dir: str | Path, per_source: int = 20, seed: int = 0, max_mb: float = MAX_MB) -> Path:
+    """Write RUN_DIR/preview.html (atomically) and return its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PreviewError(f"{run_dir}: no such run folder")
+    if per_source < 0:
+        raise PreviewError(f"--per-source must be >= 0, got {per_source}")
+    if not pair_shards(run_dir) and not (run_dir / "samples").is_dir():
+        raise PreviewError(f"{run_dir}: neither data/ shards nor samples/ found (is this a run folder?)")
+    run_status = status(run_dir)
+    if not run_status.finished:  # the page shows the finished units, and says so
+        print(partial_note(run_status), file=sys.stderr)
+    path = run_dir / PREVIEW_FILE
+    tmp = path.with_name(f".{PREVIEW_FILE}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(render(run_dir, per_source, seed, max_mb).encode("utf-8"))
+    os.replace(tmp, path)  # a reader never sees half a page
+    return path

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmpr_pipeline.records import IMAGE_STRUCT
-from mmpr_pipeline.shards import unit_files
+from mmpr_pipeline.run_status import finished_unit_files, partial_note, status
 
 PART_ROWS = 5000  # questions per output part
 PART_BYTES = 256 * 2**20  # and about this many bytes of images
@@ -118,10 +118,10 @@ class Rated:
 
 
 def rate_units(run_dir: str | Path) -> Iterator[Rated]:
-    """Each unit file of RUN_DIR/samples/, with the pass rate of each correctness question in it (from
-    the verdict columns only: no image is read). Questions with an engine error or no rated response
-    have none."""
-    files = unit_files(run_dir, "samples")
+    """Each finished unit file of RUN_DIR/samples/, with the pass rate of each correctness question in
+    it (from the verdict columns only: no image is read). Questions with an engine error or no rated
+    response have none. A unit a stopped build left unfinished is not read (run_status)."""
+    files = finished_unit_files(run_dir, "samples")
     for path in files:
         try:
             table = pq.read_table(path, columns=VERDICT_COLUMNS)
@@ -241,6 +241,9 @@ def select(
     if not (run_dir / "samples").is_dir():
         raise SelectError(f"{run_dir}: no samples/ folder (is this the folder of an `mmpr build`?)")
     _check_out(out)
+    run_status = status(run_dir)
+    if not run_status.finished:  # select what is there, and say it is a part
+        print(partial_note(run_status), file=sys.stderr)
     lo, hi = band if band is not None else (0.0, 0.0)
     per_source: dict[str, dict[str, int]] = {}
 
@@ -278,6 +281,7 @@ def select(
             pass_rate=None if all_wrong else [lo, hi],
             questions=sum(c["questions"] for c in per_source.values()),
             selected=sum(c["selected"] for c in per_source.values()),
+            run_finished=run_status.finished,  # false: from the finished units of a stopped build
             sources=per_source,
             shards=shards,
         )

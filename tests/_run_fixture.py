@@ -172,6 +172,7 @@ def make_run(
             pa.Table.from_pylist(rows, schema=records.SAMPLE_SCHEMA),
             run_dir / "samples" / source / "unit-00000.parquet",
         )
+        finish_unit(run_dir / "samples" / source / "unit-00000.parquet")
     (run_dir / "rejects").mkdir(exist_ok=True)
     pq.write_table(
         pa.Table.from_pylist(
@@ -256,6 +257,11 @@ def make_run(
     }
     (run_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     return run_dir
+
+
+def finish_unit(unit_file: Path) -> None:
+    """The counts file that marks a samples unit file finished, as a build writes it last."""
+    unit_file.with_suffix(".json").write_text(json.dumps({"key": "written by the test fixture"}))
 
 
 def _metadata():

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _browser import chromium_path, preview_facts
-from _run_fixture import _sample_row, make_run, read_pairs
+from _run_fixture import _sample_row, finish_unit, make_run, read_pairs
 from PIL import Image
 
 from mmpr_pipeline import cli, preview, records, tasks
@@ -55,6 +55,7 @@ def _add_extreme_questions(run):
         pa.Table.from_pylist(rows, schema=records.SAMPLE_SCHEMA),
         run / "samples" / "shapes" / "unit-00001.parquet",
     )
+    finish_unit(run / "samples" / "shapes" / "unit-00001.parquet")
     return rows
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from _run_fixture import make_run
+from _run_fixture import finish_unit, make_run
 
 from mmpr_pipeline import records
 from mmpr_pipeline.cli import main
@@ -148,6 +148,7 @@ def test_selection_is_written_in_parts_one_unit_at_a_time(run, tmp_path, monkeyp
     table = pq.read_table(unit)  # two units of six questions
     pq.write_table(table.slice(0, 6), unit)
     pq.write_table(table.slice(6), unit.with_name("unit-00001.parquet"))
+    finish_unit(unit.with_name("unit-00001.parquet"))
     monkeypatch.setattr(select, "PART_ROWS", 2)
     read = []
     original = select._kept_rows

@@ -79,6 +79,11 @@ class MPOConfig:
         help="module names to adapt, or a PEFT keyword such as all-linear",
     )
     max_pixels: int | None = option(None, help="cap the processor's image size (null: the processor's own)")
+    trust_remote_code: bool = option(
+        False,
+        help="let the model folder run its own Python code (its config's auto_map); without it such a "
+        "folder is refused",
+    )
 
     # Data.
     max_length: int = option(4096, help="prompt + response tokens; longer pairs are dropped, never cut")

@@ -120,6 +120,58 @@ def load_pairs(source: str | Path) -> pa.Table:
     return table
 
 
+# --- pairs training cannot use ---------------------------------------------------------------------
+
+SET_ASIDE_REASONS = ("empty", "chosen equals rejected", "image cannot be decoded")
+
+
+def _same_text(a: str, b: str) -> bool:
+    """Equal apart from white space: no preference to learn (the reward margin is 0 by construction)."""
+    return a.split() == b.split()
+
+
+def pair_problem(row: dict, with_rejected: bool, decoded: dict[bytes, str | None]) -> tuple[str, str] | None:
+    """(reason, detail) when training cannot use `row`, else None. `decoded` caches each image's
+    decode error (None: fine), so the pairs of one question decode their image once."""
+    for column in ("question", "chosen") + (("rejected",) if with_rejected else ()):
+        if not (row.get(column) or "").strip():
+            return "empty", f"{column} is empty"
+    if with_rejected and _same_text(row["chosen"], row["rejected"]):
+        return "chosen equals rejected", "chosen and rejected are the same text (white space aside)"
+    for k, image in enumerate(row.get("images") or []):
+        try:
+            data = encode_image(image)
+        except (OSError, ValueError) as e:
+            return "image cannot be decoded", f"image {k}: {e}"
+        if data not in decoded:
+            try:
+                decode_image(data)
+                decoded[data] = None
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for a broken file
+                decoded[data] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        if decoded[data] is not None:
+            return "image cannot be decoded", f"image {k}: {decoded[data]}"
+    return None
+
+
+def set_aside_bad_pairs(table: pa.Table, with_rejected: bool = True) -> tuple[pa.Table, list[dict]]:
+    """The pairs training can use, and the others as rejects ({row, id, reason, detail}), as a build
+    sets aside bad source rows: an empty question or response, a chosen equal to its rejected, an
+    image that cannot be decoded. Checked before training starts, so one bad pair never stops a run
+    part-way. Reads the table in batches; each distinct image is decoded once."""
+    keep, rejects, decoded = [], [], {}
+    columns = [c for c in ("id", "question", "chosen", "rejected", "images") if c in table.column_names]
+    start = 0
+    for batch in table.select(columns).to_batches(max_chunksize=1024):
+        for i, row in enumerate(batch.to_pylist(), start):
+            problem = pair_problem(row, with_rejected, decoded)
+            keep.append(problem is None)
+            if problem is not None:
+                rejects.append(dict(row=i, id=row.get("id"), reason=problem[0], detail=problem[1]))
+        start += batch.num_rows
+    return (table.filter(pa.array(keep, pa.bool_())) if rejects else table), rejects
+
+
 def split_pairs(table: pa.Table, eval_fraction: float, seed: int = 0) -> tuple[pa.Table, pa.Table]:
     """Hold out about `eval_fraction` of the questions (all pairs of a question fall on one side,
     so the held-out reward accuracy is measured on questions never trained on)."""
@@ -259,6 +311,10 @@ class PairEncoder:
         return Encoded(index, prompt, ids[0], ids[1] if self.with_rejected else [])
 
 
+class PairError(ValueError):
+    """A pair that could not be encoded during training; the message names it."""
+
+
 class PairDataset(torch.utils.data.Dataset):
     """Pairs of an Arrow table, encoded on access (images are decoded only when a batch needs them)."""
 
@@ -285,7 +341,12 @@ class PairDataset(torch.utils.data.Dataset):
         ]
 
     def __getitem__(self, i: int) -> Encoded | Dropped:
-        return self.encoder.encode(self.row(i), i)
+        row = self.row(i)
+        try:
+            return self.encoder.encode(row, i)
+        except Exception as e:  # noqa: BLE001 - say which pair, whatever the processor raised
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise PairError(f"pair {row.get('id') or i} (row {i}): {type(e).__name__}: {first}") from e
 
 
 # --- batching --------------------------------------------------------------------------------------

@@ -39,10 +39,20 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from mmpr_pipeline import stopping
 from mmpr_pipeline.records import stable_hash
 from mmpr_pipeline.train import config as config_mod
 from mmpr_pipeline.train.config import MPOConfig
-from mmpr_pipeline.train.data import PairDataset, PairEncoder, collate, load_pairs, select, split_pairs
+from mmpr_pipeline.train.data import (
+    PairDataset,
+    PairEncoder,
+    PairError,
+    collate,
+    load_pairs,
+    select,
+    set_aside_bad_pairs,
+    split_pairs,
+)
 from mmpr_pipeline.train.loss import RunningMean, mpo_loss
 from mmpr_pipeline.train.model import (
     add_lora,
@@ -167,8 +177,12 @@ def precompute_reference(
         "reference", cfg.model, cfg.dtype, cfg.bf16, cfg.max_length, cfg.max_pixels, dataset.ids()
     )
     if cache.exists():
-        saved = torch.load(cache, map_location="cpu")
-        if saved.get("key") == key:
+        try:  # data only: a cache that would run code is computed again, never run
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable cache is a stale cache
+            log.warning("%s cannot be read as data (%s): computing it again", cache, type(e).__name__)
+            saved = {}
+        if isinstance(saved, dict) and saved.get("key") == key:
             return saved["logps"]
     was_training = model.training
     model.eval()
@@ -251,14 +265,15 @@ def save_checkpoint(
         }
         final = output_dir / f"checkpoint-{step:06d}"
         tmp = output_dir / f".tmp-checkpoint-{step:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(state, tmp / "state.pt")
-        (tmp / "config.json").write_text(config_mod.to_json(cfg))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # a checkpoint exists whole or not at all
-        for old in sorted(output_dir.glob("checkpoint-*"))[: -cfg.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        with stopping.deferred():  # SIGTERM or Ctrl-C now: this checkpoint is finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save(state, tmp / "state.pt")
+            (tmp / "config.json").write_text(config_mod.to_json(cfg))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)  # a checkpoint exists whole or not at all
+            for old in sorted(output_dir.glob("checkpoint-*"))[: -cfg.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
     if d.world > 1:
         dist.barrier()
 
@@ -267,11 +282,7 @@ def config_changes(path: Path, cfg: MPOConfig) -> dict:
     """{key: (saved, now)} for the keys that change the result, between checkpoint `path`'s config
     and `cfg`."""
     saved_file = path / "config.json"
-    saved = (
-        json.loads(saved_file.read_text())
-        if saved_file.exists()
-        else torch.load(path / "state.pt", map_location="cpu", weights_only=False)["config"]
-    )
+    saved = json.loads(saved_file.read_text()) if saved_file.exists() else read_state(path)["config"]
     now = cfg.to_dict()
     return {k: (v, now.get(k)) for k, v in saved.items() if k not in RESUMABLE_KEYS and now.get(k) != v}
 
@@ -293,8 +304,24 @@ def check_resumable(path: Path, cfg: MPOConfig) -> None:
     log.warning("resuming %s with a config that differs from the one it was saved with: %s", path, diff)
 
 
+def read_state(path: Path) -> dict:
+    """Checkpoint `path`'s state.pt, read as data only (`weights_only`: tensors, numbers, strings and
+    containers of them): a state.pt from someone else that would run code is refused, never run."""
+    import pickle
+
+    file = path / "state.pt"
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(
+            f"{file}: not a checkpoint this trainer can read as data ({first}); nothing in it was run: "
+            f"remove {path} to resume from an earlier one, or use a new output_dir"
+        ) from None
+
+
 def load_checkpoint(path: Path, model, optimizer, running: RunningMean, cfg: MPOConfig, d: Dist) -> dict:
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    state = read_state(path)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():
@@ -346,17 +373,88 @@ def find_checkpoint(cfg: MPOConfig) -> tuple[Path, Path | None]:
     return out, ckpt
 
 
-def load_splits(cfg: MPOConfig, d: Dist):
-    """The training and held-out pairs (held out by question unless `eval_data` names its own)."""
-    pairs = select(load_pairs(cfg.data), cfg.pair_types)
+def refuse_unfinished_run(source: str | None) -> None:
+    """A run folder (or its data/) that a build has not finished: its shards are missing, from an
+    earlier build, or half replaced, and a model trained on them would pass for one of the whole run."""
+    from mmpr_pipeline import run_status
+
+    run = run_status.run_folder_of(source) if source else None
+    st = run_status.status(run) if run is not None else None
+    if st is not None and not st.finished:
+        raise ValueError(run_status.not_finished_error(run, st, "training on part of it"))
+
+
+def usable_pairs(source: str, cfg: MPOConfig, rejects: list[dict]):
+    """The pairs of `source` (of `cfg.pair_types`) that training can use; the others are added to
+    `rejects`, named by source. None usable: a ValueError naming the reasons (nothing is written)."""
+    pairs = select(load_pairs(source), cfg.pair_types)
+    kept, bad = set_aside_bad_pairs(pairs, with_rejected=cfg.needs_reference)
+    rejects += [dict(data=source, **r) for r in bad]
+    if pairs.num_rows and not kept.num_rows:
+        raise ValueError(
+            f"{source}: none of its {pairs.num_rows} pairs can be trained on ({reject_counts_text(bad)})"
+        )
+    return kept
+
+
+def reject_counts(rejects: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rejects:
+        counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+    return counts
+
+
+def reject_counts_text(rejects: list[dict]) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(reject_counts(rejects).items()))
+
+
+def load_splits(cfg: MPOConfig, d: Dist, rejects: list[dict] | None = None):
+    """The training and held-out pairs (held out by question unless `eval_data` names its own), without
+    the pairs training cannot use (added to `rejects`)."""
+    rejects = [] if rejects is None else rejects
+    for source in (cfg.data, cfg.eval_data):
+        refuse_unfinished_run(source)
+    pairs = usable_pairs(cfg.data, cfg, rejects)
     if cfg.eval_data:
-        train_table, eval_table = pairs, select(load_pairs(cfg.eval_data), cfg.pair_types)
+        train_table, eval_table = pairs, usable_pairs(cfg.eval_data, cfg, rejects)
     else:
         train_table, eval_table = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
     train_table = select(train_table, limit=cfg.limit)
     if train_table.num_rows < d.world:
         raise ValueError(f"{cfg.data}: {train_table.num_rows} training pairs for {d.world} process(es)")
     return train_table, eval_table
+
+
+def write_rejects(out: Path, rejects: list[dict], d: Dist) -> None:
+    """output_dir/rejects.jsonl: one line per pair set aside before training (none: no file)."""
+    path = out / "rejects.jsonl"
+    if not d.main:
+        return
+    if not rejects:
+        path.unlink(missing_ok=True)
+        return
+    path.write_text("".join(json.dumps(r) + "\n" for r in rejects))
+    log.warning(
+        "set aside %d pair(s) that cannot be trained on (%s); listed in %s",
+        len(rejects),
+        reject_counts_text(rejects),
+        path,
+    )
+
+
+def check_model(cfg: MPOConfig) -> None:
+    """Before output_dir is made: a Hub id that cannot be found says so in seconds, and a model folder
+    that would run its own code is refused unless `trust_remote_code` says so."""
+    from mmpr_pipeline import preflight
+
+    if preflight.HUB_ID.match(cfg.model) and not Path(cfg.model).exists() and cfg.model.count("/") == 1:
+        preflight.check_model(cfg.model, f"{cfg.file}: model")
+    preflight.check_remote_code(
+        cfg.model,
+        cfg.trust_remote_code,
+        f"{cfg.file}: model",
+        f"`trust_remote_code: true` in {cfg.file} (or --set trust_remote_code=true)",
+    )
 
 
 def make_output_dir(out: Path, cfg: MPOConfig, d: Dist) -> None:
@@ -373,7 +471,8 @@ def make_output_dir(out: Path, cfg: MPOConfig, d: Dist) -> None:
 def load_policy(model, cfg: MPOConfig, d: Dist):
     """The policy on its device, in float32 (with bf16 autocast) or the dtype asked for, its vision
     encoder frozen if asked; `model` if one is given, else loaded from `cfg.model`."""
-    model = model if model is not None else load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+    if model is None:
+        model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code)
     model.to(d.device)
     if cfg.freeze_vision:
         freeze_vision(model)
@@ -831,11 +930,15 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     d = setup_distributed()
     # Data first: a run without data says so (not that a checkpoint differs), and leaves no
     # output_dir behind (`make build-mmpr` would refuse it).
-    train_table, eval_table = load_splits(cfg, d)
+    rejects: list[dict] = []
+    train_table, eval_table = load_splits(cfg, d, rejects)
+    if model is None:
+        check_model(cfg)
     out, ckpt = find_checkpoint(cfg)
     make_output_dir(out, cfg, d)
+    write_rejects(out, rejects, d)
     torch.manual_seed(cfg.seed)  # the same initial weights (e.g. LoRA's) in every process
-    processor = processor or load_processor(cfg.model, cfg.max_pixels)
+    processor = processor or load_processor(cfg.model, cfg.max_pixels, cfg.trust_remote_code)
     pad_id = getattr(processor, "tokenizer", processor).pad_token_id
     encoder = PairEncoder(processor, cfg.max_length, with_rejected=cfg.needs_reference)
     train_set, eval_set = PairDataset(train_table, encoder), PairDataset(eval_table, encoder)
@@ -893,6 +996,7 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
         "eval_pairs": len(eval_set),
         "trainable_parameters": n_params,
         **state_summary(state),
+        "set_aside": reject_counts(rejects),  # pairs left out before training, by reason (rejects.jsonl)
         "reference_s": ref.precompute_s,
         "setup_s": started - run_started,
         "steps_s": steps_s,
@@ -952,12 +1056,15 @@ def cli_train(args) -> int:
 
     try:
         cfg = config_mod.load(args.config, parse_overrides(args.set))
+        args.resume_hint = (
+            f"the last checkpoint in {cfg.output_dir} is kept: run the same command again to resume"
+        )
         summary = train(cfg)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (config_mod.ConfigError, FileNotFoundError, NotADirectoryError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{kept_checkpoint(cfg) if isinstance(e, PairError) else ''}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         rows = (Path(summary["output_dir"]) / "metrics.jsonl").read_text().splitlines()
@@ -965,7 +1072,7 @@ def cli_train(args) -> int:
         q = max(1, len(losses) // 4)
         print(
             json.dumps(
-                {k: summary[k] for k in ("output_dir", "model_dir", "steps", "dropped")}
+                {k: summary[k] for k in ("output_dir", "model_dir", "steps", "dropped", "set_aside")}
                 | {
                     "train_loss": {
                         "first_quarter": round(sum(losses[:q]) / q, 4),
@@ -980,6 +1087,14 @@ def cli_train(args) -> int:
             learning_report(losses, summary["last_eval"]), file=sys.stderr
         )  # stdout stays one JSON document
     return 0
+
+
+def kept_checkpoint(cfg: MPOConfig) -> str:
+    """For the error line of a run stopped part-way by a pair: the checkpoint it kept, if any."""
+    out = Path(cfg.output_dir)
+    ckpt = latest_checkpoint(out) if out.is_dir() else None
+    kept = f"{ckpt} is kept" if ckpt else "no checkpoint was saved yet (save_every)"
+    return f"; {kept}: fix or remove that pair, then run the same command again"
 
 
 def learning_report(losses: list[float], last_eval: dict) -> str:

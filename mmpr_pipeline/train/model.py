@@ -38,11 +38,12 @@ def check_model_name(name: str) -> None:
         )
 
 
-def load_processor(name: str, max_pixels: int | None = None):
+def load_processor(name: str, max_pixels: int | None = None, trust_remote_code: bool = False):
     from transformers import AutoProcessor
 
     check_model_name(name)
-    processor = AutoProcessor.from_pretrained(name)
+    # An explicit False: transformers then refuses custom code instead of asking on the terminal.
+    processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     if max_pixels is not None:
         ip = processor.image_processor
         if not (hasattr(ip, "merge_size") and hasattr(ip, "temporal_patch_size")):
@@ -73,11 +74,16 @@ def _image_size(ip) -> str:
     return ", ".join(parts) or "its own size"
 
 
-def load_model(name: str, dtype: str = "float32", attn_implementation: str | None = "sdpa"):
+def load_model(
+    name: str,
+    dtype: str = "float32",
+    attn_implementation: str | None = "sdpa",
+    trust_remote_code: bool = False,
+):
     from transformers import AutoModelForImageTextToText
 
     check_model_name(name)
-    kwargs = {"dtype": DTYPES[dtype]}
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)

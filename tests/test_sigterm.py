@@ -1,0 +1,157 @@
+"""SIGTERM is a clean stop (issue 25, item 1): how Kubernetes, SLURM and spot instances end a job.
+
+`mmpr build` gets SIGTERM (to its own process only, as `kill PID` or a container runtime sends it)
+while its vLLM engine samples: it ends with rc 143 and the one-line resume hint, and every process it
+started (Ray's, the engine's) is gone within seconds. A second SIGTERM while it stops still leaves a
+folder the same command finishes. `mmpr train` keeps its last checkpoint and resumes from it.
+
+Before: rc 134 with a C++ stack trace (`*** SIGTERM received ... PC: @ ...`), no hint, and a 700 MB
+`ray::MapWorker` left running for minutes with PID 1 as its parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from _run_fixture import make_run
+
+from mmpr_pipeline import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MMPR_"))}
+    with open(log, "w") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mmpr_pipeline.cli", *args],
+            cwd=ROOT,
+            stdout=f,
+            stderr=f,
+            env={**env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+            start_new_session=True,  # the test's own clean-up can reach the whole group
+        )
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.3)
+
+
+def engine_started(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The processes under `proc` once one of them is the vLLM engine (else [])."""
+    procs = psutil.Process(proc.pid).children(recursive=True)
+    names = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            names.append(p.name() + " " + " ".join(p.cmdline()))
+    return procs if any("EngineCore" in n for n in names) else []
+
+
+def build_args(model: str, out: Path) -> list[str]:
+    return ["build", "data_cards/demo.yaml", "--out", str(out), "--limit", "8", "--model", model]
+
+
+def stop_build(model: str, out: Path, log: Path, sigterms: int) -> tuple[int, list[psutil.Process]]:
+    """A build that SIGTERM stops while its engine samples: (rc, the processes it had started)."""
+    proc = start(build_args(model, out), log)
+    try:
+        procs: list[psutil.Process] = []
+        wait_for(lambda: procs.extend(engine_started(proc)) or procs, proc, log)
+        time.sleep(1)  # into sampling
+        for _ in range(sigterms):
+            os.kill(proc.pid, signal.SIGTERM)
+            time.sleep(0.2)
+        rc = proc.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return rc, procs
+
+
+def assert_all_ended(procs: list[psutil.Process]) -> None:
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    left = [(p.pid, p.name()) for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()  # never leave them to the next test
+    assert not left, f"still running after the build ended: {left}"
+
+
+def test_sigterm_stops_a_build_cleanly_and_the_run_resumes(trained_model, tmp_path):
+    out = tmp_path / "run"
+    rc, procs = stop_build(trained_model, out, tmp_path / "first.log", sigterms=1)
+    stderr = (tmp_path / "first.log").read_text()
+    assert rc == 143, stderr[-3000:]
+    last = stderr.rstrip().splitlines()[-1]
+    assert last == (
+        f"terminated (SIGTERM): finished work units are kept in {out}: run the same command again to resume"
+    )
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr
+    assert len(procs) >= 3  # Ray's own processes, the sampling actor and its engine
+    assert_all_ended(procs)
+
+    # A second SIGTERM while it stops: it ends at once, and the folder is still resumable.
+    rc, procs = stop_build(trained_model, out, tmp_path / "second.log", sigterms=2)
+    assert rc == 143, (tmp_path / "second.log").read_text()[-3000:]
+    assert_all_ended(procs)
+
+    done = subprocess.run(
+        [sys.executable, "-m", "mmpr_pipeline.cli", *build_args(trained_model, out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["resume"]["units"] == 2 and sum(stats["totals"]["pairs"].values()) > 0
+
+
+def test_sigterm_stops_training_and_keeps_the_last_checkpoint(tiny_model, tmp_path):
+    run = make_run(tmp_path / "run", n_shapes=4, n_scenes=2, n_shards=1)
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    args = ["train", "data_cards/train_mpo.yaml"]
+    for s in (f"model={tiny_model}", f"data={run}", f"output_dir={out}", "max_steps=100000", "save_every=1"):
+        args += ["--set", s]
+    args += ["--set", "progress_bar=false", "--set", "eval_fraction=0", "--set", "batch_size=2"]
+    proc = start(args, log)
+    try:
+        wait_for(lambda: len(list(out.glob("checkpoint-*"))) > 0, proc, log)
+        procs = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    stderr = log.read_text()
+    assert rc == 143, stderr[-3000:]
+    assert stderr.rstrip().splitlines()[-1] == (
+        f"terminated (SIGTERM): the last checkpoint in {out} is kept: run the same command again to resume"
+    )
+    assert "Traceback" not in stderr
+    assert_all_ended(procs)
+    assert not list(out.glob(".tmp-checkpoint-*"))  # the checkpoint being written was finished first
+    last = sorted(out.glob("checkpoint-*"))[-1]
+    step = torch.load(last / "state.pt", weights_only=True)["step"]
+    assert step >= 1 and not (out / "final").exists()
+
+    # The same run continues from that checkpoint (here to one step more).
+    more = [a.replace("max_steps=100000", f"max_steps={step + 1}") for a in args]
+    assert cli.main([*more, "--set", "resume_with_changes=true", "--set", "save_model=false"]) == 0
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, step + 2))
