@@ -111,6 +111,58 @@ def quality(n_bench: int, n_distinct: int, seed: int) -> dict:
     return out
 
 
+def cpu_costs(n: int = 60) -> dict:
+    """CPU seconds (process time, so a busy machine inflates them less than wall time) of the steps,
+    in this process: hashing one 640x480 JPEG, indexing one benchmark image with its crops, one
+    lookup against 10,000 benchmark rows; extrapolated to 100k training against 10k benchmark images."""
+    imgs = [encode(photo(300_000 + s, H, W).resize((640, 480)), "JPEG", 85) for s in range(n)]
+    t = time.process_time()
+    for data in imgs:
+        decontam.image_hash(data)
+    hash_cpu = (time.process_time() - t) / n
+    t = time.process_time()
+    for i, data in enumerate(imgs):
+        decontam.benchmark_entry("b", i, "q", [data], decontam.NGRAM)
+    index_cpu = (time.process_time() - t) / n
+    lookup = _lookup_10k(0)
+    return dict(
+        hash_cpu_seconds_per_image=round(hash_cpu, 4),
+        index_cpu_seconds_per_benchmark_image=round(index_cpu, 4),
+        lookup_cpu_seconds_per_query_against_10k=round(lookup, 5),
+        cpu_seconds_100k_against_10k=dict(
+            index=round(10_000 * index_cpu), check=round(100_000 * (hash_cpu + lookup))
+        ),
+    )
+
+
+def _lookup_10k(seed: int) -> float:
+    """Process seconds of one image lookup against 10,000 benchmark rows with their crops (random
+    hashes: the lookup's cost does not depend on the pixels)."""
+    rng = np.random.default_rng(seed)
+    big = decontam.Benchmarks.build(
+        ["b"],
+        {"b": (decontam.IMAGE_DISTANCE, decontam.NGRAM)},
+        [
+            dict(
+                benchmark="b",
+                row=i,
+                hashes=[
+                    (int(p), int(d), NO_COLOUR)
+                    for p, d in rng.integers(0, 2**63, (1 + len(decontam.CROPS), 2))
+                ],
+                words=[],
+                ngrams=[],
+            )
+            for i in range(10_000)
+        ],
+    )
+    queries = [decontam.ImageHash(int(p), int(d), NO_COLOUR) for p, d in rng.integers(0, 2**63, (300, 2))]
+    t0 = time.process_time()
+    for q in queries:
+        big.match_image(q)
+    return (time.process_time() - t0) / len(queries)
+
+
 def _parquet_files(folder: Path, rows: list[dict], per_file: int) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -166,30 +218,7 @@ def cost(n_bench: int, n_train: int, tmp: Path, seed: int) -> dict:
     results = ray.get([task.remote(p, index) for p in train_files])
     t_check = time.perf_counter() - t0
     cpu_per_image = sum(r["cpu"] for r in results) / n_train
-    # the lookup alone, against 10k benchmark rows (with their crops): random hashes
-    rng = np.random.default_rng(seed)
-    big = decontam.Benchmarks.build(
-        ["b"],
-        {"b": (decontam.IMAGE_DISTANCE, decontam.NGRAM)},
-        [
-            dict(
-                benchmark="b",
-                row=i,
-                hashes=[
-                    (int(p), int(d), NO_COLOUR)
-                    for p, d in rng.integers(0, 2**63, (1 + len(decontam.CROPS), 2))
-                ],
-                words=[],
-                ngrams=[],
-            )
-            for i in range(10_000)
-        ],
-    )
-    queries = [decontam.ImageHash(int(p), int(d), NO_COLOUR) for p, d in rng.integers(0, 2**63, (500, 2))]
-    t0 = time.perf_counter()
-    for q in queries:
-        big.match_image(q)
-    lookup_10k = (time.perf_counter() - t0) / len(queries)
+    lookup_10k = _lookup_10k(seed)
     lookup_here = cpu_per_image  # hash + lookup per training image, against n_bench rows
     index_cpu_per_image = t_index * cpus / n_bench  # upper bound: tasks spread over every core
     ray.shutdown()
@@ -288,6 +317,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/bench_decontam.json"))
     args = ap.parse_args()
     result = dict(args=vars(args))
+    result["cpu"] = cpu_costs()
+    print(json.dumps(result["cpu"], indent=1), flush=True)
     if args.distinct:
         result["quality"] = quality(args.bench, args.distinct, args.seed)
         print(json.dumps(result["quality"], indent=1), flush=True)
