@@ -106,8 +106,8 @@ MUTANTS = [
     Mutant(
         "dropout: the continuation always sees the images (with_image forced on)",
         "stages/dropout_ntp.py",
-        "conversation(row, with_image=cfg.with_image)",
-        "conversation(row, with_image=True)",
+        "conversation(row, cfg.with_image, background)",
+        "conversation(row, True, background)",
         ["tests/test_dropout_with_image.py", "-k", "request_holds_the_images"],
     ),
     Mutant(
