@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmpr_pipeline.records import WHITE, background_of, decode_image, plain_pixels
@@ -88,14 +89,26 @@ def pair_shards(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "data").glob("*.parquet") if SHARD_RE.match(p.name))
 
 
-def _batches(path: Path, columns: list[str] | None = None, batch_size: int = BATCH_ROWS) -> Iterator:
+def _batches(
+    path: Path, columns: list[str] | None = None, batch_size: int = BATCH_ROWS, row_groups=None
+) -> Iterator:
     try:
-        f = pq.ParquetFile(path)
+        # pre_buffer (pyarrow's default) reads every row group it is given into memory up front: for a
+        # whole shard, all of its images
+        f = pq.ParquetFile(path, pre_buffer=False)
         if columns is not None:
             columns = [c for c in columns if c in f.schema_arrow.names]
-        yield from f.iter_batches(batch_size=batch_size, columns=columns)
+        yield from f.iter_batches(batch_size=batch_size, row_groups=row_groups, columns=columns)
     except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) on a broken file
         raise PreviewError(f"{path}: cannot be read as Parquet: {e}") from None
+
+
+def _row_group_sizes(path: Path) -> list[int]:
+    try:
+        meta = pq.read_metadata(path)
+    except (OSError, ValueError) as e:
+        raise PreviewError(f"{path}: cannot be read as Parquet: {e}") from None
+    return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
 
 
 def sample_pair_positions(shards: list[Path], per_source: int, seed: int) -> tuple[dict[str, list], Counter]:
@@ -122,21 +135,21 @@ def sample_pair_positions(shards: list[Path], per_source: int, seed: int) -> tup
 
 
 def read_rows_at(shards: list[Path], positions: list[tuple[int, int]]) -> dict[tuple[int, int], dict]:
-    """The pair rows at `positions`, read batch by batch (only shards that hold one are opened)."""
+    """The pair rows at `positions`: only the row groups that hold one are read (a shard's row group is
+    a unit's pairs), one at a time, so memory is that of a unit whatever the size of the shard."""
     wanted: dict[int, set[int]] = {}
     for si, row in positions:
         wanted.setdefault(si, set()).add(row)
     out = {}
     for si, rows in sorted(wanted.items()):
         start = 0
-        for batch in _batches(shards[si]):
-            hits = [r - start for r in sorted(rows) if start <= r < start + batch.num_rows]
+        for group, size in enumerate(_row_group_sizes(shards[si])):
+            hits = [r - start for r in sorted(rows) if start <= r < start + size]
             if hits:
+                batch = pa.Table.from_batches(list(_batches(shards[si], row_groups=[group])))
                 for r, rec in zip(hits, batch.take(hits).to_pylist()):
                     out[(si, start + r)] = rec
-            start += batch.num_rows
-            if start > max(rows):
-                break
+            start += size
     return out
 
 
