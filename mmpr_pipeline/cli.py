@@ -52,7 +52,9 @@ def cmd_build(args) -> int:
 
     recipe = _recipe(args)
     _preflight(args, recipe)
-    pipeline.build(recipe, args.out, overwrite=args.overwrite, ray_address=args.ray_address)
+    pipeline.build(
+        recipe, args.out, overwrite=args.overwrite, ray_address=args.ray_address, verbose=args.verbose
+    )
     return 0
 
 
@@ -279,7 +281,12 @@ def make_parser() -> argparse.ArgumentParser:
         "2 user error (named in the message), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); "
         "`mmpr publish`: 3 token, 4 network",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, and Ray's and vLLM's output on the terminal",
+    )
     p.add_argument(
         "--debug",
         action="store_true",
@@ -365,6 +372,15 @@ def _resume_hint(args) -> str:
     return "stopped"
 
 
+def _logs_hint(args) -> str:
+    """Where a failed build's Ray and vLLM output is (runlogs.py), when it got that far."""
+    from mmpr_pipeline.runlogs import logs_dir
+
+    if args.command != "build" or args.verbose or not logs_dir(args.out).is_dir():
+        return ""
+    return f" (Ray's and vLLM's logs: {logs_dir(args.out)}/)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(
@@ -390,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         code, message = error_message(e)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message}{_logs_hint(args)}", file=sys.stderr)
         return code
 
 

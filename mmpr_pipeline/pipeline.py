@@ -152,22 +152,23 @@ class RunLock:
 # -- Ray ----------------------------------------------------------------------------------------
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, verbose: bool = False) -> None:
     """A private local Ray by default, even when another cluster runs on this machine; a cluster
-    only when `--ray-address` or RAY_ADDRESS names one."""
+    only when `--ray-address` or RAY_ADDRESS names one. Workers' output (the engine's) is forwarded
+    only with `verbose`: otherwise it stays in Ray's session logs (RUN_DIR/logs/ray)."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=verbose)
     else:
         ray.init(
             address="local",
             num_cpus=os.cpu_count(),
             include_dashboard=False,
-            log_to_driver=False,
+            log_to_driver=verbose,
             configure_logging=False,
         )
     from mmpr_pipeline import stopping
@@ -326,15 +327,17 @@ def run_units(
     """load -> sample -> score/pair/write for `units`, streaming on Ray Data. `benchmarks`: a
     reference to the decontamination index (stages/decontaminate.py), or None."""
     import ray
-    from tqdm import tqdm
 
+    from mmpr_pipeline import runlogs
     from mmpr_pipeline.engine import MAX_CONCURRENT_BATCHES, actor_options, replica_plan
+    from mmpr_pipeline.progress import BuildProgress, start_counter
     from stages.sample import SampleStage
 
     plan = replica_plan(cluster_gpus(), recipe.engine)
     concurrent = int(recipe.engine.get("max_concurrent_batches", MAX_CONCURRENT_BATCHES))
     options = _unit_options(recipe, run, recipe.model)
     sources = options["sources"]
+    counter = start_counter()  # questions and tokens sampled so far, for the progress bar
     ds = ray.data.from_items([u.to_item() for u in units], override_num_blocks=len(units))
     ds = ds.map_batches(
         load_units,
@@ -369,6 +372,7 @@ def run_units(
             image_background={n: tuple(s.image_background) for n, s in sources.items()},
             templates={n: recipe.template_for(s) for n, s in sources.items()},
             dropout={n: s.dropout for n, s in sources.items()},
+            progress=counter,
         ),
         # Ray Data restarts a replica whose process died and retries its batches.
         **actor_options(plan),
@@ -380,12 +384,12 @@ def run_units(
     )
     total = sum(u.stop - u.start for u in units)
     done = 0
-    with tqdm(total=total, desc="load+sample+score+pair", unit="row", dynamic_ncols=True) as bar:
+    with BuildProgress(counter, total, len(units), runlogs.terminal()) as progress:
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for summary in batch.to_pylist():
                     done += 1
-                    bar.update(summary["rows"])
+                    progress.unit_done(summary)
                     shards.kill_point("after_unit", done)
         except Exception as e:  # noqa: BLE001 - whatever stopped the stream, say it and how to go on
             raise BuildFailed(
@@ -510,12 +514,12 @@ def remove_stale_units(run: Path, units: dict[str, list[WorkUnit]]) -> None:
 
 
 def collect_samples(
-    recipe: Recipe, run: Path, stats: BuildStats, ray_address: str | None = None
+    recipe: Recipe, run: Path, stats: BuildStats, ray_address: str | None = None, verbose: bool = False
 ) -> dict[str, list[WorkUnit]]:
     """plan -> load -> sample -> score -> pair into `run`'s work units, skipping finished ones."""
     from mmpr_pipeline.engine import resolve_model
 
-    init_ray(ray_address)
+    init_ray(ray_address, verbose)
     t0 = time.perf_counter()
     index = None
     if recipe.decontamination:  # built by Ray tasks while the sources are scanned
@@ -574,15 +578,20 @@ def build(
     overwrite: bool = False,
     ray_address: str | None = None,
     write_card: bool = True,
+    verbose: bool = False,
 ) -> dict[str, Any]:
-    """Build (or resume) a run folder for `recipe`; returns the stats also written to stats.json."""
+    """Build (or resume) a run folder for `recipe`; returns the stats also written to stats.json.
+    Ray's and vLLM's output goes to RUN_DIR/logs/ (runlogs.py), or with `verbose` to the terminal."""
+    from mmpr_pipeline import runlogs
+
     t_start = time.perf_counter()
     run = Path(out)
-    with RunLock(run):
+    with RunLock(run), runlogs.RunLogs(run, verbose) as run_logs:
         prepare_run_dir(run, recipe, overwrite)
+        run_logs.start()  # only now: --out is known to be a run folder of ours
         (run / "stats.json").unlink(missing_ok=True)  # written again at the end: until then, unfinished
         stats = BuildStats.for_recipe(recipe)
-        units = collect_samples(recipe, run, stats, ray_address)
+        units = collect_samples(recipe, run, stats, ray_address, verbose)
         counts = read_unit_counts(run, units)
         sum_counts(counts, stats)
         phase_end("counts")
@@ -608,12 +617,12 @@ def build(
 
             _write_card(run)
             phase_end("card")
-    print_summary(run, summary)
+    print_summary(run, summary, logs=None if verbose else runlogs.logs_dir(run))
     phase_end("summary")
     return summary
 
 
-def print_summary(run: Path, stats: dict[str, Any]) -> None:
+def print_summary(run: Path, stats: dict[str, Any], logs: Path | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -664,4 +673,13 @@ def print_summary(run: Path, stats: dict[str, Any]) -> None:
         f"pairs: {sum(stats['totals']['pairs'].values())} in {len(stats['shards'])} shard(s) under "
         f"{run / 'data'}; time: total {t['total']:.1f}s (plan {t['load']:.1f}s, "
         f"load+sample+score+pair {t['generate_wall']:.1f}s, shards {t.get('shards', 0):.1f}s)"
+    )
+    if (run / "preview.html").exists():
+        console.print(f"look at the pairs: {run / 'preview.html'}")
+    if logs is not None:
+        console.print(f"Ray's and vLLM's logs: {logs}/ (--verbose shows them here)")
+    data = "" if run.resolve() == Path("runs/demo").resolve() else f" --set data={run}"
+    console.print(
+        f"next: train on them: mmpr train data_cards/train_mpo.yaml{data} (make train for runs/demo); "
+        f"share them: mmpr publish {run} --repo-id USER/NAME"
     )

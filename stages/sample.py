@@ -92,8 +92,10 @@ class SampleStage:
         source_sampling: dict | None = None,
         image_max_pixels: dict | None = None,
         image_background: dict | None = None,
+        progress=None,
     ):
         from mmpr_pipeline.engine import Engine
+        from mmpr_pipeline.progress import CounterClient
 
         self.engine = Engine(model, engine_options, seed)
         self.seed = seed
@@ -106,6 +108,8 @@ class SampleStage:
         )  # source -> its Sampling, where it overrides the recipe's
         self.image_max_pixels = image_max_pixels or {}  # source -> pixel cap of its images, where it has one
         self.image_background = image_background or {}  # source -> (r, g, b) under transparent pixels
+        # the build's progress counter (progress.SampleCounter), told as each question finishes
+        self.progress = CounterClient(progress) if progress is not None else None
 
     def sampling_for(self, source: str):
         return self.source_sampling.get(source, self.sampling)
@@ -117,8 +121,15 @@ class SampleStage:
             )
             for r in batch.to_pylist()
         ]
-        await asyncio.gather(*(self.sample_row(r) for r in rows))
+        await asyncio.gather(*(self.sample_and_count(r) for r in rows))
+        if self.progress:
+            self.progress.flush()
         yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+
+    async def sample_and_count(self, row: dict[str, Any]) -> None:
+        await self.sample_row(row)
+        if self.progress:
+            self.progress.add(1, sum(row["n_tokens"]) + sum(row["continuation_tokens"]))
 
     def params_for(self, row: dict[str, Any], n: int):
         """The sampling parameters of one question's request, with its source's settings (seeded by
