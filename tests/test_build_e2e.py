@@ -47,12 +47,13 @@ def test_shards_load_with_datasets_and_match_stats(built):
 
     run, stats = built
     names = sorted(p.name for p in (run / "data").glob("*.parquet"))
-    n = len(names)
-    assert names == [shards.shard_name(i, n) for i in range(n)]
     ds = datasets.load_dataset("parquet", data_dir=str(run / "data"), split="train")
     total = sum(stats["totals"]["pairs"].values())
     assert len(ds) == total > 0
-    assert n == -(-total // 20)  # shard_rows = 20
+    n = -(-total // 20)  # shard_rows = 20
+    # the Hub's naming, written out here (not with the code's own shard_name)
+    assert names == [f"train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
+    assert stats["shards"] == [f"data/{name}" for name in names]
     row = ds[0]
     assert isinstance(row["images"][0], Image.Image) and row["images"][0].size == (112, 112)
     assert set(ds["pair_type"]) <= {"correctness", "format", "dropout_ntp"}

@@ -104,8 +104,20 @@ def test_every_image_reaches_the_engine_and_the_pairs(built):
         assert s["error"] == "" and len(s["responses"]) == (6 if s["pipeline"] == "correctness" else 1)
         assert s["image_tokens"] == IMAGE_TOKENS * len(s["images"])  # 2 or 3 images, or none
     assert sorted(len(s["images"]) for s in samples.values()) == [0] * 6 + [2] * 4 + [3] * 6
+    # every pair holds its row's image files, byte for byte and in the row's order
+    run = built[0]
+    files = {
+        name: [
+            [(run.parent / f).read_bytes() for f in json.loads(line).get("image", [])]
+            for line in (run.parent / f"{name}.jsonl").read_text().splitlines()
+        ]
+        for name in ("multi", "text", "describe")
+    }
+    for s in samples.values():
+        assert s["images"] == files[s["source"]][s["row_index"]]
     for p in pairs:
-        assert [im["bytes"] for im in p["images"]] == samples[p["qid"]]["images"]
+        s = samples[p["qid"]]
+        assert [im["bytes"] for im in p["images"]] == files[s["source"]][s["row_index"]]
     assert stats["sources"]["describe"]["pairs"]["dropout_ntp"] > 0
 
 
