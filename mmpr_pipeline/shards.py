@@ -21,9 +21,11 @@ import pyarrow.parquet as pq
 KILL_ENV = "MMPR_KILL_AT"
 
 
-def kill_point(name: str, count: int | None = None) -> None:
+def kill_point(name: str, count: int | None = None, *, whole_run: bool = False) -> None:
     """Test seam for the kill-and-resume tests: with MMPR_KILL_AT=name (or name:count) set, this
-    process SIGKILLs itself here, as a crash or an OOM kill would, with no chance to clean up."""
+    process SIGKILLs itself here, as a crash or an OOM kill would, with no chance to clean up.
+    `whole_run` (a point inside a Ray worker): the build's driver dies with it, as in a crash of the
+    machine; the tests start each build as its own session, whose leader is the driver."""
     want = os.environ.get(KILL_ENV)
     if not want:
         return
@@ -31,6 +33,8 @@ def kill_point(name: str, count: int | None = None) -> None:
     if wname == name and (not wcount or count == int(wcount)):
         import signal
 
+        if whole_run:
+            os.kill(os.getsid(0), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

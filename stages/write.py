@@ -69,9 +69,11 @@ def write_unit(
         pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA),
         unit_file(run_dir, "samples", unit.source, unit.unit),
     )
+    shards.kill_point("unit_wrote_samples", whole_run=True)
     pair_path = shards.write_table(
         pa.Table.from_pylist(pairs, schema=pair_schema), unit_file(run_dir, "pairs", unit.source, unit.unit)
     )
+    shards.kill_point("unit_wrote_pairs", whole_run=True)
     counts = dict(
         key=unit.key,
         source=unit.source,
