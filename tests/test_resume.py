@@ -8,6 +8,7 @@ batching, so the resumed run must match an uninterrupted one exactly.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,6 +131,7 @@ def uninterrupted(tmp_path_factory, recipe_file, trained_model):
     run = tmp_path_factory.mktemp("a") / "run"
     res = _build(run, trained_model, recipe_file)
     assert res.returncode == 0, res.stdout[-3000:]
+    (run.parent / "build_output.txt").write_text(res.stdout)  # the terminal's text (test_build_output_...)
     return run
 
 
@@ -217,3 +219,39 @@ def test_changed_recipe_is_refused_unless_overwrite(tmp_path, recipe_file, train
     res = _build(run, trained_model, recipe_file, extra=["--set", "sampling.n=2"])
     assert res.returncode != 0 and "different recipe" in res.stdout and "sampling" in res.stdout
     assert len(shards.unit_files(run)) == len(shards.unit_files(uninterrupted))  # nothing touched
+
+
+# A line that Ray or vLLM print at warning or error level: Python logging's level names (Ray's
+# "\tWARNING file.py:12 --", vLLM's "WARNING 12-03 ..."), glog's "W1203"/"E1203" prefixes, and Ray's
+# C++ "[date time,ms E pid tid] file.cc:N" lines; and the notices a newcomer read as failures.
+FOREIGN_LINE = re.compile(
+    r"\b(WARNING|ERROR|CRITICAL|FATAL)\b|^\[?[WEF]\d{4} |\] \w+\.cc:\d+|core_worker|Token authentication"
+)
+SAMPLE_BAR = re.compile(r"sample:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) .*?(?:([\d,]+) tok/s)?\]?$")
+
+
+def test_build_output_shows_progress_and_no_ray_or_vllm_warnings(uninterrupted):
+    """What a successful `mmpr build` prints: per-question progress with tokens per second, the unit
+    bar, the summary naming the preview, logs and next commands, and no Ray or vLLM line at warning
+    or error level (those go to RUN_DIR/logs/)."""
+    out = (uninterrupted.parent / "build_output.txt").read_text()
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", out) if ln.strip()]
+    foreign = [ln for ln in lines if FOREIGN_LINE.search(ln)]
+    assert not foreign, foreign[:5]
+    bars = [m for m in (SAMPLE_BAR.search(ln) for ln in lines) if m]
+    assert bars, "no sample progress bar in the output"
+    counts = [int(m.group(1)) for m in bars]
+    total = int(bars[-1].group(2))
+    stats = json.loads((uninterrupted / "stats.json").read_text())
+    assert counts[-1] == total == sum(s["rows"] for s in stats["sources"].values())
+    assert any(0 < c < total for c in counts), counts  # it moved before the end, not all at once
+    assert counts == sorted(counts)
+    assert any(m.group(3) and int(m.group(3).replace(",", "")) > 0 for m in bars), "no tokens per second"
+    units = stats["resume"]["units"]
+    assert any(re.search(rf"judge\+pair\+write:\s+100%.*\b{units}/{units}\b", ln) for ln in lines)
+    logs = uninterrupted / "logs"
+    assert f"look at the pairs: {uninterrupted / 'preview.html'}" in out
+    assert f"logs: {logs}/" in out and "next: train on them: mmpr train" in out and "mmpr publish" in out
+    # what Ray printed went to the run's logs instead (its actor-pool notice comes with every build)
+    assert "core_worker" in (logs / "driver.log").read_text()
+    assert list((logs / "ray").glob("worker-*"))
