@@ -524,7 +524,7 @@ def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = M
     stats = _read_json(run_dir / "stats.json")
     run_status = status(run_dir)
     # A stopped build's data/ is missing or from before: its finished units' pairs are what it has.
-    shards = pair_shards(run_dir) if run_status.finished else finished_unit_files(run_dir, "pairs")
+    shards = pair_shards(run_dir) if _whole(run_status) else finished_unit_files(run_dir, "pairs")
     positions, pair_counts = sample_pair_positions(shards, per_source, seed)
     names = list((stats.get("sources") or {}).keys())
     found = (
@@ -576,7 +576,7 @@ def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = M
         f'<h1>{esc(title)}</h1><p class="muted">model <code>{esc(stats.get("model", "?"))}</code> · '
         f"built {esc(stats.get('created', '?'))} · {shown_total} pairs shown · at most {per_source} per "
         f"source, seed {seed} · this file is capped at {max_mb:g} MB</p>"
-        + ("" if run_status.finished else f'<p class="muted">{esc(partial_note(run_status))}</p>')
+        + ("" if _whole(run_status) else f'<p class="muted">{esc(partial_note(run_status))}</p>')
         + f"<nav>{''.join(nav)}</nav>"
         '<table class="summary"><tr><th>source</th><th>pipeline</th><th>questions</th><th>pairs</th>'
         "<th>shown</th><th>all right</th><th>all wrong</th><th>rejected rows</th>"
@@ -605,6 +605,12 @@ def verdict_cells(st: dict) -> str:
     )
 
 
+def _whole(run_status) -> bool:
+    """Whether the page reads data/'s shards: a finished run, or a dataset folder with shards and no
+    samples/ (a published dataset downloaded from the Hub), which no build is writing."""
+    return run_status.finished or not (run_status.run_dir / "samples").is_dir()
+
+
 def write_preview(run_dir: str | Path, per_source: int = 20, seed: int = 0, max_mb: float = MAX_MB) -> Path:
     """Write RUN_DIR/preview.html (atomically) and return its path."""
     run_dir = Path(run_dir)
@@ -615,7 +621,7 @@ def write_preview(run_dir: str | Path, per_source: int = 20, seed: int = 0, max_
     if not pair_shards(run_dir) and not (run_dir / "samples").is_dir():
         raise PreviewError(f"{run_dir}: neither data/ shards nor samples/ found (is this a run folder?)")
     run_status = status(run_dir)
-    if not run_status.finished:  # the page shows the finished units, and says so
+    if not _whole(run_status):  # the page shows the finished units, and says so
         print(partial_note(run_status), file=sys.stderr)
     path = run_dir / PREVIEW_FILE
     tmp = path.with_name(f".{PREVIEW_FILE}.{uuid.uuid4().hex[:8]}.tmp")

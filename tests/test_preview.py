@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -282,6 +283,12 @@ def test_cli_writes_the_preview_and_names_a_bad_folder(run_dir, tmp_path, capsys
     (broken / "data" / "train-00000-of-00001.parquet").write_bytes(b"not parquet")
     assert cli.main(["preview", str(broken)]) == 2
     assert "train-00000-of-00001.parquet: cannot be read as Parquet" in capsys.readouterr().err
+    # a published dataset as downloaded (data/ and its card, no samples/): its shards are the pairs
+    dataset = tmp_path / "dataset"
+    shutil.copytree(run_dir / "data", dataset / "data")
+    assert cli.main(["preview", str(dataset), "--per-source", "2", "--seed", "3"]) == 0
+    assert "not a finished run" not in capsys.readouterr().err
+    assert (dataset / "preview.html").read_text(encoding="utf-8").count('class="pair-card"') == 4
 
 
 def test_recipe_switch_is_outside_the_fingerprint():
