@@ -50,7 +50,17 @@ def built(tmp_path_factory, ray_local, trained_model):
         names = [f"{k}.png", f"{k + 6}.png"] + ([f"{(k + 3) % 12}.png"] if k % 2 else [])
         question = r["question"] if k % 2 else "<image>\n<image>\n" + r["question"]  # placeholders
         multi.append(dict(image=names, question=question, answer=r["answer"], options=r["options"]))
-    text = [dict(question=r["question"], answer=r["answer"], options=r["options"]) for r in rows[6:12]]
+    # Without its image the demo model rambles and no sample is right: a worked solution (a chosen
+    # candidate, `fields.rationale`) gives the text-only questions pairs whatever the model samples.
+    text = [
+        dict(
+            question=r["question"],
+            answer=r["answer"],
+            options=r["options"],
+            solution=f"The option that names the colour. Final answer: {r['answer']}",
+        )
+        for r in rows[6:12]
+    ]
     describe = [
         dict(image=[f"{i}.png" for i in idx], question="Describe these images.")
         for idx in ((0, 1), (4, 5, 6), (8, 9, 10), (2, 3, 7))
@@ -76,7 +86,7 @@ def built(tmp_path_factory, ray_local, trained_model):
                 loader="jsonl",
                 path=str(d / "text.jsonl"),
                 answer_type="multiple_choice",
-                fields=dict(options="options"),
+                fields=dict(options="options", rationale="solution"),
                 images="none",
             ),
             dict(
