@@ -167,6 +167,48 @@ MUTANTS = [
         'pg = placement_group(plan.bundles, strategy="PACK")',
         ["tests/test_cluster.py", "-k", "replica_plan_rules"],
     ),
+    Mutant(
+        "image: only RGBA is composited on white (LA, palette and tRNS images go black)",
+        "mmpr_pipeline/records.py",
+        '    if _has_transparency(img):\n        rgba = img.convert("RGBA")',
+        '    if img.mode == "RGBA":\n        rgba = img.convert("RGBA")',
+        ["tests/test_image_decode.py", "-k", "independent_rendering"],
+    ),
+    Mutant(
+        "image: the EXIF orientation is ignored (phone photos sideways for the trainer)",
+        "mmpr_pipeline/records.py",
+        "    if _orientation(img) != 1:\n        img = ImageOps.exif_transpose(img)",
+        "    if False:\n        img = ImageOps.exif_transpose(img)",
+        ["tests/test_image_decode.py", "-k", "independent_rendering"],
+    ),
+    Mutant(
+        "judge: option labels past Z are not options",
+        "mmpr_pipeline/scoring/modes.py",
+        "if m and (len(m.group(1)) == 1 or m.group(1).upper() in labels):",
+        "if m and len(m.group(1)) == 1:",
+        ["tests/test_answers_as_written.py", "-k", "past_option_26"],
+    ),
+    Mutant(
+        "pair: a pair whose chosen and rejected are the same text is kept",
+        "stages/pair.py",
+        '        if same_text(p["chosen"], p["rejected"]):',
+        "        if False:",
+        ["tests/test_answers_as_written.py", "-k", "same_text_pairs_are_counted"],
+    ),
+    Mutant(
+        "math: every bare symbol equals every other (E == d)",
+        "mmpr_pipeline/scoring/_math_server.py",
+        "and not isinstance(e, (Eq, Symbol))",
+        "and not isinstance(e, Eq)",
+        ["tests/test_rules_undecided.py", "-k", "math_letters_and_constants"],
+    ),
+    Mutant(
+        "decontamination: a cropped benchmark copy is not indexed by its crops",
+        "mmpr_pipeline/decontam.py",
+        "CROPS = tuple(",
+        "CROPS = () and tuple(",
+        ["tests/test_decontaminate.py", "-k", "edited_copies_match"],
+    ),
 ]
 
 
