@@ -2,9 +2,12 @@
 
 The trainer's own logged reward margin grows whichever way round it is fed the pairs, so it cannot
 catch chosen and rejected swapped. This test builds real pairs with the demo model (vLLM + judge),
-trains a few steps on some questions, and scores the pairs of *other* questions with the base and
-the trained model: log p(chosen) - log p(rejected) must rise. The preference terms run alone
-(weights 0.8/0.2/0) so the SFT term, which always raises p(chosen), cannot hide a swap.
+trains a few steps on some questions, and scores the pairs it trained on with the base and the
+trained model, each pair as the build wrote it: log p(chosen) - log p(rejected) must rise. The
+preference terms run alone (weights 0.8/0.2/0) so the SFT term, which always raises p(chosen), cannot
+hide a swap. The held-out pairs' margin is printed, not asserted: with the shipped loop base it falls
+(-0.06 -> -1.14), since its chosen chains often contradict their own final answer ("orange, which is
+option D. Final answer: C"), the open question of the demo loop's data.
 """
 
 from pathlib import Path
@@ -38,9 +41,9 @@ def margins(model_dir: str, table) -> torch.Tensor:
     return torch.cat(out)
 
 
-def heldout_margin_rise(build_dir: Path, model: str, out: Path) -> torch.Tensor:
-    """Train MPO's preference terms on ~70% of the build's questions; per pair of the other 30%,
-    how much the trained model's chosen-minus-rejected log-prob margin exceeds the base model's."""
+def margin_rise(build_dir: Path, model: str, out: Path) -> torch.Tensor:
+    """Train MPO's preference terms on ~70% of the build's questions; per pair trained on (the first
+    32), how much the trained model's chosen-minus-rejected log-prob margin exceeds the base model's."""
     pairs = select(load_pairs(build_dir), ["correctness"])
     train_pairs, heldout = split_pairs(pairs, 0.3, seed=0)
     assert train_pairs.num_rows >= 40 and heldout.num_rows >= 15
@@ -66,21 +69,24 @@ def heldout_margin_rise(build_dir: Path, model: str, out: Path) -> torch.Tensor:
         },
     )
     summary = train(cfg)
-    before, after = margins(model, heldout), margins(summary["model_dir"], heldout)
-    print(
-        f"held-out margin {before.mean():.3f} -> {after.mean():.3f}, "
-        f"rose on {(after > before).float().mean():.0%}"
-    )
-    return after - before
+    seen = train_pairs.slice(0, 32)
+    rises = {}
+    for name, table in (("trained-on", seen), ("held-out", heldout)):
+        before, after = margins(model, table), margins(summary["model_dir"], table)
+        print(
+            f"{name} margin {before.mean():.3f} -> {after.mean():.3f}, "
+            f"rose on {(after > before).float().mean():.0%}"
+        )
+        rises[name] = after - before
+    return rises["trained-on"]
 
 
-def test_mpo_raises_heldout_chosen_over_rejected(tmp_path, ray_local):
-    base = str(demo_model.ensure_loop_base())  # the demo loop's base policy: its pairs carry signal
+def test_mpo_raises_chosen_over_rejected_on_the_pairs_it_trains_on(tmp_path, ray_local):
+    base = str(demo_model.ensure_loop_base())  # the demo loop's base policy (shipped)
     rec = recipe_mod.load(CARDS / "demo_loop.yaml", {"model": base, "limit": 48})
     pipeline.build(rec, tmp_path / "build")
-    rise = heldout_margin_rise(tmp_path / "build", base, tmp_path)
-    # Measured on this build (the samples are seeded, so it is the same build each run): the held-out
-    # margin rises by 1.94 nats on average; with chosen and rejected swapped in the trainer's
-    # mpo_loss call (train/loop.py) it rises by only 0.11. (On the loop's 294-question build:
-    # +0.17 against -0.27.)
-    assert rise.mean() > 1.0
+    rise = margin_rise(tmp_path / "build", base, tmp_path)
+    # Measured on this build with the shipped loop base (seeded samples, so the same build each run):
+    # the trained-on margin rises by 0.36 nats on average (-0.10 -> 0.26); with chosen and rejected
+    # swapped in the trainer's mpo_loss call (train/loop.py) it falls by 2.87 (-> -2.97).
+    assert rise.mean() > 0.1
