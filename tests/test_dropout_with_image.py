@@ -93,6 +93,7 @@ def test_continuation_sees_the_images_only_with_the_option(tmp_path, ray_local, 
     describe = dict(data["sources"][1], limit=3, dropout=dict(ratio=0.5, min_words=8, n=2))
     data.update(
         model=trained_model,
+        near_duplicates="off",  # the same questions in both sources, on purpose: keep both
         unit_size=8,
         batch_size=8,
         sampling=dict(n=1, temperature=1.0, max_tokens=48),
