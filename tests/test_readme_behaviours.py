@@ -96,6 +96,7 @@ def test_all_n_samples_of_a_question_come_from_one_request():
     stage = object.__new__(SampleStage)
     stage.engine, stage.seed, stage.sampling = _RecordingEngine(), 0, Sampling(n=5)
     stage.templates, stage.dropout, stage.sampling_extra = {"s": "raw"}, {}, {}
+    stage.progress = None  # no build progress counter outside a build
     rows = []
     for i, q in enumerate(tasks.generate(3)):
         rows.append(
