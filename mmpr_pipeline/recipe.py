@@ -125,7 +125,9 @@ class Fields:
 
 
 @dataclass
-class Source:
+class RowSet:
+    """Where a loader reads rows and how (stages/load.py): the keys a source and a benchmark share."""
+
     name: str = option(help="the source's name: letters, digits, '-' and '_'; unique in the recipe")
     loader: str = option(help=f"how rows are read: {' | '.join(LOADERS)}")
     path: str | None = option(None, help="parquet / jsonl / hf_disk: a file, folder or glob")
@@ -136,18 +138,22 @@ class Source:
         default_factory=dict, help="generated: options of the built-in task generator (e.g. n, offset)"
     )
     fields: Fields = option(default_factory=Fields, help="column names in the source")
-    answer_type: str | None = option(
-        None,
-        help="the answer type of every row "
-        f"({' | '.join(ANSWER_TYPES)}); else fields.answer_type names a column",
-    )
     limit: int | None = option(None, help="read the first N rows")
-    pipeline: str = option("correctness", help=f"how pairs are made: {' | '.join(PIPELINES)}")
     images: str = option(
         "required",
         help="required: every row has one image or a list of them; optional: a row "
         "without one is a text-only question; none: a text-only source (the image field is not read)",
     )
+
+
+@dataclass
+class Source(RowSet):
+    answer_type: str | None = option(
+        None,
+        help="the answer type of every row "
+        f"({' | '.join(ANSWER_TYPES)}); else fields.answer_type names a column",
+    )
+    pipeline: str = option("correctness", help=f"how pairs are made: {' | '.join(PIPELINES)}")
     prompt_template: str | None = option(
         None, help="default: the recipe's for correctness, `raw` for dropout_ntp"
     )
@@ -251,21 +257,12 @@ class Source:
 
 
 @dataclass
-class Benchmark:
+class Benchmark(RowSet):
     """An evaluation set whose images and questions must not reach the pairs (decontamination). Read
-    by the sources' loaders: the same keys as a source's."""
+    by the sources' loaders, with a source's keys (of `fields`, image and question are read)."""
 
     name: str = option(help="the benchmark's name (named in the reasons of rows set aside)")
-    loader: str = option(help=f"how rows are read: {' | '.join(LOADERS)}")
-    path: str | None = option(None, help="parquet / jsonl / hf_disk: a file, folder or glob")
-    dataset: str | None = option(None, help="hf_hub: a dataset name for `datasets.load_dataset`")
-    config: str | None = option(None, help="hf_hub: the dataset's config name")
     split: str = option("test", help="the dataset split to read")
-    generator: dict[str, Any] = option(
-        default_factory=dict, help="generated: options of the built-in task generator"
-    )
-    fields: Fields = option(default_factory=Fields, help="column names (image and question are read)")
-    limit: int | None = option(None, help="read the first N rows")
     images: str = option(
         "optional", help="required | optional | none: as a source's (text-only rows still check questions)"
     )
@@ -287,19 +284,8 @@ class Benchmark:
 
     def as_source(self) -> Source:
         """The benchmark as a source, for the loaders (its answers are never read)."""
-        return Source(
-            name=self.name,
-            loader=self.loader,
-            path=self.path,
-            dataset=self.dataset,
-            config=self.config,
-            split=self.split,
-            generator=self.generator,
-            fields=self.fields,
-            limit=self.limit,
-            answer_type="text",
-            images=self.images,
-        )
+        rows = {f.name: getattr(self, f.name) for f in dataclasses.fields(RowSet)}
+        return Source(**rows, answer_type="text")
 
 
 NEAR_DUPLICATES = ("exact", "fuzzy", "off")
