@@ -383,9 +383,9 @@ def _settings(**overrides) -> dict:
     return {**TRAIN_DEFAULTS, **overrides, "version": TRAIN_VERSION, "spec": SIZES["demo"]}
 
 
-def _read_marker(folder: Path) -> dict | None:
+def _read_marker(folder: Path, name: str = MARKER) -> dict | None:
     try:
-        return json.loads((folder / MARKER).read_text())
+        return json.loads((folder / name).read_text())
     except (OSError, ValueError):
         return None
 
@@ -405,17 +405,36 @@ def ensure_trained(
     looks done. A non-empty folder that is not a demo model is never overwritten. `eval_n`
     held-out rows are answered greedily after training, for the marker's `heldout_accuracy`.
     """
+    out = Path(out) if out is not None else DEFAULT_DIR
+    want = _settings(**train_kwargs)
+    return ensure_model_folder(
+        out,
+        "demo model",
+        MARKER,
+        want,
+        None if force else shipped_folder(want),
+        force,
+        lambda tmp: train_demo(tmp, eval_n=eval_n, **train_kwargs),
+    )
+
+
+def ensure_model_folder(
+    out: Path, what: str, marker_name: str, want: dict, shipped: Path | None, force: bool, train
+) -> Path:
+    """`out` as a trained model folder (the demo model's, the demo judge's): a copy of `shipped`
+    (its files checked against its CHECKSUMS) when there is one, else trained by `train(folder)`
+    unless `out`'s marker (`marker_name`) says trained with `want`, or `force`. The new folder is
+    made in a temporary sibling and renamed into place, under a lock (parallel test sessions share
+    build/models), so an interrupted run never leaves a folder that looks done; a non-empty folder
+    without a readable marker is never overwritten."""
     import fcntl
     import shutil
 
-    out = Path(out) if out is not None else DEFAULT_DIR
-    want = _settings(**train_kwargs)
-    shipped = None if force else shipped_folder(want)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = os.open(out.parent, os.O_RDONLY)  # a lock on the folder itself leaves no file behind
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        marker = _read_marker(out)
+        marker = _read_marker(out, marker_name)
         if shipped is not None and _recorded_hashes(shipped) == file_hashes(out):
             return out
         if (
@@ -428,7 +447,7 @@ def ensure_trained(
             return out
         if out.exists() and (not out.is_dir() or (marker is None and any(out.iterdir()))):
             raise FileExistsError(
-                f"{out} exists and is not a demo model folder (no readable {MARKER}); "
+                f"{out} exists and is not a {what} folder (no readable {marker_name}); "
                 "pass another --out or remove it"
             )
         tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -436,11 +455,11 @@ def ensure_trained(
         try:
             if shipped is not None:
                 verify_checksums(shipped)
-                log.info("copying the shipped demo model %s to %s", shipped, out)
+                log.info("copying the shipped %s %s to %s", what, shipped, out)
                 shutil.copytree(shipped, tmp)
             else:
-                log.info("training the demo model into %s (settings %s)", out, want)
-                train_demo(tmp, eval_n=eval_n, **train_kwargs)
+                log.info("training the %s into %s (settings %s)", what, out, want)
+                train(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
