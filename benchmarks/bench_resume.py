@@ -24,7 +24,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+# The 1-minute load average at the start and end of each build: the times depend on what else runs
+# on the machine, and a shared one can go from idle to overloaded between two builds.
+LOADS: list[list[float]] = []
+
+
 def build(out: Path, model: str, kill_at: str | None, limit: int) -> tuple[float, int]:
+    load_before = round(os.getloadavg()[0], 1)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("MMPR_KILL_AT", None)
     if kill_at:
@@ -52,6 +58,7 @@ def build(out: Path, model: str, kill_at: str | None, limit: int) -> tuple[float
         text=True,
         start_new_session=True,
     )
+    LOADS.append([load_before, round(os.getloadavg()[0], 1)])
     return time.perf_counter() - t0, proc.returncode
 
 
@@ -79,6 +86,7 @@ def main() -> None:
     )
     print(f"resumed run        {resumed_s:6.1f}s  ratio resumed/full: {resumed_s / full_s:.2f}")
     print(f"cost of the kill   {killed_s + resumed_s - full_s:6.1f}s  (lost work + one more start-up)")
+    print(f"load average (1 min) at the start and end of each build: {LOADS} on {os.cpu_count()} CPUs")
     out = REPO / "benchmarks" / "results" / "bench_resume.json"
     out.write_text(
         json.dumps(
@@ -91,6 +99,8 @@ def main() -> None:
                 killed_s=round(killed_s, 1),
                 resumed_s=round(resumed_s, 1),
                 resumed_over_full=round(resumed_s / full_s, 3),
+                cpus=os.cpu_count(),
+                load_average_1min=dict(zip(("full", "killed", "resumed"), LOADS)),
             ),
             indent=2,
         )
