@@ -49,6 +49,7 @@ from mmpr_pipeline.preflight import first_file_above
 from mmpr_pipeline.prompts import placeholders, user_content
 from mmpr_pipeline.records import background_of, image_for_readers
 from mmpr_pipeline.run_status import not_finished_error, status
+from mmpr_pipeline.shards import iter_row_groups
 
 MARKER = "mmpr_export.json"
 BATCH_ROWS = 256
@@ -116,7 +117,7 @@ def _write_trl(run: dict, out: Path) -> dict:
     rows = 0
     for shard in run["shards"]:
         with pq.ParquetWriter(out / "data" / shard.name, schema) as writer:
-            for batch in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS):
+            for batch in iter_row_groups(shard, BATCH_ROWS):  # one unit's pairs at a time
                 converted = [trl_row(p) for p in batch.to_pylist()]
                 writer.write_table(pa.Table.from_pylist(converted, schema=schema))
                 rows += len(converted)
@@ -164,7 +165,7 @@ def _write_internvl(run: dict, out: Path, final: Path) -> dict:
     files, lengths, written = {}, {}, set()
     try:
         for shard in run["shards"]:
-            for batch in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS):
+            for batch in iter_row_groups(shard, BATCH_ROWS):  # one unit's pairs at a time
                 for pair in batch.to_pylist():
                     source = pair["source"]
                     if source not in files:

@@ -480,14 +480,12 @@ def write_shards(run: Path, recipe: Recipe, counts: dict[str, list[dict]]) -> li
 def write_rejects_file(run: Path, source: str) -> None:
     """rejects/<source>.parquet: the units' rejects of a source in one file, for people to read (written
     unit by unit: the driver never holds a source's rejects)."""
-    import pyarrow.parquet as pq
-
     files = sorted((run / "rejects" / source).glob("unit-*.parquet"))
     target = run / "rejects" / f"{source}.parquet"
     if not files:
         target.unlink(missing_ok=True)
         return
-    shards.write_tables((pq.read_table(f).cast(REJECT_SCHEMA) for f in files), REJECT_SCHEMA, target)
+    shards.write_tables((shards.read_file(f).cast(REJECT_SCHEMA) for f in files), REJECT_SCHEMA, target)
 
 
 def read_unit_counts(run: Path, units: dict[str, list[WorkUnit]]) -> dict[str, list[dict]]:

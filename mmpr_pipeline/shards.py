@@ -11,7 +11,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,30 @@ def write_tables(tables: Iterable[pa.Table], schema: pa.Schema, path: str | Path
             writer.write_table(table)
     os.replace(tmp, path)
     return path
+
+
+def read_file(path: str | Path) -> pa.Table:
+    """A whole Parquet file (one unit's rows), read on this thread without pre-buffering.
+
+    `pq.read_table` reads through Arrow's dataset scanner on its thread pools, whose threads keep memory
+    outside Arrow's pool: the driver writing a source's rejects file from 40 units peaked 100-130 MiB
+    over its imports, varying from run to run (Arrow's own pool peaked at 6 MiB); read this way, 56 MiB,
+    the same for 10 or 80 units (tests/test_driver_memory.py)."""
+    with pq.ParquetFile(path, pre_buffer=False) as f:
+        return f.read(use_threads=False)
+
+
+def iter_row_groups(
+    path: str | Path, batch_size: int, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """A Parquet file's rows, one row group at a time (a pair shard has one per unit), in batches of at
+    most `batch_size` rows that never span two row groups. pyarrow's default (`pre_buffer=True`) reads
+    every row group it is asked for into memory at once: for a whole shard, all of its images."""
+    with pq.ParquetFile(path, pre_buffer=False) as f:
+        for group in range(f.num_row_groups):
+            yield from f.iter_batches(
+                batch_size=batch_size, row_groups=[group], columns=columns, use_threads=False
+            )
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -133,7 +157,7 @@ def write_shard(slices: list[tuple[str, int, int]], dest: str | Path, schema: pa
     tmp = _tmp(Path(dest))
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for path, start, stop in slices:
-            writer.write_table(conform(pq.read_table(path).slice(start, stop - start), schema))
+            writer.write_table(conform(read_file(path).slice(start, stop - start), schema))
         if not slices:
             writer.write_table(schema.empty_table())
     return str(tmp)
