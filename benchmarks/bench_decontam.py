@@ -2,6 +2,7 @@
 taken for one another, and what hashing and lookup cost on Ray workers.
 
     .venv/bin/python benchmarks/bench_decontam.py [--bench 1000 --distinct 2000 --train 4000 --build 0]
+    .venv/bin/python benchmarks/bench_decontam.py --distinct 0 --train 0 --build 10000 --bench 1000
 
 1. Quality (one process). `--bench` procedural photos (tests/_photos.py: 1/f colour fields, gradients,
    shapes, noise; NOT real photos: nothing can be downloaded here) are indexed as a benchmark
@@ -15,8 +16,12 @@ taken for one another, and what hashing and lookup cost on Ray workers.
    set_aside_leaks with the index's reference; the driver receives counts only. The lookup is also
    timed against an index of 10,000 benchmark rows (random hashes; lookup cost does not depend on the
    pixels), and the figures are extrapolated to 100k training images against 10k benchmark images.
-3. `--build N`: a real build (tiny random model, n=2, max_tokens=8) of N generated questions with a
-   benchmark of `--bench` images vs without: wall seconds and their ratio, in this one command.
+3. `--build N`: real builds (`mmpr build`, fresh processes, tiny random model, cheap per question:
+   `--n` 1 sample of `--max-tokens` 4) of N photo questions (bench_scale's ~87 KB JPEGs) with a
+   benchmark of `--bench` photos (`--leaked` of them re-encoded copies of training photos) and
+   without, alternated off/on `--rounds` times: wall seconds, their ratio, the builds' stage seconds
+   and set-aside counts. Then the decontamination stage alone on the same rows, in this process (the
+   build's own index and check functions): its wall and CPU seconds.
 Raw output: benchmarks/results/bench_decontam.json.
 """
 
@@ -26,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -246,62 +252,159 @@ def cost(n_bench: int, n_train: int, tmp: Path, seed: int) -> dict:
     )
 
 
-def build_ratio(n_questions: int, n_bench: int, tmp: Path) -> dict:
-    """The same build with and without a benchmark of `n_bench` images, in fresh processes."""
+def build_ratio(
+    n_questions: int,
+    n_bench: int,
+    tmp: Path,
+    *,
+    rounds: int,
+    leaked: int,
+    n: int,
+    max_tokens: int,
+    repo: Path,
+) -> dict:
+    """The same build of `n_questions` photo questions with and without a benchmark of `n_bench` photos
+    (`leaked` of them re-encoded copies of training photos), alternated off/on `rounds` times in fresh
+    processes, so a change in the machine's load weighs on both; cheap per question (n, max_tokens
+    small) so what differs is the pipeline's decontamination. Then the decontamination stage alone on
+    the same rows, in this process: the index (hash_benchmark_input + merge_index) and the check
+    (set_aside_leaks), the functions the build runs on its Ray workers."""
     import subprocess
 
     import yaml
 
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_scale import photo_jpeg
+
     from mmpr_pipeline import demo_model
+    from mmpr_pipeline.recipe import Benchmark
+    from stages.decontaminate import hash_benchmark_input, merge_index, set_aside_leaks
 
     model = str(demo_model.build(tmp / "tiny", "tiny"))
-    bench = [
-        dict(image=f"b{s}.jpg", question=f"Benchmark question number {s} about the picture")
-        for s in range(n_bench)
+    source = tmp / "train" / "photos.parquet"
+    source.parent.mkdir()
+    t0 = time.perf_counter()
+    # photo-sized JPEGs (bench_scale's), each question its own text; 1,000 distinct images cycled: the
+    # check hashes every row's image however often it repeats, and generating 10k takes minutes here.
+    # `leaked` rows, spread over the source, have a photo of their own, of which the benchmark holds a
+    # re-encoded copy: exactly those rows are set aside.
+    train_images = [photo_jpeg(i) for i in range(min(n_questions, 1000))]
+    image_kb = sum(map(len, train_images)) / len(train_images) / 1024
+    step = max(1, n_questions // max(1, leaked))
+    leaked_images = {k * step: photo_jpeg(3_000_000 + k) for k in range(min(leaked, n_questions))}
+    rows = [
+        dict(
+            image=leaked_images.get(i, train_images[i % len(train_images)]),
+            question=f"Photo {i}: how many colour fields?",
+            answer="3",
+        )
+        for i in range(n_questions)
     ]
-    (tmp / "bench").mkdir(exist_ok=True)
-    for s in range(n_bench):
-        (tmp / "bench" / f"b{s}.jpg").write_bytes(encode(photo(s, H, W), "JPEG", 85))
-    (tmp / "bench" / "bench.jsonl").write_text("".join(json.dumps(b) + "\n" for b in bench))
-    out = {}
-    for name, extra in (
-        ("off", {}),
-        ("on", {"decontamination": [dict(name="bench", loader="jsonl", path=str(tmp / "bench"))]}),
-    ):
-        recipe = dict(
-            name=f"bench-{name}",
-            model=model,
-            engine={"max_model_len": 512},
-            sampling=dict(n=2, max_tokens=8),
-            unit_size=64,
-            batch_size=64,
-            preview=False,
-            sources=[dict(name="shapes", loader="generated", limit=n_questions, generator=dict(seed=3))],
-            **extra,
+    pq.write_table(pa.Table.from_pylist(rows), source, row_group_size=1000)
+    del rows
+    copies = [encode(decode_image(image), "JPEG", 75) for image in leaked_images.values()]
+    bench_rows = [
+        dict(
+            image=copies[k] if k < len(copies) else photo_jpeg(5_000_000 + k),
+            question=f"Benchmark question number {k} about the picture",
         )
-        path = tmp / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe))
-        t0 = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mmpr_pipeline.cli",
-                "build",
-                str(path),
-                "--out",
-                str(tmp / f"run-{name}"),
-            ],
-            check=True,
-            cwd=REPO,
-            capture_output=True,
+        for k in range(n_bench)
+    ]
+    del train_images, leaked_images, copies
+    bench_files = _parquet_files(tmp / "bench", bench_rows, max(1, n_bench // 4))
+    del bench_rows
+    out: dict = dict(
+        questions=n_questions,
+        image_kb=round(image_kb, 1),
+        bench_images=n_bench,
+        leaked_copies=leaked,
+        sampling=dict(n=n, max_tokens=max_tokens),
+        generate_inputs_seconds=round(time.perf_counter() - t0, 1),
+        runs=[],
+    )
+    bench = Benchmark(name="bench", loader="parquet", path=str(tmp / "bench"))
+    for r in range(rounds):
+        for name in ("off", "on"):
+            recipe = dict(
+                name=f"bench-{name}",
+                model=model,
+                engine={"max_model_len": 512},
+                sampling=dict(n=n, max_tokens=max_tokens),
+                unit_size=256,
+                batch_size=64,
+                preview=False,
+                sources=[
+                    dict(name="photos", loader="parquet", path=str(source.parent), answer_type="number")
+                ],
+            )
+            if name == "on":
+                recipe["decontamination"] = [dict(name="bench", loader="parquet", path=bench.path)]
+            path = tmp / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(recipe))
+            run_dir = tmp / f"run-{name}-{r}"
+            env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+            env.pop("RAY_ADDRESS", None)
+            t0 = time.perf_counter()
+            p = subprocess.run(
+                [sys.executable, "-m", "mmpr_pipeline.cli", "build", str(path), "--out", str(run_dir)],
+                cwd=repo,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            wall = time.perf_counter() - t0
+            if p.returncode != 0:
+                raise SystemExit(
+                    f"build {name} round {r} failed (rc {p.returncode}):\n"
+                    f"{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+                )
+            stats = json.loads((run_dir / "stats.json").read_text())
+            run = dict(
+                decontamination=name,
+                round=r,
+                wall_seconds=round(wall, 1),
+                stage_seconds=stats["stage_seconds"],
+                set_aside=stats.get("decontamination") or {},
+                questions_sampled=stats["totals"]["questions"],
+            )
+            out["runs"].append(run)
+            print(json.dumps(run), flush=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+    walls = {k: [x["wall_seconds"] for x in out["runs"] if x["decontamination"] == k] for k in ("off", "on")}
+    if rounds:
+        out["wall_seconds"] = {k: dict(each=v, mean=round(sum(v) / len(v), 1)) for k, v in walls.items()}
+        out["ratio_on_over_off"] = round(
+            out["wall_seconds"]["on"]["mean"] / out["wall_seconds"]["off"]["mean"], 3
         )
-        stats = json.loads((tmp / f"run-{name}" / "stats.json").read_text())
-        out[name] = dict(
-            wall_seconds=round(time.perf_counter() - t0, 1), stage_seconds=stats["stage_seconds"]
-        )
-    out["ratio_on_over_off"] = round(out["on"]["wall_seconds"] / out["off"]["wall_seconds"], 3)
-    out.update(questions=n_questions, bench_images=n_bench)
+        out["ratio_per_round"] = [round(b / a, 3) for a, b in zip(walls["off"], walls["on"])]
+
+    # the stage alone, one process: wall and CPU seconds of building the index and checking every row
+    t0, c0 = time.perf_counter(), time.process_time()
+    parts = [hash_benchmark_input(bench, f) for f in bench_files]
+    index = merge_index(["bench"], {"bench": (bench.image_distance, bench.ngram)}, {"bench": None}, *parts)
+    t_index, c_index = time.perf_counter() - t0, time.process_time() - c0
+    t_check = c_check = 0.0
+    set_aside = 0
+    f = pq.ParquetFile(source)
+    offset = 0
+    for batch in f.iter_batches(batch_size=256, columns=["image", "question"]):
+        questions = [
+            dict(source="photos", row_index=offset + i, images=[row["image"]], question=row["question"])
+            for i, row in enumerate(batch.to_pylist())
+        ]
+        offset += len(questions)
+        t0, c0 = time.perf_counter(), time.process_time()
+        set_aside += len(set_aside_leaks(questions, index)[1])
+        t_check += time.perf_counter() - t0
+        c_check += time.process_time() - c0
+    out["stage_alone"] = dict(
+        index_wall_seconds=round(t_index, 1),
+        index_cpu_seconds=round(c_index, 1),
+        check_wall_seconds=round(t_check, 1),
+        check_cpu_seconds=round(c_check, 1),
+        check_ms_per_question=round(1000 * c_check / n_questions, 2),
+        set_aside=set_aside,
+    )
     return out
 
 
@@ -313,12 +416,18 @@ def main() -> None:
     )
     ap.add_argument("--train", type=int, default=4000, help="training images checked on Ray (cost)")
     ap.add_argument("--build", type=int, default=0, help="questions of the on/off build comparison (0: skip)")
+    ap.add_argument("--rounds", type=int, default=2, help="off/on build pairs, alternated")
+    ap.add_argument("--leaked", type=int, default=100, help="benchmark images copied from training photos")
+    ap.add_argument("--n", type=int, default=1, help="samples per question in the builds")
+    ap.add_argument("--max-tokens", type=int, default=4, help="per sample in the builds")
+    ap.add_argument("--repo", type=Path, default=REPO, help="checkout whose code the builds run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/bench_decontam.json"))
     args = ap.parse_args()
-    result = dict(args=vars(args))
-    result["cpu"] = cpu_costs()
-    print(json.dumps(result["cpu"], indent=1), flush=True)
+    result = dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    if args.distinct or args.train:
+        result["cpu"] = cpu_costs()
+        print(json.dumps(result["cpu"], indent=1), flush=True)
     if args.distinct:
         result["quality"] = quality(args.bench, args.distinct, args.seed)
         print(json.dumps(result["quality"], indent=1), flush=True)
@@ -327,7 +436,16 @@ def main() -> None:
             result["cost"] = cost(args.bench, args.train, Path(tmp), args.seed)
             print(json.dumps(result["cost"], indent=1), flush=True)
         if args.build:
-            result["build"] = build_ratio(args.build, args.bench, Path(tmp))
+            result["build"] = build_ratio(
+                args.build,
+                args.bench,
+                Path(tmp),
+                rounds=args.rounds,
+                leaked=args.leaked,
+                n=args.n,
+                max_tokens=args.max_tokens,
+                repo=args.repo,
+            )
             print(json.dumps(result["build"], indent=1), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
