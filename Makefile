@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup lock browser build-mmpr test lint train eval demo-model demo-loop publish bench mutation clean help
+.PHONY: setup lock browser build-mmpr test lint train eval demo-model demo-loop demo-loop-ablation publish bench mutation clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -52,6 +52,9 @@ eval: setup demo-model  ## accuracy of MODEL (default: the demo model) on held-o
 
 demo-loop: setup demo-model  ## build pairs, train MPO and SFT-on-chosen, evaluate base/SFT/MPO, write a report
 	$(PY) -m mmpr_pipeline.demo_loop --out runs/demo-loop
+
+demo-loop-ablation: setup demo-model  ## the demo loop's ablation (SFT, DPO, DPO+SFT, MPO; lr, beta, BCO shift; data variants) on validation questions
+	$(PY) benchmarks/demo_loop_ablation.py --out runs/demo-loop-ablation $(if $(ARMS),--arms "$(ARMS)")
 
 publish: setup  ## upload RUN_DIR to the Hub as REPO_ID=user/name (PRIVATE=1, REVISION=branch, DRY_RUN=1 lists only)
 	@test -n "$(REPO_ID)" || { echo "set REPO_ID=user/name" >&2; exit 2; }

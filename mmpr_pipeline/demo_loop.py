@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -36,6 +37,8 @@ CARDS = REPO / "data_cards"
 # reward accuracy 0.77 (62 pairs), against 0.63 at 5e-4.
 # epochs and eval_every pinned: `make train` now runs 2 epochs (for a loss that visibly falls).
 LOOP_TRAIN = {"learning_rate": 1e-4, "eval_fraction": 0.1, "epochs": 1, "eval_every": 50}
+# The two runs over LOOP_TRAIN: the full MPO mix and SFT on the chosen responses only.
+LOOP_RUNS = {"mpo": {"weights": [0.8, 0.2, 1.0]}, "sft": {"weights": [0.0, 0.0, 1.0]}}
 
 
 @dataclasses.dataclass
@@ -46,13 +49,32 @@ class LoopSettings:
     # MPOConfig keys for both runs (over LOOP_TRAIN)
     train_overrides: dict = dataclasses.field(default_factory=dict)
     sampling_n: int | None = None  # build: samples per question (None: the recipe's)
+    build_overrides: dict = dataclasses.field(default_factory=dict)  # recipe keys, e.g. sampling.temperature
+    # per run ("mpo", "sft"): MPOConfig keys over LOOP_RUNS[run] (None: LOOP_RUNS as they are)
+    run_overrides: dict | None = None
     model: str | None = None  # base model folder (None: the demo model at 120 steps)
+
+
+def build_pairs(out: Path, overrides: dict) -> dict:
+    """The loop's pairs (data_cards/demo_loop.yaml with recipe `overrides`) built into `out`; the
+    build's stats."""
+    from mmpr_pipeline import pipeline
+
+    return pipeline.build(recipe_mod.load(CARDS / "demo_loop.yaml", overrides), out)
+
+
+def train_config(base: str, data: Path, output_dir: Path, overrides: dict):
+    """The loop's training config: data_cards/train_mpo.yaml, LOOP_TRAIN, then `overrides`."""
+    from mmpr_pipeline.train import load_config
+
+    over = {"model": base, "data": str(data), "output_dir": str(output_dir), **LOOP_TRAIN, **overrides}
+    return load_config(CARDS / "train_mpo.yaml", over)
 
 
 def run_loop(out: str | Path, settings: LoopSettings | None = None) -> dict:
     settings = settings or LoopSettings()
-    from mmpr_pipeline import demo_model, evaluate, pipeline
-    from mmpr_pipeline.train import load_config, train
+    from mmpr_pipeline import demo_model, evaluate
+    from mmpr_pipeline.train import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,20 +95,11 @@ def run_loop(out: str | Path, settings: LoopSettings | None = None) -> dict:
     if settings.sampling_n:
         build_over["sampling.n"] = settings.sampling_n
     with step("build pairs"):
-        stats = pipeline.build(recipe_mod.load(CARDS / "demo_loop.yaml", build_over), out / "build")
+        stats = build_pairs(out / "build", {**build_over, **settings.build_overrides})
     models = {"base": base}
-    for name, weights in (("mpo", [0.8, 0.2, 1.0]), ("sft", [0.0, 0.0, 1.0])):
-        cfg = load_config(
-            CARDS / "train_mpo.yaml",
-            {
-                "model": base,
-                "data": str(out / "build"),
-                "output_dir": str(out / name),
-                "weights": weights,
-                **LOOP_TRAIN,
-                **settings.train_overrides,
-            },
-        )
+    for name, run in LOOP_RUNS.items():
+        run = {**run, **(settings.run_overrides or {}).get(name, {}), **settings.train_overrides}
+        cfg = train_config(base, out / "build", out / name, run)
         with step(f"train {name}"):
             summary = train(cfg)
         models[name] = str(Path(cfg.output_dir) / "final")
@@ -119,9 +132,132 @@ def run_loop(out: str | Path, settings: LoopSettings | None = None) -> dict:
         }
         for a, b in (("mpo", "base"), ("mpo", "sft"), ("sft", "base"))
     }
+    report["mpo_vs_sft"] = mpo_vs_sft_line(report)
+    report["pair_analysis"] = pair_analysis(out / "build", LOOP_GENERATOR)
     shards.write_json(out / "report.json", report)
     write_report(out, report)
     return report
+
+
+# The demo tasks' chains (mmpr_pipeline/tasks.py): "... In total there are K." (count) and "I count A
+# circles and B squares. X is [not] more than Y." (compare), each then "Final answer: ...".
+LOOP_GENERATOR = {"seed": 1, "families": ["count", "compare"]}  # data_cards/demo_loop.yaml's generator
+_TOTAL = re.compile(r"In total there are (\d+)")
+_ITEM = re.compile(r"\bone (\w+)")
+_COUNTS = re.compile(r"I count (\d+) circles and (\d+) squares")
+_VERDICT = re.compile(r"(\d+) is (not more|more) than (\d+)")
+_FINAL = re.compile(r"(?i)final answer")
+
+
+def split_final(text: str) -> tuple[str, str]:
+    """(chain, final-answer line) of a response: the split is at its last "Final answer"."""
+    at = [m.start() for m in _FINAL.finditer(text)]
+    return (text[: at[-1]], text[at[-1] :]) if at else (text, "")
+
+
+def chain_check(task: str, text: str, truth: str = "") -> dict:
+    """What a demo chain says, read with the task's own phrasing: `contradicts` when the chain's
+    conclusion (count: its total; compare: "is more" -> Yes) differs from the final answer it gives;
+    `chain_sound` when the chain before the final answer is the reference chain `truth` word for word
+    (the demo tasks have one right chain), or, without a reference, when its steps agree (count: as
+    many "one X" as the total, every X the shape asked; compare: both sentences' numbers agree and
+    the comparison is right). None for a chain the task's phrasing does not parse."""
+    chain, final = split_final(text)
+    final = final.split(":", 1)[-1].strip().rstrip(".").lower()
+    counts, verdict, total = _COUNTS.search(chain), _VERDICT.search(chain), _TOTAL.findall(chain)
+    if task == "count" and total:
+        contradicts = total[-1] != final
+        asked, _, items = chain.partition(":")
+        shapes = _ITEM.findall(items)
+        steps_agree = len(shapes) == int(total[-1]) and all(asked.endswith(f" {x}s") for x in shapes)
+    elif task == "compare" and counts and verdict:
+        a, b, x, y = int(counts[1]), int(counts[2]), int(verdict[1]), int(verdict[3])
+        contradicts = ("yes" if verdict[2] == "more" else "no") != final
+        steps_agree = (x, y) == (a, b) and (verdict[2] == "more") == (a > b)
+    else:
+        return {"contradicts": None, "chain_sound": None}
+    sound = chain.split() == split_final(truth)[0].split() if truth else steps_agree
+    return {"contradicts": contradicts, "chain_sound": sound}
+
+
+def first_difference(chosen: str, rejected: str) -> str:
+    """Where a pair's two chains part: "final answer only" (the same chain), or the first differing
+    word's place in the chosen chain, by thirds."""
+    a, b = split_final(chosen)[0].split(), split_final(rejected)[0].split()
+    if a == b:
+        return "final answer only"
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return ("chain, first third", "chain, second third", "chain, last third")[
+        min(2, 3 * same // max(1, len(a)))
+    ]
+
+
+def pair_analysis(run_dir: str | Path, generator: dict | None = None) -> dict:
+    """What the loop's correctness pairs teach: the share whose chains agree up to the final answer,
+    where the chains first differ, and how many chosen chains contradict their own final answer or are
+    unsound; by task. `generator`: the source's generator options, to read the reference chains of
+    the questions (by row index) and check the chains' counts against the truth."""
+    import pyarrow.parquet as pq
+
+    from mmpr_pipeline import tasks
+
+    run_dir = Path(run_dir)
+    files = sorted((run_dir / "data").glob("*.parquet"))
+    columns = ["qid", "task", "chosen", "rejected", "pair_type"]
+    pairs = pq.read_table(files, columns=columns).to_pylist() if files else []
+    truth: dict[str, str] = {}
+    sample_files = sorted((run_dir / "samples").rglob("*.parquet"))
+    if generator and sample_files:
+        samples = pq.read_table(sample_files, columns=["qid", "row_index"])
+        index = dict(zip(samples["qid"].to_pylist(), samples["row_index"].to_pylist()))
+        opts = {k: v for k, v in generator.items() if k != "n"}
+        rows = list(tasks.generate(max(index.values()) + 1, **opts)) if index else []
+        truth = {q: rows[i]["response"] for q, i in index.items()}
+    out: dict[str, dict] = {}
+    for task in sorted({p["task"] for p in pairs if p["pair_type"] == "correctness"}) + ["*"]:
+        mine = [p for p in pairs if p["pair_type"] == "correctness" and task in ("*", p["task"])]
+        where: dict[str, int] = {}
+        contra = unsound = unparsed = rejected_sound_chain = 0
+        for p in mine:
+            w = first_difference(p["chosen"], p["rejected"])
+            where[w] = where.get(w, 0) + 1
+            c = chain_check(p["task"], p["chosen"], truth.get(p["qid"], ""))
+            contra += c["contradicts"] is True
+            unparsed += c["contradicts"] is None
+            unsound += not (c["chain_sound"] and c["contradicts"] is False)
+            r = chain_check(p["task"], p["rejected"], truth.get(p["qid"], ""))
+            rejected_sound_chain += bool(r["chain_sound"])
+        n = max(1, len(mine))
+        out[task] = dict(
+            pairs=len(mine),
+            chains_agree_to_final_answer=round(where.get("final answer only", 0) / n, 3),
+            first_difference={k: round(v / n, 3) for k, v in sorted(where.items())},
+            chosen_contradicts_final_answer=round(contra / n, 3),
+            chosen_chain_unsound=round(unsound / n, 3),
+            chosen_unparsed=round(unparsed / n, 3),
+            rejected_chain_sound=round(rejected_sound_chain / n, 3),
+        )
+    return out
+
+
+GOAL_OVER_SFT = 3.0  # points greedy, with disjoint 95% intervals (the loop's goal)
+
+
+def mpo_vs_sft_line(report: dict) -> str:
+    """The loop's answer in one line: MPO against SFT-on-chosen, per mode, and whether the goal
+    (MPO >= SFT + 3 points greedy with disjoint 95% intervals) is met."""
+    acc, by_mode = report["accuracy"], report["comparisons"]["mpo vs sft"]
+    parts = [
+        f"{m} {g['points']:+.1f} points ({acc['mpo'][m]['accuracy']:.1%} vs {acc['sft'][m]['accuracy']:.1%}, "
+        f"{'95% intervals disjoint' if g['intervals_disjoint'] else 'intervals overlap'})"
+        for m, g in by_mode.items()
+    ]
+    greedy = by_mode.get("greedy")
+    met = bool(greedy) and greedy["points"] >= GOAL_OVER_SFT and greedy["intervals_disjoint"]
+    return (
+        f"mpo vs sft: {'; '.join(parts)}; goal (greedy >= +{GOAL_OVER_SFT:.0f}, disjoint) "
+        f"{'met' if met else 'not met'}"
+    )
 
 
 def gain(a: dict, b: dict) -> dict:
@@ -162,6 +298,7 @@ def write_report(out: Path, report: dict) -> Path:
     lines = [
         "# Demo loop: MMPR pairs + MPO on the demo model",
         "",
+        *([report["mpo_vs_sft"], ""] if "mpo_vs_sft" in report else []),
         f"Pairs built: {' + '.join(f'{v:,} {k}' for k, v in report['pairs'].items() if v)} from "
         f"{report['questions']} questions "
         f"(sampled correct rate {report['correct_rate']:.1%}).",

@@ -6,8 +6,9 @@ trains a few steps on some questions, and scores the pairs it trained on with th
 trained model, each pair as the build wrote it: log p(chosen) - log p(rejected) must rise. The
 preference terms run alone (weights 0.8/0.2/0) so the SFT term, which always raises p(chosen), cannot
 hide a swap. The held-out pairs' margin is printed, not asserted: with the shipped loop base it falls
-(-0.06 -> -1.14), since its chosen chains often contradict their own final answer ("orange, which is
-option D. Final answer: C"), the open question of the demo loop's data.
+(-0.06 -> -1.14): the loop's chosen chains are mostly unsound (the right final answer after the wrong
+shape names or counts, 94% of them; demo_loop.pair_analysis), so what separates a pair on one question
+does not carry over to another.
 """
 
 from pathlib import Path
