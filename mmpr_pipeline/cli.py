@@ -82,6 +82,10 @@ def cmd_eval(args) -> int:
 def cmd_train(args) -> int:
     from mmpr_pipeline import train
 
+    if args.plan:
+        from mmpr_pipeline.train import plan
+
+        return plan.cli_plan(args)
     return train.cli_train(args)
 
 
@@ -209,6 +213,14 @@ def _add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a model with MPO on a run's pairs")
     t.add_argument("config", help="training config YAML, e.g. data_cards/train_mpo.yaml")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    t.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the memory per process (weights, gradients, optimizer, reference) under ddp and fsdp, "
+        "from the model's config, and exit without loading weights",
+    )
+    t.add_argument("--nproc", type=_positive_int, default=1, help="processes (GPUs) for --plan")
+    t.add_argument("--json", action="store_true", help="--plan: also print the figures as one JSON line")
     t.add_argument(
         "--list-options",
         action=_ListOptions,

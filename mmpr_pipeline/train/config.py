@@ -79,6 +79,14 @@ class MPOConfig:
         help="module names to adapt, or a PEFT keyword such as all-linear",
     )
     max_pixels: int | None = option(None, help="cap the processor's image size (null: the processor's own)")
+    strategy: str = option(
+        "ddp",
+        help="ddp: every process holds the whole model (data-parallel) | fsdp: weights, gradients and "
+        "AdamW states sharded over the processes (PyTorch FSDP2), for models one device cannot hold",
+    )
+    cpu_offload: bool = option(
+        False, help="fsdp on GPUs: keep the sharded parameters and optimizer states in host memory"
+    )
     trust_remote_code: bool = option(
         False,
         help="let the model folder run its own Python code (its config's auto_map); without it such a "
@@ -163,6 +171,8 @@ class MPOConfig:
             f"expected float32, bfloat16 or float16, got {self.dtype!r}",
         )
         check(self.bf16 in ("auto", True, False), "bf16", f"expected auto, true or false, got {self.bf16!r}")
+        check(self.strategy in ("ddp", "fsdp"), "strategy", f"expected ddp or fsdp, got {self.strategy!r}")
+        check(not self.cpu_offload or self.strategy == "fsdp", "cpu_offload", "needs strategy: fsdp")
         for k in (
             "max_length",
             "batch_size",

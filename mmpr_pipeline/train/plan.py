@@ -1,0 +1,202 @@
+"""`mmpr train --plan CONFIG [--nproc N]`: the memory each process needs for the training state under
+each strategy, from the model's config alone (the model is built on the meta device: no weights
+are read), before a run is started that would not fit.
+
+Per process, in bytes, for P parameters of which T are trained, weights of w bytes each:
+    weights P*w, gradients T*w, AdamW's two moments 2*T*w, a live reference (a frozen copy) P*w;
+under fsdp each of these is divided by N, plus the blocks FSDP gathers whole while they run (the
+current one and the one prefetched, in the compute dtype). `cpu_offload` moves the sharded part
+to host memory. Activations are not counted: they depend on the batch, max_length and gradient
+checkpointing, not on the strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from mmpr_pipeline.train.config import MPOConfig
+from mmpr_pipeline.train.model import PROJECTOR_NAMES, VISION_PREFIXES
+
+GIB = 2**30
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Counts:
+    """Parameter counts by module (`lora` = the adapters' parameters for the config's LoRA settings)."""
+
+    vision: int
+    projector: int
+    language: int  # the language model with its embeddings and LM head
+    largest_block: int  # the largest block FSDP shards as a unit
+    lora: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.projector + self.language
+
+
+def _kind(name: str) -> str:
+    if any(x in name for x in PROJECTOR_NAMES):
+        return "projector"
+    if any(f".{v}" in f".{name}" for v in VISION_PREFIXES):
+        return "vision"
+    return "language"
+
+
+def count_parameters(model, cfg: MPOConfig) -> Counts:
+    """`model` (on any device, the meta device included) counted by module."""
+    sizes = {"vision": 0, "projector": 0, "language": 0}
+    for name, p in model.named_parameters():
+        sizes[_kind(name)] += p.numel()
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    largest = max(
+        (sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in blocks),
+        default=sizes["language"],
+    )
+    targets = cfg.lora_target_modules
+    lora = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear) or _kind(name) == "projector":
+            continue
+        if cfg.freeze_vision and _kind(name) == "vision":
+            continue
+        last = name.rsplit(".", 1)[-1]
+        hit = targets == "all-linear" and m is not model.get_output_embeddings()
+        if isinstance(targets, list):
+            hit = last in targets
+        elif isinstance(targets, str) and targets != "all-linear":
+            hit = re.fullmatch(targets, name) is not None
+        if hit:
+            lora += cfg.lora_r * (m.in_features + m.out_features)
+    return Counts(largest_block=largest, lora=lora, **sizes)
+
+
+def counts_from_config(cfg: MPOConfig) -> Counts:
+    """Parameter counts of `cfg.model`, built from its config on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from mmpr_pipeline.train.model import check_model_name
+
+    check_model_name(cfg.model)
+    conf = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(conf, trust_remote_code=cfg.trust_remote_code)
+    return count_parameters(model, cfg)
+
+
+def plan(counts: Counts, cfg: MPOConfig, nproc: int, strategy: str) -> dict[str, float]:
+    """Bytes per process: weights, gradients, optimizer, reference, gathered (fsdp), total; and
+    `host` (what cpu_offload moves off the device, included in total)."""
+    w = BYTES[cfg.dtype]
+    compute = 2 if cfg.bf16 in (True, "auto") or cfg.dtype != "float32" else 4  # bf16 autocast on GPUs
+    if cfg.lora:
+        trained = counts.lora + counts.projector
+        weights = counts.total + counts.lora + counts.projector  # the projector's trained copy
+    else:
+        trained = counts.total - (counts.vision if cfg.freeze_vision else 0)
+        weights = counts.total
+    live_copy = cfg.needs_reference and cfg.reference == "live" and not cfg.lora
+    parts = {
+        "weights": weights * w,
+        "gradients": trained * w,
+        "optimizer": 2 * trained * w,
+        "reference": counts.total * w if live_copy else 0,
+        "gathered": 0,
+    }
+    if strategy == "fsdp":
+        parts = {k: v / nproc for k, v in parts.items()}
+        parts["gathered"] = 2 * counts.largest_block * compute
+    sharded = sum(v for k, v in parts.items() if k != "gathered")
+    parts["host"] = sharded if strategy == "fsdp" and cfg.cpu_offload else 0
+    parts["total"] = sharded + parts["gathered"]
+    return parts
+
+
+def table(counts: Counts, cfg: MPOConfig, nproc: int) -> str:
+    cols = ("weights", "gradients", "optimizer", "reference", "gathered", "total")
+    lines = [
+        f"{cfg.model}: {counts.total / 1e9:.3g}B parameters (vision {counts.vision / 1e9:.3g}B, projector "
+        f"{counts.projector / 1e9:.3g}B, language {counts.language / 1e9:.3g}B), {nproc} process(es), "
+        f"{cfg.dtype} weights, reference {'adapters off' if cfg.lora else cfg.reference}"
+        + (", LoRA" if cfg.lora else "")
+        + (", vision frozen" if cfg.freeze_vision else ""),
+        "GiB per process, before activations:",
+        f"{'strategy':<10}" + "".join(f"{c:>11}" for c in cols),
+    ]
+    for strategy in ("ddp", "fsdp"):
+        p = plan(counts, cfg, nproc, strategy)
+        lines.append(f"{strategy:<10}" + "".join(f"{p[c] / GIB:>11.2f}" for c in cols))
+        if p["host"]:
+            lines[-1] += f"   (cpu_offload: {p['host'] / GIB:.2f} of it in host memory)"
+    return "\n".join(lines)
+
+
+def cli_plan(args) -> int:
+    """`mmpr train --plan CONFIG [--nproc N] [--set ...]`: print the plan; nothing is loaded or written."""
+    from mmpr_pipeline.recipe import parse_overrides
+    from mmpr_pipeline.train import config as config_mod
+
+    try:
+        cfg = config_mod.load(args.config, parse_overrides(args.set))
+        counts = counts_from_config(cfg)
+    except (config_mod.ConfigError, FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(counts, cfg, args.nproc))
+    if args.json:
+        rows = {s: plan(counts, cfg, args.nproc, s) for s in ("ddp", "fsdp")}
+        print(json.dumps({"counts": asdict(counts), "nproc": args.nproc, "bytes": rows}))
+    return 0
+
+
+# InternVL2.5's sizes (the MPO paper's family), approximately, from the model cards: InternViT-300M
+# or -6B, an MLP projector, and InternLM2.5 (1.8B, 7B, 20B) or Qwen2.5 (32B, 72B); the largest
+# block is a decoder layer's parameters. For the README's table (`python -m mmpr_pipeline.train.plan`).
+PRESETS = {
+    "2B": Counts(vision=304_000_000, projector=12_600_000, language=1_890_000_000, largest_block=63_000_000),
+    "8B": Counts(vision=304_000_000, projector=33_600_000, language=7_740_000_000, largest_block=218_000_000),
+    "26B": Counts(
+        vision=5_540_000_000, projector=116_000_000, language=19_860_000_000, largest_block=390_000_000
+    ),
+    "38B": Counts(
+        vision=5_540_000_000, projector=92_000_000, language=32_760_000_000, largest_block=488_000_000
+    ),
+    "78B": Counts(
+        vision=5_540_000_000, projector=172_000_000, language=72_700_000_000, largest_block=878_000_000
+    ),
+}
+VARIANTS = {
+    "ddp": ("ddp", {}),
+    "fsdp": ("fsdp", {}),
+    "fsdp, precomputed ref": ("fsdp", {"reference": "precomputed"}),
+    "fsdp, bf16 weights, precomputed ref": ("fsdp", {"reference": "precomputed", "dtype": "bfloat16"}),
+    "fsdp + cpu_offload (on the GPU)": ("fsdp", {"cpu_offload": True}),
+}
+
+
+def presets_table(nproc: int = 8, gpu_gib: float = 80, headroom_gib: float = 10) -> str:
+    """A Markdown table: GiB per process for each preset and variant (full fine-tuning, vision frozen,
+    float32 master weights and bf16 compute unless said), marked as fitting when it leaves
+    `headroom_gib` of a `gpu_gib` GPU for activations."""
+    lines = ["| model | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
+    for name, counts in PRESETS.items():
+        cells = []
+        for strategy, kw in VARIANTS.values():
+            cfg = MPOConfig(strategy=strategy, **kw)
+            p = plan(counts, cfg, nproc, strategy)
+            device = p["total"] - p["host"]
+            mark = "fits" if device / GIB <= gpu_gib - headroom_gib else "no"
+            host = f" + {p['host'] / GIB:.0f} host" if p["host"] else ""
+            cells.append(f"{device / GIB:.0f}{host} ({mark})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(presets_table())

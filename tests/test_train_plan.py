@@ -1,0 +1,64 @@
+"""`mmpr train --plan`: parameter counts from a model's config alone, and the memory arithmetic per
+strategy (pure logic; the plan against measured memory is benchmarks/bench_train_fsdp.py)."""
+
+import json
+import shutil
+
+from mmpr_pipeline import cli
+from mmpr_pipeline.train import MPOConfig
+from mmpr_pipeline.train.model import freeze_vision, load_model
+from mmpr_pipeline.train.plan import Counts, counts_from_config, plan
+
+
+def test_counts_come_from_the_config_alone_and_match_the_loaded_model(tiny_model, tmp_path):
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(f"{tiny_model}/config.json", config_only)  # no weights to read
+    counts = counts_from_config(MPOConfig(model=str(config_only)))
+    model = load_model(tiny_model)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.vision == freeze_vision(model) > 0  # what freeze_vision freezes is the vision count
+    assert counts.projector > 0 and counts.language > counts.largest_block > 0
+    assert counts.lora > 0
+
+
+def test_plan_per_strategy():
+    c = Counts(vision=100, projector=10, language=890, largest_block=50, lora=20)
+    ddp = plan(c, MPOConfig(), 4, "ddp")
+    # float32: weights 4 B, gradients and AdamW's two moments for the 900 trained, a frozen copy
+    assert ddp == dict(
+        weights=4000, gradients=3600, optimizer=7200, reference=4000, gathered=0, host=0, total=18800
+    )
+    fsdp = plan(c, MPOConfig(strategy="fsdp", bf16=False), 4, "fsdp")
+    assert fsdp["weights"] == 1000 and fsdp["optimizer"] == 1800 and fsdp["gathered"] == 2 * 50 * 4
+    assert fsdp["total"] == 18800 / 4 + 400
+    assert plan(c, MPOConfig(reference="precomputed"), 1, "ddp")["reference"] == 0
+    lora = plan(c, MPOConfig(lora=True, dtype="bfloat16"), 1, "ddp")
+    assert lora["gradients"] == 2 * 30 and lora["reference"] == 0  # adapters + projector; adapters off
+    off = plan(c, MPOConfig(strategy="fsdp", cpu_offload=True), 2, "fsdp")
+    assert off["host"] == off["total"] - off["gathered"] > 0
+
+
+def test_cli_plan_prints_without_loading_or_writing(tiny_model, tmp_path, capsys):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"model: {tiny_model}\noutput_dir: {tmp_path / 'out'}\nstrategy: fsdp\n")
+    assert cli.main(["train", "--plan", str(cfg), "--nproc", "2", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "ddp" in out and "fsdp" in out and "GiB per process" in out
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["bytes"]["fsdp"]["weights"] == figures["bytes"]["ddp"]["weights"] / 2
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["train", "--plan", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_strategy_keys_are_checked():
+    from mmpr_pipeline.train import ConfigError
+
+    assert MPOConfig().strategy == "ddp"  # the default stays data-parallel
+    for bad, key in ((dict(strategy="zero3"), "strategy"), (dict(cpu_offload=True), "cpu_offload")):
+        try:
+            MPOConfig(**bad)
+        except ConfigError as e:
+            assert key in str(e)
+        else:
+            raise AssertionError(f"{bad} was accepted")
