@@ -35,41 +35,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def corpus_cases(path: Path) -> list[dict]:
-    """A judge corpus's cases as judge_cases rows (the rules read the response as written)."""
-    out = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        c = json.loads(line)
-        answers = c["answer"] if isinstance(c["answer"], list) else [c["answer"]]
-        out.append(
-            dict(
-                family=c["answer_type"],
-                answer_type=c["answer_type"],
-                question=c.get("question") or "",
-                reference=answers,
-                response=c["response"],
-                options=c.get("options"),
-                equivalent=bool(c["expected"]),
-            )
-        )
-    return out
-
-
-def rules_of(cases: list[dict]) -> list[dict]:
-    from mmpr_pipeline.scoring import judge
-
-    out = []
-    for c in cases:
-        try:
-            v = judge(c["response"], c["reference"], c["answer_type"], options=c.get("options"))
-            out.append(dict(correct=v.correct, reason=v.reason, extracted=v.extracted))
-        except Exception as e:  # noqa: BLE001 - as the score stage does: a judge error is undecided
-            out.append(dict(correct=False, reason=f"judge error: {e}", extracted=""))
-    return out
-
-
 async def ask(judge_path: str, jobs: list[tuple[str, list[str], str]]) -> tuple[list, float]:
     from mmpr_pipeline.engine import Engine
     from mmpr_pipeline.scoring import model_judge as mj
@@ -86,16 +51,14 @@ async def ask(judge_path: str, jobs: list[tuple[str, list[str], str]]) -> tuple[
 
 
 def figures(judge_path: str, corpora: dict[str, list[dict]]) -> dict:
-    from mmpr_pipeline.judge_cases import mode_figures
+    from mmpr_pipeline.judge_cases import judge_requests, mode_figures, rules_verdicts
 
     out, jobs, where = {}, [], []
-    rules = {name: rules_of(cases) for name, cases in corpora.items()}
+    rules = {name: rules_verdicts(cases) for name, cases in corpora.items()}
     for name, cases in corpora.items():
-        for i, (c, r) in enumerate(zip(cases, rules[name])):
-            if r["extracted"]:
-                refs = c["reference"] if isinstance(c["reference"], list) else [c["reference"]]
-                jobs.append((c["question"], refs, r["extracted"]))
-                where.append((name, i))
+        for i, job in judge_requests(cases, rules[name]).items():
+            jobs.append(job)
+            where.append((name, i))
     verdicts, seconds = asyncio.run(ask(judge_path, jobs))
     judged: dict[str, dict[int, bool | None]] = {name: {} for name in corpora}
     for (name, i), v in zip(where, verdicts):
@@ -221,12 +184,9 @@ def main() -> None:
 
     judge_path = args.judge or str(demo_judge.ensure_judge())
     heldout = list(judge_cases.generate(args.heldout, seed=judge_cases.HELDOUT_SEED))
-    for c in heldout:
-        c["answer_type"] = judge_cases.ANSWER_TYPES[c["family"]]
-        c["response"] = f"Final answer: {c['answer']}"
     corpora = {"heldout_synthetic": heldout}
     for path in sorted((REPO / "tests" / "data").glob("*corpus*.jsonl")):
-        corpora[path.stem] = corpus_cases(path)
+        corpora[path.stem] = judge_cases.corpus_cases(path)
     result = dict(judge=judge_path, figures=figures(judge_path, corpora))
     if not args.no_build:
         result["resumed_build"] = resumed_build(judge_path, args.questions)

@@ -241,16 +241,66 @@ ANSWER_TYPES = {
 
 
 def rules_verdicts(cases: list[dict]) -> list[dict]:
-    """The rules' verdict of each case, its answer given as a response's final-answer line: the row
-    columns the judge stage reads (correct, reason, extracted)."""
+    """The rules' verdict of each case: the row columns the judge stage reads (correct, reason,
+    extracted). A case's `response` is judged as written (a corpus case), else its answer as a
+    response's final-answer line (a synthetic case). A judge error is undecided, as the score stage
+    has it."""
     from mmpr_pipeline.scoring import judge
 
     out = []
     for c in cases:
-        v = judge(
-            f"Final answer: {c['answer']}", c["reference"], c.get("answer_type") or ANSWER_TYPES[c["family"]]
+        response = c.get("response") or f"Final answer: {c['answer']}"
+        answer_type = c.get("answer_type") or ANSWER_TYPES[c["family"]]
+        try:
+            v = judge(response, c["reference"], answer_type, options=c.get("options"))
+            out.append(dict(correct=v.correct, reason=v.reason, extracted=v.extracted))
+        except Exception as e:  # noqa: BLE001
+            out.append(dict(correct=False, reason=f"judge error: {e}", extracted=""))
+    return out
+
+
+def corpus_cases(path) -> list[dict]:
+    """A labelled judge corpus (tests/data/*corpus*.jsonl: response, answer, answer_type, options,
+    expected) as cases: the rules read the response as written; the judge model sees the references
+    and the final answer the rules extracted."""
+    import json
+    from pathlib import Path
+
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        c = json.loads(line)
+        answers = c["answer"] if isinstance(c["answer"], list) else [c["answer"]]
+        out.append(
+            dict(
+                id=c.get("id"),
+                family=c["answer_type"],
+                answer_type=c["answer_type"],
+                question=c.get("question") or "",
+                reference=answers,
+                response=c["response"],
+                options=c.get("options"),
+                equivalent=bool(c["expected"]),
+            )
         )
-        out.append(dict(correct=v.correct, reason=v.reason, extracted=v.extracted))
+    return out
+
+
+def judge_requests(cases: list[dict], rules: list[dict], only_undecided: bool = False) -> dict[int, tuple]:
+    """{case index: (question, references, extracted answer)}: what the judge model is asked about
+    each case that has a final answer (with `only_undecided`, only those the rules left undecided:
+    all that rules+model asks, agreement samples aside)."""
+    from mmpr_pipeline.scoring import model_judge as mj
+
+    out = {}
+    for i, (c, r) in enumerate(zip(cases, rules)):
+        if not r["extracted"] or len(r["extracted"]) > mj.MAX_ANSWER_CHARS:
+            continue
+        if only_undecided and mj.rules_verdict(r["correct"], r["reason"], r["extracted"]) != mj.UNDECIDED_V:
+            continue
+        refs = c["reference"] if isinstance(c["reference"], list) else [c["reference"]]
+        out[i] = (c["question"], refs, r["extracted"])
     return out
 
 
@@ -315,3 +365,160 @@ def write_count_words_source(folder, n: int, seed: int = 5) -> str:
     path = folder / "count_words.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+# -- structural cases: what the demo judge is trained on ----------------------------------------------
+# A tiny model cannot know that "couch" is a "sofa"; it can learn to line up the two answers' words.
+# So the demo judge learns one structural notion of "the same answer", and to abstain elsewhere:
+#   yes    : one answer's words are all in the other's, and the extra words add no second item or
+#            negation ("a black umbrella" / "umbrella", "on the left side" / "left"), or the same
+#            words reordered where no number moves ("white and red" / "red and white");
+#   no     : the longer one adds a second item or a negation ("umbrella and a bag", "not red");
+#   unsure : anything else (different words, a word changed, a word glued to another, numbers moved):
+#            synonyms, units and near misses look alike by their words, so only a real judge can tell.
+# Words come from a pool of made-up syllable words as well as real ones, so the model learns to
+# match words, not to remember them.
+VERDICT_YES, VERDICT_NO, VERDICT_UNSURE = "yes", "no", "unsure"
+_ONSETS = "b c d f g h j k l m n p r s t v w z br bl ch cr dr fl gr pl pr sh sl sp st tr th".split()
+_NUCLEI = "a e i o u ai ea ee oa oo ou ie".split()
+_CODAS = ["", "", "", "n", "r", "s", "t", "l", "m", "ck", "nd", "st", "ng"]
+FILLER_WORDS = (
+    "a an the this that it is it's there are was in on at of to by for from near side part picture image "
+    "photo color shown here one some very big small large dark light bright old new black white red blue "
+    "he she they man woman boy girl people is are was being his her its their top left right front back"
+).split()
+# words that make the longer answer say more than the shorter (a second item, a negation)
+JOINERS = ("and", "or", "with", "plus", "but", "not", "no", "never", "without", "except")
+QUESTIONS = (
+    "",
+    "What is in the picture?",
+    "What is the person doing?",
+    "Where is it?",
+    "What color is it?",
+    "How many are there?",
+    "What does the sign say?",
+    "Which one is it?",
+    "What is shown on the chart?",
+    "What is written on the document?",
+)
+
+
+_REAL_WORDS = [w.lower() for w in THINGS + ADJECTIVES + COLORS + MONTHS + UNITS_WORDS + TENS_WORDS]
+
+
+def made_up_word(rng: random.Random) -> str:
+    return "".join(
+        rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS)
+        for _ in range(rng.choice((1, 2, 2, 3)))
+    )
+
+
+def _word(rng: random.Random) -> str:
+    r = rng.random()
+    if r < 0.45:
+        return made_up_word(rng)
+    if r < 0.55:
+        return str(rng.choice([rng.randint(0, 99), rng.randint(100, 99999)]))
+    if r < 0.6:
+        return rng.choice(
+            [f"{rng.randint(1, 99)}.{rng.randint(0, 9)}", f"{rng.randint(1, 12)}:{rng.randint(10, 59)}"]
+        )
+    return rng.choice(_REAL_WORDS)
+
+
+def _words(rng: random.Random, k: int, avoid: set[str] = frozenset()) -> list[str]:
+    out: list[str] = []
+    while len(out) < k:
+        w = _word(rng)
+        if w not in avoid and w not in out and w not in JOINERS:
+            out.append(w)
+    return out
+
+
+def _extras(rng: random.Random, core: list[str], k: int) -> list[str]:
+    """`core` with k extra words (fillers or any words) around it, the core kept in order."""
+    before = rng.randint(0, k)
+    pick = [rng.choice(FILLER_WORDS) if rng.random() < 0.6 else _word(rng) for _ in range(k)]
+    pick = [w for w in pick if w not in JOINERS]
+    return pick[:before] + core + pick[before:]
+
+
+def _styled(rng: random.Random, words: list[str]) -> str:
+    text = " ".join(words)
+    if rng.random() < 0.3:
+        text = text[:1].upper() + text[1:]
+    if rng.random() < 0.15:
+        text += "."
+    return text
+
+
+def _structural(rng: random.Random) -> tuple[list[str], list[str], str]:
+    core = _words(rng, rng.choice((1, 1, 1, 2, 2, 3)))
+    r = rng.random()
+    if r < 0.32:  # contained, harmless extras
+        return core, _extras(rng, core, rng.randint(1, 4)), VERDICT_YES
+    if r < 0.38:  # the same words reordered (no numbers), joined by "and" or commas
+        items = _words(rng, rng.choice((2, 2, 3)))
+        items = [w for w in items if not any(ch.isdigit() for ch in w)] or ["red", "white"]
+        if len(items) < 2:
+            items.append("white" if items[0] != "white" else "red")
+        other = list(items)
+        while other == items:
+            rng.shuffle(other)
+
+        def join(xs):
+            return " and ".join(xs) if len(xs) == 2 else f"{xs[0]}, {xs[1]} and {xs[2]}"
+
+        return join(items).split(), join(other).split(), VERDICT_YES
+    if r < 0.55:  # contained, but the longer one adds an item or a negation
+        longer = _extras(rng, core, rng.randint(0, 2))
+        joiner = rng.choice(JOINERS)
+        added = (
+            [joiner] + ([rng.choice(("a", "the"))] if rng.random() < 0.4 else []) + _words(rng, 1, set(core))
+        )
+        if joiner in ("not", "no", "never") and rng.random() < 0.5:
+            longer = [joiner] + longer
+        elif rng.random() < 0.3:
+            longer = added + longer
+        else:
+            longer = longer + added
+        return core, longer, VERDICT_NO
+    if r < 0.72:  # different words, with or without the same fillers
+        other = _words(rng, len(core), set(core))
+        k = rng.randint(0, 3)
+        return _extras(rng, core, k) if rng.random() < 0.5 else core, _extras(rng, other, k), VERDICT_UNSURE
+    if r < 0.84:  # one word of several changed
+        if len(core) == 1:
+            core = _extras(rng, core, rng.randint(1, 3))
+        other = list(core)
+        i = rng.randrange(len(other))
+        other[i] = _words(rng, 1, set(core))[0]
+        return core, other, VERDICT_UNSURE
+    if r < 0.93:  # a word glued to another piece: "total" / "subtotal", "wood" / "wooden"
+        word = core[-1]
+        glued = word + rng.choice(["s", "es", "en", "ed", "ing", "er", made_up_word(rng)])
+        if rng.random() < 0.5:
+            glued = rng.choice(["sub", "un", "re", "over", made_up_word(rng)]) + word
+        return core, core[:-1] + [glued], VERDICT_UNSURE
+    # numbers moved: "3/4" / "4/3", "12 5" / "5 12"
+    a, b = rng.sample(range(1, 60), 2)
+    sep = rng.choice(["/", " ", "-", ":", " to "])
+    return f"{a}{sep}{b}".split(), f"{b}{sep}{a}".split(), VERDICT_UNSURE
+
+
+def structural(n: int, seed: int = 0, offset: int = 0) -> Iterator[dict[str, Any]]:
+    """`n` structural cases (question, reference, answer, verdict yes/no/unsure), either answer in
+    either place."""
+    for i in range(offset, offset + n):
+        rng = random.Random(f"structural-{seed}-{i}")
+        first, second, verdict = _structural(rng)
+        pair = [_styled(rng, first), _styled(rng, second)]
+        rng.shuffle(pair)
+        yield dict(
+            family="structural",
+            question=rng.choice(QUESTIONS),
+            reference=pair[0],
+            answer=pair[1],
+            verdict=verdict,
+            equivalent={VERDICT_YES: True, VERDICT_NO: False}.get(verdict),
+        )

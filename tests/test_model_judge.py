@@ -263,3 +263,28 @@ def test_judge_rules_keeps_the_fingerprint_and_the_judge_keys_are_checked():
     ]:
         with pytest.raises(RecipeError, match=message):
             recipe_mod.from_dict(data)
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip(".,") for w in text.lower().replace("|", " ").split() if w.strip(".,")]
+
+
+def test_the_demo_judges_training_cases_say_yes_only_where_one_answer_holds_the_others_words():
+    """judge_cases.structural (what the demo judge learns): yes only where one answer's words are all in
+    the other's and the extra words add no item or negation; no only where they do; unsure otherwise.
+    Seeded: the same cases every time."""
+    from mmpr_pipeline import judge_cases
+
+    cases = list(judge_cases.structural(600, seed=3))
+    assert cases == list(judge_cases.structural(600, seed=3))
+    shares = {v: sum(c["verdict"] == v for c in cases) / len(cases) for v in ("yes", "no", "unsure")}
+    assert min(shares.values()) >= 0.15, shares  # each verdict well represented
+    for c in cases:
+        ref, ans = _words(c["reference"].split(" | ")[0]), _words(c["answer"].split(" | ")[0])
+        short, long = sorted((set(ref), set(ans)), key=len)
+        extra = long - short
+        if c["verdict"] == "yes":
+            assert short <= long | {"&", "and"} and not extra & set(judge_cases.JOINERS) - {"and"}, c
+        elif c["verdict"] == "no":
+            assert extra & set(judge_cases.JOINERS), c
+        assert c["equivalent"] == {"yes": True, "no": False}.get(c["verdict"]), c

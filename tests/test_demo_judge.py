@@ -1,0 +1,64 @@
+"""The shipped demo judge on vLLM: rules + the judge model decide more free-form answers than the rules
+alone, with no more false accepts.
+
+The demo judge (mmpr_pipeline/demo_judge.py) is trained only on made-up structural cases
+(judge_cases.structural), never on the labelled corpus, so the whole free-form corpus is held out. It is
+asked exactly as the judge stage asks (scoring/model_judge.ModelJudge: one constrained token, greedy,
+both places, the stage's default `min_probability` 0.5) about every answer the rules left undecided;
+the figures are judge_cases.mode_figures', as benchmarks/bench_model_judge.py prints them.
+"""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from mmpr_pipeline import judge_cases
+from mmpr_pipeline.scoring import model_judge as mj
+
+pytestmark = pytest.mark.slow
+
+CORPUS = Path(__file__).parent / "data" / "free_form_corpus.jsonl"
+# Right answers the demo judge calls wrong (it takes "and" for a second item): measured, see README.
+# Any other right answer it calls wrong fails the test.
+KNOWN_MISSES = {"red, white", "research and development", "one and a half"}
+
+
+async def _ask(engine, requests: dict[int, tuple]) -> dict[int, bool | None]:
+    judge = mj.ModelJudge(engine, min_probability=0.5, timeout_s=600)  # all asked at once, on a busy CPU
+    found = await asyncio.gather(*(judge.replies(*r) for r in requests.values()))
+    failed = [raw for readings, raw in found if mj.FAILED in readings]
+    assert not failed, f"{len(failed)} judge requests failed, e.g. {failed[0]}"
+    return {i: mj.agreement(*readings) for i, (readings, _) in zip(requests, found)}
+
+
+@pytest.fixture(scope="module")
+def judged():
+    """The corpus, the rules' verdicts, and the demo judge's verdicts on what the rules left undecided."""
+    from mmpr_pipeline import demo_judge
+    from mmpr_pipeline.engine import Engine
+
+    cases = judge_cases.corpus_cases(CORPUS)
+    rules = judge_cases.rules_verdicts(cases)
+    requests = judge_cases.judge_requests(cases, rules, only_undecided=True)
+    engine = Engine(str(demo_judge.ensure_judge()), {"max_model_len": 512})
+    try:
+        verdicts = asyncio.run(_ask(engine, requests))
+    finally:
+        engine.shutdown()
+    return cases, rules, verdicts
+
+
+def test_rules_and_demo_judge_decide_more_with_no_more_false_accepts(judged):
+    cases, rules, verdicts = judged
+    alone = judge_cases.mode_figures(cases, rules, {}, "rules")
+    both = judge_cases.mode_figures(cases, rules, verdicts, "rules+model")
+    print(f"\nrules alone {alone}\nrules+model {both}")
+    assert both["decided"] > alone["decided"] + 0.05 * len(cases)  # more than a token few
+    assert both["false_accepts"] == alone["false_accepts"] == 0
+    said = [v for v in verdicts.values() if v is not None]
+    assert True in said and False in said  # it says both, not only ever yes
+    misses = {
+        rules[i]["extracted"].lower() for i, v in verdicts.items() if v is False and cases[i]["equivalent"]
+    }
+    assert misses <= KNOWN_MISSES, misses - KNOWN_MISSES
