@@ -1,13 +1,14 @@
 """Memory at scale: does the build's driver stay flat as the number of questions grows?
 
-    python benchmarks/bench_scale.py [--sizes 300,3000] [--max-tokens 8] [--repo DIR] [--out results.json]
+    python benchmarks/bench_scale.py [--sizes 300,3000] [--max-tokens 48] [--repo DIR] [--out results.json]
 
 Writes a Parquet source of each size, each question with its own photo-sized JPEG (random smooth
 colour fields plus grain, ~87 KB) and a reference solution, and runs `mmpr build` on it (a real
 process: local Ray + vLLM on the demo model, n = 4 samples of at most `--max-tokens` tokens,
-`unit_size` 128, `shard_rows` 5000: the data path is what is measured, not the engine). The
-reference is a chosen candidate, so each question makes one pair (with its image) even when the
-short samples reach no final answer.
+`unit_size` 128, `shard_rows` 5000: the data path is what is measured, not the engine). The question
+is the demo model's own counting question, so with enough tokens (the default 48; its answers take
+26-40) its samples end in a final answer; the reference is a chosen candidate, so a question with a
+wrong sample makes one pair (with its image). Samples the rules cannot judge make no pair.
 
 Every peak is the kernel's high-water mark, `VmHWM` of /proc/PID/status. The driver's comes from
 the build itself: with MMPR_PEAK_MEMORY_LOG set, each phase (plan, stream, rejects, counts, shards,
@@ -64,12 +65,16 @@ def write_source(path: Path, n: int) -> float:
         for i in range(start, min(n, start + 200)):
             image = photo_jpeg(i)
             sizes.append(len(image))
+            k = i % 7 + 1
+            # the demo model's own counting question: its samples then end in a final answer that the
+            # rules judge (a question it was not trained on gets rambling, undecided samples: no pairs)
             rows.append(
                 dict(
                     image=image,
-                    question=f"Photo {i}: how many colour fields are there?",
-                    answer=str(i % 7 + 1),
-                    solution=f"I count the colour fields: there are {i % 7 + 1}.\nFinal answer: {i % 7 + 1}",
+                    question="How many circles are there?",
+                    answer=str(k),
+                    solution=f"I look at the image and count the circles: "
+                    f"{', '.join(map(str, range(1, k + 1)))}. In total there are {k}.\nFinal answer: {k}",
                 )
             )
         table = pa.Table.from_pylist(rows)
@@ -233,7 +238,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="300,3000", help="question counts, comma-separated (default 300,3000)")
     ap.add_argument(
-        "--max-tokens", type=int, default=8, help="per sample (small: the engine is not measured)"
+        "--max-tokens", type=int, default=48, help="per sample (enough for the demo model's final answer)"
     )
     ap.add_argument("--model", default=None, help="default: the trained demo model")
     ap.add_argument(
