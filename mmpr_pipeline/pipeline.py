@@ -347,17 +347,12 @@ def run_units(
         num_cpus=0.25,
     )
     # One unit = one block = one batch, from load to write (batch_size=None): no regrouping needed.
-    # Ray 2.60 deprecates passing actor options this way, but still has no other for max_concurrency.
-    warnings.filterwarnings(
-        "ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning
-    )
-    ds = ds.map_batches(
+    ds = actor_stage(
+        ds,
         SampleStage,
-        batch_size=None,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=plan.replicas, max_tasks_in_flight_per_actor=concurrent),
-        max_concurrency=concurrent,
-        fn_constructor_kwargs=dict(
+        plan,
+        concurrent,
+        dict(
             model=model,
             seed=recipe.seed,
             # the per-prompt image limit comes from the data, unless the recipe sets it
@@ -398,6 +393,26 @@ def run_units(
             ) from e
 
 
+def actor_stage(ds, stage: type, plan, concurrent: int, constructor_kwargs: dict, **actor_args):
+    """`ds` through `stage` on a pool of `plan.replicas` engine actors, whole units at a time (one
+    block = one batch), each actor working on up to `concurrent` of them at once."""
+    import ray
+
+    # Ray 2.60 deprecates passing actor options this way, but still has no other for max_concurrency.
+    warnings.filterwarnings(
+        "ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning
+    )
+    return ds.map_batches(
+        stage,
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.replicas, max_tasks_in_flight_per_actor=concurrent),
+        max_concurrency=concurrent,
+        fn_constructor_kwargs=constructor_kwargs,
+        **actor_args,
+    )
+
+
 def score_units(batch: pa.Table) -> pa.Table:
     """score: the rules' verdicts, before the judge model's stage (which needs them)."""
     from stages.score import score_batch
@@ -408,7 +423,6 @@ def score_units(batch: pa.Table) -> pa.Table:
 def add_judge_stage(ds, recipe: Recipe, run: Path, concurrent: int):
     """score -> judge (stages/judge.py): the judge model's own engine replicas, placed as sampling's.
     On CPU the replica takes a fraction of a CPU, so the tasks around it still find one."""
-    import ray
 
     from mmpr_pipeline.engine import actor_options, replica_plan, resolve_model
     from stages.judge import JudgeStage
@@ -417,13 +431,12 @@ def add_judge_stage(ds, recipe: Recipe, run: Path, concurrent: int):
     ds = ds.map_batches(score_units, batch_size=None, batch_format="pyarrow", num_cpus=0.25)
     plan = replica_plan(cluster_gpus(), jm.engine)
     options = actor_options(plan) if plan.gpus_per_replica else dict(num_cpus=0.5)
-    return ds.map_batches(
+    return actor_stage(
+        ds,
         JudgeStage,
-        batch_size=None,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=plan.replicas, max_tasks_in_flight_per_actor=concurrent),
-        max_concurrency=concurrent,
-        fn_constructor_kwargs=dict(
+        plan,
+        concurrent,
+        dict(
             model=resolve_model(jm.model),
             engine_options={"trust_remote_code": recipe.trust_remote_code, **jm.engine},
             seed=recipe.seed,
