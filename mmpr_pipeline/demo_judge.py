@@ -359,44 +359,20 @@ def shipped_folder(settings: dict) -> Path | None:
 def ensure_judge(out: str | Path | None = None, force: bool = False, **overrides) -> Path:
     """A trained demo judge folder: a copy of the shipped one (its files checked against their recorded
     hashes), or, for other settings or `force`, trained here. Made in a temporary sibling renamed into
-    place under a lock, so an interrupted run never leaves a folder that looks done."""
-    import fcntl
+    place under a lock, so an interrupted run never leaves a folder that looks done
+    (demo_model.ensure_model_folder, as the demo policy's)."""
+    from mmpr_pipeline.demo_model import ensure_model_folder
 
-    from mmpr_pipeline.demo_model import _recorded_hashes, _replace_folder, file_hashes, verify_checksums
-
-    out = Path(out) if out is not None else DEFAULT_DIR
     want = _settings(**overrides)
-    shipped = None if force else shipped_folder(want)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        marker = _read_marker(out)
-        if shipped is not None and _recorded_hashes(shipped) == file_hashes(out):
-            return out
-        if (
-            shipped is None
-            and not force
-            and marker
-            and marker.get("trained")
-            and marker.get("settings") == want
-        ):
-            return out
-        if out.exists() and (not out.is_dir() or (marker is None and any(out.iterdir()))):
-            raise FileExistsError(f"{out} exists and is not a demo judge folder (no readable {MARKER})")
-        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            if shipped is not None:
-                verify_checksums(shipped)
-                shutil.copytree(shipped, tmp)
-            else:
-                log.info("training the demo judge into %s", out)
-                train(tmp, **overrides)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _replace_folder(tmp, out)
-    return out
+    return ensure_model_folder(
+        Path(out) if out is not None else DEFAULT_DIR,
+        "demo judge",
+        MARKER,
+        want,
+        None if force else shipped_folder(want),
+        force,
+        lambda tmp: train(tmp, **overrides),
+    )
 
 
 def rebuild_shipped() -> Path:
