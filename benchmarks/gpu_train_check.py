@@ -9,7 +9,9 @@ the TRL baseline only) are installed from wheels in `.whl/` when missing (no net
 
 1. correctness (a tiny model, bf16 autocast): live vs precomputed reference give the same losses;
    LoRA starts from zero rewards and moves them; SFT only (weights 0, 0, 1) trains.
-2. benchmark: `bench_train.py --size 2b --bf16` (TRL, ours with a live reference, ours with a
+2. fsdp_one_gpu: `strategy: fsdp` on one GPU (world size 1): its losses against the unsharded
+   trainer's, LoRA under FSDP, and the memory plan against the measured peak (`small` shapes).
+3. benchmark: `bench_train.py --size 2b --bf16` (TRL, ours with a live reference, ours with a
    precomputed one): median time per step (with the precomputed reference's pass spread over the
    steps), the whole run, tokens/s, peak GPU memory and every step's loss, each in its own process.
 Every part that fails is recorded with its error; the JSON is written after each part.
@@ -188,6 +190,75 @@ def correctness() -> dict:
     }
 
 
+def fsdp_one_gpu() -> dict:
+    """strategy: fsdp at world size 1 (a process group of one): the sharded code path, FSDP's mixed
+    precision (bf16 compute, float32 sharded weights and gradient reduction), a consolidated final
+    model, and the memory plan against torch.cuda.max_memory_allocated, on the `small` shapes."""
+    import shutil
+
+    import bench_train
+    import torch
+
+    from mmpr_pipeline.train import MPOConfig, train
+    from mmpr_pipeline.train.plan import count_parameters, plan
+
+    work = OUT / "gpu-fsdp"
+    shutil.rmtree(work, ignore_errors=True)
+    bench_train.write_pairs(work, 24, repeat=1)
+    processor = bench_train.make_processor(112)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def run(name, size="tiny", **kw):
+        model = bench_train.build_model(size, torch.float32, device, processor.tokenizer, seed=0)
+        cfg = MPOConfig(
+            model=f"random-qwen2-vl-{size}",
+            data=str(work),
+            output_dir=str(work / name),
+            batch_size=4,
+            max_steps=4,
+            learning_rate=1e-3,
+            warmup_ratio=0.0,
+            eval_fraction=0.2,
+            max_length=2048,
+            bf16=True,
+            progress_bar=False,
+            resume=False,
+            save_every=-1,
+            save_model=False,
+            **kw,
+        )
+        counts = count_parameters(model, cfg)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        summary = train(cfg, model=model, processor=processor)
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        rows = [json.loads(r) for r in (work / name / "metrics.jsonl").read_text().splitlines()]
+        return summary, [r for r in rows if r["split"] == "train"], plan(counts, cfg, 1, cfg.strategy), peak
+
+    _, ddp_rows, _, _ = run("ddp")
+    _, fsdp_rows, _, _ = run("fsdp", strategy="fsdp")
+    _, lora_rows, _, _ = run("fsdp-lora", strategy="fsdp", lora=True, lora_r=4)
+    _, _, ddp_plan, ddp_peak = run("ddp-small", size="small", batch_size=1)
+    _, _, fsdp_plan, fsdp_peak = run("fsdp-small", size="small", batch_size=1, strategy="fsdp")
+    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(ddp_rows, fsdp_rows)]
+    checks = {
+        "fsdp_vs_ddp_max_loss_diff": max(diffs),
+        "fsdp_vs_ddp_close": max(diffs) < 2e-2,  # bf16 compute: FSDP casts weights, autocast casts ops
+        "fsdp_loss_falls": fsdp_rows[-1]["loss"] < fsdp_rows[0]["loss"],
+        "fsdp_lora_rewards_move": lora_rows[-1]["reward_margin"] != 0.0,
+        "all_finite": all(math.isfinite(r["loss"]) for r in ddp_rows + fsdp_rows + lora_rows),
+    }
+    checks["passed"] = all(v for k, v in checks.items() if isinstance(v, bool))
+    return {
+        **checks,
+        "ddp_losses": [r["loss"] for r in ddp_rows],
+        "fsdp_losses": [r["loss"] for r in fsdp_rows],
+        "small_peak_gib": {"ddp": ddp_peak and ddp_peak / 2**30, "fsdp": fsdp_peak and fsdp_peak / 2**30},
+        "small_plan_gib": {"ddp": ddp_plan["total"] / 2**30, "fsdp": fsdp_plan["total"] / 2**30},
+    }
+
+
 def benchmark() -> dict:
     import bench_train
 
@@ -235,5 +306,6 @@ if __name__ == "__main__":
     part("wheels", install_wheels)
     RESULT["parts"]["environment_after_wheels"] = environment()
     part("correctness", correctness)
+    part("fsdp_one_gpu", fsdp_one_gpu)
     part("benchmark", benchmark)
     print(f"[gpu-check] wrote {OUT / 'gpu_train_check.json'} in {time.perf_counter() - START:.0f} s")

@@ -21,6 +21,7 @@ merged, loadable by transformers and vLLM) and `summary.json`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -42,6 +43,7 @@ from tqdm.auto import tqdm
 from mmpr_pipeline import stopping
 from mmpr_pipeline.records import stable_hash
 from mmpr_pipeline.train import config as config_mod
+from mmpr_pipeline.train import fsdp
 from mmpr_pipeline.train.config import MPOConfig
 from mmpr_pipeline.train.data import (
     PairDataset,
@@ -59,6 +61,7 @@ from mmpr_pipeline.train.model import (
     freeze_vision,
     load_model,
     load_processor,
+    policy_of,
     response_logps,
     unwrap,
 )
@@ -106,23 +109,33 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    sharded: bool = False  # strategy: fsdp
+
+    @property
+    def lockstep(self) -> bool:
+        """Every process must run every forward (FSDP's gathers are collective), even with no pair."""
+        return self.sharded and self.world > 1
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
-    """One process per device; `torchrun` and `accelerate launch` set WORLD_SIZE, RANK, LOCAL_RANK."""
+def setup_distributed(sharded: bool = False) -> Dist:
+    """One process per device; `torchrun` and `accelerate launch` set WORLD_SIZE, RANK, LOCAL_RANK.
+    FSDP needs a process group even for one process (a single-GPU check of the sharded path)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank() if world > 1 else 0, world=world, device=device)
+        dist.init_process_group(backend)
+    elif sharded and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Dist(rank=dist.get_rank() if world > 1 else 0, world=world, device=device, sharded=sharded)
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -142,6 +155,26 @@ def loader(dataset: PairDataset, batches: list[list[int]], pad_id: int, num_work
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def rank_batches(n: int, batch_size: int, d: Dist) -> list[list[int]]:
+    """This process's batches of items rank, rank + world, ... of `n` (evaluation, precompute). In
+    lockstep every process gets as many batches as the first, the missing ones empty."""
+    mine = list(range(d.rank, n, d.world))
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    if d.lockstep:
+        most = math.ceil(math.ceil(n / d.world) / batch_size)
+        batches += [[] for _ in range(most - len(batches))]
+    return batches
+
+
+def idle_forward(model, ref: Reference, cfg: MPOConfig) -> torch.Tensor:
+    """What a process with no pair in a micro-batch runs in lockstep: the policy's (and a live
+    reference's) forward on the stand-in pair; returns zero, joined to the graph, to backpropagate."""
+    logps, _ = response_logps(model, model.standin)
+    if cfg.needs_reference and not ref.tables:
+        reference_logps(ref, model, model.standin, "train", logps.device)
+    return 0 * logps.sum()
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -188,14 +221,15 @@ def precompute_reference(
     model.eval()
     logps = torch.zeros(len(dataset), 2)
     filled = torch.zeros(len(dataset))
-    mine = list(range(d.rank, len(dataset), d.world))
-    batches = [mine[i : i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
+    batches = rank_batches(len(dataset), cfg.eval_batch_size, d)
     for batch in tqdm(
         loader(dataset, batches, pad_id, cfg.num_workers),
         desc="reference log-probs",
         disable=not (d.main and cfg.progress_bar),
     ):
         if not batch["n_pairs"]:
+            if d.lockstep:
+                response_logps(model, model.standin)
             continue
         n, index = batch["n_pairs"], batch["index"]
         with autocast():
@@ -253,21 +287,34 @@ def save_checkpoint(
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
+    final = output_dir / f"checkpoint-{step:06d}"
+    tmp = output_dir / f".tmp-checkpoint-{step:06d}"
+    if d.sharded:  # every process writes its shards into tmp/shards; state.pt (below) completes it
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        fsdp.save_shards(tmp / "shards", model, optimizer)
+        dist.barrier()
+        weights = {"world": d.world}
+    else:
+        weights = {
+            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(),
+        }
     if d.main:
         state = {
             "step": step,
-            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-            "optimizer": optimizer.state_dict(),
+            **weights,
             "running": running.state_dict(),
             "rng": rngs,
             "config": cfg.to_dict(),
             **extra,
         }
-        final = output_dir / f"checkpoint-{step:06d}"
-        tmp = output_dir / f".tmp-checkpoint-{step:06d}"
         with stopping.deferred():  # SIGTERM or Ctrl-C now: this checkpoint is finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            if not d.sharded:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
             torch.save(state, tmp / "state.pt")
             (tmp / "config.json").write_text(config_mod.to_json(cfg))
             shutil.rmtree(final, ignore_errors=True)
@@ -322,11 +369,22 @@ def read_state(path: Path) -> dict:
 
 def load_checkpoint(path: Path, model, optimizer, running: RunningMean, cfg: MPOConfig, d: Dist) -> dict:
     state = read_state(path)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+    if d.sharded != ("trainable" not in state):
+        kind = "sharded (fsdp)" if "trainable" not in state else "unsharded (ddp)"
+        raise ValueError(f"{path} is a {kind} checkpoint: resume it with the strategy that saved it")
+    if d.sharded:
+        if state["world"] != d.world:
+            raise ValueError(
+                f"{path} was saved by {state['world']} process(es); resume it with as many (each "
+                f"process's slice of the data depends on their number), not {d.world}"
+            )
+        fsdp.load_shards(path / "shards", model, optimizer)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
     running.load_state_dict(state["running"])
     rng = state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0]
     torch.set_rng_state(rng["cpu"])
@@ -473,7 +531,8 @@ def load_policy(model, cfg: MPOConfig, d: Dist):
     encoder frozen if asked; `model` if one is given, else loaded from `cfg.model`."""
     if model is None:
         model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code)
-    model.to(d.device)
+    if not d.sharded:  # fully_shard moves each block's shards to the device itself
+        model.to(d.device)
     if cfg.freeze_vision:
         freeze_vision(model)
     return model
@@ -519,6 +578,45 @@ def make_reference(
     return Reference(model=ref_model)
 
 
+def make_sharded(
+    model,
+    ref_model,
+    cfg: MPOConfig,
+    d: Dist,
+    datasets: dict,
+    autocast,
+    pad_id: int,
+    out: Path,
+    use_bf16: bool,
+) -> tuple[Any, Reference]:
+    """strategy: fsdp. LoRA and gradient checkpointing go in first (FSDP shards the modules that are
+    there), then the policy and a live reference are sharded alike; a precomputed reference comes
+    from the sharded policy with its adapters off (they start at zero: the base model)."""
+    live = cfg.needs_reference and cfg.reference == "live"
+    frozen = ref_model if ref_model is not None else (copy.deepcopy(model) if live and not cfg.lora else None)
+    model = make_trainable(model, cfg)
+    standin = fsdp.standin_batch(datasets["train"], pad_id, d.device) if d.lockstep else None
+    shard = partial(
+        fsdp.shard, device=d.device, use_bf16=use_bf16, cpu_offload=cfg.cpu_offload, standin=standin
+    )
+    root = shard(model)
+    ref = Reference()
+    if cfg.needs_reference and frozen is not None:
+        ref.model = shard(frozen.eval().requires_grad_(False))
+    if cfg.needs_reference and cfg.reference == "precomputed":
+        t0, scorer, ref.model = time.perf_counter(), (root if ref.model is None else ref.model), None
+        off = policy_of(scorer).disable_adapter() if cfg.lora and scorer is root else contextlib.nullcontext()
+        with off:
+            for split, name in (("train", "reference_logps.pt"), ("eval", "reference_logps_eval.pt")):
+                if len(datasets[split]):
+                    ref.tables[split] = precompute_reference(
+                        scorer, datasets[split], cfg, d, autocast, pad_id, out / name
+                    )
+        ref.precompute_s = time.perf_counter() - t0
+    fsdp.reshard(root)  # before the optimizer collects the parameters: the sharded ones
+    return root.train(), ref
+
+
 def make_trainable(model, cfg: MPOConfig):
     """LoRA adapters and gradient checkpointing, if asked; the model in training mode."""
     if cfg.lora:
@@ -539,7 +637,7 @@ def make_optimizer(model, cfg: MPOConfig, d: Dist) -> tuple[list[torch.nn.Parame
     """The trainable parameters (rank 0's in every process, as DistributedDataParallel starts) and
     AdamW over them, with no weight decay on biases and norms."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if d.world > 1:
+    if d.world > 1 and not d.sharded:  # sharded: every process loaded the same weights, seeded alike
         for p in params:
             dist.broadcast(p.data, 0)
     torch.manual_seed(cfg.seed + d.rank)  # but different dropout in each process
@@ -587,8 +685,10 @@ def reference_logps(ref: Reference, model, batch: dict, split: str, device: torc
         return torch.cat([t[:, 0], t[:, 1]]).to(device)
     with torch.no_grad():
         if ref.model is not None:
-            return response_logps(ref.model, batch)[0]
-        with model.disable_adapter():  # LoRA: the base model is the reference
+            logps = response_logps(ref.model, batch)[0]
+            fsdp.reshard(ref.model)  # no backward follows to free its root's gathered weights
+            return logps
+        with policy_of(model).disable_adapter():  # LoRA: the base model is the reference
             return response_logps(model, batch)[0]
 
 
@@ -688,12 +788,13 @@ def evaluate(
     keys = loss_keys(cfg)
     types = pair_types_of(eval_set.table) if cfg.needs_reference else []
     model.eval()
-    mine = list(range(d.rank, len(eval_set), d.world))
-    batches = [mine[i : i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
+    batches = rank_batches(len(eval_set), cfg.eval_batch_size, d)
     sums = torch.zeros(len(keys) + 1, device=d.device)
     by_type = torch.zeros(len(types), 2, device=d.device)  # [correct, pairs] per pair type
     for batch in loader(eval_set, batches, pad_id, cfg.num_workers):
         if not batch["n_pairs"]:
+            if d.lockstep:
+                idle_forward(model, ref, cfg)
             continue
         batch = to_device(batch, d.device)
         with autocast():
@@ -706,6 +807,7 @@ def evaluate(
             by_type += tally_by_type(parts["margins"], batch["index"], eval_set.table, types)
     sums = all_reduce_sum(sums, d).tolist()
     by_type = all_reduce_sum(by_type, d).tolist()
+    fsdp.reshard(model)
     model.train()
     n = sums[-1]
     row = {"eval_pairs": int(n), **{f"eval_{k}": (s / n if n else float("nan")) for k, s in zip(keys, sums)}}
@@ -744,6 +846,9 @@ def accumulate_gradients(
                 update_shift(
                     state.running, None, d
                 )  # the other processes wait for this one's (absent) reward
+            if d.lockstep:
+                with autocast():
+                    idle_forward(model, ref, cfg).backward()
             continue
         batch = to_device(batch, d.device)
         with autocast():
@@ -770,7 +875,7 @@ def average_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:
         p.grad /= d.world
 
 
-def apply_update(params, optimizer, sums: torch.Tensor, step: int, cfg: MPOConfig) -> torch.Tensor:
+def apply_update(params, optimizer, sums: torch.Tensor, step: int, cfg: MPOConfig, d: Dist) -> torch.Tensor:
     """Clip and step, or refuse a non-finite loss, gradient or update (NonFiniteLossError, before
     anything of this step is saved). `sums` are summed over processes, so every process sees a
     non-finite value and stops together. Returns the gradient norm."""
@@ -786,7 +891,7 @@ def apply_update(params, optimizer, sums: torch.Tensor, step: int, cfg: MPOConfi
             f"step {step + 1}: non-finite loss ({terms}); stopped without saving "
             f"this step; lower learning_rate ({cfg.learning_rate}) or check the data"
         )
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
     if not torch.isfinite(grad_norm):
         raise NonFiniteLossError(
             f"step {step + 1}: non-finite gradient norm ({float(grad_norm)}); stopped "
@@ -794,7 +899,10 @@ def apply_update(params, optimizer, sums: torch.Tensor, step: int, cfg: MPOConfi
         )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if not torch.stack([torch.isfinite(p).all() for p in params]).all():  # one device sync
+    finite = torch.stack([torch.isfinite(fsdp.local(p)).all() for p in params]).all().float()
+    if d.sharded:  # each process sees only its shards: every process must stop together
+        finite = all_reduce_sum(finite, d) / d.world
+    if finite.item() < 1:  # one device sync
         raise NonFiniteLossError(
             f"step {step + 1}: the update made weights non-finite; stopped without "
             f"saving this step; lower learning_rate ({cfg.learning_rate})"
@@ -908,10 +1016,30 @@ def save_final(model, processor, out: Path, state: State, cfg: MPOConfig, d: Dis
             state.dropped,
             cfg.max_length,
         )
-    if not (cfg.save_model and d.main):
+    if not cfg.save_model:
         return None
-    final = model.merge_and_unload() if cfg.lora else model
-    final.save_pretrained(out / "final")
+    if d.sharded:  # every process sends its shards; the first writes the whole model
+        weights = fsdp.full_state_dict(model)
+        if not d.main:
+            return None
+        if cfg.lora:  # merged on a fresh CPU copy of the base model
+            model = add_lora(
+                load_model(cfg.model, cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code),
+                cfg.lora_r,
+                cfg.lora_alpha,
+                cfg.lora_dropout,
+                cfg.lora_target_modules,
+                freeze_vision=cfg.freeze_vision,
+            )
+            model.load_state_dict(weights)
+            model.merge_and_unload().save_pretrained(out / "final")
+        else:
+            unwrap(model).save_pretrained(out / "final", state_dict=weights)
+    elif not d.main:
+        return None
+    else:
+        final = model.merge_and_unload() if cfg.lora else model
+        final.save_pretrained(out / "final")
     processor.save_pretrained(out / "final")
     return out / "final"
 
@@ -927,7 +1055,7 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     is `weights: [0, 0, 1]`: then no reference and no rejected responses are computed at all.
     """
     cfg, run_started = config, time.perf_counter()
-    d = setup_distributed()
+    d = setup_distributed(sharded=cfg.strategy == "fsdp")
     # Data first: a run without data says so (not that a checkpoint differs), and leaves no
     # output_dir behind (`make build-mmpr` would refuse it).
     rejects: list[dict] = []
@@ -947,8 +1075,11 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     use_bf16 = uses_bf16(cfg, d)
     autocast = partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=use_bf16)
     splits = {"train": train_set, "eval": eval_set}
-    ref = make_reference(model, ref_model, cfg, d, splits, autocast, pad_id, out)
-    model = make_trainable(model, cfg)
+    if d.sharded:
+        model, ref = make_sharded(model, ref_model, cfg, d, splits, autocast, pad_id, out, use_bf16)
+    else:
+        ref = make_reference(model, ref_model, cfg, d, splits, autocast, pad_id, out)
+        model = make_trainable(model, cfg)
     params, optimizer = make_optimizer(model, cfg, d)
     per_epoch, total_steps = run_length(len(train_set), cfg, d)
 
@@ -1024,9 +1155,10 @@ def optimizer_step(model, params, optimizer, stream, ref, state, lr, cfg, d, aut
     for g in optimizer.param_groups:
         g["lr"] = lr
     sums = accumulate_gradients(model, stream, ref, state, cfg, d, autocast)
-    average_gradients(params, d)
+    if not d.sharded:  # FSDP reduce-scatters each micro-batch's gradients itself
+        average_gradients(params, d)
     sums = all_reduce_sum(sums, d)
-    grad_norm = apply_update(params, optimizer, sums, state.step, cfg)
+    grad_norm = apply_update(params, optimizer, sums, state.step, cfg, d)
     if d.device.type == "cuda":
         torch.cuda.synchronize()
     return sums, grad_norm, time.perf_counter() - t0

@@ -143,8 +143,58 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules, freeze_v
 
 
 def unwrap(model):
-    """The transformers model inside a peft wrapper (LoRA layers stay injected in its modules)."""
+    """The transformers model inside a peft wrapper or a LogpsModule (LoRA layers stay injected in
+    its modules)."""
+    model = policy_of(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def policy_of(model):
+    """The (peft or transformers) model inside a LogpsModule; `model` itself otherwise."""
+    return model.model if isinstance(model, LogpsModule) else model
+
+
+class LogpsModule(torch.nn.Module):
+    """`response_token_logps` as one module's forward: the root unit under FSDP, whose pre-forward
+    gathers the parameters outside the sharded blocks (embeddings, LM head, norms, projector) that
+    the chunked LM head reads directly, and whose post-backward reduces their gradients.
+
+    Every FSDP block is a collective: all processes must run the same blocks in the same order. A
+    process whose micro-batch has no image would skip the vision blocks that the others run, so
+    with `standin` (a one-pair batch with an image) it runs them on that image first, and adds
+    the result times zero."""
+
+    def __init__(self, model, standin: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.standin = standin
+
+    def vision_keys(self) -> list[str]:
+        from mmpr_pipeline.train.data import TOKEN_KEYS, model_inputs
+
+        return [k for k in model_inputs(self.standin or {}) if k not in TOKEN_KEYS]
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.vision_keys()
+        idle_vision = None
+        if keys and not any(k in batch for k in keys):
+            features = unwrap(self.model).get_image_features(**{k: self.standin[k] for k in keys})
+            idle_vision = 0 * sum(t.float().sum() for t in _tensors(features))
+        token_logps, mask = response_token_logps(self.model, batch)
+        if idle_vision is not None:
+            token_logps = token_logps + idle_vision
+        return token_logps, mask
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in a model output (a tensor, a tuple or list, or a ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def _token_logps(
@@ -193,7 +243,7 @@ def response_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     `batch` comes from `data.collate`; returns float32 tensors of shape [sequences].
     """
-    token_logps, mask = response_token_logps(model, batch)
+    token_logps, mask = model(batch) if isinstance(model, LogpsModule) else response_token_logps(model, batch)
     rows = mask.nonzero()[:, 0]  # boolean indexing is row-major, so this is each token's sequence
     seq_logps = torch.zeros(mask.shape[0], dtype=torch.float32, device=token_logps.device).index_add(
         0, rows, token_logps

@@ -1,0 +1,55 @@
+"""The runs of tests/test_train_fsdp.py, as one `torchrun --nproc_per_node 2` launch (each launch
+costs seconds of imports): `python -m torch.distributed.run ... _fsdp_runs.py MODEL DATA OUT`.
+The test runs the same CASES in one process with the default (unsharded) strategy to compare."""
+
+import shutil
+import sys
+from pathlib import Path
+
+# float32, the full 0.8/0.2/1.0 mix, 5 steps of 4 pairs (2 per process); 20 training pairs, so that
+# one process's micro-batches hold the same pairs as two processes' halves.
+BASE = dict(
+    max_steps=5,
+    batch_size=4,
+    limit=20,
+    learning_rate=1e-3,
+    warmup_ratio=0.0,
+    eval_fraction=0.2,
+    max_length=512,
+    weights=[0.8, 0.2, 1.0],
+    dtype="float32",
+    progress_bar=False,
+)
+CASES = {
+    # a live frozen reference, vision frozen; checkpoints at step 3 and 5
+    "full": dict(save_every=3),
+    # adapters trained against the adapters-off policy, with gradient checkpointing
+    "lora": dict(lora=True, lora_r=4, lora_dropout=0.0, gradient_checkpointing=True, save_every=-1),
+    # reference log-probs computed once by the sharded policy; the vision encoder trained too
+    "precomputed": dict(reference="precomputed", freeze_vision=False, save_every=-1),
+}
+
+
+def config(name: str, model: str, data: str, out: Path, world: int, **kw):
+    from mmpr_pipeline.train import MPOConfig
+
+    case = {"model": model, "data": data, "output_dir": str(out / name), **BASE, **CASES[name], **kw}
+    case["batch_size"] //= world
+    return MPOConfig(**case)
+
+
+if __name__ == "__main__":
+    import torch
+    import torch.distributed as dist
+
+    from mmpr_pipeline.train import train
+
+    torch.set_num_threads(1)
+    model, data, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    for name in CASES:
+        train(config(name, model, data, out, 2, strategy="fsdp"))
+    # Interrupted after step 3: a fresh folder holding only that checkpoint, resumed to step 5.
+    if dist.get_rank() == 0:
+        shutil.copytree(out / "full" / "checkpoint-000003", out / "resumed" / "checkpoint-000003")
+    dist.barrier()
+    train(config("full", model, data, out, 2, strategy="fsdp", output_dir=str(out / "resumed")))
