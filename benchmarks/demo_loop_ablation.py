@@ -262,6 +262,9 @@ def main() -> int:
     }
     # 2. the losses and their settings, on the data whose better run did best on validation
     recipes = [v for v in variants if v in DATA]  # a derived variant is a measurement, not a recipe
+    if not recipes and not args.sweep_data:  # derived variants only: nothing to sweep or run
+        print(table(result))
+        return 0
     best = args.sweep_data or max(recipes, key=lambda v: (scores[v], -variants.index(v)))
     result["sweep_data"] = best
     result["not_run"] = []
@@ -303,21 +306,20 @@ def table(result: dict) -> str:
         return f"{a['accuracy']:.1%} ({a['ci95'][0]:.1%}-{a['ci95'][1]:.1%})"
 
     lines = [
-        "| data | arm | validation greedy (95% CI) | count | compare | held-out chosen logp "
-        "| rejected logp |",
+        "| data | arm | validation greedy (95% CI) | count | compare | held-out log p chosen (base, "
+        "checkpoints) | rejected |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         f"| - | base | {cell(result['base_validation'], 'validation/*')} | "
         f"{result['base_validation']['validation/count']['accuracy']:.1%} | "
         f"{result['base_validation']['validation/compare']['accuracy']:.1%} | | |",
     ]
     for a in result["arms"]:
-        first, last = a["heldout_logps"][0], a["heldout_logps"][-1]
+        chosen = ", ".join(f"{x['chosen_logp']:.2f}" for x in a["heldout_logps"])
+        rejected = ", ".join(f"{x['rejected_logp']:.2f}" for x in a["heldout_logps"])
         lines.append(
             f"| {a['data']} | {a['arm']} | {cell(a['validation'], 'validation/*')} | "
             f"{a['validation']['validation/count']['accuracy']:.1%} | "
-            f"{a['validation']['validation/compare']['accuracy']:.1%} | "
-            f"{first['chosen_logp']:.1f} -> {last['chosen_logp']:.1f} | "
-            f"{first['rejected_logp']:.1f} -> {last['rejected_logp']:.1f} |"
+            f"{a['validation']['validation/compare']['accuracy']:.1%} | {chosen} | {rejected} |"
         )
     return "\n".join(lines)
 
