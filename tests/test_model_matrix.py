@@ -140,10 +140,31 @@ def test_build_counts_the_models_own_image_tokens(family, built):
     assert stats["totals"]["pairs"]["dropout_ntp"] >= len(CAPTIONS)
 
 
+def _watch_the_reference(monkeypatch) -> dict:
+    """Wrap the trainer's `make_reference` to keep, when training starts, a copy of the reference's
+    weights (the frozen copy's, or under LoRA the base model's, which the reference is with the
+    adapters off) and of the policy's, each by parameter object, to compare after training."""
+    from mmpr_pipeline.train import loop
+
+    seen: dict = {}
+    make_reference = loop.make_reference
+
+    def watched(model, *args, **kwargs):
+        ref = make_reference(model, *args, **kwargs)
+        reference = ref.model if ref.model is not None else model
+        seen["reference"] = [(p, p.detach().clone()) for p in reference.parameters()]
+        seen["policy"] = [(p, p.detach().clone()) for p in model.parameters()]
+        return ref
+
+    monkeypatch.setattr(loop, "make_reference", watched)
+    return seen
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_train_two_steps(family, built, lora, tmp_path):
+def test_train_two_steps(family, built, lora, tmp_path, monkeypatch):
     _, model = family
     run, _, _ = built
+    seen = _watch_the_reference(monkeypatch)
     summary = train(
         MPOConfig(
             model=model,
@@ -159,6 +180,7 @@ def test_train_two_steps(family, built, lora, tmp_path):
             save_model=False,
             lora=lora,
             lora_r=4,
+            lora_dropout=0.0,  # no dropout: a reference that moved with the policy gives rewards of exactly 0
         )
     )
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -167,6 +189,15 @@ def test_train_two_steps(family, built, lora, tmp_path):
     # step 1: the policy is its reference, so DPO = log 2, BCO = 2 log 2 (delta 0), SFT finite and > 0
     assert train_rows[0]["preference"] == pytest.approx(math.log(2), abs=1e-5)
     assert all(math.isfinite(r["loss"]) and r["sft"] > 0 for r in train_rows)
+    # the reference's weights are the ones training started from, to the bit
+    assert seen["reference"] and all(torch.equal(p, before) for p, before in seen["reference"])
+    if not lora:  # the policy itself moved (under LoRA only its adapters do: the rewards below)
+        assert not all(torch.equal(p, before) for p, before in seen["policy"])
+    # step 2: the first update moved the policy and not its reference (a frozen copy, or the base
+    # model under disabled adapters), so the rewards are away from 0 and DPO from log 2
+    second = train_rows[1]
+    assert abs(second["chosen_reward"]) > 1e-4 and abs(second["rejected_reward"]) > 1e-4, second
+    assert abs(second["preference"] - math.log(2)) > 1e-6, second
 
 
 def test_trl_export_passes_one_dpo_step(family, built, tmp_path):
