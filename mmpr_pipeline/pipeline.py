@@ -164,18 +164,37 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     if address:
         ray.init(address=address, log_to_driver=verbose)
     else:
-        ray.init(
-            address="local",
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            log_to_driver=verbose,
-            configure_logging=False,
-        )
+        start_local_ray(verbose)
     from mmpr_pipeline import stopping
 
     stopping.install()  # ray.init replaced it with a handler that aborts and leaves processes behind
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours (per row) is the one users read
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines break the bar
+
+
+def start_local_ray(verbose: bool, attempts: int = 3) -> None:
+    """Start a private local Ray. Ray waits a fixed 30 s for its raylet to register and then gives up
+    ("The current node timed out during startup"): on a busy machine that is a slow start, not a broken
+    one, so the start is tried again (after shutting down what the failed one left)."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                address="local",
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                log_to_driver=verbose,
+                configure_logging=False,
+            )
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            log.warning(
+                "Ray's start timed out (a busy machine?); starting it again (%d/%d)", attempt + 1, attempts
+            )
+            ray.shutdown()
 
 
 def cluster_gpus() -> list[float]:

@@ -39,6 +39,8 @@ elif [ "${1:-}" = --check ]; then
 fi
 
 tmp=$(mktemp)
+# The current lock's versions are uv's preferences: adding one package moves no other.
+grep -v '^# pyproject-dependencies-sha256' "$LOCK" > "$tmp" 2>/dev/null || true
 "$UV" pip compile -q pyproject.toml --extra cpu --extra dev "${TARGET[@]}" --generate-hashes \
   --override requirements/cpu-exclude.txt --find-links "$TORCH_FIND_LINKS" \
   --custom-compile-command "scripts/lock.sh" -o "$tmp"

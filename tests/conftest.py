@@ -67,3 +67,10 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped under CI, where every test must run: {reason}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first (stable otherwise): `make test` runs files on two workers
+    (pytest-xdist, --dist loadfile), and a long file started last would run alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
