@@ -113,7 +113,7 @@ MUTANTS = [
     Mutant(
         "trainer: LoRA reference is the adapted policy (adapters not disabled)",
         "mmpr_pipeline/train/loop.py",
-        "        with model.disable_adapter():  # LoRA: the base model is the reference\n"
+        "        with policy_of(model).disable_adapter():  # LoRA: the base model is the reference\n"
         "            return response_logps(model, batch)[0]",
         "        return response_logps(model, batch)[0]",
         ["tests/test_train_reference.py"],
