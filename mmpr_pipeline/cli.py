@@ -408,12 +408,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         if args.debug:
             traceback.print_exc()
+        # Said first: it is what the user needs, whatever happens while the processes end.
+        terminated = isinstance(e, stopping.Terminated)
+        print(
+            f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: {_resume_hint(args)}",
+            file=sys.stderr,
+        )
+        sys.stderr.flush()
         stopping.end_run()  # Ray's and vLLM's processes end with the command, not minutes later
-        if isinstance(e, stopping.Terminated):
-            print(f"\nterminated (SIGTERM): {_resume_hint(args)}", file=sys.stderr)
-            return stopping.EXIT_CODE
-        print(f"\ninterrupted: {_resume_hint(args)}", file=sys.stderr)
-        return INTERRUPTED
+        return stopping.EXIT_CODE if terminated else INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place every error becomes a message
         if args.debug:
             traceback.print_exc()

@@ -178,15 +178,18 @@ def start_local_ray(verbose: bool, attempts: int = 3) -> None:
     one, so the start is tried again (after shutting down what the failed one left)."""
     import ray
 
+    from mmpr_pipeline import stopping
+
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(
-                address="local",
-                num_cpus=os.cpu_count(),
-                include_dashboard=False,
-                log_to_driver=verbose,
-                configure_logging=False,
-            )
+            with stopping.ctrl_c_reaches_only_this_process():
+                ray.init(
+                    address="local",
+                    num_cpus=os.cpu_count(),
+                    include_dashboard=False,
+                    log_to_driver=verbose,
+                    configure_logging=False,
+                )
             return
         except Exception as e:
             if "timed out during startup" not in str(e) or attempt == attempts:

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 SEND_EVERY_S = 0.5  # a replica's counts reach the driver at most this late
 POLL_EVERY_S = 0.5
+REFRESH_TIMEOUT_S = 2.0  # the most one poll of the counter actor waits
 
 
 class SampleCounter:
@@ -86,7 +87,9 @@ class BuildProgress:
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
-        self.thread.join(timeout=5)
+        # Longer than one poll can take (REFRESH_TIMEOUT_S): the thread must be out of ray.get before
+        # the caller may shut Ray down (a ray.get after ray.shutdown ends the process with exit code 1).
+        self.thread.join(timeout=REFRESH_TIMEOUT_S + 5)
         if exc[0] is None:
             self._refresh()
             with self.lock:  # every row and unit is accounted for once the stream has ended
@@ -109,7 +112,7 @@ class BuildProgress:
         import ray
 
         try:
-            questions, tokens = ray.get(self.counter.totals.remote(), timeout=5)
+            questions, tokens = ray.get(self.counter.totals.remote(), timeout=REFRESH_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - a progress bar never stops a build
             return
         now = time.monotonic()

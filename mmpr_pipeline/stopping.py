@@ -82,6 +82,24 @@ def end_run() -> None:
 
 
 @contextlib.contextmanager
+def ctrl_c_reaches_only_this_process():
+    """Processes started inside the block ignore SIGINT (an ignored signal stays ignored across exec,
+    and Python then installs no KeyboardInterrupt handler). A terminal's Ctrl-C goes to the whole
+    process group: without this Ray's GCS, raylet and workers die of it at the moment the command
+    starts cleaning up, and Ray's driver then ends the process with exit code 1 before it can say how
+    to resume. With it the command alone receives Ctrl-C and ends them itself (`end_run`). The price:
+    a Ctrl-C during the block itself (Ray's start, seconds) is ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
 def deferred():
     """SIGTERM and SIGINT that arrive inside the block take effect when it ends: what it writes (a
     checkpoint) is finished first."""

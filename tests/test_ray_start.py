@@ -1,6 +1,10 @@
 """Starting the private local Ray: a start that times out on a busy machine is tried again; any other
-failure, or a third time-out, is the user's error as Ray wrote it."""
+failure, or a third time-out, is the user's error as Ray wrote it. Its processes leave a terminal's
+Ctrl-C to the command, which ends them itself."""
 
+import signal
+
+import psutil
 import pytest
 import ray
 
@@ -41,3 +45,26 @@ def test_a_third_time_out_or_another_error_is_raised_at_once(monkeypatch):
     with pytest.raises(ValueError, match="bad num_cpus"):
         pipeline.start_local_ray(verbose=False)
     assert len(calls) == 1
+
+
+def _ignores_sigint(pid: int) -> bool:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    raise AssertionError(f"no SigIgn line for {pid}")
+
+
+def test_ray_ignores_a_terminals_ctrl_c_and_the_command_still_receives_it():
+    """Regression: Ctrl-C (SIGINT to the whole process group) killed Ray's raylet and workers at the
+    moment the command began to clean up, and Ray's driver then ended the command with exit code 1
+    before it could say how to resume (test_fail_safe's Ctrl-C test, once in a CI run)."""
+    pipeline.start_local_ray(verbose=False)
+    try:
+        worker = ray.get(ray.remote(num_cpus=0)(lambda: __import__("os").getpid()).remote())
+        names = {p.pid: p.name() for p in psutil.Process().children(recursive=True)}
+        core = [pid for pid, name in names.items() if name in ("raylet", "gcs_server")] + [worker]
+        assert len(core) == 3, names
+        assert all(_ignores_sigint(pid) for pid in core), {pid: names.get(pid) for pid in core}
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        ray.shutdown()
