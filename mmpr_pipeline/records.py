@@ -164,7 +164,14 @@ MAX_IMAGE_BYTES = 64 * 2**20  # no real image file is larger; a bigger one is a 
 
 def read_image_file(path: str) -> bytes:
     """The bytes of an image file: regular files only (a FIFO or a device such as /dev/zero would
-    hang or never end), at most MAX_IMAGE_BYTES."""
+    hang or never end), at most MAX_IMAGE_BYTES; an s3:// URL is read from object storage."""
+    from mmpr_pipeline import storage
+
+    if storage.is_url(path):
+        data = storage.read_bytes(path, MAX_IMAGE_BYTES + 1)
+        if len(data) > MAX_IMAGE_BYTES:
+            raise ValueError(f"{path} is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+        return data
     info = os.stat(path)
     if not stat.S_ISREG(info.st_mode):
         raise ValueError(f"{path} is not a regular file")

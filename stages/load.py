@@ -6,6 +6,9 @@ de-duplication across the whole source) and where each unit starts; `read_unit` 
 unit's rows, checks each one (image decodes and has sane dimensions, question is non-empty text,
 answer is text or a number), and sets a bad row aside with its reason. Image files named by a row
 are read by the worker, from regular files only, up to a size bound.
+
+Sources and the images they name may be local paths or s3:// URLs (mmpr_pipeline/storage.py): both
+are read through the same functions here; the driver only lists an S3 source's objects.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from mmpr_pipeline import prompts, tasks
+from mmpr_pipeline import prompts, storage, tasks
 from mmpr_pipeline.recipe import ANSWER_TYPES, Source
 from mmpr_pipeline.records import decode_image, encode_image, is_blank, question_id
 
@@ -41,6 +44,8 @@ class BadRow(ValueError):
 
 
 def _files(pattern: str) -> list[str]:
+    if storage.is_url(pattern):
+        return storage.expand(pattern)
     paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
     if Path(pattern).is_dir():
         paths = sorted(str(p) for p in Path(pattern).rglob("*") if p.is_file())
@@ -50,13 +55,18 @@ def _files(pattern: str) -> list[str]:
 def source_inputs(source: Source) -> list[str]:
     """The inputs of a source, in order: its files (parquet, jsonl), or one input ("") for a
     generated source or a `datasets` dataset. Work units never span two inputs."""
+    if source.loader in ("parquet", "jsonl"):
+        try:
+            found = _files(source.path)
+        except storage.StorageError as e:
+            raise SourceError(f"source {source.name!r}: {e}") from None
     if source.loader == "parquet":
-        files = [f for f in _files(source.path) if f.endswith(".parquet")]
+        files = [f for f in found if f.endswith(".parquet")]
         if not files:
             raise SourceError(f"source {source.name!r}: no Parquet files at {source.path!r}")
         return files
     if source.loader == "jsonl":
-        files = [f for f in _files(source.path) if f.endswith((".jsonl", ".json"))]
+        files = [f for f in found if f.endswith((".jsonl", ".json"))]
         if not files:
             raise SourceError(f"source {source.name!r}: no JSON Lines files at {source.path!r}")
         return files
@@ -74,7 +84,8 @@ def input_rows(source: Source, path: str, start: int = 0, byte_offset: int = 0) 
     elif source.loader == "parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
+        fs, inner = storage.filesystem(path)
+        pf = pq.ParquetFile(inner, filesystem=fs)
         first = 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -83,8 +94,8 @@ def input_rows(source: Source, path: str, start: int = 0, byte_offset: int = 0) 
                 yield from rows[max(0, start - first) :]
             first += n
     elif source.loader == "jsonl":
-        base = Path(path).parent
-        with open(path, "rb") as fh:
+        base = storage.parent(path)
+        with storage.open_input(path) as fh:
             fh.seek(byte_offset)
             skip = 0 if byte_offset else start
             line_no = 0
@@ -95,7 +106,7 @@ def input_rows(source: Source, path: str, start: int = 0, byte_offset: int = 0) 
                 if skip:
                     skip -= 1
                     continue
-                yield _json_row(line, source, base, f"{Path(path).name}:+{line_no}")
+                yield _json_row(line, source, base, f"{path.rsplit('/', 1)[-1]}:+{line_no}")
     else:
         ds = _dataset(
             source.loader,
@@ -112,7 +123,7 @@ def input_rows(source: Source, path: str, start: int = 0, byte_offset: int = 0) 
 def jsonl_offsets(path: str, every: int) -> list[int]:
     """Byte offset of every `every`-th non-blank line of a JSON Lines file (row 0, every, 2*every...)."""
     offsets, row, pos = [], 0, 0
-    with open(path, "rb") as fh:
+    with storage.open_input(path) as fh:
         for line in fh:
             if line.strip():
                 if row % every == 0:
@@ -162,8 +173,8 @@ def _dataset(
     `numbers` read as written (see _float32_as_written)."""
     import datasets
 
-    if loader == "hf_disk":
-        ds = datasets.load_from_disk(path)
+    if loader == "hf_disk":  # a folder on S3 is copied to this worker first: datasets memory-maps it
+        ds = datasets.load_from_disk(storage.local_copy(path) if storage.is_url(path) else path)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
     else:
@@ -184,16 +195,48 @@ def _dataset(
 
 
 def read_rows(source: Source) -> Iterator[dict[str, Any]]:
-    """All raw rows of a source, in a deterministic order."""
+    """All raw rows of a source, in a deterministic order. For the driver (its preflight reads the
+    first few): an `hf_disk` folder on object storage is streamed, not copied as the workers do."""
+    if source.loader == "hf_disk" and storage.is_url(source.path):
+        yield from _stream_hf_disk(source)
+        return
     for path in source_inputs(source):
         yield from input_rows(source, path)
 
 
-def _relative_to(base: Path, value: Any) -> Any:
-    return str(base / value) if isinstance(value, str) and not Path(value).is_absolute() else value
+def _stream_hf_disk(source: Source) -> Iterator[dict[str, Any]]:
+    """Rows of a `save_to_disk` folder on object storage, in order, batch by batch from its Arrow
+    stream files (state.json lists them; a DatasetDict has a folder per split). Images come as the
+    {'bytes', 'path'} dicts the workers' reader gives too."""
+    import pyarrow as pa
+
+    folder = source.path.rstrip("/")
+
+    def read_json(name: str) -> dict:
+        with storage.open_input(f"{folder}/{name}") as f:
+            return json.load(f)
+
+    try:
+        splits = read_json("dataset_dict.json")["splits"]
+    except storage.StorageError:
+        splits = None
+    if splits is not None:
+        if source.split not in splits:
+            raise SourceError(f"source {source.name!r}: {source.path} has no split {source.split!r}")
+        folder = f"{folder}/{source.split}"
+    for data_file in read_json("state.json")["_data_files"]:
+        with storage.open_input(f"{folder}/{data_file['filename']}") as f:
+            for batch in pa.ipc.open_stream(f):
+                table = pa.Table.from_batches([batch])
+                yield from _float32_as_written(table, _number_fields(source)).to_pylist()
 
 
-def _json_row(line: bytes, source: Source, base: Path, where: str) -> dict[str, Any]:
+def _relative_to(base: str, value: Any) -> Any:
+    """An image path of a JSON Lines row, read from the file's folder or prefix (a URL stays itself)."""
+    return storage.join(base, value) if isinstance(value, str) else value
+
+
+def _json_row(line: bytes, source: Source, base: str, where: str) -> dict[str, Any]:
     """One JSON Lines row; a line that is not a JSON object becomes a `__bad__` row (set aside)."""
     try:
         row = json.loads(line)

@@ -25,12 +25,49 @@ def ray_local():
     """One local Ray for the session (starting Ray costs seconds); the pipeline reuses it."""
     import ray
 
+    start_ray()
+    yield ray
+    ray.shutdown()
+
+
+def start_ray() -> None:
+    """The session's private local Ray (its workers get this process's environment as it is now)."""
+    import ray
+
     ray.init(
         address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 (moto's server on 127.0.0.1, a free port) with this process's AWS environment pointed at
+    it: AWS_ENDPOINT_URL_S3, test keys and a region, as a user sets them for MinIO. Yields (endpoint URL,
+    a pyarrow S3 file system that may create buckets, for uploads). Ray workers take the environment of
+    the Ray that started them: a Ray started before this fixture does not have it."""
+    import logging
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+            env.delenv(name, raising=False)
+        env.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        uploads = pafs.S3FileSystem(
+            endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True
+        )
+        yield endpoint, uploads
+    server.stop()
 
 
 @pytest.fixture(scope="session")

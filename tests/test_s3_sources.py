@@ -1,0 +1,354 @@
+"""Sources on object storage, against a real S3 server (moto's, on 127.0.0.1; conftest's s3_server).
+
+The demo recipe's generated sources are written out as files (two Parquet files read through a glob,
+JSON Lines naming image files, a `datasets` save_to_disk folder) and uploaded; read from S3 they give
+the same questions as the generated rows, and a build from them the same pairs as the demo's own
+build. Errors (no bucket, no object, a glob matching nothing, refused keys, a closed or silent
+endpoint) name the source and the URL and come back in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from mmpr_pipeline import recipe as recipe_mod
+from mmpr_pipeline import storage, tasks
+from mmpr_pipeline.config import ConfigError
+from stages.load import SourceError, load_source, source_inputs
+
+REPO = Path(__file__).resolve().parent.parent
+BUCKET = "mmpr-test"
+COLUMNS = ("image", "question", "answer", "answer_type", "options", "task")
+LIMITS = {"shapes": 4, "describe": 2, "tally": 2}  # rows: two Parquet files of two rows
+TALLY = {"name": "tally", "loader": "generated", "generator": {"seed": 3, "families": ["count"]}}
+
+
+def demo_data(limits: dict = LIMITS) -> dict:
+    """The demo recipe, small, plus a third generated source (so each file loader has one source)."""
+    data = yaml.safe_load((REPO / "data_cards" / "demo.yaml").read_text())
+    data["sources"].append(dict(TALLY))
+    for source in data["sources"]:
+        source["limit"] = limits[source["name"]]
+    data["sampling"].update(n=4, max_tokens=48)
+    data.update(unit_size=4, batch_size=8)
+    return data
+
+
+def _rows(data: dict, name: str) -> list[dict]:
+    source = next(s for s in data["sources"] if s["name"] == name)
+    return [{c: r[c] for c in COLUMNS} for r in tasks.generate(source["limit"], **source["generator"])]
+
+
+def write_sources(data: dict, root: Path) -> None:
+    """The generated rows of the three sources as files under root: shapes as two Parquet files (and a
+    file of another kind and a nested Parquet file, which the glob must not take), describe as JSON
+    Lines naming PNG files relative to it, tally as a `datasets` save_to_disk folder."""
+    import datasets
+
+    shapes = _rows(data, "shapes")
+    (root / "shapes" / "old").mkdir(parents=True)
+    half = len(shapes) // 2
+    for i, part in enumerate((shapes[:half], shapes[half:])):
+        pq.write_table(pa.Table.from_pylist(part), root / "shapes" / f"part-{i}.parquet")
+    pq.write_table(pa.Table.from_pylist(shapes[:1]), root / "shapes" / "old" / "part-9.parquet")
+    (root / "shapes" / "README.txt").write_text("not a Parquet file")
+    (root / "describe" / "img").mkdir(parents=True)
+    lines = []
+    for i, row in enumerate(_rows(data, "describe")):
+        (root / "describe" / "img" / f"{i}.png").write_bytes(row.pop("image"))
+        lines.append(json.dumps(dict(row, image=f"img/{i}.png")) + "\n")
+    (root / "describe" / "rows.jsonl").write_text("".join(lines))
+    datasets.Dataset.from_list(_rows(data, "tally")).save_to_disk(str(root / "tally"))
+
+
+def as_files(data: dict, base: str) -> dict:
+    """`data` with its sources read from the files of write_sources under `base` (a folder or URL)."""
+    data = json.loads(json.dumps(data))
+    paths = {
+        "shapes": ("parquet", f"{base}/shapes/*.parquet"),
+        "describe": ("jsonl", f"{base}/describe/rows.jsonl"),
+        "tally": ("hf_disk", f"{base}/tally"),
+    }
+    for source in data["sources"]:
+        source["loader"], source["path"] = paths[source["name"]]
+        del source["generator"]
+        if source.get("pipeline", "correctness") == "correctness":
+            source["fields"] = {"answer_type": "answer_type", "options": "options"}
+    return data
+
+
+@pytest.fixture(scope="module")
+def uploaded(s3_server, tmp_path_factory):
+    """(demo data, local folder of its sources, their URL prefix): the folder uploaded to S3, where
+    rows.jsonl names one image by its full s3:// URL and one through '..' (both the same files)."""
+    _, fs = s3_server
+    data = demo_data()
+    root = tmp_path_factory.mktemp("sources")
+    write_sources(data, root)
+    fs.create_dir(BUCKET)
+    pafs.copy_files(str(root), f"{BUCKET}/demo", destination_filesystem=fs)
+    url = f"s3://{BUCKET}/demo"
+    lines = (root / "describe" / "rows.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    rows[0]["image"] = f"{url}/describe/img/0.png"
+    rows[1]["image"] = "../describe/img/1.png"
+    with fs.open_output_stream(f"{BUCKET}/demo/describe/rows.jsonl") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    return data, root, url
+
+
+def _recipe(data: dict):
+    return recipe_mod.from_dict(data, "s3-test.yaml")
+
+
+def _source(path: str, loader: str = "parquet", **extra):
+    return recipe_mod.Source(name="src", loader=loader, path=path, answer_type="text", **extra)
+
+
+# -- pure logic: URLs, the endpoint, recipe validation ----------------------------------------------
+
+
+def test_urls_and_keys_relative_to_an_object():
+    assert storage.split_url("s3://bkt/a/b.jsonl") == ("bkt", "a/b.jsonl")
+    assert storage.parent("s3://bkt/a/b.jsonl") == "s3://bkt/a"
+    assert storage.join("s3://bkt/a", "img/1.png") == "s3://bkt/a/img/1.png"
+    assert storage.join("s3://bkt/a/b", "../img/1.png") == "s3://bkt/a/img/1.png"
+    assert storage.join("s3://bkt/a", "s3://other/x.png") == "s3://other/x.png"
+    assert storage.join("/data/a", "s3://other/x.png") == "s3://other/x.png"  # local JSON Lines, S3 image
+    assert storage.join("/data/a", "img/1.png") == "/data/a/img/1.png"
+    assert storage.join("/data/a", "/abs/1.png") == "/abs/1.png"
+    for bad, why in [
+        ("gs://bkt/x", "unsupported URL scheme 'gs://'"),
+        ("s3:///x.parquet", "names no bucket"),
+        ("s3://bk*/x.parquet", "a bucket name cannot be a pattern"),
+        ("s3://My_Bucket/x", "not a valid bucket name"),
+    ]:
+        assert why in storage.url_problem(bad)
+        with pytest.raises(ConfigError, match=r"r\.yaml: sources\[0\]\.path: .*" + why.split("'")[0]):
+            recipe_mod.from_dict(
+                {
+                    "name": "x",
+                    "sources": [{"name": "a", "loader": "parquet", "path": bad, "answer_type": "text"}],
+                },
+                "r.yaml",
+            )
+    assert storage.url_problem("s3://bkt/images/*.parquet") is None
+
+
+def test_endpoint_from_the_aws_environment(monkeypatch):
+    for name in storage.ENDPOINT_VARS + ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    assert "endpoint_override" not in storage.s3_options()  # AWS itself
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://minio.example:9000")
+    opts = storage.s3_options()
+    assert (opts["endpoint_override"], opts["scheme"]) == ("minio.example:9000", "https")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9001/")  # the S3-specific one wins
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    opts = storage.s3_options()
+    assert (opts["endpoint_override"], opts["scheme"], opts["region"]) == (
+        "127.0.0.1:9001",
+        "http",
+        "eu-west-3",
+    )
+    assert opts["connect_timeout"] and opts["request_timeout"] and opts["retry_strategy"].max_attempts
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "127.0.0.1:9001")
+    with pytest.raises(
+        storage.StorageError, match=r"AWS_ENDPOINT_URL_S3='127\.0\.0\.1:9001': expected http://"
+    ):
+        storage.s3_options()
+
+
+# -- reading from the S3 server, in this process --------------------------------------------------
+
+
+def test_s3_sources_read_the_same_questions_as_the_generated_rows(uploaded):
+    """Each loader from S3 (and from the same files on disk) gives exactly the generated source's
+    questions: the same qids, images, texts and answers, in order."""
+    data, root, url = uploaded
+    generated = _recipe(data)
+    on_disk, on_s3 = _recipe(as_files(data, str(root))), _recipe(as_files(data, url))
+    assert source_inputs(on_s3.sources[0]) == [f"{url}/shapes/part-0.parquet", f"{url}/shapes/part-1.parquet"]
+    for gen, disk, s3 in zip(generated.sources, on_disk.sources, on_s3.sources):
+        want, rejects, _ = load_source(gen, 4)
+        assert len(want) == LIMITS[gen.name] and not rejects
+        for source in (disk, s3):
+            got, rejects, _ = load_source(source, 4)
+            assert not rejects, rejects
+            assert [{k: q[k] for k in q if k not in ("unit", "unit_plan")} for q in got] == [
+                {k: q[k] for k in q if k not in ("unit", "unit_plan")} for q in want
+            ], (source.loader, source.path)
+
+
+def test_preflight_streams_an_s3_hf_disk_folder_without_copying_it(uploaded, monkeypatch):
+    """The driver's preflight reads the first rows; a folder on S3 is not copied to the driver for it."""
+    from mmpr_pipeline.preflight import check_sources_give_questions
+    from stages.load import read_rows, to_question
+
+    data, _, url = uploaded
+    monkeypatch.setattr(storage, "local_copy", lambda url: pytest.fail(f"the driver copied {url}"))
+    recipe, generated = _recipe(as_files(data, url)), _recipe(data)
+    check_sources_give_questions(recipe)
+    for s3, gen in zip(recipe.sources, generated.sources):
+        assert [to_question(r, s3, i) for i, r in enumerate(read_rows(s3))] == [
+            to_question(r, gen, i) for i, r in enumerate(read_rows(gen))
+        ]
+
+
+def test_missing_bucket_object_and_glob_name_the_source_and_url(uploaded):
+    _, _, url = uploaded
+    cases = [
+        ("s3://no-such-bucket/demo/*.parquet", "parquet", "the bucket 'no-such-bucket' does not exist"),
+        ("s3://no-such-bucket/rows.jsonl", "jsonl", "the bucket 'no-such-bucket' does not exist"),
+        (f"{url}/describe/nope.jsonl", "jsonl", "no such object or folder"),
+        (f"{url}/shapes/*.parket", "parquet", None),
+        (f"{url}/*/part-9.parquet", "parquet", None),  # '*' stays within one level, as in glob.glob
+    ]
+    for path, loader, reason in cases:
+        if reason:
+            message = f"source 'src': {path}: {reason}"
+        else:
+            message = f"source 'src': no Parquet files at {path!r}"
+        with pytest.raises(SourceError, match=re.escape(message)):
+            source_inputs(_source(path, loader))
+    assert source_inputs(_source(f"{url}/*/old/part-9.parquet")) == [f"{url}/shapes/old/part-9.parquet"]
+    with pytest.raises(
+        SourceError, match=f"source 'src' \\(hf_disk: {url}/nope\\) cannot be opened.*no such folder"
+    ):
+        from stages.load import scan_input
+
+        scan_input(_source(f"{url}/nope", "hf_disk"), "", None, 4)
+
+
+def test_missing_image_object_sets_the_row_aside_naming_its_url(uploaded, s3_server):
+    _, fs = s3_server
+    _, _, url = uploaded
+    rows = [
+        dict(image="img/0.png", question="Describe this image.", answer="a"),
+        dict(image="img/9.png", question="And this?", answer="b"),
+    ]
+    with fs.open_output_stream(f"{BUCKET}/demo/describe/missing.jsonl") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    questions, rejects, _ = load_source(_source(f"{url}/describe/missing.jsonl", "jsonl"), 4)
+    assert len(questions) == 1 and len(rejects) == 1
+    assert rejects[0]["reason"] == f"unreadable image ({url}/describe/img/9.png: no such object)"
+
+
+def test_refused_credentials_name_the_source_and_url(uploaded, s3_server):
+    endpoint, _ = s3_server
+    _, _, url = uploaded
+
+    def auth(count: str) -> None:  # moto checks keys only after this many requests
+        urllib.request.urlopen(
+            urllib.request.Request(
+                f"{endpoint}/moto-api/reset-auth", count.encode(), {"Content-Type": "text/plain"}
+            )
+        )
+
+    auth("0")
+    try:
+        with pytest.raises(
+            SourceError,
+            match=re.escape(f"source 'src': {url}/shapes/*.parquet: When listing")
+            + ".*INVALID_ACCESS_KEY_ID.*"
+            + re.escape("(keys from the AWS environment: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        ):
+            source_inputs(_source(f"{url}/shapes/*.parquet"))
+    finally:
+        auth("inf")
+
+
+@pytest.mark.parametrize("silent", [False, True], ids=["closed port", "silent server"])
+def test_unreachable_endpoint_fails_in_seconds_naming_the_url(monkeypatch, silent):
+    """A closed port fails at once; a server that accepts and never answers fails after the read
+    timeout (shortened here) and the bounded retries: never a hang."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    if silent:
+        listener.listen(8)
+        held = []
+        threading.Thread(target=lambda: held.append(listener.accept()), daemon=True).start()
+    else:
+        listener.close()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(storage, "REQUEST_TIMEOUT", 1.0)
+    monkeypatch.setattr(storage, "CONNECT_TIMEOUT", 1.0)
+    errors = []
+
+    def read():
+        try:
+            source_inputs(_source("s3://mmpr-test/demo/rows.jsonl", "jsonl"))
+        except SourceError as e:
+            errors.append(str(e))
+
+    started = time.monotonic()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)
+    assert not reader.is_alive(), "reading from an unreachable endpoint hangs"
+    assert len(errors) == 1 and errors[0].startswith("source 'src': s3://mmpr-test/demo/rows.jsonl: ")
+    assert ("Timeout" if silent else "Could not connect") in errors[0]
+    assert errors[0].endswith(f"(endpoint AWS_ENDPOINT_URL_S3=http://127.0.0.1:{port})")
+    print(f"failed after {time.monotonic() - started:.1f} s")
+    listener.close()
+
+
+# -- a build on Ray workers -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3(s3_server, ray_local):
+    """Ray's workers with the S3 server's environment: a Ray started before the server (by an earlier
+    test file in this process) is started again, as a user starts Ray after setting the variables."""
+    import ray
+    from conftest import start_ray
+
+    seen = ray.get(ray.remote(num_cpus=0)(lambda: os.environ.get("AWS_ENDPOINT_URL_S3")).remote())
+    if seen != s3_server[0]:
+        ray.shutdown()
+        start_ray()
+    return ray
+
+
+@pytest.mark.slow
+def test_build_from_s3_sources_equals_the_demo_build(uploaded, ray_with_s3, trained_model, tmp_path):
+    """The demo recipe (small) with its sources on S3, scanned and loaded by Ray workers, gives the
+    pairs, ids and texts, of the demo's own build from its generated sources."""
+    from _run_fixture import read_pairs
+
+    from mmpr_pipeline import pipeline
+
+    data, _, url = uploaded
+    data = dict(data, model=trained_model)
+    stats = {}
+    for name, recipe in (("demo", _recipe(data)), ("s3", _recipe(as_files(data, url)))):
+        stats[name] = pipeline.build(recipe, tmp_path / name)
+    fields = ("id", "qid", "source", "pair_type", "question", "answer", "chosen", "rejected", "images")
+    demo, s3 = ([{k: p[k] for k in fields} for p in read_pairs(tmp_path / name)] for name in ("demo", "s3"))
+    assert len(demo) > 0 and s3 == demo
+    samples = {name: _samples(tmp_path / name) for name in ("demo", "s3")}
+    assert {r["source"] for r in samples["demo"]} == set(LIMITS) and samples["s3"] == samples["demo"]
+    for name in LIMITS:
+        assert stats["s3"]["sources"][name]["rows"] == LIMITS[name] == stats["demo"]["sources"][name]["rows"]
+        assert stats["s3"]["sources"][name]["rejects"] == 0
+
+
+def _samples(run: Path) -> list[dict]:
+    """Every sampled question of a run (all sources, with or without pairs): qid, question, responses."""
+    from mmpr_pipeline import shards
+
+    rows = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()]
+    return sorted(({k: r[k] for k in ("qid", "source", "question", "responses")} for r in rows), key=str)
