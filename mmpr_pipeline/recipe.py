@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmpr_pipeline import storage
 from mmpr_pipeline.config import (
     ConfigError,
     build,
@@ -130,7 +131,9 @@ class RowSet:
 
     name: str = option(help="the source's name: letters, digits, '-' and '_'; unique in the recipe")
     loader: str = option(help=f"how rows are read: {' | '.join(LOADERS)}")
-    path: str | None = option(None, help="parquet / jsonl / hf_disk: a file, folder or glob")
+    path: str | None = option(
+        None, help="parquet / jsonl / hf_disk: a file, folder or glob; local or s3://bucket/key"
+    )
     dataset: str | None = option(None, help="hf_hub: a dataset name for `datasets.load_dataset`")
     config: str | None = option(None, help="hf_hub: the dataset's config name")
     split: str = option("train", help="the dataset split to read")
@@ -191,6 +194,8 @@ class Source(RowSet):
         check(self.loader in LOADERS, "loader", _one_of(self.loader, LOADERS, "loader"))
         if self.loader in ("parquet", "jsonl", "hf_disk"):
             check(bool(self.path), "path", f"loader {self.loader!r} needs a path")
+            problem = storage.url_problem(self.path) if storage.is_url(self.path) else None
+            check(problem is None, "path", str(problem))
         if self.loader == "hf_hub":
             check(bool(self.dataset), "dataset", "loader 'hf_hub' needs a dataset name")
         if self.prompt_template is not None:
