@@ -384,7 +384,7 @@ def run_units(
                 **recipe.engine,
             },
             sampling=recipe.sampling,
-            source_sampling={n: recipe.sampling_for(s) for n, s in sources.items() if s.sampling},
+            source_sampling={n: recipe.sampling_for(s) for n, s in sources.items()},
             image_max_pixels={n: s.image_max_pixels for n, s in sources.items() if s.image_max_pixels},
             image_background={n: tuple(s.image_background) for n, s in sources.items()},
             templates={n: recipe.template_for(s) for n, s in sources.items()},

@@ -451,8 +451,12 @@ class Recipe:
 
     def sampling_for(self, source: Source) -> Sampling:
         """The sampling settings of `source`: the recipe's, with the source's own `sampling` keys
-        over them."""
-        return dataclasses.replace(self.sampling, **source.sampling)
+        over them; a dropout_ntp source asks for `dropout.n` responses per question, so that is the
+        `n` its samples and pairs record (they recorded the recipe's `n` before)."""
+        sampling = dataclasses.replace(self.sampling, **source.sampling)
+        if source.pipeline == "dropout_ntp":
+            sampling = dataclasses.replace(sampling, n=source.dropout.n)
+        return sampling
 
     def fingerprint(self) -> str:
         """What decides the output; a run folder refuses a recipe with another fingerprint."""

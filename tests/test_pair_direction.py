@@ -95,6 +95,9 @@ def test_dropout_pairs_are_the_original_against_its_image_free_continuation(buil
         assert s["continuation_image_tokens"][i] == 0  # continued without the image...
         if s["finish_reasons"] != ["given"]:
             assert s["image_tokens"] > 0  # ...while the sampling prompt had it
+            # what the request asked (dropout.n = 1), not the recipe's n = 6, is what both record
+            assert len(s["responses"]) == 1
+            assert json.loads(p["sampling"])["n"] == json.loads(s["sampling"])["n"] == 1
 
 
 def test_fields_response_makes_the_given_response_chosen(built):

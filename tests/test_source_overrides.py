@@ -150,7 +150,7 @@ def built(tmp_path_factory, ray_local, trained_model):
     return run, stats, samples, pairs, d / "recipe.yaml"
 
 
-# source: (n, max_tokens); a dropout_ntp source samples dropout.n (1) responses, its pairs record sampling.n
+# source: (n, max_tokens); a dropout_ntp source samples dropout.n (1) responses, and records that n
 EXPECTED = {"plain": (4, 48), "capped": (2, 6), "small": (6, 48), "describe": (1, 12)}
 
 
@@ -166,7 +166,7 @@ def test_each_source_samples_with_its_own_n_max_tokens_and_image_size(built):
         assert max(s["n_tokens"]) <= max_tokens
         recorded = json.loads(s["sampling"])  # the row records what its source used
         assert (recorded["max_tokens"], recorded["temperature"]) == (max_tokens, 1.0)
-        assert recorded["n"] == (4 if s["pipeline"] == "dropout_ntp" else n)
+        assert recorded["n"] == n  # regression: a dropout_ntp row recorded the recipe's n (4), not its 1
         # the engine received fewer image tokens where the source caps the pixels
         assert s["image_tokens"] == (SMALL_TOKENS if s["source"] == "small" else FULL_TOKENS)
         assert [_size(b) for b in s["images"]] == [(56, 56) if s["source"] == "small" else (112, 112)]
