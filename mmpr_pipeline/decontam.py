@@ -83,27 +83,32 @@ def _hash_pair(grey) -> tuple[int, int]:
 
 
 def _colour_grid(img) -> bytes:
-    ycc = np.asarray(img.convert("YCbCr"), dtype=np.float32)
+    ycc = np.asarray(img.convert("YCbCr"))
     h, w = ycc.shape[:2]
-    cells = [
-        ycc[
-            i * h // COLOUR_GRID : max(i * h // COLOUR_GRID + 1, (i + 1) * h // COLOUR_GRID),
-            j * w // COLOUR_GRID : max(j * w // COLOUR_GRID + 1, (j + 1) * w // COLOUR_GRID),
-            1:,
-        ]
-        .reshape(-1, 2)
-        .mean(0)
-        for i in range(COLOUR_GRID)
-        for j in range(COLOUR_GRID)
-    ]
-    grid = np.clip(np.rint(np.concatenate(cells)), 0, 255).astype(np.uint8).tobytes()
+    means = []
+    for i in range(COLOUR_GRID):
+        for j in range(COLOUR_GRID):
+            cell = ycc[
+                i * h // COLOUR_GRID : max(i * h // COLOUR_GRID + 1, (i + 1) * h // COLOUR_GRID),
+                j * w // COLOUR_GRID : max(j * w // COLOUR_GRID + 1, (j + 1) * w // COLOUR_GRID),
+                1:,
+            ]
+            # integer sums (a cell of a HASH_SIDE image sums to < 2**24, so a float32 mean's sums are
+            # exact too): the float32 means as before, without converting the image to floats
+            total = cell.sum((0, 1), dtype=np.int64).astype(np.float32)
+            means.append(total / np.float32(cell.shape[0] * cell.shape[1]))
+    grid = np.clip(np.rint(np.concatenate(means)), 0, 255).astype(np.uint8).tobytes()
     # hues of the saturated pixels: small shapes of another colour hardly move the grid's means
     hsv = np.asarray(img.convert("HSV")).reshape(-1, 3)
     hue = hsv[(hsv[:, 1] > 64) & (hsv[:, 2] > 40), 0]
-    # soft bins around the hue circle: a small hue shift (JPEG's red at 250 instead of 0) moves little mass
-    pos = hue.astype(np.float64) * HUE_BINS / 256
-    low, frac = np.floor(pos).astype(np.int64), pos - np.floor(pos)
-    hist = np.bincount(low % HUE_BINS, 1 - frac, HUE_BINS) + np.bincount((low + 1) % HUE_BINS, frac, HUE_BINS)
+    # soft bins around the hue circle: a small hue shift (JPEG's red at 250 instead of 0) moves little mass;
+    # counted per hue value (the weights are multiples of 1/256: the sums are exact in any order)
+    counts = np.bincount(hue, minlength=256).astype(np.float64)
+    scaled = np.arange(256) * HUE_BINS
+    low, frac = scaled // 256, (scaled % 256) / 256
+    hist = np.bincount(low % HUE_BINS, counts * (1 - frac), HUE_BINS) + np.bincount(
+        (low + 1) % HUE_BINS, counts * frac, HUE_BINS
+    )
     share = np.rint(255 * hist / max(1, len(hue))).astype(np.uint8).tobytes()
     return grid + bytes([min(255, round(1000 * len(hue) / len(hsv)))]) + share
 

@@ -75,6 +75,48 @@ def test_the_same_drawing_in_another_colour_is_another_image():
     assert earlier.first(decontam.row_key([green], "Describe this image."), "a", 1) is None
 
 
+def test_the_colour_grid_is_the_float_computation_it_replaced(photos):
+    """_colour_grid sums cells as integers and bins hues per value, for speed (the plan hashes every
+    image): the bytes must stay those of the float32 means and per-pixel soft bins, or resumed runs
+    and indexes built before would plan near-duplicates differently."""
+    import numpy as np
+    from PIL import Image
+
+    def reference(img) -> bytes:
+        ycc = np.asarray(img.convert("YCbCr"), dtype=np.float32)
+        h, w = ycc.shape[:2]
+        g = decontam.COLOUR_GRID
+        cells = [
+            ycc[
+                i * h // g : max(i * h // g + 1, (i + 1) * h // g),
+                j * w // g : max(j * w // g + 1, (j + 1) * w // g),
+                1:,
+            ]
+            .reshape(-1, 2)
+            .mean(0)
+            for i in range(g)
+            for j in range(g)
+        ]
+        grid = np.clip(np.rint(np.concatenate(cells)), 0, 255).astype(np.uint8).tobytes()
+        hsv = np.asarray(img.convert("HSV")).reshape(-1, 3)
+        hue = hsv[(hsv[:, 1] > 64) & (hsv[:, 2] > 40), 0]
+        pos = hue.astype(np.float64) * decontam.HUE_BINS / 256
+        low, frac = np.floor(pos).astype(np.int64), pos - np.floor(pos)
+        bins = decontam.HUE_BINS
+        hist = np.bincount(low % bins, 1 - frac, bins) + np.bincount((low + 1) % bins, frac, bins)
+        share = np.rint(255 * hist / max(1, len(hue))).astype(np.uint8).tobytes()
+        return grid + bytes([min(255, round(1000 * len(hue) / len(hsv)))]) + share
+
+    rng = np.random.default_rng(0)
+    odd = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for h, w in ((1, 1), (7, 300), (257, 5))
+    ]
+    flat = [Image.new("RGB", (90, 60), colour) for colour in ((255, 0, 0), (128, 128, 128), (10, 200, 250))]
+    images = [decontam._decoded(encode(p)) for p in photos] + odd + flat
+    assert [decontam._colour_grid(img) for img in images] == [reference(img) for img in images]
+
+
 def test_a_question_leaks_by_a_long_shared_span_after_normalising():
     words = LONG_Q.split()
     index = decontam.Benchmarks.build(
