@@ -86,3 +86,19 @@ def test_readme_says_no_sampling_gap_is_open_for_llava():
     readme = _readme()
     assert "without `<s>`" not in readme
     assert "test_sampling_starts_the_sequence_as_training_does_on_llava" in readme
+
+
+def test_pipeline_cost_table_is_bench_e2es_stored_output():
+    stored = json.loads((RESULTS / "bench_e2e_1000_final.json").read_text())
+    readme = _readme()
+    rounds = stored["rounds"]
+    for row, side in ((r"\| bare: import [^|]+", "bare"), (r"\| `mmpr build`", "build")):
+        m = _one(row + r" \| ([\d.]+) s \| ([\d,]+) \| ([\d,]+)", readme)
+        mean = {k: sum(r[side][k] for r in rounds) / len(rounds) for k in ("seconds", "tokens")}
+        assert m.groups() == (
+            f"{mean['seconds']:.1f}",
+            f"{mean['tokens']:,.0f}",
+            f"{stored['tokens_per_s'][side]:,.0f}",
+        )
+    ratio = _one(r"\(\*\*([\d.]+)\*\* of bare; target >= 0\.9", readme).group(1)
+    assert ratio == f"{stored['ratios']['build/bare']:.2f}"
