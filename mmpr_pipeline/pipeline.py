@@ -236,9 +236,9 @@ def plan_units(recipe: Recipe) -> tuple[dict[str, list[WorkUnit]], int]:
         try:
             scans = ray.get(pending[source.name])
         except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
-            if isinstance(cause, SourceError):
-                raise SourceError(f"{recipe.file}: {cause}") from None
+            # the source's own message: the wrapper's text also holds the worker's traceback
+            if isinstance(e.cause, SourceError):
+                raise SourceError(f"{recipe.file}: {e.cause}") from None
             raise
         units[source.name] = plan_source(source, scans, recipe.unit_size, earlier)
         max_images = max([max_images] + [s["max_images"] for s in scans])

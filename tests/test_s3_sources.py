@@ -316,11 +316,34 @@ def ray_with_s3(s3_server, ray_local):
     import ray
     from conftest import start_ray
 
-    seen = ray.get(ray.remote(num_cpus=0)(lambda: os.environ.get("AWS_ENDPOINT_URL_S3")).remote())
-    if seen != s3_server[0]:
+    def seen() -> str | None:
+        return ray.get(ray.remote(num_cpus=0)(lambda: os.environ.get("AWS_ENDPOINT_URL_S3")).remote())
+
+    if seen() != s3_server[0]:
         ray.shutdown()
         start_ray()
+    assert seen() == s3_server[0]
     return ray
+
+
+def test_a_source_that_fails_on_a_worker_is_one_line_naming_it(ray_with_s3, uploaded, s3_server):
+    """The scan runs on a Ray worker (here: an hf_disk folder whose state.json is not JSON, which only
+    a worker reading the S3 server finds out): its error reaches the user as one line naming the
+    recipe, the source and the URL (no Ray traceback)."""
+    from mmpr_pipeline.pipeline import plan_units
+
+    _, fs = s3_server
+    _, _, url = uploaded
+    for name, text in (("dataset_info.json", "{}"), ("state.json", "not JSON")):
+        with fs.open_output_stream(f"{BUCKET}/demo/broken/{name}") as f:
+            f.write(text.encode())
+    source = {"name": "tally", "loader": "hf_disk", "path": f"{url}/broken", "answer_type": "text"}
+    with pytest.raises(SourceError) as failed:
+        plan_units(_recipe({"name": "x", "sources": [source]}))
+    assert str(failed.value) == (
+        f"s3-test.yaml: source 'tally' (hf_disk: {url}/broken) cannot be opened: "
+        "JSONDecodeError: Expecting value: line 1 column 1 (char 0)"
+    )
 
 
 @pytest.mark.slow
