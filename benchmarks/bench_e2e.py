@@ -16,19 +16,23 @@ runs, each in a fresh process:
   build_before  (with --before DIR) `mmpr build` of another checkout (e.g. the commit before a cut)
 
 alternating bare, build[, build_before] --rounds times, so a busy neighbour weighs on every side.
-Printed: tokens/s of each side, the ratio build / bare (the issue's target: >= 0.9) and build /
-build_before, and the build's profile:
+`--set` overrides the builds' recipe as `mmpr build --set` does (quote YAML words such as off:
+`--set 'near_duplicates="off"'`). Printed: tokens/s of each side, the ratio build / bare (the issue's
+target: >= 0.9) and build / build_before, the same ratios from each process's start (the bare side less
+its data preparation, the build to the end of pipeline.build), and the build's profile:
 
   phases   the driver's wall per phase (peak_memory.phase_end's `seconds`, plus Ray's start, timed by
            wrapping pipeline.init_ray): ray start, plan, stream (load + sample + judge + write of every
            unit), rejects, counts, shards, stats, preview, card
-  events   seconds from Ray's start to: the sampling actor's process, the engine core's process, the
+  events   seconds from Ray's start to: the sampling actor's process (a Ray worker, maybe started
+           before the actor), the engine core's process, the
            first sampled tokens the driver saw (its progress poll, every second or so), the first
            and last finished unit (their counts files' mtimes)
   cpu      CPU-seconds of each kind of process of the build's tree (psutil, every 0.5 s; a process's
            CPU between two reads goes to the task its title named at the read): driver, sampling
            actor, engine core, load / finish (score, pair, write) / shard / scan tasks, idle Ray
-           workers, Ray's daemons; and the machine's CPU-seconds spent outside the tree (another job)
+           workers, Ray's daemons; the number of processes of each kind; the driver's own CPU-seconds
+           per phase; and the machine's CPU-seconds spent outside the tree (another job)
   stats    stats.json's stage_seconds (sample / score / pair / write are sums over questions or units)
 
 Raw output: benchmarks/results/bench_e2e.json (or --out).
@@ -55,8 +59,9 @@ import bench_scale  # noqa: E402 - the photo source and the recipe of the scale 
 PEAK_LOG_ENV = bench_scale.PEAK_LOG_ENV  # mmpr_pipeline/peak_memory.py logs each phase's seconds there
 DRIVER_LOG_ENV = "BENCH_E2E_DRIVER_LOG"
 
-# `mmpr build` with two marks the phases lack, written at exit: Ray's start (pipeline.init_ray, before
-# the first phase) and when the driver first saw sampled tokens (BuildProgress.first_tokens)
+# `mmpr build` with what the phases lack, written at exit: Ray's start (pipeline.init_ray, before the
+# first phase), when the driver first saw sampled tokens (BuildProgress.first_tokens), the end of
+# pipeline.build, and the driver's CPU-seconds per phase (wrapping pipeline.phase_end)
 DRIVER = """
 import atexit, json, os, sys, time, runpy
 from mmpr_pipeline import pipeline, progress
