@@ -1,6 +1,7 @@
 """Rules alone against rules + the demo judge model, on labelled answers; and the verdict cache.
 
     python benchmarks/bench_model_judge.py [--judge PATH] [--heldout 400] [--questions 48] [--no-build]
+        [--min-probability 0.5,0.7]
 
 1. Labelled cases: the judge corpora in tests/data (`*corpus*.jsonl`: response, answer, answer_type,
    expected) and held-out synthetic cases (mmpr_pipeline/judge_cases.py, a seed the demo judge never
@@ -35,50 +36,58 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-async def ask(judge_path: str, jobs: list[tuple[str, list[str], str]]) -> tuple[list, float]:
+async def ask(judge_path: str, jobs: list[tuple[str, list[str], str]], thresholds: list[float]) -> dict:
+    """threshold -> (verdicts, seconds): every job asked at each `min_probability`, on one engine."""
     from mmpr_pipeline.engine import Engine
     from mmpr_pipeline.scoring import model_judge as mj
 
-    judge = mj.ModelJudge(Engine(judge_path, {"max_model_len": 512}), min_probability=0.5)
+    engine = Engine(judge_path, {"max_model_len": 512})
+    out = {}
     try:
-        await judge.replies(*jobs[0])  # warm-up: the first request pays for graph set-up
-        t0 = time.perf_counter()
-        found = await asyncio.gather(*(judge.replies(*j) for j in jobs))
-        seconds = time.perf_counter() - t0
+        await mj.ModelJudge(engine, thresholds[0]).replies(*jobs[0])  # warm-up: graph set-up
+        for threshold in thresholds:
+            judge = mj.ModelJudge(engine, min_probability=threshold)
+            t0 = time.perf_counter()
+            found = await asyncio.gather(*(judge.replies(*j) for j in jobs))
+            out[threshold] = ([mj.agreement(*readings) for readings, _ in found], time.perf_counter() - t0)
     finally:
-        judge.engine.shutdown()
-    return [mj.agreement(*readings) for readings, _ in found], seconds
+        engine.shutdown()
+    return out
 
 
-def figures(judge_path: str, corpora: dict[str, list[dict]]) -> dict:
+def figures(judge_path: str, corpora: dict[str, list[dict]], thresholds: list[float]) -> dict:
+    """Per `min_probability`: per corpus and mode, the judge_cases.mode_figures; and the throughput."""
     from mmpr_pipeline.judge_cases import judge_requests, mode_figures, rules_verdicts
 
-    out, jobs, where = {}, [], []
+    jobs, where = [], []
     rules = {name: rules_verdicts(cases) for name, cases in corpora.items()}
     for name, cases in corpora.items():
         for i, job in judge_requests(cases, rules[name]).items():
             jobs.append(job)
             where.append((name, i))
-    verdicts, seconds = asyncio.run(ask(judge_path, jobs))
-    judged: dict[str, dict[int, bool | None]] = {name: {} for name in corpora}
-    for (name, i), v in zip(where, verdicts):
-        judged[name][i] = v
-    for name, cases in corpora.items():
-        out[name] = [
-            mode_figures(cases, rules[name], judged[name] if m != "rules" else {}, m)
-            for m in ("rules", "rules+model", "model")
-        ]
-        # agreement is measured with the judge asked about every answer, whatever the mode
-        agreement = mode_figures(cases, rules[name], judged[name], "rules")["agreement"]
-        for row in out[name]:
-            row["agreement"] = agreement
-    out["throughput"] = dict(
-        verdicts=len(jobs),
-        requests=2 * len(jobs),
-        seconds=round(seconds, 2),
-        verdicts_per_s=round(len(jobs) / seconds, 1),
-    )
-    return out
+    result = {}
+    for threshold, (verdicts, seconds) in asyncio.run(ask(judge_path, jobs, thresholds)).items():
+        out: dict = {}
+        judged: dict[str, dict[int, bool | None]] = {name: {} for name in corpora}
+        for (name, i), v in zip(where, verdicts):
+            judged[name][i] = v
+        for name, cases in corpora.items():
+            out[name] = [
+                mode_figures(cases, rules[name], judged[name] if m != "rules" else {}, m)
+                for m in ("rules", "rules+model", "model")
+            ]
+            # agreement is measured with the judge asked about every answer, whatever the mode
+            agreement = mode_figures(cases, rules[name], judged[name], "rules")["agreement"]
+            for row in out[name]:
+                row["agreement"] = agreement
+        out["throughput"] = dict(
+            verdicts=len(jobs),
+            requests=2 * len(jobs),
+            seconds=round(seconds, 2),
+            verdicts_per_s=round(len(jobs) / seconds, 1),
+        )
+        result[f"min_probability {threshold}"] = out
+    return result
 
 
 def mmpr_build(recipe: Path, out: Path, *extra: str, kill_at: str | None = None) -> int:
@@ -176,6 +185,11 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=400, help="held-out synthetic cases")
     ap.add_argument("--questions", type=int, default=48, help="questions of the resumed build")
     ap.add_argument("--no-build", action="store_true", help="skip the resumed build")
+    ap.add_argument(
+        "--min-probability",
+        default=None,
+        help="comma-separated thresholds compared on one engine (default: 0.5 and the recipe's default)",
+    )
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_model_judge.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -187,7 +201,14 @@ def main() -> None:
     corpora = {"heldout_synthetic": heldout}
     for path in sorted((REPO / "tests" / "data").glob("*corpus*.jsonl")):
         corpora[path.stem] = judge_cases.corpus_cases(path)
-    result = dict(judge=judge_path, figures=figures(judge_path, corpora))
+    from mmpr_pipeline.recipe import JUDGE_MIN_PROBABILITY
+
+    thresholds = (
+        [float(t) for t in args.min_probability.split(",")]
+        if args.min_probability
+        else sorted({0.5, JUDGE_MIN_PROBABILITY})
+    )
+    result = dict(judge=judge_path, figures=figures(judge_path, corpora, thresholds))
     if not args.no_build:
         result["resumed_build"] = resumed_build(judge_path, args.questions)
     print(json.dumps(result, indent=1))

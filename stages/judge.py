@@ -64,7 +64,7 @@ class JudgeStage:
             keys = {}
             for i in mj.to_ask(row, mode, self.agreement_sample):
                 refs, answer = mj.references(row), row["extracted"][i]
-                keys[i] = mj.cache_key(self.judge_id, row["question"], refs, answer)
+                keys[i] = mj.cache_key(self.judge_id, row["question"], refs, answer, self.min_probability)
                 if self.cache.get(keys[i]) is None:
                     wanted[keys[i]] = (row["question"], refs, answer)
             plan.append((row, mode, keys))

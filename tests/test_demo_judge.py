@@ -4,7 +4,7 @@ alone, with no more false accepts.
 The demo judge (mmpr_pipeline/demo_judge.py) is trained only on made-up structural cases
 (judge_cases.structural), never on the labelled corpus, so the whole free-form corpus is held out. It is
 asked exactly as the judge stage asks (scoring/model_judge.ModelJudge: one constrained token, greedy,
-both places, the stage's default `min_probability` 0.5) about every answer the rules left undecided;
+both places, the stage's default `min_probability`) about every answer the rules left undecided;
 the figures are judge_cases.mode_figures', as benchmarks/bench_model_judge.py prints them.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mmpr_pipeline import judge_cases
+from mmpr_pipeline.recipe import JUDGE_MIN_PROBABILITY
 from mmpr_pipeline.scoring import model_judge as mj
 
 pytestmark = pytest.mark.slow
@@ -25,7 +26,8 @@ KNOWN_MISSES = {"red, white", "research and development", "one and a half"}
 
 
 async def _ask(engine, requests: dict[int, tuple]) -> dict[int, bool | None]:
-    judge = mj.ModelJudge(engine, min_probability=0.5, timeout_s=600)  # all asked at once, on a busy CPU
+    # the stage's default min_probability; all asked at once, on a busy CPU
+    judge = mj.ModelJudge(engine, JUDGE_MIN_PROBABILITY, timeout_s=600)
     found = await asyncio.gather(*(judge.replies(*r) for r in requests.values()))
     failed = [raw for readings, raw in found if mj.FAILED in readings]
     assert not failed, f"{len(failed)} judge requests failed, e.g. {failed[0]}"

@@ -49,12 +49,15 @@ def test_the_prompt_shows_the_final_answer_and_swaps_the_two_places():
     assert mj.references_text([str(i % 7) for i in range(70)]).count("|") == mj.MAX_REFERENCES - 1
 
 
-def test_the_cache_key_is_judge_question_references_and_answer():
-    key = mj.cache_key("j", "Q?", ["a", "b"], "x")
-    assert key == mj.cache_key("j", "Q? ", ["b", "a"], " x")  # the same text the judge sees
+def test_the_cache_key_is_judge_question_references_answer_and_threshold():
+    key = mj.cache_key("j", "Q?", ["a", "b"], "x", 0.7)
+    assert key == mj.cache_key("j", "Q? ", ["b", "a"], " x", 0.7)  # the same text the judge sees
     for other in [("k", "Q?", ["a", "b"], "x"), ("j", "R?", ["a", "b"], "x"), ("j", "Q?", ["a"], "x")]:
-        assert mj.cache_key(*other) != key
-    assert mj.cache_key("j", "Q?", ["a", "b"], "y") != key
+        assert mj.cache_key(*other, 0.7) != key
+    assert mj.cache_key("j", "Q?", ["a", "b"], "y", 0.7) != key
+    # Regression: the cache holds readings made at one threshold ("yes p=0.6" is off-format at 0.7);
+    # a run sharing the cache with another min_probability got the other run's readings.
+    assert mj.cache_key("j", "Q?", ["a", "b"], "x", 0.5) != key
 
 
 def _row(reasons, correct, extracted, qid="q1", answers=("umbrella",)) -> dict:

@@ -75,9 +75,12 @@ def render_messages(question: str, references: list[str], answer: str, swapped: 
     return [{"role": "user", "content": text}]
 
 
-def cache_key(judge_id: str, question: str, references: list[str], answer: str) -> str:
+def cache_key(
+    judge_id: str, question: str, references: list[str], answer: str, min_probability: float
+) -> str:
     """What a verdict depends on: the judge (model and prompt version), the question, the references as
-    the judge sees them, and the extracted answer."""
+    the judge sees them, the extracted answer, and the probability a reply needs to count (the cache
+    holds the readings, so a cache shared by runs with another `min_probability` must not answer)."""
     prompt = judge_prompt()
     return stable_hash(
         "judge",
@@ -87,6 +90,7 @@ def cache_key(judge_id: str, question: str, references: list[str], answer: str) 
         question.strip(),
         references_text(references),
         answer.strip(),
+        f"p>={min_probability!r}",
     )
 
 
@@ -193,7 +197,7 @@ class ModelJudge:
     """Asks a judge model held in an `engine.Engine`: `await judge.replies(question, refs, answer)` ->
     (two readings, two raw replies). Never raises: a failure reads as FAILED."""
 
-    def __init__(self, engine, min_probability: float = 0.5, timeout_s: float = 60.0):
+    def __init__(self, engine, min_probability: float, timeout_s: float = 60.0):
         self.engine = engine
         self.min_probability = min_probability
         self.timeout_s = timeout_s
