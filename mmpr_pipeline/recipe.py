@@ -480,6 +480,8 @@ OPTIONS_OFF_BY_DEFAULT = (
 def from_dict(data: Any, file: str = "<recipe>") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(file, "(top level)", "a recipe is a YAML mapping")
+    if data.get("near_duplicates") is False:  # YAML reads a bare `off` as false (`--set` values too)
+        data = {**data, "near_duplicates": "off"}
     return build(Recipe, data, file, fixed={"file": str(file)})
 
 

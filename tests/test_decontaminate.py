@@ -204,6 +204,18 @@ def test_decontamination_entries_are_checked_and_absent_ones_keep_the_fingerprin
             recipe_mod.from_dict(_recipe(**keys))
 
 
+def test_near_duplicates_off_unquoted_in_yaml_and_set_means_off(tmp_path):
+    """Regression: YAML reads a bare `off` (the README's spelling) as false, and the recipe was refused
+    with "expected a string, got False"; `--set near_duplicates=off` likewise."""
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nnear_duplicates: off\nsources: [{name: a, loader: generated, limit: 2}]\n")
+    assert recipe_mod.load(path).near_duplicates == "off"
+    path.write_text("name: r\nsources: [{name: a, loader: generated, limit: 2}]\n")
+    assert recipe_mod.load(path, {"near_duplicates": False}).near_duplicates == "off"
+    with pytest.raises(RecipeError, match="near_duplicates: expected a string, got True"):
+        recipe_mod.load(path, {"near_duplicates": True})
+
+
 # -- one real build ----------------------------------------------------------------------------------
 
 
