@@ -2,9 +2,12 @@
 failure, or a third time-out, is the user's error as Ray wrote it. Its processes leave a terminal's
 Ctrl-C to the command, which ends them itself."""
 
-import signal
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-import psutil
 import pytest
 import ray
 
@@ -47,24 +50,45 @@ def test_a_third_time_out_or_another_error_is_raised_at_once(monkeypatch):
     assert len(calls) == 1
 
 
-def _ignores_sigint(pid: int) -> bool:
+# Run in a fresh process: the test session's own Ray (ray_local) may already be up in this one.
+SIGINT_PROBE = """
+import json, os, signal
+import psutil, ray
+from mmpr_pipeline import pipeline
+
+def ignores_sigint(pid):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("SigIgn:"):
             return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
-    raise AssertionError(f"no SigIgn line for {pid}")
+
+pipeline.start_local_ray(verbose=False)
+try:
+    worker = ray.get(ray.remote(num_cpus=0)(lambda: os.getpid()).remote())
+    names = {p.pid: p.name() for p in psutil.Process().children(recursive=True)}
+    core = [pid for pid, name in names.items() if name in ("raylet", "gcs_server")] + [worker]
+    print(json.dumps(dict(
+        ignored={("worker" if pid == worker else names[pid]): ignores_sigint(pid) for pid in core},
+        driver_handler_is_default=signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+    )))
+finally:
+    ray.shutdown()
+"""
 
 
 def test_ray_ignores_a_terminals_ctrl_c_and_the_command_still_receives_it():
     """Regression: Ctrl-C (SIGINT to the whole process group) killed Ray's raylet and workers at the
     moment the command began to clean up, and Ray's driver then ended the command with exit code 1
     before it could say how to resume (test_fail_safe's Ctrl-C test, once in a CI run)."""
-    pipeline.start_local_ray(verbose=False)
-    try:
-        worker = ray.get(ray.remote(num_cpus=0)(lambda: __import__("os").getpid()).remote())
-        names = {p.pid: p.name() for p in psutil.Process().children(recursive=True)}
-        core = [pid for pid, name in names.items() if name in ("raylet", "gcs_server")] + [worker]
-        assert len(core) == 3, names
-        assert all(_ignores_sigint(pid) for pid in core), {pid: names.get(pid) for pid in core}
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        ray.shutdown()
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", SIGINT_PROBE],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = json.loads(r.stdout.strip().splitlines()[-1])
+    assert found["ignored"] == {"raylet": True, "gcs_server": True, "worker": True}, found
+    assert found["driver_handler_is_default"] is True
