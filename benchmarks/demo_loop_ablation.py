@@ -63,6 +63,11 @@ ARMS = {
     "mpo beta 0.05": {"weights": MPO, "beta": 0.05},
     "mpo beta 0.5": {"weights": MPO, "beta": 0.5},
     "mpo no bco shift": {"weights": MPO, "bco_shift": "none"},
+    # after the sweep above (SFT at lr 3e-4 best by far): MPO at that lr with the best beta, or with
+    # twice the SFT term; DPO+SFT at that lr
+    "mpo lr 3e-4 beta 0.05": {"weights": MPO, "learning_rate": 3e-4, "beta": 0.05},
+    "mpo lr 3e-4 sft x2": {"weights": [0.8, 0.2, 2.0], "learning_rate": 3e-4},
+    "dpo+sft lr 3e-4": {"weights": DPO_SFT, "learning_rate": 3e-4},
 }
 CHECKPOINTS = 3  # held-out log-probs at this many points of training (and at the base)
 

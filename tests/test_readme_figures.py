@@ -102,3 +102,18 @@ def test_pipeline_cost_table_is_bench_e2es_stored_output():
         )
     ratio = _one(r"\(\*\*([\d.]+)\*\* of bare; target >= 0\.9", readme).group(1)
     assert ratio == f"{stored['ratios']['build/bare']:.2f}"
+
+
+def test_demo_loop_sweep_table_is_its_stored_output():
+    """Every arm of the stored sweep is a README row, as the ablation script prints it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "benchmarks" / "demo_loop_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    sweep = json.loads((RESULTS / "demo_loop_ablation_sweep.json").read_text())
+    rows = [ln for ln in ablation.table(sweep).splitlines() if ln.startswith("| default |")]
+    assert len(rows) == len(sweep["arms"]) == 13
+    readme = _readme()
+    for row in rows:
+        assert row in readme, row
