@@ -10,6 +10,7 @@ rewritten at any time: `python -m mmpr_pipeline.card RUN_DIR`.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import re
 import sys
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmpr_pipeline.records import IMAGE_STRUCT, PAIR_SCHEMA, PAIR_TYPES
+from mmpr_pipeline.storage import ObjectPath, as_path, parquet_source
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "data_cards" / "card_template.md"
 SHARD_GLOB = "data/train-*"  # what the card's `configs` point at (the Hub's naming of a train split)
@@ -172,13 +174,13 @@ def shard_paths(run_dir: Path, stats: dict) -> list[Path]:
 
 def read_run(run_dir: str | Path) -> dict:
     """recipe, stats and the shards' schema, row count and sizes (from Parquet footers only)."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     recipe = _read_json(run_dir / "recipe.json")
     stats = _read_json(run_dir / "stats.json")
     shards = shard_paths(run_dir, stats)
     schema, num_rows, num_bytes, download_size = PAIR_SCHEMA, 0, 0, 0
     for i, path in enumerate(shards):
-        meta = pq.read_metadata(path)
+        meta = pq.read_metadata(parquet_source(path))
         if i == 0:
             schema = meta.schema.to_arrow_schema().remove_metadata()
         num_rows += meta.num_rows
@@ -240,9 +242,8 @@ def _templates_used(shards: list[Path]) -> list[str]:
     """Prompt template ids the pairs were sampled with (one small column read per shard)."""
     used = set()
     for path in shards:
-        used.update(
-            t for t in pq.read_table(path, columns=["prompt_template"]).column(0).unique().to_pylist() if t
-        )
+        column = pq.read_table(parquet_source(path), columns=["prompt_template"]).column(0)
+        used.update(t for t in column.unique().to_pylist() if t)
     return sorted(used)
 
 
@@ -367,7 +368,8 @@ def _word_lengths(shards: list[Path], limit: int = LENGTH_SAMPLE) -> tuple[dict,
     out = {t: {"chosen": [], "rejected": []} for t in PAIR_TYPES}
     per_shard, seen = max(1, limit // max(1, len(shards))), 0
     for path in shards:
-        f = pq.ParquetFile(path, pre_buffer=False)  # on, pyarrow reads the shard's texts at once
+        # pre_buffer on, pyarrow reads the shard's texts at once
+        f = pq.ParquetFile(parquet_source(path), pre_buffer=False)
         taken = 0
         for batch in f.iter_batches(batch_size=2048, columns=["pair_type", "chosen", "rejected"]):
             d = batch.to_pydict()
@@ -448,6 +450,11 @@ def _figure(figsize: tuple[float, float]):
 
 def _save(fig, path: Path) -> None:
     """Write `fig` as a PNG with the same settings for every figure (no Software tag: reproducible)."""
+    if isinstance(path, ObjectPath):  # matplotlib writes local files: the PNG goes up as one object
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+        path.write_bytes(png.getvalue())
+        return
     fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
 
 
@@ -563,6 +570,9 @@ def write_card(run_dir: str | Path) -> Path:
     note = plot_figures(run)
     text = render_card(run, note)
     path = run["run_dir"] / "README.md"
+    if isinstance(path, ObjectPath):  # an object appears whole when written
+        path.write_text(text)
+        return path
     tmp = path.with_name(".README.md.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)  # a reader never sees half a card

@@ -25,7 +25,6 @@ import functools
 import json
 import logging
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +36,7 @@ from mmpr_pipeline import shards
 from mmpr_pipeline.peak_memory import phase_end
 from mmpr_pipeline.recipe import Recipe, to_json
 from mmpr_pipeline.records import PAIR_SCHEMA, QUESTION_SCHEMA, REJECT_SCHEMA
+from mmpr_pipeline.storage import ObjectPath, as_path, local_twin, remove_tree
 from mmpr_pipeline.units import BuildStats, WorkUnit, is_done, plan_source, unit_file
 from stages.load import SourceError
 
@@ -70,7 +70,7 @@ def _cause(e: BaseException) -> str:
 
 def check_run_dir(run: Path) -> None:
     """--out is missing, empty, or a run folder this tool made (marked by RUN_MARKER)."""
-    run = Path(run)
+    run = as_path(run)
     if run.exists() and not run.is_dir():
         raise RunFolderError(f"--out {run} is a file, not a folder")
     if run.is_dir() and any(p.name != LOCK_FILE for p in run.iterdir()) and not (run / RUN_MARKER).exists():
@@ -83,7 +83,7 @@ def check_run_dir(run: Path) -> None:
 def prepare_run_dir(run: Path, recipe: Recipe, overwrite: bool) -> None:
     """A run folder is missing, empty or made by this tool, and belongs to one recipe: resuming with a
     changed recipe would mix outputs. Only files the tool made are ever removed."""
-    run = Path(run)
+    run = as_path(run)
     check_run_dir(run)
     recipe_file = run / "recipe.json"
     if recipe_file.exists():
@@ -106,7 +106,7 @@ def prepare_run_dir(run: Path, recipe: Recipe, overwrite: bool) -> None:
                 )
             log.warning("--overwrite: discarding the samples in %s", run)
             for sub in TOOL_DIRS:
-                shutil.rmtree(run / sub, ignore_errors=True)
+                remove_tree(run / sub)
     run.mkdir(parents=True, exist_ok=True)
     (run / RUN_MARKER).write_text(
         "made by mmpr-pipeline; its samples/, pairs/, rejects/, data/ are rebuilt by it\n"
@@ -147,6 +147,17 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         fcntl.flock(self.fh, fcntl.LOCK_UN)
         self.fh.close()
+
+
+def run_lock(run):
+    """The build's lock on `run`: an flock in a local folder (RunLock), a lock object created with a
+    conditional write on object storage (object_lock.py)."""
+    if isinstance(run, ObjectPath):
+        from mmpr_pipeline.object_lock import ObjectRunLock
+
+        check_run_dir(run)  # never create a lock in a folder that is not ours
+        return ObjectRunLock(run)
+    return RunLock(run)
 
 
 # -- Ray ----------------------------------------------------------------------------------------
@@ -274,7 +285,7 @@ def load_units(
         questions, rejects = read_unit(sources[unit.source], unit)
         questions, leaks = set_aside_leaks(questions, benchmarks)
         rejects = sorted(rejects + leaks, key=lambda r: r["row_index"])
-        write_rejects(Path(run), unit, rejects)
+        write_rejects(as_path(run), unit, rejects)
         if not questions:
             write_unit_files(run, unit, [], rejects, sources, seed, model, sampling)
         out += questions
@@ -284,8 +295,6 @@ def load_units(
 def finish_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str, sampling: dict) -> pa.Table:
     """score + pair + write: sampled questions of whole units -> the units' files; returns one small
     summary row per unit (the only thing the driver sees)."""
-    import pyarrow.parquet as pq
-
     from stages.score import is_scored, score_row
     from stages.write import summary_row
 
@@ -296,7 +305,7 @@ def finish_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str
     for plan, rows in by_unit.items():
         unit = WorkUnit.from_item({"unit_plan": plan})
         reject_path = unit_file(run, "rejects", unit.source, unit.unit)
-        rejects = pq.read_table(reject_path).to_pylist() if reject_path.exists() else []
+        rejects = shards.read_file(reject_path).to_pylist() if reject_path.exists() else []
         if len(rows) + len(rejects) != unit.stop - unit.start:  # a unit must arrive whole
             raise RuntimeError(
                 f"unit {unit.source}/{unit.unit} arrived split ({len(rows)} of "
@@ -323,7 +332,7 @@ def write_unit_files(
     from stages.write import write_unit
 
     return write_unit(
-        Path(run),
+        as_path(run),
         unit,
         rows,
         rejects,
@@ -464,7 +473,7 @@ def add_judge_stage(ds, recipe: Recipe, run: Path, concurrent: int):
             seed=recipe.seed,
             modes=recipe.judge_modes(),
             judge_id=judge_id(jm.model),
-            cache_dir=str(Path(jm.cache_dir) if jm.cache_dir else Path(run) / JUDGE_CACHE),
+            cache_dir=str(Path(jm.cache_dir) if jm.cache_dir else judge_cache(run)),
             min_probability=jm.min_probability,
             agreement_sample=jm.agreement_sample,
             timeout_s=jm.timeout_s,
@@ -474,6 +483,15 @@ def add_judge_stage(ds, recipe: Recipe, run: Path, concurrent: int):
 
 
 JUDGE_CACHE = "judge_cache"  # the run folder's verdict cache (kept by --overwrite: verdicts stay valid)
+
+
+def judge_cache(run) -> Path:
+    """The run's verdict cache: in the run folder, or for a run on object storage in a local folder
+    named after it (the cache is a local database)."""
+    run = as_path(run)
+    if isinstance(run, ObjectPath):
+        return local_twin(run) / JUDGE_CACHE
+    return run / JUDGE_CACHE
 
 
 def judge_id(model: str) -> str:
@@ -618,8 +636,8 @@ def build(
     from mmpr_pipeline import runlogs
 
     t_start = time.perf_counter()
-    run = Path(out)
-    with RunLock(run), runlogs.RunLogs(run, verbose) as run_logs:
+    run = as_path(out)
+    with run_lock(run), runlogs.RunLogs(run, verbose) as run_logs:
         prepare_run_dir(run, recipe, overwrite)
         run_logs.start()  # only now: --out is known to be a run folder of ours
         (run / "stats.json").unlink(missing_ok=True)  # written again at the end: until then, unfinished

@@ -25,6 +25,7 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
+from mmpr_pipeline import storage
 from mmpr_pipeline.recipe import DEMO_MODEL, Recipe
 
 # A Hub repo id: "name" or "owner/name"; anything else that is not on disk is a missing path.
@@ -224,9 +225,15 @@ def check_writable_folder(out: str | Path, flag: str = "--out") -> None:
 
 
 def check_out_dir(out: str | Path, flag: str = "--out") -> None:
-    """`out` is (or can be made as) a folder this process can write, and its recipe.json is readable."""
-    out = Path(out)
-    check_writable_folder(out, flag)
+    """`out` is (or can be made as) a folder this process can write, and its recipe.json is readable.
+    On object storage: its bucket exists (whether it takes writes shows at the build's lock object)."""
+    out = storage.as_path(out)
+    if isinstance(out, storage.ObjectPath):
+        bucket = storage.split_url(out.url)[0]
+        if not storage.ObjectPath(f"s3://{bucket}").is_dir():
+            raise PreflightError(f"{flag} {out}: the bucket {bucket!r} does not exist")
+    else:
+        check_writable_folder(out, flag)
     recipe_file = out / "recipe.json"
     if recipe_file.exists():
         try:

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from mmpr_pipeline.records import WHITE, background_of, decode_image, plain_pixels
 from mmpr_pipeline.run_status import finished_unit_files, partial_note, status
 from mmpr_pipeline.shards import SHARD_RE
+from mmpr_pipeline.storage import ObjectPath, as_path, parquet_source
 from stages.dropout_ntp import prefix_of
 from stages.score import JUDGE_ERROR  # reason prefix of a response the judge failed on (never paired)
 
@@ -95,7 +96,7 @@ def _batches(
     try:
         # pre_buffer (pyarrow's default) reads every row group it is given into memory up front: for a
         # whole shard, all of its images
-        f = pq.ParquetFile(path, pre_buffer=False)
+        f = pq.ParquetFile(parquet_source(path), pre_buffer=False)
         if columns is not None:
             columns = [c for c in columns if c in f.schema_arrow.names]
         yield from f.iter_batches(batch_size=batch_size, row_groups=row_groups, columns=columns)
@@ -105,7 +106,7 @@ def _batches(
 
 def _row_group_sizes(path: Path) -> list[int]:
     try:
-        meta = pq.read_metadata(path)
+        meta = pq.read_metadata(parquet_source(path))
     except (OSError, ValueError) as e:
         raise PreviewError(f"{path}: cannot be read as Parquet: {e}") from None
     return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
@@ -613,7 +614,7 @@ def _whole(run_status) -> bool:
 
 def write_preview(run_dir: str | Path, per_source: int = 20, seed: int = 0, max_mb: float = MAX_MB) -> Path:
     """Write RUN_DIR/preview.html (atomically) and return its path."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     if not run_dir.is_dir():
         raise PreviewError(f"{run_dir}: no such run folder")
     if per_source < 0:
@@ -624,6 +625,9 @@ def write_preview(run_dir: str | Path, per_source: int = 20, seed: int = 0, max_
     if not _whole(run_status):  # the page shows the finished units, and says so
         print(partial_note(run_status), file=sys.stderr)
     path = run_dir / PREVIEW_FILE
+    if isinstance(path, ObjectPath):  # an object appears whole when written
+        path.write_bytes(render(run_dir, per_source, seed, max_mb).encode("utf-8"))
+        return path
     tmp = path.with_name(f".{PREVIEW_FILE}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_bytes(render(run_dir, per_source, seed, max_mb).encode("utf-8"))
     os.replace(tmp, path)  # a reader never sees half a page

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmpr_pipeline.storage import as_path
+
 STATS_FILE = "stats.json"
 LOCK_FILE = ".mmpr-lock"  # pipeline.LOCK_FILE (not imported: that module imports Ray's pieces)
 RUN_MARKER = ".mmpr-run"
@@ -46,6 +48,12 @@ class RunStatus:
 
 def build_holder(run_dir: Path) -> str | None:
     """Who holds the run folder's build lock now (pipeline.RunLock), or None."""
+    from mmpr_pipeline.storage import ObjectPath
+
+    if isinstance(run_dir, ObjectPath):
+        from mmpr_pipeline import object_lock
+
+        return object_lock.holder(run_dir)
     try:
         fh = open(Path(run_dir) / LOCK_FILE)
     except OSError:
@@ -62,18 +70,18 @@ def build_holder(run_dir: Path) -> str | None:
 
 def counts_file_of(unit_file: Path) -> Path:
     """The counts file of the unit that RUN/<kind>/<source>/unit-XXXXX.parquet belongs to."""
-    unit_file = Path(unit_file)
+    unit_file = as_path(unit_file)
     return unit_file.parents[2] / "samples" / unit_file.parent.name / f"{unit_file.stem}.json"
 
 
 def finished_unit_files(run_dir: str | Path, kind: str = "samples", source: str = "*") -> list[Path]:
     """Unit files of `kind` (samples, pairs) of finished units (of `source`), by source then unit."""
-    files = sorted((Path(run_dir) / kind).glob(f"{source}/unit-*.parquet"))
+    files = sorted((as_path(run_dir) / kind).glob(f"{source}/unit-*.parquet"))
     return [f for f in files if counts_file_of(f).is_file()]
 
 
 def status(run_dir: str | Path) -> RunStatus:
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     units = sorted((run_dir / "samples").glob("*/unit-*.parquet"))
     return RunStatus(
         run_dir=run_dir,
@@ -86,7 +94,7 @@ def status(run_dir: str | Path) -> RunStatus:
 
 def run_folder_of(path: str | Path) -> Path | None:
     """The run folder `path` is (or whose data/ folder it is), or None when it is not one of mmpr's."""
-    p = Path(path)
+    p = as_path(path)
     for candidate in (p, p.parent) if p.name == "data" else (p,):
         if (candidate / RUN_MARKER).is_file():
             return candidate

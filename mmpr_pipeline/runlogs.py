@@ -24,7 +24,12 @@ MAX_COPIED_LOG_BYTES = 50 * 2**20  # a longer Ray log stays in Ray's session fol
 
 
 def logs_dir(run: str | Path) -> Path:
-    return Path(run) / LOGS
+    """RUN_DIR/logs; for a run on object storage a local folder (storage.local_twin): Ray's descriptor
+    2 needs a file."""
+    from mmpr_pipeline.storage import ObjectPath, as_path, local_twin
+
+    run = as_path(run)
+    return (local_twin(run) if isinstance(run, ObjectPath) else run) / LOGS
 
 
 _terminal: TextIO | None = None  # where our own lines go while a build runs quietly

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from mmpr_pipeline.records import IMAGE_STRUCT
 from mmpr_pipeline.run_status import finished_unit_files, partial_note, status
+from mmpr_pipeline.storage import parquet_source
 
 PART_ROWS = 5000  # questions per output part
 PART_BYTES = 256 * 2**20  # and about this many bytes of images
@@ -124,7 +125,7 @@ def rate_units(run_dir: str | Path) -> Iterator[Rated]:
     files = finished_unit_files(run_dir, "samples")
     for path in files:
         try:
-            table = pq.read_table(path, columns=VERDICT_COLUMNS)
+            table = pq.read_table(parquet_source(path), columns=VERDICT_COLUMNS)
         except (OSError, pa.ArrowException) as e:
             raise SelectError(f"{path}: cannot be read as a samples unit file ({e})") from None
         rated = Rated(path)

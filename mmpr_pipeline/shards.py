@@ -1,6 +1,8 @@
 """Files of a run folder, always replaced atomically: a reader never sees a half-written file.
 
-Everything is written to a temporary name in the same folder, then `os.replace`d into place.
+In a local folder everything is written to a temporary name in the same folder, then `os.replace`d into
+place. On object storage (a run folder `s3://...`, storage.ObjectPath), which has no rename, each object
+is written at its final key: it becomes visible whole when its upload completes.
 Work units (`samples/<source>/unit-00000.parquet`) are the resume granularity; pair shards use the
 Hugging Face Hub's naming, `data/train-00000-of-00003.parquet`.
 """
@@ -17,6 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from mmpr_pipeline.storage import ObjectPath, as_path, output_stream, parquet_source
 
 KILL_ENV = "MMPR_KILL_AT"
 
@@ -46,7 +50,11 @@ def _tmp(path: Path) -> Path:
 
 
 def write_table(table: pa.Table, path: str | Path) -> Path:
-    path = Path(path)
+    path = as_path(path)
+    if isinstance(path, ObjectPath):
+        with output_stream(path) as sink:
+            pq.write_table(table, sink, compression="zstd")
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     pq.write_table(table, tmp, compression="zstd")
@@ -74,7 +82,7 @@ def read_file(path: str | Path) -> pa.Table:
     outside Arrow's pool: the driver writing a source's rejects file from 40 units peaked 100-130 MiB
     over its imports, varying from run to run (Arrow's own pool peaked at 6 MiB); read this way, 56 MiB,
     the same for 10 or 80 units (tests/test_driver_memory.py)."""
-    with pq.ParquetFile(path, pre_buffer=False) as f:
+    with pq.ParquetFile(parquet_source(as_path(path)), pre_buffer=False) as f:
         return f.read(use_threads=False)
 
 
@@ -84,7 +92,7 @@ def iter_row_groups(
     """A Parquet file's rows, one row group at a time (a pair shard has one per unit), in batches of at
     most `batch_size` rows that never span two row groups. pyarrow's default (`pre_buffer=True`) reads
     every row group it is asked for into memory at once: for a whole shard, all of its images."""
-    with pq.ParquetFile(path, pre_buffer=False) as f:
+    with pq.ParquetFile(parquet_source(as_path(path)), pre_buffer=False) as f:
         for group in range(f.num_row_groups):
             yield from f.iter_batches(
                 batch_size=batch_size, row_groups=[group], columns=columns, use_threads=False
@@ -92,7 +100,10 @@ def iter_row_groups(
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
+    path = as_path(path)
+    if isinstance(path, ObjectPath):
+        path.write_text(text)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     tmp.write_text(text)
@@ -106,7 +117,7 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 def unit_files(run_dir: str | Path, kind: str = "samples") -> list[Path]:
     """Finished unit files of `kind` (samples, pairs), sorted by source then unit (no temporary files)."""
-    return sorted(p for p in (Path(run_dir) / kind).glob("*/unit-*.parquet"))
+    return sorted(p for p in (as_path(run_dir) / kind).glob("*/unit-*.parquet"))
 
 
 def shard_name(index: int, total: int, split: str = "train") -> str:
@@ -153,7 +164,11 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def write_shard(slices: list[tuple[str, int, int]], dest: str | Path, schema: pa.Schema) -> str:
     """Concatenate slices of pair files into one Parquet file at a temporary name beside `dest`;
-    one slice in memory at a time. Returns the temporary path (the caller renames it)."""
+    one slice in memory at a time. Returns the temporary path (the caller renames it). On object
+    storage the shard is written at `dest` itself (its name comes from the shard plan, fixed before
+    any shard is written), and `dest` is returned."""
+    if isinstance(as_path(dest), ObjectPath):
+        return _write_shard_object(slices, as_path(dest), schema)
     tmp = _tmp(Path(dest))
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for path, start, stop in slices:
@@ -163,10 +178,30 @@ def write_shard(slices: list[tuple[str, int, int]], dest: str | Path, schema: pa
     return str(tmp)
 
 
+def _write_shard_object(slices: list[tuple[str, int, int]], dest: ObjectPath, schema: pa.Schema) -> str:
+    """write_shard on object storage: the upload completes (and the shard appears) only when the last
+    slice is in; a kill before that leaves no object at `dest`, an error removes it."""
+    with output_stream(dest) as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+        for path, start, stop in slices:
+            writer.write_table(conform(read_file(path).slice(start, stop - start), schema))
+            kill_point("mid_shard", whole_run=True)
+        if not slices:
+            writer.write_table(schema.empty_table())
+    return str(dest)
+
+
 def commit_shards(data_dir: str | Path, written: list[str], split: str = "train") -> list[Path]:
     """Rename written shards to their Hub names, then remove old shards the new set does not
-    replace: the folder always holds one complete set (the old or the new one)."""
-    data_dir = Path(data_dir)
+    replace: the folder always holds one complete set (the old or the new one). On object storage the
+    shards were written at their names: only the old shards are removed (until stats.json is written
+    again, which lists the set, the run reads as unfinished)."""
+    data_dir = as_path(data_dir)
+    if isinstance(data_dir, ObjectPath):
+        final = [data_dir / shard_name(i, len(written), split) for i in range(len(written))]
+        for old in data_dir.glob(f"{split}-*-of-*.parquet"):
+            if old not in final:
+                old.unlink(missing_ok=True)
+        return final
     final = [data_dir / shard_name(i, len(written), split) for i in range(len(written))]
     for i, (tmp, dest) in enumerate(zip(written, final)):
         kill_point("mid_write", i)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpr_pipeline.records import stable_hash
+from mmpr_pipeline.storage import as_path
 
 PAIR_TYPES = ("correctness", "format", "dropout_ntp")
 VERDICT_COUNTS = ("rules", "model", "undecided")
@@ -121,8 +122,8 @@ def plan_source(source, scans: list[dict[str, Any]], unit_size: int, earlier=Non
 
 
 def unit_file(run_dir: str | Path, kind: str, source: str, unit: int, suffix: str = "parquet") -> Path:
-    """samples/, pairs/ or rejects/<source>/unit-XXXXX.<suffix>."""
-    return Path(run_dir) / kind / source / f"unit-{unit:05d}.{suffix}"
+    """samples/, pairs/ or rejects/<source>/unit-XXXXX.<suffix> (a Path, or an ObjectPath on S3)."""
+    return as_path(run_dir) / kind / source / f"unit-{unit:05d}.{suffix}"
 
 
 def counts_file(run_dir: str | Path, unit: WorkUnit) -> Path:

@@ -346,32 +346,167 @@ def test_a_source_that_fails_on_a_worker_is_one_line_naming_it(ray_with_s3, uplo
     )
 
 
-@pytest.mark.slow
-def test_build_from_s3_sources_equals_the_demo_build(uploaded, ray_with_s3, trained_model, tmp_path):
-    """The demo recipe (small) with its sources on S3, scanned and loaded by Ray workers, gives the
-    pairs, ids and texts, of the demo's own build from its generated sources."""
-    from _run_fixture import read_pairs
-
+@pytest.fixture(scope="module")
+def builds(uploaded, ray_with_s3, trained_model, tmp_path_factory) -> dict:
+    """The demo recipe (small) built twice on the module's Ray: from its generated sources into a local
+    folder ("demo"), and from its sources on S3 into a run folder on S3 ("s3": `--out s3://...`).
+    Returns the two run folders (a Path, a storage.ObjectPath), their stats and the S3 recipe's data."""
     from mmpr_pipeline import pipeline
 
     data, _, url = uploaded
     data = dict(data, model=trained_model)
-    stats = {}
-    for name, recipe in (("demo", _recipe(data)), ("s3", _recipe(as_files(data, url)))):
-        stats[name] = pipeline.build(recipe, tmp_path / name)
-    fields = ("id", "qid", "source", "pair_type", "question", "answer", "chosen", "rejected", "images")
-    demo, s3 = ([{k: p[k] for k in fields} for p in read_pairs(tmp_path / name)] for name in ("demo", "s3"))
+    on_s3 = as_files(data, url)
+    runs = {"demo": tmp_path_factory.mktemp("demo") / "run", "s3": storage.as_path(f"s3://{BUCKET}/runs/s3")}
+    stats = {name: pipeline.build(_recipe(d), runs[name]) for name, d in (("demo", data), ("s3", on_s3))}
+    return dict(runs=runs, stats=stats, s3_data=on_s3)
+
+
+@pytest.mark.slow
+def test_build_from_s3_sources_equals_the_demo_build(builds):
+    """The demo recipe (small) with its sources on S3, scanned and loaded by Ray workers, gives the
+    pairs, ids and texts, of the demo's own build from its generated sources."""
+    demo, s3 = (_pairs(builds["runs"][name]) for name in ("demo", "s3"))
     assert len(demo) > 0 and s3 == demo
-    samples = {name: _samples(tmp_path / name) for name in ("demo", "s3")}
+    samples = {name: _samples(builds["runs"][name]) for name in ("demo", "s3")}
     assert {r["source"] for r in samples["demo"]} == set(LIMITS) and samples["s3"] == samples["demo"]
     for name in LIMITS:
+        stats = builds["stats"]
         assert stats["s3"]["sources"][name]["rows"] == LIMITS[name] == stats["demo"]["sources"][name]["rows"]
         assert stats["s3"]["sources"][name]["rejects"] == 0
+
+
+@pytest.mark.slow
+def test_a_run_folder_on_s3_holds_what_a_local_one_does(builds):
+    """`--out s3://...`: the workers and the driver wrote the run's files to S3 (unit files, counts,
+    shards, stats.json, card, figures, preview), the same names as the local run's, nothing else; the
+    build's lock is gone; and only the logs stayed on this machine (no local copy of the run)."""
+    from mmpr_pipeline.run_status import status
+    from mmpr_pipeline.storage import local_twin
+
+    local, s3 = builds["runs"]["demo"], builds["runs"]["s3"]
+
+    def files(run) -> tuple[set, set]:
+        """(the run's files other than unit files, its (kind, source) folders of unit files); the S3
+        build's units differ (a unit never spans two input files: shapes is two Parquet files there)."""
+        rel = [p.relative_to(run) for p in run.rglob("*") if p.is_file()]
+        rel = [r for r in rel if r.parts[0] not in ("logs", ".mmpr-lock") or run is s3]
+        units = {r.parts[:2] for r in rel if r.parts[0] in ("samples", "pairs", "rejects")}
+        return {str(r) for r in rel if r.parts[0] not in ("samples", "pairs", "rejects")}, units
+
+    assert files(s3) == files(local)
+    names = files(s3)[0]
+    assert {"stats.json", "preview.html", "README.md", "recipe.json"} <= names
+    assert {n.split("/")[0] for n in names} >= {"data", "figures"}
+    assert json.loads((s3 / "stats.json").read_text())["shards"] == builds["stats"]["s3"]["shards"]
+    assert "MMPR demo pairs" in (s3 / "README.md").read_text()
+    assert status(s3).finished and status(s3).done == builds["stats"]["s3"]["resume"]["units"]
+    assert [p.name for p in local_twin(s3).iterdir()] == ["logs"]
+
+
+def _pairs(run) -> list[dict]:
+    """Every pair of a run folder (local or on S3), in shard order, with the fields that identify it."""
+    from mmpr_pipeline import shards
+
+    fields = ("id", "qid", "source", "pair_type", "question", "answer", "chosen", "rejected", "images")
+    stats = json.loads((run / "stats.json").read_text())
+    rows = [r for rel in stats["shards"] for r in shards.read_file(run / rel).to_pylist()]
+    return [{k: r[k] for k in fields} for r in rows]
 
 
 def _samples(run: Path) -> list[dict]:
     """Every sampled question of a run (all sources, with or without pairs): qid, question, responses."""
     from mmpr_pipeline import shards
 
-    rows = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()]
+    rows = [r for p in shards.unit_files(run) for r in shards.read_file(p).to_pylist()]
     return sorted(({k: r[k] for k in ("qid", "source", "question", "responses")} for r in rows), key=str)
+
+
+# -- a run folder on S3: its lock, a kill and the resume ----------------------------------------------
+
+
+def test_a_second_build_on_one_prefix_is_refused(s3_server, uploaded, monkeypatch):
+    """The lock object is created with a conditional write (If-None-Match: *): while a build holds the
+    prefix, another is refused naming it; a lock left by a build of another machine counts as held until
+    it goes unrenewed for STALE_S, then it is taken over (If-Match on its ETag)."""
+    import socket
+
+    from mmpr_pipeline import object_lock, pipeline
+
+    run = storage.as_path(f"s3://{BUCKET}/runs/locked")
+    recipe = _recipe(as_files(uploaded[0], uploaded[2]))
+    with pipeline.run_lock(run):
+        with pytest.raises(pipeline.RunFolderError) as refused:
+            pipeline.build(recipe, run)
+    held = f"mmpr build (pid {os.getpid()} on {socket.gethostname()})"
+    assert str(refused.value) == f"{run} is in use by {held}; wait for it, or use another --out"
+    assert not (run / object_lock.LOCK_FILE).exists()  # removed by the build that held it
+    elsewhere = json.dumps(dict(holder="mmpr build (pid 7 on node-2)", host="node-2", pid=7))
+    (run / object_lock.LOCK_FILE).write_text(elsewhere)
+    with pytest.raises(pipeline.RunFolderError, match=r"in use by mmpr build \(pid 7 on node-2\)"):
+        pipeline.run_lock(run).__enter__()
+    monkeypatch.setattr(object_lock, "STALE_S", 1.0)
+    time.sleep(2.1)  # the store's clock counts whole seconds
+    with pipeline.run_lock(run):
+        assert json.loads((run / object_lock.LOCK_FILE).read_text())["holder"] == held
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_killed_s3_build_resumes_to_the_same_pairs(builds, tmp_path, trained_model):
+    """`mmpr build --out s3://...` SIGKILLed with its Ray and engine, first between a unit's pairs and
+    counts objects, then (resumed) in the middle of writing the pair shard, then resumed to the end:
+    after each kill every visible object is whole (a unit without its counts object is not done, the
+    shard being written is not there) and the dead build's lock is taken over; the end holds exactly
+    the demo build's samples and pairs."""
+    import signal
+
+    import yaml
+    from test_resume import _build
+
+    from mmpr_pipeline import pipeline, shards
+
+    recipe_file = tmp_path / "s3.yaml"
+    recipe_file.write_text(yaml.safe_dump(builds["s3_data"]))
+    run = storage.as_path(f"s3://{BUCKET}/runs/killed")
+    units = builds["stats"]["s3"]["resume"]["units"]
+    for point in ("unit_wrote_pairs", "mid_shard"):
+        res = _build(run, trained_model, recipe_file, kill_at=point)
+        assert res.returncode == -signal.SIGKILL, (point, res.stdout[-3000:])
+        for f in run.rglob("*.parquet"):
+            shards.read_file(f)
+        counted = {f"{p.parent.name}/{p.stem}" for p in run.glob("samples/*/unit-*.json")}
+        paired = {f"{p.parent.name}/{p.stem}" for p in run.glob("pairs/*/unit-*.parquet")}
+        assert (run / ".mmpr-lock").exists() and not (run / "stats.json").exists()
+        if point == "unit_wrote_pairs":
+            assert paired - counted, "the killed unit's pairs should be there without its counts"
+        else:
+            assert counted == paired and len(counted) == units and not run.glob("data/*")
+    stats = pipeline.build(_recipe(builds["s3_data"]), run)  # on the module's Ray
+    assert stats["resume"]["units_done_before"] == stats["resume"]["units"] == units
+    assert not (run / ".mmpr-lock").exists()
+    demo = builds["runs"]["demo"]
+    assert _pairs(run) == _pairs(demo) and _samples(run) == _samples(demo)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_mmpr_train_reads_a_run_on_s3(builds, trained_model, tmp_path):
+    """`mmpr train` with `data: s3://...` (the run folder on S3): two MPO steps on all of its pairs."""
+    from mmpr_pipeline.train import MPOConfig, train
+
+    run = builds["runs"]["s3"]
+    summary = train(
+        MPOConfig(
+            model=trained_model,
+            data=str(run),
+            output_dir=str(tmp_path / "model"),
+            batch_size=2,
+            max_steps=2,
+            warmup_ratio=0.0,
+            eval_fraction=0.0,
+            max_length=1024,
+            progress_bar=False,
+            save_model=False,
+        )
+    )
+    assert summary["steps"] == 2 and summary["train_pairs"] == len(_pairs(run)) > 0

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from mmpr_pipeline import storage
 from mmpr_pipeline.prompts import user_content
 from mmpr_pipeline.records import WHITE, background_of, decode_image, encode_image, stable_hash
 
@@ -39,9 +40,11 @@ TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_id
 
 
 def parquet_files(source: str | Path) -> list[Path] | None:
-    """The Parquet files `source` names (a run folder, its data/ folder, a file or a glob); None if
-    it names no local path (then it is taken as a Hub dataset id)."""
-    p = Path(source)
+    """The Parquet files `source` names (a run folder, its data/ folder, a file or a glob, local or
+    s3://); None if it names no local path (then it is taken as a Hub dataset id)."""
+    p = storage.as_path(source)
+    if isinstance(p, storage.ObjectPath) and storage.has_glob(p.url):
+        return [storage.as_path(u) for u in storage.expand(p.url)]
     if p.is_dir():
         folder = p / "data" if (p / "data").is_dir() else p
         files = sorted(folder.glob("*.parquet"))
@@ -81,9 +84,9 @@ def load_pairs(source: str | Path) -> pa.Table:
         tables = []
         for f in files:
             try:
-                schema = pq.read_schema(f)
+                schema = pq.read_schema(storage.parquet_source(f))
                 cols = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in schema.names]
-                tables.append(pq.read_table(f, columns=cols))
+                tables.append(pq.read_table(storage.parquet_source(f), columns=cols))
             except (pa.ArrowException, OSError) as e:  # pyarrow's messages do not name the file
                 raise ValueError(f"{f}: not a readable Parquet file ({e})") from None
         names = set(tables[0].column_names)
