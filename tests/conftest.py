@@ -8,6 +8,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two test files at once (pytest-xdist workers gw0, gw1). vLLM's automatic binding
+# puts every engine's OpenMP thread on the same core (it keeps the other for its scheduler), so two
+# workers' engines would take turns on one core while the other idles: each worker's engines (and the
+# builds it starts, which inherit this) get a core of their own instead.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    _worker = int(os.environ["PYTEST_XDIST_WORKER"][2:])
+    os.environ.setdefault(
+        "VLLM_CPU_OMP_THREADS_BIND",
+        str(sorted(os.sched_getaffinity(0))[_worker % len(os.sched_getaffinity(0))]),
+    )
 
 REPO = Path(__file__).resolve().parent.parent
 
