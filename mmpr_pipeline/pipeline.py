@@ -352,6 +352,14 @@ def pair_schema() -> pa.Schema:
     return PAIR_SCHEMA.with_metadata(schema_metadata())
 
 
+# Load and finish tasks at once per engine replica. Uncapped, as many run as fit at 0.25 CPU, each in
+# its own Ray worker process: every unit is loadable at the start, beside the engine's start, and
+# on a busy machine Ray starts a new worker for each finished unit's task (bench_e2e: 7-9 finish-task
+# processes for 10 units). Two keep a replica fed unless a unit's load or finish takes longer than
+# half its sampling.
+TASKS_PER_REPLICA = 2
+
+
 def run_units(
     recipe: Recipe, run: Path, model: str, units: list[WorkUnit], max_images: int, benchmarks=None
 ) -> None:
@@ -376,6 +384,7 @@ def run_units(
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0.25,
+        concurrency=TASKS_PER_REPLICA * plan.replicas,
     )
     # One unit = one block = one batch, from load to write (batch_size=None): no regrouping needed.
     ds = actor_stage(
@@ -406,7 +415,12 @@ def run_units(
     if recipe.judge_modes():  # rules, then the judge model, then pairing
         ds = add_judge_stage(ds, recipe, run, concurrent)
     ds = ds.map_batches(
-        finish_units, fn_kwargs=options, batch_size=None, batch_format="pyarrow", num_cpus=0.25
+        finish_units,
+        fn_kwargs=options,
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+        concurrency=TASKS_PER_REPLICA * plan.replicas,
     )
     total = sum(u.stop - u.start for u in units)
     done = 0
