@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from mmpr_pipeline.records import IMAGE_STRUCT
 from mmpr_pipeline.run_status import finished_unit_files, partial_note, status
-from mmpr_pipeline.storage import parquet_source
+from mmpr_pipeline.storage import as_path, parquet_source
 
 PART_ROWS = 5000  # questions per output part
 PART_BYTES = 256 * 2**20  # and about this many bytes of images
@@ -158,8 +158,8 @@ def selection_schema() -> pa.Schema:
 
 def _kept_rows(path: Path, keep: list[tuple[int, str, str, int, int]]) -> list[dict]:
     """The kept questions of one unit file, read whole (images included) for those rows only."""
-    names = set(pq.read_schema(path).names)
-    table = pq.read_table(path, columns=[c for c in QUESTION_COLUMNS if c in names]).take(
+    names = set(pq.read_schema(parquet_source(path)).names)
+    table = pq.read_table(parquet_source(path), columns=[c for c in QUESTION_COLUMNS if c in names]).take(
         [k[0] for k in keep]
     )
     out = []
@@ -238,7 +238,7 @@ def select(
     `all_wrong` those never answered right, to `out`; return the summary also written to selection.json."""
     if (band is None) == (not all_wrong):
         raise SelectError("give either --pass-rate LO:HI or --all-wrong")
-    run_dir, out = Path(run_dir), Path(out).absolute()
+    run_dir, out = as_path(run_dir), Path(out).absolute()  # the run may be on S3, `out` is local
     if not (run_dir / "samples").is_dir():
         raise SelectError(f"{run_dir}: no samples/ folder (is this the folder of an `mmpr build`?)")
     _check_out(out)

@@ -403,6 +403,22 @@ def test_a_run_folder_on_s3_holds_what_a_local_one_does(builds):
     assert [p.name for p in local_twin(s3).iterdir()] == ["logs"]
 
 
+@pytest.mark.slow
+def test_select_and_preview_read_a_run_on_s3(builds, tmp_path):
+    """`mmpr select` and `mmpr preview` on the run folder on S3: the same questions selected as from
+    the local run, and the page rewritten in the bucket."""
+    from mmpr_pipeline import cli, select
+
+    runs = builds["runs"]
+    chosen = {
+        name: select.select(run, tmp_path / name, band=(0.0, 1.0))["sources"] for name, run in runs.items()
+    }
+    assert chosen["s3"] == chosen["demo"] and sum(c["selected"] for c in chosen["s3"].values()) > 0
+    (runs["s3"] / "preview.html").unlink()
+    assert cli.main(["preview", str(runs["s3"]), "--per-source", "5"]) == 0
+    assert "MMPR preview" in (runs["s3"] / "preview.html").read_text()
+
+
 def _pairs(run) -> list[dict]:
     """Every pair of a run folder (local or on S3), in shard order, with the fields that identify it."""
     from mmpr_pipeline import shards
@@ -453,11 +469,11 @@ def test_a_second_build_on_one_prefix_is_refused(s3_server, uploaded, monkeypatc
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_a_killed_s3_build_resumes_to_the_same_pairs(builds, tmp_path, trained_model):
-    """`mmpr build --out s3://...` SIGKILLed with its Ray and engine, first between a unit's pairs and
-    counts objects, then (resumed) in the middle of writing the pair shard, then resumed to the end:
-    after each kill every visible object is whole (a unit without its counts object is not done, the
-    shard being written is not there) and the dead build's lock is taken over; the end holds exactly
-    the demo build's samples and pairs."""
+    """`mmpr build --out s3://...` SIGKILLed with its Ray and engine in the middle of the pair shard's
+    upload: every visible object is whole, the shard is not there, nor stats.json. One unit's counts
+    object is then removed (what a kill between its pairs and counts objects leaves). The resume takes
+    the dead build's lock over, redoes that unit only, and ends with exactly the demo build's samples
+    and pairs. (One killed process: each costs a Ray and an engine start.)"""
     import signal
 
     import yaml
@@ -468,21 +484,18 @@ def test_a_killed_s3_build_resumes_to_the_same_pairs(builds, tmp_path, trained_m
     recipe_file = tmp_path / "s3.yaml"
     recipe_file.write_text(yaml.safe_dump(builds["s3_data"]))
     run = storage.as_path(f"s3://{BUCKET}/runs/killed")
+    res = _build(run, trained_model, recipe_file, kill_at="mid_shard")
+    assert res.returncode == -signal.SIGKILL, res.stdout[-3000:]
+    for f in run.rglob("*.parquet"):
+        shards.read_file(f)
+    counted = {f"{p.parent.name}/{p.stem}" for p in run.glob("samples/*/unit-*.json")}
+    paired = {f"{p.parent.name}/{p.stem}" for p in run.glob("pairs/*/unit-*.parquet")}
     units = builds["stats"]["s3"]["resume"]["units"]
-    for point in ("unit_wrote_pairs", "mid_shard"):
-        res = _build(run, trained_model, recipe_file, kill_at=point)
-        assert res.returncode == -signal.SIGKILL, (point, res.stdout[-3000:])
-        for f in run.rglob("*.parquet"):
-            shards.read_file(f)
-        counted = {f"{p.parent.name}/{p.stem}" for p in run.glob("samples/*/unit-*.json")}
-        paired = {f"{p.parent.name}/{p.stem}" for p in run.glob("pairs/*/unit-*.parquet")}
-        assert (run / ".mmpr-lock").exists() and not (run / "stats.json").exists()
-        if point == "unit_wrote_pairs":
-            assert paired - counted, "the killed unit's pairs should be there without its counts"
-        else:
-            assert counted == paired and len(counted) == units and not run.glob("data/*")
+    assert counted == paired and len(counted) == units and not run.glob("data/*")
+    assert (run / ".mmpr-lock").exists() and not (run / "stats.json").exists()
+    (run / "samples/describe/unit-00000.json").unlink()
     stats = pipeline.build(_recipe(builds["s3_data"]), run)  # on the module's Ray
-    assert stats["resume"]["units_done_before"] == stats["resume"]["units"] == units
+    assert stats["resume"]["units_done_before"] == units - 1 and stats["resume"]["rows_sampled"] == 2
     assert not (run / ".mmpr-lock").exists()
     demo = builds["runs"]["demo"]
     assert _pairs(run) == _pairs(demo) and _samples(run) == _samples(demo)
