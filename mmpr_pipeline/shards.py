@@ -196,12 +196,19 @@ def commit_shards(data_dir: str | Path, written: list[str], split: str = "train"
     shards were written at their names: only the old shards are removed (until stats.json is written
     again, which lists the set, the run reads as unfinished)."""
     data_dir = as_path(data_dir)
-    if isinstance(data_dir, ObjectPath):
-        final = [data_dir / shard_name(i, len(written), split) for i in range(len(written))]
-        for old in data_dir.glob(f"{split}-*-of-*.parquet"):
-            if old not in final:
-                old.unlink(missing_ok=True)
-        return final
+    final = [data_dir / shard_name(i, len(written), split) for i in range(len(written))]
+    local = not isinstance(data_dir, ObjectPath)
+    if local:  # on object storage each shard was written at its name
+        for i, (tmp, dest) in enumerate(zip(written, final)):
+            kill_point("mid_write", i)
+            os.replace(tmp, dest)
+    for old in data_dir.glob(f"{split}-*-of-*.parquet"):
+        if old not in final:
+            old.unlink(missing_ok=not local)
+    if local:
+        for stale in data_dir.glob(".*.tmp"):  # left by an interrupted earlier run
+            stale.unlink()
+    return final
     final = [data_dir / shard_name(i, len(written), split) for i in range(len(written))]
     for i, (tmp, dest) in enumerate(zip(written, final)):
         kill_point("mid_write", i)

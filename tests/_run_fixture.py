@@ -292,11 +292,13 @@ def trainer_image_tokens(run_dir: Path, pairs: list[dict]) -> list[int]:
     ]
 
 
-def train_two_steps(run_dir: Path, out: Path) -> dict:
-    """Two MPO steps of the run's own model on its pairs; the trainer's summary."""
+def train_two_steps(run_dir, out: Path) -> dict:
+    """Two MPO steps of the run's own model on its pairs (a run folder, local or on S3); the trainer's
+    summary."""
+    from mmpr_pipeline.storage import as_path
     from mmpr_pipeline.train import MPOConfig, train
 
-    model = json.loads((Path(run_dir) / "recipe.json").read_text())["model"]
+    model = json.loads((as_path(run_dir) / "recipe.json").read_text())["model"]
     return train(
         MPOConfig(
             model=model,

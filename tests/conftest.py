@@ -13,11 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # workers' engines would take turns on one core while the other idles: each worker's engines (and the
 # builds it starts, which inherit this) get a core of their own instead.
 if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    _cores = sorted(os.sched_getaffinity(0))
     _worker = int(os.environ["PYTEST_XDIST_WORKER"][2:])
-    os.environ.setdefault(
-        "VLLM_CPU_OMP_THREADS_BIND",
-        str(sorted(os.sched_getaffinity(0))[_worker % len(os.sched_getaffinity(0))]),
-    )
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(_cores[_worker % len(_cores)]))
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 # kill after a unit each cost a build of suite time and test no other rule: the unit's marker and
 # the commit's temporary-then-rename are the same code at those points.)
 KILL_POINTS = ["after_unit:2", "unit_wrote_pairs", "mid_write:1"]
-WORKER_KILL_POINTS = {"unit_wrote_samples": "samples", "unit_wrote_pairs": "pairs"}
+WORKER_KILL_POINTS = {"unit_wrote_pairs": "pairs"}
 
 
 def _build(

@@ -503,23 +503,10 @@ def test_a_killed_s3_build_resumes_to_the_same_pairs(builds, tmp_path, trained_m
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
-def test_mmpr_train_reads_a_run_on_s3(builds, trained_model, tmp_path):
+def test_mmpr_train_reads_a_run_on_s3(builds, tmp_path):
     """`mmpr train` with `data: s3://...` (the run folder on S3): two MPO steps on all of its pairs."""
-    from mmpr_pipeline.train import MPOConfig, train
+    from _run_fixture import train_two_steps
 
     run = builds["runs"]["s3"]
-    summary = train(
-        MPOConfig(
-            model=trained_model,
-            data=str(run),
-            output_dir=str(tmp_path / "model"),
-            batch_size=2,
-            max_steps=2,
-            warmup_ratio=0.0,
-            eval_fraction=0.0,
-            max_length=1024,
-            progress_bar=False,
-            save_model=False,
-        )
-    )
+    summary = train_two_steps(run, tmp_path / "model")
     assert summary["steps"] == 2 and summary["train_pairs"] == len(_pairs(run)) > 0
