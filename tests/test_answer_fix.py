@@ -1,10 +1,11 @@
 """InternVL's pair options (issue 13 item 4): `pairing.answer_fix` and a reference rationale
 (`fields.rationale`), both off by default and recorded in each pair's `provenance`.
 
-Pure logic on hand-written responses and rows, then one real build (local Ray, vLLM on CPU, the
-trained demo model) of a few multiple-choice questions whose references are written "(A)" while
-the model answers "Final answer: A", with both options on; `mmpr select` runs on the same
-run folder (tests/test_select.py checks it on a fixture run in detail).
+Pure logic on hand-written responses and rows, then a real build (local Ray, vLLM on CPU, the
+trained demo model: the "mc" source of the session's shared build, tests/_shared_build.py) of a few
+multiple-choice questions whose references are written "(A)" while the model answers
+"Final answer: A", with both options on; `mmpr select` runs on the same run folder
+(tests/test_select.py checks it on a fixture run in detail).
 """
 
 import json
@@ -12,10 +13,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
+from _shared_build import shared_build
 
-from mmpr_pipeline import pipeline, shards, tasks
 from mmpr_pipeline import recipe as recipe_mod
+from mmpr_pipeline import shards, tasks
 from mmpr_pipeline.pairing import REFERENCE, fix_answer, pair_correctness
 from mmpr_pipeline.recipe import RecipeError, Source
 from stages.pair import pair_rows
@@ -237,49 +238,22 @@ def test_load_reads_the_rationale_column_and_refuses_one_that_is_not_text(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, ray_local, trained_model):
-    """8 colour/bar questions (the demo model picks their letter at chance: right and wrong samples)
-    whose reference is the letter in parentheses ("(A)"), with the task's worked solution as the
-    rationale."""
-    d = tmp_path_factory.mktemp("answer_fix")
-    rows = []
-    for i, q in enumerate(tasks.generate(8, seed=21, families=["color", "bars"])):
-        (d / f"img{i}.png").write_bytes(q["image"])
-        rows.append(
-            dict(
-                image=f"img{i}.png",
-                question=q["question"],
-                options=q["options"],
-                answer=f"({q['answer']})",
-                solution=q["response"],
-            )
-        )
-    (d / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = dict(
-        name="fix",
-        model=trained_model,
-        engine={"max_model_len": 1024},
-        unit_size=4,
-        shard_rows=50,
-        preview=False,
-        sampling=dict(n=4, temperature=1.0, max_tokens=64),
-        sources=[
-            dict(
-                name="mc",
-                loader="jsonl",
-                path=str(d / "mc.jsonl"),
-                answer_type="multiple_choice",
-                fields={"options": "options", "rationale": "solution"},
-                pairing={"answer_fix": True},
-            )
-        ],
-    )
-    (d / "recipe.yaml").write_text(yaml.safe_dump(data))
-    run = d / "run"
-    stats = pipeline.build(recipe_mod.load(d / "recipe.yaml"), run)
+def built(request, trained_model):
+    """The "mc" source of the session's shared build (tests/_shared_build.py): 8 colour/bar questions
+    (the demo model picks their letter at chance: right and wrong samples) whose reference is the
+    letter in parentheses ("(A)"), with the task's worked solution as the rationale. (run, its stats,
+    its pairs, its samples by qid, its rows by image bytes)."""
+    run, stats = shared_build(request, trained_model)
     pairs = [r for p in sorted((run / "data").glob("train-*.parquet")) for r in pq.read_table(p).to_pylist()]
     samples = {r["qid"]: r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()}
-    return run, stats, pairs, samples, {(d / r["image"]).read_bytes(): r for r in rows}
+    rows = [json.loads(line) for line in (run.parent / "mc.jsonl").read_text().splitlines()]
+    return (
+        run,
+        stats["sources"]["mc"],
+        [p for p in pairs if p["source"] == "mc"],
+        {q: s for q, s in samples.items() if s["source"] == "mc"},
+        {(run.parent / r["image"]).read_bytes(): r for r in rows},
+    )
 
 
 @pytest.mark.slow
@@ -306,7 +280,7 @@ def test_a_real_build_fixes_chosen_answer_lines_and_adds_reference_pairs(built):
         else:
             assert provenance == {} and p["chosen"] == original
     assert fixed > 0 and reference > 0
-    assert stats["totals"]["pairs"]["correctness"] + stats["totals"]["pairs"]["format"] == len(pairs)
+    assert stats["pairs"]["correctness"] + stats["pairs"]["format"] == len(pairs)
     # every question whose samples are all wrong (with a wrong answer given) still gets the reference pair
     for qid, s in samples.items():
         if not any(s["correct"]) and any(x is not None for x in s["extracted"]):
@@ -323,6 +297,7 @@ def test_mmpr_select_on_the_real_run_keeps_the_questions_in_the_band(built, tmp_
     rates = {qid: sum(s["correct"]) / len(s["correct"]) for qid, s in samples.items() if not s["error"]}
     assert main(["select", str(run), "--pass-rate", "0:1", "--out", str(tmp_path / "all")]) == 0
     got = load_dataset("parquet", data_dir=str(tmp_path / "all" / "data"), split="train")
+    got = got.filter(lambda row: row["source"] == "mc")  # the shared run's other sources aside
     assert sorted(got["qid"]) == sorted(rates)
     for row in got:
         assert row["pass_rate"] == pytest.approx(rates[row["qid"]])
@@ -334,7 +309,10 @@ def test_mmpr_select_on_the_real_run_keeps_the_questions_in_the_band(built, tmp_
         out = tmp_path / args[0].strip("-")
         assert main(["select", str(run), *args, "--out", str(out)]) == 0
         selected = [
-            q for f in sorted((out / "data").glob("*.parquet")) for q in pq.read_table(f)["qid"].to_pylist()
+            r["qid"]
+            for f in sorted((out / "data").glob("*.parquet"))
+            for r in pq.read_table(f, columns=["qid", "source"]).to_pylist()
+            if r["source"] == "mc"
         ]
         assert sorted(selected) == sorted(q for q, r in rates.items() if keep(r))
 
@@ -342,6 +320,7 @@ def test_mmpr_select_on_the_real_run_keeps_the_questions_in_the_band(built, tmp_
 @pytest.mark.slow
 def test_exports_and_the_preview_carry_the_provenance(built, tmp_path):
     import argparse
+    import shutil
 
     from datasets import load_dataset
 
@@ -349,12 +328,13 @@ def test_exports_and_the_preview_carry_the_provenance(built, tmp_path):
     from mmpr_pipeline.preview import write_preview
 
     run, _, pairs, _, _ = built
+    run = shutil.copytree(run, tmp_path / "run")  # the page below is written into the run: a copy
     for fmt in ("trl", "internvl"):
         assert (
             export.cli_export(argparse.Namespace(run_dir=str(run), format=fmt, out=str(tmp_path / fmt))) == 0
         )
     trl = load_dataset("parquet", data_dir=str(tmp_path / "trl" / "data"), split="train")
-    assert trl["provenance"] == [p["provenance"] for p in pairs]
+    assert [r["provenance"] for r in trl if r["source"] == "mc"] == [p["provenance"] for p in pairs]
     lines = [
         json.loads(x) for x in (tmp_path / "internvl" / "annotations" / "mc.jsonl").read_text().splitlines()
     ]

@@ -6,39 +6,24 @@ recorded prefix and their continuation prompts carried no image.
 """
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from _shared_build import SOURCES, recipe, shared_build
 
 from mmpr_pipeline import pipeline, shards
-from mmpr_pipeline import recipe as recipe_mod
 from stages.dropout_ntp import prefix_of
 
-REPO = Path(__file__).resolve().parent.parent
+MINE = SOURCES["build_e2e"]
+
 pytestmark = pytest.mark.slow
 
 
-def demo_recipe(model: str, **overrides):
-    base = {
-        "model": model,
-        "sources[0].limit": 12,
-        "sources[1].limit": 6,
-        "sampling.n": 4,
-        "sampling.max_tokens": 48,
-        "unit_size": 4,
-        "batch_size": 8,
-        "shard_rows": 20,
-    }
-    base.update(overrides)
-    return recipe_mod.load(REPO / "data_cards" / "demo.yaml", base)
-
-
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, ray_local, trained_model):
-    run = tmp_path_factory.mktemp("run") / "demo"
-    stats = pipeline.build(demo_recipe(trained_model), run)
-    return run, stats
+def built(request, trained_model):
+    """The session's shared build (tests/_shared_build.py): the demo recipe with small limits (shapes
+    12, describe 6, n=4, 48 tokens, units of 4, shards of 20 pairs) and other files' sources."""
+    return shared_build(request, trained_model)
 
 
 def test_shards_load_with_datasets_and_match_stats(built):
@@ -111,7 +96,7 @@ def test_provenance_and_prompts(built):
 
     run, _ = built
     ds = datasets.load_dataset("parquet", data_dir=str(run / "data"), split="train")
-    r = next(x for x in ds if x["pair_type"] in ("correctness", "format"))
+    r = next(x for x in ds if x["pair_type"] in ("correctness", "format") and x["source"] in MINE)
     assert r["prompt_template"] == "cot_final_answer"
     assert r["question"].startswith("Your task is to answer the question below.")
     assert "Answer with the option's letter" not in r["question"]
@@ -119,7 +104,7 @@ def test_provenance_and_prompts(built):
     assert r["chosen_index"] != r["rejected_index"]
 
 
-def test_build_writes_a_preview_the_card_links_to_unless_switched_off(built, trained_model, tmp_path):
+def test_build_writes_a_preview_the_card_links_to_unless_switched_off(built, ray_local, tmp_path):
     import shutil
 
     from _browser import preview_facts
@@ -136,6 +121,6 @@ def test_build_writes_a_preview_the_card_links_to_unless_switched_off(built, tra
     again = tmp_path / "run"
     shutil.copytree(run, again)
     (again / "preview.html").unlink()
-    pipeline.build(demo_recipe(trained_model, preview=False), again)
+    pipeline.build(recipe(run, preview=False), again)
     assert not (again / "preview.html").exists()
     assert "preview.html" not in (again / "README.md").read_text()

@@ -1,6 +1,8 @@
 """A dead engine never hangs a build (issue 17, case 1): kill -9 of vLLM's engine process mid-run,
 as an out-of-memory kill would. The build stops with a message naming the cause, finished units
-stay, and the same command resumes to exactly the pairs of an uninterrupted run."""
+stay, and the same command resumes to exactly the pairs of an uninterrupted run: the session's shared
+build (tests/_shared_build.py), whose demo sources are this recipe's (per-question seeds make the
+pairs independent of units and batches)."""
 
 import json
 import os
@@ -12,15 +14,17 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from _shared_build import shared_build
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 # One batch in flight (not the default 16): when the first unit is done the engine is still busy
 # with the next, so there is a live engine to kill.
-# 6 + 1 units of 2 questions (not 4): three builds of this test were 520 s of the suite.
+# 6 + 3 units of 2 questions (not 4): three builds of this test were 520 s of the suite. The limits,
+# n and max_tokens are the shared build's.
 SETS = [
     "sources[0].limit=12",
-    "sources[1].limit=2",
+    "sources[1].limit=6",
     "sampling.n=4",
     "sampling.max_tokens=48",
     "unit_size=2",
@@ -49,11 +53,13 @@ def _env() -> dict:
     return env
 
 
-def _pairs(run: Path) -> set[str]:
+def _pairs(run: Path, sources=None) -> set[str]:
+    """The ids of the run's pairs (of `sources`, else all)."""
     return {
-        i
+        r["id"]
         for p in (run / "data").glob("train-*.parquet")
-        for i in pq.read_table(p, columns=["id"])["id"].to_pylist()
+        for r in pq.read_table(p, columns=["id", "source"]).to_pylist()
+        if sources is None or r["source"] in sources
     }
 
 
@@ -68,7 +74,7 @@ def _engine_cores(pid: int) -> list[psutil.Process]:
     return out
 
 
-def test_killed_engine_stops_the_build_with_a_message_and_resume_finishes(tmp_path, trained_model):
+def test_killed_engine_stops_the_build_with_a_message_and_resume_finishes(tmp_path, trained_model, request):
     run = tmp_path / "run"
     proc = subprocess.Popen(
         _cmd(run, trained_model),
@@ -100,16 +106,12 @@ def test_killed_engine_stops_the_build_with_a_message_and_resume_finishes(tmp_pa
     assert "Traceback" not in out
     assert not (run / "stats.json").exists() and not list((run / "data").glob("*.parquet"))
     done = list((run / "samples").glob("*/unit-*.json"))
-    assert 0 < len(done) < 7, "finished units must stay, and the kill must meet work still to do"
+    assert 0 < len(done) < 9, "finished units must stay, and the kill must meet work still to do"
     again = subprocess.run(
         _cmd(run, trained_model), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900
     )
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     resumed = json.loads((run / "stats.json").read_text())["resume"]
-    assert resumed["units"] == 7 and resumed["units_done_before"] == len(done)
-    reference = tmp_path / "reference"
-    ref = subprocess.run(
-        _cmd(reference, trained_model), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900
-    )
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    assert _pairs(run) == _pairs(reference)
+    assert resumed["units"] == 9 and resumed["units_done_before"] == len(done)
+    reference, _ = shared_build(request, trained_model)
+    assert _pairs(run) == _pairs(reference, sources=("shapes", "describe")) != set()

@@ -3,63 +3,32 @@ correct, rejected wrong (or unparsable, for format pairs), both are samples of t
 a DropoutNTP pair is the original against its own prefix continued without the image. A swap of
 chosen and rejected anywhere in the pipeline fails here.
 
-One build (local Ray, vLLM on CPU, the trained demo model) of the demo recipe at small scale plus a
-JSON Lines source whose rows carry their own response (`fields.response`).
+The session's shared build (tests/_shared_build.py: local Ray, vLLM on CPU, the trained demo model):
+the demo recipe at small scale plus a JSON Lines source whose rows carry their own response
+(`fields.response`); this file checks those sources.
 """
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
+from _shared_build import CAPTIONS, SOURCES, shared_build
 
-from mmpr_pipeline import pipeline, shards, tasks
-from mmpr_pipeline import recipe as recipe_mod
+from mmpr_pipeline import shards
 from stages.dropout_ntp import prefix_of
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-CAPTIONS = [
-    "A plain picture with a few coloured shapes placed on a light background, nothing else at all.",
-    "Several small geometric shapes in different colours are scattered across this simple image.",
-    "The picture shows coloured circles and squares of various sizes against a pale backdrop.",
-]
+MINE = SOURCES["pair_direction"]
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, ray_local, trained_model):
-    d = tmp_path_factory.mktemp("direction")
-    for i, row in enumerate(tasks.generate(3, seed=11, families=["describe"])):
-        (d / f"img{i}.png").write_bytes(row["image"])
-    (d / "captions.jsonl").write_text(
-        "".join(
-            json.dumps(dict(image=f"img{i}.png", question="Describe this image.", caption=c)) + "\n"
-            for i, c in enumerate(CAPTIONS)
-        )
-    )
-    data = yaml.safe_load((REPO / "data_cards" / "demo.yaml").read_text())
-    data.update(model=trained_model, unit_size=4, shard_rows=50, engine={"max_model_len": 1024})
-    data["sampling"].update(n=6, max_tokens=48)
-    data["sources"][0]["limit"] = 16
-    data["sources"][1]["limit"] = 4
-    data["sources"].append(
-        dict(
-            name="captions",
-            loader="jsonl",
-            path=str(d / "captions.jsonl"),
-            pipeline="dropout_ntp",
-            fields={"response": "caption"},
-            dropout={"ratio": 0.5, "min_words": 8},
-        )
-    )
-    path = d / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    run = d / "run"
-    stats = pipeline.build(recipe_mod.load(path), run)
+def built(request, trained_model):
+    """This file's sources of the session's shared build (tests/_shared_build.py): (run, stats, their
+    pairs, their samples by qid)."""
+    run, stats = shared_build(request, trained_model)
     pairs = [r for p in sorted((run / "data").glob("train-*.parquet")) for r in pq.read_table(p).to_pylist()]
     samples = {r["qid"]: r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()}
-    return run, stats, pairs, samples
+    return run, stats, [p for p in pairs if p["source"] in MINE], samples
 
 
 def test_correctness_and_format_pairs_follow_the_recorded_verdicts(built):
@@ -78,8 +47,9 @@ def test_correctness_and_format_pairs_follow_the_recorded_verdicts(built):
         else:
             assert s["extracted"][r] is None  # no parsable final answer
         checked[p["pair_type"]] += 1
-    assert checked["correctness"] == stats["totals"]["pairs"]["correctness"] > 0
-    assert checked["format"] == stats["totals"]["pairs"]["format"]
+    made = {kind: sum(stats["sources"][name]["pairs"][kind] for name in MINE) for kind in checked}
+    assert checked["correctness"] == made["correctness"] > 0
+    assert checked["format"] == made["format"]
 
 
 def test_dropout_pairs_are_the_original_against_its_image_free_continuation(built):
@@ -95,7 +65,7 @@ def test_dropout_pairs_are_the_original_against_its_image_free_continuation(buil
         assert s["continuation_image_tokens"][i] == 0  # continued without the image...
         if s["finish_reasons"] != ["given"]:
             assert s["image_tokens"] > 0  # ...while the sampling prompt had it
-            # what the request asked (dropout.n = 1), not the recipe's n = 6, is what both record
+            # what the request asked (dropout.n = 1), not the recipe's n = 4, is what both record
             assert len(s["responses"]) == 1
             assert json.loads(p["sampling"])["n"] == json.loads(s["sampling"])["n"] == 1
 

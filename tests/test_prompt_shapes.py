@@ -1,20 +1,18 @@
 """Prompt shapes beyond one image (issue 13): 2- and 3-image questions (with and without `<image>`
 placeholders), text-only questions, and DropoutNTP on a multi-image question, through real vLLM
 (the trained demo model, a Qwen2-VL whose chat template places each image), pairing, the trainer and
-both exports."""
+both exports: this file's sources of the session's shared build (tests/_shared_build.py)."""
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
+from _shared_build import SOURCES, shared_build
 
-from mmpr_pipeline import pipeline, shards, tasks
-from mmpr_pipeline import recipe as recipe_mod
+from mmpr_pipeline import shards
 from mmpr_pipeline.prompts import user_content
 
-REPO = Path(__file__).resolve().parent.parent
+MINE = SOURCES["prompt_shapes"]
 IMAGE_TOKENS = 16  # a 112x112 demo image
 
 
@@ -37,79 +35,31 @@ def test_user_content_places_images_at_their_placeholders_else_first():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, ray_local, trained_model):
-    d = tmp_path_factory.mktemp("shapes")
-    rows = list(tasks.generate(12, seed=21, families=["color"]))
-    for i, r in enumerate(rows):
-        (d / f"{i}.png").write_bytes(r["image"])
-    # Multiple-choice questions the demo model answers with a letter, right or wrong by turns: pairs
-    # for every shape. 2 images at their placeholders, or 3 images first.
-    multi = []
-    for k in range(6):
-        r = rows[k]
-        names = [f"{k}.png", f"{k + 6}.png"] + ([f"{(k + 3) % 12}.png"] if k % 2 else [])
-        question = r["question"] if k % 2 else "<image>\n<image>\n" + r["question"]  # placeholders
-        multi.append(dict(image=names, question=question, answer=r["answer"], options=r["options"]))
-    # Without its image the demo model rambles and no sample is right: a worked solution (a chosen
-    # candidate, `fields.rationale`) gives the text-only questions pairs whatever the model samples.
-    text = [
-        dict(
-            question=r["question"],
-            answer=r["answer"],
-            options=r["options"],
-            solution=f"The option that names the colour. Final answer: {r['answer']}",
-        )
-        for r in rows[6:12]
-    ]
-    describe = [
-        dict(image=[f"{i}.png" for i in idx], question="Describe these images.")
-        for idx in ((0, 1), (4, 5, 6), (8, 9, 10), (2, 3, 7))
-    ]
-    for name, data in (("multi", multi), ("text", text), ("describe", describe)):
-        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
-    recipe = dict(
-        name="shapes",
-        model=trained_model,
-        engine={"max_model_len": 1024},
-        unit_size=4,
-        sampling=dict(n=6, max_tokens=40),
-        sources=[
-            dict(
-                name="multi",
-                loader="jsonl",
-                path=str(d / "multi.jsonl"),
-                answer_type="multiple_choice",
-                fields=dict(options="options"),
-            ),
-            dict(
-                name="text",
-                loader="jsonl",
-                path=str(d / "text.jsonl"),
-                answer_type="multiple_choice",
-                fields=dict(options="options", rationale="solution"),
-                images="none",
-            ),
-            dict(
-                name="describe",
-                loader="jsonl",
-                path=str(d / "describe.jsonl"),
-                pipeline="dropout_ntp",
-                dropout=dict(min_words=4),
-            ),
-        ],
-    )
-    (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    run = d / "run"
-    stats = pipeline.build(recipe_mod.load(d / "recipe.yaml"), run)
-    samples = {r["qid"]: r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()}
+def built(request, trained_model):
+    """This file's sources of the session's shared build (tests/_shared_build.py): 2- and 3-image
+    questions ("multi"), text-only ones with a worked solution ("text"), DropoutNTP on 2 and 3 images
+    ("views"), sampled n=6. (run, their stats, samples by qid, pairs)."""
+    run, stats = shared_build(request, trained_model)
+    samples = {
+        r["qid"]: r
+        for p in shards.unit_files(run)
+        for r in pq.read_table(p).to_pylist()
+        if r["source"] in MINE
+    }
     pairs = [r for p in sorted((run / "data").glob("train-*.parquet")) for r in pq.read_table(p).to_pylist()]
-    return run, stats, samples, pairs
+    return (
+        run,
+        {name: stats["sources"][name] for name in MINE},
+        samples,
+        [p for p in pairs if p["source"] in MINE],
+    )
 
 
 @pytest.mark.slow
 def test_every_image_reaches_the_engine_and_the_pairs(built):
     _, stats, samples, pairs = built
-    assert stats["totals"]["rejects"] == 0 and stats["totals"]["questions"] == 16
+    assert sum(st["rejects"] for st in stats.values()) == 0
+    assert sum(st["questions"] for st in stats.values()) == 16
     for s in samples.values():
         assert s["error"] == "" and len(s["responses"]) == (6 if s["pipeline"] == "correctness" else 1)
         assert s["image_tokens"] == IMAGE_TOKENS * len(s["images"])  # 2 or 3 images, or none
@@ -121,20 +71,20 @@ def test_every_image_reaches_the_engine_and_the_pairs(built):
             [(run.parent / f).read_bytes() for f in json.loads(line).get("image", [])]
             for line in (run.parent / f"{name}.jsonl").read_text().splitlines()
         ]
-        for name in ("multi", "text", "describe")
+        for name in MINE
     }
     for s in samples.values():
         assert s["images"] == files[s["source"]][s["row_index"]]
     for p in pairs:
         s = samples[p["qid"]]
         assert [im["bytes"] for im in p["images"]] == files[s["source"]][s["row_index"]]
-    assert stats["sources"]["describe"]["pairs"]["dropout_ntp"] > 0
+    assert stats["views"]["pairs"]["dropout_ntp"] > 0
 
 
 @pytest.mark.slow
 def test_dropout_continues_without_any_of_the_images(built):
     _, _, samples, _ = built
-    rows = [s for s in samples.values() if s["source"] == "describe"]
+    rows = [s for s in samples.values() if s["source"] == "views"]
     continued = [t for r in rows for t, k in zip(r["continuation_image_tokens"], r["prefix_words"]) if k >= 0]
     assert continued and all(t == 0 for t in continued)
     assert sorted(r["image_tokens"] for r in rows) == [2 * IMAGE_TOKENS] + [3 * IMAGE_TOKENS] * 3
