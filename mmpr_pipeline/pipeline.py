@@ -377,6 +377,8 @@ def run_units(
     options = _unit_options(recipe, run, recipe.model)
     sources = options["sources"]
     counter = start_counter()  # questions and tokens sampled so far, for the progress bar
+    # no more tasks than units: Ray Data warns when a cap exceeds the operator's inputs
+    n_tasks = max(1, min(TASKS_PER_REPLICA * plan.replicas, len(units)))
     ds = ray.data.from_items([u.to_item() for u in units], override_num_blocks=len(units))
     ds = ds.map_batches(
         load_units,
@@ -384,7 +386,7 @@ def run_units(
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0.25,
-        concurrency=TASKS_PER_REPLICA * plan.replicas,
+        concurrency=n_tasks,
     )
     # One unit = one block = one batch, from load to write (batch_size=None): no regrouping needed.
     ds = actor_stage(
@@ -420,7 +422,7 @@ def run_units(
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=0.25,
-        concurrency=TASKS_PER_REPLICA * plan.replicas,
+        concurrency=n_tasks,
     )
     total = sum(u.stop - u.start for u in units)
     done = 0
