@@ -586,7 +586,7 @@ def check_card(run_dir: str | Path) -> list[str]:
     """Problems with RUN_DIR/README.md: unparsable, or metadata that does not describe the shards."""
     from huggingface_hub import DatasetCard
 
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     path = run_dir / "README.md"
     if not path.is_file():
         return [f"{path}: missing (write it with `python -m mmpr_pipeline.card {run_dir}`)"]
@@ -595,7 +595,7 @@ def check_card(run_dir: str | Path) -> list[str]:
     except (CardError, OSError, pa.ArrowException) as e:
         return [str(e)]
     try:
-        card = DatasetCard.load(path)
+        card = DatasetCard(path.read_bytes().decode("utf-8-sig"))  # as DatasetCard.load reads a file
     except Exception as e:  # invalid YAML, front matter that is not a mapping, bad encoding
         return [f"{path}: cannot be parsed as a dataset card: {e}"]
     data = card.data.to_dict()

@@ -2,6 +2,8 @@
 
     mmpr export RUN_DIR --format trl|internvl --out DIR
 
+RUN_DIR may be a run folder on object storage (`s3://bucket/prefix`); DIR is a local folder.
+
 - `trl`: Parquet shards `DIR/data/train-*.parquet` in TRL's conversational vision preference format,
   which `DPOTrainer` takes as is (`load_dataset("parquet", data_dir="DIR/data")`):
   `prompt` = [{"role": "user", "content": [{"type": "image"}, ..., {"type": "text", "text": ...}]}],
@@ -50,6 +52,7 @@ from mmpr_pipeline.prompts import placeholders, user_content
 from mmpr_pipeline.records import background_of, image_for_readers
 from mmpr_pipeline.run_status import not_finished_error, status
 from mmpr_pipeline.shards import iter_row_groups
+from mmpr_pipeline.storage import as_path
 
 MARKER = "mmpr_export.json"
 BATCH_ROWS = 256
@@ -300,9 +303,10 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> dict:
     """Export a run's pairs to `out` in format `fmt`; return a summary ({'rows': ..., ...})."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r} (expected one of: {', '.join(sorted(FORMATS))})")
+    run_dir = as_path(run_dir)  # a local folder, or a run folder on object storage (s3://)
     run_status = status(run_dir)
-    if (Path(run_dir) / "samples").is_dir() and not run_status.finished:
-        raise ExportError(not_finished_error(Path(run_dir), run_status, "an export of part of it"))
+    if (run_dir / "samples").is_dir() and not run_status.finished:
+        raise ExportError(not_finished_error(run_dir, run_status, "an export of part of it"))
     try:
         run = card_mod.read_run(run_dir)
     except card_mod.CardError as e:
@@ -323,7 +327,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> dict:
                 raise OSError(e.errno, e.strerror or str(e), str(out)) from e
             summary = {
                 "format": fmt,
-                "run_dir": str(Path(run_dir).resolve()),
+                "run_dir": str(run_dir.resolve()),
                 "fingerprint": run["stats"].get("fingerprint"),
                 **summary,
                 "files": sorted(_files_under(tmp)),

@@ -1,4 +1,6 @@
 """Publish a run folder to the Hugging Face Hub as a dataset repo: `mmpr publish RUN_DIR --repo-id user/name`.
+RUN_DIR may be on object storage (`s3://bucket/prefix`): it is checked there, and the files to upload
+are copied to a temporary local folder for the upload.
 
 What goes up: the card (README.md) and its figures, the pair shards, stats.json and recipe.json. The
 samples and rejects stay local (they are audit material, and hold every image again).
@@ -34,6 +36,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ import pyarrow.parquet as pq
 
 from mmpr_pipeline import card as card_mod
 from mmpr_pipeline.records import PAIR_SCHEMA, PAIR_TYPES
+from mmpr_pipeline.storage import ObjectPath, as_path, download, parquet_source
 
 UPLOAD_FILES = ("README.md", "stats.json", "recipe.json")
 OPTIONAL_UPLOAD_FILES = ("preview.html",)  # the card links to it when the build wrote one
@@ -80,8 +84,9 @@ def _schema_problems(rel: str, schema) -> list[str]:
 
 
 def validate_run(run_dir: str | Path) -> list[str]:
-    """Everything wrong with a run folder that would make a broken or misleading Hub dataset."""
-    run_dir = Path(run_dir)
+    """Everything wrong with a run folder (local or on S3) that would make a broken or misleading Hub
+    dataset."""
+    run_dir = as_path(run_dir)
     if not run_dir.is_dir():
         return [f"{run_dir}: no such folder"]
     try:
@@ -101,7 +106,7 @@ def validate_run(run_dir: str | Path) -> list[str]:
                 f"{rel}: expected data/train-{i:05d}-of-{len(shards):05d}.parquet at position {i}"
             )
         try:
-            schema = pq.read_schema(run_dir / rel)
+            schema = pq.read_schema(parquet_source(run_dir / rel))
         except Exception as e:
             problems.append(f"{rel}: cannot be read as Parquet: {e}")
             continue
@@ -126,7 +131,7 @@ def validate_run(run_dir: str | Path) -> list[str]:
 
 def upload_plan(run_dir: str | Path) -> list[tuple[str, int]]:
     """(path in repo, bytes) of every file `publish` uploads, in upload order."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     stats = json.loads((run_dir / "stats.json").read_text())
     optional = [name for name in OPTIONAL_UPLOAD_FILES if (run_dir / name).is_file()]
     rels = list(UPLOAD_FILES) + optional + sorted(card_mod.FIGURES.values()) + list(stats["shards"])
@@ -538,6 +543,19 @@ def _create_repo(api, retried, repo_id: str, *, private: bool, revision: str | N
         )
 
 
+@contextlib.contextmanager
+def _local_folder(run_dir, plan: list[tuple[str, int]]):
+    """The folder `upload_folder` reads: the run folder itself, or for a run on object storage its
+    planned files copied to a temporary local folder (removed after the upload)."""
+    if not isinstance(run_dir, ObjectPath):
+        yield run_dir
+        return
+    print(f"Copying {len(plan)} files ({_size(sum(n for _, n in plan))}) from {run_dir} ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="mmpr-publish-") as folder:
+        download(run_dir, [rel for rel, _ in plan], folder)
+        yield Path(folder)
+
+
 def _upload(
     api,
     run_dir: Path,
@@ -577,7 +595,7 @@ def publish(
 
     Raises PublishError (with the exit code) on refusal, missing or rejected token, or Hub failure.
     """
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     _check_locally(run_dir, repo_id)
     plan = upload_plan(run_dir)
@@ -608,9 +626,10 @@ def publish(
         _check_card_on_hub(retried, endpoint, repo_id, run_dir, card_text, token)
         try:
             _create_repo(api, retried, repo_id, private=private, revision=revision)
-            _upload(
-                api, run_dir, repo_id, revision=revision, plan=plan, url=url, n_pairs=n_pairs, stats=stats
-            )
+            with _local_folder(run_dir, plan) as folder:
+                _upload(
+                    api, folder, repo_id, revision=revision, plan=plan, url=url, n_pairs=n_pairs, stats=stats
+                )
         except Exception as e:
             err = _explain(e, endpoint, repo_id, token)
             err.args = (f"{err}\nRe-run the same command to resume: files already on the Hub are skipped.",)

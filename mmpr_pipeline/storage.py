@@ -241,6 +241,23 @@ def local_copy(url: str) -> str:
     return dest
 
 
+def download(folder: ObjectPath, relatives: list[str], dest) -> None:
+    """Copy `relatives` (paths under `folder` on object storage) to the same paths under the local
+    folder `dest`, streamed (for writers that need local files: `upload_folder` reads a folder)."""
+    import pyarrow.fs as pafs
+
+    local = pafs.LocalFileSystem()
+    for rel in relatives:
+        source = folder / rel
+        fs, inner = source._fs()
+        target = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            pafs.copy_files(inner, target, source_filesystem=fs, destination_filesystem=local)
+        except (OSError, ValueError) as e:
+            raise _failure(source.url, e) from None
+
+
 # -- run folders on object storage ----------------------------------------------------------------
 
 

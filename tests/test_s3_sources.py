@@ -419,6 +419,41 @@ def test_select_and_preview_read_a_run_on_s3(builds, tmp_path):
     assert "MMPR preview" in (runs["s3"] / "preview.html").read_text()
 
 
+@pytest.mark.slow
+def test_export_and_publish_read_a_run_on_s3(builds, tmp_path, monkeypatch):
+    """`mmpr export` on the run folder on S3 writes the local run's pairs; `mmpr publish` checks it where
+    it is and uploads its planned files (the local run's names), copied byte for byte."""
+    from huggingface_hub import HfApi
+
+    from mmpr_pipeline import export, hub
+
+    runs = builds["runs"]
+    exported = {name: export.export(run, "trl", tmp_path / name) for name, run in runs.items()}
+    assert exported["s3"]["run_dir"] == str(runs["s3"]) and exported["s3"]["rows"] > 0
+
+    def rows(folder: Path) -> list[tuple]:
+        table = pa.concat_tables(pq.read_table(p) for p in sorted((folder / "data").glob("*.parquet")))
+        return sorted(zip(*(table.column(c).to_pylist() for c in ("id", "chosen", "rejected", "images"))))
+
+    assert rows(tmp_path / "s3") == rows(tmp_path / "demo")
+
+    assert hub.validate_run(runs["s3"]) == []
+    plan = hub.upload_plan(runs["s3"])
+    assert [rel for rel, _ in plan] == [rel for rel, _ in hub.upload_plan(runs["demo"])]
+    uploaded = {}
+
+    def upload_folder(self, *, folder_path, allow_patterns, **kwargs):
+        uploaded.update({rel: (Path(folder_path) / rel).read_bytes() for rel in allow_patterns})
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr(hub, "_validate_card_remote", lambda endpoint, text: None)
+    monkeypatch.setattr(HfApi, "whoami", lambda self: {"name": "me"})
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: None)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    hub.publish(runs["s3"], "me/demo", endpoint="http://127.0.0.1:9")
+    assert uploaded == {rel: (runs["s3"] / rel).read_bytes() for rel, _ in plan}
+
+
 def _pairs(run) -> list[dict]:
     """Every pair of a run folder (local or on S3), in shard order, with the fields that identify it."""
     from mmpr_pipeline import shards
