@@ -117,3 +117,35 @@ def test_demo_loop_sweep_table_is_its_stored_output():
     readme = _readme()
     for row in rows:
         assert row in readme, row
+
+
+def _fsdp_figures(stored: dict) -> tuple[str, ...]:
+    """ddp's and fsdp's measured peaks (lowest-highest process), the fsdp/ddp ratio, and plan/measured."""
+    mib = {
+        s: sorted(r["measured_mib"] for r in stored["processes"] if r["strategy"] == s)
+        for s in ("ddp", "fsdp")
+    }
+    return (
+        *(f"{v:,.0f}" for s in ("ddp", "fsdp") for v in (mib[s][0], mib[s][-1])),
+        f"{stored['fsdp_over_ddp']:.2f}",
+    )
+
+
+def test_fsdp_memory_figures_are_bench_train_fsdps_stored_outputs():
+    readme = _readme()
+    pattern = (
+        r"ddp\s+([\d,]+)-([\d,]+)\s+MiB,\s+fsdp\s+([\d,]+)-([\d,]+)\s+MiB\s+per\s+process,"
+        r"\s+\*\*([\d.]+)x\*\*"
+    )
+    for name, lead in (("bench_train_fsdp.json", "After:"), ("bench_train_fsdp_before.json", "Before:")):
+        stored = json.loads((RESULTS / name).read_text())
+        assert _one(re.escape(lead) + r"\s+" + pattern, readme).groups() == _fsdp_figures(stored), name
+    stored = json.loads((RESULTS / "bench_train_fsdp.json").read_text())
+    m = _one(r"plan/measured: ddp ([\d.]+), fsdp ([\d.]+)", readme)
+    assert m.groups() == tuple(f"{stored['plan_over_measured'][s]:.2f}" for s in ("ddp", "fsdp"))
+
+
+def test_plan_table_is_what_the_plan_prints():
+    from mmpr_pipeline.train.plan import presets_table
+
+    assert presets_table() in _readme()

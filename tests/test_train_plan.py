@@ -20,23 +20,52 @@ def test_counts_come_from_the_config_alone_and_match_the_loaded_model(tiny_model
     assert counts.vision == freeze_vision(model) > 0  # what freeze_vision freezes is the vision count
     assert counts.projector > 0 and counts.language > counts.largest_block > 0
     assert counts.lora > 0
+    text = model.config.get_text_config()
+    assert (counts.layers, counts.hidden) == (text.num_hidden_layers, text.hidden_size) and counts.kv > 0
+    # the root: embeddings, LM head, norms, the vision patch embedding and the projector
+    blocks = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
+    assert counts.root == counts.total - sum(p.numel() for b in blocks for p in b.parameters()) > 0
 
 
 def test_plan_per_strategy():
-    c = Counts(vision=100, projector=10, language=890, largest_block=50, lora=20)
+    c = Counts(vision=100, projector=10, language=890, largest_block=50, lora=20, root=40)
     ddp = plan(c, MPOConfig(), 4, "ddp")
     # float32: weights 4 B, gradients and AdamW's two moments for the 900 trained, a frozen copy
     assert ddp == dict(
-        weights=4000, gradients=3600, optimizer=7200, reference=4000, gathered=0, host=0, total=18800
+        weights=4000,
+        gradients=3600,
+        optimizer=7200,
+        reference=4000,
+        gathered=0,
+        activations=0,
+        host=0,
+        total=18800,
     )
     fsdp = plan(c, MPOConfig(strategy="fsdp", bf16=False), 4, "fsdp")
-    assert fsdp["weights"] == 1000 and fsdp["optimizer"] == 1800 and fsdp["gathered"] == 2 * 50 * 4
-    assert fsdp["total"] == 18800 / 4 + 400
+    # the root's weights and gradients whole, and four of the largest block
+    assert fsdp["weights"] == 1000 and fsdp["optimizer"] == 1800 and fsdp["gathered"] == (2 * 40 + 4 * 50) * 4
+    assert fsdp["total"] == 18800 / 4 + 1120
     assert plan(c, MPOConfig(reference="precomputed"), 1, "ddp")["reference"] == 0
     lora = plan(c, MPOConfig(lora=True, dtype="bfloat16"), 1, "ddp")
     assert lora["gradients"] == 2 * 30 and lora["reference"] == 0  # adapters + projector; adapters off
     off = plan(c, MPOConfig(strategy="fsdp", cpu_offload=True), 2, "fsdp")
     assert off["host"] == off["total"] - off["gathered"] > 0
+
+
+def test_activations_from_the_shapes():
+    c = Counts(
+        vision=0, projector=0, language=10**6, largest_block=10**5, layers=3, hidden=8, kv=4, intermediate=20
+    )
+    per_layer = 6 * 8 + 2 * 4 + 4 * 20  # values kept per token by a layer for its backward
+    cfg = dict(batch_size=2, max_length=10, bf16=False)
+    # chosen and rejected: 2 pairs x 2 sequences x 10 tokens, float32
+    assert plan(c, MPOConfig(**cfg), 1, "ddp")["activations"] == 40 * 3 * per_layer * 4
+    # checkpointed: each layer's input, and one layer's whole set while it is recomputed
+    checkpointed = plan(c, MPOConfig(**cfg, gradient_checkpointing=True), 1, "ddp")
+    assert checkpointed["activations"] == 40 * (3 * 8 + per_layer) * 4
+    assert plan(c, MPOConfig(**cfg, weights=[0, 0, 1]), 1, "ddp")["activations"] == 20 * 3 * per_layer * 4
+    # the same per process whatever the strategy
+    assert plan(c, MPOConfig(**cfg, strategy="fsdp"), 4, "fsdp")["activations"] == 40 * 3 * per_layer * 4
 
 
 def test_cli_plan_prints_without_loading_or_writing(tiny_model, tmp_path, capsys):

@@ -9,7 +9,9 @@ GPUs that have it, float32 on CPU), so N processes take the same steps as one.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 
 import torch
 import torch.distributed as dist
@@ -87,6 +89,41 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def full(t: torch.Tensor) -> torch.Tensor:
     """A DTensor gathered whole (every process gets it); a plain tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# --- host memory (glibc) --------------------------------------------------------------------------
+
+MMAP_THRESHOLD = 1 << 20
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to set
+        return None
+
+
+def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
+    """Every host allocation over `nbytes` in a mapping of its own, returned to the kernel when freed.
+    glibc starts so (at 128 KiB) but raises the threshold, up to 32 MiB, each time such a block is
+    freed; from then on tensors of a weight's size come from its heaps, where freed memory stays in
+    the process, fragmented. Training frees such tensors all the time (the whole weights once
+    sharded, the blocks FSDP gathers, the unsharded gradients), and the heaps grew by ~300 MiB per
+    process over the training state in bench_train_fsdp. A fixed threshold (as the environment's
+    MALLOC_MMAP_THRESHOLD_ sets, which is left as the user set it) stops that. False: not glibc."""
+    libc = _libc()
+    if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+
+
+def release_freed() -> None:
+    """Hand back to the kernel the free pages in glibc's heaps (after the whole weights of a model
+    are freed by sharding it)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------

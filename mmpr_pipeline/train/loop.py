@@ -588,21 +588,32 @@ def make_sharded(
     pad_id: int,
     out: Path,
     use_bf16: bool,
+    loaded: bool,
 ) -> tuple[Any, Reference]:
     """strategy: fsdp. LoRA and gradient checkpointing go in first (FSDP shards the modules that are
     there), then the policy and a live reference are sharded alike; a precomputed reference comes
-    from the sharded policy with its adapters off (they start at zero: the base model)."""
-    live = cfg.needs_reference and cfg.reference == "live"
-    frozen = ref_model if ref_model is not None else (copy.deepcopy(model) if live and not cfg.lora else None)
+    from the sharded policy with its adapters off (they start at zero: the base model).
+
+    Two whole models never coexist: the policy is sharded (its whole weights freed) before a live
+    reference is loaded from `cfg.model` and sharded in turn. Only a policy given as an object
+    (`loaded` False) is copied before sharding, having no file to load the reference from."""
+    live = cfg.needs_reference and cfg.reference == "live" and not cfg.lora
+    frozen = ref_model
+    if frozen is None and live and not loaded:
+        frozen = copy.deepcopy(model)
     model = make_trainable(model, cfg)
     standin = fsdp.standin_batch(datasets["train"], pad_id, d.device) if d.lockstep else None
     shard = partial(
         fsdp.shard, device=d.device, use_bf16=use_bf16, cpu_offload=cfg.cpu_offload, standin=standin
     )
     root = shard(model)
+    fsdp.release_freed()
+    if frozen is None and live:
+        frozen = load_model(cfg.model, cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code)
     ref = Reference()
     if cfg.needs_reference and frozen is not None:
         ref.model = shard(frozen.eval().requires_grad_(False))
+        fsdp.release_freed()
     if cfg.needs_reference and cfg.reference == "precomputed":
         t0, scorer, ref.model = time.perf_counter(), (root if ref.model is None else ref.model), None
         off = policy_of(scorer).disable_adapter() if cfg.lora and scorer is root else contextlib.nullcontext()
@@ -1071,12 +1082,15 @@ def train(config: MPOConfig, *, model=None, processor=None, ref_model=None) -> d
     encoder = PairEncoder(processor, cfg.max_length, with_rejected=cfg.needs_reference)
     train_set, eval_set = PairDataset(train_table, encoder), PairDataset(eval_table, encoder)
 
+    if d.device.type == "cpu" or cfg.cpu_offload:  # the training state lives in host memory
+        fsdp.fix_mmap_threshold()
+    loaded = model is None
     model = load_policy(model, cfg, d)
     use_bf16 = uses_bf16(cfg, d)
     autocast = partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=use_bf16)
     splits = {"train": train_set, "eval": eval_set}
     if d.sharded:
-        model, ref = make_sharded(model, ref_model, cfg, d, splits, autocast, pad_id, out, use_bf16)
+        model, ref = make_sharded(model, ref_model, cfg, d, splits, autocast, pad_id, out, use_bf16, loaded)
     else:
         ref = make_reference(model, ref_model, cfg, d, splits, autocast, pad_id, out)
         model = make_trainable(model, cfg)

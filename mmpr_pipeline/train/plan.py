@@ -4,10 +4,20 @@ are read), before a run is started that would not fit.
 
 Per process, in bytes, for P parameters of which T are trained, weights of w bytes each:
     weights P*w, gradients T*w, AdamW's two moments 2*T*w, a live reference (a frozen copy) P*w;
-under fsdp each of these is divided by N, plus the blocks FSDP gathers whole while they run (the
-current one and the one prefetched, in the compute dtype). `cpu_offload` moves the sharded part
-to host memory. Activations are not counted: they depend on the batch, max_length and gradient
-checkpointing, not on the strategy.
+under fsdp each of these is divided by N, plus what FSDP holds whole while a block runs
+("gathered", in the compute dtype c): the parameters outside the blocks (embeddings, LM head,
+norms: the root unit, kept whole from the forward to the end of the backward) and their gradients
+before they are reduce-scattered, and four of the largest block (in backward: its parameters, their
+whole gradients, the flat copy of those that is reduce-scattered, and the next block prefetched).
+`cpu_offload` moves the sharded part to host memory.
+
+Activations, for a micro-batch of full-length sequences (batch_size x max_length tokens, x2 when
+chosen and rejected go through one forward), in the compute dtype: each decoder layer keeps for
+its backward about 6*hidden + 2*kv + 4*intermediate values per token (the norms' and projections'
+inputs, q/k/v, the MLP's gate, up and product); with gradient checkpointing only each layer's input
+(hidden per token) plus one layer's whole set while it is recomputed. Attention scores (SDPA keeps
+none), the vision encoder's activations (frozen by default) and the LM head (computed in chunks)
+are left out. This is what a run of max_length sequences holds; shorter pairs hold less.
 """
 
 from __future__ import annotations
@@ -35,6 +45,12 @@ class Counts:
     language: int  # the language model with its embeddings and LM head
     largest_block: int  # the largest block FSDP shards as a unit
     lora: int = 0
+    root: int = 0  # parameters outside the blocks (FSDP's root unit)
+    # the language model's shapes, for activations (0: not counted, as in the README's table)
+    layers: int = 0
+    hidden: int = 0
+    kv: int = 0  # key/value width (kv heads x head dim)
+    intermediate: int = 0
 
     @property
     def total(self) -> int:
@@ -55,10 +71,10 @@ def count_parameters(model, cfg: MPOConfig) -> Counts:
     for name, p in model.named_parameters():
         sizes[_kind(name)] += p.numel()
     blocks = set(getattr(model, "_no_split_modules", None) or ())
-    largest = max(
-        (sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in blocks),
-        default=sizes["language"],
-    )
+    block_sizes = [
+        sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in blocks
+    ]
+    largest = max(block_sizes, default=sizes["language"])
     targets = cfg.lora_target_modules
     lora = 0
     for name, m in model.named_modules():
@@ -74,7 +90,39 @@ def count_parameters(model, cfg: MPOConfig) -> Counts:
             hit = re.fullmatch(targets, name) is not None
         if hit:
             lora += cfg.lora_r * (m.in_features + m.out_features)
-    return Counts(largest_block=largest, lora=lora, **sizes)
+    return Counts(
+        largest_block=largest,
+        lora=lora,
+        root=sum(sizes.values()) - sum(block_sizes),
+        **sizes,
+        **shapes(model.config),
+    )
+
+
+def shapes(config) -> dict[str, int]:
+    """The decoder's shapes from a model's config (its text config for a VLM)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", 0) or 0
+    heads = getattr(text, "num_attention_heads", 0) or 0
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else 0)
+    return dict(
+        layers=getattr(text, "num_hidden_layers", 0) or 0,
+        hidden=hidden,
+        kv=(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
+        intermediate=getattr(text, "intermediate_size", 0) or 0,
+    )
+
+
+def activations(counts: Counts, cfg: MPOConfig, compute: int) -> int:
+    """Bytes of activations kept for the backward of one micro-batch of full-length sequences
+    (see the module's text for the terms)."""
+    tokens = cfg.batch_size * cfg.max_length * (2 if cfg.needs_reference else 1)
+    per_layer = 6 * counts.hidden + 2 * counts.kv + 4 * counts.intermediate
+    if cfg.gradient_checkpointing:
+        kept = counts.layers * counts.hidden + per_layer
+    else:
+        kept = counts.layers * per_layer
+    return tokens * kept * compute
 
 
 def counts_from_config(cfg: MPOConfig) -> Counts:
@@ -111,10 +159,11 @@ def plan(counts: Counts, cfg: MPOConfig, nproc: int, strategy: str) -> dict[str,
     }
     if strategy == "fsdp":
         parts = {k: v / nproc for k, v in parts.items()}
-        parts["gathered"] = 2 * counts.largest_block * compute
-    sharded = sum(v for k, v in parts.items() if k != "gathered")
-    parts["host"] = sharded if strategy == "fsdp" and cfg.cpu_offload else 0
-    parts["total"] = sharded + parts["gathered"]
+        parts["gathered"] = (2 * counts.root + 4 * counts.largest_block) * compute
+    state = sum(v for k, v in parts.items() if k != "gathered")
+    parts["activations"] = activations(counts, cfg, compute)
+    parts["host"] = state if strategy == "fsdp" and cfg.cpu_offload else 0
+    parts["total"] = state + parts["gathered"] + parts["activations"]
     return parts
 
 
@@ -157,18 +206,43 @@ def cli_plan(args) -> int:
 
 # InternVL2.5's sizes (the MPO paper's family), approximately, from the model cards: InternViT-300M
 # or -6B, an MLP projector, and InternLM2.5 (1.8B, 7B, 20B) or Qwen2.5 (32B, 72B); the largest
-# block is a decoder layer's parameters. For the README's table (`python -m mmpr_pipeline.train.plan`).
+# block is a decoder layer's parameters, the root the untied embeddings and LM head (vocabulary x
+# hidden, twice) and the projector. For the README's table (`python -m mmpr_pipeline.train.plan`).
 PRESETS = {
-    "2B": Counts(vision=304_000_000, projector=12_600_000, language=1_890_000_000, largest_block=63_000_000),
-    "8B": Counts(vision=304_000_000, projector=33_600_000, language=7_740_000_000, largest_block=218_000_000),
+    "2B": Counts(
+        vision=304_000_000,
+        projector=12_600_000,
+        language=1_890_000_000,
+        largest_block=63_000_000,
+        root=92_553 * 2048 * 2 + 12_600_000,
+    ),
+    "8B": Counts(
+        vision=304_000_000,
+        projector=33_600_000,
+        language=7_740_000_000,
+        largest_block=218_000_000,
+        root=92_553 * 4096 * 2 + 33_600_000,
+    ),
     "26B": Counts(
-        vision=5_540_000_000, projector=116_000_000, language=19_860_000_000, largest_block=390_000_000
+        vision=5_540_000_000,
+        projector=116_000_000,
+        language=19_860_000_000,
+        largest_block=390_000_000,
+        root=92_553 * 6144 * 2 + 116_000_000,
     ),
     "38B": Counts(
-        vision=5_540_000_000, projector=92_000_000, language=32_760_000_000, largest_block=488_000_000
+        vision=5_540_000_000,
+        projector=92_000_000,
+        language=32_760_000_000,
+        largest_block=488_000_000,
+        root=151_674 * 5120 * 2 + 92_000_000,
     ),
     "78B": Counts(
-        vision=5_540_000_000, projector=172_000_000, language=72_700_000_000, largest_block=878_000_000
+        vision=5_540_000_000,
+        projector=172_000_000,
+        language=72_700_000_000,
+        largest_block=878_000_000,
+        root=151_674 * 8192 * 2 + 172_000_000,
     ),
 }
 VARIANTS = {
