@@ -1,8 +1,9 @@
 """The same build on a multi-node Ray cluster, and GPU placement planned before anyone pays for GPUs.
 
 A `ray.cluster_utils.Cluster` on this machine: a head node that takes no work (num_cpus=0) and two
-worker nodes. Every build here is a real `mmpr build` process (vLLM on CPU, the demo model), all
-writing to folders the nodes share (this machine's disk).
+worker nodes. Every build here is a real `mmpr build` process (vLLM on CPU, the demo model), writing
+to folders the nodes share (this machine's disk) or, as on Kubernetes where no file system is shared,
+to a run folder on object storage (moto's S3 server; the nodes start after it, with its environment).
 """
 
 import json
@@ -15,6 +16,8 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
+
+from mmpr_pipeline import storage
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -42,7 +45,7 @@ def _env(address: str | None) -> dict:
     return env
 
 
-def _build_cmd(run: Path, model: str) -> list[str]:
+def _build_cmd(run, model: str) -> list[str]:
     sets = [a for s in RECIPE_OVERRIDES for a in ("--set", s)]
     return [
         sys.executable,
@@ -58,23 +61,26 @@ def _build_cmd(run: Path, model: str) -> list[str]:
     ]
 
 
-def _build(run: Path, model: str, address: str | None) -> subprocess.CompletedProcess:
+def _build(run, model: str, address: str | None) -> subprocess.CompletedProcess:
     return subprocess.run(
         _build_cmd(run, model), cwd=REPO, env=_env(address), capture_output=True, text=True, timeout=900
     )
 
 
-def _pairs(run: Path) -> dict[str, tuple[str, str]]:
+def _pairs(run) -> dict[str, tuple[str, str]]:
+    """A run's pairs by id; `run` a local folder or a storage.ObjectPath."""
     rows = [
         r
         for p in sorted((run / "data").glob("train-*.parquet"))
-        for r in pq.read_table(p, columns=["id", "chosen", "rejected"]).to_pylist()
+        for r in pq.read_table(storage.parquet_source(p), columns=["id", "chosen", "rejected"]).to_pylist()
     ]
     return {r["id"]: (r["chosen"], r["rejected"]) for r in rows}
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(s3_server):
+    """Head and two worker nodes, started after the S3 server: their workers read and write the run
+    folder on it."""
     from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, include_dashboard=False))
@@ -134,16 +140,19 @@ def _engine_node(workers) -> object | None:
 
 
 def test_cluster_build_equals_single_node_even_when_the_engine_node_dies(
-    cluster, single_node, trained_model, tmp_path
+    cluster, single_node, trained_model, tmp_path, s3_server
 ):
     c, workers = cluster
     expected = _pairs(single_node[0])
 
-    # 1. the same recipe on the cluster: the same pairs, ids and texts
-    run = tmp_path / "cluster"
+    # 1. the same recipe on the cluster, its run folder on object storage (no shared file system):
+    # the same pairs, ids and texts
+    s3_server[1].create_dir("cluster-runs")
+    run = storage.as_path("s3://cluster-runs/run")
     proc = _build(run, trained_model, c.address)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert _pairs(run) == expected
+    assert json.loads((run / "stats.json").read_text())["resume"]["units"] == UNITS
 
     # 2. again, removing the node that holds the engine once the first unit is done and others are not
     run = tmp_path / "node-lost"
