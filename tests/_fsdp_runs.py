@@ -1,16 +1,12 @@
-"""The runs of tests/test_train_fsdp.py, as one `torchrun --nproc_per_node 2 --max-restarts 1` launch
-(each launch costs seconds of imports): `python -m torch.distributed.run ... _fsdp_runs.py MODEL
-DATA OUT`. The test runs the same CASES in one process with the default (unsharded) strategy to
-compare.
+"""The runs of tests/test_train_fsdp.py, as one `torchrun --nproc_per_node 2` launch (each launch
+costs seconds of imports): `python -m torch.distributed.run ... _fsdp_runs.py MODEL DATA OUT`.
+The test runs the same CASES in one process with the default (unsharded) strategy to compare.
 
 After the CASES, "full" is run again with its shards and optimizer states in host memory
-(cpu_offload) into OUT/offload, then once more into OUT/killed, where the second process SIGKILLs
-itself once step 3's checkpoint is written. torchrun then ends the other process and starts both
-again (TORCHELASTIC_RESTART_COUNT=1): this script, started again, only runs "killed" once more,
-which resumes from that checkpoint."""
+(cpu_offload) into OUT/offload, then resumed from a fresh folder holding only its step-3 checkpoint
+into OUT/resumed (what a run killed after step 3 leaves)."""
 
-import os
-import signal
+import shutil
 import sys
 from pathlib import Path
 
@@ -46,56 +42,20 @@ def config(name: str, model: str, data: str, out: Path, world: int, **kw):
     return MPOConfig(**case)
 
 
-KILL_STEP = 3
-
-
-def kill_after_checkpoint(loop, out: Path) -> None:
-    """The second process SIGKILLs itself as soon as step KILL_STEP's checkpoint is complete (every
-    process has passed the barrier after its rename), leaving a marker that it did."""
-    import torch.distributed as dist
-
-    save = loop.save_checkpoint
-
-    def save_then_die(output_dir, step, *args, **kwargs):
-        save(output_dir, step, *args, **kwargs)
-        if step == KILL_STEP and dist.get_rank() == 1:
-            (out / f"killed-after-step-{step}").touch()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    loop.save_checkpoint = save_then_die
-
-
-def record_resume(loop, out: Path) -> None:
-    """A marker naming the step the run resumed at (0: it started over)."""
-    import torch.distributed as dist
-
-    resume = loop.resume
-
-    def resume_and_record(*args, **kwargs):
-        state = resume(*args, **kwargs)
-        if dist.get_rank() == 0:
-            (out / f"resumed-at-step-{state.step}").touch()
-        return state
-
-    loop.resume = resume_and_record
-
-
 if __name__ == "__main__":
     import torch
+    import torch.distributed as dist
 
-    from mmpr_pipeline.train import loop, train
+    from mmpr_pipeline.train import train
 
     torch.set_num_threads(1)
     model, data, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    killed = dict(strategy="fsdp", output_dir=str(out / "killed"))
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":  # started again after the kill
-        record_resume(loop, out / "killed")
-        train(config("full", model, data, out, 2, **killed))
-        sys.exit(0)
     for name in CASES:
         train(config(name, model, data, out, 2, strategy="fsdp"))
     offload = dict(strategy="fsdp", cpu_offload=True, save_every=-1, output_dir=str(out / "offload"))
     train(config("full", model, data, out, 2, **offload))
-    kill_after_checkpoint(loop, out / "killed")
-    train(config("full", model, data, out, 2, **killed))
-    raise SystemExit("the run meant to be killed at step 3 was not")
+    # Interrupted after step 3: a fresh folder holding only that checkpoint, resumed to step 5.
+    if dist.get_rank() == 0:
+        shutil.copytree(out / "full" / "checkpoint-000003", out / "resumed" / "checkpoint-000003")
+    dist.barrier()
+    train(config("full", model, data, out, 2, strategy="fsdp", output_dir=str(out / "resumed")))
