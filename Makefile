@@ -39,7 +39,7 @@ browser:  ## install Chromium (Debian package) for the preview's browser test (s
 	@bash scripts/install_chromium.sh
 
 test: setup demo-model browser  ## run the test suite (real vLLM, real Ray, on CPU)
-	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=40 tests
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --durations=40 tests
 
 lint: setup  ## ruff: format check and lint (line length 110, import order; config in pyproject.toml)
 	$(VENV)/bin/ruff format --check .

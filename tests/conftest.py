@@ -114,33 +114,8 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped under CI, where every test must run: {reason}"
 
 
-# The longest files, longest first (about this many seconds in a quiet `make test`).
-LONGEST_FILES = [
-    "test_resume.py",  # 500
-    "test_s3_sources.py",  # 350
-    "test_cluster.py",  # 250
-    "test_sigterm.py",  # 250
-    "test_engine_failure.py",  # 250
-    "test_demo_loop.py",  # 220
-    "test_judge_stage.py",  # 130
-]
-# Readers of the session's shared build (tests/_shared_build.py), which a slow file (test_engine_failure
-# or test_build_e2e) makes first: last, so that no worker waits for the other to finish it.
-SHARED_BUILD_READERS = ["test_pair_direction.py", "test_prompt_shapes.py", "test_answer_fix.py"]
-
-
 def pytest_collection_modifyitems(config, items):
-    """The longest files first, then other files with slow tests, then the rest, then the shared
-    build's readers (stable otherwise):
-    `make test` runs files on two workers (pytest-xdist, --dist loadfile --no-loadscope-reorder,
-    which keeps this order: by default xdist sends the files with the most tests first, which put the
-    slowest, one- or two-test files last), and a long file started last would run alone at the end."""
+    """Files with slow tests first (stable otherwise): `make test` runs files on two workers
+    (pytest-xdist, --dist loadfile), and a long file started last would run alone at the end."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(
-        key=lambda item: (
-            item.path.name in SHARED_BUILD_READERS,
-            rank.get(item.path.name, len(rank)),
-            item.path not in slow_files,
-        )
-    )
+    items.sort(key=lambda item: item.path not in slow_files)
