@@ -12,12 +12,20 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from mmpr_pipeline.train.data import PairDataset, collate
-from mmpr_pipeline.train.model import LogpsModule, unwrap
+from mmpr_pipeline.train.model import (
+    HEAD_METHOD,
+    PROJECTOR_NAMES,
+    VISION_PREFIXES,
+    LogpsModule,
+    head_token_logps,
+    unwrap,
+)
 
 log = logging.getLogger("mmpr.train")
 
@@ -31,7 +39,12 @@ def mixed_precision(use_bf16: bool):
 def shard(model, device: torch.device, use_bf16: bool, cpu_offload: bool, standin: dict | None):
     """`model` (transformers or peft) sharded block by block, inside a LogpsModule root."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kw = dict(
@@ -48,11 +61,47 @@ def shard(model, device: torch.device, use_bf16: bool, cpu_offload: bool, standi
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, **kw)
+            if device.type == "cpu":
+                # no streams to overlap a prefetched gather with: it would only hold a second
+                # block whole (its own unit as the target: nothing left to fetch)
+                module.set_modules_to_backward_prefetch([module])
             n += 1
+    others = outer_units(model)
+    for module in others:
+        fully_shard(module, **kw)
+    head = unwrap(model).get_output_embeddings()
+    if head is not None and head in others:
+        # the chunked LM head reads its weight directly: this method is its forward for FSDP
+        setattr(head, HEAD_METHOD, partial(head_token_logps, head))
+        register_fsdp_forward_method(head, HEAD_METHOD)
     root = LogpsModule(model, standin)
     fully_shard(root, **kw)
-    log.info("fsdp: %d blocks and the root sharded over %d process(es)", n, mesh.size())
+    log.info("fsdp: %d blocks, %d other units, the root: %d process(es)", n, len(others), mesh.size())
     return root
+
+
+def outer_units(model) -> list[torch.nn.Module]:
+    """The modules outside the blocks that get a unit of their own, so that the root holds less (its
+    parameters stay gathered from the forward to the end of the backward, and their gradients whole
+    until then): the LM head (unless tied to the input embeddings: one weight, one unit) and the
+    vision encoder with its projector (patch embedding, merger). The input embeddings stay in the
+    root: a process without an image runs the vision encoder on the stand-in image before the
+    model embeds its tokens, one with an image after, and the units' gathers must come in one order."""
+    inner = unwrap(model)
+    units = []
+    embed, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    if head is not None and not (embed is not None and head.weight is embed.weight):
+        units.append(head)
+    for name, module in inner.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if f"{last}." in VISION_PREFIXES or any(x in last for x in PROJECTOR_NAMES):
+            if not any(module is u or _contains(u, module) for u in units):
+                units.append(module)
+    return [u for u in units if any(True for _ in u.parameters())]
+
+
+def _contains(outer: torch.nn.Module, module: torch.nn.Module) -> bool:
+    return any(m is module for m in outer.modules())
 
 
 def standin_batch(dataset: PairDataset, pad_id: int, device: torch.device) -> dict | None:
@@ -93,7 +142,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 # --- host memory (glibc) --------------------------------------------------------------------------
 
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = 1 << 18
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
@@ -111,7 +160,10 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
     the process, fragmented. Training frees such tensors all the time (the whole weights once
     sharded, the blocks FSDP gathers, the unsharded gradients), and the heaps grew by ~300 MiB per
     process over the training state in bench_train_fsdp. A fixed threshold (as the environment's
-    MALLOC_MMAP_THRESHOLD_ sets, which is left as the user set it) stops that. False: not glibc."""
+    MALLOC_MMAP_THRESHOLD_ sets, which is left as the user set it) stops that. 256 KiB, not 1 MiB:
+    a short batch's activations (2 x 100 tokens x 1024 floats = 800 KiB) stayed in the heaps too,
+    120-145 MiB per process freed but held at the end of a backward (malloc_trim's count), and
+    the FSDP peak was 80-100 MiB higher. False: not glibc."""
     libc = _libc()
     if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False

@@ -10,6 +10,7 @@ vocabularies.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -224,6 +225,18 @@ def response_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
     h = hidden[:, :-1][mask]
     labels = batch["input_ids"][:, 1:][mask]
     softcap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
+    # under FSDP the head is a unit of its own, gathered around this call (fsdp.shard)
+    head_logps = getattr(lm_head, HEAD_METHOD, None) or partial(head_token_logps, lm_head)
+    return head_logps(h, labels, softcap), mask
+
+
+HEAD_METHOD = "token_logps"
+
+
+def head_token_logps(
+    lm_head: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor, softcap: float | None
+) -> torch.Tensor:
+    """log p(labels) from hidden states `h` [tokens, hidden], the logits a chunk at a time."""
     chunk = max(16, LOGITS_PER_CHUNK // lm_head.weight.shape[0])
     pieces = []
     for s in range(0, h.shape[0], chunk):
@@ -234,8 +247,7 @@ def response_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
             if torch.is_grad_enabled()
             else _token_logps(*args)
         )
-    token_logps = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
-    return token_logps, mask
+    return torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
 
 
 def response_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,11 +4,14 @@ are read), before a run is started that would not fit.
 
 Per process, in bytes, for P parameters of which T are trained, weights of w bytes each:
     weights P*w, gradients T*w, AdamW's two moments 2*T*w, a live reference (a frozen copy) P*w;
-under fsdp each of these is divided by N, plus what FSDP holds whole while a block runs
-("gathered", in the compute dtype c): the parameters outside the blocks (embeddings, LM head,
-norms: the root unit, kept whole from the forward to the end of the backward) and their gradients
-before they are reduce-scattered, and four of the largest block (in backward: its parameters, their
-whole gradients, the flat copy of those that is reduce-scattered, and the next block prefetched).
+under fsdp each of these is divided by N, plus what FSDP holds whole while a unit runs
+("gathered", in the compute dtype c): the parameters outside the units (the root's: the input
+embeddings and norms, kept whole from the forward to the end of the backward) and their
+gradients, and four of the largest unit (a decoder layer, or the LM head when vocabulary x hidden
+is larger; in
+backward: its parameters, their whole gradients, the flat copy of those that is reduce-scattered,
+and the next unit prefetched). On CPU nothing is prefetched (no stream to overlap it with), so
+the peak holds about two of it: the plan is high by two units there.
 `cpu_offload` moves the sharded part to host memory.
 
 Activations, for a micro-batch of full-length sequences (batch_size x max_length tokens, x2 when
@@ -43,9 +46,9 @@ class Counts:
     vision: int
     projector: int
     language: int  # the language model with its embeddings and LM head
-    largest_block: int  # the largest block FSDP shards as a unit
+    largest_block: int  # the largest unit FSDP shards (a block or the LM head)
     lora: int = 0
-    root: int = 0  # parameters outside the blocks (FSDP's root unit)
+    root: int = 0  # parameters outside the units (FSDP's root unit: input embeddings, norms)
     # the language model's shapes, for activations (0: not counted, as in the README's table)
     layers: int = 0
     hidden: int = 0
@@ -70,11 +73,8 @@ def count_parameters(model, cfg: MPOConfig) -> Counts:
     sizes = {"vision": 0, "projector": 0, "language": 0}
     for name, p in model.named_parameters():
         sizes[_kind(name)] += p.numel()
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
-    block_sizes = [
-        sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in blocks
-    ]
-    largest = max(block_sizes, default=sizes["language"])
+    unit_sizes = [n for _, n in fsdp_units(model)]
+    largest = max(unit_sizes, default=sizes["language"])
     targets = cfg.lora_target_modules
     lora = 0
     for name, m in model.named_modules():
@@ -93,10 +93,24 @@ def count_parameters(model, cfg: MPOConfig) -> Counts:
     return Counts(
         largest_block=largest,
         lora=lora,
-        root=sum(sizes.values()) - sum(block_sizes),
+        root=sum(sizes.values()) - sum(unit_sizes),
         **sizes,
         **shapes(model.config),
     )
+
+
+def fsdp_units(model) -> list[tuple[torch.nn.Module, int]]:
+    """The units `fsdp.shard` makes below the root, each with the parameters it shards: the blocks
+    (`_no_split_modules`), then the LM head and the vision encoder without its blocks."""
+    from mmpr_pipeline.train.fsdp import outer_units
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    units = [(m, sum(p.numel() for p in m.parameters())) for m in blocks]
+    in_blocks = {id(p) for m in blocks for p in m.parameters()}
+    for m in outer_units(model):
+        units.append((m, sum(p.numel() for p in m.parameters() if id(p) not in in_blocks)))
+    return units
 
 
 def shapes(config) -> dict[str, int]:
@@ -206,43 +220,44 @@ def cli_plan(args) -> int:
 
 # InternVL2.5's sizes (the MPO paper's family), approximately, from the model cards: InternViT-300M
 # or -6B, an MLP projector, and InternLM2.5 (1.8B, 7B, 20B) or Qwen2.5 (32B, 72B); the largest
-# block is a decoder layer's parameters, the root the untied embeddings and LM head (vocabulary x
-# hidden, twice) and the projector. For the README's table (`python -m mmpr_pipeline.train.plan`).
+# unit is the larger of a decoder layer and the LM head (vocabulary x hidden, untied), the root the
+# input embeddings (as large) and the projector (InternVL's `mlp1`, not a name `outer_units` knows).
+# For the README's table (`python -m mmpr_pipeline.train.plan`).
 PRESETS = {
     "2B": Counts(
         vision=304_000_000,
         projector=12_600_000,
         language=1_890_000_000,
-        largest_block=63_000_000,
-        root=92_553 * 2048 * 2 + 12_600_000,
+        largest_block=max(63_000_000, 92_553 * 2048),
+        root=92_553 * 2048 + 12_600_000,
     ),
     "8B": Counts(
         vision=304_000_000,
         projector=33_600_000,
         language=7_740_000_000,
-        largest_block=218_000_000,
-        root=92_553 * 4096 * 2 + 33_600_000,
+        largest_block=max(218_000_000, 92_553 * 4096),
+        root=92_553 * 4096 + 33_600_000,
     ),
     "26B": Counts(
         vision=5_540_000_000,
         projector=116_000_000,
         language=19_860_000_000,
-        largest_block=390_000_000,
-        root=92_553 * 6144 * 2 + 116_000_000,
+        largest_block=max(390_000_000, 92_553 * 6144),
+        root=92_553 * 6144 + 116_000_000,
     ),
     "38B": Counts(
         vision=5_540_000_000,
         projector=92_000_000,
         language=32_760_000_000,
-        largest_block=488_000_000,
-        root=151_674 * 5120 * 2 + 92_000_000,
+        largest_block=max(488_000_000, 151_674 * 5120),
+        root=151_674 * 5120 + 92_000_000,
     ),
     "78B": Counts(
         vision=5_540_000_000,
         projector=172_000_000,
         language=72_700_000_000,
-        largest_block=878_000_000,
-        root=151_674 * 8192 * 2 + 172_000_000,
+        largest_block=max(878_000_000, 151_674 * 8192),
+        root=151_674 * 8192 + 172_000_000,
     ),
 }
 VARIANTS = {
