@@ -1,7 +1,8 @@
 """`strategy: fsdp`: the policy (and a live reference) sharded over the processes with PyTorch FSDP2.
 
 `fully_shard` goes on each block the model names as indivisible (`_no_split_modules`: the decoder
-layers and the vision-encoder blocks), then on a `LogpsModule` around the whole model as the root.
+layers and the vision-encoder blocks), on the LM head and the vision encoder's own parameters
+(`outer_units`), then on a `LogpsModule` around the whole model as the root.
 Each process then holds 1/N of the weights, gradients and AdamW states; a block's full weights exist
 only while it runs. Gradients are reduce-scattered in float32 whatever the compute dtype (bf16 on
 GPUs that have it, float32 on CPU), so N processes take the same steps as one.

@@ -157,8 +157,8 @@ def policy_of(model):
 
 class LogpsModule(torch.nn.Module):
     """`response_token_logps` as one module's forward: the root unit under FSDP, whose pre-forward
-    gathers the parameters outside the sharded blocks (embeddings, LM head, norms, projector) that
-    the chunked LM head reads directly, and whose post-backward reduces their gradients.
+    gathers the parameters no other unit holds (the input embeddings, norms), and whose
+    post-backward reduces their gradients.
 
     Every FSDP block is a collective: all processes must run the same blocks in the same order. A
     process whose micro-batch has no image would skip the vision blocks that the others run, so
