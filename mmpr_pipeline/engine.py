@@ -27,7 +27,17 @@ log = logging.getLogger(__name__)
 # Settings that work on a CPU (see README, "vLLM on CPU"); a GPU uses vLLM's own defaults
 # unless the recipe's `engine:` says otherwise.
 # Chunked prefill is off on CPU because per-request seeds crash with it there.
-CPU_DEFAULTS = dict(enforce_eager=True, dtype="bfloat16", max_model_len=2048, enable_chunked_prefill=False)
+# The model runs inside vLLM's engine-core process ("uni"): otherwise vLLM on CPU starts one more
+# process for it, which imports torch and vLLM again (~25 CPU-seconds per engine start; the resume
+# test's build 108 -> 87 s, the same samples). AsyncLLM keeps its engine core in a process of its own
+# either way; VLLM_ENABLE_V1_MULTIPROCESSING=0 is what lets the CPU platform keep "uni".
+CPU_DEFAULTS = dict(
+    enforce_eager=True,
+    dtype="bfloat16",
+    max_model_len=2048,
+    enable_chunked_prefill=False,
+    distributed_executor_backend="uni",
+)
 # Every question has its own image, used by one request (its n samples share it): vLLM's cache of
 # processed images would only grow (up to 4 GiB per replica by default), never hit.
 COMMON_DEFAULTS = dict(limit_mm_per_prompt={"image": 1}, mm_processor_cache_gb=0)
@@ -68,6 +78,7 @@ def engine_kwargs(model: str, options: dict[str, Any], seed: int) -> dict[str, A
     if not has_gpu():
         kwargs.update(CPU_DEFAULTS)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     elif gpus_per_replica(options) > 1:
         # vLLM's workers then live in the actor's placement group (see `replica_plan`).
         kwargs["distributed_executor_backend"] = "ray"
@@ -341,6 +352,16 @@ class Engine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+        # vLLM leaves its ZMQ context to the garbage collector, whose `term` waits without end for
+        # any socket still open: a test process hung there, inside an unrelated later test, after an
+        # in-process engine. End it here, dropping what is unsent, and give up after a few seconds.
+        ctx = getattr(getattr(getattr(self.llm, "engine_core", None), "resources", None), "ctx", None)
+        if ctx is not None and not ctx.closed:
+            import threading
+
+            ender = threading.Thread(target=ctx.destroy, kwargs=dict(linger=0), daemon=True)
+            ender.start()
+            ender.join(timeout=5)
 
 
 def request_seed(seed: int, *parts: object) -> int:

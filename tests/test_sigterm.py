@@ -51,14 +51,13 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 240)
         time.sleep(0.3)
 
 
-def engine_started(proc: subprocess.Popen) -> list[psutil.Process]:
-    """The processes under `proc` once one of them is the vLLM engine (else [])."""
-    procs = psutil.Process(proc.pid).children(recursive=True)
-    names = []
-    for p in procs:
+def descendants(proc: subprocess.Popen) -> dict[int, tuple[psutil.Process, str]]:
+    """The processes under `proc` now, with their names and command lines."""
+    out = {}
+    for p in psutil.Process(proc.pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            names.append(p.name() + " " + " ".join(p.cmdline()))
-    return procs if any("EngineCore" in n for n in names) else []
+            out[p.pid] = (p, p.name() + " " + " ".join(p.cmdline()))
+    return out
 
 
 def build_args(model: str, out: Path) -> list[str]:
@@ -66,12 +65,24 @@ def build_args(model: str, out: Path) -> list[str]:
 
 
 def stop_build(model: str, out: Path, log: Path, sigterms: int) -> tuple[int, list[psutil.Process]]:
-    """A build that SIGTERM stops while its engine samples: (rc, the processes it had started)."""
+    """A build that SIGTERM stops once its vLLM engine runs: (rc, every process it had started).
+
+    The engine is seen as a `VLLM::EngineCore` process under the build or, should a poll miss it,
+    as the progress bar's "sampling"; what was seen is in the message if the build ends first."""
     proc = start(build_args(model, out), log)
+    seen: dict[int, tuple[psutil.Process, str]] = {}
+
+    def engine_runs() -> bool:
+        seen.update(descendants(proc))
+        text = log.read_text() if log.exists() else ""
+        return any("EngineCore" in name for _, name in seen.values()) or "sampling" in text
+
     try:
-        procs: list[psutil.Process] = []
-        wait_for(lambda: procs.extend(engine_started(proc)) or procs, proc, log)
-        time.sleep(1)  # into sampling
+        deadline = time.monotonic() + 300
+        while not engine_runs():
+            names = sorted({name[:60] for _, name in seen.values()})
+            assert proc.poll() is None and time.monotonic() < deadline, (names, log.read_text()[-3000:])
+            time.sleep(0.2)
         for _ in range(sigterms):
             os.kill(proc.pid, signal.SIGTERM)
             time.sleep(0.2)
@@ -79,7 +90,7 @@ def stop_build(model: str, out: Path, log: Path, sigterms: int) -> tuple[int, li
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    return rc, procs
+    return rc, [p for p, _ in seen.values()]
 
 
 def assert_all_ended(procs: list[psutil.Process]) -> None:
