@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -357,8 +358,6 @@ class Engine:
         # in-process engine. End it here, dropping what is unsent, and give up after a few seconds.
         ctx = getattr(getattr(getattr(self.llm, "engine_core", None), "resources", None), "ctx", None)
         if ctx is not None and not ctx.closed:
-            import threading
-
             ender = threading.Thread(target=ctx.destroy, kwargs=dict(linger=0), daemon=True)
             ender.start()
             ender.join(timeout=5)

@@ -96,13 +96,9 @@ def outer_units(model) -> list[torch.nn.Module]:
     for name, module in inner.named_modules():
         last = name.rsplit(".", 1)[-1]
         if f"{last}." in VISION_PREFIXES or any(x in last for x in PROJECTOR_NAMES):
-            if not any(module is u or _contains(u, module) for u in units):
+            if not any(module is m for u in units for m in u.modules()):  # not inside one already
                 units.append(module)
     return [u for u in units if any(True for _ in u.parameters())]
-
-
-def _contains(outer: torch.nn.Module, module: torch.nn.Module) -> bool:
-    return any(m is module for m in outer.modules())
 
 
 def standin_batch(dataset: PairDataset, pad_id: int, device: torch.device) -> dict | None:

@@ -10,7 +10,6 @@ vocabularies.
 from __future__ import annotations
 
 import logging
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 VISION_PREFIXES = ("visual.", "vision_tower.", "vision_model.", "vision_encoder.", "image_encoder.")
 PROJECTOR_NAMES = ("merger", "projector", "connector")  # Qwen, LLaVA/InternVL/Gemma 3, Idefics3
 LOGITS_PER_CHUNK = 2**25  # ~32M logits (128 MB in float32) at a time in the LM head
+# The LM head's method that FSDP hooks as its forward when the head is a unit (fsdp.shard)
+HEAD_METHOD = "token_logps"
 
 
 def check_model_name(name: str) -> None:
@@ -226,11 +227,9 @@ def response_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
     labels = batch["input_ids"][:, 1:][mask]
     softcap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
     # under FSDP the head is a unit of its own, gathered around this call (fsdp.shard)
-    head_logps = getattr(lm_head, HEAD_METHOD, None) or partial(head_token_logps, lm_head)
-    return head_logps(h, labels, softcap), mask
-
-
-HEAD_METHOD = "token_logps"
+    hooked = getattr(lm_head, HEAD_METHOD, None)
+    token_logps = hooked(h, labels, softcap) if hooked else head_token_logps(lm_head, h, labels, softcap)
+    return token_logps, mask
 
 
 def head_token_logps(

@@ -8,10 +8,9 @@ under fsdp each of these is divided by N, plus what FSDP holds whole while a uni
 ("gathered", in the compute dtype c): the parameters outside the units (the root's: the input
 embeddings and norms, kept whole from the forward to the end of the backward) and their
 gradients, and four of the largest unit (a decoder layer, or the LM head when vocabulary x hidden
-is larger; in
-backward: its parameters, their whole gradients, the flat copy of those that is reduce-scattered,
-and the next unit prefetched). On CPU nothing is prefetched (no stream to overlap it with), so
-the peak holds about two of it: the plan is high by two units there.
+is larger; in backward: its parameters, their whole gradients, the flat copy of those that is
+reduce-scattered, and the next unit prefetched). On CPU nothing is prefetched (no stream to
+overlap it with), so the peak holds about two of it: the plan is high by two units there.
 `cpu_offload` moves the sharded part to host memory.
 
 Activations, for a micro-batch of full-length sequences (batch_size x max_length tokens, x2 when
