@@ -1,6 +1,6 @@
 """One real build (local Ray, vLLM on CPU, the trained demo model) shared by the test files that only
-read a run: test_build_e2e, test_pair_direction, test_prompt_shapes and test_answer_fix; and
-test_engine_failure's uninterrupted reference (its demo sources).
+read a run: test_build_e2e, test_pair_direction, test_prompt_shapes and test_answer_fix; and the
+uninterrupted references of test_engine_failure (its demo sources) and test_s3_sources.
 
 Each of them used to build its own small recipe, and a build's cost is almost all its engine start
 (sampling these few questions takes seconds). Their sources now go into one recipe, built once per
@@ -29,6 +29,7 @@ SOURCES = {
     "pair_direction": ("shapes", "describe", "captions"),
     "prompt_shapes": ("multi", "text", "views"),
     "answer_fix": ("mc",),
+    "s3_sources": ("shapes", "describe", "tally"),
 }
 
 # test_pair_direction: captions given as the rows' responses (`fields.response`).
@@ -156,6 +157,15 @@ def _answer_fix(d: Path) -> list[dict]:
     ]
 
 
+# test_s3_sources: a third generated source, so each file loader there has one (2 rows: one unit).
+TALLY = {"name": "tally", "loader": "generated", "generator": {"seed": 3, "families": ["count"]}}
+
+
+def _tally() -> list[dict]:
+    """test_s3_sources' third source, generated; that file builds the same rows from files on S3."""
+    return [dict(TALLY, limit=2)]
+
+
 def write_recipe(d: Path, model: str) -> Path:
     """The demo recipe at small scale (shapes 12, describe 6, n=4, 48 tokens, shards of 20 pairs) plus
     the readers' own sources, their files under `d`; returns the recipe file."""
@@ -165,6 +175,7 @@ def write_recipe(d: Path, model: str) -> Path:
     data["sources"][0]["limit"] = 12
     data["sources"][1]["limit"] = 6
     data["sources"] += _captions(d) + _prompt_shapes(d) + _answer_fix(d)
+    data["sources"] += _tally()
     path = d / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

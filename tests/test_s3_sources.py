@@ -2,9 +2,10 @@
 
 The demo recipe's generated sources are written out as files (two Parquet files read through a glob,
 JSON Lines naming image files, a `datasets` save_to_disk folder) and uploaded; read from S3 they give
-the same questions as the generated rows, and a build from them the same pairs as the demo's own
-build. Errors (no bucket, no object, a glob matching nothing, refused keys, a closed or silent
-endpoint) name the source and the URL and come back in seconds.
+the same questions as the generated rows, and a build from them the same samples and pairs as the
+session's shared build (tests/_shared_build.py) gives those questions from the generated sources.
+Errors (no bucket, no object, a glob matching nothing, refused keys, a closed or silent endpoint) name
+the source and the URL and come back in seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from _shared_build import SOURCES, TALLY, shared_build
 
 from mmpr_pipeline import recipe as recipe_mod
 from mmpr_pipeline import storage, tasks
@@ -33,11 +35,12 @@ REPO = Path(__file__).resolve().parent.parent
 BUCKET = "mmpr-test"
 COLUMNS = ("image", "question", "answer", "answer_type", "options", "task")
 LIMITS = {"shapes": 4, "describe": 2, "tally": 2}  # rows: two Parquet files of two rows
-TALLY = {"name": "tally", "loader": "generated", "generator": {"seed": 3, "families": ["count"]}}
 
 
 def demo_data(limits: dict = LIMITS) -> dict:
-    """The demo recipe, small, plus a third generated source (so each file loader has one source)."""
+    """The demo recipe, small, plus a third generated source (so each file loader has one source): the
+    sampling settings of the shared build, whose sources hold these rows first (a generated source's
+    rows are by index, a question's id by its content)."""
     data = yaml.safe_load((REPO / "data_cards" / "demo.yaml").read_text())
     data["sources"].append(dict(TALLY))
     for source in data["sources"]:
@@ -347,73 +350,92 @@ def test_a_source_that_fails_on_a_worker_is_one_line_naming_it(ray_with_s3, uplo
 
 
 @pytest.fixture(scope="module")
-def builds(uploaded, ray_with_s3, trained_model, tmp_path_factory) -> dict:
-    """The demo recipe (small) built twice on the module's Ray: from its generated sources into a local
-    folder ("demo"), and from its sources on S3 into a run folder on S3 ("s3": `--out s3://...`).
-    Returns the two run folders (a Path, a storage.ObjectPath), their stats and the S3 recipe's data."""
+def builds(request, uploaded, ray_with_s3, trained_model, s3_server, tmp_path_factory) -> dict:
+    """The demo recipe (small) built from its sources on S3 into a run folder on S3 (`--out s3://...`),
+    on the module's Ray; the session's shared build, whose generated sources hold the same questions
+    (the reference); and a plain copy of the S3 run on this machine (pyarrow's, no mmpr code), for
+    readers to read the same run from both places. Returns the run folders (a storage.ObjectPath, two
+    Paths), the S3 build's stats, the S3 recipe's data and the qids of the small generated sources."""
     from mmpr_pipeline import pipeline
 
     data, _, url = uploaded
     data = dict(data, model=trained_model)
     on_s3 = as_files(data, url)
-    runs = {"demo": tmp_path_factory.mktemp("demo") / "run", "s3": storage.as_path(f"s3://{BUCKET}/runs/s3")}
-    stats = {name: pipeline.build(_recipe(d), runs[name]) for name, d in (("demo", data), ("s3", on_s3))}
-    return dict(runs=runs, stats=stats, s3_data=on_s3)
+    s3 = storage.as_path(f"s3://{BUCKET}/runs/s3")
+    stats = pipeline.build(_recipe(on_s3), s3)
+    shared, _ = shared_build(request, trained_model)
+    copy = tmp_path_factory.mktemp("s3-copy") / "run"
+    pafs.copy_files(f"{BUCKET}/runs/s3", str(copy), source_filesystem=s3_server[1])
+    qids = {q["qid"] for source in _recipe(data).sources for q in load_source(source, 4)[0]}
+    return dict(runs=dict(s3=s3, shared=shared, copy=copy), stats=stats, s3_data=on_s3, qids=qids)
 
 
 @pytest.mark.slow
-def test_build_from_s3_sources_equals_the_demo_build(builds):
-    """The demo recipe (small) with its sources on S3, scanned and loaded by Ray workers, gives the
-    pairs, ids and texts, of the demo's own build from its generated sources."""
-    demo, s3 = (_pairs(builds["runs"][name]) for name in ("demo", "s3"))
-    assert len(demo) > 0 and s3 == demo
-    samples = {name: _samples(builds["runs"][name]) for name in ("demo", "s3")}
-    assert {r["source"] for r in samples["demo"]} == set(LIMITS) and samples["s3"] == samples["demo"]
+def test_build_from_s3_sources_equals_the_shared_build(builds):
+    """The demo recipe (small) with its sources on S3, scanned and loaded by Ray workers, samples the
+    questions of the generated sources and gives the samples and pairs, ids and texts, that the shared
+    build gives them from its generated sources."""
+    s3, shared, qids = builds["runs"]["s3"], builds["runs"]["shared"], builds["qids"]
+    assert set(SOURCES["s3_sources"]) == set(LIMITS) and len(qids) == sum(LIMITS.values())
+    samples = {name: _samples(run) for name, run in (("s3", s3), ("shared", shared))}
+    assert {r["qid"] for r in samples["s3"]} == qids <= {r["qid"] for r in samples["shared"]}
+    assert {r["source"] for r in samples["s3"]} == set(LIMITS)
+    assert samples["s3"] == [r for r in samples["shared"] if r["qid"] in qids]
+    pairs = {
+        name: sorted(_pairs(run), key=lambda p: p["id"]) for name, run in (("s3", s3), ("shared", shared))
+    }
+    assert len(pairs["s3"]) > 0 and pairs["s3"] == [p for p in pairs["shared"] if p["qid"] in qids]
     for name in LIMITS:
-        stats = builds["stats"]
-        assert stats["s3"]["sources"][name]["rows"] == LIMITS[name] == stats["demo"]["sources"][name]["rows"]
-        assert stats["s3"]["sources"][name]["rejects"] == 0
+        assert builds["stats"]["sources"][name]["rows"] == LIMITS[name]
+        assert builds["stats"]["sources"][name]["rejects"] == 0
 
 
 @pytest.mark.slow
 def test_a_run_folder_on_s3_holds_what_a_local_one_does(builds):
     """`--out s3://...`: the workers and the driver wrote the run's files to S3 (unit files, counts,
-    shards, stats.json, card, figures, preview), the same names as the local run's, nothing else; the
-    build's lock is gone; and only the logs stayed on this machine (no local copy of the run)."""
+    shards, stats.json, card, figures, preview), the kinds of files a local run (the shared build) has,
+    nothing else; the build's lock is gone; and only the logs stayed on this machine (no local copy of
+    the run)."""
     from mmpr_pipeline.run_status import status
     from mmpr_pipeline.storage import local_twin
 
-    local, s3 = builds["runs"]["demo"], builds["runs"]["s3"]
+    local, s3 = builds["runs"]["shared"], builds["runs"]["s3"]
+    shard = re.compile(r"data/train-\d{5}-of-\d{5}\.parquet")
 
-    def files(run) -> tuple[set, set]:
-        """(the run's files other than unit files, its (kind, source) folders of unit files); the S3
-        build's units differ (a unit never spans two input files: shapes is two Parquet files there)."""
+    def files(run) -> tuple[set, set, list]:
+        """(the run's files other than unit files and shards, its (kind, source) folders of unit files
+        of this file's sources, its shards). Unit and shard counts differ: the shared build has more
+        rows and shards of 20 pairs, and a unit never spans two input files (shapes is two Parquet
+        files on S3)."""
         rel = [p.relative_to(run) for p in run.rglob("*") if p.is_file()]
         rel = [r for r in rel if r.parts[0] not in ("logs", ".mmpr-lock") or run is s3]
         units = {r.parts[:2] for r in rel if r.parts[0] in ("samples", "pairs", "rejects")}
-        return {str(r) for r in rel if r.parts[0] not in ("samples", "pairs", "rejects")}, units
+        other = {str(r) for r in rel if r.parts[0] not in ("samples", "pairs", "rejects")}
+        shards = sorted(n for n in other if shard.fullmatch(n))
+        return other - set(shards), {u for u in units if u[1] in LIMITS or run is s3}, shards
 
-    assert files(s3) == files(local)
-    names = files(s3)[0]
+    names, units, shards = files(s3)
+    assert (names, units) == files(local)[:2] and shards and files(local)[2]
     assert {"stats.json", "preview.html", "README.md", "recipe.json"} <= names
-    assert {n.split("/")[0] for n in names} >= {"data", "figures"}
-    assert json.loads((s3 / "stats.json").read_text())["shards"] == builds["stats"]["s3"]["shards"]
+    assert {n.split("/")[0] for n in names} >= {"figures"}
+    assert json.loads((s3 / "stats.json").read_text())["shards"] == builds["stats"]["shards"] == shards
     assert "MMPR demo pairs" in (s3 / "README.md").read_text()
-    assert status(s3).finished and status(s3).done == builds["stats"]["s3"]["resume"]["units"]
+    assert status(s3).finished and status(s3).done == builds["stats"]["resume"]["units"]
     assert [p.name for p in local_twin(s3).iterdir()] == ["logs"]
 
 
 @pytest.mark.slow
 def test_select_and_preview_read_a_run_on_s3(builds, tmp_path):
     """`mmpr select` and `mmpr preview` on the run folder on S3: the same questions selected as from
-    the local run, and the page rewritten in the bucket."""
+    its copy on this machine, and the page rewritten in the bucket."""
     from mmpr_pipeline import cli, select
 
     runs = builds["runs"]
     chosen = {
-        name: select.select(run, tmp_path / name, band=(0.0, 1.0))["sources"] for name, run in runs.items()
+        name: select.select(runs[name], tmp_path / name, band=(0.0, 1.0))["sources"]
+        for name in ("s3", "copy")
     }
-    assert chosen["s3"] == chosen["demo"] and sum(c["selected"] for c in chosen["s3"].values()) > 0
+    assert chosen["s3"] == chosen["copy"] and sum(c["selected"] for c in chosen["s3"].values()) > 0
     (runs["s3"] / "preview.html").unlink()
     assert cli.main(["preview", str(runs["s3"]), "--per-source", "5"]) == 0
     assert "MMPR preview" in (runs["s3"] / "preview.html").read_text()
@@ -421,25 +443,25 @@ def test_select_and_preview_read_a_run_on_s3(builds, tmp_path):
 
 @pytest.mark.slow
 def test_export_and_publish_read_a_run_on_s3(builds, tmp_path, monkeypatch):
-    """`mmpr export` on the run folder on S3 writes the local run's pairs; `mmpr publish` checks it where
-    it is and uploads its planned files (the local run's names), copied byte for byte."""
+    """`mmpr export` on the run folder on S3 writes the pairs its copy on this machine gives; `mmpr
+    publish` checks it where it is and uploads its planned files (the copy's names), byte for byte."""
     from huggingface_hub import HfApi
 
     from mmpr_pipeline import export, hub
 
     runs = builds["runs"]
-    exported = {name: export.export(run, "trl", tmp_path / name) for name, run in runs.items()}
+    exported = {name: export.export(runs[name], "trl", tmp_path / name) for name in ("s3", "copy")}
     assert exported["s3"]["run_dir"] == str(runs["s3"]) and exported["s3"]["rows"] > 0
 
     def rows(folder: Path) -> list[tuple]:
         table = pa.concat_tables(pq.read_table(p) for p in sorted((folder / "data").glob("*.parquet")))
         return sorted(zip(*(table.column(c).to_pylist() for c in ("id", "chosen", "rejected", "images"))))
 
-    assert rows(tmp_path / "s3") == rows(tmp_path / "demo")
+    assert rows(tmp_path / "s3") == rows(tmp_path / "copy")
 
     assert hub.validate_run(runs["s3"]) == []
     plan = hub.upload_plan(runs["s3"])
-    assert [rel for rel, _ in plan] == [rel for rel, _ in hub.upload_plan(runs["demo"])]
+    assert [rel for rel, _ in plan] == [rel for rel, _ in hub.upload_plan(runs["copy"])]
     uploaded = {}
 
     def upload_folder(self, *, folder_path, allow_patterns, **kwargs):
@@ -507,8 +529,8 @@ def test_a_killed_s3_build_resumes_to_the_same_pairs(builds, tmp_path, trained_m
     """`mmpr build --out s3://...` SIGKILLed with its Ray and engine in the middle of the pair shard's
     upload: every visible object is whole, the shard is not there, nor stats.json. One unit's counts
     object is then removed (what a kill between its pairs and counts objects leaves). The resume takes
-    the dead build's lock over, redoes that unit only, and ends with exactly the demo build's samples
-    and pairs. (One killed process: each costs a Ray and an engine start.)"""
+    the dead build's lock over, redoes that unit only, and ends with exactly the uninterrupted S3
+    build's samples and pairs. (One killed process: each costs a Ray and an engine start.)"""
     import signal
 
     import yaml
@@ -525,15 +547,15 @@ def test_a_killed_s3_build_resumes_to_the_same_pairs(builds, tmp_path, trained_m
         shards.read_file(f)
     counted = {f"{p.parent.name}/{p.stem}" for p in run.glob("samples/*/unit-*.json")}
     paired = {f"{p.parent.name}/{p.stem}" for p in run.glob("pairs/*/unit-*.parquet")}
-    units = builds["stats"]["s3"]["resume"]["units"]
+    units = builds["stats"]["resume"]["units"]
     assert counted == paired and len(counted) == units and not run.glob("data/*")
     assert (run / ".mmpr-lock").exists() and not (run / "stats.json").exists()
     (run / "samples/describe/unit-00000.json").unlink()
     stats = pipeline.build(_recipe(builds["s3_data"]), run)  # on the module's Ray
     assert stats["resume"]["units_done_before"] == units - 1 and stats["resume"]["rows_sampled"] == 2
     assert not (run / ".mmpr-lock").exists()
-    demo = builds["runs"]["demo"]
-    assert _pairs(run) == _pairs(demo) and _samples(run) == _samples(demo)
+    whole = builds["runs"]["s3"]
+    assert _pairs(run) == _pairs(whole) and _samples(run) == _samples(whole)
 
 
 @pytest.mark.slow
