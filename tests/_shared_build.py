@@ -1,12 +1,17 @@
 """One real build (local Ray, vLLM on CPU, the trained demo model) shared by the test files that only
-read a run: test_build_e2e, test_pair_direction, test_prompt_shapes and test_answer_fix; and the
-uninterrupted references of test_engine_failure (its demo sources) and test_s3_sources.
+read a run: test_build_e2e, test_pair_direction, test_prompt_shapes and test_answer_fix; the real
+builds of test_source_overrides (per-source n, max_tokens and image_max_pixels),
+test_dropout_with_image (`dropout.with_image`) and test_prompt_templates (a source under the
+`r1_think_boxed` template); and the uninterrupted references of test_engine_failure (its demo
+sources) and test_s3_sources.
 
 Each of them used to build its own small recipe, and a build's cost is almost all its engine start
 (sampling these few questions takes seconds). Their sources now go into one recipe, built once per
 test session: under pytest-xdist the first worker that asks builds it while the other waits on a
 file lock, in the session's temporary folder both workers share. Each file checks its own sources
-(SOURCES); a test that writes into the run works on a copy.
+(SOURCES); a test that writes into the run works on a copy. Near-duplicate detection is on (the
+recipe default): sources drawn from one generator take other seeds or offsets, so no row repeats
+another source's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ SOURCES = {
     "prompt_shapes": ("multi", "text", "views"),
     "answer_fix": ("mc",),
     "s3_sources": ("shapes", "describe", "tally"),
+    "source_overrides": ("plain", "capped", "small", "describe_capped"),
+    "dropout_with_image": ("with_image", "without_image"),
+    "prompt_templates": ("r1",),
 }
 
 # test_pair_direction: captions given as the rows' responses (`fields.response`).
@@ -127,6 +135,70 @@ def _prompt_shapes(d: Path) -> list[dict]:
     ]
 
 
+def _source_overrides() -> list[dict]:
+    """4 questions each with the recipe's sampling, n=2 and 6 tokens, n=6 and images capped at 56x56
+    pixels, and DropoutNTP capped at 12 tokens (test_source_overrides)."""
+    shapes = dict(seed=5, families=["count", "color"])
+    return [
+        dict(name="plain", loader="generated", generator=dict(shapes), limit=4),
+        dict(
+            name="capped",
+            loader="generated",
+            generator=dict(shapes, offset=4),
+            limit=4,
+            sampling=dict(n=2, max_tokens=6),
+        ),
+        dict(
+            name="small",
+            loader="generated",
+            generator=dict(shapes, offset=8),
+            limit=4,
+            sampling=dict(n=6),
+            image_max_pixels=56 * 56,
+        ),
+        # DropoutNTP: its first response and its continuations follow the source's cap
+        dict(
+            name="describe_capped",
+            loader="generated",
+            generator=dict(seed=6, families=["describe"]),
+            limit=4,
+            pipeline="dropout_ntp",
+            dropout=dict(min_words=4),
+            sampling=dict(max_tokens=12),
+        ),
+    ]
+
+
+def _dropout_with_image() -> list[dict]:
+    """Two DropoutNTP sources of 3 describe questions, two responses each, one continuing with the
+    images (test_dropout_with_image)."""
+    return [
+        dict(
+            name=name,
+            loader="generated",
+            generator=dict(seed=8, families=["describe"], offset=offset),
+            limit=3,
+            pipeline="dropout_ntp",
+            dropout=dict(ratio=0.5, min_words=8, n=2, **extra),
+        )
+        for name, offset, extra in (("with_image", 0, dict(with_image=True)), ("without_image", 3, {}))
+    ]
+
+
+def _r1_template() -> list[dict]:
+    """6 questions of the demo's shapes generator (after the 12 of "shapes") under the R1 template
+    (test_prompt_templates)."""
+    return [
+        dict(
+            name="r1",
+            loader="generated",
+            generator=dict(seed=1, families=["count", "color", "bars", "compare"], offset=12),
+            limit=6,
+            prompt_template="r1_think_boxed",
+        )
+    ]
+
+
 def _answer_fix(d: Path) -> list[dict]:
     """8 colour/bar questions (the demo model picks their letter at chance: right and wrong samples)
     whose reference is the letter in parentheses ("(A)"), with the task's worked solution as the
@@ -176,6 +248,7 @@ def write_recipe(d: Path, model: str) -> Path:
     data["sources"][1]["limit"] = 6
     data["sources"] += _captions(d) + _prompt_shapes(d) + _answer_fix(d)
     data["sources"] += _tally()
+    data["sources"] += _source_overrides() + _dropout_with_image() + _r1_template()
     path = d / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

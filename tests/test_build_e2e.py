@@ -81,7 +81,7 @@ def test_dropout_pairs_start_with_the_recorded_prefix_and_continued_without_imag
         r
         for p in shards.unit_files(run)
         for r in pq.read_table(p).to_pylist()
-        if r["pipeline"] == "dropout_ntp"
+        if r["pipeline"] == "dropout_ntp" and r["source"] in MINE  # others' may continue with_image
     ]
     continued = [
         t for r in samples for t, k in zip(r["continuation_image_tokens"], r["prefix_words"]) if k >= 0

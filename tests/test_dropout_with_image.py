@@ -83,27 +83,18 @@ def test_the_continuation_request_holds_the_images_only_with_the_option(with_ima
 
 
 @pytest.mark.slow
-def test_continuation_sees_the_images_only_with_the_option(tmp_path, ray_local, trained_model):
-    """One build, two DropoutNTP sources on the same questions, one with `with_image`: the engine
-    really received the images for that one's continuations (as many image tokens as the sampling
-    prompt), none for the other's; each pair's provenance says which."""
-    from mmpr_pipeline import pipeline, shards
+def test_continuation_sees_the_images_only_with_the_option(request, trained_model):
+    """Two DropoutNTP sources of the session's shared build (tests/_shared_build.py), 3 describe
+    questions each, one with `with_image`: the engine really received the images for that one's
+    continuations (as many image tokens as the sampling prompt), none for the other's; each pair's
+    provenance says which. (Their questions differ: the same ones in both would be near-duplicates,
+    set aside in the second.)"""
+    from _shared_build import SOURCES, shared_build
 
-    data = _demo()
-    describe = dict(data["sources"][1], limit=3, dropout=dict(ratio=0.5, min_words=8, n=2))
-    data.update(
-        model=trained_model,
-        near_duplicates="off",  # the same questions in both sources, on purpose: keep both
-        unit_size=8,
-        batch_size=8,
-        sampling=dict(n=1, temperature=1.0, max_tokens=48),
-        sources=[
-            dict(describe, name="with_image", dropout=dict(describe["dropout"], with_image=True)),
-            dict(describe, name="without_image"),
-        ],
-    )
-    run = tmp_path / "run"
-    pipeline.build(recipe_mod.from_dict(data, "with_image.yaml"), run)
+    from mmpr_pipeline import shards
+
+    mine = SOURCES["dropout_with_image"]
+    run, _ = shared_build(request, trained_model)
 
     samples = {}
     for path in shards.unit_files(run):
@@ -125,12 +116,9 @@ def test_continuation_sees_the_images_only_with_the_option(tmp_path, ray_local, 
             assert all(t == 0 for t, _ in continued)
 
     pairs = [r for p in sorted((run / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
-    by_source = {
-        name: [json.loads(p["provenance"]) for p in pairs if p["source"] == name]
-        for name in ("with_image", "without_image")
-    }
+    by_source = {name: [json.loads(p["provenance"]) for p in pairs if p["source"] == name] for name in mine}
     assert by_source["with_image"] and all(p == {"with_image": True} for p in by_source["with_image"])
     assert by_source["without_image"] and all(p == {} for p in by_source["without_image"])
-    recorded = json.loads((run / "recipe.json").read_text())
-    assert recorded["sources"][0]["dropout"]["with_image"] is True
-    assert "with_image" not in recorded["sources"][1]["dropout"]
+    recorded = {s["name"]: s for s in json.loads((run / "recipe.json").read_text())["sources"]}
+    assert recorded["with_image"]["dropout"]["with_image"] is True
+    assert "with_image" not in recorded["without_image"]["dropout"]

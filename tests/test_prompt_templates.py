@@ -5,7 +5,6 @@ gives. The real-vLLM build under a non-default template is at the end (marked sl
 """
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,8 +15,6 @@ from mmpr_pipeline.scoring import FORMAT_REASONS, REASONS, WRONG_FORMAT, judge
 from mmpr_pipeline.scoring.format_rules import violation
 from stages.pair import pair_rows
 from stages.score import score_row
-
-REPO = Path(__file__).resolve().parent.parent
 
 R1_GOOD = "<think>\nThree red circles and no other shape.\n</think>\n\nThere are three circles: \\boxed{3}"
 
@@ -197,28 +194,19 @@ def test_r1_rule_decides_the_pairs_of_a_scored_row():
 
 
 @pytest.mark.slow
-def test_build_under_the_r1_template_judges_by_its_rule(tmp_path, ray_local, trained_model):
-    """The demo model was trained to write "...\\nFinal answer: X" and writes no think block: under
+def test_build_under_the_r1_template_judges_by_its_rule(request, trained_model):
+    """The "r1" source of the session's shared build (tests/_shared_build.py): 6 shape questions, n=4,
+    48 tokens, under its own `prompt_template: r1_think_boxed` (the recipe's stays the default). The
+    demo model was trained to write "...\\nFinal answer: X" and writes no think block: under
     r1_think_boxed every response breaks the rule, so samples/ holds "wrong format" verdicts (even
     where the answer is right: the judge without the rule finds right ones) and no response is
     chosen. (Under the default template the same model gives correctness pairs: test_build_e2e.)"""
-    import yaml
+    from _shared_build import shared_build
 
-    from mmpr_pipeline import pipeline, shards
-    from mmpr_pipeline import recipe as recipe_mod
+    from mmpr_pipeline import shards
 
-    data = yaml.safe_load((REPO / "data_cards" / "demo.yaml").read_text())
-    data.update(
-        model=trained_model,
-        prompt_template="r1_think_boxed",
-        unit_size=8,
-        batch_size=8,
-        sampling=dict(n=4, temperature=1.0, max_tokens=48),
-        sources=[dict(data["sources"][0], limit=6)],
-    )
-    run = tmp_path / "r1"
-    stats = pipeline.build(recipe_mod.from_dict(data, "r1.yaml"), run)
-    samples = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()]
+    run, stats = shared_build(request, trained_model)
+    samples = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist() if r["source"] == "r1"]
     assert len(samples) == 6 and all(r["prompt_template"] == "r1_think_boxed" for r in samples)
     responses = [t for r in samples for t in r["responses"]]
     assert len(responses) == 24 and not [t for t in responses if "<think>" in t.lower()]
@@ -231,5 +219,8 @@ def test_build_under_the_r1_template_judges_by_its_rule(tmp_path, ray_local, tra
         for t in r["responses"]
     )
     pairs = [r for p in sorted((run / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
-    assert pairs == [] and stats["totals"]["pairs"]["correctness"] == stats["totals"]["pairs"]["format"] == 0
-    assert json.loads((run / "recipe.json").read_text())["prompt_template"] == "r1_think_boxed"
+    mine = stats["sources"]["r1"]["pairs"]
+    assert [p for p in pairs if p["source"] == "r1"] == [] and mine["correctness"] == mine["format"] == 0
+    recorded = json.loads((run / "recipe.json").read_text())
+    assert [s["prompt_template"] for s in recorded["sources"] if s["name"] == "r1"] == ["r1_think_boxed"]
+    assert recorded["prompt_template"] == "cot_final_answer"

@@ -1,14 +1,19 @@
 """Per-source overrides (issue 13, item 7): a source's own sampling settings (`sources[i].sampling`,
 merged over the recipe's) and image size cap (`sources[i].image_max_pixels`), built with real vLLM on
-the demo model (a Qwen2-VL: its image tokens follow the pixel count), paired and trained on.
+the demo model (a Qwen2-VL: its image tokens follow the pixel count), paired and trained on: this
+file's sources of the session's shared build (tests/_shared_build.py).
 """
 
 import io
 import json
+import shutil
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import yaml
+from _shared_build import SOURCES, shared_build
+from _shared_build import recipe as shared_recipe
 
 from mmpr_pipeline import pipeline, shards
 from mmpr_pipeline import recipe as recipe_mod
@@ -102,64 +107,34 @@ def test_greedy_eval_keeps_a_sources_max_tokens_but_not_its_n_or_temperature(mon
     assert (seen["sampled"].n, seen["sampled"].temperature, seen["sampled"].max_tokens) == (2, 0.7, 12)
 
 
+MINE = SOURCES["source_overrides"]
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, ray_local, trained_model):
-    d = tmp_path_factory.mktemp("overrides")
-    generator = dict(seed=5, families=["count", "color"])
-    recipe = dict(
-        name="overrides",
-        model=trained_model,
-        engine={"max_model_len": 1024},
-        unit_size=4,
-        sampling=dict(n=4, max_tokens=48),
-        near_duplicates="off",  # three sources share one generator on purpose: keep every row
-        sources=[
-            dict(name="plain", loader="generated", generator=generator, limit=4),
-            dict(
-                name="capped",
-                loader="generated",
-                generator=generator,
-                limit=4,
-                sampling=dict(n=2, max_tokens=6),
-            ),
-            dict(
-                name="small",
-                loader="generated",
-                generator=generator,
-                limit=4,
-                sampling=dict(n=6),
-                image_max_pixels=56 * 56,
-            ),
-            # DropoutNTP: its first response and its continuations follow the source's cap
-            dict(
-                name="describe",
-                loader="generated",
-                generator=dict(seed=6, families=["describe"]),
-                limit=4,
-                pipeline="dropout_ntp",
-                dropout=dict(min_words=4),
-                sampling=dict(max_tokens=12),
-            ),
-        ],
-    )
-    (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    run = d / "run"
-    stats = pipeline.build(recipe_mod.load(d / "recipe.yaml"), run)
-    samples = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()]
-    pairs = [r for p in sorted((run / "data").glob("train-*.parquet")) for r in pq.read_table(p).to_pylist()]
-    return run, stats, samples, pairs, d / "recipe.yaml"
+def built(request, trained_model):
+    """This file's sources of the session's shared build (tests/_shared_build.py), 4 questions each:
+    plain (the recipe's n=4 and 48 tokens), capped (n=2, 6 tokens), small (n=6, images capped at
+    56x56 pixels) and describe_capped (DropoutNTP, 12 tokens). (run, their stats, samples, pairs)."""
+    run, stats = shared_build(request, trained_model)
+    samples = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist() if r["source"] in MINE]
+    pairs = [
+        r
+        for p in sorted((run / "data").glob("train-*.parquet"))
+        for r in pq.read_table(p).to_pylist()
+        if r["source"] in MINE
+    ]
+    return run, {name: stats["sources"][name] for name in MINE}, samples, pairs
 
 
 # source: (n, max_tokens); a dropout_ntp source samples dropout.n (1) responses, and records that n
-EXPECTED = {"plain": (4, 48), "capped": (2, 6), "small": (6, 48), "describe": (1, 12)}
+EXPECTED = {"plain": (4, 48), "capped": (2, 6), "small": (6, 48), "describe_capped": (1, 12)}
 
 
 @pytest.mark.slow
 def test_each_source_samples_with_its_own_n_max_tokens_and_image_size(built):
-    _, stats, samples, pairs, _ = built
-    assert stats["totals"]["rejects"] == 0 and sorted(s["source"] for s in samples) == sorted(
-        list(EXPECTED) * 4
-    )
+    _, stats, samples, pairs = built
+    assert sum(st["rejects"] for st in stats.values()) == 0
+    assert sorted(s["source"] for s in samples) == sorted(list(EXPECTED) * 4)
     for s in samples:
         n, max_tokens = EXPECTED[s["source"]]
         assert s["error"] == "" and len(s["responses"]) == n
@@ -176,7 +151,7 @@ def test_each_source_samples_with_its_own_n_max_tokens_and_image_size(built):
     continued = [
         t
         for s in samples
-        if s["source"] == "describe"
+        if s["source"] == "describe_capped"
         for t, k in zip(s["continuation_tokens"], s["prefix_words"])
         if k >= 0
     ]
@@ -190,14 +165,25 @@ def test_each_source_samples_with_its_own_n_max_tokens_and_image_size(built):
 
 
 @pytest.mark.slow
-def test_a_recipe_with_overrides_resumes_its_own_run(built):
-    """recipe.json round-trips the overrides: the same recipe finds its finished run and redoes nothing."""
-    run, _, samples, pairs, recipe_file = built
-    pipeline.build(recipe_mod.load(recipe_file), run)
-    again = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()]
+def test_a_recipe_with_overrides_resumes_its_own_run(built, ray_local, tmp_path, monkeypatch):
+    """recipe.json round-trips the overrides: the same recipe finds its finished run (a copy of the
+    shared one) and redoes nothing, without starting an engine; a changed override is refused."""
+    run, _, samples, _ = built
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+
+    def sample(*args, **kwargs):
+        raise AssertionError("a resume with every unit done started the sampling stage")
+
+    monkeypatch.setattr(pipeline, "run_units", sample)
+    # no preview and no card: what they show is test_build_e2e's; neither is in the fingerprint
+    resumed = pipeline.build(shared_recipe(run, preview=False), copy, write_card=False)["resume"]
+    assert resumed["units_done_before"] == resumed["units"] and resumed["rows_sampled"] == 0
+    again = [r for p in shards.unit_files(copy) for r in pq.read_table(p).to_pylist() if r["source"] in MINE]
     assert [r["responses"] for r in again] == [r["responses"] for r in samples]
+    capped = [s.name for s in shared_recipe(run).sources].index("capped")
     with pytest.raises(pipeline.RunFolderError, match=r"different recipe \(changed: sources\)"):
-        pipeline.build(recipe_mod.load(recipe_file, {"sources[1].sampling.max_tokens": 7}), run)
+        pipeline.build(shared_recipe(run, **{f"sources[{capped}].sampling.max_tokens": 7}), copy)
 
 
 @pytest.mark.slow
@@ -205,10 +191,17 @@ def test_a_recipe_with_overrides_resumes_its_own_run(built):
 def test_trainer_sees_the_downscaled_image_the_sampler_saw(built, tmp_path):
     from _run_fixture import train_two_steps, trainer_image_tokens
 
-    run, _, _, pairs, _ = built
+    run, _, _, pairs = built
     expected = [SMALL_TOKENS if p["source"] == "small" else FULL_TOKENS for p in pairs]
     assert trainer_image_tokens(run, pairs) == expected
-    assert train_two_steps(run, tmp_path / "mpo")["steps"] == 2
+    # trained on this file's pairs alone: a run folder holding only them
+    mine = tmp_path / "mine"
+    (mine / "data").mkdir(parents=True)
+    shutil.copy(run / "recipe.json", mine)
+    table = pa.concat_tables(pq.read_table(p) for p in sorted((run / "data").glob("train-*.parquet")))
+    table = table.filter(pc.is_in(table["source"], pa.array(MINE)))
+    pq.write_table(table, mine / "data" / "train-00000-of-00001.parquet")
+    assert train_two_steps(mine, tmp_path / "mpo")["steps"] == 2
 
 
 # The published image processor settings of each family's checkpoint (README, "Model families"), and
