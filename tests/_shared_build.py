@@ -2,8 +2,9 @@
 read a run: test_build_e2e, test_pair_direction, test_prompt_shapes and test_answer_fix; the real
 builds of test_source_overrides (per-source n, max_tokens and image_max_pixels),
 test_dropout_with_image (`dropout.with_image`) and test_prompt_templates (a source under the
-`r1_think_boxed` template); and the uninterrupted references of test_engine_failure (its demo
-sources) and test_s3_sources.
+`r1_think_boxed` template) and test_judge_stage (a `rules+model` source: the recipe's judge model,
+an untrained demo judge, is the build's second engine); and the uninterrupted references of
+test_engine_failure (its demo sources) and test_s3_sources.
 
 Each of them used to build its own small recipe, and a build's cost is almost all its engine start
 (sampling these few questions takes seconds). Their sources now go into one recipe, built once per
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from mmpr_pipeline import tasks
+from mmpr_pipeline import judge_cases, tasks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,6 +39,7 @@ SOURCES = {
     "source_overrides": ("plain", "capped", "small", "describe_capped"),
     "dropout_with_image": ("with_image", "without_image"),
     "prompt_templates": ("r1",),
+    "judge_stage": ("words",),
 }
 
 # test_pair_direction: captions given as the rows' responses (`fields.response`).
@@ -238,6 +240,24 @@ def _tally() -> list[dict]:
     return [dict(TALLY, limit=2)]
 
 
+def _judge_words(d: Path) -> list[dict]:
+    """test_judge_stage: 8 counting questions whose reference is in words ("three circles"): the demo
+    model's bare digits leave the rules undecided, so the judge model has work. Seed 31: no other
+    source draws these images."""
+    path = judge_cases.write_count_words_source(d / "words", 8, seed=31)
+    return [dict(name="words", loader="jsonl", path=path, answer_type="text", judge="rules+model")]
+
+
+def _judge_model(d: Path) -> dict:
+    """The demo judge's architecture with seeded random weights (built in seconds): test_judge_stage
+    tests the stage, not the judge's accuracy, so replies count whatever their probability, and every
+    rule-decided answer of `words` is asked too (its agreement figure then has cases)."""
+    from mmpr_pipeline import demo_judge
+
+    model = str(demo_judge.build(d / "judge"))
+    return dict(model=model, agreement_sample=1.0, min_probability=0.0, engine=dict(max_model_len=512))
+
+
 def write_recipe(d: Path, model: str) -> Path:
     """The demo recipe at small scale (shapes 12, describe 6, n=4, 48 tokens, shards of 20 pairs) plus
     the readers' own sources, their files under `d`; returns the recipe file."""
@@ -249,6 +269,8 @@ def write_recipe(d: Path, model: str) -> Path:
     data["sources"] += _captions(d) + _prompt_shapes(d) + _answer_fix(d)
     data["sources"] += _tally()
     data["sources"] += _source_overrides() + _dropout_with_image() + _r1_template()
+    data["sources"] += _judge_words(d)
+    data["judge_model"] = _judge_model(d)
     path = d / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

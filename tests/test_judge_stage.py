@@ -1,6 +1,7 @@
 """The judge model stage for real: a judge on vLLM, in a build on local Ray.
 
-One build with the demo policy and `judge: rules+model`: counting questions whose reference is a phrase
+The session's shared build (tests/_shared_build.py) holds this file's source `words`, under
+`judge: rules+model`, and the recipe's judge model: counting questions whose reference is a phrase
 in words ("three circles"), so the rules leave the policy's right digits undecided and the judge stage
 (its own engine replica) rules on them; the samples, stats.json, the card and the preview say who
 decided; the verdict cache answers a second pass over the same samples without any engine. The judge
@@ -14,9 +15,9 @@ import re
 
 import pyarrow.parquet as pq
 import pytest
+from _shared_build import SOURCES, recipe, shared_build
 
-from mmpr_pipeline import judge_cases, pipeline, shards
-from mmpr_pipeline import recipe as recipe_mod
+from mmpr_pipeline import pipeline, shards
 from stages.pair import undecided
 
 pytestmark = pytest.mark.slow
@@ -25,35 +26,15 @@ QUESTIONS = 8
 
 
 @pytest.fixture(scope="module")
-def judged_run(tmp_path_factory, ray_local, trained_model):
-    from mmpr_pipeline import demo_judge
-
-    tmp = tmp_path_factory.mktemp("judged")
-    judge = str(demo_judge.build(tmp / "judge"))
-    source = judge_cases.write_count_words_source(tmp / "src", QUESTIONS)
-    recipe = recipe_mod.from_dict(
-        dict(
-            name="judged",
-            model=trained_model,
-            engine=dict(max_model_len=1024),
-            sampling=dict(n=4, max_tokens=48),
-            unit_size=4,
-            sources=[
-                dict(name="words", loader="jsonl", path=source, answer_type="text", judge="rules+model")
-            ],
-            # every rule-decided answer is also asked, so the agreement figure has cases
-            judge_model=dict(
-                model=judge, agreement_sample=1.0, min_probability=0.0, engine=dict(max_model_len=512)
-            ),
-        )
-    )
-    run = tmp / "run"
-    stats = pipeline.build(recipe, run)
-    return recipe, run, stats
+def judged_run(request, trained_model):
+    run, stats = shared_build(request, trained_model)
+    return recipe(run), run, stats
 
 
 def _samples(run):
-    return [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()]
+    """This file's rows of the shared run."""
+    rows = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()]
+    return [r for r in rows if r["source"] in SOURCES["judge_stage"]]
 
 
 def test_the_judge_stage_decides_what_the_rules_left_and_records_who_did(judged_run):
