@@ -209,13 +209,3 @@ def commit_shards(data_dir: str | Path, written: list[str], split: str = "train"
         for stale in data_dir.glob(".*.tmp"):  # left by an interrupted earlier run
             stale.unlink()
     return final
-    final = [data_dir / shard_name(i, len(written), split) for i in range(len(written))]
-    for i, (tmp, dest) in enumerate(zip(written, final)):
-        kill_point("mid_write", i)
-        os.replace(tmp, dest)
-    for old in data_dir.glob(f"{split}-*-of-*.parquet"):
-        if old not in final:
-            old.unlink()
-    for stale in data_dir.glob(".*.tmp"):  # left by an interrupted earlier run
-        stale.unlink()
-    return final
