@@ -301,6 +301,23 @@ def shared_build(request, model: str) -> tuple[Path, dict]:
     return d / "run", pickle.loads(returned.read_bytes())
 
 
+def samples(run: Path, sources) -> list[dict]:
+    """The sample rows of `sources` (names) in `run`, unit file by unit file."""
+    import pyarrow.parquet as pq
+
+    from mmpr_pipeline import shards
+
+    return [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist() if r["source"] in sources]
+
+
+def pairs(run: Path, sources) -> list[dict]:
+    """The pair rows of `sources` (names) in `run`'s shards, in shard order."""
+    import pyarrow.parquet as pq
+
+    shard_files = sorted((run / "data").glob("train-*.parquet"))
+    return [r for p in shard_files for r in pq.read_table(p).to_pylist() if r["source"] in sources]
+
+
 def recipe(run: Path, **overrides):
     """The shared build's recipe (with `overrides`), as its run was built."""
     from mmpr_pipeline import recipe as recipe_mod

@@ -4,7 +4,6 @@
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -89,19 +88,13 @@ def test_continuation_sees_the_images_only_with_the_option(request, trained_mode
     continuations (as many image tokens as the sampling prompt), none for the other's; each pair's
     provenance says which. (Their questions differ: the same ones in both would be near-duplicates,
     set aside in the second.)"""
-    from _shared_build import SOURCES, shared_build
-
-    from mmpr_pipeline import shards
+    from _shared_build import SOURCES, pairs, samples, shared_build
 
     mine = SOURCES["dropout_with_image"]
     run, _ = shared_build(request, trained_model)
 
-    samples = {}
-    for path in shards.unit_files(run):
-        for r in pq.read_table(path).to_pylist():
-            samples.setdefault(r["source"], []).append(r)
     for name, expect_images in (("with_image", True), ("without_image", False)):
-        rows = samples[name]
+        rows = samples(run, [name])
         assert len(rows) == 3 and all(r["image_tokens"] > 0 for r in rows)
         continued = [
             (t, r["image_tokens"])
@@ -115,8 +108,7 @@ def test_continuation_sees_the_images_only_with_the_option(request, trained_mode
         else:
             assert all(t == 0 for t, _ in continued)
 
-    pairs = [r for p in sorted((run / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
-    by_source = {name: [json.loads(p["provenance"]) for p in pairs if p["source"] == name] for name in mine}
+    by_source = {name: [json.loads(p["provenance"]) for p in pairs(run, [name])] for name in mine}
     assert by_source["with_image"] and all(p == {"with_image": True} for p in by_source["with_image"])
     assert by_source["without_image"] and all(p == {} for p in by_source["without_image"])
     recorded = {s["name"]: s for s in json.loads((run / "recipe.json").read_text())["sources"]}

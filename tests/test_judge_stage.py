@@ -13,11 +13,10 @@ whatever their probability (`min_probability: 0`) and both agreeing and disagree
 import asyncio
 import re
 
-import pyarrow.parquet as pq
 import pytest
-from _shared_build import SOURCES, recipe, shared_build
+from _shared_build import SOURCES, recipe, samples, shared_build
 
-from mmpr_pipeline import pipeline, shards
+from mmpr_pipeline import pipeline
 from stages.pair import undecided
 
 pytestmark = pytest.mark.slow
@@ -33,8 +32,7 @@ def judged_run(request, trained_model):
 
 def _samples(run):
     """This file's rows of the shared run."""
-    rows = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()]
-    return [r for r in rows if r["source"] in SOURCES["judge_stage"]]
+    return samples(run, SOURCES["judge_stage"])
 
 
 def test_the_judge_stage_decides_what_the_rules_left_and_records_who_did(judged_run):

@@ -6,7 +6,6 @@ gives. The real-vLLM build under a non-default template is at the end (marked sl
 
 import json
 
-import pyarrow.parquet as pq
 import pytest
 
 from mmpr_pipeline import prompts
@@ -201,12 +200,11 @@ def test_build_under_the_r1_template_judges_by_its_rule(request, trained_model):
     r1_think_boxed every response breaks the rule, so samples/ holds "wrong format" verdicts (even
     where the answer is right: the judge without the rule finds right ones) and no response is
     chosen. (Under the default template the same model gives correctness pairs: test_build_e2e.)"""
-    from _shared_build import shared_build
-
-    from mmpr_pipeline import shards
+    from _shared_build import pairs, shared_build
+    from _shared_build import samples as samples_of
 
     run, stats = shared_build(request, trained_model)
-    samples = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist() if r["source"] == "r1"]
+    samples = samples_of(run, ["r1"])
     assert len(samples) == 6 and all(r["prompt_template"] == "r1_think_boxed" for r in samples)
     responses = [t for r in samples for t in r["responses"]]
     assert len(responses) == 24 and not [t for t in responses if "<think>" in t.lower()]
@@ -218,9 +216,8 @@ def test_build_under_the_r1_template_judges_by_its_rule(request, trained_model):
         for r in samples
         for t in r["responses"]
     )
-    pairs = [r for p in sorted((run / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
     mine = stats["sources"]["r1"]["pairs"]
-    assert [p for p in pairs if p["source"] == "r1"] == [] and mine["correctness"] == mine["format"] == 0
+    assert pairs(run, ["r1"]) == [] and mine["correctness"] == mine["format"] == 0
     recorded = json.loads((run / "recipe.json").read_text())
     assert [s["prompt_template"] for s in recorded["sources"] if s["name"] == "r1"] == ["r1_think_boxed"]
     assert recorded["prompt_template"] == "cot_final_answer"

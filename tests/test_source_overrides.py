@@ -13,9 +13,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from _shared_build import SOURCES, shared_build
+from _shared_build import pairs as pairs_of
 from _shared_build import recipe as shared_recipe
+from _shared_build import samples as samples_of
 
-from mmpr_pipeline import pipeline, shards
+from mmpr_pipeline import pipeline
 from mmpr_pipeline import recipe as recipe_mod
 from mmpr_pipeline.recipe import RecipeError
 from mmpr_pipeline.records import downscale_image
@@ -116,14 +118,7 @@ def built(request, trained_model):
     plain (the recipe's n=4 and 48 tokens), capped (n=2, 6 tokens), small (n=6, images capped at
     56x56 pixels) and describe_capped (DropoutNTP, 12 tokens). (run, their stats, samples, pairs)."""
     run, stats = shared_build(request, trained_model)
-    samples = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist() if r["source"] in MINE]
-    pairs = [
-        r
-        for p in sorted((run / "data").glob("train-*.parquet"))
-        for r in pq.read_table(p).to_pylist()
-        if r["source"] in MINE
-    ]
-    return run, {name: stats["sources"][name] for name in MINE}, samples, pairs
+    return run, {name: stats["sources"][name] for name in MINE}, samples_of(run, MINE), pairs_of(run, MINE)
 
 
 # source: (n, max_tokens); a dropout_ntp source samples dropout.n (1) responses, and records that n
@@ -179,7 +174,7 @@ def test_a_recipe_with_overrides_resumes_its_own_run(built, ray_local, tmp_path,
     # no preview and no card: what they show is test_build_e2e's; neither is in the fingerprint
     resumed = pipeline.build(shared_recipe(run, preview=False), copy, write_card=False)["resume"]
     assert resumed["units_done_before"] == resumed["units"] and resumed["rows_sampled"] == 0
-    again = [r for p in shards.unit_files(copy) for r in pq.read_table(p).to_pylist() if r["source"] in MINE]
+    again = samples_of(copy, MINE)
     assert [r["responses"] for r in again] == [r["responses"] for r in samples]
     capped = [s.name for s in shared_recipe(run).sources].index("capped")
     with pytest.raises(pipeline.RunFolderError, match=r"different recipe \(changed: sources\)"):
