@@ -40,10 +40,10 @@ import pyarrow.parquet as pq
 
 from mmpr_pipeline.records import WHITE, background_of, decode_image, plain_pixels
 from mmpr_pipeline.run_status import finished_unit_files, partial_note, status
+from mmpr_pipeline.scoring.modes import JUDGE_ERROR
 from mmpr_pipeline.shards import SHARD_RE
 from mmpr_pipeline.storage import ObjectPath, as_path, parquet_source
 from stages.dropout_ntp import prefix_of
-from stages.score import JUDGE_ERROR  # reason prefix of a response the judge failed on (never paired)
 
 PREVIEW_FILE = "preview.html"
 MAX_MB = 8.0  # the file never exceeds this, whatever the run size

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from mmpr_pipeline.records import IMAGE_STRUCT
 from mmpr_pipeline.run_status import finished_unit_files, partial_note, status
+from mmpr_pipeline.scoring.modes import undecided
 from mmpr_pipeline.storage import as_path, parquet_source
 
 PART_ROWS = 5000  # questions per output part
@@ -92,15 +93,8 @@ def parse_band(text: str) -> tuple[float, float]:
     return band
 
 
-def _undecided():
-    from stages.pair import undecided  # the pairing's own rule for a response the judge could not rate
-
-    return undecided
-
-
 def pass_rate(correct: list[bool], reason: list[str]) -> tuple[int, int]:
     """(correct, judged) of one question's responses; unrated responses count for neither."""
-    undecided = _undecided()
     judged = [ok for ok, why in zip(correct, reason) if not undecided(why)]
     return sum(bool(ok) for ok in judged), len(judged)
 

@@ -12,16 +12,8 @@ from typing import Any
 from mmpr_pipeline.pairing import REFERENCE, fix_answer, pair_correctness
 from mmpr_pipeline.prompts import render
 from mmpr_pipeline.records import WHITE, pair_id
-from mmpr_pipeline.scoring import undecided as rules_undecided
+from mmpr_pipeline.scoring import JUDGE_ERROR, undecided
 from stages.dropout_ntp import pair_question as pair_dropout
-from stages.score import JUDGE_ERROR
-
-
-def undecided(reason: str) -> bool:
-    """The judge could not rule (it failed, the bounded math check ran out of time, or the rules
-    cannot tell: scoring.undecided): such a response is neither chosen nor rejected, so a right
-    answer is never taught as wrong."""
-    return reason.startswith(JUDGE_ERROR) or rules_undecided(reason)
 
 
 def same_text(chosen: str, rejected: str) -> bool:

@@ -15,8 +15,7 @@ import pyarrow as pa
 
 from mmpr_pipeline.records import SAMPLE_SCHEMA
 from mmpr_pipeline.scoring.model_judge import fill_rules_columns
-
-JUDGE_ERROR = "judge error"  # reason prefix of a response the judge failed on (never paired)
+from mmpr_pipeline.scoring.modes import JUDGE_ERROR
 
 
 def score_row(row: dict) -> dict:

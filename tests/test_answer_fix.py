@@ -118,7 +118,7 @@ def test_answer_fix_rewrites_the_chosen_side_only_and_records_it():
 
 
 def test_answer_fix_never_touches_a_response_judged_wrong_or_unjudged():
-    from stages.score import JUDGE_ERROR
+    from mmpr_pipeline.scoring import JUDGE_ERROR
 
     row = _row(
         ["A.\nFinal answer: 3.0", "B.\nFinal answer: 3.0", "C.\nFinal answer: 5.0"],

@@ -17,7 +17,7 @@ import pytest
 from _shared_build import SOURCES, recipe, samples, shared_build
 
 from mmpr_pipeline import pipeline
-from stages.pair import undecided
+from mmpr_pipeline.scoring import undecided
 
 pytestmark = pytest.mark.slow
 

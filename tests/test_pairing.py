@@ -63,7 +63,8 @@ def test_responses_the_judge_failed_on_are_never_paired():
 
 
 def test_score_stage_contains_a_failing_judge():
-    from stages.score import JUDGE_ERROR, score_row
+    from mmpr_pipeline.scoring import JUDGE_ERROR
+    from stages.score import score_row
 
     row = dict(
         pipeline="correctness",

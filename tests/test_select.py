@@ -15,7 +15,7 @@ from _run_fixture import finish_unit, make_run
 
 from mmpr_pipeline import records
 from mmpr_pipeline.cli import main
-from stages.score import JUDGE_ERROR
+from mmpr_pipeline.scoring import JUDGE_ERROR
 
 T, F = True, False
 UNDECIDED = f"{JUDGE_ERROR}: boom"

@@ -63,6 +63,7 @@ from mmpr_pipeline.scoring.judge import DEFAULT_TIMEOUT, Verdict, judge
 from mmpr_pipeline.scoring.modes import (
     AMBIGUOUS,
     CORRECT,
+    JUDGE_ERROR,
     MATH_ERROR,
     PARTIAL,
     TIMEOUT,
@@ -95,6 +96,7 @@ __all__ = [
     "judge",
     "Verdict",
     "undecided",
+    "JUDGE_ERROR",
     "UNDECIDED_REASONS",
     "extract",
     "Extraction",

@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from mmpr_pipeline.records import stable_hash
+from mmpr_pipeline.scoring.modes import undecided
 
 PROMPT_FILE = Path(__file__).resolve().parent.parent.parent / "prompts" / "judge_equivalence.yaml"
 MAX_REFERENCES = 5  # VQA has ten annotator answers: the five most common say what they agree on
@@ -262,17 +263,11 @@ CORRECT_V, WRONG_V, UNDECIDED_V, FORMAT_V = "correct", "wrong", "undecided", "fo
 JUDGE_COLUMNS = ("decided_by", "rules_verdict", "judge_verdict", "judge_replies", "judge_cached")
 
 
-def _rules_undecided(reason: str) -> bool:
-    from stages.pair import undecided  # the pairing's own rule: a response it neither chooses nor rejects
-
-    return undecided(reason)
-
-
 def rules_verdict(correct: bool, reason: str, extracted: str | None) -> str:
     """What the rules said of one response: correct, wrong, undecided, or format (no final answer)."""
     if extracted is None:
         return FORMAT_V
-    if _rules_undecided(reason):
+    if undecided(reason):
         return UNDECIDED_V
     return CORRECT_V if correct else WRONG_V
 

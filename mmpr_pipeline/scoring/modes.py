@@ -36,11 +36,15 @@ MATH_ERROR = "math check failed"
 UNDECIDED = "undecided"  # the rules cannot tell (a paraphrase, a unit or date written another way)
 # Reasons of a response the rules did not rule on: neither chosen nor rejected, left to a judge model.
 UNDECIDED_REASONS = frozenset({UNDECIDED, PARTIAL, UNPARSABLE, TIMEOUT, MATH_ERROR})
+JUDGE_ERROR = "judge error"  # reason prefix of a response whose check crashed (stages/score.py)
 
 
 def undecided(reason: str) -> bool:
-    """Did the rules leave this verdict open? (correct is then False, and means nothing.)"""
-    return reason in UNDECIDED_REASONS
+    """Is this verdict open: the rules could not tell, or the check itself failed? Such a response
+    is neither chosen nor rejected and counts for no pass rate (correct is then False, and means
+    nothing), so a right answer is never taught as wrong. The one rule pairing, select and the
+    judge model's stage all read."""
+    return reason in UNDECIDED_REASONS or reason.startswith(JUDGE_ERROR)
 
 
 @dataclass(frozen=True, slots=True)
