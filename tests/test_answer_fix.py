@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from _shared_build import shared_build
+from _shared_build import SOURCES, pairs, samples, shared_build
 
 from mmpr_pipeline import recipe as recipe_mod
 from mmpr_pipeline import shards, tasks
 from mmpr_pipeline.pairing import REFERENCE, fix_answer, pair_correctness
 from mmpr_pipeline.recipe import RecipeError, Source
 from stages.pair import pair_rows
+
+MINE = SOURCES["answer_fix"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -244,14 +246,12 @@ def built(request, trained_model):
     letter in parentheses ("(A)"), with the task's worked solution as the rationale. (run, its stats,
     its pairs, its samples by qid, its rows by image bytes)."""
     run, stats = shared_build(request, trained_model)
-    pairs = [r for p in sorted((run / "data").glob("train-*.parquet")) for r in pq.read_table(p).to_pylist()]
-    samples = {r["qid"]: r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()}
     rows = [json.loads(line) for line in (run.parent / "mc.jsonl").read_text().splitlines()]
     return (
         run,
         stats["sources"]["mc"],
-        [p for p in pairs if p["source"] == "mc"],
-        {q: s for q, s in samples.items() if s["source"] == "mc"},
+        pairs(run, MINE),
+        {s["qid"]: s for s in samples(run, MINE)},
         {(run.parent / r["image"]).read_bytes(): r for r in rows},
     )
 

@@ -7,11 +7,10 @@ recorded prefix and their continuation prompts carried no image.
 
 import json
 
-import pyarrow.parquet as pq
 import pytest
-from _shared_build import SOURCES, recipe, shared_build
+from _shared_build import SOURCES, recipe, samples, shared_build
 
-from mmpr_pipeline import pipeline, shards
+from mmpr_pipeline import pipeline
 from stages.dropout_ntp import prefix_of
 
 MINE = SOURCES["build_e2e"]
@@ -51,13 +50,13 @@ def test_shards_load_with_datasets_and_match_stats(built):
 
 def test_every_row_and_sample_is_accounted_for(built):
     run, stats = built
-    samples = [r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()]
+    rows = samples(run, stats["sources"])
     for name, st in stats["sources"].items():
-        mine = [r for r in samples if r["source"] == name]
+        mine = [r for r in rows if r["source"] == name]
         assert st["rows"] == st["questions"] + st["rejects"]
         assert len(mine) == st["questions"] == len({r["qid"] for r in mine})  # each sampled once
         assert st["samples"] == sum(len(r["responses"]) for r in mine)
-    shapes = [r for r in samples if r["source"] == "shapes"]
+    shapes = [r for r in rows if r["source"] == "shapes"]
     assert all(len(r["responses"]) == 4 == len(r["correct"]) == len(r["extracted"]) for r in shapes)
     assert stats["sources"]["shapes"]["correct"] == sum(sum(r["correct"]) for r in shapes)
     with_pairs = stats["sources"]["shapes"]["questions_with_pairs"]
@@ -77,14 +76,10 @@ def test_dropout_pairs_start_with_the_recorded_prefix_and_continued_without_imag
         prefix = prefix_of(r["chosen"], r["prefix_words"])
         assert r["rejected"].startswith(prefix) and r["rejected"] != r["chosen"]
         assert r["cut_ratio"] == 0.5
-    samples = [
-        r
-        for p in shards.unit_files(run)
-        for r in pq.read_table(p).to_pylist()
-        if r["pipeline"] == "dropout_ntp" and r["source"] in MINE  # others' may continue with_image
-    ]
+    # this file's sources: others' may continue with_image
+    dropout = [r for r in samples(run, MINE) if r["pipeline"] == "dropout_ntp"]
     continued = [
-        t for r in samples for t, k in zip(r["continuation_image_tokens"], r["prefix_words"]) if k >= 0
+        t for r in dropout for t, k in zip(r["continuation_image_tokens"], r["prefix_words"]) if k >= 0
     ]
     assert continued and all(t == 0 for t in continued)
     d = stats["sources"]["describe"]["dropout"]

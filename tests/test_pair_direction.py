@@ -10,11 +10,9 @@ the demo recipe at small scale plus a JSON Lines source whose rows carry their o
 
 import json
 
-import pyarrow.parquet as pq
 import pytest
-from _shared_build import CAPTIONS, SOURCES, shared_build
+from _shared_build import CAPTIONS, SOURCES, pairs, samples, shared_build
 
-from mmpr_pipeline import shards
 from stages.dropout_ntp import prefix_of
 
 pytestmark = pytest.mark.slow
@@ -26,9 +24,7 @@ def built(request, trained_model):
     """This file's sources of the session's shared build (tests/_shared_build.py): (run, stats, their
     pairs, their samples by qid)."""
     run, stats = shared_build(request, trained_model)
-    pairs = [r for p in sorted((run / "data").glob("train-*.parquet")) for r in pq.read_table(p).to_pylist()]
-    samples = {r["qid"]: r for p in shards.unit_files(run) for r in pq.read_table(p).to_pylist()}
-    return run, stats, [p for p in pairs if p["source"] in MINE], samples
+    return run, stats, pairs(run, MINE), {r["qid"]: r for r in samples(run, MINE)}
 
 
 def test_correctness_and_format_pairs_follow_the_recorded_verdicts(built):

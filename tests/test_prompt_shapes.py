@@ -7,9 +7,8 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from _shared_build import SOURCES, shared_build
+from _shared_build import SOURCES, pairs, samples, shared_build
 
-from mmpr_pipeline import shards
 from mmpr_pipeline.prompts import user_content
 
 MINE = SOURCES["prompt_shapes"]
@@ -40,18 +39,11 @@ def built(request, trained_model):
     questions ("multi"), text-only ones with a worked solution ("text"), DropoutNTP on 2 and 3 images
     ("views"), sampled n=6. (run, their stats, samples by qid, pairs)."""
     run, stats = shared_build(request, trained_model)
-    samples = {
-        r["qid"]: r
-        for p in shards.unit_files(run)
-        for r in pq.read_table(p).to_pylist()
-        if r["source"] in MINE
-    }
-    pairs = [r for p in sorted((run / "data").glob("train-*.parquet")) for r in pq.read_table(p).to_pylist()]
     return (
         run,
         {name: stats["sources"][name] for name in MINE},
-        samples,
-        [p for p in pairs if p["source"] in MINE],
+        {r["qid"]: r for r in samples(run, MINE)},
+        pairs(run, MINE),
     )
 
 
