@@ -255,9 +255,9 @@ def bare_child(recipe_path: Path, result: Path, sets: list[str]) -> None:
 
     import_s = time.perf_counter() - t0
     from mmpr_pipeline import recipe as recipe_mod
-    from mmpr_pipeline.engine import Engine, engine_kwargs, request_seed, resolve_model
+    from mmpr_pipeline.engine import Engine, conversation, engine_kwargs, request_seed, resolve_model
     from stages.load import load_source
-    from stages.sample import conversation, empty_sample_columns
+    from stages.sample import empty_sample_columns
 
     t0 = time.perf_counter()
     rec = recipe_mod.load(recipe_path, recipe_mod.parse_overrides(sets))

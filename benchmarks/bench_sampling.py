@@ -65,10 +65,10 @@ def main() -> None:
 
     from mmpr_pipeline import demo_model
     from mmpr_pipeline import recipe as recipe_mod
-    from mmpr_pipeline.engine import Engine, engine_kwargs
+    from mmpr_pipeline.engine import Engine, conversation, engine_kwargs
     from mmpr_pipeline.records import QUESTION_SCHEMA
     from stages.load import load_source
-    from stages.sample import SampleStage, conversation, empty_sample_columns
+    from stages.sample import SampleStage, empty_sample_columns
 
     model = args.model or str(demo_model.ensure_trained())
     rec = recipe_mod.load(
@@ -96,9 +96,7 @@ def main() -> None:
         model,
         rec.engine,
         rec.seed,
-        rec.sampling,
-        {source.name: template},
-        {source.name: source.dropout},
+        {source.name: rec.sample_settings()[source.name]},
         sampling_extra={"ignore_eos": True},
     )
     rows = [empty_sample_columns(dict(q), template) for q in questions]

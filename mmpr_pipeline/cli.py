@@ -96,13 +96,9 @@ def cmd_publish(args) -> int:
 
 
 def cmd_preview(args) -> int:
-    from mmpr_pipeline.preview import PreviewError, write_preview
+    from mmpr_pipeline.preview import write_preview
 
-    try:
-        print(write_preview(args.run_dir, per_source=args.per_source, seed=args.seed))
-    except PreviewError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(write_preview(args.run_dir, per_source=args.per_source, seed=args.seed))
     return 0
 
 
@@ -323,13 +319,27 @@ USER_ERROR, ENVIRONMENT_ERROR, INTERRUPTED = 2, 1, 130
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can fix, named in their message: exit code 2, or the error's own `code`
+    (publishing tells a refusal, a login problem and the network apart)."""
+    from mmpr_pipeline.errors import RunFolderError
     from mmpr_pipeline.export import ExportError
-    from mmpr_pipeline.pipeline import RunFolderError
+    from mmpr_pipeline.hub import PublishError
     from mmpr_pipeline.preflight import PreflightError
+    from mmpr_pipeline.preview import PreviewError
     from mmpr_pipeline.recipe import RecipeError
-    from stages.load import SourceError
+    from mmpr_pipeline.select import SelectError
+    from mmpr_pipeline.sources import SourceError
 
-    return RecipeError, SourceError, RunFolderError, PreflightError, ExportError
+    return (
+        RecipeError,
+        SourceError,
+        RunFolderError,
+        PreflightError,
+        ExportError,
+        PreviewError,
+        SelectError,
+        PublishError,
+    )
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -355,7 +365,7 @@ def _disk_full(e: BaseException) -> bool:
 def error_message(e: Exception) -> tuple[int, str]:
     """(exit code, message) for an exception that reached the top: never a traceback."""
     if isinstance(e, _user_errors()):
-        return USER_ERROR, str(e)
+        return getattr(e, "code", USER_ERROR), str(e)
     hint = _DISK_FULL_HINT if _disk_full(e) else ""
     if hint and "run the same command again" in str(e):  # the build's own message already says so
         hint = " (the disk is full or a file size limit was hit: free space first)"

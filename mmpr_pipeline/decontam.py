@@ -40,6 +40,34 @@ HUE_TOLERANCE = 0.6  # L1 distance of the saturated pixels' hue distributions (0
 COLOUR_BYTES = 2 * COLOUR_GRID**2 + 1 + HUE_BINS  # grid (Cb, Cr), saturated per mille, hue shares
 
 
+# Reasons of rows set aside as leaks or near-duplicates: fixed forms that reason_group folds into one
+# count per benchmark (or source) for stats.json, the card and the preview.
+LEAK = re.compile(r"^benchmark leak \((?P<benchmark>[\w-]+) row \d+\): (?P<kind>image|question)")
+NEAR_DUPLICATE = re.compile(r"^near-duplicate of (?P<source>[\w-]+) row \d+ \((?P<how>[^)]*)\)")
+
+
+def leak_reason(benchmark: str, row: int, kind: str, detail: str) -> str:
+    return f"benchmark leak ({benchmark} row {row}): {kind} {detail}"
+
+
+def near_duplicate_reason(source: str, row: int) -> str:
+    return f"near-duplicate of {source} row {row} (same normalised question, near-identical image)"
+
+
+def reason_group(reason: str) -> str:
+    """The reason without its row: what stats.json, the card and the preview count."""
+    if m := LEAK.match(reason):
+        return f"benchmark leak ({m['benchmark']}): {m['kind']}"
+    if m := NEAR_DUPLICATE.match(reason):
+        return f"near-duplicate of an earlier {m['source']} row ({m['how']})"
+    return reason
+
+
+def leak_benchmark(reason: str) -> str | None:
+    m = LEAK.match(reason)
+    return m["benchmark"] if m else None
+
+
 def normalise_question(text: str) -> str:
     """Case, accents' composed forms, punctuation and spacing removed: 'What  is X?' == 'what is x'."""
     text = unicodedata.normalize("NFKC", text).casefold()

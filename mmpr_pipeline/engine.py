@@ -164,6 +164,17 @@ def user_message(text: str, images=None) -> dict[str, Any]:
     }
 
 
+def conversation(row: dict[str, Any], with_image: bool = True, background=(255, 255, 255)) -> list[dict]:
+    """The user turn the model sees for a question row: its rendered prompt template, with its images
+    unless dropped (decoded by records.decode_image, transparency over the source's
+    `image_background`)."""
+    from mmpr_pipeline.prompts import render
+    from mmpr_pipeline.records import decode_image
+
+    images = [decode_image(b, background) for b in row["images"]] if with_image else []
+    return [user_message(render(row["prompt_template"], row["question"]), images)]
+
+
 class SequenceWindow:
     """At most `limit` sequences admitted to the engine at once; a request of n samples takes n.
     Requests queue here before their images are decoded and rendered, so a replica holds processed

@@ -70,7 +70,8 @@ def accuracy_table(run: Path) -> dict[str, dict[str, Any]]:
 def evaluate(
     recipe: recipe_mod.Recipe, out: str | Path, *, modes=("greedy", "sampled"), ray_address: str | None = None
 ) -> dict[str, Any]:
-    from mmpr_pipeline.pipeline import collect_samples, prepare_run_dir
+    from mmpr_pipeline.pipeline import collect_samples
+    from mmpr_pipeline.run_folder import prepare_run_dir
     from mmpr_pipeline.units import BuildStats
 
     out = Path(out)

@@ -361,11 +361,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> dict:
 
 def cli_export(args) -> int:
     """`mmpr export RUN_DIR --format {trl,internvl} --out DIR`."""
-    try:
-        summary = export(args.run_dir, args.format, args.out)
-    except ExportError as e:  # other OSErrors (a full disk) reach the CLI's wrapper: rc 1
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = export(args.run_dir, args.format, args.out)
     out = Path(args.out)
     print(f"Exported {summary['rows']} pairs to {out} ({args.format}).")
     if args.format == "trl":

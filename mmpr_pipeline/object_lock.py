@@ -131,7 +131,7 @@ class ObjectRunLock:
             ) from None
 
     def _refuse(self, who: str) -> None:
-        from mmpr_pipeline.pipeline import RunFolderError
+        from mmpr_pipeline.errors import RunFolderError
 
         raise RunFolderError(f"{self.run} is in use by {who}; wait for it, or use another --out")
 

@@ -17,7 +17,9 @@ Two options of InternVL's MMPR pipeline, both off by default:
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from mmpr_pipeline.records import stable_hash
 from mmpr_pipeline.scoring.extract import all_boxed, clean, extract
@@ -124,3 +126,58 @@ def fix_answer(response: str, reference: str) -> str | None:
         if check.answer == want and check.source == found.source:
             return fixed if fixed != response else None
     return None
+
+
+# -- DropoutNTP: the cut, and the pairs of a question whose prefixes were continued ---------------
+
+_WORD = re.compile(r"\S+")
+
+
+def prefix_of(text: str, words: int) -> str:
+    """The text up to the end of its `words`-th whitespace-separated word, exactly as written."""
+    for k, match in enumerate(_WORD.finditer(text), 1):
+        if k == words:
+            return text[: match.end()]
+    return text
+
+
+def truncate(text: str, ratio: float, min_words: int) -> tuple[str, int] | None:
+    """(prefix, words kept): the text up to the end of its first int(N * ratio) whitespace-separated
+    words, exactly as written (so prefix is a true prefix of text). None when text has fewer than
+    `min_words` words, or the cut would keep nothing or everything."""
+    words = list(_WORD.finditer(text))
+    keep = int(len(words) * ratio)
+    if len(words) < min_words or keep < 1 or keep >= len(words):
+        return None
+    return prefix_of(text, keep), keep
+
+
+def pair_dropout(row: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """DropoutNTP (paper, Sec. 3.2) for one question: pairs (chosen = original, rejected = prefix +
+    continuation) and counts of what was dropped."""
+    counts = dict(too_short=0, continued=0, empty_continuation=0, identical=0)
+    pairs = []
+    for i, text in enumerate(row["responses"]):
+        kept = row["prefix_words"][i]
+        if kept < 0:
+            counts["too_short"] += 1
+            continue
+        prefix = prefix_of(text, kept)
+        continuation = row["continuations"][i]
+        if not continuation.strip():
+            counts["empty_continuation"] += 1
+            continue
+        counts["continued"] += 1
+        if continuation.strip() == text[len(prefix) :].strip():
+            counts["identical"] += 1
+            continue
+        pairs.append(
+            dict(
+                chosen=text,
+                rejected=prefix + continuation,
+                chosen_index=i,
+                rejected_index=i,
+                prefix_words=kept,
+            )
+        )
+    return pairs, counts

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import fcntl
 import functools
-import json
 import logging
 import os
 import time
@@ -33,22 +31,16 @@ from typing import Any
 import pyarrow as pa
 
 from mmpr_pipeline import shards
+from mmpr_pipeline.build_summary import print_summary
 from mmpr_pipeline.peak_memory import phase_end
-from mmpr_pipeline.recipe import Recipe, to_json
+from mmpr_pipeline.recipe import Recipe
 from mmpr_pipeline.records import PAIR_SCHEMA, QUESTION_SCHEMA, REJECT_SCHEMA
-from mmpr_pipeline.storage import ObjectPath, as_path, local_twin, remove_tree
+from mmpr_pipeline.run_folder import prepare_run_dir, run_lock
+from mmpr_pipeline.sources import SourceError
+from mmpr_pipeline.storage import ObjectPath, as_path, local_twin
 from mmpr_pipeline.units import BuildStats, WorkUnit, is_done, plan_source, unit_file
-from stages.load import SourceError
 
 log = logging.getLogger(__name__)
-
-RUN_MARKER = ".mmpr-run"  # marks a folder as a run folder made by this tool
-LOCK_FILE = ".mmpr-lock"
-TOOL_DIRS = ("samples", "pairs", "rejects", "data", "figures")  # what a run folder holds of ours
-
-
-class RunFolderError(RuntimeError):
-    pass
 
 
 class BuildFailed(RuntimeError):
@@ -63,101 +55,6 @@ def _cause(e: BaseException) -> str:
         ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception")) and "UDF failed" not in ln
     ]
     return (engine or named or lines or [type(e).__name__])[-1][:400]
-
-
-# -- the run folder -----------------------------------------------------------------------------
-
-
-def check_run_dir(run: Path) -> None:
-    """--out is missing, empty, or a run folder this tool made (marked by RUN_MARKER)."""
-    run = as_path(run)
-    if run.exists() and not run.is_dir():
-        raise RunFolderError(f"--out {run} is a file, not a folder")
-    if run.is_dir() and any(p.name != LOCK_FILE for p in run.iterdir()) and not (run / RUN_MARKER).exists():
-        raise RunFolderError(
-            f"--out {run} is not empty and is not a run folder of mmpr; "
-            f"give a new or empty folder (nothing in {run} was changed)"
-        )
-
-
-def prepare_run_dir(run: Path, recipe: Recipe, overwrite: bool) -> None:
-    """A run folder is missing, empty or made by this tool, and belongs to one recipe: resuming with a
-    changed recipe would mix outputs. Only files the tool made are ever removed."""
-    run = as_path(run)
-    check_run_dir(run)
-    recipe_file = run / "recipe.json"
-    if recipe_file.exists():
-        try:
-            old = json.loads(recipe_file.read_text())
-        except ValueError:
-            old = None
-        if old != json.loads(to_json(recipe)):
-            if not overwrite:
-                changed = (
-                    sorted(
-                        k for k in set(old) | set(recipe.to_dict()) if old.get(k) != recipe.to_dict().get(k)
-                    )
-                    if isinstance(old, dict)
-                    else ["recipe.json is unreadable"]
-                )
-                raise RunFolderError(
-                    f"{run} was built with a different recipe (changed: {', '.join(changed)}). "
-                    f"Use another --out, or --overwrite to discard its samples and start over."
-                )
-            log.warning("--overwrite: discarding the samples in %s", run)
-            for sub in TOOL_DIRS:
-                remove_tree(run / sub)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / RUN_MARKER).write_text(
-        "made by mmpr-pipeline; its samples/, pairs/, rejects/, data/ are rebuilt by it\n"
-    )
-    for sub in TOOL_DIRS:  # temporary files of a run that was killed mid-write (ours only)
-        for tmp in (run / sub).rglob(".*.tmp") if (run / sub).is_dir() else []:
-            tmp.unlink()
-    shards.write_text(recipe_file, to_json(recipe))
-
-
-class RunLock:
-    """One process per run folder: a second `mmpr build` on the same --out is refused, naming the
-    process that holds it. The lock is an flock, so it goes away with its process, even on kill -9."""
-
-    def __init__(self, run: Path):
-        self.path = Path(run) / LOCK_FILE
-        self.fh = None
-
-    def __enter__(self) -> RunLock:
-        check_run_dir(self.path.parent)  # never create a lock in a folder that is not ours
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.fh.seek(0)
-            holder = self.fh.read().strip() or "another process"
-            self.fh.close()
-            raise RunFolderError(
-                f"{self.path.parent} is in use by {holder}; wait for it, or use another --out"
-            ) from None
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(f"mmpr build (pid {os.getpid()})")
-        self.fh.flush()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
-
-
-def run_lock(run):
-    """The build's lock on `run`: an flock in a local folder (RunLock), a lock object created with a
-    conditional write on object storage (object_lock.py)."""
-    if isinstance(run, ObjectPath):
-        from mmpr_pipeline.object_lock import ObjectRunLock
-
-        check_run_dir(run)  # never create a lock in a folder that is not ours
-        return ObjectRunLock(run)
-    return RunLock(run)
 
 
 # -- Ray ----------------------------------------------------------------------------------------
@@ -228,7 +125,7 @@ def plan_units(recipe: Recipe) -> tuple[dict[str, list[WorkUnit]], int]:
     import ray
 
     from mmpr_pipeline.decontam import EarlierRows
-    from stages.load import scan_input, source_inputs
+    from mmpr_pipeline.sources import scan_input, source_inputs
 
     scan = ray.remote(num_cpus=0.25, max_retries=2)(scan_input)
     pending = {}
@@ -260,19 +157,10 @@ def plan_units(recipe: Recipe) -> tuple[dict[str, list[WorkUnit]], int]:
 
 
 def _unit_options(recipe: Recipe, run: Path, model: str) -> dict[str, Any]:
-    # each source's own sampling settings (the recipe's, with its overrides): what its pairs record
-    return dict(
-        run=str(run),
-        sources={s.name: s for s in recipe.sources},
-        seed=recipe.seed,
-        model=model,
-        sampling={s.name: dataclasses.asdict(recipe.sampling_for(s)) for s in recipe.sources},
-    )
+    return dict(run=str(run), sources={s.name: s for s in recipe.sources}, seed=recipe.seed, model=model)
 
 
-def load_units(
-    batch: pa.Table, run: str, sources: dict, seed: int, model: str, sampling: dict, benchmarks=None
-) -> pa.Table:
+def load_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str, benchmarks=None) -> pa.Table:
     """load (+ decontaminate, given the benchmark index's reference): work-unit plans -> their
     questions; rejects are written here. A unit with no question left is finished here too."""
     from stages.decontaminate import set_aside_leaks
@@ -287,12 +175,12 @@ def load_units(
         rejects = sorted(rejects + leaks, key=lambda r: r["row_index"])
         write_rejects(as_path(run), unit, rejects)
         if not questions:
-            write_unit_files(run, unit, [], rejects, sources, seed, model, sampling)
+            write_unit_files(run, unit, [], rejects, sources, seed, model)
         out += questions
     return pa.Table.from_pylist(out, schema=QUESTION_SCHEMA)
 
 
-def finish_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str, sampling: dict) -> pa.Table:
+def finish_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str) -> pa.Table:
     """score + pair + write: sampled questions of whole units -> the units' files; returns one small
     summary row per unit (the only thing the driver sees)."""
     from stages.score import is_scored, score_row
@@ -312,34 +200,30 @@ def finish_units(batch: pa.Table, run: str, sources: dict, seed: int, model: str
                 f"{unit.stop - unit.start - len(rejects)} questions); lower unit_size"
             )
         rows = [r if is_scored(r) else score_row(r) for r in rows]  # scored already where a judge model ran
-        summaries.append(
-            summary_row(write_unit_files(run, unit, rows, rejects, sources, seed, model, sampling))
-        )
+        summaries.append(summary_row(write_unit_files(run, unit, rows, rejects, sources, seed, model)))
     return pa.Table.from_pylist(summaries)
 
 
 def write_unit_files(
-    run: str,
-    unit: WorkUnit,
-    rows: list[dict],
-    rejects: list[dict],
-    sources: dict,
-    seed: int,
-    model: str,
-    sampling: dict,
+    run: str, unit: WorkUnit, rows: list[dict], rejects: list[dict], sources: dict, seed: int, model: str
 ) -> dict:
-    """write: a unit's samples, pairs and counts file (stages/write.py), with its source's settings."""
-    from stages.write import write_unit
+    """pair (stages/pair.py) + write (stages/write.py): a unit's scored rows -> its samples, pairs and
+    counts file, with its source's pairing settings; returns the counts."""
+    from stages.pair import pair_unit
+    from stages.write import unit_stats, write_unit
 
+    t0 = time.perf_counter()
+    stats = unit_stats(unit, rejects)
+    rows = sorted(rows, key=lambda r: r["row_index"])
+    pairs, all_wrong_qids = pair_unit(rows, sources[unit.source], seed=seed, model=model, stats=stats)
     return write_unit(
         as_path(run),
         unit,
         rows,
-        rejects,
-        sources[unit.source],
-        seed=seed,
-        model=model,
-        sampling=sampling[unit.source],
+        pairs,
+        stats,
+        all_wrong_qids,
+        pair_seconds=time.perf_counter() - t0,
         pair_schema=pair_schema(),
     )
 
@@ -375,7 +259,6 @@ def run_units(
     plan = replica_plan(cluster_gpus(), recipe.engine)
     concurrent = int(recipe.engine.get("max_concurrent_batches", MAX_CONCURRENT_BATCHES))
     options = _unit_options(recipe, run, recipe.model)
-    sources = options["sources"]
     counter = start_counter()  # questions and tokens sampled so far, for the progress bar
     # no more tasks than units: Ray Data warns when a cap exceeds the operator's inputs
     n_tasks = max(1, min(TASKS_PER_REPLICA * plan.replicas, len(units)))
@@ -403,12 +286,7 @@ def run_units(
                 "trust_remote_code": recipe.trust_remote_code,  # False: vLLM refuses custom code
                 **recipe.engine,
             },
-            sampling=recipe.sampling,
-            source_sampling={n: recipe.sampling_for(s) for n, s in sources.items()},
-            image_max_pixels={n: s.image_max_pixels for n, s in sources.items() if s.image_max_pixels},
-            image_background={n: tuple(s.image_background) for n, s in sources.items()},
-            templates={n: recipe.template_for(s) for n, s in sources.items()},
-            dropout={n: s.dropout for n, s in sources.items()},
+            sources=recipe.sample_settings(),
             progress=counter,
         ),
         # Ray Data restarts a replica whose process died and retries its batches.
@@ -606,7 +484,7 @@ def collect_samples(
             name: [dataclasses.replace(u, benchmarks=summary["identity"]) for u in source_units]
             for name, source_units in units.items()
         }
-    stats.seconds["load"] = time.perf_counter() - t0
+    stats.seconds["plan"] = time.perf_counter() - t0
     remove_stale_units(run, units)
     every = [u for us in units.values() for u in us]
     pending = [u for u in every if not is_done(run, u)]
@@ -662,7 +540,7 @@ def build(
         counts = read_unit_counts(run, units)
         sum_counts(counts, stats)
         phase_end("counts")
-        shards.kill_point("before_pair")
+        shards.kill_point("before_shards")
         t0 = time.perf_counter()
         paths = write_shards(run, recipe, counts)
         stats.shards = [str(p.relative_to(run)) for p in paths]
@@ -687,66 +565,3 @@ def build(
     print_summary(run, summary, logs=None if verbose else runlogs.logs_dir(run))
     phase_end("summary")
     return summary
-
-
-def print_summary(run: Path, stats: dict[str, Any], logs: Path | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"MMPR build: {stats['recipe']} -> {run}", title_justify="left")
-    for col in (
-        "source",
-        "pipeline",
-        "rows",
-        "rejects",
-        "questions",
-        "samples",
-        "correct",
-        "all right",
-        "all wrong",
-        "pairs corr/fmt/dntp",
-    ):
-        table.add_column(col, justify="left" if col in ("source", "pipeline") else "right")
-    for name, s in stats["sources"].items():
-        rate = f"{s['correct_rate']:.1%}" if s["correct_rate"] is not None else "-"
-        p = s["pairs"]
-        table.add_row(
-            name,
-            s["pipeline"],
-            str(s["rows"]),
-            str(s["rejects"]),
-            str(s["questions"]),
-            str(s["samples"]),
-            rate,
-            str(s["all_right"]),
-            str(s["all_wrong"]),
-            f"{p['correctness']}/{p['format']}/{p['dropout_ntp']}",
-        )
-    console = Console(width=None if Console().is_terminal else 140)
-    console.print(table)
-    for name, s in stats["sources"].items():  # never silent: each is a response or pair lost
-        if s.get("judge_errors"):
-            console.print(
-                f"[yellow]{name}: the judge failed on {s['judge_errors']} response(s), never paired "
-                "(reason 'judge error: ...' in samples/)[/]"
-            )
-        if s.get("same_text_pairs"):
-            console.print(
-                f"{name}: {s['same_text_pairs']} pair(s) dropped: chosen and rejected the same text "
-                "up to white space"
-            )
-    t = stats["stage_seconds"]
-    console.print(
-        f"pairs: {sum(stats['totals']['pairs'].values())} in {len(stats['shards'])} shard(s) under "
-        f"{run / 'data'}; time: total {t['total']:.1f}s (plan {t['load']:.1f}s, "
-        f"load+sample+score+pair {t['generate_wall']:.1f}s, shards {t.get('shards', 0):.1f}s)"
-    )
-    if (run / "preview.html").exists():
-        console.print(f"look at the pairs: {run / 'preview.html'}")
-    if logs is not None:
-        console.print(f"Ray's and vLLM's logs: {logs}/ (--verbose shows them here)")
-    data = "" if run.resolve() == Path("runs/demo").resolve() else f" --set data={run}"
-    console.print(
-        f"next: train on them: mmpr train data_cards/train_mpo.yaml{data} (make train for runs/demo); "
-        f"share them: mmpr publish {run} --repo-id USER/NAME"
-    )

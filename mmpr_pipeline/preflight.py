@@ -248,7 +248,7 @@ def check_out_dir(out: str | Path, flag: str = "--out") -> None:
 def check_sources_give_questions(recipe: Recipe) -> None:
     """Each source gives at least one usable question; reading stops at the first one. A source whose
     every row is set aside (wrong `fields:`?) would otherwise end in an empty build with rc 0."""
-    from stages.load import BadRow, SourceError, read_rows, to_question
+    from mmpr_pipeline.sources import BadRow, SourceError, read_rows, to_question
 
     for i, source in enumerate(recipe.sources):
         reasons, n_rows = Counter(), 0
@@ -264,7 +264,7 @@ def check_sources_give_questions(recipe: Recipe) -> None:
                     reasons[str(e)] += 1
         except SourceError as e:
             raise SourceError(f"{recipe.file}: {e}") from None
-        except Exception as e:  # noqa: BLE001 - as stages.load does: name the source, not the library
+        except Exception as e:  # noqa: BLE001 - as sources.scan_input does: name the source, not the library
             raise SourceError(
                 f"{recipe.file}: source {source.name!r} ({source.loader}: "
                 f"{source.path or source.dataset}) cannot be read: {type(e).__name__}: {e}"

@@ -38,12 +38,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmpr_pipeline.pairing import prefix_of
 from mmpr_pipeline.records import WHITE, background_of, decode_image, plain_pixels
 from mmpr_pipeline.run_status import finished_unit_files, partial_note, status
 from mmpr_pipeline.scoring.modes import JUDGE_ERROR
 from mmpr_pipeline.shards import SHARD_RE
 from mmpr_pipeline.storage import ObjectPath, as_path, parquet_source
-from stages.dropout_ntp import prefix_of
 
 PREVIEW_FILE = "preview.html"
 MAX_MB = 8.0  # the file never exceeds this, whatever the run size
@@ -221,7 +221,7 @@ def read_rejects(run_dir: Path, source: str, example_chars: int = 400) -> list[d
         return []
     counts: Counter = Counter()
     examples: dict[str, dict] = {}
-    from stages.decontaminate import reason_group
+    from mmpr_pipeline.decontam import reason_group
 
     for batch in _batches(path, ["reason", "row_index", "row"], batch_size=4096):
         for rec in batch.to_pylist():

@@ -96,6 +96,19 @@ class Pairing:
         )
 
 
+@dataclass(frozen=True)
+class SampleSettings:
+    """What the sampling stage needs of one source (Recipe.sample_settings): its prompt template, its
+    sampling (the recipe's with the source's overrides; `n` is dropout.n for DropoutNTP), its
+    DropoutNTP settings (None for a correctness source), its image cap and transparency colour."""
+
+    template: str
+    sampling: Sampling
+    dropout: Dropout | None = None
+    image_max_pixels: int | None = None
+    image_background: tuple[int, int, int] = (255, 255, 255)
+
+
 @dataclass
 class Dropout:
     ratio: float = option(0.5, help="keep the first int(N * ratio) words of the chosen response")
@@ -462,6 +475,20 @@ class Recipe:
         if source.pipeline == "dropout_ntp":
             sampling = dataclasses.replace(sampling, n=source.dropout.n)
         return sampling
+
+    def sample_settings(self) -> dict[str, SampleSettings]:
+        """Each source's settings for the sampling stage, resolved here once: the one route from the
+        recipe to the engine request and to what the sample and pair rows record."""
+        return {
+            s.name: SampleSettings(
+                template=self.template_for(s),
+                sampling=self.sampling_for(s),
+                dropout=s.dropout if s.pipeline == "dropout_ntp" else None,
+                image_max_pixels=s.image_max_pixels,
+                image_background=tuple(s.image_background),
+            )
+            for s in self.sources
+        }
 
     def fingerprint(self) -> str:
         """What decides the output; a run folder refuses a recipe with another fingerprint."""

@@ -38,7 +38,7 @@ QUESTION_FIELDS = [
     ("answer_type", pa.string()),
     ("options", pa.list_(pa.string())),
     ("given_response", pa.string()),  # dropout_ntp: a response the source already has, else ""
-    # issue 13: a ground-truth worked solution (`fields.rationale`), a chosen candidate; "" when none
+    # a ground-truth worked solution (`fields.rationale`), a chosen candidate; "" when none
     ("rationale", pa.string()),
 ]
 QUESTION_SCHEMA = pa.schema(QUESTION_FIELDS)
@@ -97,7 +97,7 @@ PAIR_SCHEMA = pa.schema(
         ("rejected_index", pa.int64()),
         ("cut_ratio", pa.float64()),  # dropout_ntp only, else null
         ("prefix_words", pa.int64()),  # dropout_ntp only, else null
-        # issue 13: JSON of the pair options that shaped this pair, "{}" when none: {"chosen": "reference"}
+        # JSON of the pair options that shaped this pair, "{}" when none: {"chosen": "reference"}
         # (chosen_index -1: the source's `fields.rationale`), {"answer_fix": true} (the chosen's final-answer
         # line rewritten to the reference answer), {"with_image": true} (DropoutNTP continued with the image)
         ("provenance", pa.string()),

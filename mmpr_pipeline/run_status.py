@@ -17,10 +17,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmpr_pipeline.run_folder import LOCK_FILE
 from mmpr_pipeline.storage import as_path
 
 STATS_FILE = "stats.json"
-LOCK_FILE = ".mmpr-lock"  # pipeline.LOCK_FILE (not imported: that module imports Ray's pieces)
+
+
 RUN_MARKER = ".mmpr-run"
 
 
@@ -47,7 +49,7 @@ class RunStatus:
 
 
 def build_holder(run_dir: Path) -> str | None:
-    """Who holds the run folder's build lock now (pipeline.RunLock), or None."""
+    """Who holds the run folder's build lock now (run_folder.RunLock), or None."""
     from mmpr_pipeline.storage import ObjectPath
 
     if isinstance(run_dir, ObjectPath):

@@ -316,11 +316,7 @@ def format_summary(summary: dict, out: Path) -> str:
 
 def cli_select(args) -> int:
     """`mmpr select RUN_DIR (--pass-rate LO:HI | --all-wrong) --out DIR`."""
-    try:
-        band = parse_band(args.pass_rate) if args.pass_rate is not None else None
-        summary = select(args.run_dir, args.out, band=band, all_wrong=args.all_wrong)
-    except SelectError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    band = parse_band(args.pass_rate) if args.pass_rate is not None else None
+    summary = select(args.run_dir, args.out, band=band, all_wrong=args.all_wrong)
     print(format_summary(summary, Path(args.out)))
     return 0

@@ -219,7 +219,7 @@ class SourceStats:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-STAGE_TIMES = ("load", "sample", "continue", "score", "pair", "write", "generate_wall", "shards", "total")
+STAGE_TIMES = ("plan", "sample", "continue", "score", "pair", "write", "generate_wall", "shards", "total")
 
 
 @dataclass

@@ -63,21 +63,21 @@ MUTANTS = [
     ),
     Mutant(
         "dropout: min_words boundary < -> <=",
-        "stages/dropout_ntp.py",
+        "mmpr_pipeline/pairing.py",
         "if len(words) < min_words or keep < 1",
         "if len(words) <= min_words or keep < 1",
         ["tests/test_dropout_truncate.py"],
     ),
     Mutant(
         "judge: relaxed (chart) tolerance sign flipped",
-        "mmpr_pipeline/scoring/modes.py",
+        "mmpr_pipeline/scoring/answer_numbers.py",
         "abs(p - g) <= abs(g) * Fraction(tolerance)",
         "abs(p - g) >= abs(g) * Fraction(tolerance)",
         ["tests/test_scoring.py", "-k", "number_equivalence or chart_relaxed"],
     ),
     Mutant(
         "judge: rounding tolerance sign flipped",
-        "mmpr_pipeline/scoring/modes.py",
+        "mmpr_pipeline/scoring/answer_numbers.py",
         "abs(p - g) <= Fraction(1, 2 * 10**decimals)",
         "abs(p - g) >= Fraction(1, 2 * 10**decimals)",
         ["tests/test_scoring.py", "-k", "number_equivalence or chart_relaxed"],
@@ -98,7 +98,7 @@ MUTANTS = [
     ),
     Mutant(
         "dropout: chosen and rejected swapped",
-        "stages/dropout_ntp.py",
+        "mmpr_pipeline/pairing.py",
         "chosen=text,\n                rejected=prefix + continuation,",
         "chosen=prefix + continuation,\n                rejected=text,",
         ["tests/test_dropout_truncate.py"],

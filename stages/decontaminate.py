@@ -2,13 +2,13 @@
 near-duplicate of a benchmark's (the recipe's `decontamination:` evaluation sets).
 
 The benchmark index (mmpr_pipeline/decontam.py's Benchmarks) is built once per build on Ray workers:
-one task per benchmark input file hashes its rows (read by the sources' loaders, stages/load.py),
+one task per benchmark input file hashes its rows (read by the sources' loaders, mmpr_pipeline/sources.py),
 and one task merges them into a single Ray object. The driver holds only its reference and a few
 numbers (its identity, which goes into every unit's key, and its row counts); the load stage's
 workers fetch the object once per process and check their unit's questions against it.
 
 Rows set aside here, and near-duplicate rows (marked by the plan), carry reasons of a fixed form
-that `reason_group` folds into one count per benchmark (or per source) for stats.json, the card and
+that `decontam.reason_group` folds into one count per benchmark (or per source) for stats.json, the card and
 the preview, while rejects/ keeps the row-level reason.
 """
 
@@ -16,38 +16,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from typing import Any
 
-from mmpr_pipeline.decontam import Benchmarks, benchmark_entry
+from mmpr_pipeline.decontam import Benchmarks, benchmark_entry, leak_reason
 
 log = logging.getLogger(__name__)
-
-LEAK = re.compile(r"^benchmark leak \((?P<benchmark>[\w-]+) row \d+\): (?P<kind>image|question)")
-NEAR_DUPLICATE = re.compile(r"^near-duplicate of (?P<source>[\w-]+) row \d+ \((?P<how>[^)]*)\)")
-
-
-def leak_reason(benchmark: str, row: int, kind: str, detail: str) -> str:
-    return f"benchmark leak ({benchmark} row {row}): {kind} {detail}"
-
-
-def near_duplicate_reason(source: str, row: int) -> str:
-    return f"near-duplicate of {source} row {row} (same normalised question, near-identical image)"
-
-
-def reason_group(reason: str) -> str:
-    """The reason without its row: what stats.json, the card and the preview count."""
-    if m := LEAK.match(reason):
-        return f"benchmark leak ({m['benchmark']}): {m['kind']}"
-    if m := NEAR_DUPLICATE.match(reason):
-        return f"near-duplicate of an earlier {m['source']} row ({m['how']})"
-    return reason
-
-
-def leak_benchmark(reason: str) -> str | None:
-    m = LEAK.match(reason)
-    return m["benchmark"] if m else None
-
 
 # -- the index, built on Ray workers ----------------------------------------------------------------
 
@@ -56,7 +29,7 @@ def hash_benchmark_input(benchmark, path: str) -> dict[str, Any]:
     """One benchmark input file -> its rows' index entries (row numbers within the file), on a worker.
     A row without a readable question is counted and skipped; an image that does not decode is
     counted and its question still indexed."""
-    from stages.load import BadRow, _images, _text, input_rows
+    from mmpr_pipeline.sources import BadRow, as_text, input_rows, question_images
 
     source = benchmark.as_source()
     entries, rows, unreadable = [], 0, 0
@@ -65,8 +38,8 @@ def hash_benchmark_input(benchmark, path: str) -> dict[str, Any]:
             break
         rows += 1
         try:
-            question = _text(raw[source.fields.question], "question")
-            images = _images(raw, source, question, check=False)
+            question = as_text(raw[source.fields.question], "question")
+            images = question_images(raw, source, question, check=False)
         except (BadRow, KeyError, TypeError):
             unreadable += 1
             continue
@@ -108,7 +81,7 @@ def start_index(benchmarks: list) -> tuple[Any, Any]:
     unreadable}}}), built by Ray tasks: only the summary ever comes to the driver."""
     import ray
 
-    from stages.load import source_inputs
+    from mmpr_pipeline.sources import source_inputs
 
     hash_input = ray.remote(num_cpus=0.25, max_retries=2)(hash_benchmark_input)
     parts = [hash_input.remote(b, path) for b in benchmarks for path in source_inputs(b.as_source())]
@@ -149,7 +122,7 @@ def find_leak(index: Benchmarks, question: dict) -> str | None:
 
 def set_aside_leaks(questions: list[dict], index_ref) -> tuple[list[dict], list[dict]]:
     """(kept questions, rejects) of one unit's questions, on the worker that loaded them."""
-    from stages.load import _excerpt
+    from mmpr_pipeline.sources import excerpt
 
     if index_ref is None:
         return questions, []
@@ -160,6 +133,6 @@ def set_aside_leaks(questions: list[dict], index_ref) -> tuple[list[dict], list[
         if reason is None:
             kept.append(q)
         else:
-            excerpt = _excerpt({"question": q["question"], "images": len(q["images"])})
-            rejects.append(dict(source=q["source"], row_index=q["row_index"], reason=reason, row=excerpt))
+            shown = excerpt({"question": q["question"], "images": len(q["images"])})
+            rejects.append(dict(source=q["source"], row_index=q["row_index"], reason=reason, row=shown))
     return kept, rejects

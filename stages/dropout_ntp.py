@@ -12,32 +12,11 @@ second, independently sampled ending written while seeing the image. The sample 
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
-from mmpr_pipeline.engine import request_seed
-
-_WORD = re.compile(r"\S+")
-
-
-def prefix_of(text: str, words: int) -> str:
-    """The text up to the end of its `words`-th whitespace-separated word, exactly as written."""
-    for k, match in enumerate(_WORD.finditer(text), 1):
-        if k == words:
-            return text[: match.end()]
-    return text
-
-
-def truncate(text: str, ratio: float, min_words: int) -> tuple[str, int] | None:
-    """(prefix, words kept): the text up to the end of its first int(N * ratio) whitespace-separated
-    words, exactly as written (so prefix is a true prefix of text). None when text has fewer than
-    `min_words` words, or the cut would keep nothing or everything."""
-    words = list(_WORD.finditer(text))
-    keep = int(len(words) * ratio)
-    if len(words) < min_words or keep < 1 or keep >= len(words):
-        return None
-    return prefix_of(text, keep), keep
+from mmpr_pipeline.engine import conversation, request_seed
+from mmpr_pipeline.pairing import truncate
 
 
 async def continue_prefixes(
@@ -53,8 +32,6 @@ async def continue_prefixes(
     question's images, or with them under `cfg.with_image`. Fills prefix_words (-1: too short),
     continuations, continuation_tokens, continuation_image_tokens."""
     import asyncio
-
-    from stages.sample import conversation
 
     n = len(row["responses"])
     row.update(
@@ -103,33 +80,3 @@ async def continue_prefixes(
         row["continuations"][i] = comp.texts[0]
         row["continuation_tokens"][i] = comp.n_tokens[0]
         row["continuation_image_tokens"][i] = engine.image_tokens(comp)
-
-
-def pair_question(row: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Pairs (chosen = original, rejected = prefix + continuation) and counts of what was dropped."""
-    counts = dict(too_short=0, continued=0, empty_continuation=0, identical=0)
-    pairs = []
-    for i, text in enumerate(row["responses"]):
-        kept = row["prefix_words"][i]
-        if kept < 0:
-            counts["too_short"] += 1
-            continue
-        prefix = prefix_of(text, kept)
-        continuation = row["continuations"][i]
-        if not continuation.strip():
-            counts["empty_continuation"] += 1
-            continue
-        counts["continued"] += 1
-        if continuation.strip() == text[len(prefix) :].strip():
-            counts["identical"] += 1
-            continue
-        pairs.append(
-            dict(
-                chosen=text,
-                rejected=prefix + continuation,
-                chosen_index=i,
-                rejected_index=i,
-                prefix_words=kept,
-            )
-        )
-    return pairs, counts

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mmpr_pipeline.pairing import REFERENCE, fix_answer, pair_correctness
+from mmpr_pipeline.pairing import REFERENCE, fix_answer, pair_correctness, pair_dropout
 from mmpr_pipeline.prompts import render
 from mmpr_pipeline.records import WHITE, pair_id
 from mmpr_pipeline.scoring import JUDGE_ERROR, undecided
-from stages.dropout_ntp import pair_question as pair_dropout
 
 
 def same_text(chosen: str, rejected: str) -> bool:
@@ -33,10 +32,22 @@ def answer_fixed(row: dict[str, Any], unjudged: frozenset[int]) -> tuple[list[st
     return texts, fixed
 
 
-def pair_rows(
-    row: dict[str, Any], source_cfg, *, seed: int, model: str, sampling: dict
-) -> tuple[list[dict], dict]:
-    """(pair rows in records.PAIR_SCHEMA, counts) for one Sample row."""
+def pair_unit(rows: list[dict], source_cfg, *, seed: int, model: str, stats) -> tuple[list[dict], list[str]]:
+    """Pair a unit's scored sample rows in their order, adding each row's counts to `stats`
+    (units.SourceStats); returns (pair rows, qids of the questions answered all wrong)."""
+    pairs, all_wrong_qids = [], []
+    for row in rows:
+        found, counts = pair_rows(row, source_cfg, seed=seed, model=model)
+        stats.add_row(row, counts)
+        if counts["all_wrong"] and not row["error"]:
+            all_wrong_qids.append(row["qid"])
+        pairs += found
+    return pairs, all_wrong_qids
+
+
+def pair_rows(row: dict[str, Any], source_cfg, *, seed: int, model: str) -> tuple[list[dict], dict]:
+    """(pair rows in records.PAIR_SCHEMA, counts) for one Sample row. A pair records the sampling
+    settings its sample row records: the ones the engine was asked with."""
     counts: dict[str, Any] = dict(
         correctness=0, format=0, dropout_ntp=0, all_right=0, all_wrong=0, judge_errors=0, same_text=0
     )
@@ -52,7 +63,7 @@ def pair_rows(
         answer=row["answer"],
         model=model,
         prompt_template=row["prompt_template"],
-        sampling=json.dumps(sampling, sort_keys=True),
+        sampling=row["sampling"],
         cut_ratio=None,
         prefix_words=None,
         provenance="{}",
@@ -97,7 +108,7 @@ def pair_rows(
     else:
         dropout_pairs, dropout_counts = pair_dropout(row)
         counts["dropout"] = dropout_counts
-        for p in dropout_pairs:  # with_image: continued with the images (issue 13 item 5)
+        for p in dropout_pairs:  # with_image: continued with the images
             found.append(
                 (
                     "dropout_ntp",

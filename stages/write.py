@@ -20,9 +20,9 @@ from typing import Any
 import pyarrow as pa
 
 from mmpr_pipeline import shards
+from mmpr_pipeline.decontam import leak_benchmark, reason_group
 from mmpr_pipeline.records import REJECT_SCHEMA, SAMPLE_SCHEMA
 from mmpr_pipeline.units import SourceStats, WorkUnit, counts_file, unit_file
-from stages.decontaminate import leak_benchmark, reason_group
 
 
 def write_rejects(run_dir: Path, unit: WorkUnit, rejects: list[dict]) -> None:
@@ -33,38 +33,33 @@ def write_rejects(run_dir: Path, unit: WorkUnit, rejects: list[dict]) -> None:
         path.unlink()
 
 
-def write_unit(
-    run_dir: Path,
-    unit: WorkUnit,
-    rows: list[dict],
-    rejects: list[dict],
-    source_cfg,
-    *,
-    seed: int,
-    model: str,
-    sampling: dict,
-    pair_schema: pa.Schema,
-) -> dict[str, Any]:
-    """Pair the unit's scored rows, write its samples, pairs and counts; returns the counts."""
-    from stages.pair import pair_rows
-
-    t0 = time.perf_counter()
+def unit_stats(unit: WorkUnit, rejects: list[dict]) -> SourceStats:
+    """A unit's counts before its questions are paired: its rows and what was set aside, benchmark
+    leaks and near-duplicates counted per benchmark / source, not per row."""
     stats = SourceStats(rows=unit.stop - unit.start, rejects=len(rejects))
-    for r in rejects:  # benchmark leaks and near-duplicates counted per benchmark / source, not per row
+    for r in rejects:
         group = reason_group(r["reason"])
         stats.reject_reasons[group] = stats.reject_reasons.get(group, 0) + 1
         if benchmark := leak_benchmark(r["reason"]):
             stats.leaks[benchmark] = stats.leaks.get(benchmark, 0) + 1
         stats.near_duplicates += group.startswith("near-duplicate of")
-    rows = sorted(rows, key=lambda r: r["row_index"])
-    pairs, all_wrong_qids = [], []
-    for row in rows:
-        found, counts = pair_rows(row, source_cfg, seed=seed, model=model, sampling=sampling)
-        stats.add_row(row, counts)
-        if counts["all_wrong"] and not row["error"]:
-            all_wrong_qids.append(row["qid"])
-        pairs += found
-    t_pair = time.perf_counter() - t0
+    return stats
+
+
+def write_unit(
+    run_dir: Path,
+    unit: WorkUnit,
+    rows: list[dict],
+    pairs: list[dict],
+    stats: SourceStats,
+    all_wrong_qids: list[str],
+    *,
+    pair_seconds: float,
+    pair_schema: pa.Schema,
+) -> dict[str, Any]:
+    """Write a paired unit's samples, pairs and counts (the counts last: they mark it done); returns
+    the counts."""
+    t0 = time.perf_counter()
     shards.write_table(
         pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA),
         unit_file(run_dir, "samples", unit.source, unit.unit),
@@ -83,8 +78,8 @@ def write_unit(
         all_wrong_qids=all_wrong_qids,
         pair_rows=len(pairs),
         pair_bytes=pair_path.stat().st_size,
-        pair_seconds=round(t_pair, 4),
-        write_seconds=round(time.perf_counter() - t0 - t_pair, 4),
+        pair_seconds=round(pair_seconds, 4),
+        write_seconds=round(time.perf_counter() - t0, 4),
     )
     shards.write_json(counts_file(run_dir, unit), counts)
     return counts

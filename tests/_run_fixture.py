@@ -245,7 +245,7 @@ def make_run(
         "totals": totals,
         "all_wrong_qids": {"shapes": [], "scenes": []},
         "stage_seconds": {
-            "load": 0.5,
+            "plan": 0.5,
             "sample": 12.0,
             "continue": 1.0,
             "score": 0.3,

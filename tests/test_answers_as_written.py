@@ -120,7 +120,7 @@ def _chart_png() -> bytes:
 def test_number_text_is_the_shortest_exact_decimal():
     from decimal import Decimal
 
-    from stages.load import number_text
+    from mmpr_pipeline.sources import number_text
 
     cases = {
         0.3: "0.3",
@@ -220,10 +220,9 @@ def test_judge_errors_and_same_text_pairs_are_counted_per_source_and_reported(tm
     the original) was written and trained on."""
     import pyarrow.parquet as pq
 
-    from mmpr_pipeline import pipeline
+    from mmpr_pipeline import build_summary, pipeline
     from mmpr_pipeline import recipe as recipe_mod
     from mmpr_pipeline.units import BuildStats, WorkUnit
-    from stages.write import write_unit
 
     rec = recipe_mod.from_dict(
         dict(
@@ -254,10 +253,7 @@ def test_judge_errors_and_same_text_pairs_are_counted_per_source_and_reported(tm
     sources = {s.name: s for s in rec.sources}
     for name, rows in (("mc", mc_rows), ("desc", desc_rows)):
         unit = WorkUnit(source=name, unit=0, path="", start=0, stop=len(rows), first_row=0)
-        counts = write_unit(
-            tmp_path, unit, rows, [], sources[name], seed=0, model="m", sampling={},
-            pair_schema=pipeline.pair_schema(),
-        )  # fmt: skip
+        counts = pipeline.write_unit_files(str(tmp_path), unit, rows, [], sources, seed=0, model="m")
         stats.add_unit(name, counts)
         pairs = pq.read_table(tmp_path / "pairs" / name / "unit-00000.parquet").to_pylist()
         assert all("".join(p["chosen"].split()) != "".join(p["rejected"].split()) for p in pairs)
@@ -267,8 +263,8 @@ def test_judge_errors_and_same_text_pairs_are_counted_per_source_and_reported(tm
     assert per_source["desc"]["same_text_pairs"] == 1 and per_source["desc"]["pairs"]["dropout_ntp"] == 1
     assert per_source["mc"]["pairs"]["correctness"] == 1  # the sampled right answer vs the wrong one
 
-    pipeline.print_summary(
-        tmp_path, {**stats.to_dict(), "stage_seconds": dict.fromkeys(("total", "load", "generate_wall"), 0.0)}
+    build_summary.print_summary(
+        tmp_path, {**stats.to_dict(), "stage_seconds": dict.fromkeys(("total", "plan", "generate_wall"), 0.0)}
     )
     out = " ".join(capsys.readouterr().out.split())
     assert "mc: the judge failed on 3 response(s)" in out

@@ -11,7 +11,7 @@ import pytest
 from _shared_build import SOURCES, recipe, samples, shared_build
 
 from mmpr_pipeline import pipeline
-from stages.dropout_ntp import prefix_of
+from mmpr_pipeline.pairing import prefix_of
 
 MINE = SOURCES["build_e2e"]
 

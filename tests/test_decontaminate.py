@@ -16,9 +16,9 @@ from _photos import copy_of, crop, encode, photo
 
 from mmpr_pipeline import decontam
 from mmpr_pipeline import recipe as recipe_mod
+from mmpr_pipeline.decontam import leak_benchmark, reason_group
 from mmpr_pipeline.recipe import RecipeError
 from mmpr_pipeline.units import WorkUnit, plan_source
-from stages.decontaminate import leak_benchmark, reason_group
 
 LONG_Q = (
     "In the figure, AB is parallel to CD and the angle ABE measures 40 degrees; "

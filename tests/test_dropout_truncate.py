@@ -2,7 +2,7 @@
 
 import pytest
 
-from stages.dropout_ntp import pair_question, prefix_of, truncate
+from mmpr_pipeline.pairing import pair_dropout, prefix_of, truncate
 
 
 def test_keeps_first_half_of_words_exactly_as_written():
@@ -48,7 +48,7 @@ def test_pairs_drop_empty_and_identical_continuations():
         [4, 4, 4, -1],
         [" nine ten", "   ", " five six seven eight", ""],
     )
-    pairs, counts = pair_question(row)
+    pairs, counts = pair_dropout(row)
     assert [p["rejected"] for p in pairs] == ["one two three four nine ten"]
     assert pairs[0]["chosen"] == original and pairs[0]["prefix_words"] == 4
     assert counts == dict(too_short=1, continued=2, empty_continuation=1, identical=1)

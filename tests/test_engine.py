@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from mmpr_pipeline import tasks
-from stages.sample import conversation
+from mmpr_pipeline.engine import conversation
 
 pytestmark = pytest.mark.slow
 

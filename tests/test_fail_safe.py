@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from _run_fixture import make_run
 
-from mmpr_pipeline import card, cli, export, hub
+from mmpr_pipeline import card, cli, errors, export
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_FAILSAFEtokenThatMustNeverBePrinted7"
@@ -255,7 +255,7 @@ def test_publish_against_a_stuck_server_ends_with_a_message(run_dir, tmp_path, t
         )
     finally:
         server.close()
-    one_line_error(r, hub.NETWORK, server.url, "did not answer in time", "MMPR_HUB_TIMEOUT")
+    one_line_error(r, errors.NETWORK, server.url, "did not answer in time", "MMPR_HUB_TIMEOUT")
     assert "attempt 2 of 2" in r.stderr  # the idempotent call was retried once...
     whoami = [line for line in server.requests if "/api/whoami-v2" in line]
     assert len(whoami) == 2, server.requests  # ...and then given up
@@ -318,7 +318,7 @@ def test_publish_never_prints_the_token_whatever_the_server_sends(run_dir, tmp_p
         )
     finally:
         server.close()
-    assert r.returncode == hub.REFUSED, r.stderr
+    assert r.returncode == errors.REFUSED, r.stderr
     assert TOKEN not in r.stdout + r.stderr
     assert "Logged in to" in r.stderr and "as <token>" in r.stderr  # the echo was there, redacted
     assert "hello <token>" in r.stderr  # huggingface_hub's own log of the warning header, redacted

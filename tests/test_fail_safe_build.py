@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from mmpr_pipeline import pipeline, tasks
 from mmpr_pipeline import recipe as recipe_mod
+from mmpr_pipeline import run_folder, tasks
 from stages.load import load_source
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,17 +51,17 @@ def test_build_refuses_a_folder_that_is_not_a_run_folder_and_touches_nothing(tmp
 def test_a_run_folder_is_only_cleaned_of_what_the_tool_made(tmp_path):
     rec = recipe_mod.load(REPO / "data_cards" / "demo.yaml")
     run = tmp_path / "run"
-    pipeline.prepare_run_dir(run, rec, overwrite=False)
+    run_folder.prepare_run_dir(run, rec, overwrite=False)
     (run / "samples" / "shapes").mkdir(parents=True)
     ours = run / "samples" / "shapes" / ".unit-00000.parquet.dead.tmp"
     ours.write_bytes(b"left by a killed run")
     user = run / "notes" / ".draft.tmp"
     user.parent.mkdir()
     user.write_bytes(b"a user's file")
-    pipeline.prepare_run_dir(run, rec, overwrite=False)
+    run_folder.prepare_run_dir(run, rec, overwrite=False)
     assert not ours.exists() and user.read_bytes() == b"a user's file"
     changed = recipe_mod.load(REPO / "data_cards" / "demo.yaml", {"sampling.n": 2})
-    pipeline.prepare_run_dir(run, changed, overwrite=True)  # --overwrite: our folders go, the user's stay
+    run_folder.prepare_run_dir(run, changed, overwrite=True)  # --overwrite: our folders go, the user's stay
     assert not (run / "samples").exists() and user.exists()
     assert json.loads((run / "recipe.json").read_text())["sampling"]["n"] == 2
 
@@ -74,7 +74,7 @@ def test_a_second_build_on_the_same_folder_is_refused_naming_the_holder(tmp_path
             sys.executable,
             "-c",
             (
-                "import sys, time; from mmpr_pipeline.pipeline import RunLock\n"
+                "import sys, time; from mmpr_pipeline.run_folder import RunLock\n"
                 f"with RunLock({str(run)!r}):\n    print('locked', flush=True); time.sleep(60)"
             ),
         ],
@@ -90,7 +90,7 @@ def test_a_second_build_on_the_same_folder_is_refused_naming_the_holder(tmp_path
     finally:
         holder.kill()
         holder.wait()
-    with pipeline.RunLock(run):  # free again once the holder is gone
+    with run_folder.RunLock(run):  # free again once the holder is gone
         pass
 
 

@@ -23,7 +23,7 @@ import pytest
 from _run_fixture import make_run
 from huggingface_hub import constants
 
-from mmpr_pipeline import card, hub, records
+from mmpr_pipeline import card, errors, hub, records
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_TESTtokenThatMustNeverBePrinted42"
@@ -114,6 +114,15 @@ def _args(run_dir, repo_id="me/demo", private=False, revision=None, dry_run=Fals
     )
 
 
+def _cli_publish(args) -> int:
+    """`mmpr publish` as a user runs it: its exit code, with errors turned into codes by the CLI."""
+    from mmpr_pipeline import cli
+
+    argv = ["publish", args.run_dir, "--repo-id", args.repo_id] + ["--private"] * args.private
+    argv += (["--revision", args.revision] if args.revision else []) + ["--dry-run"] * args.dry_run
+    return cli.main(argv)
+
+
 def _snapshot(folder: Path):
     return sorted(
         (p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
@@ -135,7 +144,7 @@ def test_dry_run_lists_exactly_the_files_and_sends_nothing(run, fake_hub, monkey
     server = fake_hub()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     before = _snapshot(run)
-    assert hub.cli_publish(_args(run, dry_run=True)) == 0
+    assert _cli_publish(_args(run, dry_run=True)) == 0
     out = capsys.readouterr().out
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("    ")]
     assert listed == [
@@ -219,7 +228,7 @@ def test_refuses_a_broken_run_before_any_network_call(run, fake_hub, monkeypatch
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     damage(run)
     before = _snapshot(run)
-    assert hub.cli_publish(_args(run)) == hub.REFUSED
+    assert _cli_publish(_args(run)) == errors.REFUSED
     err = capsys.readouterr().err
     assert "refusing to publish" in err and message in err and "Nothing was uploaded" in err
     assert server.requests == []
@@ -234,13 +243,13 @@ def test_refuses_a_run_without_pairs(run, fake_hub, monkeypatch, capsys):
         pq.write_table(pa.Table.from_pylist([], schema=records.PAIR_SCHEMA), run / rel)
     stats["totals"]["pairs"] = {t: 0 for t in records.PAIR_TYPES}
     (run / "stats.json").write_text(json.dumps(stats))
-    assert hub.cli_publish(_args(run)) == hub.REFUSED
+    assert _cli_publish(_args(run)) == errors.REFUSED
     assert "nothing to publish" in capsys.readouterr().err
     assert server.requests == []
 
 
 def test_rejects_a_malformed_repo_id(run, capsys):
-    assert hub.cli_publish(_args(run, repo_id="no-namespace")) == hub.REFUSED
+    assert _cli_publish(_args(run, repo_id="no-namespace")) == errors.REFUSED
     assert "user/name" in capsys.readouterr().err
 
 
@@ -249,7 +258,7 @@ def test_missing_token_fails_cleanly(run, fake_hub, monkeypatch, capsys):
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.delenv("HF_TOKEN")
     before = _snapshot(run)
-    assert hub.cli_publish(_args(run)) == hub.AUTH
+    assert _cli_publish(_args(run)) == errors.AUTH
     err = capsys.readouterr().err
     assert "no Hugging Face token" in err and "HF_TOKEN" in err
     assert server.requests == []
@@ -261,9 +270,9 @@ def test_rejected_token_fails_cleanly_and_is_never_shown(run, fake_hub, monkeypa
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     before = _snapshot(run)
     with caplog.at_level("DEBUG"):
-        code = hub.cli_publish(_args(run))
+        code = _cli_publish(_args(run))
     out, err = capsys.readouterr()
-    assert code == hub.AUTH
+    assert code == errors.AUTH
     assert "rejected the token (HTTP 401)" in err and server.url in err
     _assert_no_token(out, err, caplog.text)
     # the token did go to the server, in the header, and offline mode did not stop the call...
@@ -277,7 +286,7 @@ def test_unreachable_endpoint_fails_cleanly(run, monkeypatch, capsys):
     endpoint = f"http://127.0.0.1:{_closed_port()}"
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     before = _snapshot(run)
-    assert hub.cli_publish(_args(run)) == hub.NETWORK
+    assert _cli_publish(_args(run)) == errors.NETWORK
     out, err = capsys.readouterr()
     assert f"cannot reach the Hub at {endpoint}" in err
     _assert_no_token(out, err)
@@ -292,7 +301,7 @@ def test_a_card_the_hub_rejects_is_not_uploaded(run, fake_hub, monkeypatch, caps
         }
     )
     monkeypatch.setenv("HF_ENDPOINT", server.url)
-    assert hub.cli_publish(_args(run)) == hub.REFUSED
+    assert _cli_publish(_args(run)) == errors.REFUSED
     err = capsys.readouterr().err
     assert "the Hub rejected the card" in err and '"license" must be one of' in err
     assert [r[1] for r in server.hub_requests()] == ["/api/whoami-v2", "/api/validate-yaml"]
@@ -324,7 +333,7 @@ def test_publish_creates_the_repo_and_uploads_the_plan(run, fake_hub, monkeypatc
     monkeypatch.setattr(HfApi, "repo_info", record("repo_info", argparse.Namespace(private=True)))
     monkeypatch.setattr(HfApi, "create_branch", record("create_branch"))
     monkeypatch.setattr(HfApi, "upload_folder", record("upload_folder"))
-    assert hub.cli_publish(_args(run, private=True, revision="v1")) == hub.OK
+    assert _cli_publish(_args(run, private=True, revision="v1")) == errors.OK
     out, err = capsys.readouterr()
     assert f"{server.url}/datasets/me/demo/tree/v1" in out
     _assert_no_token(out, err)
@@ -363,7 +372,7 @@ def test_cli_with_a_bad_token_in_a_fresh_process(run, fake_hub, tmp_path):
         text=True,
         timeout=120,
     )
-    assert r.returncode == hub.AUTH, r.stderr
+    assert r.returncode == errors.AUTH, r.stderr
     assert "rejected the token" in r.stderr
     _assert_no_token(r.stdout, r.stderr)
     assert [q[1] for q in server.hub_requests()] == ["/api/whoami-v2"]

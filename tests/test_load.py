@@ -10,7 +10,8 @@ from PIL import Image
 
 from mmpr_pipeline import tasks
 from mmpr_pipeline.recipe import Fields, Source
-from stages.load import SourceError, load_source
+from mmpr_pipeline.sources import SourceError
+from stages.load import load_source
 
 
 def _png(w=32, h=32):

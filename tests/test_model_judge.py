@@ -146,6 +146,7 @@ def test_an_undecided_response_is_neither_chosen_nor_rejected_after_the_judge():
             answer_type="text",
             options=[],
             prompt_template="cot_final_answer",
+            sampling="{}",
             error="",
             rationale="",
             images=[],
@@ -159,10 +160,7 @@ def test_an_undecided_response_is_neither_chosen_nor_rejected_after_the_judge():
             answer_fix, max_pairs_per_question, format_pairs = False, 15, True
 
     def pairs_of(r):
-        return {
-            (p["chosen_index"], p["rejected_index"])
-            for p in pair_rows(r, Cfg, seed=0, model="m", sampling={})[0]
-        }
+        return {(p["chosen_index"], p["rejected_index"]) for p in pair_rows(r, Cfg, seed=0, model="m")[0]}
 
     assert pairs_of(dict(row)) == set()  # nothing correct yet
     yes, no = ([mj.YES, mj.YES], ["yes", "yes"], False), ([mj.NO, mj.NO], ["no", "no"], False)

@@ -13,7 +13,7 @@ import json
 import pytest
 from _shared_build import CAPTIONS, SOURCES, pairs, samples, shared_build
 
-from stages.dropout_ntp import prefix_of
+from mmpr_pipeline.pairing import prefix_of
 
 pytestmark = pytest.mark.slow
 MINE = SOURCES["pair_direction"]

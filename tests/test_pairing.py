@@ -93,6 +93,7 @@ def _scored_row(responses, correct, extracted, pipeline="correctness", reason=No
         answer="3",
         pipeline=pipeline,
         prompt_template="cot_final_answer",
+        sampling="{}",
         error="",
         responses=responses,
         correct=correct,
@@ -112,7 +113,7 @@ def test_pair_rows_puts_the_correct_response_on_the_chosen_side():
         [True, False, False],
         ["3", "4", None],
     )
-    pairs, counts = pair_rows(row, Source(name="s", loader="generated"), seed=0, model="m", sampling={})
+    pairs, counts = pair_rows(row, Source(name="s", loader="generated"), seed=0, model="m")
     by_type = {p["pair_type"]: p for p in pairs}
     assert counts["correctness"] == 1 and counts["format"] == 1
     assert by_type["correctness"]["chosen"] == "right\nFinal answer: 3"
@@ -135,5 +136,5 @@ def test_a_response_the_math_check_could_not_decide_is_never_rejected():
         ["(x+1)^2", "x^2+2x+1", "7"],
         reason=["match", "math check timed out", "wrong answer"],
     )
-    pairs, _ = pair_rows(row, Source(name="s", loader="generated"), seed=0, model="m", sampling={})
+    pairs, _ = pair_rows(row, Source(name="s", loader="generated"), seed=0, model="m")
     assert [(p["chosen_index"], p["rejected_index"]) for p in pairs] == [(0, 2)]

@@ -20,7 +20,7 @@ from _run_fixture import _sample_row, finish_unit, make_run, read_pairs
 from PIL import Image
 
 from mmpr_pipeline import cli, preview, records, tasks
-from stages.dropout_ntp import prefix_of
+from mmpr_pipeline.pairing import prefix_of
 
 HOSTILE = (
     '<script>document.title="owned"</script> <img src=x onerror="document.title=\'owned\'"> '

@@ -90,12 +90,12 @@ class _RecordingEngine:
 
 
 def test_all_n_samples_of_a_question_come_from_one_request():
-    from mmpr_pipeline.recipe import Sampling
+    from mmpr_pipeline.recipe import SampleSettings, Sampling
     from stages.sample import SampleStage
 
-    stage = object.__new__(SampleStage)
-    stage.engine, stage.seed, stage.sampling = _RecordingEngine(), 0, Sampling(n=5)
-    stage.templates, stage.dropout, stage.sampling_extra = {"s": "raw"}, {}, {}
+    stage = object.__new__(SampleStage)  # its recording engine instead of the one __init__ starts
+    stage.engine, stage.seed, stage.sampling_extra = _RecordingEngine(), 0, {}
+    stage.sources = {"s": SampleSettings(template="raw", sampling=Sampling(n=5))}
     stage.progress = None  # no build progress counter outside a build
     rows = []
     for i, q in enumerate(tasks.generate(3)):

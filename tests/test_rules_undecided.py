@@ -179,7 +179,7 @@ def test_select_and_the_card_count_undecided_responses_for_neither_side(tmp_path
     import pyarrow.parquet as pq
     from _run_fixture import make_run
 
-    from mmpr_pipeline import card, records, select
+    from mmpr_pipeline import card, card_figures, records, select
 
     run = make_run(tmp_path / "run", n_shapes=3)
     unit = run / "samples" / "shapes" / "unit-00000.parquet"
@@ -205,4 +205,4 @@ def test_select_and_the_card_count_undecided_responses_for_neither_side(tmp_path
     assert (rated.unrated, rated.responses, rated.undecided) == ({"shapes": 1}, {"shapes": 9}, {"shapes": 5})
     text = card.write_card(run).read_text()
     assert "The judge left 5 of 9 responses undecided (counted for neither side); 1 question without" in text
-    assert card.pass_rates(run) == {"shapes": [0.5, 0.5]}
+    assert card_figures.pass_rates(run) == {"shapes": [0.5, 0.5]}

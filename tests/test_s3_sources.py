@@ -27,9 +27,10 @@ import yaml
 from _shared_build import SOURCES, TALLY, shared_build
 
 from mmpr_pipeline import recipe as recipe_mod
-from mmpr_pipeline import storage, tasks
+from mmpr_pipeline import run_folder, storage, tasks
 from mmpr_pipeline.config import ConfigError
-from stages.load import SourceError, load_source, source_inputs
+from mmpr_pipeline.sources import SourceError, source_inputs
+from stages.load import load_source
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "mmpr-test"
@@ -198,7 +199,7 @@ def test_s3_sources_read_the_same_questions_as_the_generated_rows(uploaded):
 def test_preflight_streams_an_s3_hf_disk_folder_without_copying_it(uploaded, monkeypatch):
     """The driver's preflight reads the first rows; a folder on S3 is not copied to the driver for it."""
     from mmpr_pipeline.preflight import check_sources_give_questions
-    from stages.load import read_rows, to_question
+    from mmpr_pipeline.sources import read_rows, to_question
 
     data, _, url = uploaded
     monkeypatch.setattr(storage, "local_copy", lambda url: pytest.fail(f"the driver copied {url}"))
@@ -230,7 +231,7 @@ def test_missing_bucket_object_and_glob_name_the_source_and_url(uploaded):
     with pytest.raises(
         SourceError, match=f"source 'src' \\(hf_disk: {url}/nope\\) cannot be opened.*no such folder"
     ):
-        from stages.load import scan_input
+        from mmpr_pipeline.sources import scan_input
 
         scan_input(_source(f"{url}/nope", "hf_disk"), "", None, 4)
 
@@ -509,7 +510,7 @@ def test_a_second_build_on_one_prefix_is_refused(s3_server, uploaded, monkeypatc
 
     run = storage.as_path(f"s3://{BUCKET}/runs/locked")
     recipe = _recipe(as_files(uploaded[0], uploaded[2]))
-    with pipeline.run_lock(run):
+    with run_folder.run_lock(run):
         with pytest.raises(pipeline.RunFolderError) as refused:
             pipeline.build(recipe, run)
     held = f"mmpr build (pid {os.getpid()} on {socket.gethostname()})"
@@ -518,10 +519,10 @@ def test_a_second_build_on_one_prefix_is_refused(s3_server, uploaded, monkeypatc
     elsewhere = json.dumps(dict(holder="mmpr build (pid 7 on node-2)", host="node-2", pid=7))
     (run / object_lock.LOCK_FILE).write_text(elsewhere)
     with pytest.raises(pipeline.RunFolderError, match=r"in use by mmpr build \(pid 7 on node-2\)"):
-        pipeline.run_lock(run).__enter__()
+        run_folder.run_lock(run).__enter__()
     monkeypatch.setattr(object_lock, "STALE_S", 1.0)
     time.sleep(2.1)  # the store's clock counts whole seconds
-    with pipeline.run_lock(run):
+    with run_folder.run_lock(run):
         assert json.loads((run / object_lock.LOCK_FILE).read_text())["holder"] == held
 
 

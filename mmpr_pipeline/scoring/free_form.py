@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import re
 
-from mmpr_pipeline.scoring.modes import (
-    _WORD_NUMBER,
-    _WORD_TENS,
-    _WORD_UNITS,
+from mmpr_pipeline.scoring.answer_numbers import (
+    WORD_NUMBER,
+    WORD_TENS,
+    WORD_UNITS,
     find_numbers,
     normalize_text,
     numbers_equal,
@@ -251,11 +251,11 @@ def _digits(text: str) -> str:
 
     def word(m: re.Match) -> str:
         if m.group(3):
-            return str(_WORD_UNITS[m.group(3).lower()])
-        unit = _WORD_UNITS[m.group(2).lower()] if m.group(2) else 0
-        return str(_WORD_TENS[m.group(1).lower()] + unit)
+            return str(WORD_UNITS[m.group(3).lower()])
+        unit = WORD_UNITS[m.group(2).lower()] if m.group(2) else 0
+        return str(WORD_TENS[m.group(1).lower()] + unit)
 
-    return _WORD_NUMBER.sub(word, text)
+    return WORD_NUMBER.sub(word, text)
 
 
 def _numbers(text: str) -> tuple[list, list[str], bool]:

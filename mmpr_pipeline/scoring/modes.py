@@ -16,13 +16,22 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 
-from mmpr_pipeline.scoring import safe_math
+from mmpr_pipeline.scoring import free_form, safe_math
+from mmpr_pipeline.scoring.answer_numbers import (
+    DEGREES,
+    Number,
+    alternatives,
+    needs_symbolic,
+    normalize_text,
+    numbers_equal,
+    pick_number,
+    relaxed_equal,
+    strict_number,
+)
 from mmpr_pipeline.scoring.extract import has_words
 
 LETTERS = string.ascii_uppercase
-NUMBER_SCAN_CHARS = 300  # numbers are looked for in an answer's first 300 characters
 ANLS_MAX_CHARS = 300  # Levenshtein is quadratic: compare at most this much
-MAX_EXPONENT = 400  # 1e400 is a number; 1e99999 is an attack
 
 # Stable reason strings (documented in mmpr_pipeline/scoring/__init__.py).
 CORRECT = "correct"
@@ -63,198 +72,8 @@ def _result(extracted: str, score: float, correct: bool | None = None, reason: s
 # ---------------------------------------------------------------- numbers
 
 
-@dataclass(frozen=True, slots=True)
-class Number:
-    value: Fraction
-    percent: bool = False
-    decimals: int | None = None  # digits after the point as written ("0.50" -> 2); None: exact form
-
-
-_NUMBER = re.compile(
-    r"""
-    (?:(?<![\w)\]}])(?P<sign>[-+]))?
-    (?<![\w.^_/])                                       # not inside a word, decimal, power or date
-    (?P<mant>[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?|\.[0-9]+)
-    (?:
-        [eE](?P<exp>[-+]?[0-9]{1,4})(?![0-9])
-      | [ \t]*(?:\\times|\\cdot|×|\*|·|x)[ \t]*10[ \t]*(?:\^|\*\*)
-        [ \t]*\{?[ \t]*(?P<exp10>[-+]?[0-9]{1,4})[ \t]*\}?
-      | [ \t]*(?:\^|\*\*)[ \t]*\{?[ \t]*(?P<pow>[-+]?[0-9]{1,3})[ \t]*\}?(?![0-9.])
-      | [ \t]*/[ \t]*(?P<den>[0-9]+(?:\.[0-9]+)?)(?![0-9.,/])
-    )?
-    (?P<pct>[ \t]*(?:\\?%|percent\b|per[ \t]?cent\b))?
-    """,
-    re.VERBOSE | re.IGNORECASE,
-)
-_LATEX_FRAC = re.compile(
-    r"\\[dt]?frac[ \t]*\{[ \t]*([-+]?[0-9.,]+)[ \t]*\}[ \t]*\{[ \t]*([-+]?[0-9.,]+)[ \t]*\}"
-)
-_MIXED = re.compile(
-    r"(?<![0-9.])([0-9]{1,9})[ \t]*\\[dt]?frac"
-    r"[ \t]*\{[ \t]*([0-9]{1,9})[ \t]*\}[ \t]*\{[ \t]*([0-9]{1,9})[ \t]*\}"
-)
-_LATEX_FRAC_SHORT = re.compile(r"\\[dt]?frac[ \t]*([0-9])[ \t]*([0-9])")
-_DEGREES = re.compile(r"\^?[ \t]*\{?[ \t]*\\circ[ \t]*\}?|°|\\degree")
-_WORD_UNITS = {
-    w: i
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve "
-        "thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
-    )
-}
-_WORD_TENS = {
-    w: 10 * (i + 2) for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())
-}
-_WORD_NUMBER = re.compile(
-    r"(?i)\b(?:({})(?:[- ]({}))?|({}))\b".format(
-        "|".join(_WORD_TENS), "|".join(list(_WORD_UNITS)[1:10]), "|".join(_WORD_UNITS)
-    )
-)
-_HEDGE = re.compile(r"(?i)\bor\b|\beither\b|\bbetween\b|\bto\b|~|–|—|±|\\pm|[0-9][ \t]*-[ \t]*[0-9]")
-_SYMBOLIC = re.compile(r"\\(?:sqrt|pi|frac|dfrac|tfrac|log|ln|sin|cos|tan|infty|e\b)|√|π|\bsqrt\b|\bpi\b")
-
-
-def _needs_symbolic(text: str) -> bool:
-    """Does the answer hold math that plain number parsing cannot read (\\sqrt{2}, \\frac{\\pi}{2})?"""
-    return bool(_SYMBOLIC.search(_prepare_numbers(text)))
-
-
-# A decimal comma: the whole answer is one number whose comma is followed by 1-2 or 4+ digits
-# ("1000,99", "3,5 cm"), or that starts "0," ("0,111"); "1,234" stays a thousands separator.
-_DECIMAL_COMMA = re.compile(
-    r"^([ \t$]*[-+]?(?:0|[0-9]+(?=,(?:[0-9]{1,2}|[0-9]{4,})(?![0-9])))),([0-9]+)"
-    r"(?=[ \t]*(?:\\?%|[^\W\d_]|°|\\circ|$))"
-)
-
-
-def _prepare_numbers(text: str) -> str:
-    text = text[:NUMBER_SCAN_CHARS].replace("−", "-").replace("{,}", ",").replace("\\%", "%")
-    text = _DECIMAL_COMMA.sub(r"\1.\2", text.strip())
-    text = _MIXED.sub(lambda m: f"{int(m[1]) * int(m[3]) + int(m[2])}/{m[3]}", text)  # 2\frac{1}{2}
-    text = _LATEX_FRAC.sub(r"\1/\2", text)
-    text = _LATEX_FRAC_SHORT.sub(r"\1/\2", text)
-    return _DEGREES.sub(" ", text).replace("\\!", "").replace("\\,", "")
-
-
-def _number(m: re.Match) -> Number | None:
-    mant = m.group("mant").replace(",", "")
-    value = Fraction(mant)
-    decimals = len(mant.split(".")[1]) if "." in mant else 0
-    exp = m.group("exp") or m.group("exp10")
-    if exp is not None:
-        if abs(int(exp)) > MAX_EXPONENT:
-            return None
-        value *= Fraction(10) ** int(exp)
-        decimals = None
-    elif m.group("pow") is not None:
-        if abs(int(m.group("pow"))) > MAX_EXPONENT or value == 0 and int(m.group("pow")) < 0:
-            return None
-        value **= int(m.group("pow"))
-        decimals = None
-    elif m.group("den") is not None:
-        den = Fraction(m.group("den"))
-        if den == 0:
-            return None
-        value /= den
-        decimals = None
-    if m.group("sign") == "-":
-        value = -value
-    return Number(value, bool(m.group("pct")), decimals)
-
-
-def find_numbers(text: str) -> list[Number]:
-    """Every number in `text`: signs, thousands separators, decimals, %, 1e5, 3 x 10^5, 1/2,
-    \\frac{1}{2}, degrees; number words ("three") when there are no digits."""
-    text = _prepare_numbers(text)
-    numbers = [n for n in (_number(m) for m in _NUMBER.finditer(text)) if n is not None]
-    if not numbers and not re.search(r"[0-9]", text):
-        for m in _WORD_NUMBER.finditer(text):
-            if m.group(3):
-                numbers.append(Number(Fraction(_WORD_UNITS[m.group(3).lower()]), False, 0))
-            else:
-                unit = _WORD_UNITS[m.group(2).lower()] if m.group(2) else 0
-                numbers.append(Number(Fraction(_WORD_TENS[m.group(1).lower()] + unit), False, 0))
-    return numbers
-
-
-def strict_number(text: str) -> Number | None:
-    """`text` as one number and nothing else (besides %, degrees, $), else None."""
-    prepared = _prepare_numbers(text).strip().lstrip("$").strip()
-    m = _NUMBER.fullmatch(prepared)
-    return _number(m) if m else None
-
-
-def pick_number(text: str) -> tuple[Number | None, str]:
-    """The one number an answer states: ("ok" | "none" | "ambiguous").
-
-    After an "=", the numbers after the last "=" count ("2 + 3 = 5"). Two different values joined
-    by a hedge ("3 or 4", "between 3 and 4", "3-4") are ambiguous; otherwise the first one counts
-    ("2 (two red circles)")."""
-    numbers = find_numbers(text)
-    if "=" in text:
-        numbers = find_numbers(text[text.rfind("=") + 1 :]) or numbers
-    if not numbers:
-        return None, "none"
-    if len({n.value for n in numbers}) > 1 and _HEDGE.search(_prepare_numbers(text)):
-        return None, "ambiguous"
-    return numbers[0], "ok"
-
-
-def _alternatives(n: Number) -> list[tuple[Fraction, int | None]]:
-    """A number and, for a percentage, its fraction of one (50% is 50 and 0.5)."""
-    out = [(n.value, n.decimals)]
-    if n.percent:
-        out.append((n.value / 100, None if n.decimals is None else n.decimals + 2))
-    return out
-
-
-def numbers_equal(pred: Number, gold: Number, rounding: bool = True) -> bool:
-    """Exactly equal, or (with `rounding`) `pred` is `gold` rounded to the 2+ decimals `pred`
-    shows (0.33 for 1/3; not 0.3, not 0.34)."""
-    for p, decimals in _alternatives(pred):
-        for g, _ in _alternatives(gold):
-            if p == g:
-                return True
-            if (
-                rounding
-                and decimals is not None
-                and decimals >= 2
-                and abs(p - g) <= Fraction(1, 2 * 10**decimals)
-            ):
-                return True
-    return False
-
-
-def relaxed_equal(pred: Number, gold: Number, tolerance: float = 0.05) -> bool:
-    """ChartQA relaxed accuracy: within 5% of the reference. Years (whole 1900-2100) must be exact:
-    a 5% band would accept 1920 for 2019 (a deliberate deviation from the original metric)."""
-    if gold.decimals == 0 and not gold.percent and 1900 <= gold.value <= 2100:
-        return pred.value == gold.value and not pred.percent
-    for p, _ in _alternatives(pred):
-        for g, _ in _alternatives(gold):
-            if p == g or (g != 0 and abs(p - g) <= abs(g) * Fraction(tolerance)):
-                return True
-    return False
-
-
-# ---------------------------------------------------------------- text normalisation
-
-_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
-_PUNCT = re.compile(r"[!\"#$&'()*+,/:;<=>?@\[\\\]^_`{|}~]")
-_STRAY_PERIOD = re.compile(r"(?<![0-9])\.|\.(?![0-9])")
-
-
-def normalize_text(s: str) -> str:
-    """Lower case, no punctuation (decimal points kept), no articles, number words up to
-    nineteen as digits, single spaces."""
-    s = _PUNCT.sub(" ", s.lower())
-    s = _STRAY_PERIOD.sub(" ", s)
-    return " ".join(str(_WORD_UNITS.get(w, w)) for w in _ARTICLES.sub(" ", s).split())
-
-
 def _free_form(pred: str, golds: list[str], score: float | None = None) -> Outcome:
     """The free-form rules (free_form.py): correct, wrong, or undecided where they cannot tell."""
-    from mmpr_pipeline.scoring import free_form  # builds on this module's number parsing
 
     found = free_form.verdict(pred, golds)
     if found == free_form.CORRECT:
@@ -502,7 +321,6 @@ def _fraction_words(text: str) -> Number | None:
 
 
 def score_number(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
-    from mmpr_pipeline.scoring.free_form import has_unit
 
     number, status = _fraction_words(pred), "ok"  # "three quarters" is not 3
     if number is None:
@@ -510,11 +328,11 @@ def score_number(pred: str, golds: list[str], options: list[str], deadline: floa
     if status == "ambiguous":
         return _result(pred, 0.0, reason=AMBIGUOUS)
     gold_numbers = [strict_number(g) or pick_number(g)[0] for g in golds]
-    symbolic = _needs_symbolic(pred)
+    symbolic = needs_symbolic(pred)
     if number is not None and not symbolic:
         if any(g is not None and numbers_equal(number, g) for g in gold_numbers):
             return _result(pred, 1.0)
-        if has_unit(pred) or any(has_unit(g) for g in golds):
+        if free_form.has_unit(pred) or any(free_form.has_unit(g) for g in golds):
             return _result(pred, 0.0, False, UNDECIDED)  # "1.5 km" for "1500": a unit written another way
         if all(g is not None for g in gold_numbers):
             return _result(pred, 0.0)
@@ -528,7 +346,7 @@ _MATH_NOISE = re.compile(r"\\left|\\right|\\[!,;: ]|\s+|\\displaystyle")
 
 def _math_key(s: str) -> str:
     s = _MATH_NOISE.sub("", s).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    return _DEGREES.sub("", s).rstrip(".")
+    return DEGREES.sub("", s).rstrip(".")
 
 
 # One trailing word after an answer with no other words: a unit ("radians", "square units").
@@ -544,8 +362,8 @@ _PI_WORD = re.compile(r"(?<![\\A-Za-z])pi(?![A-Za-z])")
 def math_numbers_equal(pred: Number, gold: Number) -> bool:
     """Exactly equal, or equal after rounding both to 6 decimal places (math-verify's
     float_rounding=6: 0.0833333333 and 0.083333 for 1/12, not 0.0833 nor 0.33 for 1/3)."""
-    for p, _ in _alternatives(pred):
-        for g, _ in _alternatives(gold):
+    for p, _ in alternatives(pred):
+        for g, _ in alternatives(gold):
             if p == g or round(p, 6) == round(g, 6):
                 return True
     return False
@@ -557,10 +375,9 @@ def score_math(
     """Cheap checks first (same text; two plain numbers: exact, or equal to 6 decimals); then
     math-verify in the bounded worker: on the cleaned answer read as LaTeX, or, when the answer
     is a sentence, on the raw final-answer `segment` with math-verify's own extraction."""
-    from mmpr_pipeline.scoring.free_form import single_letter
 
-    letters = [single_letter(g) for g in golds]
-    if (letter := single_letter(pred)) and all(letters):  # "E" (an option, or e?) is never "d"
+    letters = [free_form.single_letter(g) for g in golds]
+    if (letter := free_form.single_letter(pred)) and all(letters):  # "E" (an option, or e?) is never "d"
         return _result(pred, 1.0 if letter.lower() in {x.lower() for x in letters} else 0.0)
     # "pi" spelled out is the constant, not p times i
     pred, golds = _PI_WORD.sub(r"\\pi", pred), [_PI_WORD.sub(r"\\pi", g) for g in golds]
@@ -694,7 +511,6 @@ def score_vqa(pred: str, golds: list[str], options: list[str], deadline: float) 
     """VQA accuracy: min(1, #annotators who gave the answer / 3), averaged over the leave-one-out
     subsets when there are 4+ references (10 in VQAv2). Correct when at least three references
     (all of them, if fewer than three) give the answer; with 10 references that is score >= 0.9."""
-    from mmpr_pipeline.scoring import free_form
 
     p = normalize_vqa(pred) or pred.strip().lower()  # "A" is a letter, not an article: never "an"
     verdicts = {}
@@ -719,7 +535,6 @@ def score_chart(pred: str, golds: list[str], options: list[str], deadline: float
     """ChartQA relaxed accuracy (Masry et al. 2022): numbers within 5% of the reference, other
     answers by the free-form rules; best over the references. A number outside the 5% is wrong
     when it is all the answer says, undecided when a unit or scale might convert it ("1.5 million")."""
-    from mmpr_pipeline.scoring import free_form
 
     number, status = pick_number(pred)
     found = set()

@@ -1,0 +1,22 @@
+"""Errors a user can fix, shared by the modules that raise them and the CLI that turns every error
+into a message and an exit code (cli.error_message)."""
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used as asked: another recipe's, not ours, a file, or in use."""
+
+
+class CardError(ValueError):
+    """A run folder the card cannot be written for; the message names the file and the problem."""
+
+
+# Exit codes of `mmpr publish`.
+OK, REFUSED, AUTH, NETWORK = 0, 2, 3, 4
+
+
+class PublishError(Exception):
+    """Publishing stopped; `code` is the exit code, the message says what to do."""
+
+    def __init__(self, message: str, code: int = REFUSED):
+        super().__init__(message)
+        self.code = code
