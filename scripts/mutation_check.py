@@ -43,8 +43,8 @@ MUTANTS = [
     Mutant(
         "pair: chosen and rejected swapped",
         "stages/pair.py",
-        "chosen=reference if c == REFERENCE else texts[c],\n                            rejected=texts[r],",
-        "chosen=texts[r],\n                            rejected=reference if c == REFERENCE else texts[c],",
+        "chosen=reference if c == REFERENCE else texts[c],\n                rejected=texts[r],",
+        "chosen=texts[r],\n                rejected=reference if c == REFERENCE else texts[c],",
         ["tests/test_pairing.py"],
     ),
     Mutant(

@@ -53,12 +53,11 @@ def pair_rows(row: dict[str, Any], source_cfg, *, seed: int, model: str) -> tupl
     )
     if row["error"]:
         return [], counts
-    images = [{"bytes": b, "path": None} for b in row["images"]]
     common = dict(
         qid=row["qid"],
         source=row["source"],
         task=row["task"],
-        images=images,
+        images=[{"bytes": b, "path": None} for b in row["images"]],
         question=render(row["prompt_template"], row["question"]),
         answer=row["answer"],
         model=model,
@@ -68,57 +67,10 @@ def pair_rows(row: dict[str, Any], source_cfg, *, seed: int, model: str) -> tupl
         prefix_words=None,
         provenance="{}",
     )
-    found: list[tuple[str, dict]] = []
     if row["pipeline"] == "correctness":
-        unjudged = frozenset(i for i, r in enumerate(row["reason"]) if undecided(r))
-        counts["judge_errors"] = sum(1 for r in row["reason"] if r.startswith(JUDGE_ERROR))
-        texts, fixed = (
-            answer_fixed(row, unjudged) if source_cfg.pairing.answer_fix else (row["responses"], set())
-        )
-        reference = row.get("rationale") or ""  # the source's worked solution (fields.rationale), else ""
-        qp = pair_correctness(
-            texts,
-            row["correct"],
-            row["extracted"],
-            qid=row["qid"],
-            seed=seed,
-            max_pairs_per_question=source_cfg.pairing.max_pairs_per_question,
-            format_pairs=source_cfg.pairing.format_pairs,
-            unjudged=unjudged,
-            reference=reference,
-        )
-        counts.update(all_right=int(qp.all_right), all_wrong=int(qp.all_wrong))
-        for kind, idx_pairs in (("correctness", qp.correctness), ("format", qp.format)):
-            for c, r in idx_pairs:
-                provenance = (
-                    {"chosen": "reference"} if c == REFERENCE else {"answer_fix": True} if c in fixed else {}
-                )
-                found.append(
-                    (
-                        kind,
-                        dict(
-                            chosen=reference if c == REFERENCE else texts[c],
-                            rejected=texts[r],
-                            chosen_index=c,
-                            rejected_index=r,
-                            provenance=json.dumps(provenance, sort_keys=True),
-                        ),
-                    )
-                )
+        found = correctness_pairs(row, source_cfg, seed=seed, counts=counts)
     else:
-        dropout_pairs, dropout_counts = pair_dropout(row)
-        counts["dropout"] = dropout_counts
-        for p in dropout_pairs:  # with_image: continued with the images
-            found.append(
-                (
-                    "dropout_ntp",
-                    dict(
-                        p,
-                        cut_ratio=source_cfg.dropout.ratio,
-                        provenance='{"with_image": true}' if source_cfg.dropout.with_image else "{}",
-                    ),
-                )
-            )
+        found = dropout_pairs(row, source_cfg, counts=counts)
     background = list(getattr(source_cfg, "image_background", WHITE))
     out = []
     for kind, p in found:
@@ -134,3 +86,49 @@ def pair_rows(row: dict[str, Any], source_cfg, *, seed: int, model: str) -> tupl
             {**common, **p, "pair_type": kind, "id": pair_id(row["qid"], kind, p["chosen"], p["rejected"])}
         )
     return out, counts
+
+
+def correctness_pairs(row: dict[str, Any], source_cfg, *, seed: int, counts: dict) -> list[tuple[str, dict]]:
+    """(kind, pair fields) of a correctness question (pairing.pair_correctness): a correct response
+    chosen, a wrong one rejected; undecided responses on neither side. Fills the question's counts."""
+    unjudged = frozenset(i for i, r in enumerate(row["reason"]) if undecided(r))
+    counts["judge_errors"] = sum(1 for r in row["reason"] if r.startswith(JUDGE_ERROR))
+    texts, fixed = answer_fixed(row, unjudged) if source_cfg.pairing.answer_fix else (row["responses"], set())
+    reference = row.get("rationale") or ""  # the source's worked solution (fields.rationale), else ""
+    qp = pair_correctness(
+        texts,
+        row["correct"],
+        row["extracted"],
+        qid=row["qid"],
+        seed=seed,
+        max_pairs_per_question=source_cfg.pairing.max_pairs_per_question,
+        format_pairs=source_cfg.pairing.format_pairs,
+        unjudged=unjudged,
+        reference=reference,
+    )
+    counts.update(all_right=int(qp.all_right), all_wrong=int(qp.all_wrong))
+    found = []
+    for kind, idx_pairs in (("correctness", qp.correctness), ("format", qp.format)):
+        for c, r in idx_pairs:
+            provenance = (
+                {"chosen": "reference"} if c == REFERENCE else {"answer_fix": True} if c in fixed else {}
+            )
+            pair = dict(
+                chosen=reference if c == REFERENCE else texts[c],
+                rejected=texts[r],
+                chosen_index=c,
+                rejected_index=r,
+                provenance=json.dumps(provenance, sort_keys=True),
+            )
+            found.append((kind, pair))
+    return found
+
+
+def dropout_pairs(row: dict[str, Any], source_cfg, *, counts: dict) -> list[tuple[str, dict]]:
+    """(kind, pair fields) of a DropoutNTP question (pairing.pair_dropout): the original chosen, its
+    continued prefix rejected; with_image (continued with the images) is recorded in provenance."""
+    pairs, counts["dropout"] = pair_dropout(row)
+    provenance = '{"with_image": true}' if source_cfg.dropout.with_image else "{}"
+    return [
+        ("dropout_ntp", dict(p, cut_ratio=source_cfg.dropout.ratio, provenance=provenance)) for p in pairs
+    ]
