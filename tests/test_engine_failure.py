@@ -1,22 +1,21 @@
 """A dead engine never hangs a build (issue 17, case 1): kill -9 of vLLM's engine process mid-run,
 as an out-of-memory kill would. The build stops with a message naming the cause, finished units
-stay, and the same command resumes to exactly the pairs of an uninterrupted run: the session's shared
+stay, and the same build resumes to exactly the pairs of an uninterrupted run: the session's shared
 build (tests/_shared_build.py), whose demo sources are this recipe's (per-question seeds make the
-pairs independent of units and batches)."""
+pairs independent of units and batches). The killed build is a real `mmpr build` process; the resume
+runs in the test's process on the session's Ray (tests/_build_process.py)."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import _build_process as build_process
 import psutil
 import pyarrow.parquet as pq
 import pytest
 from _shared_build import shared_build
 
-REPO = Path(__file__).resolve().parent.parent
+DEMO = Path(__file__).resolve().parent.parent / "data_cards" / "demo.yaml"
 pytestmark = pytest.mark.slow
 # One batch in flight (not the default 16): when the first unit is done the engine is still busy
 # with the next, so there is a live engine to kill.
@@ -30,27 +29,6 @@ SETS = [
     "unit_size=2",
     "engine.max_concurrent_batches=1",
 ]
-
-
-def _cmd(run: Path, model: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "mmpr_pipeline.cli",
-        "build",
-        "data_cards/demo.yaml",
-        "--out",
-        str(run),
-        "--model",
-        model,
-        *[a for s in SETS for a in ("--set", s)],
-    ]
-
-
-def _env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 def _pairs(run: Path, sources=None) -> set[str]:
@@ -75,29 +53,21 @@ def _engine_cores(pid: int) -> list[psutil.Process]:
 
 
 def test_killed_engine_stops_the_build_with_a_message_and_resume_finishes(tmp_path, trained_model, request):
-    run = tmp_path / "run"
-    proc = subprocess.Popen(
-        _cmd(run, trained_model),
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    run, log = tmp_path / "run", tmp_path / "build.log"
+    proc = build_process.start(DEMO, run, log, model=trained_model, sets=SETS)
     try:
         deadline = time.time() + 600
         while time.time() < deadline and not list((run / "samples").glob("*/unit-*.json")):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.3)
         cores = _engine_cores(proc.pid)
         assert cores, "no VLLM::EngineCore process under the build"
         for core in cores:
             core.kill()
-        out, _ = proc.communicate(timeout=300)  # the point: it ends, it does not hang
+        proc.wait(timeout=300)  # the point: it ends, it does not hang
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
+        build_process.kill_group(proc)
+    out = log.read_text()
     # the build stops (exit code 1, an environment error) with one message naming the engine and
     # how to resume, no traceback; the units finished before the kill stay, and some were left to do
     assert proc.returncode == 1, out[-3000:]
@@ -107,10 +77,8 @@ def test_killed_engine_stops_the_build_with_a_message_and_resume_finishes(tmp_pa
     assert not (run / "stats.json").exists() and not list((run / "data").glob("*.parquet"))
     done = list((run / "samples").glob("*/unit-*.json"))
     assert 0 < len(done) < 9, "finished units must stay, and the kill must meet work still to do"
-    again = subprocess.run(
-        _cmd(run, trained_model), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900
-    )
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    # the same build again (nothing kills it: in this process, on the session's Ray)
+    build_process.in_session(request, DEMO, run, model=trained_model, sets=SETS)
     resumed = json.loads((run / "stats.json").read_text())["resume"]
     assert resumed["units"] == 9 and resumed["units_done_before"] == len(done)
     reference, _ = shared_build(request, trained_model)
