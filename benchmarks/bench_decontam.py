@@ -269,8 +269,7 @@ def build_ratio(
     small) so what differs is the pipeline's decontamination. Then the decontamination stage alone on
     the same rows, in this process: the index (hash_benchmark_input + merge_index) and the check
     (set_aside_leaks), the functions the build runs on its Ray workers."""
-    import subprocess
-
+    import _build_process as build_process
     import yaml
 
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -342,22 +341,11 @@ def build_ratio(
             path = tmp / f"{name}.yaml"
             path.write_text(yaml.safe_dump(recipe))
             run_dir = tmp / f"run-{name}-{r}"
-            env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
-            env.pop("RAY_ADDRESS", None)
             t0 = time.perf_counter()
-            p = subprocess.run(
-                [sys.executable, "-m", "mmpr_pipeline.cli", "build", str(path), "--out", str(run_dir)],
-                cwd=repo,
-                env=env,
-                capture_output=True,
-                text=True,
-            )
+            p = build_process.run(path, run_dir, timeout=None, repo=repo)  # that checkout's code
             wall = time.perf_counter() - t0
             if p.returncode != 0:
-                raise SystemExit(
-                    f"build {name} round {r} failed (rc {p.returncode}):\n"
-                    f"{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
-                )
+                raise SystemExit(f"build {name} round {r} failed (rc {p.returncode}):\n{p.stdout[-4000:]}")
             stats = json.loads((run_dir / "stats.json").read_text())
             run = dict(
                 decontamination=name,

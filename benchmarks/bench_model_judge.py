@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+import _build_process as build_process  # noqa: E402 - after the path it is found on
 
 
 async def ask(judge_path: str, jobs: list[tuple[str, list[str], str]], thresholds: list[float]) -> dict:
@@ -91,19 +92,7 @@ def figures(judge_path: str, corpora: dict[str, list[dict]], thresholds: list[fl
 
 
 def mmpr_build(recipe: Path, out: Path, *extra: str, kill_at: str | None = None) -> int:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("MMPR_KILL_AT", None)
-    if kill_at:
-        env["MMPR_KILL_AT"] = kill_at
-    proc = subprocess.run(
-        [sys.executable, "-m", "mmpr_pipeline.cli", "build", str(recipe), "--out", str(out), *extra],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        start_new_session=True,
-    )
-    return proc.returncode
+    return build_process.run(recipe, out, args=extra, kill_at=kill_at, timeout=None).returncode
 
 
 def unit_judge_counts(run: Path, since: float = 0.0) -> tuple[int, int]:
