@@ -135,14 +135,25 @@ class MPOConfig:
     )
 
     def __post_init__(self) -> None:
-        def check(cond: bool, key: str, reason: str) -> None:
-            config.check(cond, key, reason, self.file)
+        # In this order: the first failing check is the one reported.
+        self._check_finite()
+        self._check_loss()
+        self._check_model_and_strategy()
+        self._check_ranges()
+        self._check_data_selection()
 
+    def _check(self, cond: bool, key: str, reason: str) -> None:
+        config.check(cond, key, reason, self.file)
+
+    def _check_finite(self) -> None:
         # inf and nan pass most range checks below (inf > 0), and train a model of NaNs: refuse them first.
         for name, value in self.to_dict().items():
             numbers = value if isinstance(value, list) else [value]
             bad = [x for x in numbers if isinstance(x, float) and not math.isfinite(x)]
-            check(not bad, name, f"must be a finite number, got {value}")
+            self._check(not bad, name, f"must be a finite number, got {value}")
+
+    def _check_loss(self) -> None:
+        check = self._check
         check(
             len(self.weights) == 3 and all(w >= 0 for w in self.weights),
             "weights",
@@ -160,6 +171,9 @@ class MPOConfig:
             "bco_shift",
             f"expected running_mean or none, got {self.bco_shift!r}",
         )
+
+    def _check_model_and_strategy(self) -> None:
+        check = self._check
         check(
             self.reference in ("live", "precomputed"),
             "reference",
@@ -173,6 +187,9 @@ class MPOConfig:
         check(self.bf16 in ("auto", True, False), "bf16", f"expected auto, true or false, got {self.bf16!r}")
         check(self.strategy in ("ddp", "fsdp"), "strategy", f"expected ddp or fsdp, got {self.strategy!r}")
         check(not self.cpu_offload or self.strategy == "fsdp", "cpu_offload", "needs strategy: fsdp")
+
+    def _check_ranges(self) -> None:
+        check = self._check
         for k in (
             "max_length",
             "batch_size",
@@ -196,6 +213,9 @@ class MPOConfig:
             "adam_betas",
             f"expected two numbers in [0, 1), got {self.adam_betas}",
         )
+
+    def _check_data_selection(self) -> None:
+        check = self._check
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1, got {self.limit}")
         check(
             isinstance(self.lora_target_modules, (str, list)),
