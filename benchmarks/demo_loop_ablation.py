@@ -118,8 +118,8 @@ def heldout_logps(base: str, data: Path, run_dir: Path, cfg) -> list[dict]:
     checkpoint in `run_dir`."""
     import torch
 
+    from mmpr_pipeline.train.batches import loader
     from mmpr_pipeline.train.data import PairDataset, PairEncoder, load_pairs, select, split_pairs
-    from mmpr_pipeline.train.loop import loader
     from mmpr_pipeline.train.model import load_model, load_processor, response_logps
 
     _, held = split_pairs(select(load_pairs(str(data)), cfg.pair_types), cfg.eval_fraction, cfg.seed)
@@ -173,7 +173,9 @@ def run_arm(name: str, overrides: dict, base: str, data: Path, out: Path, val_li
     shutil.rmtree(out / "train", ignore_errors=True)  # an unfinished arm starts over
     t0 = time.perf_counter()
     cfg = demo_loop.train_config(base, data, out / "train", overrides)
-    from mmpr_pipeline.train.loop import Dist, load_splits, run_length
+    from mmpr_pipeline.train.batches import run_length
+    from mmpr_pipeline.train.distributed import Dist
+    from mmpr_pipeline.train.splits import load_splits
 
     _, steps = run_length(len(load_splits(cfg, Dist())[0]), cfg, Dist())
     every = max(1, steps // CHECKPOINTS)  # checkpoints (held-out log-probs) at these steps

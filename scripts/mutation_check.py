@@ -84,14 +84,14 @@ MUTANTS = [
     ),
     Mutant(
         "trainer: chosen and rejected swapped in the mpo_loss call",
-        "mmpr_pipeline/train/loop.py",
+        "mmpr_pipeline/train/step.py",
         "logps[:n],\n        logps[n:],\n        ref_logps[:n],\n        ref_logps[n:],",
         "logps[n:],\n        logps[:n],\n        ref_logps[n:],\n        ref_logps[:n],",
         ["tests/test_train_loop.py", "-k", "raises_held_out"],
     ),
     Mutant(
         "trainer: SFT averaged per sequence, not per token",
-        "mmpr_pipeline/train/loop.py",
+        "mmpr_pipeline/train/step.py",
         "chosen_nll = -logps[:n].sum() / denominator",
         "chosen_nll = -(logps[:n] / n_tokens[:n].clamp(min=1)).mean()",
         ["tests/test_train_trl.py", "-k", "each_mpo_term"],
@@ -112,7 +112,7 @@ MUTANTS = [
     ),
     Mutant(
         "trainer: LoRA reference is the adapted policy (adapters not disabled)",
-        "mmpr_pipeline/train/loop.py",
+        "mmpr_pipeline/train/reference.py",
         "        with policy_of(model).disable_adapter():  # LoRA: the base model is the reference\n"
         "            return response_logps(model, batch)[0]",
         "        return response_logps(model, batch)[0]",
@@ -120,21 +120,21 @@ MUTANTS = [
     ),
     Mutant(
         "trainer: live reference is the policy itself, not a frozen copy",
-        "mmpr_pipeline/train/loop.py",
+        "mmpr_pipeline/train/reference.py",
         "ref_model = copy.deepcopy(model).eval().requires_grad_(False)",
         "ref_model = model",
         ["tests/test_train_reference.py"],
     ),
     Mutant(
         "trainer: warm-up never applied",
-        "mmpr_pipeline/train/loop.py",
+        "mmpr_pipeline/train/step.py",
         "    if step < warmup:\n",
         "    if step < 0:\n",
         ["tests/test_train_reference.py"],
     ),
     Mutant(
         "trainer: running-mean delta fed reference minus policy",
-        "mmpr_pipeline/train/loop.py",
+        "mmpr_pipeline/train/step.py",
         "mean_reward = cfg.beta * (logps.detach() - ref_logps).mean()",
         "mean_reward = cfg.beta * (ref_logps - logps.detach()).mean()",
         ["tests/test_train_reference.py"],

@@ -89,5 +89,5 @@ def test_mpo_raises_chosen_over_rejected_on_the_pairs_it_trains_on(tmp_path, ray
     rise = margin_rise(tmp_path / "build", base, tmp_path)
     # Measured on this build with the shipped loop base (seeded samples, so the same build each run):
     # the trained-on margin rises by 0.36 nats on average (-0.10 -> 0.26); with chosen and rejected
-    # swapped in the trainer's mpo_loss call (train/loop.py) it falls by 2.87 (-> -2.97).
+    # swapped in the trainer's mpo_loss call (train/step.py) it falls by 2.87 (-> -2.97).
     assert rise.mean() > 0.1

@@ -1,10 +1,11 @@
-"""What `mmpr train` reports at the end (issue 19, item 4): whether the loss fell, and the held-out
+"""What `mmpr train` reports at the end: whether the loss fell, and the held-out
 reward accuracy overall and per pair type. Pure bookkeeping, so plain tensors and tables suffice."""
 
 import pyarrow as pa
 import torch
 
-from mmpr_pipeline.train.loop import learning_report, pair_types_of, tally_by_type
+from mmpr_pipeline.train.cli import learning_report
+from mmpr_pipeline.train.evaluation import pair_types_of, tally_by_type
 
 
 def test_tally_by_type_counts_positive_margins_per_pair_type():

@@ -6,10 +6,12 @@
 or `mmpr train data_cards/train_mpo.yaml --set learning_rate=1e-5`.
 """
 
+from mmpr_pipeline.train.cli import cli_train
 from mmpr_pipeline.train.config import ConfigError, MPOConfig
 from mmpr_pipeline.train.config import load as load_config
-from mmpr_pipeline.train.loop import NonFiniteLossError, cli_train, train
+from mmpr_pipeline.train.loop import train
 from mmpr_pipeline.train.loss import RunningMean, mpo_loss
+from mmpr_pipeline.train.step import NonFiniteLossError
 
 __all__ = [
     "ConfigError",
