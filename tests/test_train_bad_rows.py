@@ -1,8 +1,8 @@
-"""Bad training pairs are set aside before training starts, as a build sets aside bad source rows
-(issue 25, item 3): a truncated image, chosen equal to rejected (white space aside), an empty
-response. Each is counted by reason in summary.json and named in output_dir/rejects.jsonl, and
-training goes on; with nothing usable left, one line and rc 2, and no output_dir. A pair that fails
-part-way says which, and the last checkpoint stays.
+"""Bad training pairs are set aside before training starts, as a build sets aside bad source rows:
+a truncated image, chosen equal to rejected (white space aside), an empty response. Each is counted
+by reason in summary.json and named in output_dir/rejects.jsonl, and training goes on; with nothing
+usable left, one line and rc 2, and no output_dir. A pair that fails part-way says which, and the last
+checkpoint stays.
 
 Before: a truncated image trained until its row, then `error: Truncated File Read` (rc 1, no file or
 row named) and no checkpoint; every pair with chosen == rejected trained without a word.

@@ -322,7 +322,7 @@ def test_lora_trains_adapters_against_the_base_model(tiny, lora_run):
     assert all(abs(r["chosen_reward"]) > 1e-2 and abs(r["rejected_reward"]) > 1e-2 for r in rows[1:])
     assert rows[-1]["reward_margin"] > 0
     trainable = torch.load(out / "checkpoint-000004" / "state.pt", weights_only=False)["trainable"]
-    # adapters, and the projector (Qwen's merger) in full, as under freeze_vision without LoRA (issue 14)
+    # adapters, and the projector (Qwen's merger) in full, as under freeze_vision without LoRA
     assert trainable and all("lora_" in name or ".merger.modules_to_save." in name for name in trainable)
     assert any(".merger." in name for name in trainable)
     adapters = sum(t.numel() for name, t in trainable.items() if "lora_" in name)
