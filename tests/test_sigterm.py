@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import _build_process as build_process
 import psutil
 import pytest
 import torch
@@ -60,8 +61,7 @@ def descendants(proc: subprocess.Popen) -> dict[int, tuple[psutil.Process, str]]
     return out
 
 
-def build_args(model: str, out: Path) -> list[str]:
-    return ["build", "data_cards/demo.yaml", "--out", str(out), "--limit", "8", "--model", model]
+DEMO = ROOT / "data_cards" / "demo.yaml"
 
 
 def stop_build(model: str, out: Path, log: Path, sigterms: int) -> tuple[int, list[psutil.Process]]:
@@ -69,7 +69,7 @@ def stop_build(model: str, out: Path, log: Path, sigterms: int) -> tuple[int, li
 
     The engine is seen as a `VLLM::EngineCore` process under the build or, should a poll miss it,
     as the progress bar's "sampling"; what was seen is in the message if the build ends first."""
-    proc = start(build_args(model, out), log)
+    proc = build_process.start(DEMO, out, log, model=model, limit=8)
     seen: dict[int, tuple[psutil.Process, str]] = {}
 
     def engine_runs() -> bool:
@@ -88,8 +88,7 @@ def stop_build(model: str, out: Path, log: Path, sigterms: int) -> tuple[int, li
             time.sleep(0.2)
         rc = proc.wait(timeout=60)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        build_process.kill_group(proc)
     return rc, [p for p, _ in seen.values()]
 
 
@@ -102,7 +101,7 @@ def assert_all_ended(procs: list[psutil.Process]) -> None:
     assert not left, f"still running after the build ended: {left}"
 
 
-def test_sigterm_stops_a_build_cleanly_and_the_run_resumes(trained_model, tmp_path):
+def test_sigterm_stops_a_build_cleanly_and_the_run_resumes(request, trained_model, tmp_path):
     out = tmp_path / "run"
     rc, procs = stop_build(trained_model, out, tmp_path / "first.log", sigterms=1)
     stderr = (tmp_path / "first.log").read_text()
@@ -120,15 +119,8 @@ def test_sigterm_stops_a_build_cleanly_and_the_run_resumes(trained_model, tmp_pa
     assert rc == 143, (tmp_path / "second.log").read_text()[-3000:]
     assert_all_ended(procs)
 
-    done = subprocess.run(
-        [sys.executable, "-m", "mmpr_pipeline.cli", *build_args(trained_model, out)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    # The same build finishes the folder (nothing stops it: in this process, on the session's Ray).
+    build_process.in_session(request, DEMO, out, model=trained_model, limit=8)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["resume"]["units"] == 2 and sum(stats["totals"]["pairs"].values()) > 0
 
