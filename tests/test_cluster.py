@@ -7,12 +7,13 @@ to a run folder on object storage (moto's S3 server; the nodes start after it, w
 """
 
 import json
-import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import _build_process as build_process
 import psutil
 import pyarrow.parquet as pq
 import pytest
@@ -20,6 +21,7 @@ import pytest
 from mmpr_pipeline import storage
 
 REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "data_cards" / "demo.yaml"
 pytestmark = pytest.mark.slow
 
 # 6 units, sampled one batch (one unit) at a time: when the first unit is finished, others are still
@@ -35,36 +37,6 @@ RECIPE_OVERRIDES = [
     "shard_rows=25",
 ]
 UNITS = 6
-
-
-def _env(address: str | None) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("RAY_ADDRESS", None)
-    if address:
-        env["RAY_ADDRESS"] = address
-    return env
-
-
-def _build_cmd(run, model: str) -> list[str]:
-    sets = [a for s in RECIPE_OVERRIDES for a in ("--set", s)]
-    return [
-        sys.executable,
-        "-m",
-        "mmpr_pipeline.cli",
-        "build",
-        "data_cards/demo.yaml",
-        "--out",
-        str(run),
-        "--model",
-        model,
-        *sets,
-    ]
-
-
-def _build(run, model: str, address: str | None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        _build_cmd(run, model), cwd=REPO, env=_env(address), capture_output=True, text=True, timeout=900
-    )
 
 
 def _pairs(run) -> dict[str, tuple[str, str]]:
@@ -100,10 +72,8 @@ def single_node(tmp_path_factory, trained_model, cluster):
     write_ray_address(cluster[0].address)
     run = tmp_path_factory.mktemp("single") / "run"
     log = run.parent / "build.log"
-    with open(log, "w") as out:
-        p = subprocess.Popen(
-            _build_cmd(run, trained_model), cwd=REPO, env=_env(None), stdout=out, stderr=subprocess.STDOUT
-        )
+    p = build_process.start(DEMO, run, log, model=trained_model, sets=RECIPE_OVERRIDES)
+    try:
         own_ray, deadline = False, time.time() + 900
         while p.poll() is None and time.time() < deadline:
             try:
@@ -114,6 +84,8 @@ def single_node(tmp_path_factory, trained_model, cluster):
                 pass
             time.sleep(0.5)
         p.wait(timeout=60)
+    finally:
+        build_process.kill_group(p)
     assert p.returncode == 0, log.read_text()[-3000:]
     return run, own_ray
 
@@ -124,6 +96,43 @@ def test_a_plain_build_starts_its_own_ray_beside_a_running_cluster(single_node):
     stats = json.loads((run / "stats.json").read_text())
     assert stats["totals"]["rows"] == 24 == stats["totals"]["questions"] + stats["totals"]["rejects"]
     assert sum(stats["totals"]["pairs"].values()) == len(_pairs(run)) > 0
+
+
+# A line that Ray or vLLM print at warning or error level: Python logging's level names (Ray's
+# "\tWARNING file.py:12 --", vLLM's "WARNING 12-03 ..."), glog's "W1203"/"E1203" prefixes, and Ray's
+# C++ "[date time,ms E pid tid] file.cc:N" lines; and the notices a newcomer read as failures.
+FOREIGN_LINE = re.compile(
+    r"\b(WARNING|ERROR|CRITICAL|FATAL)\b|^\[?[WEF]\d{4} |\] \w+\.cc:\d+|core_worker|Token authentication"
+)
+SAMPLE_BAR = re.compile(r"sample:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) .*?(?:([\d,]+) tok/s)?\]?$")
+
+
+def test_build_output_shows_progress_and_no_ray_or_vllm_warnings(single_node):
+    """What a successful `mmpr build` prints (the plain build above: a real CLI run, nothing killed):
+    per-question progress with tokens per second, the unit bar, the summary naming the preview, logs
+    and next commands, and no Ray or vLLM line at warning or error level (those go to RUN_DIR/logs/)."""
+    run = single_node[0]
+    out = (run.parent / "build.log").read_text()
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", out) if ln.strip()]
+    foreign = [ln for ln in lines if FOREIGN_LINE.search(ln)]
+    assert not foreign, foreign[:5]
+    bars = [m for m in (SAMPLE_BAR.search(ln) for ln in lines) if m]
+    assert bars, "no sample progress bar in the output"
+    counts = [int(m.group(1)) for m in bars]
+    total = int(bars[-1].group(2))
+    stats = json.loads((run / "stats.json").read_text())
+    assert counts[-1] == total == sum(s["rows"] for s in stats["sources"].values())
+    assert any(0 < c < total for c in counts), counts  # it moved before the end, not all at once
+    assert counts == sorted(counts)
+    assert any(m.group(3) and int(m.group(3).replace(",", "")) > 0 for m in bars), "no tokens per second"
+    units = stats["resume"]["units"]
+    assert any(re.search(rf"judge\+pair\+write:\s+100%.*\b{units}/{units}\b", ln) for ln in lines)
+    logs = run / "logs"
+    assert f"look at the pairs: {run / 'preview.html'}" in out
+    assert f"logs: {logs}/" in out and "next: train on them: mmpr train" in out and "mmpr publish" in out
+    # what Ray printed went to the run's logs instead (its actor-pool notice comes with every build)
+    assert "core_worker" in (logs / "driver.log").read_text()
+    assert list((logs / "ray").glob("worker-*"))
 
 
 def _engine_node(workers) -> object | None:
@@ -140,7 +149,7 @@ def _engine_node(workers) -> object | None:
 
 
 def test_cluster_build_on_s3_equals_single_node_even_when_the_engine_node_dies(
-    cluster, single_node, trained_model, s3_server
+    cluster, single_node, trained_model, s3_server, tmp_path
 ):
     """The same recipe on the cluster, its run folder on object storage (no shared file system), and
     the node that holds the engine removed once the first unit is finished and others are not: the
@@ -150,28 +159,25 @@ def test_cluster_build_on_s3_equals_single_node_even_when_the_engine_node_dies(
     expected = _pairs(single_node[0])
     s3_server[1].create_dir("cluster-runs")
     run = storage.as_path("s3://cluster-runs/run")
-    p = subprocess.Popen(
-        _build_cmd(run, trained_model),
-        cwd=REPO,
-        env=_env(c.address),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.time() + 600
-    while time.time() < deadline and not run.glob("samples/*/unit-*.json"):
-        assert p.poll() is None, p.stdout.read()[-3000:]
-        time.sleep(0.5)
-    node = _engine_node(workers)
-    assert node is not None, "no node runs the sampling actor"
-    c.remove_node(node)
-    pending = UNITS - len(run.glob("samples/*/unit-*.json"))
-    assert pending > 0, "every unit was finished before the node was removed: nothing was tested"
-    c.add_node(num_cpus=2)  # the cluster stays two workers strong
-    out, _ = p.communicate(timeout=900)
+    log = tmp_path / "build.log"
+    p = build_process.start(DEMO, run, log, model=trained_model, sets=RECIPE_OVERRIDES, ray_address=c.address)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not run.glob("samples/*/unit-*.json"):
+            assert p.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        node = _engine_node(workers)
+        assert node is not None, "no node runs the sampling actor"
+        c.remove_node(node)
+        pending = UNITS - len(run.glob("samples/*/unit-*.json"))
+        assert pending > 0, "every unit was finished before the node was removed: nothing was tested"
+        c.add_node(num_cpus=2)  # the cluster stays two workers strong
+        p.wait(timeout=900)
+    finally:
+        build_process.kill_group(p)
     # Ray Data restarts the engine's actor on a live node and retries the units it held: the same
     # build finishes by itself, with every unit
-    assert p.returncode == 0, out[-3000:]
+    assert p.returncode == 0, log.read_text()[-3000:]
     assert json.loads((run / "stats.json").read_text())["resume"]["units"] == UNITS
     assert _pairs(run) == expected
 
@@ -220,7 +226,7 @@ def test_gpu_replicas_and_bundles_are_planned_per_node():
         proc = subprocess.run(
             [sys.executable, "-c", PLACEMENT_PROBE],
             cwd=REPO,
-            env=_env(c.address),
+            env=build_process.environment(ray_address=c.address),
             capture_output=True,
             text=True,
             timeout=300,

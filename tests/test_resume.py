@@ -1,19 +1,18 @@
 """Long runs survive: SIGKILL at several points, resume, and compare pair by pair.
 
-Each run is a real `mmpr build` process (local Ray + vLLM on CPU). The kill comes from inside the
-process at a named point (MMPR_KILL_AT, see shards.kill_point): the same effect as an OOM kill, but
-at a known moment. Per-question seeds (`sampling.reproducible`) make sampling independent of
-batching, so the resumed run must match an uninterrupted one exactly.
+Each killed run is a real `mmpr build` process (local Ray + vLLM on CPU). The kill comes from inside
+the process at a named point (MMPR_KILL_AT, see shards.kill_point): the same effect as an OOM kill,
+but at a known moment. The uninterrupted reference and the last resume (nothing kills them) are the
+same build in the test's process, on the session's Ray (tests/_build_process.py). Per-question seeds
+(`sampling.reproducible`) make sampling independent of batching, so the resumed run must match an
+uninterrupted one exactly.
 """
 
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
+import _build_process as build_process
 import pyarrow.parquet as pq
 import pytest
 
@@ -32,41 +31,9 @@ KILL_POINTS = ["after_unit:2", "unit_wrote_pairs", "mid_write:1"]
 WORKER_KILL_POINTS = {"unit_wrote_pairs": "pairs"}
 
 
-def _build(
-    run: Path, model: str, sources_file: Path, kill_at: str | None = None, extra=()
-) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("MMPR_KILL_AT", None)
-    if kill_at:
-        env["MMPR_KILL_AT"] = kill_at
-    cmd = [
-        sys.executable,
-        "-m",
-        "mmpr_pipeline.cli",
-        "build",
-        str(sources_file),
-        "--out",
-        str(run),
-        "--model",
-        model,
-        *extra,
-    ]
-    # A new session, so leftovers of a killed run (Ray's helper processes) can be reaped as a group.
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    out, _ = proc.communicate(timeout=600)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+def _build(run: Path, model: str, recipe_file: Path, kill_at: str | None = None, extra=()):
+    """A real `mmpr build` process, killed at `kill_at` if given."""
+    return build_process.run(recipe_file, run, model=model, kill_at=kill_at, args=extra, timeout=600)
 
 
 def _pairs(run: Path) -> list[dict]:
@@ -122,11 +89,9 @@ def recipe_file(tmp_path_factory, trained_model):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, recipe_file, trained_model):
+def uninterrupted(request, tmp_path_factory, recipe_file, trained_model):
     run = tmp_path_factory.mktemp("a") / "run"
-    res = _build(run, trained_model, recipe_file)
-    assert res.returncode == 0, res.stdout[-3000:]
-    (run.parent / "build_output.txt").write_text(res.stdout)  # the terminal's text (test_build_output_...)
+    build_process.in_session(request, recipe_file, run, model=trained_model)
     return run
 
 
@@ -147,7 +112,7 @@ def test_engine_error_fails_only_that_request(uninterrupted):
 
 
 @pytest.mark.timeout(1800)  # four builds in a row: the suite's longest test
-def test_kill_and_resume_matches_uninterrupted(tmp_path, recipe_file, trained_model, uninterrupted):
+def test_kill_and_resume_matches_uninterrupted(request, tmp_path, recipe_file, trained_model, uninterrupted):
     """Killed at every point in turn, on a JSON Lines source with one row edited in place; the file is
     edited back (same row count) before the last resume, which must then redo that row's unit and
     only it, and end with exactly the uninterrupted run's samples and pairs."""
@@ -185,8 +150,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, recipe_file, trained_mo
     finally:
         source.write_text(original)  # the row as the uninterrupted run read it
     before = _unit_files(run)
-    res = _build(run, trained_model, recipe_file)
-    assert res.returncode == 0, res.stdout[-3000:]
+    build_process.in_session(request, recipe_file, run, model=trained_model)  # nothing kills this one
     stats = json.loads((run / "stats.json").read_text())
     # every unit was finished before; only the edited row's unit is sampled again
     assert stats["resume"]["units_done_before"] == stats["resume"]["units"] - 1 == 8
@@ -215,39 +179,3 @@ def test_changed_recipe_is_refused_unless_overwrite(tmp_path, recipe_file, train
     res = _build(run, trained_model, recipe_file, extra=["--set", "sampling.n=2"])
     assert res.returncode != 0 and "different recipe" in res.stdout and "sampling" in res.stdout
     assert len(shards.unit_files(run)) == len(shards.unit_files(uninterrupted))  # nothing touched
-
-
-# A line that Ray or vLLM print at warning or error level: Python logging's level names (Ray's
-# "\tWARNING file.py:12 --", vLLM's "WARNING 12-03 ..."), glog's "W1203"/"E1203" prefixes, and Ray's
-# C++ "[date time,ms E pid tid] file.cc:N" lines; and the notices a newcomer read as failures.
-FOREIGN_LINE = re.compile(
-    r"\b(WARNING|ERROR|CRITICAL|FATAL)\b|^\[?[WEF]\d{4} |\] \w+\.cc:\d+|core_worker|Token authentication"
-)
-SAMPLE_BAR = re.compile(r"sample:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) .*?(?:([\d,]+) tok/s)?\]?$")
-
-
-def test_build_output_shows_progress_and_no_ray_or_vllm_warnings(uninterrupted):
-    """What a successful `mmpr build` prints: per-question progress with tokens per second, the unit
-    bar, the summary naming the preview, logs and next commands, and no Ray or vLLM line at warning
-    or error level (those go to RUN_DIR/logs/)."""
-    out = (uninterrupted.parent / "build_output.txt").read_text()
-    lines = [ln.strip() for ln in re.split(r"[\r\n]+", out) if ln.strip()]
-    foreign = [ln for ln in lines if FOREIGN_LINE.search(ln)]
-    assert not foreign, foreign[:5]
-    bars = [m for m in (SAMPLE_BAR.search(ln) for ln in lines) if m]
-    assert bars, "no sample progress bar in the output"
-    counts = [int(m.group(1)) for m in bars]
-    total = int(bars[-1].group(2))
-    stats = json.loads((uninterrupted / "stats.json").read_text())
-    assert counts[-1] == total == sum(s["rows"] for s in stats["sources"].values())
-    assert any(0 < c < total for c in counts), counts  # it moved before the end, not all at once
-    assert counts == sorted(counts)
-    assert any(m.group(3) and int(m.group(3).replace(",", "")) > 0 for m in bars), "no tokens per second"
-    units = stats["resume"]["units"]
-    assert any(re.search(rf"judge\+pair\+write:\s+100%.*\b{units}/{units}\b", ln) for ln in lines)
-    logs = uninterrupted / "logs"
-    assert f"look at the pairs: {uninterrupted / 'preview.html'}" in out
-    assert f"logs: {logs}/" in out and "next: train on them: mmpr train" in out and "mmpr publish" in out
-    # what Ray printed went to the run's logs instead (its actor-pool notice comes with every build)
-    assert "core_worker" in (logs / "driver.log").read_text()
-    assert list((logs / "ray").glob("worker-*"))
