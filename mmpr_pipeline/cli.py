@@ -321,11 +321,9 @@ USER_ERROR, ENVIRONMENT_ERROR, INTERRUPTED = 2, 1, 130
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors a user can fix, named in their message: exit code 2, or the error's own `code`
     (publishing tells a refusal, a login problem and the network apart)."""
-    from mmpr_pipeline.errors import RunFolderError
+    from mmpr_pipeline.errors import PreviewError, PublishError, RunFolderError
     from mmpr_pipeline.export import ExportError
-    from mmpr_pipeline.hub import PublishError
     from mmpr_pipeline.preflight import PreflightError
-    from mmpr_pipeline.preview import PreviewError
     from mmpr_pipeline.recipe import RecipeError
     from mmpr_pipeline.select import SelectError
     from mmpr_pipeline.sources import SourceError

@@ -24,6 +24,8 @@ import logging
 import os
 from pathlib import Path
 
+from mmpr_pipeline.demo_examples import HELDOUT_OFFSET, HELDOUT_SEED, heldout_accuracy_hf, training_batch
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = [
@@ -197,7 +199,6 @@ TRAIN_DEFAULTS = dict(steps=280, seed=0, batch_size=32, lr=3e-3, warmup=40, weig
 # its own samples often avoid (see the README's "Close the loop").
 LOOP_BASE_DIR = DEFAULT_DIR.parent / "demo-loop-base"
 LOOP_BASE_SETTINGS = dict(steps=120)
-HELDOUT_SEED, HELDOUT_OFFSET = 1, 1_000_000  # tasks.generate rows the training never sees
 # The shipped copies: package data, so an installed (not only a cloned) project has them.
 ASSETS_DIR = Path(__file__).resolve().parent / "demo_assets"
 SHIPPED = {"demo": {}, "demo-loop-base": LOOP_BASE_SETTINGS}  # folder -> training settings
@@ -206,55 +207,6 @@ CHECKSUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` format: every file of the 
 
 class DemoAssetError(RuntimeError):
     """A shipped demo model's files do not match their recorded hashes."""
-
-
-def _messages(question: str) -> list[dict]:
-    """The single user turn the pipeline sends at sampling time: [image, CoT instruction + question]."""
-    from mmpr_pipeline import prompts
-
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image"},
-                {"type": "text", "text": prompts.render("cot_final_answer", question)},
-            ],
-        }
-    ]
-
-
-def _batch(processor, rows: list[dict]) -> dict:
-    """Tokenize prompt + response + <|im_end|> with the processor; labels only on the response."""
-    import torch
-
-    from mmpr_pipeline.records import decode_image
-
-    tok = processor.tokenizer
-    images = [decode_image(r["image"]) for r in rows]
-    prompts_ = [
-        tok.apply_chat_template(_messages(r["question"]), tokenize=False, add_generation_prompt=True)
-        for r in rows
-    ]
-    full = processor(
-        text=[p + r["response"] + "<|im_end|>" for p, r in zip(prompts_, rows)],
-        images=images,
-        return_tensors="pt",
-        padding=True,
-        padding_side="right",
-    )
-    only_prompt = processor(
-        text=prompts_, images=images, return_tensors="pt", padding=True, padding_side="right"
-    )
-    labels = full["input_ids"].clone()
-    labels[full["attention_mask"] == 0] = -100
-    for i, n in enumerate(only_prompt["attention_mask"].sum(1).tolist()):
-        # the prompt's tokens must be a prefix of the full sequence's, or the mask would be wrong
-        assert torch.equal(full["input_ids"][i, :n], only_prompt["input_ids"][i, :n]), (
-            "prompt is not a prefix"
-        )
-        labels[i, :n] = -100
-    full["labels"] = labels
-    return dict(full)
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -340,7 +292,7 @@ def _train_steps(model, processor, opt, steps, seed, batch_size, lr, warmup, log
             rows = list(
                 tasks.generate(batch_size, seed=seed, families=tasks.FAMILIES, offset=step * batch_size)
             )
-            batch = _batch(processor, rows)
+            batch = training_batch(processor, rows)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, steps, lr, warmup)
             loss = model(**batch).loss
@@ -562,128 +514,6 @@ def ensure_loop_base(out: str | Path | None = None) -> Path:
     return ensure_trained(out or LOOP_BASE_DIR, **LOOP_BASE_SETTINGS)
 
 
-def final_answer(text: str) -> str | None:
-    """The X of a last line 'Final answer: X' (None when the response does not end that way)."""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    if not lines or not lines[-1].lower().startswith("final answer:"):
-        return None
-    return lines[-1].split(":", 1)[1].strip().rstrip(".").strip()
-
-
-def heldout_accuracy_hf(
-    model_dir: str | Path, n: int = 100, max_new_tokens: int = 64, batch_size: int = 50
-) -> dict:
-    """Greedy held-out accuracy per family with transformers: a quick check for the marker.
-
-    vLLM (`heldout_accuracy_vllm`) is how the pipeline samples; the two agree within noise.
-    """
-    import torch
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
-    from mmpr_pipeline import tasks
-    from mmpr_pipeline.records import decode_image
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    tok = processor.tokenizer
-    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rows = list(tasks.generate(n, seed=HELDOUT_SEED, offset=HELDOUT_OFFSET))
-    right: dict[str, list[bool]] = {}
-    with torch.no_grad():
-        for i in range(0, n, batch_size):
-            chunk = rows[i : i + batch_size]
-            batch = processor(
-                text=[
-                    tok.apply_chat_template(
-                        _messages(r["question"]), tokenize=False, add_generation_prompt=True
-                    )
-                    for r in chunk
-                ],
-                images=[decode_image(r["image"]) for r in chunk],
-                return_tensors="pt",
-                padding=True,
-                padding_side="left",
-            )
-            generated = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
-            texts = tok.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            for r, text in zip(chunk, texts):
-                right.setdefault(r["task"], []).append(final_answer(text) == r["answer"])
-    right["all"] = [x for v in right.values() for x in v]
-    return {k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())}
-
-
-def heldout_accuracy_vllm(
-    model_dir: str | Path, n: int = 200, samples: int = 4, temperature: float = 1.0, max_tokens: int = 160
-) -> dict:
-    """Held-out accuracy per family as the pipeline samples: vLLM chat, [image, CoT prompt] -> responses.
-
-    Returns {family: {"greedy": acc, "sampled": acc, "n": questions, "mixed": share of questions whose
-    samples are both right and wrong}} plus "all", whether vLLM's prompt tokens equal the training
-    prompt's, and one example. Needs a `__main__` guard in the caller (vLLM spawns a process).
-    """
-    from vllm import LLM, SamplingParams
-
-    from mmpr_pipeline import prompts, tasks
-    from mmpr_pipeline.records import decode_image
-
-    rows = [r for r in tasks.generate(n, seed=HELDOUT_SEED, offset=HELDOUT_OFFSET)]
-    llm = LLM(model=str(model_dir), enforce_eager=True, dtype="bfloat16", max_model_len=1024, seed=0)
-    conversations = [
-        [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_pil", "image_pil": decode_image(r["image"])},
-                    {"type": "text", "text": prompts.render("cot_final_answer", r["question"])},
-                ],
-            }
-        ]
-        for r in rows
-    ]
-    greedy = llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=max_tokens))
-    sampled = llm.chat(
-        conversations, SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens)
-    )
-    try:  # the project's judge when it is there; the plain last-line comparison otherwise
-        from mmpr_pipeline.scoring.judge import judge
-
-        def correct(text, r):
-            return judge(text, r["answer"], r["answer_type"], r["options"]).correct
-    except ImportError:
-
-        def correct(text, r):
-            return final_answer(text) == r["answer"]
-
-    per: dict[str, dict[str, list]] = {}
-    for r, g, s in zip(rows, greedy, sampled):
-        d = per.setdefault(r["task"], {"greedy": [], "sampled": [], "pass_at_n": [], "mixed": []})
-        d["greedy"].append(correct(g.outputs[0].text, r))
-        right = [correct(o.text, r) for o in s.outputs]
-        d["sampled"].extend(right)
-        d["pass_at_n"].append(any(right))
-        d["mixed"].append(any(right) and not all(right))
-    result = {}
-    for fam, d in sorted(per.items()) + [
-        (
-            "all",
-            {k: [x for v in per.values() for x in v[k]] for k in ("greedy", "sampled", "pass_at_n", "mixed")},
-        )
-    ]:
-        result[fam] = {k: round(sum(v) / len(v), 3) for k, v in d.items()} | {"n": len(d["greedy"])}
-    # The prompt vLLM rendered must be token for token the one the model was trained on.
-    from transformers import AutoProcessor
-
-    train_ids = _batch(AutoProcessor.from_pretrained(model_dir), rows[:1])
-    n_prompt = int((train_ids["labels"][0] == -100).cumprod(0).sum())
-    trained_prompt = train_ids["input_ids"][0, :n_prompt].tolist()
-    result["prompt_matches_training"] = list(greedy[0].prompt_token_ids) == trained_prompt
-    result["example"] = {
-        "question": rows[0]["question"],
-        "greedy": greedy[0].outputs[0].text,
-        "sampled": [o.text for o in sampled[0].outputs],
-    }
-    return result
-
-
 if __name__ == "__main__":
     # python -m mmpr_pipeline.demo_model [MODEL_DIR] [N]: train if needed, then measure held-out
     # accuracy with vLLM, the way the pipeline samples.
@@ -693,4 +523,6 @@ if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     path = ensure_trained(sys.argv[1] if len(sys.argv) > 1 else None)
+    from mmpr_pipeline.demo_examples import heldout_accuracy_vllm
+
     print(json.dumps(heldout_accuracy_vllm(path, n=int(sys.argv[2]) if len(sys.argv) > 2 else 200), indent=1))

@@ -20,3 +20,7 @@ class PublishError(Exception):
     def __init__(self, message: str, code: int = REFUSED):
         super().__init__(message)
         self.code = code
+
+
+class PreviewError(ValueError):
+    """A run folder the preview cannot be written for; the message names the file and the problem."""

@@ -252,56 +252,12 @@ def run_units(
     import ray
 
     from mmpr_pipeline import runlogs
-    from mmpr_pipeline.engine import MAX_CONCURRENT_BATCHES, actor_options, replica_plan
     from mmpr_pipeline.progress import BuildProgress, start_counter
-    from stages.sample import SampleStage
+    from mmpr_pipeline.stream import chain
 
-    plan = replica_plan(cluster_gpus(), recipe.engine)
-    concurrent = int(recipe.engine.get("max_concurrent_batches", MAX_CONCURRENT_BATCHES))
-    options = _unit_options(recipe, run, recipe.model)
     counter = start_counter()  # questions and tokens sampled so far, for the progress bar
-    # no more tasks than units: Ray Data warns when a cap exceeds the operator's inputs
-    n_tasks = max(1, min(TASKS_PER_REPLICA * plan.replicas, len(units)))
     ds = ray.data.from_items([u.to_item() for u in units], override_num_blocks=len(units))
-    ds = ds.map_batches(
-        load_units,
-        fn_kwargs=dict(options, benchmarks=benchmarks),
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=0.25,
-        concurrency=n_tasks,
-    )
-    # One unit = one block = one batch, from load to write (batch_size=None): no regrouping needed.
-    ds = actor_stage(
-        ds,
-        SampleStage,
-        plan,
-        concurrent,
-        dict(
-            model=model,
-            seed=recipe.seed,
-            # the per-prompt image limit comes from the data, unless the recipe sets it
-            engine_options={
-                "limit_mm_per_prompt": {"image": max(1, max_images)},
-                "trust_remote_code": recipe.trust_remote_code,  # False: vLLM refuses custom code
-                **recipe.engine,
-            },
-            sources=recipe.sample_settings(),
-            progress=counter,
-        ),
-        # Ray Data restarts a replica whose process died and retries its batches.
-        **actor_options(plan),
-    )
-    if recipe.judge_modes():  # rules, then the judge model, then pairing
-        ds = add_judge_stage(ds, recipe, run, concurrent)
-    ds = ds.map_batches(
-        finish_units,
-        fn_kwargs=options,
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=0.25,
-        concurrency=n_tasks,
-    )
+    ds = chain(ds, stream_stages(recipe, run, model, len(units), max_images, benchmarks, counter))
     total = sum(u.stop - u.start for u in units)
     done = 0
     with BuildProgress(counter, total, len(units), runlogs.terminal()) as progress:
@@ -318,17 +274,62 @@ def run_units(
             ) from e
 
 
-def actor_stage(ds, stage: type, plan, concurrent: int, constructor_kwargs: dict, **actor_args):
-    """`ds` through `stage` on a pool of `plan.replicas` engine actors, whole units at a time (one
-    block = one batch), each actor working on up to `concurrent` of them at once."""
+def stream_stages(recipe: Recipe, run: Path, model: str, n_units: int, max_images: int, benchmarks, counter):
+    """The build's stream as stage descriptors (stream.py): load, sample, then (with a judge model)
+    score and judge, then pair + write. One unit = one block = one batch from load to write."""
+    from mmpr_pipeline.engine import MAX_CONCURRENT_BATCHES, actor_options, replica_plan
+    from mmpr_pipeline.stream import QUESTION_COLUMNS, SAMPLE_COLUMNS, SUMMARY_COLUMNS, UNIT_COLUMNS
+    from mmpr_pipeline.stream import StreamStage as Stage
+    from stages.sample import SampleStage
+
+    plan = replica_plan(cluster_gpus(), recipe.engine)
+    concurrent = int(recipe.engine.get("max_concurrent_batches", MAX_CONCURRENT_BATCHES))
+    options = _unit_options(recipe, run, recipe.model)
+    # no more tasks than units: Ray Data warns when a cap exceeds the operator's inputs
+    tasks = dict(
+        batch_format="pyarrow",
+        num_cpus=0.25,
+        concurrency=max(1, min(TASKS_PER_REPLICA * plan.replicas, n_units)),
+    )
+    engine_options = {
+        "limit_mm_per_prompt": {"image": max(1, max_images)},  # from the data, unless the recipe sets it
+        "trust_remote_code": recipe.trust_remote_code,  # False: vLLM refuses custom code
+        **recipe.engine,
+    }
+    sample_args = dict(model=model, seed=recipe.seed, engine_options=engine_options)
+    sample_args.update(sources=recipe.sample_settings(), progress=counter)
+    stages = [
+        Stage("load", load_units, UNIT_COLUMNS, QUESTION_COLUMNS,
+              dict(tasks, fn_kwargs=dict(options, benchmarks=benchmarks), batch_size=1)),
+        # Ray Data restarts a replica whose process died and retries its batches.
+        Stage("sample", SampleStage, ("qid", "source", "pipeline", "images", "question", "given_response"),
+              SAMPLE_COLUMNS, actor_map_args(plan, concurrent, sample_args, **actor_options(plan))),
+    ]  # fmt: skip
+    if recipe.judge_modes():  # rules, then the judge model, then pairing
+        stages += judge_stages(recipe, run, concurrent)
+    finish_reads = ("unit_plan", "row_index", "responses", "correct", "reason", "extracted")
+    stages.append(
+        Stage(
+            "pair+write",
+            finish_units,
+            finish_reads,
+            SUMMARY_COLUMNS,
+            dict(tasks, fn_kwargs=options, batch_size=None),
+        )
+    )
+    return stages
+
+
+def actor_map_args(plan, concurrent: int, constructor_kwargs: dict, **actor_args) -> dict:
+    """map_batches arguments of an actor stage: a pool of `plan.replicas` engine actors, whole units
+    at a time (one block = one batch), each actor working on up to `concurrent` of them at once."""
     import ray
 
     # Ray 2.60 deprecates passing actor options this way, but still has no other for max_concurrency.
     warnings.filterwarnings(
         "ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning
     )
-    return ds.map_batches(
-        stage,
+    return dict(
         batch_size=None,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.replicas, max_tasks_in_flight_per_actor=concurrent),
@@ -345,35 +346,35 @@ def score_units(batch: pa.Table) -> pa.Table:
     return score_batch(batch)
 
 
-def add_judge_stage(ds, recipe: Recipe, run: Path, concurrent: int):
+def judge_stages(recipe: Recipe, run: Path, concurrent: int) -> list:
     """score -> judge (stages/judge.py): the judge model's own engine replicas, placed as sampling's.
     On CPU the replica takes a fraction of a CPU, so the tasks around it still find one."""
-
     from mmpr_pipeline.engine import actor_options, replica_plan, resolve_model
+    from mmpr_pipeline.stream import VERDICT_COLUMNS
+    from mmpr_pipeline.stream import StreamStage as Stage
     from stages.judge import JudgeStage
 
     jm = recipe.judge_model
-    ds = ds.map_batches(score_units, batch_size=None, batch_format="pyarrow", num_cpus=0.25)
     plan = replica_plan(cluster_gpus(), jm.engine)
     options = actor_options(plan) if plan.gpus_per_replica else dict(num_cpus=0.5)
-    return actor_stage(
-        ds,
-        JudgeStage,
-        plan,
-        concurrent,
-        dict(
-            model=resolve_model(jm.model),
-            engine_options={"trust_remote_code": recipe.trust_remote_code, **jm.engine},
-            seed=recipe.seed,
-            modes=recipe.judge_modes(),
-            judge_id=judge_id(jm.model),
-            cache_dir=str(Path(jm.cache_dir) if jm.cache_dir else judge_cache(run)),
-            min_probability=jm.min_probability,
-            agreement_sample=jm.agreement_sample,
-            timeout_s=jm.timeout_s,
-        ),
-        **options,
+    judge_args = dict(
+        model=resolve_model(jm.model),
+        engine_options={"trust_remote_code": recipe.trust_remote_code, **jm.engine},
+        seed=recipe.seed,
+        modes=recipe.judge_modes(),
+        judge_id=judge_id(jm.model),
+        cache_dir=str(Path(jm.cache_dir) if jm.cache_dir else judge_cache(run)),
+        min_probability=jm.min_probability,
+        agreement_sample=jm.agreement_sample,
+        timeout_s=jm.timeout_s,
     )
+    score_reads = ("pipeline", "responses", "answer", "answers", "answer_type", "options", "prompt_template")
+    return [
+        Stage("score", score_units, score_reads, VERDICT_COLUMNS,
+              dict(batch_size=None, batch_format="pyarrow", num_cpus=0.25)),
+        Stage("judge", JudgeStage, ("qid", "question", "answer", "answers", "extracted", "correct", "reason"),
+              VERDICT_COLUMNS, actor_map_args(plan, concurrent, judge_args, **options)),
+    ]  # fmt: skip
 
 
 JUDGE_CACHE = "judge_cache"  # the run folder's verdict cache (kept by --overwrite: verdicts stay valid)

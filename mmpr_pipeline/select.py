@@ -225,6 +225,37 @@ def _check_out(out: Path) -> None:
         raise SelectError(f"--out {out}: {blocker} is a file, so no folder can be made under it")
 
 
+def _write_selected(
+    run_dir: Path, data: Path, band: tuple[float, float] | None, all_wrong: bool
+) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """Stream the run's rated units, writing the selected questions' rows under `data`; returns the
+    per-source counts and the shards' names (Hub naming)."""
+    lo, hi = band if band is not None else (0.0, 0.0)
+    per_source: dict[str, dict[str, int]] = {}
+
+    def counts(source: str) -> dict[str, int]:
+        return per_source.setdefault(source, dict(questions=0, selected=0, below=0, above=0, unrated=0))
+
+    parts = _Parts(data)
+    for rated in rate_units(run_dir):
+        for source, n in rated.unrated.items():
+            counts(source)["questions"] += n
+            counts(source)["unrated"] += n
+        keep = []
+        for item in rated.rows:
+            _, _, source, n_correct, n_judged = item
+            rate, c = n_correct / n_judged, counts(source)
+            c["questions"] += 1
+            if (n_correct == 0) if all_wrong else (lo <= rate <= hi):
+                keep.append(item)
+                c["selected"] += 1
+            else:
+                c["below" if not all_wrong and rate < lo else "above"] += 1
+        if keep:
+            parts.write(_kept_rows(rated.path, keep))
+    return per_source, parts.name_like_the_hub()
+
+
 def select(
     run_dir: str | Path, out: str | Path, *, band: tuple[float, float] | None = None, all_wrong: bool = False
 ) -> dict:
@@ -239,12 +270,6 @@ def select(
     run_status = status(run_dir)
     if not run_status.finished:  # select what is there, and say it is a part
         print(partial_note(run_status), file=sys.stderr)
-    lo, hi = band if band is not None else (0.0, 0.0)
-    per_source: dict[str, dict[str, int]] = {}
-
-    def counts(source: str) -> dict[str, int]:
-        return per_source.setdefault(source, dict(questions=0, selected=0, below=0, above=0, unrated=0))
-
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -252,28 +277,11 @@ def select(
         raise SelectError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from None
     try:
         (tmp / "data").mkdir()
-        parts = _Parts(tmp / "data")
-        for rated in rate_units(run_dir):
-            for source, n in rated.unrated.items():
-                counts(source)["questions"] += n
-                counts(source)["unrated"] += n
-            keep = []
-            for item in rated.rows:
-                _, _, source, n_correct, n_judged = item
-                rate, c = n_correct / n_judged, counts(source)
-                c["questions"] += 1
-                if (n_correct == 0) if all_wrong else (lo <= rate <= hi):
-                    keep.append(item)
-                    c["selected"] += 1
-                else:
-                    c["below" if not all_wrong and rate < lo else "above"] += 1
-            if keep:
-                parts.write(_kept_rows(rated.path, keep))
-        shards = parts.name_like_the_hub()
+        per_source, shards = _write_selected(run_dir, tmp / "data", band, all_wrong)
         summary = dict(
             run_dir=str(run_dir.resolve()),
             selection="all-wrong" if all_wrong else "pass-rate",
-            pass_rate=None if all_wrong else [lo, hi],
+            pass_rate=None if all_wrong else list(band),
             questions=sum(c["questions"] for c in per_source.values()),
             selected=sum(c["selected"] for c in per_source.values()),
             run_finished=run_status.finished,  # false: from the finished units of a stopped build

@@ -78,6 +78,7 @@ def _row(responses, correct, extracted, answer="3", rationale="", reason=None):
         answer=answer,
         pipeline="correctness",
         prompt_template="cot_final_answer",
+        sampling="{}",
         error="",
         responses=responses,
         correct=correct,
@@ -104,8 +105,8 @@ def test_answer_fix_rewrites_the_chosen_side_only_and_records_it():
         [True, False, False, True],
         ["3.0", "4.0", None, "3"],
     )
-    off, _ = pair_rows(row, _source(), seed=0, model="m", sampling={})
-    on, counts = pair_rows(row, _source(answer_fix=True), seed=0, model="m", sampling={})
+    off, _ = pair_rows(row, _source(), seed=0, model="m")
+    on, counts = pair_rows(row, _source(answer_fix=True), seed=0, model="m")
     assert [p["provenance"] for p in off] == ["{}"] * len(off)
     assert {p["chosen"] for p in off} == {row["responses"][0], row["responses"][3]}
     assert counts["correctness"] == 2 and counts["format"] == 2
@@ -128,7 +129,7 @@ def test_answer_fix_never_touches_a_response_judged_wrong_or_unjudged():
         ["3.0", "3.0", "5.0"],
         reason=["r", f"{JUDGE_ERROR}: boom", "r"],
     )
-    pairs, _ = pair_rows(row, _source(answer_fix=True), seed=0, model="m", sampling={})
+    pairs, _ = pair_rows(row, _source(answer_fix=True), seed=0, model="m")
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("A.\nFinal answer: 3", "C.\nFinal answer: 5.0")]
 
 
@@ -174,7 +175,7 @@ def test_reference_pairs_carry_the_rationale_and_their_provenance():
         ["4", "3.0"],
         rationale="Three squares.\nFinal answer: 3",
     )
-    pairs, counts = pair_rows(row, _source(answer_fix=True), seed=0, model="m", sampling={})
+    pairs, counts = pair_rows(row, _source(answer_fix=True), seed=0, model="m")
     by_chosen = {p["chosen_index"]: p for p in pairs}
     assert set(by_chosen) == {1, REFERENCE} and counts["correctness"] == 2
     ref = by_chosen[REFERENCE]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mmpr_pipeline import demo_model, prompts, tasks
+from mmpr_pipeline import demo_examples, demo_model, prompts, tasks
 
 SMALL = dict(steps=3, batch_size=4)  # seconds, not the real training
 
@@ -86,7 +86,7 @@ def test_training_prompt_is_the_sampling_prompt_and_loss_is_on_the_response_only
 
     processor = AutoProcessor.from_pretrained(demo_model.build(tmp_path / "m", size="tiny"))
     rows = list(tasks.generate(5, seed=3, families=tasks.FAMILIES))
-    batch = demo_model._batch(processor, rows)
+    batch = demo_examples.training_batch(processor, rows)
     tok = processor.tokenizer
     for i, row in enumerate(rows):
         ids, labels = batch["input_ids"][i], batch["labels"][i]
@@ -114,10 +114,10 @@ def test_training_prompt_is_the_sampling_prompt_and_loss_is_on_the_response_only
 
 
 def test_final_answer_reads_only_the_last_line():
-    assert demo_model.final_answer("I count 3.\nFinal answer: 3") == "3"
-    assert demo_model.final_answer("Final answer: B.\n") == "B"
-    assert demo_model.final_answer("Final answer: 3\nmore text") is None
-    assert demo_model.final_answer("") is None
+    assert demo_examples.final_answer("I count 3.\nFinal answer: 3") == "3"
+    assert demo_examples.final_answer("Final answer: B.\n") == "B"
+    assert demo_examples.final_answer("Final answer: 3\nmore text") is None
+    assert demo_examples.final_answer("") is None
 
 
 def test_the_demo_loop_base_is_partly_right_by_design():

@@ -75,7 +75,7 @@ READ_ROWS = """
 import sys
 from pathlib import Path
 from mmpr_pipeline import peak_memory
-from mmpr_pipeline.preview import read_rows_at
+from mmpr_pipeline.preview_data import read_rows_at
 
 small, large = Path(sys.argv[1]), Path(sys.argv[2])
 assert len(read_rows_at([small], [(0, 3), (0, 45)])) == 2

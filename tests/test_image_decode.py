@@ -219,10 +219,10 @@ def test_a_sources_background_reaches_its_pairs_and_the_trainer():
     right, wrong = "It is 3.\nFinal answer: 3", "It is 4.\nFinal answer: 4"
     row = dict(
         qid="q", source="s", task="", images=[data], question="How many?", answer="3",
-        prompt_template="raw", pipeline="correctness", error="", responses=[right, wrong],
+        prompt_template="raw", sampling="{}", pipeline="correctness", error="", responses=[right, wrong],
         correct=[True, False], extracted=["3", "4"], reason=["correct", "wrong answer"], rationale="",
     )  # fmt: skip
-    pairs, _ = pair_rows(row, rec.sources[0], seed=0, model="m", sampling={})
+    pairs, _ = pair_rows(row, rec.sources[0], seed=0, model="m")
     assert len(pairs) == 1 and pairs[0]["images"][0]["bytes"] == data  # the original bytes
     assert json.loads(pairs[0]["provenance"])["image_background"] == [0, 0, 0]
     (trained,) = _image_list(pairs[0]["images"], records.background_of(pairs[0]["provenance"]))

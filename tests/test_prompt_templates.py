@@ -164,6 +164,7 @@ def _sample_row(template_id: str, responses: list[str]) -> dict:
         options=[],
         pipeline="correctness",
         prompt_template=template_id,
+        sampling="{}",
         error="",
         responses=responses,
         prefix_words=[],
@@ -181,7 +182,7 @@ def test_r1_rule_decides_the_pairs_of_a_scored_row():
     row = score_row(_sample_row("r1_think_boxed", responses))
     assert row["reason"] == ["correct", WRONG_FORMAT, WRONG_FORMAT, "wrong answer"]
     assert row["extracted"] == ["3", None, None, "4"]
-    pairs, counts = pair_rows(row, Source(name="s", loader="generated"), seed=0, model="m", sampling={})
+    pairs, counts = pair_rows(row, Source(name="s", loader="generated"), seed=0, model="m")
     got = sorted((p["pair_type"], p["chosen_index"], p["rejected_index"]) for p in pairs)
     assert got == [("correctness", 0, 3), ("format", 0, 1), ("format", 0, 2)]
     # the same responses under the default template: the two-block one is a right answer, chosen

@@ -26,8 +26,8 @@ import pytest
 import yaml
 from _shared_build import SOURCES, TALLY, shared_build
 
+from mmpr_pipeline import errors, run_folder, storage, tasks
 from mmpr_pipeline import recipe as recipe_mod
-from mmpr_pipeline import run_folder, storage, tasks
 from mmpr_pipeline.config import ConfigError
 from mmpr_pipeline.sources import SourceError, source_inputs
 from stages.load import load_source
@@ -511,14 +511,14 @@ def test_a_second_build_on_one_prefix_is_refused(s3_server, uploaded, monkeypatc
     run = storage.as_path(f"s3://{BUCKET}/runs/locked")
     recipe = _recipe(as_files(uploaded[0], uploaded[2]))
     with run_folder.run_lock(run):
-        with pytest.raises(pipeline.RunFolderError) as refused:
+        with pytest.raises(errors.RunFolderError) as refused:
             pipeline.build(recipe, run)
     held = f"mmpr build (pid {os.getpid()} on {socket.gethostname()})"
     assert str(refused.value) == f"{run} is in use by {held}; wait for it, or use another --out"
     assert not (run / object_lock.LOCK_FILE).exists()  # removed by the build that held it
     elsewhere = json.dumps(dict(holder="mmpr build (pid 7 on node-2)", host="node-2", pid=7))
     (run / object_lock.LOCK_FILE).write_text(elsewhere)
-    with pytest.raises(pipeline.RunFolderError, match=r"in use by mmpr build \(pid 7 on node-2\)"):
+    with pytest.raises(errors.RunFolderError, match=r"in use by mmpr build \(pid 7 on node-2\)"):
         run_folder.run_lock(run).__enter__()
     monkeypatch.setattr(object_lock, "STALE_S", 1.0)
     time.sleep(2.1)  # the store's clock counts whole seconds

@@ -17,7 +17,7 @@ from _shared_build import pairs as pairs_of
 from _shared_build import recipe as shared_recipe
 from _shared_build import samples as samples_of
 
-from mmpr_pipeline import pipeline
+from mmpr_pipeline import errors, pipeline
 from mmpr_pipeline import recipe as recipe_mod
 from mmpr_pipeline.recipe import RecipeError
 from mmpr_pipeline.records import downscale_image
@@ -177,7 +177,7 @@ def test_a_recipe_with_overrides_resumes_its_own_run(built, ray_local, tmp_path,
     again = samples_of(copy, MINE)
     assert [r["responses"] for r in again] == [r["responses"] for r in samples]
     capped = [s.name for s in shared_recipe(run).sources].index("capped")
-    with pytest.raises(pipeline.RunFolderError, match=r"different recipe \(changed: sources\)"):
+    with pytest.raises(errors.RunFolderError, match=r"different recipe \(changed: sources\)"):
         pipeline.build(shared_recipe(run, **{f"sources[{capped}].sampling.max_tokens": 7}), copy)
 
 
