@@ -19,20 +19,9 @@ from mmpr_pipeline.engine import conversation, request_seed
 from mmpr_pipeline.pairing import truncate
 
 
-async def continue_prefixes(
-    row: dict[str, Any],
-    engine,
-    sampling,
-    cfg,
-    sampling_extra: dict | None = None,
-    seed: int = 0,
-    background=(255, 255, 255),
-) -> None:
-    """Cut every response of one dropout_ntp row and continue each prefix, all at once: without the
-    question's images, or with them under `cfg.with_image`. Fills prefix_words (-1: too short),
-    continuations, continuation_tokens, continuation_image_tokens."""
-    import asyncio
-
+def cut_responses(row: dict[str, Any], cfg) -> list[tuple[int, str]]:
+    """(response index, kept prefix) of every response long enough to cut (pairing.truncate); sets the
+    row's prefix_words (-1: too short) and empty continuation columns."""
     n = len(row["responses"])
     row.update(
         prefix_words=[-1] * n,
@@ -48,6 +37,24 @@ async def continue_prefixes(
         prefix, kept = cut
         row["prefix_words"][i] = kept
         jobs.append((i, prefix))
+    return jobs
+
+
+async def continue_prefixes(
+    row: dict[str, Any],
+    engine,
+    sampling,
+    cfg,
+    sampling_extra: dict | None = None,
+    seed: int = 0,
+    background=(255, 255, 255),
+) -> None:
+    """Cut every response of one dropout_ntp row and continue each prefix, all at once: without the
+    question's images, or with them under `cfg.with_image`. Fills prefix_words (-1: too short),
+    continuations, continuation_tokens, continuation_image_tokens."""
+    import asyncio
+
+    jobs = cut_responses(row, cfg)
 
     def continued(prefix: str):  # built on admission (Engine.chat): images are decoded only then
         return lambda: (
