@@ -283,9 +283,9 @@ class Engine:
     async def _render(self, conversation: list[dict], continue_final: bool):
         """The engine input for a conversation, as `LLM.chat` renders it (vLLM 0.32), plus the
         tokenizer's BOS where the chat template writes none (LLaVA-1.5): the sequence start the
-        model was trained with, and the one the trainer uses (train.data.tokenizer_bos)."""
+        model was trained with, and the one the trainer uses (prompts.tokenizer_bos)."""
         if self.add_bos is None:
-            from mmpr_pipeline.train.data import tokenizer_bos
+            from mmpr_pipeline.prompts import tokenizer_bos
 
             tokenizer = self.llm.get_tokenizer()
             probe = await self._render_with(

@@ -106,3 +106,12 @@ def user_content(text: str, images: list, image_part) -> list[dict]:
         if i < len(images):
             parts.append(image_part(images[i]))
     return parts
+
+
+def tokenizer_bos(tokenizer) -> str:
+    """The BOS token the tokenizer itself writes before a text (Llama's `<s>`, Gemma's `<bos>`), else ""."""
+    if not tokenizer.bos_token:
+        return ""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    added = with_special != tokenizer("a", add_special_tokens=False)["input_ids"]
+    return tokenizer.bos_token if added and with_special[:1] == [tokenizer.bos_token_id] else ""

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mmpr_pipeline import storage
-from mmpr_pipeline.prompts import user_content
+from mmpr_pipeline.prompts import tokenizer_bos, user_content
 from mmpr_pipeline.records import WHITE, background_of, decode_image, encode_image, stable_hash
 
 log = logging.getLogger(__name__)
@@ -233,15 +233,6 @@ def _image_list(value: Any, background=WHITE) -> list:
     if value is None:
         return []
     return [decode_image(encode_image(img), background) for img in value]
-
-
-def tokenizer_bos(tokenizer) -> str:
-    """The BOS token the tokenizer itself writes before a text (Llama's `<s>`, Gemma's `<bos>`), else ""."""
-    if not tokenizer.bos_token:
-        return ""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    added = with_special != tokenizer("a", add_special_tokens=False)["input_ids"]
-    return tokenizer.bos_token if added and with_special[:1] == [tokenizer.bos_token_id] else ""
 
 
 def turn_end_ids(tokenizer) -> set[int]:
