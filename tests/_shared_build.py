@@ -54,15 +54,16 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _captions(d: Path) -> list[dict]:
-    """A JSON Lines source whose rows carry their own response (test_pair_direction)."""
-    for i, row in enumerate(tasks.generate(3, seed=11, families=["describe"])):
+def captions_source(d: Path, captions: list[str] = CAPTIONS) -> list[dict]:
+    """A JSON Lines source whose rows carry their own response, one per caption, under `d`
+    (test_pair_direction; test_model_matrix's builds, with a fourth caption)."""
+    for i, row in enumerate(tasks.generate(len(captions), seed=11, families=["describe"])):
         (d / f"img{i}.png").write_bytes(row["image"])
     _jsonl(
         d / "captions.jsonl",
         [
             dict(image=f"img{i}.png", question="Describe this image.", caption=c)
-            for i, c in enumerate(CAPTIONS)
+            for i, c in enumerate(captions)
         ],
     )
     return [
@@ -266,7 +267,7 @@ def write_recipe(d: Path, model: str) -> Path:
     data["sampling"].update(n=4, max_tokens=48)
     data["sources"][0]["limit"] = 12
     data["sources"][1]["limit"] = 6
-    data["sources"] += _captions(d) + _prompt_shapes(d) + _answer_fix(d)
+    data["sources"] += captions_source(d) + _prompt_shapes(d) + _answer_fix(d)
     data["sources"] += _tally()
     data["sources"] += _source_overrides() + _dropout_with_image() + _r1_template()
     data["sources"] += _judge_words(d)

@@ -14,13 +14,14 @@ import io
 import json
 import math
 
+import _shared_build
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 from PIL import Image
 
-from mmpr_pipeline import engine, export, model_zoo, pipeline, prompts, shards, tasks
+from mmpr_pipeline import engine, export, model_zoo, pipeline, prompts, shards
 from mmpr_pipeline import recipe as recipe_mod
 from mmpr_pipeline.train import MPOConfig, train
 
@@ -28,9 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 FAMILIES = list(model_zoo.FAMILIES)
 CPU_RED: dict[str, str] = {}  # family -> the error vLLM on CPU raises (none today)
 CAPTIONS = [
-    "A plain picture with a few coloured shapes placed on a light background, nothing else at all.",
-    "Several small geometric shapes in different colours are scattered across this simple image.",
-    "The picture shows coloured circles and squares of various sizes against a pale backdrop.",
+    *_shared_build.CAPTIONS,
     "Some bars and dots of different colours stand on a white ground in this small drawing here.",
 ]
 
@@ -45,14 +44,6 @@ def family(request, tmp_path_factory):
 
 def _recipe(model: str, d) -> dict:
     """A small build: 4 generated questions (correctness) and 4 captions (DropoutNTP, given responses)."""
-    for i, row in enumerate(tasks.generate(len(CAPTIONS), seed=11, families=["describe"])):
-        (d / f"img{i}.png").write_bytes(row["image"])
-    (d / "captions.jsonl").write_text(
-        "".join(
-            json.dumps(dict(image=f"img{i}.png", question="Describe this image.", caption=c)) + "\n"
-            for i, c in enumerate(CAPTIONS)
-        )
-    )
     return dict(
         name="matrix",
         model=model,
@@ -71,14 +62,7 @@ def _recipe(model: str, d) -> dict:
                 limit=4,
                 pipeline="correctness",
             ),
-            dict(
-                name="captions",
-                loader="jsonl",
-                path=str(d / "captions.jsonl"),
-                pipeline="dropout_ntp",
-                fields={"response": "caption"},
-                dropout={"ratio": 0.5, "min_words": 8},
-            ),
+            *_shared_build.captions_source(d, CAPTIONS),
         ],
     )
 
