@@ -319,9 +319,15 @@ USER_ERROR, ENVIRONMENT_ERROR, INTERRUPTED = 2, 1, 130
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors a user can fix, named in their message: exit code 2, or the error's own `code`
-    (publishing tells a refusal, a login problem and the network apart)."""
-    from mmpr_pipeline.errors import PreviewError, PublishError, RunFolderError
+    """Errors whose message says all a user needs: exit code 2, or the error's own `code`
+    (publishing tells a refusal, a login problem and the network apart; a non-finite loss is 1)."""
+    from mmpr_pipeline.errors import (
+        NonFiniteLossError,
+        PreviewError,
+        PublishError,
+        RunFolderError,
+        TrainInputError,
+    )
     from mmpr_pipeline.export import ExportError
     from mmpr_pipeline.preflight import PreflightError
     from mmpr_pipeline.recipe import RecipeError
@@ -337,6 +343,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
         PreviewError,
         SelectError,
         PublishError,
+        TrainInputError,
+        NonFiniteLossError,
     )
 
 

@@ -24,3 +24,14 @@ class PublishError(Exception):
 
 class PreviewError(ValueError):
     """A run folder the preview cannot be written for; the message names the file and the problem."""
+
+
+class TrainInputError(ValueError):
+    """A training config, or the pairs it names, that cannot be used; the message says which and why."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight: it stops before saving anything from
+    that step (a model of NaNs must never look like a finished run). Exit code 1, its message alone."""
+
+    code = 1

@@ -8,17 +8,17 @@ import os
 import sys
 from pathlib import Path
 
+from mmpr_pipeline.errors import TrainInputError
 from mmpr_pipeline.train import config as config_mod
 from mmpr_pipeline.train.checkpoint import latest_checkpoint
 from mmpr_pipeline.train.config import MPOConfig
 from mmpr_pipeline.train.data import PairError
 from mmpr_pipeline.train.loop import train
-from mmpr_pipeline.train.step import NonFiniteLossError
 
 
 def cli_train(args) -> int:
-    """rc 0 on success, 2 for a bad config or data, 1 when training stops on a non-finite loss
-    (nothing non-finite is saved)."""
+    """rc 0 on success; a bad config or data is a TrainInputError (rc 2, cli.error_message), a
+    non-finite loss a NonFiniteLossError (rc 1: nothing non-finite is saved)."""
     from mmpr_pipeline.recipe import parse_overrides
 
     try:
@@ -27,12 +27,8 @@ def cli_train(args) -> int:
             f"the last checkpoint in {cfg.output_dir} is kept: run the same command again to resume"
         )
         summary = train(cfg)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except (config_mod.ConfigError, FileNotFoundError, NotADirectoryError, FileExistsError, ValueError) as e:
-        print(f"error: {e}{kept_checkpoint(cfg) if isinstance(e, PairError) else ''}", file=sys.stderr)
-        return 2
+        raise TrainInputError(f"{e}{kept_checkpoint(cfg) if isinstance(e, PairError) else ''}") from e
     if int(os.environ.get("RANK", "0")) == 0:
         print_outcome(summary)
     return 0

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -201,6 +200,7 @@ def table(counts: Counts, cfg: MPOConfig, nproc: int) -> str:
 
 def cli_plan(args) -> int:
     """`mmpr train --plan CONFIG [--nproc N] [--set ...]`: print the plan; nothing is loaded or written."""
+    from mmpr_pipeline.errors import TrainInputError
     from mmpr_pipeline.recipe import parse_overrides
     from mmpr_pipeline.train import config as config_mod
 
@@ -208,8 +208,7 @@ def cli_plan(args) -> int:
         cfg = config_mod.load(args.config, parse_overrides(args.set))
         counts = counts_from_config(cfg)
     except (config_mod.ConfigError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise TrainInputError(str(e)) from e
     print(table(counts, cfg, args.nproc))
     if args.json:
         rows = {s: plan(counts, cfg, args.nproc, s) for s in ("ddp", "fsdp")}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from mmpr_pipeline.errors import NonFiniteLossError
 from mmpr_pipeline.train import fsdp
 from mmpr_pipeline.train.batches import to_device
 from mmpr_pipeline.train.config import MPOConfig
@@ -38,11 +39,6 @@ PREF_KEYS = (
     "delta",
 )
 SFT_KEYS = ("loss", "sft")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a non-finite loss, gradient or weight: it stops before saving anything from
-    that step (a model of NaNs must never look like a finished run)."""
 
 
 def loss_keys(cfg: MPOConfig) -> tuple[str, ...]:
