@@ -6,7 +6,7 @@ For each size, writes a synthetic run folder's samples/ (the pipeline's SAMPLE_S
 per unit file, one noise JPEG of about --image-kb per question, 8 responses of ~120 words; the
 questions' pass rates cycle through 0, 1/8, ..., 1), then, each in a fresh process:
   baseline   pq.read_table of samples/ (every unit at once: what a select that gathers first would do)
-  select     mmpr_pipeline.select.select(run, out, band=(0.2, 0.8))
+  select     mmpr_pipeline.selection.select(run, out, band=(0.2, 0.8))
 and reports each one's peak Arrow memory and peak RSS, and the ratio select / baseline. select reads
 one unit file at a time (its verdict columns, then the kept rows' images), so its peak follows the
 unit size, not the run. Raw numbers go to benchmarks/results/bench_select.json.
@@ -43,7 +43,7 @@ if what == "baseline":
     table = pq.read_table(run / "samples")
     del table
 else:
-    from mmpr_pipeline.select import select
+    from mmpr_pipeline.selection import select
     selected = select(run, run.parent / (run.name + "-selected"), band=(0.2, 0.8))["selected"]
 print(json.dumps(dict(seconds=time.perf_counter() - t0,
                       arrow_peak_mb=pa.default_memory_pool().max_memory() / 2**20,

@@ -54,7 +54,7 @@ def pass_rates(run_dir: Path) -> dict[str, list[float]]:
 def pass_rate_counts(run_dir: Path) -> tuple[dict[str, list[float]], dict[str, int]]:
     """pass_rates, and the responses they leave out: {"responses": n, "undecided": n, "unrated":
     questions} over the correctness sources (an undecided response counts for neither side)."""
-    from mmpr_pipeline.select import SelectError, rate_units
+    from mmpr_pipeline.selection import SelectError, rate_units
 
     rates: dict[str, list[float]] = {}
     counts = dict(responses=0, undecided=0, unrated=0)

@@ -103,9 +103,9 @@ def cmd_preview(args) -> int:
 
 
 def cmd_select(args) -> int:
-    from mmpr_pipeline import select
+    from mmpr_pipeline import selection
 
-    return select.cli_select(args)
+    return selection.cli_select(args)
 
 
 def cmd_export(args) -> int:
@@ -331,7 +331,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from mmpr_pipeline.export import ExportError
     from mmpr_pipeline.preflight import PreflightError
     from mmpr_pipeline.recipe import RecipeError
-    from mmpr_pipeline.select import SelectError
+    from mmpr_pipeline.selection import SelectError
     from mmpr_pipeline.sources import SourceError
 
     return (

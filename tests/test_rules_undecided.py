@@ -179,7 +179,7 @@ def test_select_and_the_card_count_undecided_responses_for_neither_side(tmp_path
     import pyarrow.parquet as pq
     from _run_fixture import make_run
 
-    from mmpr_pipeline import card, card_figures, records, select
+    from mmpr_pipeline import card, card_figures, records, selection
 
     run = make_run(tmp_path / "run", n_shapes=3)
     unit = run / "samples" / "shapes" / "unit-00000.parquet"
@@ -199,8 +199,8 @@ def test_select_and_the_card_count_undecided_responses_for_neither_side(tmp_path
         )
     pq.write_table(pa.Table.from_pylist(rows, schema=records.SAMPLE_SCHEMA), unit)
 
-    assert select.pass_rate(*verdicts[0]) == (1, 2)
-    (rated,) = [r for r in select.rate_units(run) if r.path == unit]
+    assert selection.pass_rate(*verdicts[0]) == (1, 2)
+    (rated,) = [r for r in selection.rate_units(run) if r.path == unit]
     assert [(n_correct, n_judged) for *_, n_correct, n_judged in rated.rows] == [(1, 2), (1, 2)]
     assert (rated.unrated, rated.responses, rated.undecided) == ({"shapes": 1}, {"shapes": 9}, {"shapes": 5})
     text = card.write_card(run).read_text()

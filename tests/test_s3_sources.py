@@ -431,11 +431,11 @@ def test_a_run_folder_on_s3_holds_what_a_local_one_does(builds):
 def test_select_and_preview_read_a_run_on_s3(builds, tmp_path):
     """`mmpr select` and `mmpr preview` on the run folder on S3: the same questions selected as from
     its copy on this machine, and the page rewritten in the bucket."""
-    from mmpr_pipeline import cli, select
+    from mmpr_pipeline import cli, selection
 
     runs = builds["runs"]
     chosen = {
-        name: select.select(runs[name], tmp_path / name, band=(0.0, 1.0))["sources"]
+        name: selection.select(runs[name], tmp_path / name, band=(0.0, 1.0))["sources"]
         for name in ("s3", "copy")
     }
     assert chosen["s3"] == chosen["copy"] and sum(c["selected"] for c in chosen["s3"].values()) > 0

@@ -142,18 +142,18 @@ def test_a_recipe_loads_the_selection_and_gets_the_same_questions(run, tmp_path)
 def test_selection_is_written_in_parts_one_unit_at_a_time(run, tmp_path, monkeypatch):
     from datasets import load_dataset
 
-    from mmpr_pipeline import select
+    from mmpr_pipeline import selection
 
     unit = run / "samples" / "shapes" / "unit-00000.parquet"
     table = pq.read_table(unit)  # two units of six questions
     pq.write_table(table.slice(0, 6), unit)
     pq.write_table(table.slice(6), unit.with_name("unit-00001.parquet"))
     finish_unit(unit.with_name("unit-00001.parquet"))
-    monkeypatch.setattr(select, "PART_ROWS", 2)
+    monkeypatch.setattr(selection, "PART_ROWS", 2)
     read = []
-    original = select._kept_rows
+    original = selection._kept_rows
     monkeypatch.setattr(
-        select, "_kept_rows", lambda path, keep: read.append([k[0] for k in keep]) or original(path, keep)
+        selection, "_kept_rows", lambda path, keep: read.append([k[0] for k in keep]) or original(path, keep)
     )
     assert main(["select", str(run), "--pass-rate", "0:1", "--out", str(tmp_path / "parts")]) == 0
     names = sorted(p.name for p in (tmp_path / "parts" / "data").iterdir())

@@ -4,7 +4,7 @@ In the correctness pipeline the verdict *is* the label: a correct response becom
 a wrong one a rejected one, and a response without a final answer a "format" pair. The rules say
 only what they know: a verdict is correct, wrong, or undecided (`undecided(reason)`,
 `Verdict.undecided`; `correct` is then False), and an undecided response is neither chosen nor
-rejected (stages/pair.py) and counts for no pass rate (select.py); a judge model may decide it.
+rejected (stages/pair.py) and counts for no pass rate (selection.py); a judge model may decide it.
 
 Answer types (mmpr_pipeline.recipe.ANSWER_TYPES) and how each is scored:
 - `multiple_choice`: the option letter, in any dress (B, (B), B., B) text, **B**, option B) or
