@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import _build_process as build_process
 import pytest
 from _run_fixture import make_run
 
@@ -510,41 +511,19 @@ def test_garbage_parquet_as_training_data_names_the_file(tmp_path):
 def test_ctrl_c_says_how_to_resume(tmp_path):
     """Ctrl-C while the build samples (SIGINT to the whole process group, as a terminal sends it)."""
     out, log = tmp_path / "run", tmp_path / "stderr.txt"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MMPR_"))}
-    with open(log, "w") as err:
-        p = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mmpr_pipeline.cli",
-                "build",
-                "data_cards/demo.yaml",
-                "--out",
-                out,
-                "--limit",
-                "8",
-                "--model",
-                "build/models/demo",
-            ],
-            cwd=ROOT,
-            stdout=err,
-            stderr=err,
-            env={**env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 180
-            while (
-                "work units to do" not in log.read_text() and p.poll() is None and time.monotonic() < deadline
-            ):
-                time.sleep(0.5)
-            assert p.poll() is None, log.read_text()
-            time.sleep(3)  # into sampling
-            os.killpg(p.pid, signal.SIGINT)
-            rc = p.wait(timeout=120)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
+    p = build_process.start(
+        ROOT / "data_cards" / "demo.yaml", out, log, model=ROOT / "build/models/demo", limit=8
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while "work units to do" not in log.read_text() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert p.poll() is None, log.read_text()
+        time.sleep(3)  # into sampling
+        os.killpg(p.pid, signal.SIGINT)
+        rc = p.wait(timeout=120)
+    finally:
+        build_process.kill_group(p)
     stderr = log.read_text()
     assert rc == cli.INTERRUPTED, stderr
     assert (
