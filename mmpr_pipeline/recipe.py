@@ -203,6 +203,13 @@ class Source(RowSet):
     )
 
     def __post_init__(self) -> None:
+        # in the order a reader meets the keys: where rows come from, what they are, their options
+        self._check_input()
+        self._check_pipeline()
+        self._check_pair_options()
+        self._check_sampling_and_images()
+
+    def _check_input(self) -> None:
         check(
             self.name.replace("_", "").replace("-", "").isalnum(),
             "name",
@@ -221,6 +228,8 @@ class Source(RowSet):
                 "prompt_template",
                 f"unknown template {self.prompt_template!r} (available: {', '.join(_templates())})",
             )
+
+    def _check_pipeline(self) -> None:
         check(self.pipeline in PIPELINES, "pipeline", _one_of(self.pipeline, PIPELINES, "pipeline"))
         check(self.images in IMAGE_POLICIES, "images", _one_of(self.images, IMAGE_POLICIES))
         check(
@@ -240,6 +249,8 @@ class Source(RowSet):
                 "answer_type",
                 "set answer_type, or fields.answer_type to read it per row",
             )
+
+    def _check_pair_options(self) -> None:
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1, got {self.limit}")
         check(
             self.fields.rationale is None or self.pipeline == "correctness",
@@ -252,6 +263,8 @@ class Source(RowSet):
             "pairing.answer_fix",
             "rewrites final answers to the reference answer: correctness sources only",
         )
+
+    def _check_sampling_and_images(self) -> None:
         # Known keys, right types, valid values: each key alone, so also over any recipe's sampling.
         build(Sampling, self.sampling, key="sampling")
         check(
