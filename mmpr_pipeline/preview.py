@@ -335,6 +335,49 @@ def questions_and_rejects(extremes: dict, counts: dict, rejects: list[dict], bud
     return extra
 
 
+def source_section(
+    run_dir: Path,
+    name: str,
+    anchor: str,
+    pairs: list[dict],
+    total: int,
+    stats: dict,
+    seed: int,
+    budget: int,
+    max_mb: float,
+) -> tuple[str, int, str]:
+    """One source's part of the page within `budget` bytes: its pair cards (four fifths of the
+    budget at most), its all-right / all-wrong questions and its rejects; returns (the section,
+    pairs shown, its row of the summary table)."""
+    samples, extremes = scan_samples(run_dir, name, {p["qid"] for p in pairs}, EXTREMES, seed)
+    rejects = read_rejects(run_dir, name)
+    cards, used = [], 0
+    for pair in pairs:
+        card = pair_card(pair, samples.get(pair["qid"]))
+        if used + len(card.encode()) > budget * 0.8:  # keep a fifth for questions and rejects
+            break
+        cards.append(card)
+        used += len(card.encode())
+    note = f"{len(cards)} of {total:,} pairs, picked uniformly at random (seed {seed})" + (
+        f"; {len(pairs) - len(cards)} more picked but not shown, to keep this file under {max_mb:g} MB"
+        if len(cards) < len(pairs)
+        else ""
+    )
+    section = [f'<section class="source" id="{anchor}"><h2>{esc(name)}</h2>']
+    section.append(f'<h3>Pairs</h3><p class="muted">{esc(note)}</p>{"".join(cards)}')
+    counts = extremes.pop("counts")
+    section += questions_and_rejects(extremes, counts, rejects, budget - used) + ["</section>"]
+    st = (stats.get("sources") or {}).get(name, {})
+    row = (
+        f'<tr><td><a href="#{anchor}">{esc(name)}</a></td><td>{esc(st.get("pipeline", ""))}</td>'
+        f'<td class="num">{esc(st.get("questions", ""))}</td><td class="num">{total:,}</td>'
+        f'<td class="num">{len(cards)}</td><td class="num">{counts.get("all right", 0):,}</td>'
+        f'<td class="num">{counts.get("all wrong", 0):,}</td>'
+        f'<td class="num">{sum(r["count"] for r in rejects):,}</td>{verdict_cells(st)}</tr>'
+    )
+    return "".join(section), len(cards), row
+
+
 def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = MAX_MB) -> str:
     """The preview page of a run folder, as text (see the module docstring)."""
     stats = read_json(run_dir / "stats.json")
@@ -353,40 +396,16 @@ def render(run_dir: Path, per_source: int = 20, seed: int = 0, max_mb: float = M
     budget = int((max_mb * 2**20 - 16_384) / max(1, len(names))) - 2_048
     shown_total, sections, nav, summary = 0, [], [], []
     for name in names:
-        section, used = [], 0
-        rows_at = read_rows_at(shards, positions.get(name, []))
-        pairs = [rows_at[p] for p in positions.get(name, []) if p in rows_at]
-        samples, extremes = scan_samples(run_dir, name, {p["qid"] for p in pairs}, EXTREMES, seed)
-        rejects = read_rejects(run_dir, name)
         anchor = "src-" + re.sub(r"[^A-Za-z0-9_-]", "_", name)
+        picked = positions.get(name, [])
+        rows_at = read_rows_at(shards, picked)
+        pairs = [rows_at[p] for p in picked if p in rows_at]
         total = pair_counts.get(name, 0)
-        cards = []
-        for pair in pairs:
-            card = pair_card(pair, samples.get(pair["qid"]))
-            if used + len(card.encode()) > budget * 0.8:  # keep a fifth for questions and rejects
-                break
-            cards.append(card)
-            used += len(card.encode())
-        shown_total += len(cards)
-        note = f"{len(cards)} of {total:,} pairs, picked uniformly at random (seed {seed})" + (
-            f"; {len(pairs) - len(cards)} more picked but not shown, to keep this file under {max_mb:g} MB"
-            if len(cards) < len(pairs)
-            else ""
-        )
-        section.append(f'<section class="source" id="{anchor}"><h2>{esc(name)}</h2>')
-        section.append(f'<h3>Pairs</h3><p class="muted">{esc(note)}</p>{"".join(cards)}')
-        counts = extremes.pop("counts")
-        section += questions_and_rejects(extremes, counts, rejects, budget - used) + ["</section>"]
-        sections.append("".join(section))
+        section, shown, row = source_section(run_dir, name, anchor, pairs, total, stats, seed, budget, max_mb)
+        shown_total += shown
+        sections.append(section)
         nav.append(f'<a href="#{anchor}">{esc(name)}</a>')
-        st = (stats.get("sources") or {}).get(name, {})
-        summary.append(
-            f'<tr><td><a href="#{anchor}">{esc(name)}</a></td><td>{esc(st.get("pipeline", ""))}</td>'
-            f'<td class="num">{esc(st.get("questions", ""))}</td><td class="num">{total:,}</td>'
-            f'<td class="num">{len(cards)}</td><td class="num">{counts.get("all right", 0):,}</td>'
-            f'<td class="num">{counts.get("all wrong", 0):,}</td>'
-            f'<td class="num">{sum(r["count"] for r in rejects):,}</td>{verdict_cells(st)}</tr>'
-        )
+        summary.append(row)
     title = f"MMPR preview: {stats.get('recipe') or run_dir.name}"
     head = (
         f'<h1>{esc(title)}</h1><p class="muted">model <code>{esc(stats.get("model", "?"))}</code> · '
