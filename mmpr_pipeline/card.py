@@ -268,16 +268,16 @@ def _verdict_row(name: str, src: dict, st: dict) -> dict:
     )
 
 
-def _context(run: dict, metadata: dict, lengths_note: str) -> dict:
-    recipe, stats = run["recipe"], run["stats"]
+def _source_rows(recipe: dict, stats: dict) -> dict[str, list[dict]]:
+    """The card's per-source tables: every source, the DropoutNTP ones, the judged ones, the rejects."""
     by_name = {s.get("name"): s for s in recipe.get("sources", [])}
-    sources, dropout_sources, reject_reasons, verdict_sources = [], [], [], []
+    rows = dict(sources=[], dropout_sources=[], reject_reasons=[], verdict_sources=[])
     for name, st in (stats.get("sources") or {}).items():
         src = by_name.get(name, {})
         pairs = {t: (st.get("pairs") or {}).get(t, 0) for t in PAIR_TYPES}
         loader = src.get("loader", "?")
         where = src.get("dataset") or src.get("path") or ""
-        sources.append(
+        rows["sources"].append(
             dict(
                 st,
                 name=name,
@@ -290,11 +290,18 @@ def _context(run: dict, metadata: dict, lengths_note: str) -> dict:
             )
         )
         if st.get("pipeline") == "dropout_ntp":
-            dropout_sources.append(dict(st.get("dropout") or {}, name=name))
+            rows["dropout_sources"].append(dict(st.get("dropout") or {}, name=name))
         elif st.get("verdicts"):
-            verdict_sources.append(_verdict_row(name, src, st))
+            rows["verdict_sources"].append(_verdict_row(name, src, st))
         for reason, count in sorted((st.get("reject_reasons") or {}).items()):
-            reject_reasons.append(dict(source=name, reason=str(reason).replace("|", "\\|"), count=count))
+            rows["reject_reasons"].append(
+                dict(source=name, reason=str(reason).replace("|", "\\|"), count=count)
+            )
+    return rows
+
+
+def _context(run: dict, metadata: dict, lengths_note: str) -> dict:
+    recipe, stats = run["recipe"], run["stats"]
     totals = dict(stats.get("totals") or {})
     totals_pairs = {t: (totals.get("pairs") or {}).get(t, 0) for t in PAIR_TYPES}
     for k in ("rows", "rejects", "questions", "samples"):
@@ -315,11 +322,8 @@ def _context(run: dict, metadata: dict, lengths_note: str) -> dict:
         extra=((recipe.get("card") or {}).get("extra") or "").strip(),
         totals=totals,
         totals_pairs=totals_pairs,
-        sources=sources,
-        dropout_sources=dropout_sources,
-        reject_reasons=reject_reasons,
+        **_source_rows(recipe, stats),
         decontamination=[dict(b, name=n) for n, b in (stats.get("decontamination") or {}).items()],
-        verdict_sources=verdict_sources,
         judge_model=(recipe.get("judge_model") or {}).get("model"),
         prompt_template=prompt_id,
         templates=templates,
