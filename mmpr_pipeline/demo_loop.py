@@ -270,13 +270,19 @@ def gain(a: dict, b: dict) -> dict:
 
 
 def write_report(out: Path, report: dict) -> Path:
+    """report.md and accuracy.png in `out`: base, SFT and MPO accuracy per evaluation mode."""
+    modes = list(next(iter(report["accuracy"].values())))
+    names = list(report["accuracy"])
+    plot_accuracy(out / "accuracy.png", report, names, modes)
+    return shards.write_text(out / "report.md", "\n".join(report_lines(report, names, modes)))
+
+
+def plot_accuracy(path: Path, report: dict, names: list[str], modes: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = list(next(iter(report["accuracy"].values())))
-    names = list(report["accuracy"])
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
     width = 0.8 / len(modes)
     for j, mode in enumerate(modes):
@@ -292,8 +298,11 @@ def write_report(out: Path, report: dict) -> Path:
     ax.legend()
     ax.set_title("demo model: base vs SFT-on-chosen vs MPO")
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png")
+    fig.savefig(path)
     plt.close(fig)
+
+
+def report_lines(report: dict, names: list[str], modes: list[str]) -> list[str]:
     sampled = "sampled" in modes
     lines = [
         "# Demo loop: MMPR pairs + MPO on the demo model",
@@ -348,7 +357,7 @@ def write_report(out: Path, report: dict) -> Path:
         "Time per step (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()),
         "",
     ]
-    return shards.write_text(out / "report.md", "\n".join(lines))
+    return lines
 
 
 def main() -> int:
