@@ -37,6 +37,13 @@ def _args(run_dir, fmt, out):
     return argparse.Namespace(run_dir=str(run_dir), format=fmt, out=str(out))
 
 
+def _mmpr_export(run_dir, fmt, out) -> int:
+    """`mmpr export` as a user runs it: its exit code, errors turned into messages by the CLI."""
+    from mmpr_pipeline import cli
+
+    return cli.main(["export", str(run_dir), "--format", fmt, "--out", str(out)])
+
+
 def test_trl_export_reads_back_row_by_row(run_dir, trl_dir, tmp_path):
     pairs = read_pairs(run_dir)
     ds = load_dataset(
@@ -182,14 +189,14 @@ def test_export_replaces_its_own_output_and_refuses_someone_elses(run_dir, tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder or lock left behind
 
     (out / "data" / "stale.parquet").write_text("not written by the export")  # a file the user added
-    assert export.cli_export(_args(run_dir, "trl", out)) == 2
+    assert _mmpr_export(run_dir, "trl", out) == 2
     assert "holds files the earlier export did not write (data/stale.parquet)" in capsys.readouterr().err
     assert (out / "data" / "stale.parquet").read_text() == "not written by the export"
 
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    assert export.cli_export(_args(run_dir, "trl", foreign)) == 2
+    assert _mmpr_export(run_dir, "trl", foreign) == 2
     assert "holds files this tool did not write" in capsys.readouterr().err
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
@@ -198,7 +205,7 @@ def test_export_of_a_broken_run_fails_clearly_and_leaves_nothing(run_dir, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     (run / "data" / "train-00001-of-00002.parquet").unlink()
-    assert export.cli_export(_args(run, "trl", tmp_path / "out")) == 2
+    assert _mmpr_export(run, "trl", tmp_path / "out") == 2
     assert "shard listed in stats.json is missing" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
