@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmpr_pipeline.recipe import DEMO_JUDGE, DEMO_MODEL
+from mmpr_pipeline.records import WHITE, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,11 @@ def user_message(text: str, images=None) -> dict[str, Any]:
     }
 
 
-def conversation(row: dict[str, Any], with_image: bool = True, background=(255, 255, 255)) -> list[dict]:
+def conversation(row: dict[str, Any], with_image: bool = True, background=WHITE) -> list[dict]:
     """The user turn the model sees for a question row: its rendered prompt template, with its images
     unless dropped (decoded by records.decode_image, transparency over the source's
     `image_background`)."""
     from mmpr_pipeline.prompts import render
-    from mmpr_pipeline.records import decode_image
 
     images = [decode_image(b, background) for b in row["images"]] if with_image else []
     return [user_message(render(row["prompt_template"], row["question"]), images)]

@@ -106,7 +106,7 @@ class SampleSettings:
     sampling: Sampling
     dropout: Dropout | None = None
     image_max_pixels: int | None = None
-    image_background: tuple[int, int, int] = (255, 255, 255)
+    image_background: tuple[int, int, int] = WHITE
 
 
 @dataclass
