@@ -162,16 +162,16 @@ def shard_paths(run_dir: Path, stats: dict) -> list[Path]:
 
 
 def read_run(run_dir: str | Path) -> dict:
-    """recipe, stats and the shards' schema, row count and sizes (from Parquet footers only)."""
+    """recipe, stats and the shards' schema, row count and sizes (from Parquet footers only, each read
+    once); `shard_schemas`: each shard's own schema, for checks that they all match."""
     run_dir = as_path(run_dir)
     recipe = _read_json(run_dir / "recipe.json")
     stats = _read_json(run_dir / "stats.json")
     shards = shard_paths(run_dir, stats)
-    schema, num_rows, num_bytes, download_size = PAIR_SCHEMA, 0, 0, 0
-    for i, path in enumerate(shards):
+    shard_schemas, num_rows, num_bytes, download_size = [], 0, 0, 0
+    for path in shards:
         meta = pq.read_metadata(parquet_source(path))
-        if i == 0:
-            schema = meta.schema.to_arrow_schema().remove_metadata()
+        shard_schemas.append(meta.schema.to_arrow_schema().remove_metadata())
         num_rows += meta.num_rows
         num_bytes += sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
         download_size += path.stat().st_size
@@ -180,7 +180,8 @@ def read_run(run_dir: str | Path) -> dict:
         recipe=recipe,
         stats=stats,
         shards=shards,
-        schema=schema,
+        schema=shard_schemas[0] if shard_schemas else PAIR_SCHEMA,
+        shard_schemas=shard_schemas,
         num_rows=num_rows,
         num_bytes=num_bytes,
         download_size=download_size,
@@ -372,8 +373,9 @@ def write_card(run_dir: str | Path) -> Path:
 # --- checking a card against its run folder ------------------------------------------------------
 
 
-def check_card(run_dir: str | Path) -> list[str]:
-    """Problems with RUN_DIR/README.md: unparsable, or metadata that does not describe the shards."""
+def check_card(run_dir: str | Path, run: dict | None = None) -> list[str]:
+    """Problems with RUN_DIR/README.md: unparsable, or metadata that does not describe the shards.
+    `run`: the folder's `read_run`, when the caller has read it already."""
     from huggingface_hub import DatasetCard
 
     run_dir = as_path(run_dir)
@@ -381,7 +383,7 @@ def check_card(run_dir: str | Path) -> list[str]:
     if not path.is_file():
         return [f"{path}: missing (write it with `python -m mmpr_pipeline.card {run_dir}`)"]
     try:
-        run = read_run(run_dir)
+        run = read_run(run_dir) if run is None else run
     except (CardError, OSError, pa.ArrowException) as e:
         return [str(e)]
     try:

@@ -140,6 +140,19 @@ def _assert_no_token(*texts):
         assert TOKEN not in text
 
 
+def test_the_local_check_reads_each_shard_footer_once(run, monkeypatch):
+    """validate_run (publish's local check) reads the footers once: counts, schemas and card."""
+    n_shards = len(json.loads((run / "stats.json").read_text())["shards"])
+    reads = []
+    for name in ("read_metadata", "read_schema"):
+        real = getattr(pq, name)
+        monkeypatch.setattr(
+            pq, name, lambda source, *a, real=real, **k: reads.append(source) or real(source, *a, **k)
+        )
+    assert hub.validate_run(run) == []
+    assert n_shards == 2 and len(reads) == n_shards
+
+
 def test_dry_run_lists_exactly_the_files_and_sends_nothing(run, fake_hub, monkeypatch, capsys):
     server = fake_hub()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
