@@ -418,15 +418,19 @@ def check_card(run_dir: str | Path, run: dict | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m mmpr_pipeline.card RUN_DIR`: (re)write a run's card; errors end as `mmpr`'s do."""
+    from mmpr_pipeline.error_policy import USER_ERROR, error_message
+
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m mmpr_pipeline.card RUN_DIR", file=sys.stderr)
-        return 2
+        return USER_ERROR
     try:
         print(write_card(argv[0]))
-    except CardError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - the CLI's one error policy: a code and one line
+        code, message = error_message(e)
+        print(f"error: {message}", file=sys.stderr)
+        return code
     return 0
 
 

@@ -1,5 +1,5 @@
 """Errors a user can fix, shared by the modules that raise them and the CLI that turns every error
-into a message and an exit code (cli.error_message)."""
+into a message and an exit code (error_policy.error_message)."""
 
 
 class RunFolderError(RuntimeError):
@@ -20,6 +20,10 @@ class PublishError(Exception):
     def __init__(self, message: str, code: int = REFUSED):
         super().__init__(message)
         self.code = code
+
+
+class ExportError(ValueError):
+    """A run folder that cannot be exported, or an output folder that must not be touched."""
 
 
 class PreviewError(ValueError):

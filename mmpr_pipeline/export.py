@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmpr_pipeline import card as card_mod
+from mmpr_pipeline.errors import ExportError
 from mmpr_pipeline.preflight import first_file_above
 from mmpr_pipeline.prompts import placeholders, user_content
 from mmpr_pipeline.records import background_of, image_for_readers
@@ -57,10 +58,6 @@ from mmpr_pipeline.storage import as_path
 MARKER = "mmpr_export.json"
 BATCH_ROWS = 256
 TRL_COLUMNS = ("id", "qid", "source", "pair_type")
-
-
-class ExportError(ValueError):
-    """A run folder that cannot be exported, or an output folder that must not be touched."""
 
 
 # --- TRL ---------------------------------------------------------------------------------------

@@ -195,3 +195,26 @@ def test_write_card_refuses_an_unfinished_run(tmp_path, run_dir):
     ):
         card.write_card(run)
     assert card.main([str(run)]) == 2
+
+
+def _card_command(*args):
+    """`python -m mmpr_pipeline.card ...` as a user runs it: (exit code, stderr lines)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "mmpr_pipeline.card", *map(str, args)], capture_output=True, text=True
+    )
+    return done.returncode, done.stderr.strip().splitlines()
+
+
+def test_the_card_command_ends_errors_as_the_cli_does(tmp_path, run_dir):
+    """A missing run folder: exit code 2 and one line; any other error one line too, not a traceback
+    (cli.error_message's policy: here a shard that is not Parquet, an environment error's code 1)."""
+    rc, err = _card_command(tmp_path / "no-such-run")
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "recipe.json: missing" in err[0]
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "data" / "train-00001-of-00002.parquet").write_bytes(b"not parquet")
+    rc, err = _card_command(run)
+    assert rc == 1 and len(err) == 1 and err[0].startswith("error: ArrowInvalid: "), err
