@@ -38,7 +38,6 @@ import functools
 import io
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -52,7 +51,7 @@ from mmpr_pipeline.preflight import first_file_above
 from mmpr_pipeline.prompts import placeholders, user_content
 from mmpr_pipeline.records import background_of, image_for_readers
 from mmpr_pipeline.run_status import not_finished_error, status
-from mmpr_pipeline.shards import iter_row_groups
+from mmpr_pipeline.shards import iter_row_groups, staging_folder
 from mmpr_pipeline.storage import as_path
 
 MARKER = "mmpr_export.json"
@@ -310,12 +309,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> dict:
         raise ExportError(str(e)) from None
     out = Path(out).absolute()
     _check_out(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as e:
-        raise ExportError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from None
-    try:
+    with staging_folder(out, ExportError) as tmp:
         with _lock(out):
             _check_out(out)  # again, now that no other export can change it
             try:
@@ -350,9 +344,6 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> dict:
                     )
             else:
                 tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ import pyarrow.parquet as pq
 from mmpr_pipeline.records import IMAGE_STRUCT
 from mmpr_pipeline.run_status import finished_unit_files, partial_note, status
 from mmpr_pipeline.scoring.modes import undecided
+from mmpr_pipeline.shards import staging_folder
 from mmpr_pipeline.storage import as_path, parquet_source
 
 PART_ROWS = 5000  # questions per output part
@@ -270,12 +269,7 @@ def select(
     run_status = status(run_dir)
     if not run_status.finished:  # select what is there, and say it is a part
         print(partial_note(run_status), file=sys.stderr)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as e:
-        raise SelectError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from None
-    try:
+    with staging_folder(out, SelectError) as tmp:
         (tmp / "data").mkdir()
         per_source, shards = _write_selected(run_dir, tmp / "data", band, all_wrong)
         summary = dict(
@@ -292,9 +286,6 @@ def select(
         if out.exists():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 

@@ -9,11 +9,14 @@ Hugging Face Hub's naming, `data/train-00000-of-00003.parquet`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +116,23 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def staging_folder(out: Path, error: Callable[[str], Exception]) -> Iterator[Path]:
+    """A new folder beside the output folder `out`, for the caller to write the whole output in and
+    rename into place (the same file system: the rename is atomic, no one sees half an output).
+    Removed with its contents if the block raises; `error(message)` when it cannot be made."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise error(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def unit_files(run_dir: str | Path, kind: str = "samples") -> list[Path]:

@@ -2,6 +2,7 @@
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from mmpr_pipeline import shards
 from mmpr_pipeline.records import PAIR_SCHEMA, SAMPLE_SCHEMA, pair_id, question_id
@@ -91,3 +92,21 @@ def test_ids_are_stable_and_content_addressed():
     assert q == question_id("src", b"img", "How many?", "3") and len(q) == 16
     assert q != question_id("src", b"img", "How many?", "4")
     assert pair_id(q, "correctness", "a", "b") != pair_id(q, "correctness", "b", "a")
+
+
+def test_staging_folder_is_beside_the_output_and_gone_when_the_block_fails(tmp_path):
+    """select's and export's temporary output folder: on the same file system as `out` (renamed into
+    place), removed with what was written in it if writing fails, and a named error if it cannot be made."""
+    out = tmp_path / "deep" / "out"
+    with shards.staging_folder(out, ValueError) as tmp:
+        assert tmp.parent == out.parent and tmp.name.startswith(".out.")
+        tmp.rename(out)
+    assert out.is_dir() and sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    with pytest.raises(KeyError), shards.staging_folder(tmp_path / "other", ValueError) as tmp:
+        (tmp / "half.parquet").write_bytes(b"x")
+        raise KeyError("writing failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"^--out .*file/x: cannot write in .*file \("):
+        with shards.staging_folder(tmp_path / "file" / "x", ValueError):
+            pass
