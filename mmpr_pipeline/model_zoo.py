@@ -403,26 +403,42 @@ def build_idefics3(out: Path) -> Path:
     return _save(model, processor, out, "idefics3")
 
 
+GEMMA3_SPECIAL = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
+
+
 def build_gemma3(out: Path) -> Path:
     """Gemma 3: SigLIP encoder, average-pooled to `mm_tokens_per_image` soft tokens, Gemma 3 text."""
     import torch
-    from tokenizers import AddedToken
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers import Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    special = [
-        "<pad>",
-        "<eos>",
-        "<bos>",
-        "<unk>",
-        "<start_of_turn>",
-        "<end_of_turn>",
-        "<start_of_image>",
-        "<end_of_image>",
-        "<image_soft_token>",
-    ]
+    tok = _gemma3_tokenizer()
+    config = _gemma3_config(tok)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config)
+    image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_length=4, chat_template=GEMMA3_TEMPLATE
+    )
+    return _save(model, processor, out, "gemma3", renames=VISION_TOWER_RENAMES)
+
+
+def _gemma3_tokenizer():
+    """Gemma 3's special tokens, bos added, its chat template and image tokens, and newline runs."""
+    from tokenizers import AddedToken
+
     tok = tokenizer(
-        special,
+        GEMMA3_SPECIAL,
         eos="<eos>",
         pad="<pad>",
         bos="<bos>",
@@ -436,8 +452,16 @@ def build_gemma3(out: Path) -> Path:
     # Gemma's SentencePiece vocabulary has newline runs as single tokens, and vLLM's Gemma 3
     # processor merges the "\n\n" around each image into them: give ours the same tokens.
     tok.add_tokens([AddedToken("\n" * k, normalized=False, special=False) for k in (4, 3, 2, 1)])
-    ids = _ids(tok, *special)
-    config = Gemma3Config(
+    return tok
+
+
+def _gemma3_config(tok):
+    """A tiny Gemma 3 config for `tok`: one sliding and one full attention layer, a one-layer SigLIP
+    on 28x28 images pooled to 4 soft tokens."""
+    from transformers import Gemma3Config
+
+    ids = _ids(tok, *GEMMA3_SPECIAL)
+    return Gemma3Config(
         text_config=dict(
             **TEXT,
             vocab_size=_vocab(tok),
@@ -462,13 +486,6 @@ def build_gemma3(out: Path) -> Path:
         eoi_token_index=ids["<end_of_image>"],
         image_token_index=ids["<image_soft_token>"],
     )
-    torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(config)
-    image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
-    processor = Gemma3Processor(
-        image_processor=image_processor, tokenizer=tok, image_seq_length=4, chat_template=GEMMA3_TEMPLATE
-    )
-    return _save(model, processor, out, "gemma3", renames=VISION_TOWER_RENAMES)
 
 
 FAMILIES = {
