@@ -59,6 +59,30 @@ def _bounded_client(limit: float, event_hooks: dict):
     import httpx2
 
     clock = _AnswerClock()
+    Backend = _bounded_backend(limit, clock)
+
+    class Transport(httpx2.HTTPTransport):
+        def __init__(self):
+            super().__init__()
+            # httpx2 has no option for a network backend; its transport's pool is the public
+            # httpcore2.ConnectionPool, built here with ours.
+            self._pool = httpcore2.ConnectionPool(
+                ssl_context=httpx2.create_ssl_context(), network_backend=Backend()
+            )
+
+        def handle_request(self, request):
+            clock.deadline = None  # a new request: its answer has not started
+            return super().handle_request(request)
+
+    return httpx2.Client(
+        transport=Transport(), timeout=httpx2.Timeout(limit), follow_redirects=True, event_hooks=event_hooks
+    )
+
+
+def _bounded_backend(limit: float, clock: _AnswerClock):
+    """An httpcore2 network backend class whose streams end an answer `limit` seconds after its first
+    byte (`clock.deadline`, which the client's transport clears at each request)."""
+    import httpcore2
 
     class Stream(httpcore2.NetworkStream):
         def __init__(self, inner):
@@ -100,22 +124,7 @@ def _bounded_client(limit: float, event_hooks: dict):
         def sleep(self, seconds):
             self.inner.sleep(seconds)
 
-    class Transport(httpx2.HTTPTransport):
-        def __init__(self):
-            super().__init__()
-            # httpx2 has no option for a network backend; its transport's pool is the public
-            # httpcore2.ConnectionPool, built here with ours.
-            self._pool = httpcore2.ConnectionPool(
-                ssl_context=httpx2.create_ssl_context(), network_backend=Backend()
-            )
-
-        def handle_request(self, request):
-            clock.deadline = None  # a new request: its answer has not started
-            return super().handle_request(request)
-
-    return httpx2.Client(
-        transport=Transport(), timeout=httpx2.Timeout(limit), follow_redirects=True, event_hooks=event_hooks
-    )
+    return Backend
 
 
 @contextlib.contextmanager
