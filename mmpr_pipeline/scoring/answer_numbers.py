@@ -131,6 +131,41 @@ def find_numbers(text: str) -> list[Number]:
     return numbers
 
 
+# A whole answer that is a fraction in words: "half", "a third", "two thirds", "three quarters", and
+# mixed numbers: "one and a half", "2 and a quarter". "third" alone is an ordinal, so it needs a count.
+_FRACTION_WORDS = re.compile(
+    r"(?i)^(?:(?P<whole>[0-9]{1,9}|[a-z]+(?:-[a-z]+)?)[ \t]+and[ \t]+)?"
+    r"(?:(?P<count>a|an|one|two|three)[ \t-]+)?(?P<part>half|halves|third|thirds|quarter|quarters)$"
+)
+_FRACTION_COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
+_DENOMINATORS = {"hal": 2, "thi": 3, "qua": 4}
+
+
+def fraction_in_words(text: str) -> Number | None:
+    """`text` as one fraction or mixed number written in words ("three quarters" is 3/4, not 3;
+    "one and a half" is 3/2, not 1), else None."""
+    m = _FRACTION_WORDS.match(text.strip().rstrip(".").strip())
+    if m is None:
+        return None
+    part, count = m["part"].lower(), m["count"] and m["count"].lower()
+    if count is None and part != "half":
+        return None
+    whole = 0
+    if m["whole"] is not None:
+        whole_word = WORD_NUMBER.fullmatch(m["whole"])
+        if m["whole"].isdigit():
+            whole = int(m["whole"])
+        elif whole_word is None:
+            return None
+        elif whole_word.group(3):
+            whole = WORD_UNITS[whole_word.group(3).lower()]
+        else:
+            unit = WORD_UNITS[whole_word.group(2).lower()] if whole_word.group(2) else 0
+            whole = WORD_TENS[whole_word.group(1).lower()] + unit
+    fraction = Fraction(_FRACTION_COUNTS.get(count, 1), _DENOMINATORS[part[:3]])
+    return Number(whole + fraction)
+
+
 def strict_number(text: str) -> Number | None:
     """`text` as one number and nothing else (besides %, degrees, $), else None."""
     prepared = _prepare_numbers(text).strip().lstrip("$").strip()

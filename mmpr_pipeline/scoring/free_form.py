@@ -5,7 +5,8 @@ only of these:
 - correct: the same text after normalisation (case, punctuation, articles, number words); the same
   number ("$1,250.00" = "1250", "50%" = "0.5"), date ("March 3, 2019" = "03/03/2019") or time
   ("3 pm" = "15:00") written another way, with nothing else said; a yes/no reference and an answer
-  that leads with the same yes/no ("Yes, it is.");
+  that leads with the same yes/no ("Yes, it is."); the same list in the same order with other joiners
+  ("red, white" = "red and white"); a fraction or mixed number in words ("one and a half" = "1.5");
 - wrong: a different single letter; an answer that leads with the other yes/no; a different date
   or time; a different number where the words around it are the same ("2 dogs" for "3 dogs") or
   the reference is a bare number and the answer's numbers are others with no unit that could
@@ -27,6 +28,7 @@ from mmpr_pipeline.scoring.answer_numbers import (
     WORD_TENS,
     WORD_UNITS,
     find_numbers,
+    fraction_in_words,
     normalize_text,
     numbers_equal,
 )
@@ -260,6 +262,8 @@ def _digits(text: str) -> str:
 
 def _numbers(text: str) -> tuple[list, list[str], bool]:
     """(the numbers, the other words, has a unit or scale) of an answer."""
+    if (fraction := fraction_in_words(text)) is not None:  # "one and a half" is 1.5, not 1 and a unit
+        return [fraction], [], False
     text = _digits(text)
     values = find_numbers(text)
     words, unit = [], False
@@ -326,6 +330,11 @@ def _words_verdict(pred: str, gold: str) -> str:
     return UNDECIDED
 
 
+def _list_items(s: str) -> list[str]:
+    """The answer's words without the list joiner "and" (normalisation already drops commas and "&")."""
+    return [w for w in normalized(s).split() if w != "and"]
+
+
 def _yes_no(s: str) -> str | None:
     s = normalized(s)
     return s if s in ("yes", "no") else None
@@ -338,6 +347,9 @@ def compare(pred: str, gold: str) -> str:
         return CORRECT if lp.lower() == lg.lower() else WRONG
     if normalized(pred) == normalized(gold):
         return CORRECT
+    items = _list_items(gold)
+    if len(items) > 1 and _list_items(pred) == items and not re.search(r"[0-9]", pred + gold):
+        return CORRECT  # the same items in the same order: "red, white" / "red and white" ("1,5" may be 1.5)
     if (yn := _yes_no(gold)) is not None:
         lead = _LEADING_YES_NO.match(pred)
         if lead is None or _YES_NO_HEDGE.search(pred):

@@ -14,13 +14,13 @@ import re
 import string
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 
 from mmpr_pipeline.scoring import free_form, safe_math
 from mmpr_pipeline.scoring.answer_numbers import (
     DEGREES,
     Number,
     alternatives,
+    fraction_in_words,
     needs_symbolic,
     normalize_text,
     numbers_equal,
@@ -306,23 +306,9 @@ def _symbolic(
     return _result(shown, 0.0, reason=reason)
 
 
-# A fraction in words, as the whole answer: "half", "a third", "two thirds", "three quarters".
-_FRACTION_WORDS = re.compile(
-    r"(?i)^(?:(a|an|one|two|three)[ \t-]+)?(half|halves|third|thirds|quarter|quarters)$"
-)
-
-
-def _fraction_words(text: str) -> Number | None:
-    m = _FRACTION_WORDS.match(text.strip())
-    if m is None or (m.group(1) is None and m.group(2).lower() != "half"):  # "third" alone is an ordinal
-        return None
-    count = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, None: 1}[m.group(1) and m.group(1).lower()]
-    return Number(Fraction(count, {"hal": 2, "thi": 3, "qua": 4}[m.group(2).lower()[:3]]))
-
-
 def score_number(pred: str, golds: list[str], options: list[str], deadline: float) -> Outcome:
 
-    number, status = _fraction_words(pred), "ok"  # "three quarters" is not 3
+    number, status = fraction_in_words(pred), "ok"  # "three quarters" is not 3
     if number is None:
         number, status = pick_number(pred)
     if status == "ambiguous":
@@ -381,6 +367,8 @@ def score_math(
         return _result(pred, 1.0 if letter.lower() in {x.lower() for x in letters} else 0.0)
     # "pi" spelled out is the constant, not p times i
     pred, golds = _PI_WORD.sub(r"\\pi", pred), [_PI_WORD.sub(r"\\pi", g) for g in golds]
+    if (words := fraction_in_words(pred)) is not None:  # "one and a half": math-verify reads words as symbols
+        pred = str(words.value)
     key = _math_key(pred)
     if any(key == _math_key(g) for g in golds):
         return _result(pred, 1.0)
@@ -536,7 +524,9 @@ def score_chart(pred: str, golds: list[str], options: list[str], deadline: float
     answers by the free-form rules; best over the references. A number outside the 5% is wrong
     when it is all the answer says, undecided when a unit or scale might convert it ("1.5 million")."""
 
-    number, status = pick_number(pred)
+    number, status = fraction_in_words(pred), "ok"
+    if number is None:
+        number, status = pick_number(pred)
     found = set()
     for g in golds:
         gold_number = strict_number(g)
