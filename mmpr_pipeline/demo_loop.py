@@ -73,12 +73,27 @@ def train_config(base: str, data: Path, output_dir: Path, overrides: dict):
 
 def run_loop(out: str | Path, settings: LoopSettings | None = None) -> dict:
     settings = settings or LoopSettings()
-    from mmpr_pipeline import demo_model, evaluate
-    from mmpr_pipeline.train import train
+    from mmpr_pipeline import demo_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    step = _timed_steps(timings)
+    with step("demo model"):
+        base = settings.model or str(demo_model.ensure_loop_base())
+    with step("build pairs"):
+        stats = build_pairs(out / "build", {**_build_overrides(base, settings), **settings.build_overrides})
+    models = {"base": base, **_train_runs(out, base, settings, step)}
+    results = _evaluate_models(out, models, settings, step)
+    report = loop_report(stats, timings, results, settings)
+    report["pair_analysis"] = pair_analysis(out / "build", LOOP_GENERATOR)
+    shards.write_json(out / "report.json", report)
+    write_report(out, report)
+    return report
+
+
+def _timed_steps(timings: dict[str, float]):
+    """A context manager factory: step(name) logs the step and records its seconds in `timings`."""
 
     @contextlib.contextmanager
     def step(name):
@@ -87,16 +102,24 @@ def run_loop(out: str | Path, settings: LoopSettings | None = None) -> dict:
         yield
         timings[name] = round(time.perf_counter() - t0, 1)
 
-    with step("demo model"):
-        base = settings.model or str(demo_model.ensure_loop_base())
+    return step
+
+
+def _build_overrides(base: str, settings: LoopSettings) -> dict:
+    """The recipe keys the loop's settings set for the build (before settings.build_overrides)."""
     build_over = {"model": base}
     if settings.build_limit:
         build_over["limit"] = settings.build_limit
     if settings.sampling_n:
         build_over["sampling.n"] = settings.sampling_n
-    with step("build pairs"):
-        stats = build_pairs(out / "build", {**build_over, **settings.build_overrides})
-    models = {"base": base}
+    return build_over
+
+
+def _train_runs(out: Path, base: str, settings: LoopSettings, step) -> dict[str, str]:
+    """Train each of LOOP_RUNS from `base` on the built pairs; {run: its final model folder}."""
+    from mmpr_pipeline.train import train
+
+    models = {}
     for name, run in LOOP_RUNS.items():
         run = {**run, **(settings.run_overrides or {}).get(name, {}), **settings.train_overrides}
         cfg = train_config(base, out / "build", out / name, run)
@@ -104,12 +127,25 @@ def run_loop(out: str | Path, settings: LoopSettings | None = None) -> dict:
             summary = train(cfg)
         models[name] = str(Path(cfg.output_dir) / "final")
         (out / f"{name}_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return models
+
+
+def _evaluate_models(out: Path, models: dict[str, str], settings: LoopSettings, step) -> dict:
+    """Each model's evaluation on data_cards/eval_heldout.yaml, in out/eval/<name>."""
+    from mmpr_pipeline import evaluate
+
     eval_over = {"limit": settings.eval_limit} if settings.eval_limit else {}
     results = {}
     for name, path in models.items():
         with step(f"eval {name}"):
             rec = recipe_mod.load(CARDS / "eval_heldout.yaml", {**eval_over, "model": path})
             results[name] = evaluate.evaluate(rec, out / "eval" / name, modes=settings.eval_modes)
+    return results
+
+
+def loop_report(stats: dict, timings: dict, results: dict, settings: LoopSettings) -> dict:
+    """report.json's figures (all but the pair analysis): the build's counts, each model's held-out
+    accuracy overall and per task, and the gains between them."""
     report = dict(
         pairs=stats["totals"]["pairs"],
         questions=stats["totals"]["questions"],
@@ -133,9 +169,6 @@ def run_loop(out: str | Path, settings: LoopSettings | None = None) -> dict:
         for a, b in (("mpo", "base"), ("mpo", "sft"), ("sft", "base"))
     }
     report["mpo_vs_sft"] = mpo_vs_sft_line(report)
-    report["pair_analysis"] = pair_analysis(out / "build", LOOP_GENERATOR)
-    shards.write_json(out / "report.json", report)
-    write_report(out, report)
     return report
 
 
