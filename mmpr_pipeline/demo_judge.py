@@ -21,10 +21,12 @@ build/models/demo-judge or trains it there; `model: demo-judge` in a recipe's `j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -224,73 +226,91 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def train(out_dir: str | Path, **overrides) -> Path:
     """Build the judge in `out_dir` and train it: cross-entropy on the reply word (yes / no / unsure)
     plus the match probe's loss, fresh structural cases every step."""
-    import time
-
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM
-
-    from mmpr_pipeline import judge_cases
 
     settings = {**TRAIN_DEFAULTS, **overrides}
     out = build(out_dir, seed=settings["seed"])
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = Qwen2ForCausalLM.from_pretrained(out, dtype=torch.float32)
     words = reply_ids(tokenizer)
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(TRAIN_THREADS)
-    torch.use_deterministic_algorithms(True)
-    torch.manual_seed(settings["seed"])
-    _init_match_heads(model, settings["match_heads"], settings["seed"])
-    probe = torch.nn.Linear(SPEC["hidden"], 1)  # after the match layer: is this token in the reference?
-    segment_probe = torch.nn.Linear(SPEC["hidden"], 3)  # after layer 0: which answer is this token in?
-    params = list(model.parameters()) + list(probe.parameters()) + list(segment_probe.parameters())
-    opt = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.95), weight_decay=0.0)
-    steps, bs = settings["steps"], settings["batch_size"]
-    start = time.time()
-    try:
-        model.train()
-        for step in range(steps):
-            cases = list(judge_cases.structural(bs, seed=settings["seed"], offset=step * bs))
-            enc, mask, matched, segment = _batch(tokenizer, cases)
-            logits, hidden = _forward(model, enc, hidden=True)
-            target = torch.tensor([words[c["verdict"]] for c in cases])
-            verdict_loss = torch.nn.functional.cross_entropy(logits, target)
-            match_loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                probe(hidden[MATCH_LAYER + 1]).squeeze(-1)[mask], matched[mask]
-            )
-            real = enc["attention_mask"].bool()
-            segment_loss = torch.nn.functional.cross_entropy(segment_probe(hidden[1])[real], segment[real])
-            loss = (
-                verdict_loss
-                + settings["match_weight"] * match_loss
-                + settings["segment_weight"] * segment_loss
-            )
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, steps, settings["lr"], settings["warmup"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            if step % 25 == 0 or step == steps - 1:
-                right = (logits.argmax(-1) == target).float().mean().item()
-                log.info(
-                    "judge step %d/%d verdict loss %.3f match loss %.3f segment loss %.3f right %.2f %.0fs",
-                    step + 1,
-                    steps,
-                    verdict_loss.item(),
-                    match_loss.item(),
-                    segment_loss.item(),
-                    right,
-                    time.time() - start,
-                )
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+    with _deterministic(settings["seed"]):
+        _init_match_heads(model, settings["match_heads"], settings["seed"])
+        probe = torch.nn.Linear(SPEC["hidden"], 1)  # after the match layer: is this token in the reference?
+        segment_probe = torch.nn.Linear(SPEC["hidden"], 3)  # after layer 0: which answer is this token in?
+        params = list(model.parameters()) + list(probe.parameters()) + list(segment_probe.parameters())
+        opt = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+        start = time.time()
+        _train_steps(model, (probe, segment_probe), params, opt, tokenizer, words, settings, start)
     model.eval()
     model.to(torch.bfloat16).save_pretrained(out)  # bf16: half the size, and what vLLM runs anyway
     marker = dict(trained=True, settings=_settings(**overrides), train_seconds=round(time.time() - start, 1))
     (out / MARKER).write_text(json.dumps(marker, indent=1))
     return out
+
+
+@contextlib.contextmanager
+def _deterministic(seed: int):
+    """TRAIN_THREADS threads, deterministic kernels and a seeded torch, restored afterwards."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(TRAIN_THREADS)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train_steps(model, probes, params, opt, tokenizer, words, settings, start: float) -> None:
+    """The judge's training loop: fresh structural cases every step (offset), so none repeats."""
+    import torch
+
+    from mmpr_pipeline import judge_cases
+
+    steps, bs = settings["steps"], settings["batch_size"]
+    model.train()
+    for step in range(steps):
+        cases = list(judge_cases.structural(bs, seed=settings["seed"], offset=step * bs))
+        loss, parts, logits, target = _step_loss(model, probes, tokenizer, words, cases, settings)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, settings["lr"], settings["warmup"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 25 == 0 or step == steps - 1:
+            right = (logits.argmax(-1) == target).float().mean().item()
+            log.info(
+                "judge step %d/%d verdict loss %.3f match loss %.3f segment loss %.3f right %.2f %.0fs",
+                step + 1,
+                steps,
+                *(part.item() for part in parts),
+                right,
+                time.time() - start,
+            )
+
+
+def _step_loss(model, probes, tokenizer, words, cases, settings):
+    """One batch's loss: the reply word's cross-entropy plus the weighted match and segment probe
+    losses. Also returns those three parts, the logits and the targets, for the log."""
+    import torch
+
+    probe, segment_probe = probes
+    enc, mask, matched, segment = _batch(tokenizer, cases)
+    logits, hidden = _forward(model, enc, hidden=True)
+    target = torch.tensor([words[c["verdict"]] for c in cases])
+    verdict_loss = torch.nn.functional.cross_entropy(logits, target)
+    match_loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        probe(hidden[MATCH_LAYER + 1]).squeeze(-1)[mask], matched[mask]
+    )
+    real = enc["attention_mask"].bool()
+    segment_loss = torch.nn.functional.cross_entropy(segment_probe(hidden[1])[real], segment[real])
+    loss = verdict_loss + settings["match_weight"] * match_loss + settings["segment_weight"] * segment_loss
+    return loss, (verdict_loss, match_loss, segment_loss), logits, target
 
 
 def _settings(**overrides) -> dict:
