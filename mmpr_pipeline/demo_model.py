@@ -116,18 +116,30 @@ def build_tokenizer(vocab: int):
 def build(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """Write an untrained model folder (config, weights, tokenizer, processor) and return its path."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers import Qwen2VLForConditionalGeneration
 
     spec = SIZES[size]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec["vocab"])
-    vocab = ((len(tokenizer) + 63) // 64) * 64
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = _config(spec, ((len(tokenizer) + 63) // 64) * 64, ids)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out)
+    _processor(tokenizer).save_pretrained(out)
+    (out / MARKER).write_text(json.dumps({"size": size, "seed": seed, "trained": False}))
+    return out
+
+
+def _config(spec: dict, vocab: int, ids: dict[str, int]):
+    """The Qwen2-VL config of a SIZES entry, for a tokenizer of `vocab` ids with these special tokens."""
+    from transformers import Qwen2VLConfig
+
     head_dim = 32  # vLLM's CPU attention rejects head_dim 16
-    config = Qwen2VLConfig(
+    return Qwen2VLConfig(
         text_config=dict(
             vocab_size=vocab,
             hidden_size=spec["hidden"],
@@ -161,22 +173,22 @@ def build(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(out)
+
+
+def _processor(tokenizer):
+    """The model's processor: images capped at MAX_PIXELS, the tokenizer, the chat template."""
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
     image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     # The video processor is required by Qwen2VLProcessor (and needs torchvision); never used here.
-    processor = Qwen2VLProcessor(
+    return Qwen2VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(out)
-    (out / MARKER).write_text(json.dumps({"size": size, "seed": seed, "trained": False}))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
