@@ -119,12 +119,31 @@ def heldout_accuracy_vllm(
     """
     from vllm import LLM, SamplingParams
 
-    from mmpr_pipeline import prompts, tasks
-    from mmpr_pipeline.records import decode_image
+    from mmpr_pipeline import tasks
 
     rows = [r for r in tasks.generate(n, seed=HELDOUT_SEED, offset=HELDOUT_OFFSET)]
     llm = LLM(model=str(model_dir), enforce_eager=True, dtype="bfloat16", max_model_len=1024, seed=0)
-    conversations = [
+    conversations = _vllm_conversations(rows)
+    greedy = llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    sampled = llm.chat(
+        conversations, SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens)
+    )
+    result = _accuracy_by_family(rows, greedy, sampled, _correctness())
+    result["prompt_matches_training"] = _prompt_matches_training(model_dir, rows[0], greedy[0])
+    result["example"] = {
+        "question": rows[0]["question"],
+        "greedy": greedy[0].outputs[0].text,
+        "sampled": [o.text for o in sampled[0].outputs],
+    }
+    return result
+
+
+def _vllm_conversations(rows: list[dict]) -> list[list[dict]]:
+    """One chat per row as the pipeline sends it to vLLM: [image, CoT instruction + question]."""
+    from mmpr_pipeline import prompts
+    from mmpr_pipeline.records import decode_image
+
+    return [
         [
             {
                 "role": "user",
@@ -136,11 +155,11 @@ def heldout_accuracy_vllm(
         ]
         for r in rows
     ]
-    greedy = llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=max_tokens))
-    sampled = llm.chat(
-        conversations, SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens)
-    )
-    try:  # the project's judge when it is there; the plain last-line comparison otherwise
+
+
+def _correctness():
+    """correct(text, row): the project's judge when it is there; the plain last-line comparison otherwise."""
+    try:
         from mmpr_pipeline.scoring.judge import judge
 
         def correct(text, r):
@@ -150,6 +169,11 @@ def heldout_accuracy_vllm(
         def correct(text, r):
             return final_answer(text) == r["answer"]
 
+    return correct
+
+
+def _accuracy_by_family(rows, greedy, sampled, correct) -> dict:
+    """{family and "all": greedy, sampled, pass_at_n and mixed shares, n} of vLLM's outputs per row."""
     per: dict[str, dict[str, list]] = {}
     for r, g, s in zip(rows, greedy, sampled):
         d = per.setdefault(r["task"], {"greedy": [], "sampled": [], "pass_at_n": [], "mixed": []})
@@ -166,16 +190,14 @@ def heldout_accuracy_vllm(
         )
     ]:
         result[fam] = {k: round(sum(v) / len(v), 3) for k, v in d.items()} | {"n": len(d["greedy"])}
-    # The prompt vLLM rendered must be token for token the one the model was trained on.
+    return result
+
+
+def _prompt_matches_training(model_dir: str | Path, row: dict, output) -> bool:
+    """Whether the prompt vLLM rendered is token for token the one the model was trained on."""
     from transformers import AutoProcessor
 
-    train_ids = training_batch(AutoProcessor.from_pretrained(model_dir), rows[:1])
+    train_ids = training_batch(AutoProcessor.from_pretrained(model_dir), [row])
     n_prompt = int((train_ids["labels"][0] == -100).cumprod(0).sum())
     trained_prompt = train_ids["input_ids"][0, :n_prompt].tolist()
-    result["prompt_matches_training"] = list(greedy[0].prompt_token_ids) == trained_prompt
-    result["example"] = {
-        "question": rows[0]["question"],
-        "greedy": greedy[0].outputs[0].text,
-        "sampled": [o.text for o in sampled[0].outputs],
-    }
-    return result
+    return list(output.prompt_token_ids) == trained_prompt
