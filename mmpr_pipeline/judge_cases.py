@@ -317,7 +317,8 @@ def mode_figures(cases: list[dict], rules: list[dict], judged: dict[int, bool | 
         verdict = None if state == mj.UNDECIDED_V else state == mj.CORRECT_V
         if state == mj.FORMAT_V:
             verdict = False
-        model = judged.get(i)
+        refs = case["reference"] if isinstance(case["reference"], list) else [case["reference"]]
+        model = mj.decision(judged.get(i), r["extracted"] or "", refs)
         if i in judged and verdict is not None and model is not None:
             both += 1
             agree += verdict == model

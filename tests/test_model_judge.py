@@ -121,6 +121,28 @@ def test_rules_plus_model_decides_only_what_the_rules_left_undecided():
     assert judged == dict(asked=4, cache_hits=1, failed=1, off_format=0, disagreed=1, both_decided=1, agree=0)
 
 
+def test_a_no_on_an_initialism_leaves_it_undecided_and_a_yes_decides_it():
+    """The model's "no" never rejects an answer that is an initialism of the reference or the reverse
+    (it may not know the abbreviation); its "yes" still decides, and other "no"s still reject."""
+    row = _row(
+        [UNDECIDED] * 3,
+        [False] * 3,
+        ["Research and Development", "Research and Development", "Marketing"],
+        answers=("R&D",),
+    )
+    no, yes = ([mj.NO, mj.NO], ["no p=0.9"] * 2, False), ([mj.YES, mj.YES], ["yes p=0.9"] * 2, False)
+    mj.apply_verdicts(row, "rules+model", {0: no, 1: yes, 2: no})
+    assert row["decided_by"] == ["", "model", "model"]
+    assert row["correct"][:3] == [False, True, False] and undecided(row["reason"][0])
+    assert row["judge_verdict"][0] == "wrong"  # what the model said, for the agreement figure
+    model_mode = _row(["correct"], [True], ["NYC"], answers=("New York City",))
+    mj.apply_verdicts(model_mode, "model", {0: no})
+    assert model_mode["decided_by"] == [""] and undecided(model_mode["reason"][0])
+    assert mj.decision(False, "R&D", ["Research and Development"]) is None
+    assert mj.decision(False, "rd", ["Research and Development"]) is False  # not written in capitals
+    assert mj.decision(False, "Research", ["R&D"]) is False
+
+
 def test_model_mode_decides_every_answer_and_its_doubt_is_undecided():
     row = _row(
         ["correct", "wrong answer", "no final answer"], [True, False, False], ["umbrella", "hat", None]

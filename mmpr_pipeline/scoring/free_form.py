@@ -340,6 +340,30 @@ def _yes_no(s: str) -> str | None:
     return s if s in ("yes", "no") else None
 
 
+# Words an initialism may leave out ("DOE" for "Department of Energy") or write as "&" ("R&D").
+_INITIALS_SKIP = {"of", "the", "for", "a", "an", "and", "&"}
+
+
+def _initialism(short: str, long: str) -> bool:
+    """Is `short`, written in capitals ("R&D", "NYC", "U.S."), the initials of `long`'s words?"""
+    letters = short.strip().rstrip(".").replace(".", "").replace(" ", "")
+    if not re.fullmatch(r"[A-Z&]{2,}", letters) or letters.count("&") == len(letters):
+        return False
+    words = re.findall(r"[A-Za-z]+|&", long)
+    if len(words) < 2:
+        return False
+    every = "".join("&" if w.lower() in ("and", "&") else w[0] for w in words).lower()
+    content = "".join(w[0] for w in words if w.lower() not in _INITIALS_SKIP).lower()
+    return letters.lower() in (every, content) or letters.replace("&", "").lower() == content
+
+
+def initialism_of_either(pred: str, golds: list[str]) -> bool:
+    """Is one side an initialism of the other ("R&D" / "Research and Development")? The two may be the
+    same answer or another expansion with the same initials ("Research and Design"): the rules cannot
+    tell, and a judge model's "no" must not reject it either (model_judge.decision)."""
+    return any(_initialism(pred, g) or _initialism(g, pred) for g in golds)
+
+
 def compare(pred: str, gold: str) -> str:
     """The answer `pred` against one reference `gold`: "correct", "wrong" or "undecided"."""
     lp, lg = single_letter(pred), single_letter(gold)

@@ -310,6 +310,18 @@ def fill_rules_columns(row: dict) -> dict:
     return row
 
 
+def decision(verdict: bool | None, answer: str, refs: list[str]) -> bool | None:
+    """The judge model's verdict as it decides a response: a "no" on an answer that is an initialism of
+    a reference, or the reverse ("Research and Development" / "R&D"), stays undecided, since the model
+    may simply not know the abbreviation (measured: the demo judge's only misses on the free-form
+    corpus); a "yes" decides it."""
+    from mmpr_pipeline.scoring.free_form import initialism_of_either
+
+    if verdict is False and initialism_of_either(answer, refs):
+        return None
+    return verdict
+
+
 def apply_verdicts(row: dict, mode: str, asked: dict[int, tuple[list[str], list[str], bool]]) -> dict:
     """Write the judge's verdicts into a scored sample row. `asked`: {response index: (readings, raw
     replies, from the cache)}. rules+model: the model decides only what the rules left undecided (its
@@ -326,6 +338,7 @@ def apply_verdicts(row: dict, mode: str, asked: dict[int, tuple[list[str], list[
             r if reading in (YES, NO, FAILED) else f"{reading}: {r}" for reading, r in zip(readings, raw)
         )
         row["judge_cached"][i] = cached
+        verdict = decision(verdict, row["extracted"][i], references(row))
         if mode == MODEL or state == UNDECIDED_V:
             if verdict is None:
                 if mode == MODEL and state != UNDECIDED_V:  # the rules' verdict does not count here
