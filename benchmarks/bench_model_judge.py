@@ -47,7 +47,9 @@ async def ask(judge_path: str, jobs: list[tuple[str, list[str], str]], threshold
     try:
         await mj.ModelJudge(engine, thresholds[0]).replies(*jobs[0])  # warm-up: graph set-up
         for threshold in thresholds:
-            judge = mj.ModelJudge(engine, min_probability=threshold)
+            # all in flight at once: on a slow CPU the last ones wait minutes in the queue, which the
+            # stage's 60 s per-request limit would count as failures (undecided), not as verdicts
+            judge = mj.ModelJudge(engine, min_probability=threshold, timeout_s=1200)
             t0 = time.perf_counter()
             found = await asyncio.gather(*(judge.replies(*j) for j in jobs))
             out[threshold] = ([mj.agreement(*readings) for readings, _ in found], time.perf_counter() - t0)
