@@ -232,6 +232,35 @@ def after_thinking(response: str) -> str | None:
     return response
 
 
+def _unmarked(text: str, tail_start: int) -> tuple[str, str] | Extraction:
+    """An answer with neither a marker nor a box: (raw answer, source) after a phrase ("the answer
+    is") or as a terse reply; otherwise no answer, keeping a last line that is maths as the segment."""
+    phrase = _last(_PHRASE_MARKER, text)
+    stripped = text.strip()
+    if phrase is not None:
+        raw, _ = _line_after(text, phrase.end())
+        return raw, "phrase"
+    if stripped and "\n" not in stripped and len(stripped) <= TERSE_CHARS and tail_start == 0:
+        return stripped, "terse"
+    last_line = stripped.rsplit("\n", 1)[-1] if stripped else ""
+    segment = last_line if len(last_line) <= MAX_ANSWER_CHARS and _INLINE_MATH.search(last_line) else ""
+    return Extraction(None, (), "none", False, NO_ANSWER, segment)
+
+
+def _extraction(raw: str, others: list[str], source: str, format_ok: bool, segment: str) -> Extraction:
+    """The Extraction of a located raw answer: cleaned, length-checked, other candidates deduplicated."""
+    if len(raw) > MAX_ANSWER_CHARS:
+        return Extraction(None, (), source, False, TOO_LONG)
+    answer = clean(raw)
+    if not answer:
+        return Extraction(None, (), source, False, NO_ANSWER)
+    others = [o for o in (clean(x) for x in others if len(x) <= MAX_ANSWER_CHARS) if o and o != answer]
+    group = boxed_group(segment)
+    if len(group) > 1:  # maths compares several boxes as one set: {(2,2), (6,2)}
+        segment = ", ".join(f"\\boxed{{{c}}}" for c in group)
+    return Extraction(answer, tuple(others), source, format_ok, "", segment.strip()[:MAX_ANSWER_CHARS])
+
+
 def extract(response: str) -> Extraction:
     """The final answer of `response` (see the module docstring for the rules)."""
     thought = after_thinking(response)
@@ -273,33 +302,14 @@ def extract(response: str) -> Extraction:
         segment, source = text[start:end], "boxed"
         format_ok = _has_rationale(text, start, tail_start) and _only_delimiters(text[end:])
     elif marker is None:
-        phrase = _last(_PHRASE_MARKER, text)
-        stripped = text.strip()
-        if phrase is not None:
-            raw, _ = _line_after(text, phrase.end())
-            source = "phrase"
-        elif stripped and "\n" not in stripped and len(stripped) <= TERSE_CHARS and tail_start == 0:
-            raw, source = stripped, "terse"
-        else:
-            last_line = stripped.rsplit("\n", 1)[-1] if stripped else ""
-            segment = (
-                last_line if len(last_line) <= MAX_ANSWER_CHARS and _INLINE_MATH.search(last_line) else ""
-            )
-            return Extraction(None, (), "none", False, NO_ANSWER, segment)
+        found = _unmarked(text, tail_start)
+        if isinstance(found, Extraction):
+            return found
+        raw, source = found
         raw = _COURTESY.sub("", raw)
         segment = raw
         format_ok = False
-
-    if len(raw) > MAX_ANSWER_CHARS:
-        return Extraction(None, (), source, False, TOO_LONG)
-    answer = clean(raw)
-    if not answer:
-        return Extraction(None, (), source, False, NO_ANSWER)
-    others = [o for o in (clean(x) for x in others if len(x) <= MAX_ANSWER_CHARS) if o and o != answer]
-    group = boxed_group(segment)
-    if len(group) > 1:  # maths compares several boxes as one set: {(2,2), (6,2)}
-        segment = ", ".join(f"\\boxed{{{c}}}" for c in group)
-    return Extraction(answer, tuple(others), source, format_ok, "", segment.strip()[:MAX_ANSWER_CHARS])
+    return _extraction(raw, others, source, format_ok, segment)
 
 
 _LETTER_RUN = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
