@@ -191,6 +191,37 @@ def _plain(s: str) -> str:
     return " ".join(s.lower().split()).strip(" .,;:!?\"'")
 
 
+def _lead_label(text: str, p: dict[str, re.Pattern], normalized_options: list[str]) -> tuple[str | None, str]:
+    """The label an answer opens with ("B", "(B) 4", "Option B: 4") and the text after it; a label
+    followed by a bare space counts only when that text is an option's."""
+    m = p["alone"].match(text)
+    if m:
+        return m.group(1).upper(), ""
+    for pattern in (p["lead_keyword"], p["lead_bracket"], p["lead_delimited"], p["lead_reason"]):
+        m = pattern.match(text)
+        if m:
+            return m.group(1).upper(), m.group(2)
+    m = p["lead_spaced"].match(text)
+    if m and normalize_text(m.group(2)) in normalized_options:
+        return m.group(1), m.group(2)
+    return None, ""
+
+
+def _contained_options(norm: str, normalized_options: list[str]) -> list[int]:
+    """Indices of the options whose text appears as whole words in the normalized answer."""
+    contained = [
+        i
+        for i, o in enumerate(normalized_options)
+        if o and re.search(rf"(?<![\w]){re.escape(o)}(?![\w])", norm)
+    ]
+    # "dark red" also contains "red": keep only options not inside another matched option
+    return [
+        i
+        for i in contained
+        if not any(j != i and normalized_options[i] in normalized_options[j] for j in contained)
+    ]
+
+
 def option_letter(
     text: str, options: list[str], labels: list[str], kind: str = "letter"
 ) -> tuple[str | None, str]:
@@ -208,20 +239,7 @@ def option_letter(
     if len(exact) == 1:
         return exact[0], "ok"
 
-    lead, rest = None, ""
-    m = p["alone"].match(text)
-    if m:
-        lead = m.group(1).upper()
-    else:
-        for pattern in (p["lead_keyword"], p["lead_bracket"], p["lead_delimited"], p["lead_reason"]):
-            m = pattern.match(text)
-            if m:
-                lead, rest = m.group(1).upper(), m.group(2)
-                break
-        else:
-            m = p["lead_spaced"].match(text)
-            if m and normalize_text(m.group(2)) in normalized_options:
-                lead, rest = m.group(1), m.group(2)
+    lead, rest = _lead_label(text, p, normalized_options)
     if lead:  # "C. A and B are wrong" explains; only "or <letter>" after a lead is a hedge
         found = [lead] + [m.group(1).upper() for m in p["or_label"].finditer(rest)]
     else:
@@ -238,17 +256,7 @@ def option_letter(
             return None, "ambiguous"  # "C. 4" when 4 is option B's text
         return letter, "ok"
 
-    contained = [
-        i
-        for i, o in enumerate(normalized_options[:n_letters])
-        if o and re.search(rf"(?<![\w]){re.escape(o)}(?![\w])", norm)
-    ]
-    # "dark red" also contains "red": keep only options not inside another matched option
-    contained = [
-        i
-        for i in contained
-        if not any(j != i and normalized_options[i] in normalized_options[j] for j in contained)
-    ]
+    contained = _contained_options(norm, normalized_options[:n_letters])
     if len(contained) == 1:
         return valid[contained[0]], "ok"
     return None, "ambiguous" if contained else "none"
