@@ -133,6 +133,65 @@ def _reply(message: dict) -> None:
         os._exit(0)
 
 
+def _start_queued(queue: list, running: dict, now: float) -> None:
+    """Fork a checker for queued requests while fewer than MAX_CHILDREN run; a request whose deadline
+    passed in the queue is answered as a timeout instead."""
+    while queue and len(running) < MAX_CHILDREN:
+        request, deadline = queue.pop(0)
+        if deadline <= now:
+            _reply({"id": request["id"], "status": "timeout", "detail": "waited too long"})
+            continue
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            _child({**request, "budget": deadline - now}, write_fd)
+        os.close(write_fd)
+        running[read_fd] = [pid, request["id"], deadline, b""]
+
+
+def _read_requests(stdin_fd: int, inbox: bytes, queue: list, running: dict) -> tuple[bool, bytes]:
+    """Queue each complete request line read from stdin: (stdin still open, unfinished bytes). At end of
+    input the running children are killed (their verdicts are no longer wanted)."""
+    chunk = os.read(stdin_fd, 65536)
+    if not chunk:
+        for job in running.values():
+            os.kill(job[0], signal.SIGKILL)
+        return False, inbox
+    inbox += chunk
+    while b"\n" in inbox:
+        line, inbox = inbox.split(b"\n", 1)
+        request = json.loads(line)
+        queue.append((request, time.monotonic() + float(request["budget"])))
+    return True, inbox
+
+
+def _collect_child(fd: int, running: dict) -> None:
+    """Read a child's verdict bytes; once its pipe closes, reap it and reply with its verdict."""
+    chunk = os.read(fd, 65536)
+    if chunk:
+        running[fd][3] += chunk
+        return
+    pid, request_id, _, received = running.pop(fd)
+    os.close(fd)
+    os.waitpid(pid, 0)
+    try:
+        result = json.loads(received)
+    except ValueError:
+        result = {"status": "error", "detail": "check process died"}
+    _reply({"id": request_id, **result})
+
+
+def _kill_overdue(running: dict, now: float) -> None:
+    """Kill and answer as timeouts the children still running past their deadline."""
+    for fd in [fd for fd, job in running.items() if job[2] <= now]:
+        pid, request_id, _, _ = running.pop(fd)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)
+        _reply({"id": request_id, "status": "timeout", "detail": ""})
+
+
 def main() -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled" warnings
     check("\\frac{1}{2}", ["0.5"])  # warm sympy caches before forking
@@ -146,54 +205,16 @@ def main() -> None:
     stdin_open = True
     while stdin_open or running:
         now = time.monotonic()
-        while queue and len(running) < MAX_CHILDREN:
-            request, deadline = queue.pop(0)
-            if deadline <= now:
-                _reply({"id": request["id"], "status": "timeout", "detail": "waited too long"})
-                continue
-            read_fd, write_fd = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.close(read_fd)
-                _child({**request, "budget": deadline - now}, write_fd)
-            os.close(write_fd)
-            running[read_fd] = [pid, request["id"], deadline, b""]
+        _start_queued(queue, running, now)
         wait = min([job[2] for job in running.values()] + [now + 60.0]) - now
         fds = ([stdin_fd] if stdin_open else []) + list(running)
         readable, _, _ = select.select(fds, [], [], max(wait, 0.0))
         for fd in readable:
             if fd == stdin_fd:
-                chunk = os.read(stdin_fd, 65536)
-                if not chunk:
-                    stdin_open = False
-                    for job in running.values():
-                        os.kill(job[0], signal.SIGKILL)
-                    continue
-                inbox += chunk
-                while b"\n" in inbox:
-                    line, inbox = inbox.split(b"\n", 1)
-                    request = json.loads(line)
-                    queue.append((request, time.monotonic() + float(request["budget"])))
+                stdin_open, inbox = _read_requests(stdin_fd, inbox, queue, running)
             else:
-                chunk = os.read(fd, 65536)
-                if chunk:
-                    running[fd][3] += chunk
-                    continue
-                pid, request_id, _, received = running.pop(fd)
-                os.close(fd)
-                os.waitpid(pid, 0)
-                try:
-                    result = json.loads(received)
-                except ValueError:
-                    result = {"status": "error", "detail": "check process died"}
-                _reply({"id": request_id, **result})
-        now = time.monotonic()
-        for fd in [fd for fd, job in running.items() if job[2] <= now]:
-            pid, request_id, _, _ = running.pop(fd)
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(fd)
-            _reply({"id": request_id, "status": "timeout", "detail": ""})
+                _collect_child(fd, running)
+        _kill_overdue(running, time.monotonic())
 
 
 if __name__ == "__main__":
