@@ -64,8 +64,9 @@ def _disk_full(e: BaseException) -> bool:
     return False
 
 
-def error_message(e: Exception) -> tuple[int, str]:
-    """(exit code, message) for an exception that reached the top: never a traceback."""
+def error_message(e: Exception, debug: str = "mmpr --debug ...") -> tuple[int, str]:
+    """(exit code, message) for an exception that reached the top: never a traceback. `debug` is the
+    command line that shows the traceback, named in an unexpected error's message."""
     if isinstance(e, _user_errors()):
         return getattr(e, "code", USER_ERROR), str(e)
     hint = _DISK_FULL_HINT if _disk_full(e) else ""
@@ -79,4 +80,4 @@ def error_message(e: Exception) -> tuple[int, str]:
         return ENVIRONMENT_ERROR, "out of memory"
     lines = str(e).strip().splitlines()  # a Ray task error carries the remote traceback below its first line
     first = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-    return ENVIRONMENT_ERROR, f"{first}{hint} (run `mmpr --debug ...` to see the traceback)"
+    return ENVIRONMENT_ERROR, f"{first}{hint} (run `{debug}` to see the traceback)"

@@ -197,13 +197,17 @@ def test_write_card_refuses_an_unfinished_run(tmp_path, run_dir):
     assert card.main([str(run)]) == 2
 
 
-def _card_command(*args):
+def _card_command(*args, env=None):
     """`python -m mmpr_pipeline.card ...` as a user runs it: (exit code, stderr lines)."""
+    import os
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "mmpr_pipeline.card", *map(str, args)], capture_output=True, text=True
+        [sys.executable, "-m", "mmpr_pipeline.card", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
     return done.returncode, done.stderr.strip().splitlines()
 
@@ -218,3 +222,7 @@ def test_the_card_command_ends_errors_as_the_cli_does(tmp_path, run_dir):
     (run / "data" / "train-00001-of-00002.parquet").write_bytes(b"not parquet")
     rc, err = _card_command(run)
     assert rc == 1 and len(err) == 1 and err[0].startswith("error: ArrowInvalid: "), err
+    # the hint names this command (there is no `mmpr --debug` here), and following it shows the traceback
+    assert err[0].endswith(f"(run `MMPR_DEBUG=1 python -m mmpr_pipeline.card {run}` to see the traceback)")
+    rc, debug_err = _card_command(run, env={"MMPR_DEBUG": "1"})
+    assert rc == 1 and "Traceback (most recent call last):" in debug_err and debug_err[-1] == err[0]
