@@ -408,52 +408,9 @@ def test_sft_only_needs_neither_reference_nor_rejected(tiny, run_dir, tmp_path):
 def test_qwen2_5_vl_trains_through_the_auto_classes(run_dir, tmp_path):
     """Another family: a tiny random Qwen2.5-VL (window attention in its vision encoder), saved and
     loaded through AutoModelForImageTextToText / AutoProcessor like any Hub checkpoint."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from mmpr_pipeline import model_zoo
 
-    tok = demo_model.build_tokenizer(512)
-    ids = {
-        t: tok.convert_tokens_to_ids(f"<|{t}|>")
-        for t in ("image_pad", "video_pad", "vision_start", "vision_end")
-    }
-    q25_config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=576,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            rope_theta=1e4,
-            rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.pad_token_id,
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=2,
-            out_hidden_size=64,
-            window_size=56,
-            fullatt_block_indexes=[1],
-        ),
-        image_token_id=ids["image_pad"],
-        video_token_id=ids["video_pad"],
-        vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"],
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(q25_config).save_pretrained(tmp_path / "q25")
-    Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112),
-        tokenizer=tok,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=demo_model.CHAT_TEMPLATE,
-    ).save_pretrained(tmp_path / "q25")
+    model_zoo.build_qwen2_5_vl(tmp_path / "q25")  # the builder `python -m mmpr_pipeline.model_zoo` uses
 
     processor, model = load_processor(str(tmp_path / "q25")), load_model(str(tmp_path / "q25"))
     assert model.config.model_type == "qwen2_5_vl"
