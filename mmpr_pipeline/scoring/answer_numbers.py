@@ -116,18 +116,21 @@ def _number(m: re.Match) -> Number | None:
     return Number(value, bool(m.group("pct")), decimals)
 
 
+def word_number_value(m: re.Match) -> int:
+    """The value of a WORD_NUMBER match: "seven" 7, "twenty-one" 21, "forty" 40."""
+    if m.group(3):
+        return WORD_UNITS[m.group(3).lower()]
+    unit = WORD_UNITS[m.group(2).lower()] if m.group(2) else 0
+    return WORD_TENS[m.group(1).lower()] + unit
+
+
 def find_numbers(text: str) -> list[Number]:
     """Every number in `text`: signs, thousands separators, decimals, %, 1e5, 3 x 10^5, 1/2,
     \\frac{1}{2}, degrees; number words ("three") when there are no digits."""
     text = _prepare_numbers(text)
     numbers = [n for n in (_number(m) for m in _NUMBER.finditer(text)) if n is not None]
     if not numbers and not re.search(r"[0-9]", text):
-        for m in WORD_NUMBER.finditer(text):
-            if m.group(3):
-                numbers.append(Number(Fraction(WORD_UNITS[m.group(3).lower()]), False, 0))
-            else:
-                unit = WORD_UNITS[m.group(2).lower()] if m.group(2) else 0
-                numbers.append(Number(Fraction(WORD_TENS[m.group(1).lower()] + unit), False, 0))
+        numbers = [Number(Fraction(word_number_value(m)), False, 0) for m in WORD_NUMBER.finditer(text)]
     return numbers
 
 
@@ -157,11 +160,8 @@ def fraction_in_words(text: str) -> Number | None:
             whole = int(m["whole"])
         elif whole_word is None:
             return None
-        elif whole_word.group(3):
-            whole = WORD_UNITS[whole_word.group(3).lower()]
         else:
-            unit = WORD_UNITS[whole_word.group(2).lower()] if whole_word.group(2) else 0
-            whole = WORD_TENS[whole_word.group(1).lower()] + unit
+            whole = word_number_value(whole_word)
     fraction = Fraction(_FRACTION_COUNTS.get(count, 1), _DENOMINATORS[part[:3]])
     return Number(whole + fraction)
 

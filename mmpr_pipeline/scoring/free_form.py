@@ -25,12 +25,11 @@ import re
 
 from mmpr_pipeline.scoring.answer_numbers import (
     WORD_NUMBER,
-    WORD_TENS,
-    WORD_UNITS,
     find_numbers,
     fraction_in_words,
     normalize_text,
     numbers_equal,
+    word_number_value,
 )
 
 CORRECT, WRONG, UNDECIDED = "correct", "wrong", "undecided"
@@ -250,14 +249,7 @@ def _readings_verdict(pred_found: list, gold_found: list, pred: str) -> str | No
 
 def _digits(text: str) -> str:
     """Number words as digits ("twenty-one" -> "21"), so that both sides count alike."""
-
-    def word(m: re.Match) -> str:
-        if m.group(3):
-            return str(WORD_UNITS[m.group(3).lower()])
-        unit = WORD_UNITS[m.group(2).lower()] if m.group(2) else 0
-        return str(WORD_TENS[m.group(1).lower()] + unit)
-
-    return WORD_NUMBER.sub(word, text)
+    return WORD_NUMBER.sub(lambda m: str(word_number_value(m)), text)
 
 
 def _numbers(text: str) -> tuple[list, list[str], bool]:
