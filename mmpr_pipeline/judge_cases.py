@@ -287,6 +287,11 @@ def corpus_cases(path) -> list[dict]:
     return out
 
 
+def case_references(case: dict) -> list[str]:
+    """A case's reference answers as a list (a synthetic case has one, a corpus case may have several)."""
+    return case["reference"] if isinstance(case["reference"], list) else [case["reference"]]
+
+
 def judge_requests(cases: list[dict], rules: list[dict], only_undecided: bool = False) -> dict[int, tuple]:
     """{case index: (question, references, extracted answer)}: what the judge model is asked about
     each case that has a final answer (with `only_undecided`, only those the rules left undecided:
@@ -299,8 +304,7 @@ def judge_requests(cases: list[dict], rules: list[dict], only_undecided: bool = 
             continue
         if only_undecided and mj.rules_verdict(r["correct"], r["reason"], r["extracted"]) != mj.UNDECIDED_V:
             continue
-        refs = c["reference"] if isinstance(c["reference"], list) else [c["reference"]]
-        out[i] = (c["question"], refs, r["extracted"])
+        out[i] = (c["question"], case_references(c), r["extracted"])
     return out
 
 
@@ -317,8 +321,7 @@ def mode_figures(cases: list[dict], rules: list[dict], judged: dict[int, bool | 
         verdict = None if state == mj.UNDECIDED_V else state == mj.CORRECT_V
         if state == mj.FORMAT_V:
             verdict = False
-        refs = case["reference"] if isinstance(case["reference"], list) else [case["reference"]]
-        model = mj.decision(judged.get(i), r["extracted"] or "", refs)
+        model = mj.decision(judged.get(i), r["extracted"] or "", case_references(case))
         if i in judged and verdict is not None and model is not None:
             both += 1
             agree += verdict == model

@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from mmpr_pipeline.records import stable_hash
+from mmpr_pipeline.scoring.free_form import initialism_of_either
 from mmpr_pipeline.scoring.modes import undecided
 
 PROMPT_FILE = Path(__file__).resolve().parent.parent.parent / "prompts" / "judge_equivalence.yaml"
@@ -315,8 +316,6 @@ def decision(verdict: bool | None, answer: str, refs: list[str]) -> bool | None:
     a reference, or the reverse ("Research and Development" / "R&D"), stays undecided, since the model
     may simply not know the abbreviation (measured: the demo judge's only misses on the free-form
     corpus); a "yes" decides it."""
-    from mmpr_pipeline.scoring.free_form import initialism_of_either
-
     if verdict is False and initialism_of_either(answer, refs):
         return None
     return verdict
