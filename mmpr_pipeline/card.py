@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import shlex
 import sys
-import traceback
 from pathlib import Path
 
 import pyarrow as pa
@@ -423,7 +421,7 @@ def check_card(run_dir: str | Path, run: dict | None = None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """`python -m mmpr_pipeline.card RUN_DIR`: (re)write a run's card; errors end as `mmpr`'s do
     (MMPR_DEBUG=1 adds the traceback)."""
-    from mmpr_pipeline.error_policy import USER_ERROR, error_message
+    from mmpr_pipeline.error_policy import USER_ERROR, debug_requested, report
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -433,13 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         print(write_card(argv[0]))
     except Exception as e:  # noqa: BLE001 - the CLI's one error policy: a code and one line
         # no --debug flag here: MMPR_DEBUG=1, which `mmpr --debug` also reads, shows the traceback
-        if os.environ.get("MMPR_DEBUG", "") not in ("", "0"):
-            traceback.print_exc()
-        code, message = error_message(
-            e, debug=f"MMPR_DEBUG=1 python -m mmpr_pipeline.card {shlex.quote(argv[0])}"
+        return report(
+            e, debug_requested(), debug=f"MMPR_DEBUG=1 python -m mmpr_pipeline.card {shlex.quote(argv[0])}"
         )
-        print(f"error: {message}", file=sys.stderr)
-        return code
     return 0
 
 

@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from mmpr_pipeline.error_policy import error_message
+from mmpr_pipeline.error_policy import debug_requested, report
 
 # Offline by default: the Hub is reached only by commands that say so (publish), or when the
 # user unsets it.
@@ -299,7 +299,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--debug",
         action="store_true",
-        default=os.environ.get("MMPR_DEBUG", "") not in ("", "0"),
+        default=debug_requested(),
         help="show the traceback of an error (also MMPR_DEBUG=1)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -365,11 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         stopping.end_run()  # Ray's and vLLM's processes end with the command, not minutes later
         return stopping.EXIT_CODE if terminated else INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place every error becomes a message
-        if args.debug:
-            traceback.print_exc()
-        code, message = error_message(e)
-        print(f"error: {message}{_logs_hint(args)}", file=sys.stderr)
-        return code
+        return report(e, args.debug, suffix=_logs_hint(args))
 
 
 if __name__ == "__main__":

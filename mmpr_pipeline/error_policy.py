@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
+import traceback
 
 # Exit codes: a user error (bad input, named in the message), a failure of the environment (disk,
 # memory, network, a crashed engine).
@@ -81,3 +83,17 @@ def error_message(e: Exception, debug: str = "mmpr --debug ...") -> tuple[int, s
     lines = str(e).strip().splitlines()  # a Ray task error carries the remote traceback below its first line
     first = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
     return ENVIRONMENT_ERROR, f"{first}{hint} (run `{debug}` to see the traceback)"
+
+
+def debug_requested() -> bool:
+    """MMPR_DEBUG=1 (also what `mmpr --debug` defaults to): show an error's traceback."""
+    return os.environ.get("MMPR_DEBUG", "") not in ("", "0")
+
+
+def report(e: Exception, show_traceback: bool, debug: str = "mmpr --debug ...", suffix: str = "") -> int:
+    """End a command on `e`: its traceback when asked, then one `error:` line; returns the exit code."""
+    if show_traceback:
+        traceback.print_exc()
+    code, message = error_message(e, debug)
+    print(f"error: {message}{suffix}", file=sys.stderr)
+    return code

@@ -214,7 +214,7 @@ def _card_command(*args, env=None):
 
 def test_the_card_command_ends_errors_as_the_cli_does(tmp_path, run_dir):
     """A missing run folder: exit code 2 and one line; any other error one line too, not a traceback
-    (cli.error_message's policy: here a shard that is not Parquet, an environment error's code 1)."""
+    (error_policy.error_message's policy: here a shard that is not Parquet, an environment error's code 1)."""
     rc, err = _card_command(tmp_path / "no-such-run")
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "recipe.json: missing" in err[0]
     run = tmp_path / "run"

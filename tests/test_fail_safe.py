@@ -25,7 +25,7 @@ import _build_process as build_process
 import pytest
 from _run_fixture import make_run
 
-from mmpr_pipeline import card, cli, errors, export
+from mmpr_pipeline import card, cli, error_policy, errors, export
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_FAILSAFEtokenThatMustNeverBePrinted7"
@@ -544,26 +544,28 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_error_message_sorts_user_errors_from_environment_failures():
     from mmpr_pipeline.recipe import RecipeError
 
-    assert cli.error_message(RecipeError("r.yaml", "sampling.n", "must be >= 1")) == (
+    assert error_policy.error_message(RecipeError("r.yaml", "sampling.n", "must be >= 1")) == (
         2,
         "r.yaml: sampling.n: must be >= 1",
     )
-    code, message = cli.error_message(OSError(errno.ENOSPC, "No space left on device", "/d/run/x.parquet"))
+    code, message = error_policy.error_message(
+        OSError(errno.ENOSPC, "No space left on device", "/d/run/x.parquet")
+    )
     assert (
         code == 1
         and message.startswith("/d/run/x.parquet: No space left on device")
         and "run the same" in message
     )
-    code, message = cli.error_message(
+    code, message = error_policy.error_message(
         RuntimeError("engine died\n  Traceback (most recent call last):\n  ...")
     )
     assert code == 1 and "\n" not in message and message.startswith("RuntimeError: engine died")
-    assert cli.error_message(MemoryError()) == (1, "out of memory")
+    assert error_policy.error_message(MemoryError()) == (1, "out of memory")
     try:  # a full disk behind a wrapper (Ray's, the build's): still said
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
         except OSError as inner:
             raise RuntimeError("the build stopped: UDF failed to process a data block") from inner
     except RuntimeError as outer:
-        code, message = cli.error_message(outer)
+        code, message = error_policy.error_message(outer)
     assert code == 1 and message.startswith("RuntimeError: the build stopped") and "disk is full" in message

@@ -17,7 +17,7 @@ from mmpr_pipeline.train.loop import train
 
 
 def cli_train(args) -> int:
-    """rc 0 on success; a bad config or data is a TrainInputError (rc 2, cli.error_message), a
+    """rc 0 on success; a bad config or data is a TrainInputError (rc 2, error_policy.error_message), a
     non-finite loss a NonFiniteLossError (rc 1: nothing non-finite is saved)."""
     from mmpr_pipeline.recipe import parse_overrides
 
