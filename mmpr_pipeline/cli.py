@@ -362,10 +362,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         sys.stderr.flush()
-        stopping.end_run()  # Ray's and vLLM's processes end with the command, not minutes later
-        return stopping.EXIT_CODE if terminated else INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place every error becomes a message
         return report(e, args.debug, suffix=_logs_hint(args))
+    # Out of the except block, so the interrupt's traceback (its frames hold Ray object references) is
+    # garbage before Ray shuts down. Ray's and vLLM's processes end with the command, not minutes later.
+    stopping.end_run()
+    return stopping.EXIT_CODE if terminated else INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -260,9 +260,10 @@ def run_units(
     ds = chain(ds, stream_stages(recipe, run, model, len(units), max_images, benchmarks, counter))
     total = sum(u.stop - u.start for u in units)
     done = 0
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     with BuildProgress(counter, total, len(units), runlogs.terminal()) as progress:
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for batch in batches:
                 for summary in batch.to_pylist():
                     done += 1
                     progress.unit_done(summary)
@@ -272,6 +273,10 @@ def run_units(
                 f"the build stopped: {_cause(e)}. {done} of {len(units)} work units finished in "
                 f"this run and are kept in {run}: run the same command again to resume"
             ) from e
+        finally:
+            # Stops Ray Data's executor now: left to the garbage collector (a Ctrl-C in this loop's
+            # body leaves the iterator suspended), its thread could still call Ray as Ray shuts down.
+            batches.close()
 
 
 def stream_stages(recipe: Recipe, run: Path, model: str, n_units: int, max_images: int, benchmarks, counter):

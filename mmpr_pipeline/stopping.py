@@ -11,10 +11,12 @@ engine's processes left behind), so `install` runs again after `ray.init`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
 import threading
+import time
 
 EXIT_CODE = 128 + signal.SIGTERM  # 143, as a shell reports a process ended by SIGTERM
 GRACE_S = 5.0  # how long a process of the run gets to exit after SIGTERM before SIGKILL
@@ -76,9 +78,32 @@ def end_run() -> None:
     procs = descendants()
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
+        settle_before_ray_shutdown()
         with contextlib.suppress(Exception):
             ray.shutdown()
     end_processes([p for p in procs if p.is_running()])
+
+
+RAY_DATA_EXECUTORS_WAIT_S = 10.0
+
+
+def ray_data_executors() -> list[threading.Thread]:
+    """Ray Data's streaming executors still running (each is a Thread of a class from ray.data). A
+    closed stream's block prefetcher thread stays parked: it calls Ray only when handed blocks."""
+    return [t for t in threading.enumerate() if type(t).__module__.startswith("ray.data")]
+
+
+def settle_before_ray_shutdown(timeout_s: float = RAY_DATA_EXECUTORS_WAIT_S) -> None:
+    """A thread that calls into Ray while `ray.shutdown` runs makes Ray end the whole process with exit
+    code 1 ("The core worker has already been shutdown"), whatever the command meant to return: Ray
+    Data's executor still scheduling, or the garbage collector freeing an object reference (an
+    interrupted stream's frames hold many, in reference cycles) in any thread. So: free that garbage
+    now, while Ray is up, and give the executors (stopped when the interrupted stream's iterator was
+    closed) time to end."""
+    gc.collect()
+    deadline = time.monotonic() + timeout_s
+    for t in ray_data_executors():
+        t.join(max(0.0, deadline - time.monotonic()))
 
 
 @contextlib.contextmanager

@@ -92,3 +92,74 @@ def test_ray_ignores_a_terminals_ctrl_c_and_the_command_still_receives_it():
     found = json.loads(r.stdout.strip().splitlines()[-1])
     assert found["ignored"] == {"raylet": True, "gcs_server": True, "worker": True}, found
     assert found["driver_handler_is_default"] is True
+
+
+# --- Ctrl-C while Ray Data streams: nothing may call into Ray as it shuts down ------------------
+# A thread that does (Ray Data's executor, the garbage collector freeing an object reference) makes
+# Ray end the process with exit code 1 instead of the command's 130 ("The core worker has already
+# been shutdown"); under load, 2 of 5 Ctrl-Cs during sampling did.
+
+
+def _units(n: int):
+    from mmpr_pipeline.units import WorkUnit
+
+    return [WorkUnit(source="s", unit=i, path="", start=i, stop=i + 1, first_row=i) for i in range(n)]
+
+
+def test_a_ctrl_c_in_the_streams_loop_stops_ray_datas_threads(request, monkeypatch, tmp_path):
+    """The interrupt lands in run_units' own loop (between two finished units): its iterator is closed
+    there, so Ray Data's executor ends before Ray may be shut down (left to the garbage collector, the
+    traceback the handler holds would keep it running)."""
+    import time
+
+    from mmpr_pipeline import shards, stopping
+    from mmpr_pipeline.stream import SUMMARY_COLUMNS, UNIT_COLUMNS, StreamStage
+
+    request.getfixturevalue("ray_local")
+
+    def summaries(batch):
+        time.sleep(0.2)  # units finish one by one: the stream is still running at the interrupt
+        return {c: [1] * batch.num_rows if c != "source" else ["s"] * batch.num_rows for c in SUMMARY_COLUMNS}
+
+    stage = StreamStage("summarize", summaries, UNIT_COLUMNS, SUMMARY_COLUMNS, dict(batch_format="pyarrow"))
+    monkeypatch.setattr(pipeline, "stream_stages", lambda *a, **k: [stage])
+
+    def interrupt(name, count=None, **_):
+        if name == "after_unit":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards, "kill_point", interrupt)
+    with pytest.raises(KeyboardInterrupt) as caught:  # holds the traceback, as cli.main's handler does
+        pipeline.run_units(None, tmp_path, "model", _units(20), 1)
+    stopping.settle_before_ray_shutdown(timeout_s=30)
+    assert stopping.ray_data_executors() == [], caught
+
+
+def test_ray_shuts_down_after_the_interrupts_traceback_is_garbage(monkeypatch, tmp_path):
+    """cli.main ends the run (and Ray) outside its except block: what the interrupted frames held is
+    freed while Ray is up, not by the garbage collector during or after its shutdown."""
+    import gc
+    import weakref
+
+    from mmpr_pipeline import cli, stopping
+
+    class Held:  # stands for an object reference in an interrupted frame
+        pass
+
+    held = []
+
+    def command(args):
+        ref = Held()
+        held.append(weakref.ref(ref))
+        raise KeyboardInterrupt
+
+    at_end_run = []
+
+    def end_run():
+        gc.collect()
+        at_end_run.append(held[0]() is None)
+
+    monkeypatch.setattr(stopping, "end_run", end_run)
+    monkeypatch.setattr(cli, "cmd_build", command)
+    assert cli.main(["build", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")]) == cli.INTERRUPTED
+    assert at_end_run == [True]
