@@ -118,48 +118,30 @@ def build_model(size: str, dtype, device, tokenizer, seed: int = 0):
     The vocabulary is the real model's size (the LM head's cost), of which the demo tokenizer uses the
     first ids."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from mmpr_pipeline.demo_model import qwen2_vl_config
 
     s = SIZES[size]
     ids = {
         t: tokenizer.convert_tokens_to_ids(f"<|{t}|>")
         for t in ("image_pad", "video_pad", "vision_start", "vision_end")
     }
-    head_dim = s["hidden"] // s["heads"]
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=s["vocab"],
-            hidden_size=s["hidden"],
-            intermediate_size=s["intermediate"],
-            num_hidden_layers=s["layers"],
-            num_attention_heads=s["heads"],
-            num_key_value_heads=s["kv"],
-            max_position_embeddings=32768,
-            tie_word_embeddings=s["tie"],
-            rope_theta=1e6,
-            # the legacy spelling, which transformers 4.x and 5.x both read
-            rope_scaling={
-                "type": "mrope",
-                "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
-            },
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-        vision_config=dict(
-            depth=s["vision_depth"],
-            embed_dim=s["vision_embed"],
-            hidden_size=s["hidden"],
-            num_heads=s["vision_heads"],
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
-        tie_word_embeddings=s["tie"],
-        image_token_id=ids["image_pad"],
-        video_token_id=ids["video_pad"],
-        vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"],
+    config = qwen2_vl_config(
+        vocab=s["vocab"],
+        hidden=s["hidden"],
+        intermediate=s["intermediate"],
+        layers=s["layers"],
+        heads=s["heads"],
+        kv_heads=s["kv"],
+        vision_depth=s["vision_depth"],
+        vision_embed=s["vision_embed"],
+        vision_heads=s["vision_heads"],
+        token_ids={"bos": 0, "eos": 2, "pad": 0, **ids},
+        rope_theta=1e6,
+        max_positions=32768,
+        tie=s["tie"],
+        legacy_rope=True,  # a GPU machine's transformers may be 4.x, which reads only this spelling
     )
     torch.manual_seed(seed)
     with torch.device(device):

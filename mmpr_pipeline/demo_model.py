@@ -123,7 +123,27 @@ def build(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec["vocab"])
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = _config(spec, ((len(tokenizer) + 63) // 64) * 64, ids)
+    head_dim = 32  # vLLM's CPU attention rejects head_dim 16
+    config = qwen2_vl_config(
+        vocab=((len(tokenizer) + 63) // 64) * 64,
+        hidden=spec["hidden"],
+        intermediate=spec["intermediate"],
+        layers=spec["layers"],
+        heads=spec["hidden"] // head_dim,
+        kv_heads=1,
+        vision_depth=spec["vision_depth"],
+        vision_embed=spec["vision_embed"],
+        vision_heads=2,
+        token_ids={
+            "bos": ids["<|endoftext|>"],
+            "eos": ids["<|im_end|>"],
+            "pad": ids["<|endoftext|>"],
+            **{t: ids[f"<|{t}|>"] for t in ("image_pad", "video_pad", "vision_start", "vision_end")},
+        },
+        rope_theta=10000.0,
+        max_positions=4096,
+        tie=False,
+    )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
@@ -134,44 +154,68 @@ def build(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     return out
 
 
-def _config(spec: dict, vocab: int, ids: dict[str, int]):
-    """The Qwen2-VL config of a SIZES entry, for a tokenizer of `vocab` ids with these special tokens."""
+def mrope_kwargs(head_dim: int, theta: float, *, legacy: bool = False) -> dict:
+    """A Qwen-VL text config's multimodal RoPE: sections [hd/8, 3hd/16, 3hd/16] (time, height, width;
+    they sum to head_dim / 2). transformers 5 spells it `rope_parameters`; `legacy` gives the
+    `rope_theta` + `rope_scaling` spelling that transformers 4.x also reads (4.x ignores
+    `rope_parameters` and its attention then fails on a missing `rope_scaling`)."""
+    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    if legacy:
+        return {"rope_theta": theta, "rope_scaling": {"type": "mrope", "mrope_section": section}}
+    return {"rope_parameters": {"rope_type": "default", "rope_theta": theta, "mrope_section": section}}
+
+
+def qwen2_vl_config(
+    *,
+    vocab: int,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vision_depth: int,
+    vision_embed: int,
+    vision_heads: int,
+    token_ids: dict[str, int],
+    rope_theta: float,
+    max_positions: int,
+    tie: bool,
+    legacy_rope: bool = False,
+):
+    """A `Qwen2VLConfig` of these shapes (head_dim = hidden // heads). `token_ids` maps bos, eos, pad,
+    image_pad, video_pad, vision_start and vision_end to ids. Shared by the demo model and
+    benchmarks/bench_train.py, which differ only in these arguments."""
     from transformers import Qwen2VLConfig
 
-    head_dim = 32  # vLLM's CPU attention rejects head_dim 16
     return Qwen2VLConfig(
         text_config=dict(
             vocab_size=vocab,
-            hidden_size=spec["hidden"],
-            intermediate_size=spec["intermediate"],
-            num_hidden_layers=spec["layers"],
-            num_attention_heads=spec["hidden"] // head_dim,
-            num_key_value_heads=1,
-            max_position_embeddings=4096,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [4, 6, 6],
-            },  # sums to head_dim / 2
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=False,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=max_positions,
+            **mrope_kwargs(hidden // heads, rope_theta, legacy=legacy_rope),
+            bos_token_id=token_ids["bos"],
+            eos_token_id=token_ids["eos"],
+            pad_token_id=token_ids["pad"],
+            tie_word_embeddings=tie,
         ),
         vision_config=dict(
-            depth=spec["vision_depth"],
-            embed_dim=spec["vision_embed"],
-            hidden_size=spec["hidden"],
-            num_heads=2,
+            depth=vision_depth,
+            embed_dim=vision_embed,
+            hidden_size=hidden,
+            num_heads=vision_heads,
             patch_size=14,
             spatial_merge_size=2,
             temporal_patch_size=2,
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        image_token_id=token_ids["image_pad"],
+        video_token_id=token_ids["video_pad"],
+        vision_start_token_id=token_ids["vision_start"],
+        vision_end_token_id=token_ids["vision_end"],
+        tie_word_embeddings=tie,
     )
 
 

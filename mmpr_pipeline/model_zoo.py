@@ -198,7 +198,7 @@ def build_qwen2_5_vl(out: Path) -> Path:
         text_config=dict(
             **TEXT,
             vocab_size=_vocab(tok),
-            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]},
+            **demo_model.mrope_kwargs(HEAD_DIM, 1e4),
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.pad_token_id,
