@@ -3,10 +3,11 @@ costs seconds of imports): `python -m torch.distributed.run ... _fsdp_runs.py MO
 The test runs the same CASES in one process with the default (unsharded) strategy to compare.
 
 After the CASES, "full" is run again with its shards and optimizer states in host memory
-(cpu_offload) into OUT/offload, then resumed from a fresh folder holding only its step-3 checkpoint
-into OUT/resumed (what a run killed after step 3 leaves)."""
+(cpu_offload) into OUT/offload, then once more into OUT/resumed, where both processes SIGKILL
+themselves in step 4 (after the step-3 checkpoint), as in a crash of the machine: the launch ends
+there, failed. The test then resumes that run: `_fsdp_runs.py MODEL DATA OUT resume`."""
 
-import shutil
+import os
 import sys
 from pathlib import Path
 
@@ -44,18 +45,18 @@ def config(name: str, model: str, data: str, out: Path, world: int, **kw):
 
 if __name__ == "__main__":
     import torch
-    import torch.distributed as dist
 
     from mmpr_pipeline.train import train
 
     torch.set_num_threads(1)
     model, data, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    resumed = dict(strategy="fsdp", output_dir=str(out / "resumed"))
+    if sys.argv[4:] == ["resume"]:
+        train(config("full", model, data, out, 2, **resumed))
+        sys.exit(0)
     for name in CASES:
         train(config(name, model, data, out, 2, strategy="fsdp"))
     offload = dict(strategy="fsdp", cpu_offload=True, save_every=-1, output_dir=str(out / "offload"))
     train(config("full", model, data, out, 2, **offload))
-    # Interrupted after step 3: a fresh folder holding only that checkpoint, resumed to step 5.
-    if dist.get_rank() == 0:
-        shutil.copytree(out / "full" / "checkpoint-000003", out / "resumed" / "checkpoint-000003")
-    dist.barrier()
-    train(config("full", model, data, out, 2, strategy="fsdp", output_dir=str(out / "resumed")))
+    os.environ["MMPR_KILL_AT"] = "train_step:4"  # shards.kill_point: each process SIGKILLs itself
+    train(config("full", model, data, out, 2, **resumed))

@@ -1,8 +1,9 @@
-"""strategy: fsdp on CPU: `torchrun --nproc_per_node 2` on gloo (one launch, tests/_fsdp_runs.py) takes
-the same steps as one unsharded process, for a live reference, LoRA (adapters off as the reference,
-gradient checkpointing) and a precomputed reference (the vision encoder trained too), and with
-cpu_offload; a run resumed from its step-3 sharded checkpoint ends as the uninterrupted one; the
-consolidated final model loads in transformers and equals the sharded checkpoint."""
+"""strategy: fsdp on CPU: `torchrun --nproc_per_node 2` on gloo (tests/_fsdp_runs.py) takes the same
+steps as one unsharded process, for a live reference, LoRA (adapters off as the reference, gradient
+checkpointing) and a precomputed reference (the vision encoder trained too), and with cpu_offload; a
+run whose processes are SIGKILLed in step 4 resumes (a second launch) from its step-3 sharded
+checkpoint to the uninterrupted run's end; the consolidated final model loads in transformers and
+equals the sharded checkpoint."""
 
 import json
 import os
@@ -41,13 +42,22 @@ def runs(tiny_model, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     script = [str(ROOT / "tests" / "_fsdp_runs.py"), tiny_model, str(data), str(two)]
-    subprocess.run(launch + script, check=True, env=env, cwd=ROOT, timeout=600)
-    return one, two
+    # its last run's processes SIGKILL themselves in step 4: torchrun reports them and fails
+    killed = subprocess.run(launch + script, env=env, cwd=ROOT, timeout=600, capture_output=True, text=True)
+    assert killed.returncode == 1 and "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-3000:]
+    step3 = two / "resumed" / "checkpoint-000003" / "state.pt"
+    left = dict(
+        rows=train_rows(two / "resumed"),
+        checkpoints=sorted(p.name for p in (two / "resumed").glob("*checkpoint-*")),
+        step3_written=step3.stat().st_mtime_ns,
+    )
+    subprocess.run(launch + script + ["resume"], check=True, env=env, cwd=ROOT, timeout=600)
+    return one, two, left
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_sharded_processes_take_one_process_steps(runs, name):
-    one, two = (r / name for r in runs)
+    one, two = (r / name for r in runs[:2])
     a, b = train_rows(one), train_rows(two)
     assert [r["pairs"] for r in b] == [r["pairs"] for r in a] == [4] * 5
     for key in ("loss", "preference", "bco", "sft", "delta", "reward_margin"):
@@ -65,18 +75,25 @@ def test_two_sharded_processes_take_one_process_steps(runs, name):
     assert any("layers." in k and "visual" not in k for k in moved)
 
 
-def test_resumed_sharded_run_ends_as_the_uninterrupted_one(runs):
-    _, two = runs
+def test_a_sharded_run_killed_in_step_4_resumes_to_the_uninterrupted_end(runs):
+    """SIGKILL to torchrun and both processes during step 4: the step-3 checkpoint is whole, step 4
+    is lost and redone, and every step's figures (the ones before the kill and the resumed ones)
+    equal the uninterrupted run's."""
+    _, two, left = runs
+    assert [r["step"] for r in left["rows"]] == [1, 2, 3]  # what the kill left: nothing of step 4
+    assert left["checkpoints"] == ["checkpoint-000003"]
+    # resumed from it, not started over (which would rewrite it, and end with the same figures)
+    assert (two / "resumed" / "checkpoint-000003" / "state.pt").stat().st_mtime_ns == left["step3_written"]
     whole, resumed = train_rows(two / "full"), train_rows(two / "resumed")
-    assert [r["step"] for r in resumed] == [4, 5]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
     for key in ("loss", "preference", "bco", "sft", "delta"):
-        assert [r[key] for r in resumed] == [r[key] for r in whole][3:], key
+        assert [r[key] for r in resumed] == [r[key] for r in whole], key
     wa, wb = final_weights(two / "full"), final_weights(two / "resumed")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_cpu_offload_takes_the_same_steps(runs):
-    one, two = runs
+    one, two, _ = runs
     a, b = train_rows(one / "full"), train_rows(two / "offload")
     for key in ("loss", "preference", "bco", "sft", "delta", "reward_margin"):
         assert [r[key] for r in b] == pytest.approx([r[key] for r in a], abs=1e-5), key

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from mmpr_pipeline.shards import kill_point
 from mmpr_pipeline.train import fsdp
 from mmpr_pipeline.train.batches import micro_batches, run_length
 from mmpr_pipeline.train.checkpoint import find_checkpoint, make_output_dir, resume, save_checkpoint
@@ -192,6 +193,8 @@ def take_steps(run: Run, state: State, metrics: Path) -> None:
             autocast=run.autocast,
         )
         state.step += 1
+        # Test seam: a crash here loses this step (no metrics row, no checkpoint); the resume redoes it.
+        kill_point("train_step", state.step)
         state.dropped += int(sums.dropped.item())
         state.last_train = train_row(
             state,
