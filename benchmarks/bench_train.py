@@ -120,13 +120,9 @@ def build_model(size: str, dtype, device, tokenizer, seed: int = 0):
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
-    from mmpr_pipeline.demo_model import qwen2_vl_config
+    from mmpr_pipeline.demo_model import qwen2_vl_config, vision_token_ids
 
     s = SIZES[size]
-    ids = {
-        t: tokenizer.convert_tokens_to_ids(f"<|{t}|>")
-        for t in ("image_pad", "video_pad", "vision_start", "vision_end")
-    }
     config = qwen2_vl_config(
         vocab=s["vocab"],
         hidden=s["hidden"],
@@ -137,7 +133,8 @@ def build_model(size: str, dtype, device, tokenizer, seed: int = 0):
         vision_depth=s["vision_depth"],
         vision_embed=s["vision_embed"],
         vision_heads=s["vision_heads"],
-        token_ids={"bos": 0, "eos": 2, "pad": 0, **ids},
+        token_ids={"bos": 0, "eos": 2, "pad": 0},
+        vision_tokens=vision_token_ids(tokenizer),
         rope_theta=1e6,
         max_positions=32768,
         tie=s["tie"],

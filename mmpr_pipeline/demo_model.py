@@ -66,6 +66,7 @@ SIZES = {
     ),
 }
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
+HEAD_DIM = 32  # vLLM's CPU attention rejects head_dim 16 (the zoo's families use it too)
 MARKER = "mmpr_demo_model.json"  # {"size", "trained", ...}: what `ensure_trained` trusts
 
 
@@ -123,23 +124,18 @@ def build(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec["vocab"])
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    head_dim = 32  # vLLM's CPU attention rejects head_dim 16
     config = qwen2_vl_config(
         vocab=((len(tokenizer) + 63) // 64) * 64,
         hidden=spec["hidden"],
         intermediate=spec["intermediate"],
         layers=spec["layers"],
-        heads=spec["hidden"] // head_dim,
+        heads=spec["hidden"] // HEAD_DIM,
         kv_heads=1,
         vision_depth=spec["vision_depth"],
         vision_embed=spec["vision_embed"],
         vision_heads=2,
-        token_ids={
-            "bos": ids["<|endoftext|>"],
-            "eos": ids["<|im_end|>"],
-            "pad": ids["<|endoftext|>"],
-            **{t: ids[f"<|{t}|>"] for t in ("image_pad", "video_pad", "vision_start", "vision_end")},
-        },
+        token_ids={"bos": ids["<|endoftext|>"], "eos": ids["<|im_end|>"], "pad": ids["<|endoftext|>"]},
+        vision_tokens=vision_token_ids(tokenizer),
         rope_theta=10000.0,
         max_positions=4096,
         tie=False,
@@ -152,6 +148,13 @@ def build(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     _processor(tokenizer).save_pretrained(out)
     (out / MARKER).write_text(json.dumps({"size": size, "seed": seed, "trained": False}))
     return out
+
+
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """A Qwen-VL config's image, video and vision start/end token ids, from `tokenizer`."""
+    tokens = ("image_pad", "video_pad", "vision_start", "vision_end")
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return {name: tokenizer.convert_tokens_to_ids(f"<|{t}|>") for name, t in zip(names, tokens)}
 
 
 def mrope_kwargs(head_dim: int, theta: float, *, legacy: bool = False) -> dict:
@@ -177,13 +180,14 @@ def qwen2_vl_config(
     vision_embed: int,
     vision_heads: int,
     token_ids: dict[str, int],
+    vision_tokens: dict[str, int],
     rope_theta: float,
     max_positions: int,
     tie: bool,
     legacy_rope: bool = False,
 ):
-    """A `Qwen2VLConfig` of these shapes (head_dim = hidden // heads). `token_ids` maps bos, eos, pad,
-    image_pad, video_pad, vision_start and vision_end to ids. Shared by the demo model and
+    """A `Qwen2VLConfig` of these shapes (head_dim = hidden // heads). `token_ids` maps bos, eos and pad
+    to ids; `vision_tokens` is `vision_token_ids(tokenizer)`. Shared by the demo model and
     benchmarks/bench_train.py, which differ only in these arguments."""
     from transformers import Qwen2VLConfig
 
@@ -211,10 +215,7 @@ def qwen2_vl_config(
             spatial_merge_size=2,
             temporal_patch_size=2,
         ),
-        image_token_id=token_ids["image_pad"],
-        video_token_id=token_ids["video_pad"],
-        vision_start_token_id=token_ids["vision_start"],
-        vision_end_token_id=token_ids["vision_end"],
+        **vision_tokens,
         tie_word_embeddings=tie,
     )
 

@@ -27,8 +27,9 @@ import json
 import sys
 from pathlib import Path
 
+from mmpr_pipeline.demo_model import HEAD_DIM  # vLLM's CPU attention rejects head_dim 16
+
 VOCAB = 512  # BPE merges + special tokens; the embedding is padded to a multiple of 64
-HEAD_DIM = 32  # vLLM's CPU attention rejects head_dim 16
 TEXT = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -193,7 +194,6 @@ def build_qwen2_5_vl(out: Path) -> Path:
     from mmpr_pipeline import demo_model
 
     tok = demo_model.build_tokenizer(VOCAB)
-    ids = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
     config = Qwen2_5_VLConfig(
         text_config=dict(
             **TEXT,
@@ -213,10 +213,7 @@ def build_qwen2_5_vl(out: Path) -> Path:
             window_size=56,
             fullatt_block_indexes=[1],
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **demo_model.vision_token_ids(tok),
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
