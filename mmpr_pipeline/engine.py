@@ -44,7 +44,7 @@ CPU_DEFAULTS = dict(
 # processed images would only grow (up to 4 GiB per replica by default), never hit.
 COMMON_DEFAULTS = dict(limit_mm_per_prompt={"image": 1}, mm_processor_cache_gb=0)
 # Keys of the recipe's `engine:` that are ours, not vLLM's.
-PIPELINE_ENGINE_KEYS = ("stall_timeout_s", "max_concurrent_batches", "max_sequences_in_flight")
+PIPELINE_ENGINE_KEYS = ("stall_timeout_s", "max_concurrent_batches", "max_sequences_in_flight", "cpu_threads")
 STALL_TIMEOUT_S = 600.0  # a request with no result for this long means the engine is stuck
 # Batches (work units) each replica holds at once. A batch keeps its slot until its longest response
 # ends, so with few slots the engine drains behind the batches' tails (benchmarks/bench_sampling.py:
@@ -87,6 +87,41 @@ def engine_kwargs(model: str, options: dict[str, Any], seed: int) -> dict[str, A
     kwargs.update({k: v for k, v in options.items() if k not in PIPELINE_ENGINE_KEYS})
     kwargs.update(model=model, seed=seed)
     return kwargs
+
+
+def cpu_threads(options: dict[str, Any]) -> int:
+    """OpenMP threads of an engine on CPU: the recipe's `engine.cpu_threads`, else as many as the cores
+    vLLM's own binding names (VLLM_CPU_OMP_THREADS_BIND, e.g. "0-3"; the tests pin each worker's
+    engines to one core), else every core this process may run on, as `vllm.LLM` in a plain process
+    uses. Never Ray's OMP_NUM_THREADS: Ray sets it to the actor's num_cpus (1), and the engine core
+    vLLM spawns inherited it, so a CPU build sampled on one core while the bare engine used all
+    (benchmarks/bench_e2e.py, 1,000 questions on 2 cores: the build 171.0 s with one, 142.6 s with two)."""
+    if options.get("cpu_threads"):
+        return int(options["cpu_threads"])
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    if bind not in ("auto", "nobind") and "|" not in bind:  # one engine's list of cores
+        return sum(
+            len(range(int(a), int(b or a) + 1)) for a, _, b in (r.partition("-") for r in bind.split(","))
+        )
+    return len(os.sched_getaffinity(0))
+
+
+@contextlib.contextmanager
+def engine_core_threads(options: dict[str, Any]):
+    """OMP_NUM_THREADS = cpu_threads(options) while vLLM spawns its engine core (read as it starts), on
+    CPU; restored after, so nothing else this process starts later inherits it."""
+    if has_gpu():
+        yield
+        return
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(cpu_threads(options))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
 
 
 def gpus_per_replica(options: dict[str, Any]) -> int:
@@ -241,9 +276,10 @@ class Engine:
         # Offline batch sizing, as `LLM` gets it: vLLM picks the scheduler's defaults by usage
         # context, and AsyncLLM's own falls back to 128 sequences / 2,048 tokens per step, where
         # `LLM` gets 256 / 4,096 on CPU and 1,024 / 16,384 on an H100 (vllm/engine/arg_utils.py).
-        self.llm = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(**engine_kwargs(model, options, seed)), usage_context=UsageContext.LLM_CLASS
-        )
+        with engine_core_threads(options):
+            self.llm = AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**engine_kwargs(model, options, seed)), usage_context=UsageContext.LLM_CLASS
+            )
         scheduler = self.llm.vllm_config.scheduler_config
         # Twice what one engine step runs: a full step now, and a full queue for the next ones.
         self.window = SequenceWindow(int(options.get("max_sequences_in_flight", 2 * scheduler.max_num_seqs)))

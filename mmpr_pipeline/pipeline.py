@@ -364,7 +364,8 @@ def judge_stages(recipe: Recipe, run: Path, concurrent: int) -> list:
     options = actor_options(plan) if plan.gpus_per_replica else dict(num_cpus=0.5)
     judge_args = dict(
         model=resolve_model(jm.model),
-        engine_options={"trust_remote_code": recipe.trust_remote_code, **jm.engine},
+        # one thread on CPU unless the recipe says otherwise: the sampling engine beside it has the cores
+        engine_options={"trust_remote_code": recipe.trust_remote_code, "cpu_threads": 1, **jm.engine},
         seed=recipe.seed,
         modes=recipe.judge_modes(),
         judge_id=judge_id(jm.model),

@@ -190,6 +190,9 @@ def check_engine_options(options: dict, file: str) -> None:
     own engine settings (engine.PIPELINE_ENGINE_KEYS)."""
     from mmpr_pipeline.engine import PIPELINE_ENGINE_KEYS
 
+    threads = options.get("cpu_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise PreflightError(f"{file}: engine.cpu_threads: {threads!r} is not a whole number of threads >= 1")
     known = engine_options()
     if known is None:
         return

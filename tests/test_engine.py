@@ -2,6 +2,8 @@
 model actually receives, checked on the rendered prompts and the prompt token ids vLLM reports."""
 
 import asyncio
+import os
+from pathlib import Path
 
 import pytest
 
@@ -199,3 +201,34 @@ def test_the_engine_receives_a_transparent_chart_as_its_white_rendering(engine):
     upright = encoded(decode_image(phone.getvalue()))  # lossless, the same pixels
     assert Image.open(io.BytesIO(upright)).size == (84, 112)
     assert torch.equal(received([phone.getvalue()])["pixel_values"], received([upright])["pixel_values"])
+
+
+def test_the_engine_core_runs_on_the_threads_cpu_threads_names(engine):
+    """Its OpenMP threads are what `cpu_threads` decides (in a Ray actor, not Ray's OMP_NUM_THREADS=1,
+    which the engine core inherited: a CPU build sampled on one core while the bare engine used all)."""
+    import psutil
+
+    from mmpr_pipeline.engine import cpu_threads
+
+    cores = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "EngineCore" in " ".join(p.cmdline()) + p.name()
+    ]
+    assert cores, "no VLLM::EngineCore process under this test"
+    # read raw: psutil's environ() stops at the empty entries the process title leaves at its start
+    wanted = f"OMP_NUM_THREADS={cpu_threads({})}".encode()
+    assert all(wanted in Path(f"/proc/{p.pid}/environ").read_bytes().split(b"\0") for p in cores)
+
+
+def test_cpu_threads_the_recipe_then_vllms_binding_then_every_allowed_core(monkeypatch):
+    from mmpr_pipeline.engine import cpu_threads
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    assert cpu_threads({}) == len(os.sched_getaffinity(0))
+    assert cpu_threads({"cpu_threads": 3}) == 3
+    for bind, n in (("1", 1), ("0-3", 4), ("0,2-3", 3), ("4-7,9", 5)):
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
+        assert cpu_threads({}) == n, bind
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    assert cpu_threads({}) == len(os.sched_getaffinity(0))

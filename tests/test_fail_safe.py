@@ -470,6 +470,16 @@ def test_engine_options_known_to_vllm_or_the_pipeline_pass():
         preflight.check_engine_options({"tensor_parallel": 2}, "r.yaml")
 
 
+@pytest.mark.parametrize("threads", [0, -1, 1.5, "two", True])
+def test_a_cpu_thread_count_that_is_not_a_count_is_refused_naming_the_key(threads):
+    from mmpr_pipeline import preflight
+
+    with pytest.raises(
+        preflight.PreflightError, match=r"r.yaml: engine.cpu_threads: .* is not a whole number"
+    ):
+        preflight.check_engine_options({"cpu_threads": threads}, "r.yaml")
+
+
 def test_a_source_that_gives_no_question_is_refused(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))  # no question field
