@@ -95,7 +95,7 @@ def cpu_threads(options: dict[str, Any]) -> int:
     engines to one core), else every core this process may run on, as `vllm.LLM` in a plain process
     uses. Never Ray's OMP_NUM_THREADS: Ray sets it to the actor's num_cpus (1), and the engine core
     vLLM spawns inherited it, so a CPU build sampled on one core while the bare engine used all
-    (benchmarks/bench_e2e.py, 1,000 questions on 2 cores: the build 171.0 s with one, 142.6 s with two)."""
+    (benchmarks/bench_e2e.py, 1,000 questions on 2 cores: the build 160.0 s on one, 131.0 s on two)."""
     if options.get("cpu_threads"):
         return int(options["cpu_threads"])
     bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
