@@ -100,9 +100,9 @@ def cpu_threads(options: dict[str, Any]) -> int:
         return int(options["cpu_threads"])
     bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
     if bind not in ("auto", "nobind") and "|" not in bind:  # one engine's list of cores
-        return sum(
-            len(range(int(a), int(b or a) + 1)) for a, _, b in (r.partition("-") for r in bind.split(","))
-        )
+        from vllm.utils.cpu_resource_utils import parse_id_list  # read as vLLM reads it
+
+        return len(parse_id_list(bind))
     return len(os.sched_getaffinity(0))
 
 
@@ -110,18 +110,13 @@ def cpu_threads(options: dict[str, Any]) -> int:
 def engine_core_threads(options: dict[str, Any]):
     """OMP_NUM_THREADS = cpu_threads(options) while vLLM spawns its engine core (read as it starts), on
     CPU; restored after, so nothing else this process starts later inherits it."""
+    from mmpr_pipeline.env_vars import env_var
+
     if has_gpu():
         yield
         return
-    before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(cpu_threads(options))
-    try:
+    with env_var("OMP_NUM_THREADS", str(cpu_threads(options))):
         yield
-    finally:
-        if before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = before
 
 
 def gpus_per_replica(options: dict[str, Any]) -> int:

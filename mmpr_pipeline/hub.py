@@ -134,17 +134,15 @@ def _online():
     """Lift HF_HUB_OFFLINE for this process's Hub calls, and put it back afterwards."""
     from huggingface_hub import constants
 
-    saved_const, saved_env = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    from mmpr_pipeline.env_vars import env_var
+
+    saved_const = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = False
-    os.environ["HF_HUB_OFFLINE"] = "0"
     try:
-        yield
+        with env_var("HF_HUB_OFFLINE", "0"):
+            yield
     finally:
         constants.HF_HUB_OFFLINE = saved_const
-        if saved_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
 def _token_source(token: str | None) -> tuple[str | None, str]:
