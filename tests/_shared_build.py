@@ -28,6 +28,9 @@ import yaml
 from mmpr_pipeline import judge_cases, tasks
 
 REPO = Path(__file__).resolve().parent.parent
+# The tests' "shapes": every family of the demo's generator, option letters and bar charts included
+# (the default recipe keeps only count and compare, what the demo model can learn from; see demo.yaml).
+SHAPES_FAMILIES = ["count", "color", "bars", "compare"]
 
 # Which of the shared recipe's sources each reader checks.
 SOURCES = {
@@ -195,7 +198,7 @@ def _r1_template() -> list[dict]:
         dict(
             name="r1",
             loader="generated",
-            generator=dict(seed=1, families=["count", "color", "bars", "compare"], offset=12),
+            generator=dict(seed=1, families=SHAPES_FAMILIES, offset=12),
             limit=6,
             prompt_template="r1_think_boxed",
         )
@@ -266,6 +269,7 @@ def write_recipe(d: Path, model: str) -> Path:
     data.update(model=model, unit_size=4, batch_size=8, shard_rows=20)
     data["sampling"].update(n=4, max_tokens=48)
     data["sources"][0]["limit"] = 12
+    data["sources"][0]["generator"]["families"] = SHAPES_FAMILIES
     data["sources"][1]["limit"] = 6
     data["sources"] += captions_source(d) + _prompt_shapes(d) + _answer_fix(d)
     data["sources"] += _tally()

@@ -13,17 +13,18 @@ import _build_process as build_process
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from _shared_build import shared_build
+from _shared_build import SHAPES_FAMILIES, shared_build
 
 DEMO = Path(__file__).resolve().parent.parent / "data_cards" / "demo.yaml"
 pytestmark = pytest.mark.slow
 # One batch in flight (not the default 16): when the first unit is done the engine is still busy
 # with the next, so there is a live engine to kill.
 # 6 + 3 units of 2 questions (not 4): three builds of this test were 520 s of the suite. The limits,
-# n and max_tokens are the shared build's.
+# families, n and max_tokens are the shared build's.
 SETS = [
     "sources[0].limit=12",
     "sources[1].limit=6",
+    f"sources[0].generator.families=[{', '.join(SHAPES_FAMILIES)}]",
     "sampling.n=4",
     "sampling.max_tokens=48",
     "unit_size=2",

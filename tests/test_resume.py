@@ -15,6 +15,7 @@ from pathlib import Path
 import _build_process as build_process
 import pyarrow.parquet as pq
 import pytest
+from _shared_build import SHAPES_FAMILIES
 
 from mmpr_pipeline import shards
 
@@ -79,6 +80,7 @@ def recipe_file(tmp_path_factory, trained_model):
     # leaves units for the resume to do (and to kill again), which is what the kill points test.
     data["engine"] = {"max_model_len": 1024, "max_concurrent_batches": 1}
     data["sources"][0]["limit"] = 18
+    data["sources"][0]["generator"]["families"] = SHAPES_FAMILIES
     data["sources"][1]["limit"] = 3
     data["sources"].append(
         dict(name="long", loader="jsonl", path=str(d / "long.jsonl"), answer_type="number")

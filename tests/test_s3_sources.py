@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from _shared_build import SOURCES, TALLY, shared_build
+from _shared_build import SHAPES_FAMILIES, SOURCES, TALLY, shared_build
 
 from mmpr_pipeline import errors, run_folder, storage, tasks
 from mmpr_pipeline import recipe as recipe_mod
@@ -43,6 +43,7 @@ def demo_data(limits: dict = LIMITS) -> dict:
     sampling settings of the shared build, whose sources hold these rows first (a generated source's
     rows are by index, a question's id by its content)."""
     data = yaml.safe_load((REPO / "data_cards" / "demo.yaml").read_text())
+    data["sources"][0]["generator"]["families"] = SHAPES_FAMILIES
     data["sources"].append(dict(TALLY))
     for source in data["sources"]:
         source["limit"] = limits[source["name"]]
