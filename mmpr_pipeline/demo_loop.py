@@ -117,13 +117,17 @@ def _build_overrides(base: str, settings: LoopSettings) -> dict:
 
 def _train_runs(out: Path, base: str, settings: LoopSettings, step) -> dict[str, str]:
     """Train each of LOOP_RUNS from `base` on the built pairs; {run: its final model folder}."""
+    from mmpr_pipeline.demo_model import one_thread
     from mmpr_pipeline.train import train
 
     models = {}
     for name, run in LOOP_RUNS.items():
         run = {**run, **(settings.run_overrides or {}).get(name, {}), **settings.train_overrides}
         cfg = train_config(base, out / "build", out / name, run)
-        with step(f"train {name}"):
+        # One torch thread whatever the machine's cores: another thread count sums floats in another
+        # order (make train's eval loss 1.4200444 on two threads, 1.4200446 on one), and a greedy
+        # answer on the edge would then differ between machines.
+        with step(f"train {name}"), one_thread():
             summary = train(cfg)
         models[name] = str(Path(cfg.output_dir) / "final")
         (out / f"{name}_summary.json").write_text(json.dumps(summary, indent=1, default=str))

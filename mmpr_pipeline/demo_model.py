@@ -309,12 +309,12 @@ def train_demo(
         lr=lr,
         betas=(0.9, 0.95),
     )
-    with _one_thread():
+    with one_thread():
         train_seconds = _train_steps(model, processor, opt, steps, seed, batch_size, lr, warmup, log_every)
     log.info("trained %d steps in %.0f s", steps, train_seconds)
     model.eval()
     model.save_pretrained(out)
-    with _one_thread():  # greedy decoding too: the marker is part of the shipped, hashed files
+    with one_thread():  # greedy decoding too: the marker is part of the shipped, hashed files
         acc = heldout_accuracy_hf(out, n=eval_n) if eval_n else {}
     heldout = (
         f"greedy, transformers, {eval_n} rows of tasks.generate(seed={HELDOUT_SEED}, offset={HELDOUT_OFFSET})"
@@ -372,7 +372,7 @@ def _train_steps(model, processor, opt, steps, seed, batch_size, lr, warmup, log
 
 
 @contextlib.contextmanager
-def _one_thread():
+def one_thread():
     """torch on one thread, restored afterwards: another thread count sums floats in another order."""
     import torch
 

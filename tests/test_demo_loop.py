@@ -86,3 +86,25 @@ def test_gain_is_points_and_whether_the_intervals_are_disjoint():
     assert gain(a, dict(accuracy=0.70, ci95=[0.65, 0.75])) == dict(points=10.0, intervals_disjoint=True)
     assert gain(a, dict(accuracy=0.72, ci95=[0.67, 0.76])) == dict(points=8.0, intervals_disjoint=False)
     assert gain(dict(accuracy=0.5, ci95=[0.4, 0.6]), a) == dict(points=-30.0, intervals_disjoint=True)
+
+
+def test_each_training_runs_on_one_torch_thread_whatever_the_cores(tmp_path, monkeypatch):
+    """The loop's report must be the same on any core count: a thread count sums floats in its own
+    order, so both trainings run on one torch thread, and the caller's count comes back after."""
+    import contextlib
+
+    from mmpr_pipeline import demo_loop, train
+
+    seen = []
+    monkeypatch.setattr(train, "train", lambda cfg: seen.append(torch.get_num_threads()) or {})
+    (tmp_path / "build").mkdir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        models = demo_loop._train_runs(
+            tmp_path, "base", LoopSettings(), lambda name: contextlib.nullcontext()
+        )
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 1] and set(models) == {"mpo", "sft"}
