@@ -81,6 +81,10 @@ def end_run() -> None:
         settle_before_ray_shutdown()
         with contextlib.suppress(Exception):
             ray.shutdown()
+        # ray.shutdown puts SIGTERM back to the default action underneath Python (signal.getsignal
+        # still names ours): a second SIGTERM from here on killed the command (-15) before it ended
+        # the processes below. Set ours again, as after ray.init.
+        install()
     end_processes([p for p in procs if p.is_running()])
 
 

@@ -158,3 +158,34 @@ def test_sigterm_stops_training_and_keeps_the_last_checkpoint(tiny_model, tmp_pa
     assert cli.main([*more, "--set", "resume_with_changes=true", "--set", "save_model=false"]) == 0
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, step + 2))
+
+
+def test_sigterm_after_ray_has_shut_down_still_reaches_the_handler():
+    """ray.shutdown resets SIGTERM to the default action beneath Python, so a second SIGTERM that came
+    after it (while the command ended the processes left) killed the build with -15, not 143
+    (test_sigterm_stops_a_build_cleanly_and_the_run_resumes, once in CI). end_run sets the handler
+    again."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from mmpr_pipeline import pipeline, stopping\n"
+        "stopping.install()\n"
+        "pipeline.init_ray(None)\n"
+        "stopping.end_run()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "except stopping.Terminated:\n"
+        "    print('handled')\n"
+        "    sys.exit(0)\n"
+        "sys.exit(3)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("MMPR_")}
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert (res.returncode, res.stdout.strip()) == (0, "handled"), res.stderr[-3000:]
